@@ -1,0 +1,333 @@
+//! The per-thread io_uring and the request context targets queue work through.
+//!
+//! Each frontend thread owns one [`Ring`]. Entries carry a [`UserData`] that
+//! says whether the completion belongs to the frontend (a ublk command) or
+//! to a target operation for a slot, and which step of that request it was.
+//! [`Ctx`] is the only way targets touch the ring, so buffer addresses handed
+//! to the kernel always come from the slot's own buffer.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use rustix::fs::FallocateFlags;
+use rustix::io::{Errno, ReadWriteFlags};
+
+use crate::io::AlignedBuf;
+use crate::target::{Op, Request};
+
+/// Who a completion belongs to, packed into the 64-bit `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserData {
+    /// The frontend's own command for a slot (a ublk FETCH or COMMIT).
+    Frontend {
+        /// Slot (tag).
+        slot: u16,
+    },
+    /// A target operation queued for a slot.
+    Target {
+        /// Slot (tag).
+        slot: u16,
+        /// The target's step number for multi-step requests.
+        step: u16,
+    },
+}
+
+const TARGET_BIT: u64 = 1 << 63;
+
+impl UserData {
+    /// Pack for an SQE.
+    pub const fn pack(self) -> u64 {
+        match self {
+            UserData::Frontend { slot } => slot as u64,
+            UserData::Target { slot, step } => TARGET_BIT | ((step as u64) << 16) | slot as u64,
+        }
+    }
+
+    /// Unpack from a CQE.
+    pub const fn unpack(v: u64) -> Self {
+        let slot = (v & 0xffff) as u16;
+        if v & TARGET_BIT != 0 {
+            UserData::Target {
+                slot,
+                step: ((v >> 16) & 0xffff) as u16,
+            }
+        } else {
+            UserData::Frontend { slot }
+        }
+    }
+}
+
+/// One thread's io_uring.
+pub struct Ring {
+    ring: IoUring,
+    /// Operations pushed whose completion has not been reaped yet.
+    in_flight: usize,
+}
+
+impl Ring {
+    /// A ring with `entries` submission slots (the completion queue is twice that).
+    ///
+    /// Set-up flags suit one issuing thread (`SINGLE_ISSUER`, `DEFER_TASKRUN`,
+    /// `COOP_TASKRUN`); kernels without them get a plain ring.
+    pub fn new(entries: u32) -> crate::Result<Self> {
+        let entries = entries.clamp(8, 4096).next_power_of_two();
+        let attempts: [fn(&mut io_uring::Builder); 3] = [
+            |b| {
+                b.setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_coop_taskrun();
+            },
+            |b| {
+                b.setup_coop_taskrun();
+            },
+            |_| {},
+        ];
+        let mut last = None;
+        for setup in attempts {
+            let mut builder = IoUring::builder();
+            builder.setup_cqsize(entries * 2);
+            setup(&mut builder);
+            match builder.build(entries) {
+                Ok(ring) => return Ok(Ring { ring, in_flight: 0 }),
+                Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => last = Some(e),
+                Err(e) => return Err(crate::Error::io("io_uring_setup", e)),
+            }
+        }
+        Err(crate::Error::io(
+            "io_uring_setup",
+            last.unwrap_or_else(|| io::Error::other("no ring flags accepted")),
+        ))
+    }
+
+    /// Queue an entry, submitting first if the submission queue is full.
+    ///
+    /// # Safety
+    /// Every buffer and file the entry refers to must stay valid until its
+    /// completion has been reaped.
+    pub unsafe fn push(&mut self, entry: &squeue::Entry) -> Result<(), Errno> {
+        for _ in 0..2 {
+            // SAFETY: the caller guarantees what the entry points to outlives the operation.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                self.in_flight += 1;
+                return Ok(());
+            }
+            self.ring
+                .submit()
+                .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+        }
+        Err(Errno::BUSY)
+    }
+
+    /// Submit what is queued and wait for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> crate::Result<()> {
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(code) if code == Errno::INTR.raw_os_error() || code == Errno::AGAIN.raw_os_error() || code == Errno::BUSY.raw_os_error()) => {
+                Ok(())
+            }
+            Err(e) => Err(crate::Error::io("io_uring_enter", e)),
+        }
+    }
+
+    /// Submit what is queued without waiting.
+    pub fn submit(&mut self) -> crate::Result<()> {
+        self.submit_and_wait(0)
+    }
+
+    /// Move every available completion into `out` as `(user_data, res)`.
+    pub fn reap(&mut self, out: &mut Vec<(UserData, i32)>) {
+        for cqe in self.ring.completion() {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            out.push((UserData::unpack(cqe.user_data()), cqe.result()));
+        }
+    }
+
+    /// Operations queued or running whose completion has not been reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("fd", &self.ring.as_raw_fd())
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+/// One request as a target sees it: the request, its data buffer, and the
+/// thread's ring for io_uring-native targets.
+pub struct Ctx<'a> {
+    req: Request,
+    slot: u16,
+    buf: &'a mut AlignedBuf,
+    ring: &'a mut Ring,
+}
+
+impl<'a> Ctx<'a> {
+    /// Build the context for `slot`'s request.
+    ///
+    /// # Safety
+    /// `buf` must stay allocated, and must not be read or written by anyone
+    /// else, until every operation queued through this context (and through
+    /// later contexts for the same request) has completed and been reaped.
+    /// `req.len` must not exceed `buf.len()` for reads and writes.
+    pub unsafe fn new(
+        req: Request,
+        slot: u16,
+        buf: &'a mut AlignedBuf,
+        ring: &'a mut Ring,
+    ) -> Self {
+        Ctx {
+            req,
+            slot,
+            buf,
+            ring,
+        }
+    }
+
+    /// The request.
+    pub fn req(&self) -> &Request {
+        &self.req
+    }
+
+    /// The slot (ublk tag) this request occupies.
+    pub fn slot(&self) -> u16 {
+        self.slot
+    }
+
+    /// Bytes a successful completion reports: `len` for reads and writes, 0 otherwise.
+    pub fn done_bytes(&self) -> u32 {
+        if self.req.op.has_data() {
+            self.req.len
+        } else {
+            0
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.data_len_u32() as usize
+    }
+
+    fn data_len_u32(&self) -> u32 {
+        if self.req.op.has_data() {
+            self.req
+                .len
+                .min(u32::try_from(self.buf.len()).unwrap_or(u32::MAX))
+        } else {
+            0
+        }
+    }
+
+    /// The data of a write (empty for other ops).
+    pub fn data(&self) -> &[u8] {
+        let n = self.data_len();
+        &self.buf.as_slice()[..n]
+    }
+
+    /// Where a read's data goes (empty for ops without data).
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let n = self.data_len();
+        &mut self.buf.as_mut_slice()[..n]
+    }
+
+    fn push(&mut self, entry: squeue::Entry, step: u16) -> Result<(), Errno> {
+        let entry = entry.user_data(
+            UserData::Target {
+                slot: self.slot,
+                step,
+            }
+            .pack(),
+        );
+        // SAFETY: buffer addresses in `entry` come from `self.buf`, which the
+        // frontend keeps alive and untouched until the completion is reaped
+        // (the contract of `Ctx::new`).
+        unsafe { self.ring.push(&entry) }
+    }
+
+    /// Queue a read of the request's `len` bytes from `fd` at `file_offset` into the buffer.
+    pub fn read_at(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        step: u16,
+    ) -> Result<(), Errno> {
+        debug_assert_eq!(self.req.op, Op::Read);
+        let len = self.data_len_u32();
+        let e = opcode::Read::new(types::Fd(fd.as_raw_fd()), self.buf.as_mut_ptr(), len)
+            .offset(file_offset)
+            .build();
+        self.push(e, step)
+    }
+
+    /// Queue a write of the request's data to `fd` at `file_offset`; `flags` may add `RWF_DSYNC` for FUA.
+    pub fn write_at(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        flags: ReadWriteFlags,
+        step: u16,
+    ) -> Result<(), Errno> {
+        debug_assert_eq!(self.req.op, Op::Write);
+        let len = self.data_len_u32();
+        let e = opcode::Write::new(types::Fd(fd.as_raw_fd()), self.buf.as_ptr(), len)
+            .offset(file_offset)
+            .rw_flags(flags.bits().cast_signed())
+            .build();
+        self.push(e, step)
+    }
+
+    /// Queue `fsync` (or `fdatasync` when `datasync`) of `fd`.
+    pub fn fsync(&mut self, fd: BorrowedFd<'_>, datasync: bool, step: u16) -> Result<(), Errno> {
+        let flags = if datasync {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        let e = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
+            .flags(flags)
+            .build();
+        self.push(e, step)
+    }
+
+    /// Queue `fallocate(fd, mode, offset, len)`.
+    pub fn fallocate(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        mode: FallocateFlags,
+        offset: u64,
+        len: u64,
+        step: u16,
+    ) -> Result<(), Errno> {
+        let e = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len)
+            .offset(offset)
+            .mode(mode.bits().cast_signed())
+            .build();
+        self.push(e, step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for ud in [
+            UserData::Frontend { slot: 0 },
+            UserData::Frontend { slot: 4095 },
+            UserData::Target { slot: 0, step: 0 },
+            UserData::Target { slot: 17, step: 3 },
+            UserData::Target {
+                slot: u16::MAX,
+                step: u16::MAX,
+            },
+        ] {
+            assert_eq!(UserData::unpack(ud.pack()), ud);
+        }
+    }
+}

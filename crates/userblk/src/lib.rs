@@ -1,0 +1,22 @@
+//! userblk: Linux block devices served by a userspace process.
+//!
+//! Layers, lowest first; each only uses the ones above it in this list:
+//! - [`userblk_uapi`]: the kernel ABI (structs and constants only).
+//! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
+//! - [`target`]: the [`Target`] trait, requests, capabilities. The centre of the design.
+//! - [`targets`]: null, mem and file.
+//! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle, saved state).
+//!
+//! A target is a few dozen lines; see [`targets::null`] for the smallest one.
+#![deny(unsafe_code)]
+
+pub mod error;
+pub mod io;
+pub mod size;
+pub mod sys;
+pub mod target;
+pub mod targets;
+pub mod ublk;
+
+pub use error::{Error, Result};
+pub use target::{Caps, Ctx, Flags, IoResult, Op, Request, Submit, Target};

@@ -1,0 +1,401 @@
+//! The [`Target`] trait: what every frontend calls and every target implements.
+//!
+//! A frontend (ublk, and later NBD and FUSE) turns what it receives into a
+//! [`Request`] and hands it to the target with a [`Ctx`], which holds the
+//! request's data buffer and, for io_uring-native targets, the frontend
+//! thread's own ring. The target answers [`Submit::Done`] when it finished
+//! inline, or [`Submit::Pending`] after queueing work on the ring; the ring's
+//! completion then comes back through [`Target::complete`].
+//!
+//! Requests reach a target only after [`validate`] has checked them against
+//! the target's [`Caps`], so targets never see a request past the end, a
+//! write to a read-only device or an op they did not declare.
+//!
+//! A minimal target (see also [`crate::targets::null`]):
+//! ```
+//! use userblk::{Caps, Ctx, Op, Submit, Target};
+//!
+//! /// A device whose every byte reads as 0xAB and that ignores writes.
+//! struct Pattern;
+//!
+//! impl Target for Pattern {
+//!     fn caps(&self) -> Caps {
+//!         Caps::new(1 << 30)
+//!     }
+//!     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+//!         let req = *ctx.req();
+//!         if req.op == Op::Read {
+//!             ctx.data_mut().fill(0xAB);
+//!         }
+//!         Submit::Done(Ok(ctx.done_bytes()))
+//!     }
+//! }
+//! ```
+
+pub use crate::io::ring::Ctx;
+pub use rustix::io::Errno;
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Read `len` bytes at `offset` into the buffer.
+    Read,
+    /// Write `len` bytes from the buffer at `offset`.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+    /// The range's contents are no longer needed (a hint; may read as anything after).
+    Discard,
+    /// The range must read as zeroes.
+    WriteZeroes,
+}
+
+impl Op {
+    /// Whether the op moves data through the buffer.
+    pub const fn has_data(self) -> bool {
+        matches!(self, Op::Read | Op::Write)
+    }
+
+    /// Whether the op changes the device's contents.
+    pub const fn modifies(self) -> bool {
+        matches!(self, Op::Write | Op::Discard | Op::WriteZeroes)
+    }
+}
+
+/// Request flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Flags(u8);
+
+impl Flags {
+    /// No flags.
+    pub const NONE: Flags = Flags(0);
+    /// Forced unit access: the write is durable when it completes.
+    pub const FUA: Flags = Flags(1 << 0);
+    /// Write-zeroes must leave the range allocated.
+    pub const NOUNMAP: Flags = Flags(1 << 1);
+
+    /// Whether every flag in `other` is set.
+    pub const fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Both sets together.
+    #[must_use]
+    pub const fn with(self, other: Flags) -> Flags {
+        Flags(self.0 | other.0)
+    }
+}
+
+/// One block request: op, byte range and flags. The data lives in the [`Ctx`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// What to do.
+    pub op: Op,
+    /// Byte offset on the device.
+    pub offset: u64,
+    /// Length in bytes (0 for flush).
+    pub len: u32,
+    /// FUA, NOUNMAP.
+    pub flags: Flags,
+}
+
+impl Request {
+    /// A request with no flags.
+    pub const fn new(op: Op, offset: u64, len: u32) -> Self {
+        Request {
+            op,
+            offset,
+            len,
+            flags: Flags::NONE,
+        }
+    }
+
+    /// The same request with `flags` added.
+    #[must_use]
+    pub const fn with_flags(mut self, flags: Flags) -> Self {
+        self.flags = self.flags.with(flags);
+        self
+    }
+}
+
+/// How a request ended: bytes moved (reads and writes; 0 for other ops), or an errno.
+pub type IoResult = Result<u32, Errno>;
+
+/// What [`Target::submit`] and [`Target::complete`] return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a request that is neither done nor pending is lost"]
+pub enum Submit {
+    /// Finished now with this result.
+    Done(IoResult),
+    /// Work is queued on the ring; [`Target::complete`] will be called with its completion.
+    Pending,
+}
+
+/// Discard or write-zeroes limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RangeOpCaps {
+    /// Smallest unit the target can act on, in bytes (a power of two, at least the logical block size).
+    pub granularity: u32,
+    /// Largest single request in bytes.
+    pub max_bytes: u64,
+}
+
+/// What a target declares about itself. Frontends advertise exactly this.
+///
+/// The defaults (from [`Caps::new`]) are conservative: 512-byte blocks,
+/// writable, no volatile cache (so no flushes), no discard, no write-zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Caps {
+    /// Size in bytes; a multiple of `logical_block_size`.
+    pub size: u64,
+    /// Smallest addressable unit; a power of two from 512 to the page size.
+    pub logical_block_size: u32,
+    /// Preferred unit for writes, at least `logical_block_size`.
+    pub physical_block_size: u32,
+    /// Writes, discards and write-zeroes are refused with EIO before the target sees them.
+    pub read_only: bool,
+    /// Completed writes may sit in a cache until a flush: the frontend must send flushes.
+    pub volatile_cache: bool,
+    /// The target honours FUA (only meaningful with `volatile_cache`).
+    pub fua: bool,
+    /// Seeks cost time (spinning disks, some network stores).
+    pub rotational: bool,
+    /// Discard support.
+    pub discard: Option<RangeOpCaps>,
+    /// Write-zeroes support.
+    pub write_zeroes: Option<RangeOpCaps>,
+    /// Largest read or write the target accepts, if it has a limit of its own.
+    pub max_request: Option<u32>,
+}
+
+/// Largest discard or write-zeroes a ublk request can carry: `u32::MAX` sectors,
+/// kept below 4 GiB because some kernels truncate larger zero-outs.
+pub const MAX_RANGE_OP_BYTES: u64 = ((u32::MAX >> 9) as u64) << 9;
+
+impl Caps {
+    /// Conservative capabilities for a device of `size` bytes.
+    pub const fn new(size: u64) -> Self {
+        Caps {
+            size,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            read_only: false,
+            volatile_cache: false,
+            fua: false,
+            rotational: false,
+            discard: None,
+            write_zeroes: None,
+            max_request: None,
+        }
+    }
+
+    /// Whether the target accepts `op` at all (ignoring range checks).
+    pub const fn supports(&self, op: Op) -> bool {
+        match op {
+            Op::Read => true,
+            Op::Write => !self.read_only,
+            Op::Flush => true,
+            Op::Discard => !self.read_only && self.discard.is_some(),
+            Op::WriteZeroes => !self.read_only && self.write_zeroes.is_some(),
+        }
+    }
+
+    /// Check the declared capabilities are self-consistent.
+    pub fn check(&self) -> crate::Result<()> {
+        let lbs = self.logical_block_size;
+        if !lbs.is_power_of_two() || !(512..=65536).contains(&lbs) {
+            return Err(crate::Error::invalid(format!(
+                "logical block size {lbs} must be a power of two from 512"
+            )));
+        }
+        if !self.physical_block_size.is_power_of_two() || self.physical_block_size < lbs {
+            return Err(crate::Error::invalid(format!(
+                "physical block size {} must be a power of two >= the logical block size {lbs}",
+                self.physical_block_size
+            )));
+        }
+        if self.size == 0 {
+            return Err(crate::Error::invalid("device size is 0"));
+        }
+        if !self.size.is_multiple_of(u64::from(lbs)) {
+            return Err(crate::Error::invalid(format!(
+                "device size {} is not a multiple of the block size {lbs}",
+                self.size
+            )));
+        }
+        for r in [self.discard, self.write_zeroes].into_iter().flatten() {
+            if !r.granularity.is_power_of_two()
+                || r.granularity < lbs
+                || r.max_bytes < u64::from(r.granularity)
+            {
+                return Err(crate::Error::invalid(format!(
+                    "invalid discard/write-zeroes limits {r:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Check a request against the capabilities before it reaches the target.
+///
+/// Ranges must lie inside the device and be aligned to the logical block
+/// size; ops the target did not declare get `EOPNOTSUPP`, and modifications of
+/// a read-only device `EIO` (as the kernel's own read-only checks would).
+pub fn validate(caps: &Caps, req: &Request) -> Result<(), Errno> {
+    if req.op.modifies() && caps.read_only {
+        return Err(Errno::IO);
+    }
+    if !caps.supports(req.op) {
+        return Err(Errno::OPNOTSUPP);
+    }
+    if req.op == Op::Flush {
+        return Ok(());
+    }
+    let lbs = u64::from(caps.logical_block_size);
+    let end = req
+        .offset
+        .checked_add(u64::from(req.len))
+        .ok_or(Errno::IO)?;
+    if end > caps.size
+        || !req.offset.is_multiple_of(lbs)
+        || u64::from(req.len) % lbs != 0
+        || req.len == 0
+    {
+        return Err(Errno::IO);
+    }
+    Ok(())
+}
+
+/// A block device served from userspace.
+///
+/// One value serves every queue of a device at once (`&self`, `Send + Sync`);
+/// state a queue needs for itself belongs in the [`Ctx`] or in per-queue
+/// structures inside the target.
+pub trait Target: Send + Sync {
+    /// What the target can do. Called when the device is set up; must not change afterwards.
+    fn caps(&self) -> Caps;
+
+    /// Start serving one request. Called only for requests [`validate`] accepted.
+    ///
+    /// Finish inline with [`Submit::Done`], or queue work on the context's ring
+    /// and return [`Submit::Pending`].
+    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit;
+
+    /// A ring operation queued by this target for `ctx`'s request completed
+    /// with `res` (a byte count or `-errno`). `step` is the value the target
+    /// passed when it queued the operation, for multi-step requests.
+    ///
+    /// The default is for inline targets, which never queue work.
+    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+        let _ = (ctx, step, res);
+        tracing::error!("target received a ring completion it never asked for");
+        Submit::Done(Err(Errno::IO))
+    }
+
+    /// A short description of the target and its options, for `list` and logs.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// Turn a ring completion value into an [`IoResult`].
+pub fn ring_result(res: i32) -> IoResult {
+    if res < 0 {
+        Err(Errno::from_raw_os_error(-res))
+    } else {
+        Ok(res.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps() -> Caps {
+        let mut c = Caps::new(1 << 20);
+        c.discard = Some(RangeOpCaps {
+            granularity: 4096,
+            max_bytes: MAX_RANGE_OP_BYTES,
+        });
+        c
+    }
+
+    #[test]
+    fn validate_bounds_and_alignment() {
+        let c = caps();
+        assert_eq!(validate(&c, &Request::new(Op::Read, 0, 4096)), Ok(()));
+        assert_eq!(
+            validate(&c, &Request::new(Op::Read, (1 << 20) - 512, 512)),
+            Ok(())
+        );
+        assert_eq!(
+            validate(&c, &Request::new(Op::Read, 1 << 20, 512)),
+            Err(Errno::IO)
+        );
+        assert_eq!(
+            validate(&c, &Request::new(Op::Read, (1 << 20) - 512, 1024)),
+            Err(Errno::IO)
+        );
+        assert_eq!(
+            validate(&c, &Request::new(Op::Write, 100, 512)),
+            Err(Errno::IO)
+        );
+        assert_eq!(validate(&c, &Request::new(Op::Write, 0, 0)), Err(Errno::IO));
+        assert_eq!(
+            validate(&c, &Request::new(Op::Read, u64::MAX - 100, 512)),
+            Err(Errno::IO)
+        );
+        assert_eq!(validate(&c, &Request::new(Op::Flush, 0, 0)), Ok(()));
+    }
+
+    #[test]
+    fn validate_ops_against_caps() {
+        let mut c = caps();
+        assert_eq!(validate(&c, &Request::new(Op::Discard, 0, 4096)), Ok(()));
+        assert_eq!(
+            validate(&c, &Request::new(Op::WriteZeroes, 0, 4096)),
+            Err(Errno::OPNOTSUPP)
+        );
+        c.read_only = true;
+        assert_eq!(
+            validate(&c, &Request::new(Op::Write, 0, 512)),
+            Err(Errno::IO)
+        );
+        assert_eq!(
+            validate(&c, &Request::new(Op::Discard, 0, 4096)),
+            Err(Errno::IO)
+        );
+        assert_eq!(validate(&c, &Request::new(Op::Read, 0, 512)), Ok(()));
+    }
+
+    #[test]
+    fn caps_check() {
+        assert!(Caps::new(1 << 20).check().is_ok());
+        assert!(Caps::new(0).check().is_err());
+        assert!(Caps::new(1000).check().is_err());
+        let mut c = Caps::new(1 << 20);
+        c.logical_block_size = 4096;
+        c.physical_block_size = 512;
+        assert!(c.check().is_err());
+        c.physical_block_size = 4096;
+        assert!(c.check().is_ok());
+        c.logical_block_size = 1000;
+        assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn flags() {
+        let f = Flags::FUA.with(Flags::NOUNMAP);
+        assert!(f.contains(Flags::FUA) && f.contains(Flags::NOUNMAP));
+        assert!(!Flags::FUA.contains(Flags::NOUNMAP));
+        assert!(Flags::NONE.contains(Flags::NONE));
+    }
+
+    #[test]
+    fn ring_results() {
+        assert_eq!(ring_result(4096), Ok(4096));
+        assert_eq!(ring_result(-5), Err(Errno::IO));
+    }
+}

@@ -1,0 +1,127 @@
+//! `mem`: a sparse RAM disk.
+//!
+//! Data lives in a memfd (tmpfs): unwritten ranges read as zeroes without
+//! using memory, and discard and write-zeroes punch holes that give the
+//! memory back. Reads and writes are `pread`/`pwrite` on the memfd, done
+//! inline on the queue thread; tmpfs never blocks on a disk.
+
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::io::Errno;
+use serde_json::json;
+
+use crate::target::{Caps, Ctx, Flags, Op, RangeOpCaps, Submit, Target, MAX_RANGE_OP_BYTES};
+use crate::{Error, Result};
+
+/// The mem target.
+///
+/// ```
+/// use userblk::{io::Engine, targets::MemTarget, Op, Request};
+/// let t = MemTarget::new(1 << 20).unwrap();
+/// let mut e = Engine::new(&t, 4096).unwrap();
+/// let mut data = vec![0x5a; 4096];
+/// assert_eq!(e.run(&t, Request::new(Op::Write, 8192, 4096), &mut data), Ok(4096));
+/// let mut back = vec![0; 4096];
+/// assert_eq!(e.run(&t, Request::new(Op::Read, 8192, 4096), &mut back), Ok(4096));
+/// assert_eq!(back, data);
+/// ```
+#[derive(Debug)]
+pub struct MemTarget {
+    fd: OwnedFd,
+    size: u64,
+}
+
+impl MemTarget {
+    /// A zero-filled RAM disk of `size` bytes; memory is used only as it is written.
+    pub fn new(size: u64) -> Result<Self> {
+        if size == 0 {
+            return Err(Error::invalid("mem: --size must be greater than 0"));
+        }
+        let fd = rustix::fs::memfd_create("userblk-mem", MemfdFlags::CLOEXEC)
+            .map_err(|e| Error::io("memfd_create", e))?;
+        rustix::fs::ftruncate(&fd, size)
+            .map_err(|e| Error::io(format!("mem: cannot size the memfd to {size} bytes"), e))?;
+        Ok(MemTarget { fd, size })
+    }
+
+    /// Bytes of memory the data currently occupies.
+    pub fn resident_bytes(&self) -> Result<u64> {
+        let st = rustix::fs::fstat(&self.fd).map_err(|e| Error::io("fstat memfd", e))?;
+        Ok(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
+    }
+
+    fn read(&self, ctx: &mut Ctx<'_>) -> Result<u32, Errno> {
+        let off = ctx.req().offset;
+        let buf = ctx.data_mut();
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(&self.fd, &mut buf[done..], off + done as u64) {
+                Ok(0) => return Err(Errno::IO),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ctx.done_bytes())
+    }
+
+    fn write(&self, ctx: &Ctx<'_>) -> Result<u32, Errno> {
+        let off = ctx.req().offset;
+        let buf = ctx.data();
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pwrite(&self.fd, &buf[done..], off + done as u64) {
+                Ok(0) => return Err(Errno::NOSPC),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ctx.done_bytes())
+    }
+
+    fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<u32, Errno> {
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(&self.fd, punch, offset, len)?;
+        if keep_allocated {
+            // NOUNMAP: the range must stay provisioned, so allocate it again (as zeroes).
+            rustix::fs::fallocate(&self.fd, FallocateFlags::KEEP_SIZE, offset, len)?;
+        }
+        Ok(0)
+    }
+}
+
+impl Target for MemTarget {
+    fn caps(&self) -> Caps {
+        let range = RangeOpCaps {
+            granularity: 4096,
+            max_bytes: MAX_RANGE_OP_BYTES,
+        };
+        // Memory has no cache to flush: a completed write is as durable as it will ever be.
+        Caps {
+            discard: Some(range),
+            write_zeroes: Some(range),
+            ..Caps::new(self.size)
+        }
+    }
+
+    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+        let req = *ctx.req();
+        Submit::Done(match req.op {
+            Op::Read => self.read(ctx),
+            Op::Write => self.write(ctx),
+            Op::Flush => Ok(0),
+            Op::Discard => self.zero(req.offset, req.len.into(), false),
+            Op::WriteZeroes => self.zero(
+                req.offset,
+                req.len.into(),
+                req.flags.contains(Flags::NOUNMAP),
+            ),
+        })
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        json!({ "type": "mem", "size": self.size })
+    }
+}

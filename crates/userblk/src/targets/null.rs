@@ -1,0 +1,59 @@
+//! `null`: stores nothing. Reads return zeroes; writes, discards and write-zeroes succeed.
+//!
+//! Useful to measure the frontend alone. Reads and zeroing agree with each
+//! other (everything reads as zero), so the device is consistent, just empty.
+
+use serde_json::json;
+
+use crate::target::{Caps, Ctx, Op, RangeOpCaps, Submit, Target, MAX_RANGE_OP_BYTES};
+
+/// Default size of a null device: 250 GiB.
+pub const DEFAULT_SIZE: u64 = 250 << 30;
+
+/// The null target.
+///
+/// ```
+/// use userblk::{io::Engine, targets::NullTarget, Op, Request};
+/// let t = NullTarget::new(1 << 20);
+/// let mut e = Engine::new(&t, 4096).unwrap();
+/// let mut buf = vec![7u8; 4096];
+/// assert_eq!(e.run(&t, Request::new(Op::Read, 0, 4096), &mut buf), Ok(4096));
+/// assert!(buf.iter().all(|&b| b == 0));
+/// ```
+#[derive(Debug, Clone)]
+pub struct NullTarget {
+    size: u64,
+}
+
+impl NullTarget {
+    /// A null device of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        NullTarget { size }
+    }
+}
+
+impl Target for NullTarget {
+    fn caps(&self) -> Caps {
+        let range = RangeOpCaps {
+            granularity: 4096,
+            max_bytes: MAX_RANGE_OP_BYTES,
+        };
+        Caps {
+            discard: Some(range),
+            write_zeroes: Some(range),
+            ..Caps::new(self.size)
+        }
+    }
+
+    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+        if ctx.req().op == Op::Read {
+            // The buffer may hold an earlier write's data.
+            ctx.data_mut().fill(0);
+        }
+        Submit::Done(Ok(ctx.done_bytes()))
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        json!({ "type": "null", "size": self.size })
+    }
+}

@@ -1,0 +1,391 @@
+//! The control device, `/dev/ublk-control`: one command at a time on an SQE128 ring.
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use userblk_uapi::*;
+
+use crate::{Error, Result};
+
+/// Path of the control device.
+pub const CONTROL_PATH: &str = "/dev/ublk-control";
+
+/// Device info as the kernel reports it.
+pub type DevInfo = UblksrvCtrlDevInfo;
+
+/// Name of a `UBLK_S_DEV_*` state.
+pub fn state_name(state: u16) -> &'static str {
+    match state {
+        UBLK_S_DEV_DEAD => "DEAD",
+        UBLK_S_DEV_LIVE => "LIVE",
+        UBLK_S_DEV_QUIESCED => "QUIESCED",
+        UBLK_S_DEV_FAIL_IO => "FAIL_IO",
+        _ => "UNKNOWN",
+    }
+}
+
+/// An open control device with its own ring.
+pub struct Control {
+    fd: OwnedFd,
+    ring: IoUring<squeue::Entry128, io_uring::cqueue::Entry>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("fd", &self.fd.as_raw_fd())
+            .finish()
+    }
+}
+
+fn encode(c: &UblksrvCtrlCmd) -> [u8; 80] {
+    let mut out = [0u8; 80];
+    out[0..4].copy_from_slice(&c.dev_id.to_ne_bytes());
+    out[4..6].copy_from_slice(&c.queue_id.to_ne_bytes());
+    out[6..8].copy_from_slice(&c.len.to_ne_bytes());
+    out[8..16].copy_from_slice(&c.addr.to_ne_bytes());
+    out[16..24].copy_from_slice(&c.data[0].to_ne_bytes());
+    out[24..26].copy_from_slice(&c.dev_path_len.to_ne_bytes());
+    out[26..28].copy_from_slice(&c.pad.to_ne_bytes());
+    out[28..32].copy_from_slice(&c.reserved.to_ne_bytes());
+    out
+}
+
+/// A user buffer a command reads or writes, as address and length.
+fn buf_of<T>(v: &mut T) -> (u64, u16) {
+    let len = u16::try_from(std::mem::size_of::<T>()).unwrap_or(u16::MAX);
+    (std::ptr::from_mut(v) as u64, len)
+}
+
+impl Control {
+    /// Open the control device, loading `ublk_drv` first if it is missing.
+    pub fn open() -> Result<Self> {
+        let path = Path::new(CONTROL_PATH);
+        if !path.exists() {
+            crate::sys::modprobe("ublk_drv");
+            // devtmpfs or udev creates the node shortly after the module loads.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !path.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !path.exists() {
+                return Err(Error::NoUblk);
+            }
+        }
+        let fd =
+            rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+                match e {
+                    Errno::ACCESS | Errno::PERM => Error::Invalid(format!(
+                "{CONTROL_PATH}: permission denied (run as root, or see docs/unprivileged.md)"
+            )),
+                    e => Error::path(path, e),
+                }
+            })?;
+        let ring = IoUring::builder()
+            .build(4)
+            .map_err(|e| Error::io("io_uring_setup (control ring)", e))?;
+        Ok(Control { fd, ring })
+    }
+
+    /// Send one command and wait for its result (`cqe.res`, or the errno).
+    fn cmd(
+        &mut self,
+        cmd_op: u32,
+        c: UblksrvCtrlCmd,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<i32, Errno> {
+        let entry = opcode::UringCmd80::new(types::Fd(self.fd.as_raw_fd()), cmd_op)
+            .cmd(encode(&c))
+            .build()
+            .user_data(1);
+        // SAFETY: the buffer at `c.addr` (if any) is borrowed by the caller for
+        // the whole of this call, and this call does not return until the
+        // command's completion has been reaped (or the ring is torn down).
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| Errno::BUSY)?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let res = match deadline {
+                None => self.ring.submit_and_wait(1),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    let ts = types::Timespec::from(left);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+            };
+            if let Some(cqe) = self.ring.completion().next() {
+                return if cqe.result() < 0 {
+                    Err(Errno::from_raw_os_error(-cqe.result()))
+                } else {
+                    Ok(cqe.result())
+                };
+            }
+            match res {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => {}
+                Err(e) if e.raw_os_error() == Some(Errno::TIME.raw_os_error()) => {
+                    // Dropping the ring would cancel the command; keep the
+                    // control device usable by replacing the ring.
+                    if let Ok(ring) = IoUring::builder().build(4) {
+                        self.ring = ring;
+                    }
+                    return Err(Errno::TIME);
+                }
+                Err(e) => return Err(Errno::from_io_error(&e).unwrap_or(Errno::IO)),
+            }
+        }
+    }
+
+    fn dev_cmd(
+        &mut self,
+        name: &'static str,
+        cmd_op: u32,
+        dev_id: u32,
+        addr_len: (u64, u16),
+        data: u64,
+    ) -> Result<i32> {
+        let c = UblksrvCtrlCmd {
+            dev_id,
+            queue_id: UBLK_QUEUE_ID_NONE,
+            addr: addr_len.0,
+            len: addr_len.1,
+            data: [data],
+            ..Default::default()
+        };
+        self.cmd(cmd_op, c, None)
+            .map_err(|errno| control_error(name, dev_id, errno))
+    }
+
+    /// The `UBLK_F_*` flags this kernel supports (GET_FEATURES, 6.5+; 0 before).
+    pub fn features(&mut self) -> Result<u64> {
+        let mut f: u64 = 0;
+        let c = UblksrvCtrlCmd {
+            dev_id: UBLK_DEV_ID_AUTO,
+            queue_id: UBLK_QUEUE_ID_NONE,
+            addr: buf_of(&mut f).0,
+            len: 8,
+            ..Default::default()
+        };
+        match self.cmd(UBLK_U_CMD_GET_FEATURES, c, None) {
+            Ok(_) => Ok(f),
+            // Kernels before 6.5 do not know the command.
+            Err(Errno::OPNOTSUPP | Errno::INVAL) => Ok(0),
+            Err(errno) => Err(control_error("GET_FEATURES", UBLK_DEV_ID_AUTO, errno)),
+        }
+    }
+
+    /// ADD_DEV. `info` goes in with the request and comes back negotiated.
+    pub fn add(&mut self, info: &mut DevInfo) -> Result<()> {
+        let id = info.dev_id;
+        let c = UblksrvCtrlCmd {
+            dev_id: id,
+            queue_id: UBLK_QUEUE_ID_NONE,
+            ..Default::default()
+        };
+        let (addr, len) = buf_of(info);
+        match self.cmd(UBLK_U_CMD_ADD_DEV, UblksrvCtrlCmd { addr, len, ..c }, None) {
+            Ok(_) => Ok(()),
+            Err(Errno::EXIST) => Err(Error::IdInUse(id)),
+            Err(errno) => Err(control_error("ADD_DEV", id, errno)),
+        }
+    }
+
+    /// SET_PARAMS (only before START_DEV).
+    pub fn set_params(&mut self, dev_id: u32, params: &UblkParams) -> Result<()> {
+        let mut p = *params;
+        self.dev_cmd(
+            "SET_PARAMS",
+            UBLK_U_CMD_SET_PARAMS,
+            dev_id,
+            buf_of(&mut p),
+            0,
+        )
+        .map(drop)
+    }
+
+    /// GET_PARAMS.
+    pub fn params(&mut self, dev_id: u32) -> Result<UblkParams> {
+        let mut p = UblkParams {
+            len: u32::try_from(std::mem::size_of::<UblkParams>()).unwrap_or(0),
+            ..Default::default()
+        };
+        self.dev_cmd(
+            "GET_PARAMS",
+            UBLK_U_CMD_GET_PARAMS,
+            dev_id,
+            buf_of(&mut p),
+            0,
+        )?;
+        Ok(p)
+    }
+
+    /// GET_DEV_INFO.
+    pub fn dev_info(&mut self, dev_id: u32) -> Result<DevInfo> {
+        let mut info = DevInfo::default();
+        self.dev_cmd(
+            "GET_DEV_INFO",
+            UBLK_U_CMD_GET_DEV_INFO,
+            dev_id,
+            buf_of(&mut info),
+            0,
+        )?;
+        Ok(info)
+    }
+
+    /// START_DEV; blocks until every tag of every queue has been fetched.
+    pub fn start(&mut self, dev_id: u32, pid: i32) -> Result<()> {
+        let pid = u64::try_from(pid).unwrap_or(0);
+        self.dev_cmd("START_DEV", UBLK_U_CMD_START_DEV, dev_id, (0, 0), pid)
+            .map(drop)
+    }
+
+    /// STOP_DEV; waits for in-flight I/O, so the server must keep serving meanwhile.
+    pub fn stop(&mut self, dev_id: u32) -> Result<()> {
+        self.dev_cmd("STOP_DEV", UBLK_U_CMD_STOP_DEV, dev_id, (0, 0), 0)
+            .map(drop)
+    }
+
+    /// DEL_DEV; waits until every reference to `/dev/ublkcN` is gone, at most `timeout`.
+    pub fn del(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
+        let c = UblksrvCtrlCmd {
+            dev_id,
+            queue_id: UBLK_QUEUE_ID_NONE,
+            ..Default::default()
+        };
+        self.cmd(UBLK_U_CMD_DEL_DEV, c, Some(timeout))
+            .map(drop)
+            .map_err(|errno| control_error("DEL_DEV", dev_id, errno))
+    }
+
+    /// GET_QUEUE_AFFINITY: the CPUs the kernel maps to queue `q`.
+    pub fn queue_affinity(&mut self, dev_id: u32, q: u16) -> Result<Vec<usize>> {
+        let mut mask = [0u64; 64]; // 4096 CPUs
+        let c = UblksrvCtrlCmd {
+            dev_id,
+            queue_id: UBLK_QUEUE_ID_NONE,
+            addr: std::ptr::from_mut(&mut mask) as u64,
+            len: u16::try_from(std::mem::size_of_val(&mask)).unwrap_or(0),
+            data: [u64::from(q)],
+            ..Default::default()
+        };
+        self.cmd(UBLK_U_CMD_GET_QUEUE_AFFINITY, c, None)
+            .map_err(|errno| control_error("GET_QUEUE_AFFINITY", dev_id, errno))?;
+        Ok((0..mask.len() * 64)
+            .filter(|&cpu| mask[cpu / 64] & (1 << (cpu % 64)) != 0)
+            .collect())
+    }
+
+    /// START_USER_RECOVERY.
+    pub fn start_recovery(&mut self, dev_id: u32) -> Result<()> {
+        self.dev_cmd(
+            "START_USER_RECOVERY",
+            UBLK_U_CMD_START_USER_RECOVERY,
+            dev_id,
+            (0, 0),
+            0,
+        )
+        .map(drop)
+    }
+
+    /// END_USER_RECOVERY; blocks until every queue is fetched again.
+    pub fn end_recovery(&mut self, dev_id: u32, pid: i32) -> Result<()> {
+        let pid = u64::try_from(pid).unwrap_or(0);
+        self.dev_cmd(
+            "END_USER_RECOVERY",
+            UBLK_U_CMD_END_USER_RECOVERY,
+            dev_id,
+            (0, 0),
+            pid,
+        )
+        .map(drop)
+    }
+}
+
+fn control_error(cmd: &'static str, dev_id: u32, errno: Errno) -> Error {
+    if errno == Errno::NODEV && dev_id != UBLK_DEV_ID_AUTO && cmd != "ADD_DEV" {
+        return Error::NoSuchDevice(dev_id);
+    }
+    let hint = match errno {
+        Errno::PERM | Errno::ACCESS => " (needs root, or an unprivileged device)",
+        Errno::TIME => " (timed out: is something still holding the device open?)",
+        _ => "",
+    };
+    let dev = if dev_id == UBLK_DEV_ID_AUTO {
+        "-".to_string()
+    } else {
+        dev_id.to_string()
+    };
+    Error::Control {
+        cmd,
+        dev,
+        errno,
+        hint,
+    }
+}
+
+/// Ids of every ublk device present, from sysfs.
+pub fn device_ids() -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("ublkc"))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_the_command_area() {
+        let c = UblksrvCtrlCmd {
+            dev_id: 0x0102_0304,
+            queue_id: 0xffff,
+            len: 64,
+            addr: 0x1122_3344_5566_7788,
+            data: [42],
+            dev_path_len: 11,
+            ..Default::default()
+        };
+        let b = encode(&c);
+        assert_eq!(&b[0..4], &0x0102_0304u32.to_ne_bytes());
+        assert_eq!(&b[4..6], &[0xff, 0xff]);
+        assert_eq!(&b[6..8], &64u16.to_ne_bytes());
+        assert_eq!(&b[8..16], &0x1122_3344_5566_7788u64.to_ne_bytes());
+        assert_eq!(&b[16..24], &42u64.to_ne_bytes());
+        assert_eq!(&b[24..26], &11u16.to_ne_bytes());
+        assert!(b[26..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn state_names() {
+        assert_eq!(state_name(UBLK_S_DEV_LIVE), "LIVE");
+        assert_eq!(state_name(UBLK_S_DEV_QUIESCED), "QUIESCED");
+        assert_eq!(state_name(9), "UNKNOWN");
+    }
+
+    #[test]
+    fn missing_device_is_reported_by_id() {
+        assert!(matches!(
+            control_error("GET_DEV_INFO", 7, Errno::NODEV),
+            Error::NoSuchDevice(7)
+        ));
+        assert!(matches!(
+            control_error("ADD_DEV", 7, Errno::NODEV),
+            Error::Control { .. }
+        ));
+    }
+}

@@ -1,0 +1,488 @@
+//! Device lifecycle: add, serve (queue threads, start), stop, delete.
+//!
+//! Order matters to the kernel: queue threads must be fetching before
+//! START_DEV (which reads the partition table through them), must keep
+//! serving until STOP_DEV returns, and must have closed `/dev/ublkcN` and
+//! unmapped it before DEL_DEV can finish.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use userblk_uapi::*;
+
+use crate::target::{Caps, Target};
+use crate::ublk::ctrl::{Control, DevInfo};
+use crate::ublk::features::Features;
+use crate::ublk::params;
+use crate::ublk::queue::{self, QueueEvent, QueueSetup, Shutdown};
+use crate::{Error, Result};
+
+/// How long DEL_DEV may wait for the last holder of `/dev/ublkcN`.
+pub const DEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest request buffer per tag (the USER_COPY offset encoding allows 32 MiB).
+pub const MAX_IO_BUF_BYTES: u32 = 1 << UBLK_IO_BUF_BITS;
+
+/// What to ask the kernel for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceConfig {
+    /// Device id, or `None` to let the kernel pick.
+    pub id: Option<u32>,
+    /// Hardware queues (one thread each).
+    pub queues: u16,
+    /// Tags per queue.
+    pub depth: u16,
+    /// Largest request in bytes.
+    pub io_buf_bytes: u32,
+    /// Extra `UBLK_F_*` flags to request.
+    pub flags: u64,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            id: None,
+            queues: 1,
+            depth: 128,
+            io_buf_bytes: 512 << 10,
+            flags: 0,
+        }
+    }
+}
+
+impl DeviceConfig {
+    /// Check ranges before asking the kernel, for clearer errors than EINVAL.
+    pub fn check(&self) -> Result<()> {
+        if !(1..=UBLK_MAX_NR_QUEUES).contains(&self.queues) {
+            return Err(Error::invalid(format!(
+                "queue count {} out of range 1..={UBLK_MAX_NR_QUEUES}",
+                self.queues
+            )));
+        }
+        if !(1..=UBLK_MAX_QUEUE_DEPTH).contains(&self.depth) {
+            return Err(Error::invalid(format!(
+                "queue depth {} out of range 1..={UBLK_MAX_QUEUE_DEPTH}",
+                self.depth
+            )));
+        }
+        let page = u32::try_from(rustix::param::page_size()).unwrap_or(4096);
+        if self.io_buf_bytes < page
+            || self.io_buf_bytes > MAX_IO_BUF_BYTES
+            || !self.io_buf_bytes.is_multiple_of(page)
+        {
+            return Err(Error::invalid(format!(
+                "io buffer size {} must be a multiple of {page} from {page} to {MAX_IO_BUF_BYTES}",
+                self.io_buf_bytes
+            )));
+        }
+        if self.id == Some(UBLK_DEV_ID_AUTO) {
+            return Err(Error::invalid(format!(
+                "device id {UBLK_DEV_ID_AUTO} is reserved"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `/dev/ublkcN`.
+pub fn char_path(id: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/ublkc{id}"))
+}
+
+/// `/dev/ublkbN`.
+pub fn block_path(id: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/ublkb{id}"))
+}
+
+/// Asks a serving device to stop, from any thread (a signal handler thread, say).
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    id: u32,
+    requested: Arc<AtomicBool>,
+}
+
+impl Stopper {
+    /// Stop the device: the kernel removes `/dev/ublkbN`, the queues drain and
+    /// [`Device::serve`] returns after deleting the device.
+    pub fn stop(&self) -> Result<()> {
+        self.requested.store(true, Ordering::SeqCst);
+        Control::open()?.stop(self.id)
+    }
+}
+
+/// A device that has been added but not yet served.
+pub struct Device {
+    ctrl: Control,
+    info: DevInfo,
+    features: Features,
+    /// `/dev/ublkcN`; taken (closed) before DEL_DEV, which waits for it.
+    cdev: Option<Arc<OwnedFd>>,
+    caps: Caps,
+    stop_requested: Arc<AtomicBool>,
+    /// Delete on drop: set until serving ends in an orderly way.
+    armed: bool,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("info", &self.info).finish()
+    }
+}
+
+/// Live information handed to the caller once the device is LIVE.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Device info after START_DEV.
+    pub info: DevInfo,
+    /// Thread id of each queue's thread.
+    pub queue_tids: Vec<i32>,
+    /// CPUs each queue is pinned to.
+    pub queue_cpus: Vec<Vec<usize>>,
+}
+
+impl Device {
+    /// ADD_DEV and SET_PARAMS for a target with `caps`; opens `/dev/ublkcN`.
+    pub fn add(cfg: &DeviceConfig, caps: &Caps) -> Result<Device> {
+        cfg.check()?;
+        caps.check()?;
+        let mut ctrl = Control::open()?;
+        let features = Features(ctrl.features()?);
+        let mut info = DevInfo {
+            nr_hw_queues: cfg.queues,
+            queue_depth: cfg.depth,
+            max_io_buf_bytes: cfg.io_buf_bytes,
+            dev_id: cfg.id.unwrap_or(UBLK_DEV_ID_AUTO),
+            flags: cfg.flags | UBLK_F_CMD_IOCTL_ENCODE,
+            ..Default::default()
+        };
+        ctrl.add(&mut info)?;
+        let id = info.dev_id;
+        // From here on the id exists in the kernel: remove it again on any failure.
+        let cleanup = |ctrl: &mut Control, e: Error| {
+            if let Err(d) = ctrl.del(id, DEL_TIMEOUT) {
+                tracing::warn!("removing half-created device {id}: {d}");
+            }
+            e
+        };
+        if info.nr_hw_queues != cfg.queues {
+            tracing::info!(
+                "kernel capped queues from {} to {} (CPU count)",
+                cfg.queues,
+                info.nr_hw_queues
+            );
+        }
+        let p = params::from_caps(caps, info.max_io_buf_bytes);
+        if let Err(e) = ctrl.set_params(id, &p) {
+            return Err(cleanup(&mut ctrl, e));
+        }
+        let cdev = match open_char_device(id) {
+            Ok(fd) => fd,
+            Err(e) => return Err(cleanup(&mut ctrl, e)),
+        };
+        Ok(Device {
+            ctrl,
+            info,
+            features,
+            cdev: Some(Arc::new(cdev)),
+            caps: *caps,
+            stop_requested: Arc::new(AtomicBool::new(false)),
+            armed: true,
+        })
+    }
+
+    /// The negotiated device info (id, queues, depth, flags).
+    pub fn info(&self) -> &DevInfo {
+        &self.info
+    }
+
+    /// What the kernel supports.
+    pub fn kernel_features(&self) -> Features {
+        self.features
+    }
+
+    /// A handle that stops this device from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            id: self.info.dev_id,
+            requested: Arc::clone(&self.stop_requested),
+        }
+    }
+
+    /// Serve the device with `target` until it is stopped.
+    ///
+    /// Starts a thread per queue, waits until each fetches all its tags,
+    /// sends START_DEV and calls `on_live` once `/dev/ublkbN` exists. Returns
+    /// after every queue has drained; deletes the device if the stop came
+    /// through a [`Stopper`] or a queue failure (a stop from outside, such
+    /// as `userblk del`, leaves deletion to whoever stopped it).
+    pub fn serve(mut self, target: Arc<dyn Target>, on_live: impl FnOnce(&Live)) -> Result<()> {
+        let id = self.info.dev_id;
+        let queues = self.info.nr_hw_queues;
+        let shutdown = Shutdown::new()?;
+        let cdev = self
+            .cdev
+            .clone()
+            .ok_or_else(|| Error::invalid("device already served"))?;
+        let (tx, rx) = mpsc::channel();
+        let mut threads = Vec::with_capacity(usize::from(queues));
+        let mut queue_cpus = Vec::with_capacity(usize::from(queues));
+        for q in 0..queues {
+            let cpus = self.ctrl.queue_affinity(id, q).unwrap_or_default();
+            queue_cpus.push(cpus.clone());
+            let setup = QueueSetup {
+                q,
+                depth: self.info.queue_depth,
+                buf_bytes: self.info.max_io_buf_bytes,
+                cdev: Arc::clone(&cdev),
+                cpus,
+                target: Arc::clone(&target),
+                caps: self.caps,
+                shutdown: Arc::clone(&shutdown),
+            };
+            let tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ublk{id}-q{q}"))
+                .spawn(move || queue::run(setup, &tx));
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    shutdown.trigger();
+                    join_all(threads);
+                    return Err(Error::io("spawning a queue thread", e));
+                }
+            }
+        }
+        drop(tx);
+        drop(cdev);
+
+        // Every queue must be fetching before START_DEV.
+        let mut queue_tids = vec![0; usize::from(queues)];
+        let mut ready = 0;
+        let mut early: Option<Error> = None;
+        while ready < queues && early.is_none() {
+            match rx.recv() {
+                Ok(QueueEvent::Ready { q, tid }) => {
+                    queue_tids[usize::from(q)] = tid;
+                    ready += 1;
+                }
+                Ok(QueueEvent::Exited { q, result }) => {
+                    early = Some(result.err().unwrap_or(Error::Queue {
+                        queue: q,
+                        msg: "exited before starting".into(),
+                    }));
+                }
+                Err(_) => early = Some(Error::invalid("every queue thread vanished")),
+            }
+        }
+        if early.is_none() {
+            if let Err(e) = self
+                .ctrl
+                .start(id, rustix::process::getpid().as_raw_nonzero().get())
+            {
+                early = Some(e);
+            }
+        }
+        if let Some(e) = early {
+            shutdown.trigger();
+            join_all(threads);
+            return Err(e);
+        }
+
+        // A stop that raced with START_DEV found nothing to stop: do it now.
+        if self.stop_requested.load(Ordering::SeqCst) {
+            self.ctrl.stop(id)?;
+        } else {
+            let info = self.ctrl.dev_info(id).unwrap_or(self.info);
+            on_live(&Live {
+                info,
+                queue_tids,
+                queue_cpus,
+            });
+        }
+
+        let mut failure = None;
+        let mut exited = 0;
+        while exited < queues {
+            let (q, result) = match rx.recv() {
+                Ok(QueueEvent::Exited { q, result }) => (q, result),
+                Ok(QueueEvent::Ready { .. }) => continue,
+                // Every thread has gone and dropped its sender.
+                Err(_) => break,
+            };
+            exited += 1;
+            if let Err(e) = result {
+                if failure.is_none() {
+                    // One queue is gone: stop the device so the others drain
+                    // and I/O fails instead of hanging.
+                    self.stop_requested.store(true, Ordering::SeqCst);
+                    if let Err(se) = self.ctrl.stop(id) {
+                        tracing::error!("stopping device {id} after queue {q} failed: {se}");
+                        shutdown.trigger();
+                    }
+                }
+                failure.get_or_insert(e);
+            }
+        }
+        join_all(threads);
+        self.finish()?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Release `/dev/ublkcN` and, if we stopped the device, delete it.
+    fn finish(mut self) -> Result<()> {
+        self.armed = false;
+        let id = self.info.dev_id;
+        let ours = self.stop_requested.load(Ordering::SeqCst);
+        // DEL_DEV waits for every reference to the char device: drop ours first.
+        self.cdev = None;
+        if ours {
+            match self.ctrl.del(id, DEL_TIMEOUT) {
+                Ok(()) | Err(Error::NoSuchDevice(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if self.armed {
+            // Added but never served (an error between add and serve): remove
+            // it, after closing our own reference, or DEL_DEV waits for us.
+            self.cdev = None;
+            let id = self.info.dev_id;
+            if let Err(e) = self.ctrl.del(id, DEL_TIMEOUT) {
+                tracing::warn!("removing unused device {id}: {e}");
+            }
+        }
+    }
+}
+
+fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
+    for t in threads {
+        if t.join().is_err() {
+            tracing::error!("a queue thread panicked");
+        }
+    }
+}
+
+/// Open `/dev/ublkcN`, which appears asynchronously after ADD_DEV.
+fn open_char_device(id: u32) -> Result<OwnedFd> {
+    let path = char_path(id);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match rustix::fs::open(&path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::NOENT) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(Error::path(path, e)),
+        }
+    }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn process_gone(pid: i32) -> bool {
+    // Pid::from_raw asserts on negative values.
+    let Some(p) = (pid > 0)
+        .then(|| rustix::process::Pid::from_raw(pid))
+        .flatten()
+    else {
+        return true;
+    };
+    if rustix::process::test_kill_process(p).is_err() {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+        .unwrap_or(true)
+}
+
+/// Stop and delete device `id`: STOP_DEV, wait for its server to exit, DEL_DEV.
+///
+/// The server keeps serving in-flight I/O until STOP_DEV returns, then sees
+/// its fetches aborted and exits; later I/O to `/dev/ublkbN` fails.
+pub fn delete(ctrl: &mut Control, id: u32, wait: Duration) -> Result<()> {
+    let info = ctrl.dev_info(id)?;
+    let pid = info.ublksrv_pid;
+    ctrl.stop(id)?;
+    if pid > 0 && pid != rustix::process::getpid().as_raw_nonzero().get() {
+        let deadline = Instant::now() + wait;
+        while !process_gone(pid) {
+            if Instant::now() >= deadline {
+                tracing::warn!("server {pid} of device {id} has not exited; deleting anyway");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    match ctrl.del(id, DEL_TIMEOUT) {
+        Ok(()) | Err(Error::NoSuchDevice(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_ranges() {
+        assert!(DeviceConfig::default().check().is_ok());
+        let bad = [
+            DeviceConfig {
+                queues: 0,
+                ..Default::default()
+            },
+            DeviceConfig {
+                queues: 4097,
+                ..Default::default()
+            },
+            DeviceConfig {
+                depth: 0,
+                ..Default::default()
+            },
+            DeviceConfig {
+                depth: 4097,
+                ..Default::default()
+            },
+            DeviceConfig {
+                io_buf_bytes: 1000,
+                ..Default::default()
+            },
+            DeviceConfig {
+                io_buf_bytes: 64 << 20,
+                ..Default::default()
+            },
+            DeviceConfig {
+                id: Some(u32::MAX),
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            assert!(c.check().is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn processes() {
+        assert!(!process_gone(
+            rustix::process::getpid().as_raw_nonzero().get()
+        ));
+        assert!(process_gone(-1));
+        assert!(process_gone(0));
+    }
+}

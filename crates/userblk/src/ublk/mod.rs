@@ -1,0 +1,21 @@
+//! The ublk frontend: the kernel's `ublk_drv` driving our queue threads.
+//!
+//! - [`ctrl`]: `/dev/ublk-control` commands.
+//! - [`desc`]: the mmap'd request descriptors of a queue.
+//! - [`queue`]: the one per-queue loop.
+//! - [`device`]: lifecycle (add, serve, stop, delete).
+//! - [`params`], [`features`]: what is advertised and what the kernel offers.
+//! - [`state`]: saved per-device state for `list` and `recover`.
+
+pub mod ctrl;
+pub mod desc;
+pub mod device;
+pub mod features;
+pub mod params;
+pub(crate) mod queue;
+pub mod state;
+
+pub use ctrl::{Control, DevInfo};
+pub use device::{Device, DeviceConfig, Live, Stopper};
+pub use features::Features;
+pub use state::DeviceState;

@@ -1,0 +1,467 @@
+//! The one queue loop: a thread, its ring, its tags, shared by every target.
+//!
+//! Each tag has a page-aligned buffer and exactly one ublk command in the
+//! kernel at a time: FETCH at start, then COMMIT_AND_FETCH after each
+//! request. A fetch completing with 0 means the tag's descriptor holds a new
+//! request; it goes to the target through [`Ctx`], inline or via the same
+//! ring. A fetch completing with ABORT (after STOP_DEV) retires the tag; when
+//! every tag is retired the thread exits.
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+use rustix::event::{EventfdFlags, PollFlags};
+use rustix::io::Errno;
+use userblk_uapi::*;
+
+use crate::io::ring::UserData;
+use crate::io::{AlignedBuf, Ctx, Ring};
+use crate::target::{self, Caps, Flags, IoResult, Op, Request, Submit, Target};
+use crate::ublk::desc::DescArray;
+use crate::{Error, Result};
+
+/// Slot number reserved for the shutdown eventfd's poll (tags are < 4096).
+const WAKE_SLOT: u16 = u16::MAX;
+
+/// A way to make queue threads leave their loop without STOP_DEV, for a
+/// device that never started (its fetches would otherwise wait forever).
+#[derive(Debug)]
+pub(crate) struct Shutdown {
+    fd: OwnedFd,
+    now: AtomicBool,
+}
+
+impl Shutdown {
+    pub(crate) fn new() -> Result<Arc<Self>> {
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC)
+            .map_err(|e| Error::io("eventfd", e))?;
+        Ok(Arc::new(Shutdown {
+            fd,
+            now: AtomicBool::new(false),
+        }))
+    }
+
+    /// Ask every queue thread to exit at once, closing its ring; the kernel
+    /// then cancels the tags' commands.
+    pub(crate) fn trigger(&self) {
+        self.now.store(true, Ordering::SeqCst);
+        if let Err(e) = rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+            tracing::warn!("waking queue threads: {e}");
+        }
+    }
+}
+
+/// What a queue thread tells the device.
+#[derive(Debug)]
+pub(crate) enum QueueEvent {
+    /// Every tag is fetched; the queue is serving. Carries the thread id.
+    Ready { q: u16, tid: i32 },
+    /// The thread left its loop.
+    Exited { q: u16, result: Result<()> },
+}
+
+/// Everything a queue thread needs.
+pub(crate) struct QueueSetup {
+    pub q: u16,
+    pub depth: u16,
+    pub buf_bytes: u32,
+    pub cdev: Arc<OwnedFd>,
+    pub cpus: Vec<usize>,
+    pub target: Arc<dyn Target>,
+    pub caps: Caps,
+    pub shutdown: Arc<Shutdown>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A FETCH or COMMIT_AND_FETCH is in the kernel.
+    Armed,
+    /// The target has this request.
+    Busy(Request),
+    /// Aborted: never re-armed.
+    Retired,
+}
+
+struct Queue {
+    // First, so it closes before the buffers its commands point into are freed.
+    ring: Ring,
+    q: u16,
+    cdev: Arc<OwnedFd>,
+    descs: DescArray,
+    bufs: Vec<AlignedBuf>,
+    slots: Vec<Slot>,
+    target: Arc<dyn Target>,
+    caps: Caps,
+    retired: usize,
+    failure: Option<String>,
+    /// The shutdown poll is in the ring (it counts as in flight).
+    wake_armed: bool,
+}
+
+/// Run queue `setup.q` until every tag is aborted; reports through `events`.
+pub(crate) fn run(setup: QueueSetup, events: &Sender<QueueEvent>) {
+    let q = setup.q;
+    let result = serve(setup, events);
+    if let Err(e) = &result {
+        tracing::error!("queue {q}: {e}");
+    }
+    let _ = events.send(QueueEvent::Exited { q, result });
+}
+
+fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
+    let q = setup.q;
+    if let Err(e) = crate::sys::set_io_flusher() {
+        tracing::warn!("queue {q}: {e}");
+    }
+    if !setup.cpus.is_empty() {
+        let mut set = rustix::thread::CpuSet::new();
+        setup.cpus.iter().for_each(|&c| set.set(c));
+        if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+            tracing::debug!("queue {q}: cannot pin to {:?}: {e}", setup.cpus);
+        }
+    }
+    let descs = DescArray::map(std::os::fd::AsFd::as_fd(&*setup.cdev), q, setup.depth)?;
+    let bufs = (0..setup.depth)
+        .map(|_| AlignedBuf::new(setup.buf_bytes as usize))
+        .collect::<Result<Vec<_>>>()?;
+    // Room for one command per tag plus target operations.
+    let ring = Ring::new(u32::from(setup.depth) * 2)?;
+    let mut queue = Queue {
+        q,
+        cdev: setup.cdev,
+        descs,
+        bufs,
+        slots: vec![Slot::Armed; usize::from(setup.depth)],
+        ring,
+        target: setup.target,
+        caps: setup.caps,
+        retired: 0,
+        failure: None,
+        wake_armed: false,
+    };
+    queue.watch_shutdown(&setup.shutdown)?;
+    for tag in 0..setup.depth {
+        queue.push_cmd(UBLK_U_IO_FETCH_REQ, tag, 0)?;
+    }
+    queue.ring.submit()?;
+    let _ = events.send(QueueEvent::Ready {
+        q,
+        tid: rustix::thread::gettid().as_raw_nonzero().get(),
+    });
+    queue.run(&setup.shutdown)
+}
+
+/// Build the request a descriptor describes, or the errno to complete it with.
+pub(crate) fn request_from(
+    desc: &UblksrvIoDesc,
+    buf_bytes: u32,
+) -> std::result::Result<Request, Errno> {
+    let op = match desc.op() {
+        UBLK_IO_OP_READ => Op::Read,
+        UBLK_IO_OP_WRITE => Op::Write,
+        UBLK_IO_OP_FLUSH => Op::Flush,
+        UBLK_IO_OP_DISCARD => Op::Discard,
+        UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+        _ => return Err(Errno::OPNOTSUPP),
+    };
+    let offset = desc.start_sector.checked_mul(512).ok_or(Errno::IO)?;
+    let len = desc.nr_sectors.checked_mul(512).ok_or(Errno::IO)?;
+    if op.has_data() && len > buf_bytes {
+        return Err(Errno::IO);
+    }
+    let mut flags = Flags::NONE;
+    if desc.has_flag(UBLK_IO_F_FUA) {
+        flags = flags.with(Flags::FUA);
+    }
+    if desc.has_flag(UBLK_IO_F_NOUNMAP) {
+        flags = flags.with(Flags::NOUNMAP);
+    }
+    Ok(Request {
+        op,
+        offset,
+        len,
+        flags,
+    })
+}
+
+/// The `result` a COMMIT carries: bytes for reads and writes, 0 for other
+/// successes (a byte count could overflow i32), or `-errno`.
+pub(crate) fn commit_result(op: Op, r: IoResult) -> i32 {
+    match r {
+        Ok(n) if op.has_data() => i32::try_from(n).unwrap_or(-Errno::IO.raw_os_error()),
+        Ok(_) => 0,
+        Err(e) => -e.raw_os_error(),
+    }
+}
+
+fn io_cmd_bytes(c: &UblksrvIoCmd) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..2].copy_from_slice(&c.q_id.to_ne_bytes());
+    b[2..4].copy_from_slice(&c.tag.to_ne_bytes());
+    b[4..8].copy_from_slice(&c.result.to_ne_bytes());
+    b[8..16].copy_from_slice(&c.addr.to_ne_bytes());
+    b
+}
+
+impl Queue {
+    fn watch_shutdown(&mut self, shutdown: &Shutdown) -> Result<()> {
+        let e = opcode::PollAdd::new(
+            types::Fd(shutdown.fd.as_raw_fd()),
+            PollFlags::IN.bits().into(),
+        )
+        .build()
+        .user_data(UserData::Frontend { slot: WAKE_SLOT }.pack());
+        // SAFETY: the eventfd is kept open by the Arc<Shutdown> the caller
+        // holds for the whole life of this queue; no buffer is involved.
+        unsafe { self.ring.push(&e) }.map_err(|e| Error::Queue {
+            queue: self.q,
+            msg: format!("poll on eventfd: {e}"),
+        })?;
+        self.wake_armed = true;
+        Ok(())
+    }
+
+    fn push_cmd(&mut self, cmd_op: u32, tag: u16, result: i32) -> Result<()> {
+        let addr = self.bufs[usize::from(tag)].as_ptr() as u64;
+        let cmd = UblksrvIoCmd {
+            q_id: self.q,
+            tag,
+            result,
+            addr,
+        };
+        let e = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), cmd_op)
+            .cmd(io_cmd_bytes(&cmd))
+            .build()
+            .user_data(UserData::Frontend { slot: tag }.pack());
+        // SAFETY: the tag's buffer lives in `self.bufs` until this queue is
+        // dropped, which happens only after the loop has seen every tag
+        // retired (or the ring is closed first, see `Drop`); the kernel
+        // writes WRITE data into it before completing the fetch and reads
+        // READ data from it while processing this commit.
+        unsafe { self.ring.push(&e) }.map_err(|e| Error::Queue {
+            queue: self.q,
+            msg: format!("queueing tag {tag}: {e}"),
+        })
+    }
+
+    fn run(&mut self, shutdown: &Shutdown) -> Result<()> {
+        let depth = self.slots.len();
+        let mut cqes = Vec::with_capacity(depth * 2);
+        while self.retired < depth {
+            self.ring.submit_and_wait(1)?;
+            self.ring.reap(&mut cqes);
+            for (ud, res) in cqes.drain(..) {
+                match ud {
+                    UserData::Frontend { slot: WAKE_SLOT } => {
+                        self.wake_armed = false;
+                        if shutdown.now.load(Ordering::SeqCst) {
+                            return Err(Error::Queue {
+                                queue: self.q,
+                                msg: "shut down before the device started".into(),
+                            });
+                        }
+                    }
+                    UserData::Frontend { slot } => self.on_fetch(slot, res)?,
+                    UserData::Target { slot, step } => self.on_target(slot, step, res)?,
+                }
+            }
+        }
+        match self.failure.take() {
+            Some(msg) => Err(Error::Queue { queue: self.q, msg }),
+            None => Ok(()),
+        }
+    }
+
+    fn on_fetch(&mut self, tag: u16, res: i32) -> Result<()> {
+        let Some(slot) = self.slots.get(usize::from(tag)).copied() else {
+            tracing::warn!("queue {}: completion for unknown tag {tag}", self.q);
+            return Ok(());
+        };
+        if slot != Slot::Armed {
+            tracing::warn!(
+                "queue {}: unexpected fetch completion for tag {tag} in state {slot:?}",
+                self.q
+            );
+            return Ok(());
+        }
+        match res {
+            UBLK_IO_RES_OK => {}
+            UBLK_IO_RES_ABORT => {
+                self.retire(tag);
+                return Ok(());
+            }
+            err => {
+                let msg = format!(
+                    "tag {tag}: kernel refused the command: {}",
+                    Errno::from_raw_os_error(-err)
+                );
+                self.failure.get_or_insert(msg);
+                self.retire(tag);
+                return Ok(());
+            }
+        }
+        let desc = self.descs.get(tag).unwrap_or_default();
+        let buf_bytes = u32::try_from(self.bufs[usize::from(tag)].len()).unwrap_or(u32::MAX);
+        let req = match request_from(&desc, buf_bytes) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::debug!("queue {}: tag {tag}: refusing {desc:?}: {e}", self.q);
+                return self.push_cmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, -e.raw_os_error());
+            }
+        };
+        self.slots[usize::from(tag)] = Slot::Busy(req);
+        let outcome = match target::validate(&self.caps, &req) {
+            Err(e) => Submit::Done(Err(e)),
+            Ok(()) => {
+                // SAFETY: the buffer belongs to this tag and nothing else
+                // touches it until the tag is committed, which happens only
+                // once the target reports Done (all its ring work reaped).
+                let mut ctx =
+                    unsafe { Ctx::new(req, tag, &mut self.bufs[usize::from(tag)], &mut self.ring) };
+                self.target.submit(&mut ctx)
+            }
+        };
+        self.finish(tag, req, outcome)
+    }
+
+    fn on_target(&mut self, tag: u16, step: u16, res: i32) -> Result<()> {
+        let Some(Slot::Busy(req)) = self.slots.get(usize::from(tag)).copied() else {
+            tracing::warn!("queue {}: target completion for idle tag {tag}", self.q);
+            return Ok(());
+        };
+        // SAFETY: as in on_fetch: the tag's buffer is the target's until Done.
+        let mut ctx =
+            unsafe { Ctx::new(req, tag, &mut self.bufs[usize::from(tag)], &mut self.ring) };
+        let outcome = self.target.complete(&mut ctx, step, res);
+        self.finish(tag, req, outcome)
+    }
+
+    fn finish(&mut self, tag: u16, req: Request, outcome: Submit) -> Result<()> {
+        match outcome {
+            Submit::Pending => Ok(()),
+            Submit::Done(r) => {
+                if let Err(e) = r {
+                    tracing::debug!("queue {}: tag {tag}: {req:?} failed: {e}", self.q);
+                }
+                self.slots[usize::from(tag)] = Slot::Armed;
+                self.push_cmd(
+                    UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+                    tag,
+                    commit_result(req.op, r),
+                )
+            }
+        }
+    }
+
+    fn retire(&mut self, tag: u16) {
+        self.slots[usize::from(tag)] = Slot::Retired;
+        self.retired += 1;
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Leaving with commands still in the kernel (an error path): the
+        // kernel may yet copy into these buffers, so leak them rather than
+        // free memory it could write to.
+        if self.ring.in_flight() > usize::from(self.wake_armed) {
+            std::mem::forget(std::mem::take(&mut self.bufs));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(op: u8, flags: u32, start: u64, sectors: u32) -> UblksrvIoDesc {
+        UblksrvIoDesc {
+            op_flags: u32::from(op) | flags,
+            nr_sectors: sectors,
+            start_sector: start,
+            addr: 0,
+        }
+    }
+
+    #[test]
+    fn descriptors_become_requests() {
+        let r = request_from(&desc(UBLK_IO_OP_WRITE, UBLK_IO_F_FUA, 8, 8), 1 << 20);
+        assert_eq!(
+            r,
+            Ok(Request::new(Op::Write, 4096, 4096).with_flags(Flags::FUA))
+        );
+        let r = request_from(
+            &desc(UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_NOUNMAP, 0, 1 << 20),
+            4096,
+        );
+        assert_eq!(
+            r,
+            Ok(Request::new(Op::WriteZeroes, 0, 512 << 20).with_flags(Flags::NOUNMAP))
+        );
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_FLUSH, 0, 0, 0), 4096).map(|r| r.op),
+            Ok(Op::Flush)
+        );
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_DISCARD, 0, 0, 8), 4096).map(|r| r.op),
+            Ok(Op::Discard)
+        );
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_READ, 0, 0, 8), 4096).map(|r| r.flags),
+            Ok(Flags::NONE)
+        );
+    }
+
+    #[test]
+    fn bad_descriptors_are_refused() {
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_WRITE_SAME, 0, 0, 8), 4096),
+            Err(Errno::OPNOTSUPP)
+        );
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_ZONE_APPEND, 0, 0, 8), 4096),
+            Err(Errno::OPNOTSUPP)
+        );
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_READ, 0, 0, 16), 4096),
+            Err(Errno::IO)
+        );
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_READ, 0, u64::MAX, 1), 4096),
+            Err(Errno::IO)
+        );
+        assert_eq!(
+            request_from(&desc(UBLK_IO_OP_DISCARD, 0, 0, u32::MAX), 4096),
+            Err(Errno::IO)
+        );
+    }
+
+    #[test]
+    fn commit_results() {
+        assert_eq!(commit_result(Op::Read, Ok(4096)), 4096);
+        assert_eq!(commit_result(Op::Discard, Ok(1 << 31)), 0);
+        assert_eq!(commit_result(Op::Flush, Ok(0)), 0);
+        assert_eq!(
+            commit_result(Op::Write, Err(Errno::NOSPC)),
+            -Errno::NOSPC.raw_os_error()
+        );
+    }
+
+    #[test]
+    fn io_cmd_encoding() {
+        let b = io_cmd_bytes(&UblksrvIoCmd {
+            q_id: 1,
+            tag: 2,
+            result: -5,
+            addr: 0xabcd,
+        });
+        assert_eq!(&b[0..2], &1u16.to_ne_bytes());
+        assert_eq!(&b[2..4], &2u16.to_ne_bytes());
+        assert_eq!(&b[4..8], &(-5i32).to_ne_bytes());
+        assert_eq!(&b[8..16], &0xabcdu64.to_ne_bytes());
+    }
+}
