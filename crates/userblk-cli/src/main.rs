@@ -1,1 +1,90 @@
-fn main() {}
+//! `userblk`: add, list and delete userspace block devices.
+
+mod add;
+mod cli;
+mod list;
+mod targets;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use userblk::ublk::{device, Control};
+
+use crate::cli::{Cli, Command, DelArgs, JsonArgs};
+
+fn init_logging(verbose: u8, default: &str) {
+    let level = match verbose {
+        0 => default,
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Add(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(cli.verbose, default_level);
+    let result = match cli.command {
+        Command::Add(args) => add::run(args),
+        Command::Del(args) => del(&args),
+        Command::List(args) => list::run(&args),
+        Command::Features(args) => features(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("userblk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn del(args: &DelArgs) -> anyhow::Result<()> {
+    let mut ctrl = Control::open()?;
+    let ids = match args.id {
+        Some(id) => vec![id],
+        None => userblk::ublk::ctrl::device_ids(),
+    };
+    let mut failed = 0;
+    for id in ids {
+        match device::delete(&mut ctrl, id, std::time::Duration::from_secs(10)) {
+            Ok(()) => userblk::ublk::DeviceState::remove(id),
+            Err(e) if args.all => {
+                eprintln!("userblk: device {id}: {e}");
+                failed += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} device(s) could not be deleted");
+    Ok(())
+}
+
+fn features(args: &JsonArgs) -> anyhow::Result<()> {
+    let mut ctrl = Control::open()?;
+    let f = userblk::ublk::Features(ctrl.features().context("reading kernel features")?);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "features": f.0, "names": f.names() })
+        );
+    } else {
+        println!("ublk features {:#x}", f.0);
+        for name in f.names() {
+            println!("\t{name}");
+        }
+    }
+    Ok(())
+}

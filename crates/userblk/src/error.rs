@@ -16,12 +16,12 @@ pub enum Error {
     )]
     NoUblk,
     /// A file or device could not be opened or inspected.
-    #[error("{path}: {source}")]
+    #[error("{}: {err}", path.display())]
     Path {
         /// The path involved.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (part of the message, so not a separate `source`).
+        err: std::io::Error,
     },
     /// A control command to the kernel failed.
     #[error("{cmd} failed for device {dev}: {errno}{hint}")]
@@ -45,12 +45,12 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
     /// An io_uring or other system call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {err}")]
     Io {
         /// What was being done.
         what: String,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (part of the message, so not a separate `source`).
+        err: std::io::Error,
     },
     /// A queue thread failed.
     #[error("queue {queue}: {msg}")]
@@ -75,7 +75,7 @@ impl Error {
     pub fn io(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
         Error::Io {
             what: what.into(),
-            source: source.into(),
+            err: source.into(),
         }
     }
 
@@ -83,7 +83,7 @@ impl Error {
     pub fn path(path: impl Into<PathBuf>, source: impl Into<std::io::Error>) -> Self {
         Error::Path {
             path: path.into(),
-            source: source.into(),
+            err: source.into(),
         }
     }
 

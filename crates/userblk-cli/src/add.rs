@@ -1,0 +1,216 @@
+//! `add`: open the target, create the device, serve it.
+//!
+//! Without `--foreground`, `add` re-runs itself as a detached daemon and
+//! waits on the daemon's stdout: the daemon prints the device's details and
+//! a marker once the device is live, then moves its output to a log file.
+//! If the daemon dies first, the pipe closes and `add` reports the daemon's
+//! error instead of hanging.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use userblk::ublk::device::block_path;
+use userblk::ublk::{state, Control, Device, DeviceConfig, DeviceState, Live, Stopper};
+
+use crate::cli::AddArgs;
+
+/// Set in the daemon's environment by the `add` that spawned it.
+const DAEMON_ENV: &str = "USERBLK_DAEMON";
+/// Printed by the daemon after the device details, once the device is live.
+const READY_MARKER: &str = "--userblk-device-live--";
+
+/// `userblk add`.
+pub fn run(args: AddArgs) -> anyhow::Result<()> {
+    let daemon = std::env::var_os(DAEMON_ENV).is_some();
+    if args.dev.foreground || daemon {
+        serve(args, daemon)
+    } else {
+        spawn_daemon()
+    }
+}
+
+/// The arguments of this `add`, as saved for `list` and `recover`.
+fn saved_args() -> Vec<String> {
+    std::env::args()
+        .skip(1)
+        .filter(|a| a != "--foreground")
+        .collect()
+}
+
+fn spawn_daemon() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the userblk executable")?;
+    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    argv.push("--foreground".into());
+    let mut child = Command::new(exe)
+        .args(argv)
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the daemon")?;
+    let mut stderr = child.stderr.take().context("daemon stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading from the daemon")?;
+        if line == READY_MARKER {
+            return Ok(());
+        }
+        writeln!(out, "{line}")?;
+    }
+    // The pipe closed without the marker: the daemon is gone.
+    let status = child.wait().context("waiting for the daemon")?;
+    let text = errors.join().unwrap_or_default();
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines.pop().unwrap_or("");
+    for l in lines {
+        eprintln!("{l}");
+    }
+    match last.strip_prefix("userblk: ") {
+        Some(msg) => bail!("{msg}"),
+        None if !last.is_empty() => {
+            bail!("the daemon exited ({status}) before the device was live: {last}")
+        }
+        None => bail!("the daemon exited ({status}) before the device was live"),
+    }
+}
+
+fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
+    if daemon {
+        // Leave the caller's session so its terminal's signals do not reach us.
+        let _ = rustix::process::setsid();
+    }
+    let target = crate::targets::open(&args.target)?;
+    let caps = target.caps();
+    caps.check().context("target")?;
+
+    // Before any thread exists: the mount namespace is per thread once threads share nothing.
+    if let Err(e) = userblk::sys::private_mount_namespace() {
+        tracing::warn!("{e}; continuing in the caller's mount namespace");
+    }
+    if let Err(e) = userblk::sys::lock_memory() {
+        tracing::warn!("{e}; memory is not locked");
+    }
+
+    // Signals are caught from before the device exists, so none can kill
+    // us half-way and leave a stray device behind.
+    let stopper: Arc<Mutex<Option<Stopper>>> = Arc::new(Mutex::new(None));
+    let stop_early = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let sig_handle = signals.handle();
+    let sig_thread = {
+        let stopper = Arc::clone(&stopper);
+        let stop_early = Arc::clone(&stop_early);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    tracing::info!("signal {sig}: stopping the device");
+                    stop_early.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let guard = stopper
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(s) = guard.as_ref() {
+                        if let Err(e) = s.stop() {
+                            tracing::error!("stopping: {e}");
+                        }
+                    }
+                }
+            })?
+    };
+
+    let cfg = DeviceConfig {
+        id: args.dev.id,
+        queues: args.dev.queues,
+        depth: args.dev.depth,
+        io_buf_bytes: args.dev.io_buf_size,
+        flags: 0,
+    };
+    let result = (|| -> anyhow::Result<()> {
+        let dev = Device::add(&cfg, &caps)?;
+        let id = dev.info().dev_id;
+        {
+            let mut guard = stopper
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *guard = Some(dev.stopper());
+            if stop_early.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(s) = guard.as_ref() {
+                    s.stop()?;
+                }
+            }
+        }
+        let describe = target.describe();
+        let served = dev.serve(Arc::clone(&target), |live| on_live(live, describe, daemon));
+        DeviceState::remove(id);
+        served.with_context(|| format!("device {id}"))
+    })();
+    sig_handle.close();
+    let _ = sig_thread.join();
+    result
+}
+
+/// The device is live: record its state, print its details, and as a
+/// daemon, tell the waiting `add` and move output to the log.
+fn on_live(live: &Live, target: serde_json::Value, daemon: bool) {
+    let id = live.info.dev_id;
+    let log = daemon.then(|| state::state_dir().join(format!("{id}.log")));
+    let st = DeviceState {
+        id,
+        pid: rustix::process::getpid().as_raw_nonzero().get(),
+        frontend: "ublk".into(),
+        block_device: block_path(id).display().to_string(),
+        target,
+        args: saved_args(),
+        queue_tids: live.queue_tids.clone(),
+        queue_cpus: live.queue_cpus.clone(),
+        log: log.clone(),
+    };
+    if let Err(e) = st.save() {
+        tracing::warn!("{e}");
+    }
+    let details = Control::open().and_then(|mut c| crate::list::entry(&mut c, id));
+    match details {
+        Ok(entry) => print!("{}", entry.text()),
+        Err(e) => println!("dev id {id}: live ({e})"),
+    }
+    if daemon {
+        println!("{READY_MARKER}");
+        let _ = std::io::stdout().flush();
+        if let Some(log) = log {
+            redirect_output(&log);
+        }
+    }
+    tracing::info!("device {id} live at {}", block_path(id).display());
+}
+
+fn redirect_output(log: &std::path::Path) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log);
+    match file {
+        Ok(f) => {
+            let _ = rustix::stdio::dup2_stdout(&f);
+            let _ = rustix::stdio::dup2_stderr(&f);
+        }
+        Err(e) => {
+            tracing::warn!("{}: {e}; logging to /dev/null", log.display());
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                let _ = rustix::stdio::dup2_stdout(&null);
+                let _ = rustix::stdio::dup2_stderr(&null);
+            }
+        }
+    }
+}

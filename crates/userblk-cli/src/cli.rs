@@ -1,0 +1,150 @@
+//! Command-line syntax (clap derive). Compatible with what ublk tools script against:
+//! `add <target> [-n ID] [-q N] [-d N]`, `del -n ID | -a`, `list [-n ID]`, `features`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Parse a size such as `4096`, `512K`, `1G`.
+fn size(s: &str) -> Result<u64, String> {
+    userblk::size::parse(s).map_err(|e| e.to_string())
+}
+
+fn size_u32(s: &str) -> Result<u32, String> {
+    let v = size(s)?;
+    u32::try_from(v).map_err(|_| format!("{s} is too large"))
+}
+
+/// userblk: Linux block devices served by a userspace process.
+#[derive(Debug, Parser)]
+#[command(name = "userblk", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a device served by a new daemon; returns once it is live.
+    Add(AddArgs),
+    /// Stop and delete devices.
+    Del(DelArgs),
+    /// Show devices.
+    List(ListArgs),
+    /// Show the ublk features this kernel supports.
+    Features(JsonArgs),
+}
+
+/// `add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Device options, accepted before or after the target name.
+    #[command(flatten)]
+    pub dev: DevArgs,
+    /// The target that serves the device.
+    #[command(subcommand)]
+    pub target: TargetArgs,
+}
+
+/// Options of the device itself, whatever the target.
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Device id (default: the kernel picks the lowest free one).
+    #[arg(short = 'n', long = "number", global = true, value_name = "ID")]
+    pub id: Option<u32>,
+    /// Hardware queues, one serving thread each (the kernel caps it at the CPU count).
+    #[arg(short = 'q', long = "queues", global = true, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub queues: u16,
+    /// Requests in flight per queue.
+    #[arg(short = 'd', long = "depth", global = true, default_value_t = 128, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub depth: u16,
+    /// Largest request (bytes, or with K/M suffix); a multiple of the page size.
+    #[arg(long = "io-buf-size", global = true, default_value = "512K", value_parser = size_u32, value_name = "SIZE")]
+    pub io_buf_size: u32,
+    /// Serve in the foreground instead of detaching a daemon.
+    #[arg(long, global = true)]
+    pub foreground: bool,
+}
+
+/// The targets.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TargetArgs {
+    /// Stores nothing: reads return zeroes, writes are dropped.
+    Null(NullArgs),
+    /// A sparse RAM disk.
+    Mem(MemArgs),
+    /// A regular file or block device (also accepted as `loop`).
+    #[command(alias = "loop")]
+    File(FileArgs),
+}
+
+/// `add null`.
+#[derive(Debug, Clone, Args)]
+pub struct NullArgs {
+    /// Device size.
+    #[arg(short = 's', long, default_value = "250G", value_parser = size)]
+    pub size: u64,
+}
+
+/// `add mem`.
+#[derive(Debug, Clone, Args)]
+pub struct MemArgs {
+    /// Device size (memory is used only as data is written).
+    #[arg(short = 's', long, value_parser = size)]
+    pub size: u64,
+}
+
+/// `add file` / `add loop`.
+#[derive(Debug, Clone, Args)]
+pub struct FileArgs {
+    /// Backing regular file or block device.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub path: PathBuf,
+    /// Byte offset in the file where the device starts.
+    #[arg(long, default_value = "0", value_parser = size)]
+    pub offset: u64,
+    /// Use the page cache (default: O_DIRECT).
+    #[arg(long)]
+    pub buffered: bool,
+    /// Read-only device.
+    #[arg(short = 'o', long = "read-only")]
+    pub read_only: bool,
+}
+
+/// `del`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+pub struct DelArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: Option<u32>,
+    /// Every device.
+    #[arg(short = 'a', long)]
+    pub all: bool,
+}
+
+/// `list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this device.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: Option<u32>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Commands whose only option is `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
