@@ -110,12 +110,13 @@ qargs=(
 [[ -n $OUT ]] && qargs+=(-virtfs "local,path=${OUT//,/,,},mount_tag=out,security_model=none,multidevs=remap")
 
 LOG=${USERBLK_VM_LOG:-$TMP/console.log}
-echo "vm/run.sh: booting $KVER (TCG, mem $MEM, smp $SMP, timeout ${TIMEOUT}s): $*"
+echo "vm/run.sh: booting $KVER (TCG, mem $MEM, smp $SMP, timeout ${TIMEOUT}s): $*" >&2
 start=$SECONDS
 # Console to our stdout as it comes (CI shows progress), \r stripped, and
-# to $LOG for the exit marker.  qemu's stdin is /dev/null: the guest gets
+# to $LOG for the exit marker (tee -p: a closed stdout does not stop the
+# log).  qemu's stdin is /dev/null: the guest gets
 # no input and qemu leaves the terminal alone.
-exec {logfd}> >(sed -u 's/\r//g' | tee "$LOG")
+exec {logfd}> >(sed -u 's/\r//g' | tee -p "$LOG")
 LOGPID=$!
 timeout -k 15 "$TIMEOUT" qemu-system-x86_64 "${qargs[@]}" </dev/null >&"$logfd" 2>&1 &
 QPID=$!
@@ -131,7 +132,7 @@ secs=$(( SECONDS - start ))
 marker=$(grep -a -E '^USERBLK-VM-EXIT=[0-9]+$' "$LOG" | tail -n1 || true)
 if [[ -n $marker ]]; then
     rc=${marker#USERBLK-VM-EXIT=}
-    echo "vm/run.sh: script exited with status $rc after ${secs}s"
+    echo "vm/run.sh: script exited with status $rc after ${secs}s" >&2
     exit "$rc"
 fi
 why=$(grep -a -m1 -E '^vm-init: error:|Kernel panic - not syncing' "$LOG" | sed 's/^\[ *[0-9.]*\] //' || true)

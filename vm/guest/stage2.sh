@@ -4,6 +4,8 @@
 # Debian kernel, loads the modules tests rely on, then runs the user's
 # script in the user's cwd.  Its exit status is what run.sh reports.
 # Copied into each VM by run.sh; /init runs it as /run/vm/stage2.sh.
+# No -e: each setup step fails explicitly (err, status 125), and the
+# script's own status must be passed on, not acted upon.
 set -uo pipefail
 
 export PATH=/run/vm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

@@ -168,6 +168,10 @@ pub(crate) fn request_from(
         UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
         _ => return Err(Errno::OPNOTSUPP),
     };
+    if op == Op::Flush {
+        // A flush has no range: the kernel leaves start_sector at -1.
+        return Ok(Request::new(Op::Flush, 0, 0));
+    }
     let offset = desc.start_sector.checked_mul(512).ok_or(Errno::IO)?;
     let len = desc.nr_sectors.checked_mul(512).ok_or(Errno::IO)?;
     if op.has_data() && len > buf_bytes {

@@ -1,0 +1,118 @@
+# Shared helpers for the real-kernel suites (sourced, inside the VM).
+# Each case prints one line: PASS/FAIL/SKIP, its name, the time it took and,
+# on failure, the output of the failing step. The summary line at the end is
+# "N passed, N failed, N skipped"; the suite exits non-zero if anything failed.
+
+PASSED=0
+FAILED=0
+SKIPPED=0
+FAILED_NAMES=()
+CASE_LOG=$(mktemp /tmp/case.XXXXXX)
+
+# USERBLK: the binary under test (release build of this checkout by default).
+: "${USERBLK:=$PWD/target/release/userblk}"
+export USERBLK
+
+ub() { "$USERBLK" "$@"; }
+
+# Run a case: `case_run NAME FUNCTION [ARGS...]`. The function fails the case
+# by returning non-zero (set -e is on inside it).
+case_run() {
+    local name=$1; shift
+    # ONLY=regex runs just the matching cases (for debugging a failure).
+    if [ -n "${ONLY:-}" ] && ! grep -qE -- "$ONLY" <<<"$name"; then return 0; fi
+    local start=$SECONDS rc
+    : >"$CASE_LOG"
+    ( set -eo pipefail; "$@" ) >"$CASE_LOG" 2>&1
+    rc=$?
+    local took=$((SECONDS - start))
+    if [ "$rc" -eq 0 ]; then
+        PASSED=$((PASSED + 1))
+        printf 'PASS %-48s %4ss\n' "$name" "$took"
+    elif [ "$rc" -eq 77 ]; then
+        SKIPPED=$((SKIPPED + 1))
+        printf 'SKIP %-48s %s\n' "$name" "$(tail -n 1 "$CASE_LOG")"
+    else
+        FAILED=$((FAILED + 1))
+        FAILED_NAMES+=("$name")
+        printf 'FAIL %-48s %4ss (exit %s)\n' "$name" "$took" "$rc"
+        sed 's/^/    | /' "$CASE_LOG" | tail -n 40
+        echo "    | --- dmesg tail ---"
+        dmesg | tail -n 15 | sed 's/^/    | /'
+        for log in /run/userblk/*.log; do
+            [ -s "$log" ] || continue
+            echo "    | --- $log (tail) ---"
+            tail -n 15 "$log" | sed 's/^/    | /'
+        done
+        cleanup_devices
+    fi
+}
+
+# Skip the current case with a reason (exit code 77 inside case_run).
+skip() { echo "$*"; exit 77; }
+
+die() { echo "ASSERTION FAILED: $*" >&2; return 1; }
+
+# Assert that a command fails and that its stderr mentions a phrase.
+expect_fail() {
+    local phrase=$1; shift
+    local out rc=0
+    out=$("$@" 2>&1) || rc=$?
+    echo "\$ $* -> exit $rc: $out"
+    [ "$rc" -ne 0 ] || die "expected failure from: $*"
+    [ "$rc" -lt 128 ] || die "crashed with signal $((rc - 128)): $*"
+    grep -qi -- "$phrase" <<<"$out" || die "error for '$*' does not mention '$phrase': $out"
+    case "$out" in *panicked*|*RUST_BACKTRACE*) die "panic: $out" ;; esac
+}
+
+# Device id from `add` output (first line: "dev id N: ...").
+dev_id_of() { sed -n 's/^dev id \([0-9]*\):.*/\1/p' <<<"$1" | head -n 1; }
+
+# Field from the second `list` line: 7 = pid, 11 = state.
+list_word() {
+    ub list -n "$1" | sed -n 2p | awk -v w="$2" '{print $w}'
+}
+
+wait_for() { # wait_for SECONDS COMMAND...
+    local deadline=$((SECONDS + $1)); shift
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+# `add` a device, check it is live, and print its id.
+add_dev() {
+    local out id
+    out=$(ub add "$@") || { echo "$out"; return 1; }
+    echo "$out" >&2
+    id=$(dev_id_of "$out")
+    [ -n "$id" ] || die "no id in add output"
+    [ -b "/dev/ublkb$id" ] || die "/dev/ublkb$id missing after add"
+    [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE"
+    echo "$id"
+}
+
+# Delete a device and check everything is gone.
+del_dev() {
+    local id=$1 pid
+    pid=$(list_word "$id" 7)
+    ub del -n "$id"
+    wait_for 10 test ! -e "/dev/ublkb$id" || die "/dev/ublkb$id still exists"
+    wait_for 10 test ! -e "/dev/ublkc$id" || die "/dev/ublkc$id still exists"
+    wait_for 10 sh -c "! kill -0 $pid 2>/dev/null || grep -q '^State:.*Z' /proc/$pid/status" || die "daemon $pid still running"
+    [ ! -e "/run/userblk/$id.json" ] || die "state file left behind"
+}
+
+cleanup_devices() {
+    ub del -a >/dev/null 2>&1 || true
+    umount /mnt/ub* 2>/dev/null || true
+}
+
+summary() {
+    rm -f "$CASE_LOG"
+    echo
+    [ "${#FAILED_NAMES[@]}" -eq 0 ] || printf 'failed: %s\n' "${FAILED_NAMES[@]}"
+    echo "$PASSED passed, $FAILED failed, $SKIPPED skipped"
+    [ "$FAILED" -eq 0 ]
+}
