@@ -46,6 +46,8 @@ impl Engine {
             return Err(rustix::io::Errno::INVAL);
         }
         target::validate(&self.caps, &req)?;
+        // Completions left over from an earlier request are not this one's.
+        self.cqes.clear();
         if req.op == Op::Write {
             self.buf.as_mut_slice()[..n].copy_from_slice(data);
         }
@@ -71,10 +73,16 @@ impl Engine {
                 while self.ring.in_flight() > 0 {
                     self.wait()?;
                 }
+                self.cqes.clear();
                 return r;
             }
             self.wait()?;
             for (ud, res) in std::mem::take(&mut self.cqes) {
+                if matches!(state, Submit::Done(_)) {
+                    // The target already answered; later completions of its
+                    // work are drained above and not delivered again.
+                    continue;
+                }
                 match ud {
                     UserData::Target { slot: 0, step } => {
                         // SAFETY: as in `run`: the buffer stays ours until everything is reaped.

@@ -74,6 +74,17 @@ impl FileTarget {
     pub fn open(opts: FileOptions) -> Result<Self> {
         let path = opts.path.clone();
         let perr = |e: Errno| Error::path(&path, e);
+        // Check the type before opening: opening a FIFO would block.
+        let st = rustix::fs::stat(&path).map_err(perr)?;
+        if !matches!(
+            FileType::from_raw_mode(st.st_mode),
+            FileType::RegularFile | FileType::BlockDevice
+        ) {
+            return Err(Error::invalid(format!(
+                "{}: not a regular file or block device",
+                path.display()
+            )));
+        }
         let mut direct = !opts.buffered;
         let fd = match open(&path, opts.read_only, direct) {
             Ok(fd) => fd,

@@ -1,0 +1,976 @@
+//! Target conformance: one suite of semantic checks, written once against
+//! `&dyn Target` and run for every built-in target through [`Engine`], the
+//! same validate/submit/complete path the ublk queue loop uses.
+//!
+//! Each (target, check) pair is its own test, named `<target>::<check>`.
+//! A check skips an op only where the target's caps say it is unsupported,
+//! and asserts that they do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{len32, pattern, us, Backing, Dev, Fixture, MAX_IO};
+use userblk::io::Engine;
+use userblk::target::Errno;
+use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
+use userblk::{Op, Request, Target};
+
+type Check = fn(&dyn Target, &Fixture);
+
+fn run(make: fn() -> Fixture, check: Check) {
+    let fx = make();
+    check(fx.target(), &fx);
+}
+
+/// One `#[test]` per check for the fixture `$make`.
+macro_rules! tests {
+    ($make:path => $($check:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                crate::run($make, crate::$check);
+            }
+        )+
+    };
+}
+
+/// Checks every target must pass.
+macro_rules! common_checks {
+    ($make:path) => {
+        tests!($make =>
+            caps_consistent,
+            initial_contents,
+            write_read_back,
+            out_of_range_is_eio,
+            misaligned_is_eio,
+            modifications_follow_read_only,
+            discard_reads_zero,
+            write_zeroes_reads_zero,
+            flush_ok,
+            fua_write,
+            large_request,
+        );
+    };
+}
+
+/// Checks for targets that store data somewhere measurable.
+macro_rules! storage_checks {
+    ($make:path) => {
+        tests!($make => discard_deallocates, write_zeroes_nounmap_stays_allocated);
+    };
+}
+
+/// Checks for targets backed by a file.
+macro_rules! file_checks {
+    ($make:path) => {
+        tests!($make => data_lands_in_file_window, data_survives_reopen);
+    };
+}
+
+mod null {
+    common_checks!(crate::common::null);
+}
+
+mod mem {
+    common_checks!(crate::common::mem);
+    storage_checks!(crate::common::mem);
+}
+
+mod file_direct {
+    common_checks!(crate::common::file_direct);
+    storage_checks!(crate::common::file_direct);
+    file_checks!(crate::common::file_direct);
+}
+
+mod file_buffered {
+    common_checks!(crate::common::file_buffered);
+    storage_checks!(crate::common::file_buffered);
+    file_checks!(crate::common::file_buffered);
+}
+
+mod file_tmpfs {
+    common_checks!(crate::common::file_tmpfs);
+    storage_checks!(crate::common::file_tmpfs);
+    file_checks!(crate::common::file_tmpfs);
+}
+
+mod file_offset {
+    common_checks!(crate::common::file_offset);
+    storage_checks!(crate::common::file_offset);
+    file_checks!(crate::common::file_offset);
+}
+
+mod file_read_only {
+    common_checks!(crate::common::file_read_only);
+    storage_checks!(crate::common::file_read_only);
+    file_checks!(crate::common::file_read_only);
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+fn lbs(t: &dyn Target) -> u64 {
+    u64::from(t.caps().logical_block_size)
+}
+
+/// Read `len` bytes at `off` and compare with the model, naming the first difference.
+fn assert_reads(dev: &mut Dev<'_>, model: &common::Model, off: u64, len: usize, what: &str) {
+    let got = dev
+        .read(off, len)
+        .unwrap_or_else(|e| panic!("{what}: read {off}+{len}: {e}"));
+    assert_same(&got, model.get(off, len), off, what);
+}
+
+/// Compare device bytes starting at device offset `base`, reporting the first mismatch.
+fn assert_same(got: &[u8], want: &[u8], base: u64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let end = (i + 16).min(got.len());
+        panic!(
+            "{what}: first difference at device offset {} (got {:02x?}, want {:02x?})",
+            base + i as u64,
+            &got[i..end],
+            &want[i..end]
+        );
+    }
+}
+
+fn assert_device_is(dev: &mut Dev<'_>, model: &common::Model, what: &str) {
+    let all = dev.read_all();
+    assert_same(&all, model.all(), 0, what);
+}
+
+/// For an op the caps do not offer: assert they say so, and that it is refused.
+fn assert_unsupported(t: &dyn Target, dev: &mut Dev<'_>, op: Op, len: u64) {
+    let caps = t.caps();
+    assert!(!caps.supports(op), "{op:?} declared but skipped");
+    let want = if caps.read_only {
+        Errno::IO
+    } else {
+        Errno::OPNOTSUPP
+    };
+    let r = match op {
+        Op::Discard => dev.discard(0, len),
+        Op::WriteZeroes => dev.write_zeroes(0, len, false),
+        _ => unreachable!(),
+    };
+    assert_eq!(r, Err(want), "unsupported {op:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Checks every target must pass
+
+fn caps_consistent(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    caps.check()
+        .unwrap_or_else(|e| panic!("caps {caps:?} fail their own check: {e}"));
+    assert_eq!(caps, t.caps(), "caps must not change");
+    assert_eq!(caps.size, fx.size, "size");
+    assert_eq!(caps.read_only, fx.read_only, "read_only");
+    assert!(caps.supports(Op::Read) && caps.supports(Op::Flush));
+    assert_eq!(caps.supports(Op::Write), !fx.read_only);
+    if fx.read_only {
+        assert!(!caps.supports(Op::Discard) && !caps.supports(Op::WriteZeroes));
+    }
+    for r in [caps.discard, caps.write_zeroes].into_iter().flatten() {
+        assert!(r.granularity >= caps.logical_block_size);
+        assert!(r.max_bytes >= u64::from(r.granularity));
+    }
+    if let Some(max) = caps.max_request {
+        assert!(max >= caps.logical_block_size);
+    }
+    let desc = t.describe();
+    assert_eq!(desc["size"], serde_json::json!(fx.size), "describe: {desc}");
+    match &fx.backing {
+        Backing::Null(_) | Backing::Mem(_) => {
+            assert_eq!(caps.logical_block_size, 512);
+            assert!(!caps.volatile_cache, "nothing to flush");
+            assert!(caps.discard.is_some() && caps.write_zeroes.is_some());
+        }
+        Backing::File(ft, f) => {
+            assert!(caps.volatile_cache && caps.fua, "file needs flush and FUA");
+            if !fx.read_only {
+                // Every filesystem the suite uses can punch holes.
+                assert!(caps.discard.is_some() && caps.write_zeroes.is_some());
+            }
+            assert_eq!(Some(ft.is_direct()), fx.direct, "O_DIRECT in use");
+            assert_eq!(desc["offset"], serde_json::json!(f.opts.offset));
+        }
+    }
+    assert!(Engine::new(t, MAX_IO).is_ok());
+}
+
+fn initial_contents(t: &dyn Target, fx: &Fixture) {
+    let mut dev = Dev::new(t);
+    let model = fx.model();
+    assert_device_is(&mut dev, &model, "initial contents");
+    // Reads of single blocks at both ends, too.
+    let lbs = lbs(t);
+    assert_reads(&mut dev, &model, 0, us(lbs), "first block");
+    assert_reads(&mut dev, &model, fx.size - lbs, us(lbs), "last block");
+}
+
+fn write_read_back(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    if caps.read_only {
+        assert!(!caps.supports(Op::Write));
+        return;
+    }
+    let lbs = lbs(t);
+    let size = caps.size;
+    let mut dev = Dev::new(t);
+    let mut model = fx.model();
+    let spots = [
+        (0, lbs.max(4096)),
+        (9 * lbs, lbs),
+        (size / 2 - 3 * lbs, 17 * lbs),
+        (size - (64 << 10), (64 << 10) - lbs),
+        (size - lbs, lbs),
+    ];
+    for (i, &(off, len)) in spots.iter().enumerate() {
+        let data = pattern(i as u64 + 1, us(len));
+        assert_eq!(
+            dev.write(off, &data),
+            Ok(len32(data.len())),
+            "write {off}+{len}"
+        );
+        model.write(off, &data);
+    }
+    for &(off, len) in &spots {
+        assert_reads(&mut dev, &model, off, us(len), "read back");
+    }
+    // Overwrite part of an earlier write, straddling its start.
+    let (off, _) = spots[2];
+    let data = pattern(99, us(4 * lbs));
+    assert_eq!(
+        dev.write(off - 2 * lbs, &data),
+        Ok(len32(data.len())),
+        "overwrite"
+    );
+    model.write(off - 2 * lbs, &data);
+    assert_reads(&mut dev, &model, off - 4 * lbs, us(24 * lbs), "overwrite");
+    // Everything else, unwritten, still reads as it started (zeroes).
+    assert_device_is(&mut dev, &model, "after writes");
+}
+
+fn out_of_range_is_eio(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let lbs = lbs(t);
+    let size = caps.size;
+    let mut dev = Dev::new(t);
+    let model = fx.model();
+    let ranges = [
+        (size, lbs),
+        (size - lbs, 2 * lbs),
+        (size - 4096, 8192),
+        (size + (1 << 30), lbs),
+        // Offset + len overflows u64.
+        (u64::MAX / lbs * lbs, 2 * lbs),
+    ];
+    for &(off, len) in &ranges {
+        assert_eq!(dev.read(off, us(len)), Err(Errno::IO), "read {off}+{len}");
+        let data = pattern(7, us(len));
+        assert_eq!(dev.write(off, &data), Err(Errno::IO), "write {off}+{len}");
+        if caps.supports(Op::Discard) {
+            assert_eq!(dev.discard(off, len), Err(Errno::IO), "discard {off}+{len}");
+        }
+        if caps.supports(Op::WriteZeroes) {
+            for nounmap in [false, true] {
+                assert_eq!(
+                    dev.write_zeroes(off, len, nounmap),
+                    Err(Errno::IO),
+                    "write-zeroes {off}+{len} nounmap={nounmap}"
+                );
+            }
+        }
+    }
+    // A 1 MiB request crossing the end, too.
+    let data = pattern(8, MAX_IO);
+    assert_eq!(dev.write(size - (MAX_IO as u64) / 2, &data), Err(Errno::IO));
+    // Nothing of the refused writes landed in the last blocks.
+    assert_reads(
+        &mut dev,
+        &model,
+        size - 8192,
+        8192,
+        "end after refused requests",
+    );
+}
+
+fn misaligned_is_eio(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let lbs = lbs(t);
+    let mut dev = Dev::new(t);
+    let model = fx.model();
+    let ranges = [
+        (1, lbs),
+        (lbs / 2, lbs),
+        (4096 + 100, 4096),
+        (0, 100),
+        (0, lbs + 1),
+        (lbs, lbs / 2),
+        // Zero length.
+        (0, 0),
+        (lbs, 0),
+    ];
+    for &(off, len) in &ranges {
+        assert_eq!(dev.read(off, us(len)), Err(Errno::IO), "read {off}+{len}");
+        let data = pattern(3, us(len));
+        assert_eq!(dev.write(off, &data), Err(Errno::IO), "write {off}+{len}");
+        if caps.supports(Op::Discard) {
+            assert_eq!(dev.discard(off, len), Err(Errno::IO), "discard {off}+{len}");
+        }
+        if caps.supports(Op::WriteZeroes) {
+            assert_eq!(
+                dev.write_zeroes(off, len, true),
+                Err(Errno::IO),
+                "write-zeroes {off}+{len}"
+            );
+        }
+    }
+    assert_reads(&mut dev, &model, 0, 16384, "start after refused requests");
+}
+
+fn modifications_follow_read_only(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let mut dev = Dev::new(t);
+    let mut model = fx.model();
+    let lbs = lbs(t);
+    let mid = caps.size / 2;
+    let data = pattern(11, 8192);
+    let fua = userblk::Flags::FUA;
+    if caps.read_only {
+        for off in [0, mid, caps.size - 8192] {
+            assert_eq!(dev.write(off, &data), Err(Errno::IO), "write at {off}");
+            assert_eq!(
+                dev.write_flags(off, &data, fua),
+                Err(Errno::IO),
+                "FUA at {off}"
+            );
+            assert_eq!(dev.discard(off, 8192), Err(Errno::IO), "discard at {off}");
+            for nounmap in [false, true] {
+                assert_eq!(
+                    dev.write_zeroes(off, 8192, nounmap),
+                    Err(Errno::IO),
+                    "write-zeroes at {off} nounmap={nounmap}"
+                );
+            }
+        }
+        assert_eq!(dev.flush(), Ok(0));
+        // Reads work, and see the data that was there.
+        assert_reads(&mut dev, &model, mid - lbs, 3 * 8192, "read-only read");
+    } else {
+        assert_eq!(dev.write(mid, &data), Ok(8192));
+        model.write(mid, &data);
+        if caps.supports(Op::Discard) {
+            assert_eq!(dev.discard(0, 8192), Ok(0));
+            model.zero(0, 8192);
+        }
+        if caps.supports(Op::WriteZeroes) {
+            assert_eq!(dev.write_zeroes(caps.size - 8192, 8192, false), Ok(0));
+            model.zero(caps.size - 8192, 8192);
+        }
+    }
+    assert_device_is(&mut dev, &model, "after modifications");
+}
+
+fn discard_reads_zero(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let mut dev = Dev::new(t);
+    let Some(d) = caps.discard else {
+        assert_unsupported(t, &mut dev, Op::Discard, 4096);
+        return;
+    };
+    let g = u64::from(d.granularity);
+    let lbs = lbs(t);
+    let size = caps.size;
+    let mut model = fx.model();
+
+    let data = pattern(21, us(16 * g));
+    assert_eq!(dev.write(0, &data), Ok(len32(data.len())));
+    model.write(0, &data);
+    let last = pattern(22, us(2 * g));
+    assert_eq!(dev.write(size - 2 * g, &last), Ok(len32(last.len())));
+    model.write(size - 2 * g, &last);
+
+    // Granularity-aligned discards read back as zeroes; their neighbours keep their data.
+    for (off, len) in [
+        (4 * g, 4 * g),
+        (size - g, g),
+        (size / 2, 8 * g),
+        (15 * g, g),
+    ] {
+        assert_eq!(dev.discard(off, len), Ok(0), "discard {off}+{len}");
+        model.zero(off, len);
+        assert_reads(
+            &mut dev,
+            &model,
+            off.saturating_sub(g),
+            us(len + g),
+            "discarded",
+        );
+    }
+    assert_device_is(&mut dev, &model, "after discards");
+
+    // Smaller than the granularity: accepted, and must not touch neighbours. The
+    // discarded bytes may read as anything the op allows: old data or zeroes.
+    if lbs < g {
+        let (off, len) = (10 * g + lbs, 2 * lbs);
+        assert_eq!(dev.discard(off, len), Ok(0), "small discard");
+        let got = dev.read(off, us(len)).unwrap();
+        let zero = got.iter().all(|&b| b == 0);
+        assert!(
+            zero || got == model.get(off, us(len)),
+            "sub-granularity discard left neither old data nor zeroes"
+        );
+        if zero {
+            model.zero(off, len);
+        }
+        assert_device_is(&mut dev, &model, "after a small discard");
+    }
+}
+
+fn write_zeroes_reads_zero(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let mut dev = Dev::new(t);
+    let Some(wz) = caps.write_zeroes else {
+        assert_unsupported(t, &mut dev, Op::WriteZeroes, 4096);
+        return;
+    };
+    let g = u64::from(wz.granularity);
+    let lbs = lbs(t);
+    let size = caps.size;
+    let mut model = fx.model();
+
+    let data = pattern(31, us(32 * g));
+    assert_eq!(dev.write(0, &data), Ok(len32(data.len())));
+    model.write(0, &data);
+    let last = pattern(32, us(2 * g));
+    assert_eq!(dev.write(size - 2 * g, &last), Ok(len32(last.len())));
+    model.write(size - 2 * g, &last);
+
+    let ranges = [
+        (2 * g, 2 * g, false),
+        (6 * g, 3 * g, true),
+        // A second NOUNMAP: a target that learnt a fallback on the first must still zero.
+        (12 * g, g, true),
+        // Not granularity-aligned: write-zeroes must zero exactly the range, both ways.
+        (20 * g + lbs, 2 * lbs, false),
+        (22 * g + lbs, 2 * lbs, true),
+        (24 * g - lbs, g + 2 * lbs, true),
+        (size - g, g, true),
+        (size - 2 * g, g, false),
+        // Never written.
+        (size / 2, 4 * g, false),
+        (size / 2 + 8 * g, 4 * g, true),
+    ];
+    for (off, len, nounmap) in ranges {
+        assert_eq!(
+            dev.write_zeroes(off, len, nounmap),
+            Ok(0),
+            "write-zeroes {off}+{len} nounmap={nounmap}"
+        );
+        model.zero(off, len);
+        let from = off.saturating_sub(g);
+        let to = (off + len + g).min(size);
+        assert_reads(&mut dev, &model, from, us(to - from), "write-zeroes");
+    }
+    // FUA and NOUNMAP together are fine too.
+    let req = Request::new(Op::WriteZeroes, 28 * g, len32(us(g)))
+        .with_flags(userblk::Flags::NOUNMAP.with(userblk::Flags::FUA));
+    assert_eq!(dev.run(req, &mut []), Ok(0));
+    model.zero(28 * g, g);
+    assert_device_is(&mut dev, &model, "after write-zeroes");
+}
+
+fn flush_ok(t: &dyn Target, fx: &Fixture) {
+    let mut dev = Dev::new(t);
+    assert_eq!(dev.flush(), Ok(0), "flush of an untouched device");
+    if !fx.read_only {
+        let data = pattern(41, 4096);
+        assert_eq!(dev.write(4096, &data), Ok(4096));
+        assert_eq!(dev.flush(), Ok(0), "flush after a write");
+    }
+    assert_eq!(dev.flush(), Ok(0), "flush twice");
+}
+
+fn fua_write(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let mut dev = Dev::new(t);
+    let fua = userblk::Flags::FUA;
+    let data = pattern(51, 8192);
+    if caps.read_only {
+        assert!(!caps.supports(Op::Write));
+        assert_eq!(dev.write_flags(0, &data, fua), Err(Errno::IO));
+        return;
+    }
+    let lbs = lbs(t);
+    let mut model = fx.model();
+    for off in [3 * lbs, caps.size - 8192] {
+        assert_eq!(
+            dev.write_flags(off, &data, fua),
+            Ok(8192),
+            "FUA write at {off}"
+        );
+        model.write(off, &data);
+        assert_reads(&mut dev, &model, off, 8192, "after FUA");
+    }
+    assert_device_is(&mut dev, &model, "after FUA writes");
+}
+
+fn large_request(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let lbs = lbs(t);
+    let size = caps.size;
+    let mut dev = Dev::new(t);
+    let mut model = fx.model();
+    let big = MAX_IO as u64;
+    let spots = [0, size - big, size / 2 + lbs];
+    if !caps.read_only {
+        for (i, &off) in spots.iter().enumerate() {
+            let data = pattern(61 + i as u64, MAX_IO);
+            assert_eq!(
+                dev.write(off, &data),
+                Ok(len32(MAX_IO)),
+                "1 MiB write at {off}"
+            );
+            model.write(off, &data);
+        }
+    }
+    for &off in &spots {
+        assert_reads(&mut dev, &model, off, MAX_IO, "1 MiB read");
+    }
+    assert_device_is(&mut dev, &model, "after 1 MiB requests");
+}
+
+// ---------------------------------------------------------------------------
+// Checks for targets with measurable storage
+
+/// How far allocation accounting may be off from the bytes of a range: the
+/// range need not start or end on a filesystem block (offset fixture), and
+/// filesystems may add a metadata block.
+const SLACK: u64 = 3 * 4096;
+const REGION: u64 = 256 << 10;
+
+fn allocated(fx: &Fixture) -> u64 {
+    fx.allocated().expect("a storage fixture")
+}
+
+fn discard_deallocates(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let mut dev = Dev::new(t);
+    if caps.discard.is_none() {
+        assert_unsupported(t, &mut dev, Op::Discard, 4096);
+        return;
+    }
+    let mut model = fx.model();
+    let off = caps.size / 4;
+    let before = allocated(fx);
+    let data = pattern(71, us(REGION));
+    assert_eq!(dev.write(off, &data), Ok(len32(data.len())));
+    model.write(off, &data);
+    let written = allocated(fx);
+    assert!(
+        written >= before + REGION - SLACK,
+        "writing {REGION} bytes allocated only {} (from {before} to {written})",
+        written.saturating_sub(before)
+    );
+    assert_eq!(dev.discard(off, REGION), Ok(0));
+    model.zero(off, REGION);
+    let discarded = allocated(fx);
+    assert!(
+        discarded + REGION - SLACK <= written,
+        "discard of {REGION} bytes freed only {} (from {written} to {discarded})",
+        written.saturating_sub(discarded)
+    );
+    assert_reads(&mut dev, &model, off - 4096, us(REGION + 8192), "discarded");
+}
+
+fn write_zeroes_nounmap_stays_allocated(t: &dyn Target, fx: &Fixture) {
+    let caps = t.caps();
+    let mut dev = Dev::new(t);
+    if caps.write_zeroes.is_none() {
+        assert_unsupported(t, &mut dev, Op::WriteZeroes, 4096);
+        return;
+    }
+    let mut model = fx.model();
+    let off = caps.size / 4;
+    let data = pattern(81, us(REGION));
+    assert_eq!(dev.write(off, &data), Ok(len32(data.len())));
+    model.write(off, &data);
+    let written = allocated(fx);
+
+    // Zeroing written data with NOUNMAP keeps it allocated.
+    assert_eq!(dev.write_zeroes(off, REGION, true), Ok(0));
+    model.zero(off, REGION);
+    let zeroed = allocated(fx);
+    assert!(
+        zeroed >= written,
+        "NOUNMAP write-zeroes deallocated {} bytes (from {written} to {zeroed})",
+        written - zeroed
+    );
+    assert_reads(&mut dev, &model, off - 4096, us(REGION + 8192), "zeroed");
+
+    // And zeroing a hole with NOUNMAP provisions it.
+    if caps.discard.is_some() {
+        assert_eq!(dev.discard(off, REGION), Ok(0));
+    } else {
+        assert_eq!(dev.write_zeroes(off, REGION, false), Ok(0));
+    }
+    let hole = allocated(fx);
+    assert!(
+        hole + REGION - SLACK <= zeroed,
+        "unmapping {REGION} bytes freed only {} (from {zeroed} to {hole})",
+        zeroed.saturating_sub(hole)
+    );
+    assert_eq!(dev.write_zeroes(off, REGION, true), Ok(0));
+    let provisioned = allocated(fx);
+    assert!(
+        provisioned >= hole + REGION - SLACK,
+        "NOUNMAP write-zeroes over a hole allocated only {} (from {hole} to {provisioned})",
+        provisioned.saturating_sub(hole)
+    );
+    assert_device_is(&mut dev, &model, "after NOUNMAP write-zeroes");
+}
+
+// ---------------------------------------------------------------------------
+// Checks for file targets
+
+/// Some of every modification the target allows, mirrored in the model.
+fn modify_everywhere(t: &dyn Target, dev: &mut Dev<'_>, model: &mut common::Model) {
+    let caps = t.caps();
+    if caps.read_only {
+        return;
+    }
+    let lbs = lbs(t);
+    let size = caps.size;
+    for (i, (off, len)) in [
+        (0, 8192),
+        (lbs, lbs),
+        (size / 2 - lbs, 3 * lbs),
+        (size - 8192, 8192),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = pattern(91 + i as u64, us(len));
+        assert_eq!(dev.write(off, &data), Ok(len32(data.len())));
+        model.write(off, &data);
+    }
+    if caps.supports(Op::Discard) {
+        for (off, len) in [(0, 4096), (size - 4096, 4096)] {
+            assert_eq!(dev.discard(off, len), Ok(0));
+            model.zero(off, len);
+        }
+    }
+    if caps.supports(Op::WriteZeroes) {
+        for (off, len, nounmap) in [
+            (4096, 2 * lbs, true),
+            (size / 2, lbs, false),
+            (size - 8192, 4096, true),
+            // The very last blocks, next to bytes that are not the device's.
+            (size - lbs, lbs, true),
+            (size - 2 * lbs, lbs, false),
+        ] {
+            assert_eq!(dev.write_zeroes(off, len, nounmap), Ok(0));
+            model.zero(off, len);
+        }
+    }
+    assert_eq!(dev.flush(), Ok(0));
+}
+
+fn data_lands_in_file_window(t: &dyn Target, fx: &Fixture) {
+    let f = fx.file().expect("a file fixture");
+    let mut dev = Dev::new(t);
+    let mut model = fx.model();
+    modify_everywhere(t, &mut dev, &mut model);
+    // Refused requests must not reach the file either.
+    let lbs = lbs(t);
+    let data = pattern(5, us(2 * lbs));
+    assert_eq!(dev.write(fx.size - lbs, &data), Err(Errno::IO));
+
+    let raw = f.read_raw();
+    let offset = us(f.opts.offset);
+    let end = offset + us(fx.size);
+    assert_eq!(
+        raw.len(),
+        end + f.trailer.len(),
+        "the file's length must not change"
+    );
+    assert!(
+        raw[..offset] == f.prefix[..],
+        "bytes before the offset changed"
+    );
+    assert!(
+        raw[end..] == f.trailer[..],
+        "bytes after the device changed"
+    );
+    assert_same(
+        &raw[offset..end],
+        model.all(),
+        0,
+        "file window at the offset",
+    );
+}
+
+fn data_survives_reopen(t: &dyn Target, fx: &Fixture) {
+    let f = fx.file().expect("a file fixture");
+    let mut model = fx.model();
+    {
+        let mut dev = Dev::new(t);
+        modify_everywhere(t, &mut dev, &mut model);
+    }
+    let again = FileTarget::open(f.opts.clone()).expect("reopen");
+    assert_eq!(again.caps(), t.caps(), "same file, same caps");
+    let mut dev = Dev::new(&again);
+    assert_device_is(&mut dev, &model, "after reopening");
+}
+
+// ---------------------------------------------------------------------------
+// FileTarget::open errors, and sizes the other targets refuse
+
+fn open_err(opts: FileOptions) -> String {
+    match FileTarget::open(opts.clone()) {
+        Ok(t) => panic!("{opts:?} opened: {:?}", t.caps()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn opts(path: &std::path::Path) -> FileOptions {
+    FileOptions {
+        path: path.to_owned(),
+        ..FileOptions::default()
+    }
+}
+
+/// Every combination of read-only and buffered on the same path.
+fn all_modes(base: &FileOptions) -> Vec<FileOptions> {
+    let mut v = Vec::new();
+    for read_only in [false, true] {
+        for buffered in [false, true] {
+            v.push(FileOptions {
+                read_only,
+                buffered,
+                ..base.clone()
+            });
+        }
+    }
+    v
+}
+
+#[test]
+fn open_missing_path_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-file.img");
+    for o in all_modes(&opts(&path)) {
+        let msg = open_err(o);
+        assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+        assert!(msg.contains("No such file"), "{msg}");
+    }
+}
+
+#[test]
+fn open_directory_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    for o in all_modes(&opts(dir.path())) {
+        let msg = open_err(o);
+        assert!(msg.contains(&*dir.path().to_string_lossy()), "{msg}");
+    }
+}
+
+#[test]
+fn open_empty_or_tiny_file_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    for len in [0, 1, 511] {
+        let path = dir.path().join(format!("len{len}.img"));
+        std::fs::write(&path, vec![1u8; len]).unwrap();
+        for o in all_modes(&opts(&path)) {
+            let msg = open_err(o);
+            assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+            assert!(msg.contains("no data"), "{msg}");
+        }
+    }
+}
+
+#[test]
+fn open_offset_at_or_beyond_end_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    for offset in [1 << 20, (1 << 20) + 4096, 1 << 40] {
+        let o = FileOptions {
+            offset,
+            ..opts(&path)
+        };
+        for o in all_modes(&o) {
+            let msg = open_err(o);
+            assert!(msg.contains("offset"), "{msg}");
+            assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+        }
+    }
+    // One block before the end is fine, and a one-block device.
+    let t = FileTarget::open(FileOptions {
+        offset: (1 << 20) - 4096,
+        ..opts(&path)
+    })
+    .unwrap();
+    assert_eq!(t.caps().size, 4096);
+}
+
+#[test]
+fn open_offset_not_block_multiple_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    for offset in [1, 100, 511, 4096 + 1] {
+        let o = FileOptions {
+            offset,
+            ..opts(&path)
+        };
+        for o in all_modes(&o) {
+            let msg = open_err(o);
+            assert!(msg.contains("offset"), "{msg}");
+            assert!(msg.contains(&offset.to_string()), "{msg}");
+        }
+    }
+}
+
+#[test]
+fn zero_sized_devices_are_refused() {
+    let msg = MemTarget::new(0).unwrap_err().to_string();
+    assert!(msg.contains("size"), "{msg}");
+    let null = NullTarget::new(0);
+    assert!(null.caps().check().is_err());
+    assert!(Engine::new(&null, 4096).is_err());
+}
+
+#[test]
+fn engine_checks_buffer_lengths() {
+    let t = NullTarget::new(1 << 20);
+    let mut e = Engine::new(&t, 4096).unwrap();
+    // Data shorter than the request, or longer than the engine's buffer.
+    let mut short = vec![0u8; 512];
+    assert_eq!(
+        e.run(&t, Request::new(Op::Read, 0, 4096), &mut short),
+        Err(Errno::INVAL)
+    );
+    let page = rustix::param::page_size();
+    let mut big = vec![0u8; page * 2];
+    assert_eq!(
+        e.run(&t, Request::new(Op::Write, 0, len32(big.len())), &mut big),
+        Err(Errno::INVAL)
+    );
+}
+
+#[test]
+fn open_fifo_fails_without_blocking() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let mut hung = Vec::new();
+    for o in all_modes(&opts(&path)) {
+        let (tx, rx) = mpsc::channel();
+        let thread_opts = o.clone();
+        let h = std::thread::spawn(move || {
+            let r = FileTarget::open(thread_opts).map(|_| ());
+            tx.send(r.map_err(|e| e.to_string())).unwrap();
+        });
+        let r = match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(r) => r,
+            Err(_) => {
+                hung.push(format!("{o:?}"));
+                // Unblock the open: a writer appears (non-blocking, so it cannot hang us).
+                let _w = rustix::fs::open(
+                    &path,
+                    rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NONBLOCK,
+                    rustix::fs::Mode::empty(),
+                );
+                rx.recv().unwrap()
+            }
+        };
+        h.join().unwrap();
+        let msg = r.expect_err("a FIFO is not a block device");
+        assert!(msg.contains("not a regular file or block device"), "{msg}");
+    }
+    assert!(hung.is_empty(), "FileTarget::open blocked for {hung:?}");
+}
+
+/// A target that breaks the contract on purpose: its flush queues two ring
+/// operations and reports itself done at once. Reads are ordinary one-step
+/// ring reads of its file. Every `complete` call is logged.
+struct EarlyDone {
+    file: std::fs::File,
+    log: std::sync::Mutex<Vec<(Op, u16)>>,
+}
+
+impl Target for EarlyDone {
+    fn caps(&self) -> userblk::Caps {
+        userblk::Caps::new(1 << 20)
+    }
+
+    fn submit(&self, ctx: &mut userblk::Ctx<'_>) -> userblk::Submit {
+        use std::os::fd::AsFd;
+        let fd = self.file.as_fd();
+        let req = *ctx.req();
+        match req.op {
+            Op::Flush => {
+                let a = ctx.fsync(fd, false, 7);
+                let b = ctx.fsync(fd, false, 8);
+                userblk::Submit::Done(a.and(b).map(|()| 0))
+            }
+            Op::Read => match ctx.read_at(fd, req.offset, 1) {
+                Ok(()) => userblk::Submit::Pending,
+                Err(e) => userblk::Submit::Done(Err(e)),
+            },
+            _ => userblk::Submit::Done(Err(Errno::IO)),
+        }
+    }
+
+    fn complete(&self, ctx: &mut userblk::Ctx<'_>, step: u16, res: i32) -> userblk::Submit {
+        self.log.lock().unwrap().push((ctx.req().op, step));
+        userblk::Submit::Done(userblk::target::ring_result(res))
+    }
+}
+
+#[test]
+fn engine_drops_completions_of_finished_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.img");
+    let data = pattern(123, 1 << 20);
+    std::fs::write(&path, &data).unwrap();
+    let t = EarlyDone {
+        file: std::fs::File::open(&path).unwrap(),
+        log: std::sync::Mutex::new(Vec::new()),
+    };
+    let mut e = Engine::new(&t, 4096).unwrap();
+    // The engine waits for the flush's two fsyncs before returning (good)...
+    assert_eq!(e.run(&t, Request::new(Op::Flush, 0, 0), &mut []), Ok(0));
+    // ...but their completions must not reach the target as the next request's.
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        e.run(&t, Request::new(Op::Read, 8192, 4096), &mut buf),
+        Ok(4096)
+    );
+    assert!(buf == data[8192..12288], "read data");
+    assert_eq!(
+        *t.log.lock().unwrap(),
+        [(Op::Read, 1)],
+        "complete() calls: only the read's own step"
+    );
+}
