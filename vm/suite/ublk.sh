@@ -8,7 +8,8 @@ cd "$(dirname "$0")/../.."
 [ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
 [ -e /dev/ublk-control ] || modprobe ublk_drv || true
 
-WORK=/tmp/ublk-suite
+# /run is a plain tmpfs in the VM (/tmp is an overlay).
+WORK=/run/ublk-suite
 mkdir -p "$WORK" /mnt
 FIO=(fio --ioengine=io_uring --direct=1 --output-format=terse --minimal)
 
@@ -235,6 +236,47 @@ bad_input() {
     del_dev 7
 }
 
+file_on_block_device() { # the backing store is a block device (a loop device)
+    local f loopdev id rc=0
+    f=$(backing bdev.img 64M)
+    loopdev=$(losetup -f --show "$f")
+    ( set -e
+      id=$(add_dev file -f "$loopdev")
+      list_word "$id" 11 >/dev/null
+      ub list -n "$id" | grep -q '"block_device":true' || die "not detected as a block device"
+      fio_verify "/dev/ublkb$id"
+      fs_cycle "/dev/ublkb$id"
+      del_dev "$id" ) || rc=$?
+    losetup -d "$loopdev"
+    return $rc
+}
+
+file_on_ext4() { # a backing file on ext4: real FALLOC_FL_ZERO_RANGE and punch-hole
+    local f loopdev mnt=/mnt/ub-host rc=0
+    f=$(backing ext4host.img 160M)
+    loopdev=$(losetup -f --show "$f")
+    mkfs.ext4 -q -F "$loopdev"
+    mkdir -p "$mnt"
+    mount "$loopdev" "$mnt"
+    ( set -e
+      truncate -s 64M "$mnt/disk.img"
+      id=$(add_dev file -f "$mnt/disk.img")
+      fio_verify "/dev/ublkb$id"
+      discard_zeroes "/dev/ublkb$id"
+      # Discard must give space back to the host filesystem.
+      dd if=/dev/urandom of="/dev/ublkb$id" bs=1M count=16 oflag=direct status=none
+      before=$(du -k "$mnt/disk.img" | cut -f1)
+      blkdiscard "/dev/ublkb$id"
+      after=$(du -k "$mnt/disk.img" | cut -f1)
+      echo "allocated before discard ${before}K, after ${after}K"
+      [ "$after" -lt "$before" ] || die "discard did not free space in the backing file"
+      fs_cycle "/dev/ublkb$id"
+      del_dev "$id" ) || rc=$?
+    umount "$mnt"
+    losetup -d "$loopdev"
+    return $rc
+}
+
 no_panics_logged() {
     ! grep -l panicked /run/userblk/*.log 2>/dev/null || die "a daemon panicked (see logs above)"
 }
@@ -250,6 +292,8 @@ target_cases "mem" "write through" yes yes mem --size 64M
 target_cases "file (O_DIRECT, tmpfs)" "write back" yes yes file -f "$(backing direct.img 64M)"
 target_cases "loop alias (buffered)" "write back" yes yes loop -f "$(backing buffered.img 64M)" --buffered
 case_run "file with --offset" sh -c "f=\$(mktemp -p $WORK); truncate -s 33M \$f; id=\$($USERBLK add file -f \$f --offset 1M | sed -n 's/^dev id \\([0-9]*\\):.*/\\1/p'); [ \$(cat /sys/block/ublkb\$id/size) = 65536 ] && $USERBLK del -n \$id"
+case_run "file on a block device (loop)" file_on_block_device
+case_run "file on ext4: zero-range, discard frees space" file_on_ext4
 case_run "two devices at once" two_devices
 case_run "-q 2 with two fio jobs" two_queues
 case_run "del while fio runs: returns 0, fio errors" del_under_load

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every test: style gates, host tests, then the real-kernel suite in the VM.
+# Needs root (apt installs, loop devices in the VM); works on a fresh Debian 12.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step "dependencies (apt packages, VM kernel and initramfs)"
+as_root vm/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "host tests (cargo test)"
+cargo test --workspace --locked
+
+step "release build"
+cargo build --release --locked
+
+step "real-kernel suite (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/ublk.sh
