@@ -67,7 +67,9 @@ impl Control {
     pub fn open() -> Result<Self> {
         let path = Path::new(CONTROL_PATH);
         if !path.exists() {
-            crate::sys::modprobe("ublk_drv");
+            if !crate::sys::modprobe("ublk_drv") {
+                return Err(Error::NoUblk);
+            }
             // devtmpfs or udev creates the node shortly after the module loads.
             let deadline = Instant::now() + Duration::from_secs(2);
             while !path.exists() && Instant::now() < deadline {
