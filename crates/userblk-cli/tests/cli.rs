@@ -12,13 +12,20 @@ fn userblk(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_userblk"))
         .args(args)
         // Keep any daemon the binary spawns from writing state outside the test.
-        .env("USERBLK_STATE_DIR", std::env::temp_dir().join("userblk-cli-test"))
+        .env(
+            "USERBLK_STATE_DIR",
+            std::env::temp_dir().join("userblk-cli-test"),
+        )
         .output()
         .expect("run userblk")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Assert exit `code` and a message containing `phrase`, and no panic.
@@ -61,23 +68,68 @@ fn argument_errors_exit_2() {
 #[test]
 fn global_device_options_go_after_the_target_too() {
     // Fails later (size 0), but only once parsing accepted -q/-d after the target name.
-    fails(&["add", "mem", "--size", "0", "-q", "2", "-d", "64", "--foreground"], 1, "greater than 0");
+    fails(
+        &[
+            "add",
+            "mem",
+            "--size",
+            "0",
+            "-q",
+            "2",
+            "-d",
+            "64",
+            "--foreground",
+        ],
+        1,
+        "greater than 0",
+    );
 }
 
 #[test]
 fn target_errors_exit_1_with_one_clear_line() {
     fails(&["add", "mem", "--size", "0"], 1, "greater than 0");
-    fails(&["add", "mem", "--size", "1000"], 1, "not a multiple of the block size 512");
-    fails(&["add", "file", "-f", "/nonexistent/disk.img"], 1, "/nonexistent/disk.img: No such file");
-    fails(&["add", "loop", "-f", "/dev/null"], 1, "not a regular file or block device");
-    fails(&["add", "--io-buf-size", "1000", "null"], 1, "io buffer size 1000");
+    fails(
+        &["add", "mem", "--size", "1000"],
+        1,
+        "not a multiple of the block size 512",
+    );
+    fails(
+        &["add", "file", "-f", "/nonexistent/disk.img"],
+        1,
+        "/nonexistent/disk.img: No such file",
+    );
+    fails(
+        &["add", "loop", "-f", "/dev/null"],
+        1,
+        "not a regular file or block device",
+    );
+    fails(
+        &["add", "--io-buf-size", "1000", "null"],
+        1,
+        "io buffer size 1000",
+    );
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.img");
     std::fs::write(&empty, b"").unwrap();
-    fails(&["add", "file", "-f", empty.to_str().unwrap()], 1, "no data to serve");
+    fails(
+        &["add", "file", "-f", empty.to_str().unwrap()],
+        1,
+        "no data to serve",
+    );
     let odd = dir.path().join("odd.img");
     std::fs::write(&odd, vec![0u8; 8192]).unwrap();
-    fails(&["add", "file", "-f", odd.to_str().unwrap(), "--offset", "100"], 1, "offset 100 is not a multiple");
+    fails(
+        &[
+            "add",
+            "file",
+            "-f",
+            odd.to_str().unwrap(),
+            "--offset",
+            "100",
+        ],
+        1,
+        "offset 100 is not a multiple",
+    );
     // One line on stderr, not a repeated cause chain.
     let o = userblk(&["add", "file", "-f", "/nonexistent/disk.img"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -90,7 +142,12 @@ fn without_the_ublk_driver_the_message_says_what_to_do() {
         eprintln!("SKIP: this kernel has /dev/ublk-control; the VM suite covers real devices");
         return;
     }
-    for args in [&["list"][..], &["features"], &["del", "-n", "0"], &["add", "null"]] {
+    for args in [
+        &["list"][..],
+        &["features"],
+        &["del", "-n", "0"],
+        &["add", "null"],
+    ] {
         fails(args, 1, "needs the ublk driver");
         fails(args, 1, "modprobe ublk_drv");
     }
