@@ -220,7 +220,7 @@ bad_input() {
     expect_fail "multiple of the block size" ub add mem --size 1000
     expect_fail "No such file" ub add file -f /nonexistent.img
     expect_fail "not a regular file or block device" ub add file -f /dev/null
-    expect_fail "Is a directory" ub add file -f /tmp
+    expect_fail "not a regular file or block device" ub add file -f /tmp
     expect_fail "1..=4096" ub add -q 0 mem --size 1M
     expect_fail "1..=4096" ub add -d 5000 mem --size 1M
     expect_fail "io buffer size" ub add --io-buf-size 1000 mem --size 1M

@@ -36,7 +36,7 @@ impl MemTarget {
     /// A zero-filled RAM disk of `size` bytes; memory is used only as it is written.
     pub fn new(size: u64) -> Result<Self> {
         if size == 0 {
-            return Err(Error::invalid("mem: --size must be greater than 0"));
+            return Err(Error::invalid("size must be greater than 0"));
         }
         let fd = rustix::fs::memfd_create("userblk-mem", MemfdFlags::CLOEXEC)
             .map_err(|e| Error::io("memfd_create", e))?;
