@@ -169,6 +169,16 @@ pub struct Caps {
     pub max_request: Option<u32>,
 }
 
+impl RangeOpCaps {
+    /// Limits with `granularity` and the largest size a request can carry.
+    pub const fn with_granularity(granularity: u32) -> Self {
+        RangeOpCaps {
+            granularity,
+            max_bytes: MAX_RANGE_OP_BYTES,
+        }
+    }
+}
+
 /// Largest discard or write-zeroes a ublk request can carry: `u32::MAX` sectors,
 /// kept below 4 GiB because some kernels truncate larger zero-outs.
 pub const MAX_RANGE_OP_BYTES: u64 = ((u32::MAX >> 9) as u64) << 9;

@@ -13,9 +13,7 @@ use rustix::fs::{FallocateFlags, FileType, Mode, OFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 use serde_json::json;
 
-use crate::target::{
-    ring_result, Caps, Ctx, Flags, Op, RangeOpCaps, Submit, Target, MAX_RANGE_OP_BYTES,
-};
+use crate::target::{ring_result, Caps, Ctx, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
 
 /// How to open the backing file.
@@ -253,10 +251,7 @@ impl FileTarget {
 impl Target for FileTarget {
     fn caps(&self) -> Caps {
         let lbs = self.logical_block_size;
-        let range = RangeOpCaps {
-            granularity: self.physical_block_size.max(lbs),
-            max_bytes: MAX_RANGE_OP_BYTES,
-        };
+        let range = RangeOpCaps::with_granularity(self.physical_block_size.max(lbs));
         Caps {
             logical_block_size: lbs,
             physical_block_size: self.physical_block_size,

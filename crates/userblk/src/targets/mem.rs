@@ -11,7 +11,7 @@ use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::io::Errno;
 use serde_json::json;
 
-use crate::target::{Caps, Ctx, Flags, Op, RangeOpCaps, Submit, Target, MAX_RANGE_OP_BYTES};
+use crate::target::{Caps, Ctx, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
 
 /// The mem target.
@@ -94,10 +94,7 @@ impl MemTarget {
 
 impl Target for MemTarget {
     fn caps(&self) -> Caps {
-        let range = RangeOpCaps {
-            granularity: 4096,
-            max_bytes: MAX_RANGE_OP_BYTES,
-        };
+        let range = RangeOpCaps::with_granularity(4096);
         // Memory has no cache to flush: a completed write is as durable as it will ever be.
         Caps {
             discard: Some(range),

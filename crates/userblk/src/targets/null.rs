@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use crate::target::{Caps, Ctx, Op, RangeOpCaps, Submit, Target, MAX_RANGE_OP_BYTES};
+use crate::target::{Caps, Ctx, Op, RangeOpCaps, Submit, Target};
 
 /// Default size of a null device: 250 GiB.
 pub const DEFAULT_SIZE: u64 = 250 << 30;
@@ -34,10 +34,7 @@ impl NullTarget {
 
 impl Target for NullTarget {
     fn caps(&self) -> Caps {
-        let range = RangeOpCaps {
-            granularity: 4096,
-            max_bytes: MAX_RANGE_OP_BYTES,
-        };
+        let range = RangeOpCaps::with_granularity(4096);
         Caps {
             discard: Some(range),
             write_zeroes: Some(range),
