@@ -22,5 +22,8 @@ cargo test --workspace --locked
 step "release build"
 cargo build --release --locked
 
-step "real-kernel suite (Debian 6.12 in qemu/TCG)"
+step "real-kernel suite: recovery (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/recovery.sh
+
+step "real-kernel suite: ublk core (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/ublk.sh

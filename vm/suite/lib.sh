@@ -29,6 +29,8 @@ case_run() {
     if [ "$rc" -eq 0 ]; then
         PASSED=$((PASSED + 1))
         printf 'PASS %-48s %4ss\n' "$name" "$took"
+        # Figures a case reports about itself ("note: ...") are shown even on success.
+        sed -n 's/^note: /     note: /p' "$CASE_LOG"
     elif [ "$rc" -eq 77 ]; then
         SKIPPED=$((SKIPPED + 1))
         printf 'SKIP %-48s %s\n' "$name" "$(tail -n 1 "$CASE_LOG")"

@@ -13,10 +13,14 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use userblk::ublk::ctrl::state_name;
 use userblk::ublk::device::block_path;
-use userblk::ublk::{state, Control, Device, DeviceConfig, DeviceState, Live, Stopper};
+use userblk::ublk::{state, Control, Device, DeviceConfig, DeviceState, Features, Live, Stopper};
+use userblk_uapi::{
+    UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED,
+};
 
-use crate::cli::AddArgs;
+use crate::cli::{AddArgs, RecoverArgs};
 
 /// Set in the daemon's environment by the `add` that spawned it.
 const DAEMON_ENV: &str = "USERBLK_DAEMON";
@@ -29,8 +33,51 @@ pub fn run(args: AddArgs) -> anyhow::Result<()> {
     if args.dev.foreground || daemon {
         serve(args, daemon)
     } else {
-        spawn_daemon()
+        let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+        argv.push("--foreground".into());
+        spawn_daemon(argv)
     }
+}
+
+/// `userblk recover -n ID`: check the device can be recovered, then start a
+/// daemon with the arguments saved when it was added.
+pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
+    let id = args.id;
+    let mut ctrl = Control::open()?;
+    let info = ctrl.dev_info(id)?;
+    if !Features(info.flags).has_user_recovery() {
+        bail!("device {id} was created without recovery (add -r); delete it with `userblk del -n {id}`");
+    }
+    match info.state {
+        UBLK_S_DEV_QUIESCED => {}
+        UBLK_S_DEV_LIVE => bail!(
+            "device {id} is LIVE: its daemon (pid {}) is running, nothing to recover",
+            info.ublksrv_pid
+        ),
+        other => bail!(
+            "device {id} is {} and cannot be recovered; delete it with `userblk del -n {id}`",
+            state_name(other)
+        ),
+    }
+    let saved = DeviceState::load(id)?.with_context(|| {
+        format!(
+            "no saved state for device {id} in {}: only devices added by userblk can be recovered",
+            state::state_dir().display()
+        )
+    })?;
+    if saved.args.first().map(String::as_str) != Some("add") {
+        bail!(
+            "saved state of device {id} has no add command line: {:?}",
+            saved.args
+        );
+    }
+    let mut argv: Vec<OsString> = saved.args.iter().map(OsString::from).collect();
+    argv.extend([
+        "--foreground".into(),
+        "--recover-id".into(),
+        id.to_string().into(),
+    ]);
+    spawn_daemon(argv)
 }
 
 /// The arguments of this `add`, as saved for `list` and `recover`.
@@ -41,10 +88,8 @@ fn saved_args() -> Vec<String> {
         .collect()
 }
 
-fn spawn_daemon() -> anyhow::Result<()> {
+fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the userblk executable")?;
-    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    argv.push("--foreground".into());
     let mut child = Command::new(exe)
         .args(argv)
         .env(DAEMON_ENV, "1")
@@ -90,11 +135,20 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         // Leave the caller's session so its terminal's signals do not reach us.
         let _ = rustix::process::setsid();
     }
-    let target = crate::targets::open(&args.target)?;
+    let recover_id = args.dev.recover_id;
+    let previous = match recover_id {
+        Some(id) => Some(
+            DeviceState::load(id)?.with_context(|| format!("no saved state for device {id}"))?,
+        ),
+        None => None,
+    };
+    let recoverable = args.dev.recovery || args.dev.reissue;
+    let opened = crate::targets::open(&args.target, recoverable, previous.as_ref())?;
+    let target = opened.target;
     let caps = target.caps();
     caps.check().context("target")?;
 
-    // Before any thread exists: the mount namespace is per thread once threads share nothing.
+    // Before any thread exists: unshare(CLONE_NEWNS) moves only the calling thread.
     if let Err(e) = userblk::sys::private_mount_namespace() {
         tracing::warn!("{e}; continuing in the caller's mount namespace");
     }
@@ -130,16 +184,33 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
             })?
     };
 
+    let mut flags = 0;
+    if recoverable {
+        flags |= UBLK_F_USER_RECOVERY;
+    }
+    if args.dev.reissue {
+        flags |= UBLK_F_USER_RECOVERY_REISSUE;
+    }
     let cfg = DeviceConfig {
         id: args.dev.id,
         queues: args.dev.queues,
         depth: args.dev.depth,
         io_buf_bytes: args.dev.io_buf_size,
-        flags: 0,
+        flags,
     };
+    let saved = previous
+        .as_ref()
+        .map_or_else(saved_args, |p| p.args.clone());
+    let mut device_id = None;
     let result = (|| -> anyhow::Result<()> {
-        let dev = Device::add(&cfg, &caps)?;
+        let dev = match recover_id {
+            Some(id) => {
+                Device::recover(id, &caps).with_context(|| format!("recovering device {id}"))?
+            }
+            None => Device::add(&cfg, &caps)?,
+        };
         let id = dev.info().dev_id;
+        device_id = Some(id);
         {
             let mut guard = stopper
                 .lock()
@@ -152,18 +223,33 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
             }
         }
         let describe = target.describe();
-        let served = dev.serve(Arc::clone(&target), |live| on_live(live, describe, daemon));
+        let served = dev.serve(Arc::clone(&target), |live| {
+            on_live(live, describe, saved, daemon)
+        });
         DeviceState::remove(id);
         served.with_context(|| format!("device {id}"))
     })();
     sig_handle.close();
     let _ = sig_thread.join();
+    if let Some(path) = &opened.shared {
+        // The data must outlive a daemon that dies, not a device that is gone.
+        let gone = match device_id {
+            Some(id) => matches!(
+                Control::open().and_then(|mut c| c.dev_info(id)),
+                Err(userblk::Error::NoSuchDevice(_))
+            ),
+            None => recover_id.is_none(),
+        };
+        if gone {
+            crate::targets::remove_shared(path);
+        }
+    }
     result
 }
 
 /// The device is live: record its state, print its details, and as a
 /// daemon, tell the waiting `add` and move output to the log.
-fn on_live(live: &Live, target: serde_json::Value, daemon: bool) {
+fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, daemon: bool) {
     let id = live.info.dev_id;
     let log = daemon.then(|| state::state_dir().join(format!("{id}.log")));
     let st = DeviceState {
@@ -172,7 +258,7 @@ fn on_live(live: &Live, target: serde_json::Value, daemon: bool) {
         frontend: "ublk".into(),
         block_device: block_path(id).display().to_string(),
         target,
-        args: saved_args(),
+        args,
         queue_tids: live.queue_tids.clone(),
         queue_cpus: live.queue_cpus.clone(),
         log: log.clone(),

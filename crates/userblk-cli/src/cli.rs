@@ -36,8 +36,18 @@ pub enum Command {
     Del(DelArgs),
     /// Show devices.
     List(ListArgs),
+    /// Start a new daemon for a device whose daemon died (added with -r).
+    Recover(RecoverArgs),
     /// Show the ublk features this kernel supports.
     Features(JsonArgs),
+}
+
+/// `recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: u32,
 }
 
 /// `add`.
@@ -71,6 +81,16 @@ pub struct DevArgs {
     /// Serve in the foreground instead of detaching a daemon.
     #[arg(long, global = true)]
     pub foreground: bool,
+    /// Keep the device if the daemon dies: I/O waits until `userblk recover -n ID`.
+    #[arg(short = 'r', long = "recovery", global = true)]
+    pub recovery: bool,
+    /// With recovery, requests in flight when the daemon died are re-issued
+    /// to the new daemon instead of failing (implies -r).
+    #[arg(long, global = true)]
+    pub reissue: bool,
+    /// Internal: serve device ID as its recovering daemon (used by `recover`).
+    #[arg(long, global = true, hide = true, value_name = "ID")]
+    pub recover_id: Option<u32>,
 }
 
 /// The targets.

@@ -24,13 +24,15 @@ fn init_logging(verbose: u8, default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: daemon output goes to a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Add(_)) {
+    let default_level = if matches!(cli.command, Command::Add(_) | Command::Recover(_)) {
         "info"
     } else {
         "warn"
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Command::Add(args) => add::run(args),
         Command::Del(args) => del(&args),
         Command::List(args) => list::run(&args),
+        Command::Recover(args) => add::recover(&args),
         Command::Features(args) => features(&args),
     };
     match result {
@@ -59,8 +62,15 @@ fn del(args: &DelArgs) -> anyhow::Result<()> {
     };
     let mut failed = 0;
     for id in ids {
+        // Read before deleting: the daemon removes its state as it exits.
+        let saved = userblk::ublk::DeviceState::load(id).ok().flatten();
         match device::delete(&mut ctrl, id, std::time::Duration::from_secs(10)) {
-            Ok(()) => userblk::ublk::DeviceState::remove(id),
+            Ok(()) => {
+                userblk::ublk::DeviceState::remove(id);
+                if let Some(path) = saved.as_ref().and_then(targets::shared_path) {
+                    targets::remove_shared(&path);
+                }
+            }
             Err(e) if args.all => {
                 eprintln!("userblk: device {id}: {e}");
                 failed += 1;

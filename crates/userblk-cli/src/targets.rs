@@ -1,26 +1,94 @@
 //! Building a target from its command-line arguments.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
+use userblk::ublk::DeviceState;
 use userblk::Target;
 
 use crate::cli::TargetArgs;
 
-/// Open the target the arguments describe.
-pub fn open(args: &TargetArgs) -> anyhow::Result<Arc<dyn Target>> {
-    Ok(match args {
-        TargetArgs::Null(a) => Arc::new(NullTarget::new(a.size)),
-        TargetArgs::Mem(a) => Arc::new(MemTarget::new(a.size).context("mem target")?),
-        TargetArgs::File(a) => Arc::new(
-            FileTarget::open(FileOptions {
-                path: std::path::absolute(&a.path).unwrap_or_else(|_| a.path.clone()),
-                offset: a.offset,
-                buffered: a.buffered,
-                read_only: a.read_only,
-            })
-            .context("file target")?,
+/// An opened target, and the tmpfs file its data lives in if it must outlive the daemon.
+pub struct Opened {
+    /// The target.
+    pub target: Arc<dyn Target>,
+    /// A `mem` device's data file, for recovery; removed when the device is deleted.
+    pub shared: Option<PathBuf>,
+}
+
+/// Where a recoverable mem device keeps its data (tmpfs, so still RAM).
+fn new_shared_path() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    PathBuf::from(format!(
+        "/dev/shm/userblk-mem-{}-{nanos}",
+        std::process::id()
+    ))
+}
+
+/// The data file a saved mem device used.
+pub fn shared_path(state: &DeviceState) -> Option<PathBuf> {
+    state
+        .target
+        .get("path")
+        .and_then(|p| p.as_str())
+        .map(PathBuf::from)
+        .filter(|_| state.target.get("type").and_then(|t| t.as_str()) == Some("mem"))
+}
+
+/// Open the target the arguments describe. With `recoverable`, a mem
+/// target keeps its data in a tmpfs file; with `previous` (recovery), the
+/// data of the dead daemon is reopened.
+pub fn open(
+    args: &TargetArgs,
+    recoverable: bool,
+    previous: Option<&DeviceState>,
+) -> anyhow::Result<Opened> {
+    let (target, shared): (Arc<dyn Target>, Option<PathBuf>) = match args {
+        TargetArgs::Null(a) => (Arc::new(NullTarget::new(a.size)), None),
+        TargetArgs::Mem(a) => match (previous.and_then(shared_path), recoverable) {
+            (Some(path), _) => {
+                let t = MemTarget::open_shared(&path, a.size)
+                    .context("reopening the mem device's data")?;
+                (Arc::new(t), Some(path))
+            }
+            (None, true) => {
+                let path = new_shared_path();
+                (
+                    Arc::new(MemTarget::create_shared(a.size, &path).context("mem target")?),
+                    Some(path),
+                )
+            }
+            (None, false) => (
+                Arc::new(MemTarget::new(a.size).context("mem target")?),
+                None,
+            ),
+        },
+        TargetArgs::File(a) => (
+            Arc::new(
+                FileTarget::open(FileOptions {
+                    path: std::path::absolute(&a.path).unwrap_or_else(|_| a.path.clone()),
+                    offset: a.offset,
+                    buffered: a.buffered,
+                    read_only: a.read_only,
+                })
+                .context("file target")?,
+            ),
+            None,
         ),
-    })
+    };
+    Ok(Opened { target, shared })
+}
+
+/// Remove a mem device's data file; missing is fine.
+pub fn remove_shared(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("removing {}: {e}", path.display());
+        }
+    }
 }

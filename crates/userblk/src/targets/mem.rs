@@ -6,8 +6,9 @@
 //! inline on the queue thread; tmpfs never blocks on a disk.
 
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 
-use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde_json::json;
 
@@ -30,6 +31,8 @@ use crate::{Error, Result};
 pub struct MemTarget {
     fd: OwnedFd,
     size: u64,
+    /// The tmpfs file holding the data when it must outlive the daemon.
+    path: Option<PathBuf>,
 }
 
 impl MemTarget {
@@ -42,7 +45,60 @@ impl MemTarget {
             .map_err(|e| Error::io("memfd_create", e))?;
         rustix::fs::ftruncate(&fd, size)
             .map_err(|e| Error::io(format!("mem: cannot size the memfd to {size} bytes"), e))?;
-        Ok(MemTarget { fd, size })
+        Ok(MemTarget {
+            fd,
+            size,
+            path: None,
+        })
+    }
+
+    /// A RAM disk whose data lives in a new tmpfs file at `path` (under
+    /// `/dev/shm`), so a later daemon can find it again with
+    /// [`MemTarget::open_shared`] after this one dies. The file is the
+    /// caller's to remove when the device is deleted.
+    pub fn create_shared(size: u64, path: &Path) -> Result<Self> {
+        if size == 0 {
+            return Err(Error::invalid("size must be greater than 0"));
+        }
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(path, flags, Mode::RUSR | Mode::WUSR)
+            .map_err(|e| Error::path(path, e))?;
+        if let Err(e) = rustix::fs::ftruncate(&fd, size) {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::io(
+                format!("mem: cannot size {} to {size} bytes", path.display()),
+                e,
+            ));
+        }
+        Ok(MemTarget {
+            fd,
+            size,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Reopen the data of an earlier [`MemTarget::create_shared`].
+    pub fn open_shared(path: &Path, size: u64) -> Result<Self> {
+        let fd = rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| Error::path(path, e))?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| Error::path(path, e))?;
+        if u64::try_from(st.st_size).ok() != Some(size) {
+            return Err(Error::invalid(format!(
+                "{}: holds {} bytes, expected {size}",
+                path.display(),
+                st.st_size
+            )));
+        }
+        Ok(MemTarget {
+            fd,
+            size,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Where the data lives, for a shared RAM disk.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Bytes of memory the data currently occupies.
@@ -119,6 +175,9 @@ impl Target for MemTarget {
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({ "type": "mem", "size": self.size })
+        match &self.path {
+            Some(p) => json!({ "type": "mem", "size": self.size, "path": p }),
+            None => json!({ "type": "mem", "size": self.size }),
+        }
     }
 }

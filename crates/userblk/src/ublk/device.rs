@@ -124,8 +124,10 @@ pub struct Device {
     cdev: Option<Arc<OwnedFd>>,
     caps: Caps,
     stop_requested: Arc<AtomicBool>,
-    /// Delete on drop: set until serving ends in an orderly way.
+    /// Delete on drop: set for a new device until serving ends in an orderly way.
     armed: bool,
+    /// A recovered device ends its bring-up with END_USER_RECOVERY, not START_DEV.
+    recovering: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -152,6 +154,14 @@ impl Device {
         caps.check()?;
         let mut ctrl = Control::open()?;
         let features = Features(ctrl.features()?);
+        let wanted = cfg.flags & (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE);
+        let missing = Features(wanted & !features.0);
+        if missing.0 != 0 {
+            return Err(Error::invalid(format!(
+                "this kernel does not support {} (user recovery needs Linux 6.1+)",
+                missing.names().join(", ")
+            )));
+        }
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
@@ -169,6 +179,10 @@ impl Device {
             }
             e
         };
+        if info.flags & wanted != wanted {
+            let e = Error::invalid("the kernel did not grant user recovery for this device (unprivileged devices cannot use it)");
+            return Err(cleanup(&mut ctrl, e));
+        }
         if info.nr_hw_queues != cfg.queues {
             tracing::info!(
                 "kernel capped queues from {} to {} (CPU count)",
@@ -192,6 +206,78 @@ impl Device {
             caps: *caps,
             stop_requested: Arc::new(AtomicBool::new(false)),
             armed: true,
+            recovering: false,
+        })
+    }
+
+    /// Take over device `id`, whose server died with recovery enabled
+    /// (state QUIESCED): START_USER_RECOVERY, then serve as usual; I/O queued
+    /// while no server ran is served once [`Device::serve`] has ended recovery.
+    ///
+    /// `caps` must describe the same device as before (size and block size
+    /// are checked against the kernel's parameters, which cannot change).
+    pub fn recover(id: u32, caps: &Caps) -> Result<Device> {
+        caps.check()?;
+        let mut ctrl = Control::open()?;
+        let features = Features(ctrl.features()?);
+        let info = ctrl.dev_info(id)?;
+        if !Features(info.flags).has_user_recovery() {
+            return Err(Error::invalid(format!(
+                "device {id} was created without recovery (add -r); it cannot be recovered"
+            )));
+        }
+        let p = ctrl.params(id)?;
+        let lbs = 1u32
+            .checked_shl(u32::from(p.basic.logical_bs_shift))
+            .unwrap_or(0);
+        if p.basic.dev_sectors != caps.size >> 9 || lbs != caps.logical_block_size {
+            return Err(Error::invalid(format!(
+                "device {id} has {} bytes in {lbs}-byte blocks, but the target now has {} bytes in {}-byte blocks",
+                p.basic.dev_sectors << 9,
+                caps.size,
+                caps.logical_block_size
+            )));
+        }
+        // The old server's /dev/ublkcN must be fully released first (EBUSY until then).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = ctrl.dev_info(id)?.state;
+            match state {
+                UBLK_S_DEV_QUIESCED => {}
+                UBLK_S_DEV_LIVE => {
+                    return Err(Error::invalid(format!(
+                        "device {id} is LIVE: its server is running, nothing to recover"
+                    )))
+                }
+                other => {
+                    return Err(Error::invalid(format!(
+                        "device {id} is {} and cannot be recovered; delete it with `userblk del -n {id}`",
+                        crate::ublk::ctrl::state_name(other)
+                    )))
+                }
+            }
+            match ctrl.start_recovery(id) {
+                Ok(()) => break,
+                Err(Error::Control {
+                    errno: Errno::BUSY, ..
+                }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let info = ctrl.dev_info(id)?;
+        let cdev = open_char_device(id)?;
+        Ok(Device {
+            ctrl,
+            info,
+            features,
+            cdev: Some(Arc::new(cdev)),
+            caps: *caps,
+            stop_requested: Arc::new(AtomicBool::new(false)),
+            // Never delete a device we were asked to recover because recovery failed.
+            armed: false,
+            recovering: true,
         })
     }
 
@@ -280,10 +366,13 @@ impl Device {
             }
         }
         if early.is_none() {
-            if let Err(e) = self
-                .ctrl
-                .start(id, rustix::process::getpid().as_raw_nonzero().get())
-            {
+            let pid = rustix::process::getpid().as_raw_nonzero().get();
+            let started = if self.recovering {
+                self.ctrl.end_recovery(id, pid)
+            } else {
+                self.ctrl.start(id, pid)
+            };
+            if let Err(e) = started {
                 early = Some(e);
             }
         }
