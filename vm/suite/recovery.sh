@@ -156,6 +156,25 @@ del_quiesced() {
     [ ! -e "$shm" ] || die "del left the data file"
 }
 
+adopt_like_a_service() { # what userblk@.service does: the same command after a crash recovers
+    local cmd=("$USERBLK" add --foreground --adopt -n 9 -r mem --size 16M) pid shm
+    "${cmd[@]}" >"$WORK/svc1.log" 2>&1 &
+    wait_for 20 test -b /dev/ublkb9 || die "first start did not create /dev/ublkb9"
+    wait_for 10 state_is 9 LIVE || die "not LIVE"
+    printf 'service data' | dd of=/dev/ublkb9 oflag=direct,sync bs=512 conv=sync status=none
+    shm=$(ub list -n 9 | grep -o '"/dev/shm/[^"]*"' | tr -d '"')
+    pid=$(list_word 9 7)
+    kill -KILL "$pid"
+    wait_for 30 state_is 9 QUIESCED || die "not QUIESCED"
+    "${cmd[@]}" >"$WORK/svc2.log" 2>&1 &
+    pid=$!
+    wait_for 20 state_is 9 LIVE || { cat "$WORK/svc2.log"; die "restart did not recover the device"; }
+    [ "$(head -c 12 /dev/ublkb9)" = "service data" ] || die "data lost across the restart"
+    kill -TERM "$pid"
+    wait_for 20 test ! -e /dev/ublkc9 || die "SIGTERM did not delete the device"
+    [ ! -e "$shm" ] || die "data file left after a clean stop"
+}
+
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 ub features | grep -q USER_RECOVERY || { echo "SKIP all: kernel lacks USER_RECOVERY"; exit 1; }
 cleanup_devices
@@ -168,6 +187,7 @@ case_run "ext4 on a recovered file device: intact, fsck clean" ext4_survives
 case_run "kill without -r: DEAD, del, id reusable" without_r_is_dead
 case_run "recover: bad input refused, nothing changed" recover_bad_input
 case_run "del of a QUIESCED device frees its data" del_quiesced
+case_run "add --adopt recovers after a crash (systemd unit)" adopt_like_a_service
 case_run "no daemon panicked" sh -c '! grep -l panicked /run/userblk/*.log 2>/dev/null'
 cleanup_devices
 summary

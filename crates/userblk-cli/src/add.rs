@@ -80,6 +80,20 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
     spawn_daemon(argv)
 }
 
+/// With `--adopt`: the device to recover instead of adding, if device `id`
+/// exists and waits for a new daemon (QUIESCED).
+fn adoptable(id: Option<u32>) -> anyhow::Result<Option<u32>> {
+    let id = id.context("--adopt needs a device id (-n ID)")?;
+    match Control::open()?.dev_info(id) {
+        Ok(info) if info.state == UBLK_S_DEV_QUIESCED => {
+            tracing::info!("device {id} is waiting for a daemon: recovering it");
+            Ok(Some(id))
+        }
+        Ok(_) | Err(userblk::Error::NoSuchDevice(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The arguments of this `add`, as saved for `list` and `recover`.
 fn saved_args() -> Vec<String> {
     std::env::args()
@@ -135,7 +149,11 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         // Leave the caller's session so its terminal's signals do not reach us.
         let _ = rustix::process::setsid();
     }
-    let recover_id = args.dev.recover_id;
+    let recover_id = match (args.dev.recover_id, args.dev.adopt) {
+        (Some(id), _) => Some(id),
+        (None, true) => adoptable(args.dev.id)?,
+        (None, false) => None,
+    };
     let previous = match recover_id {
         Some(id) => Some(
             DeviceState::load(id)?.with_context(|| format!("no saved state for device {id}"))?,

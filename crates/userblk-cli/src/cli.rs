@@ -40,6 +40,18 @@ pub enum Command {
     Recover(RecoverArgs),
     /// Show the ublk features this kernel supports.
     Features(JsonArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `userblk man > /usr/local/share/man/man8/userblk.8`.
+    Man,
+}
+
+/// `completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `recover`.
@@ -88,6 +100,11 @@ pub struct DevArgs {
     /// to the new daemon instead of failing (implies -r).
     #[arg(long, global = true)]
     pub reissue: bool,
+    /// If device -n ID already exists and waits for a daemon (QUIESCED), recover
+    /// it instead of failing; otherwise add it. For service managers that
+    /// restart a crashed daemon with the same command.
+    #[arg(long, global = true)]
+    pub adopt: bool,
     /// Internal: serve device ID as its recovering daemon (used by `recover`).
     #[arg(long, global = true, hide = true, value_name = "ID")]
     pub recover_id: Option<u32>,

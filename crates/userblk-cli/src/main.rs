@@ -44,9 +44,22 @@ fn main() -> ExitCode {
         Command::List(args) => list::run(&args),
         Command::Recover(args) => add::recover(&args),
         Command::Features(args) => features(&args),
+        Command::Completions(args) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(args.shell, &mut cmd, "userblk", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => man(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `userblk man | head` is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("userblk: {e:#}");
             ExitCode::FAILURE
@@ -79,6 +92,14 @@ fn del(args: &DelArgs) -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(failed == 0, "{failed} device(s) could not be deleted");
+    Ok(())
+}
+
+fn man() -> anyhow::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(cmd)
+        .section("8")
+        .render(&mut std::io::stdout())?;
     Ok(())
 }
 

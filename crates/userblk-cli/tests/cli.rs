@@ -52,6 +52,28 @@ fn help_and_version() {
 }
 
 #[test]
+fn completions_and_man_page() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = userblk(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains("recover") && t.contains("io-buf-size"),
+            "{shell} completion lacks commands"
+        );
+    }
+    let o = userblk(&["man"]);
+    assert!(o.status.success());
+    let t = text(&o);
+    assert!(
+        t.starts_with(".ie") || t.contains(".TH userblk 8"),
+        "not roff: {}",
+        &t[..t.len().min(200)]
+    );
+    fails(&["completions", "tcsh"], 2, "invalid value");
+}
+
+#[test]
 fn argument_errors_exit_2() {
     fails(&["add", "mem"], 2, "--size");
     fails(&["add", "-q", "0", "mem", "--size", "1M"], 2, "1..=4096");
