@@ -15,6 +15,19 @@ pub enum Error {
         "/dev/ublk-control not found: this kernel needs the ublk driver (Linux >= 6.0 with CONFIG_BLK_DEV_UBLK); try `modprobe ublk_drv`"
     )]
     NoUblk,
+    /// The caller may not open `/dev/ublk-control`.
+    #[error(
+        "/dev/ublk-control: permission denied: run as root, or let users create unprivileged devices (see docs/unprivileged.md)"
+    )]
+    NoControlAccess,
+    /// The kernel refused a command on a device the caller may not manage.
+    #[error("{}", device_access_message(*id, *owner))]
+    DeviceAccess {
+        /// The device id.
+        id: u32,
+        /// The uid owning the device's char node, when it is not the caller.
+        owner: Option<u32>,
+    },
     /// A file or device could not be opened or inspected.
     #[error("{}: {err}", path.display())]
     Path {
@@ -68,6 +81,13 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+}
+
+fn device_access_message(id: u32, owner: Option<u32>) -> String {
+    match owner {
+        Some(uid) => format!("device {id} belongs to uid {uid}: permission denied"),
+        None => format!("permission denied on device {id}"),
+    }
 }
 
 impl Error {

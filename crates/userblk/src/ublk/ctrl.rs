@@ -1,6 +1,15 @@
 //! The control device, `/dev/ublk-control`: one command at a time on an SQE128 ring.
+//!
+//! Unprivileged devices (`UBLK_F_UNPRIVILEGED_DEV`) need every command after
+//! ADD_DEV to carry the path of their char device, `/dev/ublkcN\0`, in front
+//! of the payload; the kernel checks the caller's access to that node. So
+//! does GET_DEV_INFO2 for every device. [`Control`] decides per device: a
+//! caller that is not root always sends the prefix (it can only manage
+//! unprivileged devices), root sends it only for devices it knows to be
+//! unprivileged (learnt from ADD_DEV or GET_DEV_INFO2).
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,6 +42,49 @@ pub fn state_name(state: u16) -> &'static str {
 pub struct Control {
     fd: OwnedFd,
     ring: IoUring<squeue::Entry128, io_uring::cqueue::Entry>,
+    /// The caller is not root: every per-device command carries the path prefix.
+    unprivileged_caller: bool,
+    /// What we know per device: whether it is unprivileged (needs the prefix).
+    prefixed: HashMap<u32, bool>,
+}
+
+/// Whether this process runs as root. Without root (strictly: CAP_SYS_ADMIN)
+/// only unprivileged devices can be created and managed.
+pub fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A kernel ABI struct that is plain integers: every byte pattern is a valid
+/// value, and it has no padding the kernel could not write.
+///
+/// # Safety
+/// Implement only for `#[repr(C)]` structs (or arrays) made of integer fields.
+unsafe trait Pod: Sized {}
+// SAFETY: `ublksrv_ctrl_dev_info` is repr(C), integer fields only, no padding (tested in userblk-uapi).
+unsafe impl Pod for DevInfo {}
+// SAFETY: `ublk_params` is repr(C) with integer and integer-array fields only.
+unsafe impl Pod for UblkParams {}
+// SAFETY: an array of integers.
+unsafe impl Pod for [u64; 64] {}
+
+/// The bytes of a command payload, for the kernel to read or write.
+fn bytes_of<T: Pod>(v: &mut T) -> &mut [u8] {
+    // SAFETY: `v` is a valid, exclusively borrowed `T` of `size_of::<T>()`
+    // bytes; `T: Pod` makes any bytes written through the slice a valid `T`,
+    // and the slice borrows `v` for as long as it lives.
+    unsafe {
+        std::slice::from_raw_parts_mut(std::ptr::from_mut(v).cast::<u8>(), std::mem::size_of::<T>())
+    }
+}
+
+/// The command buffer for device `dev_id` with the char-device path in
+/// front: `/dev/ublkcN\0` then `payload`. Returns it and the prefix length.
+fn prefixed_buffer(dev_id: u32, payload: &[u8]) -> (Vec<u8>, usize) {
+    let mut buf = format!("/dev/ublkc{dev_id}").into_bytes();
+    buf.push(0);
+    let path_len = buf.len();
+    buf.extend_from_slice(payload);
+    (buf, path_len)
 }
 
 impl std::fmt::Debug for Control {
@@ -82,16 +134,33 @@ impl Control {
         let fd =
             rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
                 match e {
-                    Errno::ACCESS | Errno::PERM => Error::Invalid(format!(
-                "{CONTROL_PATH}: permission denied (run as root, or see docs/unprivileged.md)"
-            )),
+                    Errno::ACCESS | Errno::PERM => Error::NoControlAccess,
                     e => Error::path(path, e),
                 }
             })?;
         let ring = IoUring::builder()
             .build(4)
             .map_err(|e| Error::io("io_uring_setup (control ring)", e))?;
-        Ok(Control { fd, ring })
+        Ok(Control {
+            fd,
+            ring,
+            unprivileged_caller: !running_as_root(),
+            prefixed: HashMap::new(),
+        })
+    }
+
+    /// Whether commands on device `dev_id` must carry the char-device path:
+    /// always for a caller that is not root, otherwise when the device is
+    /// unprivileged (asked of the kernel once, then remembered).
+    pub fn needs_path_prefix(&mut self, dev_id: u32) -> Result<bool> {
+        if self.unprivileged_caller {
+            return Ok(true);
+        }
+        if let Some(&p) = self.prefixed.get(&dev_id) {
+            return Ok(p);
+        }
+        let info = self.dev_info(dev_id)?;
+        Ok(info.flags & UBLK_F_UNPRIVILEGED_DEV != 0)
     }
 
     /// Send one command and wait for its result (`cqe.res`, or the errno).
@@ -143,24 +212,65 @@ impl Control {
         }
     }
 
+    /// A command on device `dev_id` with `payload` (may be empty), with or
+    /// without the char-device path prefix; the payload is copied back
+    /// after the command, for commands the kernel answers in it.
+    #[allow(clippy::too_many_arguments)]
+    fn raw_dev_cmd(
+        &mut self,
+        name: &'static str,
+        cmd_op: u32,
+        dev_id: u32,
+        payload: &mut [u8],
+        data: u64,
+        prefix: bool,
+        timeout: Option<Duration>,
+    ) -> Result<i32> {
+        let too_long = || Error::invalid(format!("{name}: command buffer too long"));
+        let mut c = UblksrvCtrlCmd {
+            dev_id,
+            queue_id: UBLK_QUEUE_ID_NONE,
+            data: [data],
+            ..Default::default()
+        };
+        if !prefix {
+            if !payload.is_empty() {
+                c.addr = payload.as_mut_ptr() as u64;
+                c.len = u16::try_from(payload.len()).map_err(|_| too_long())?;
+            }
+            return self
+                .cmd(cmd_op, c, timeout)
+                .map_err(|errno| control_error(name, dev_id, errno));
+        }
+        let (mut buf, path_len) = prefixed_buffer(dev_id, payload);
+        c.addr = buf.as_mut_ptr() as u64;
+        c.len = u16::try_from(buf.len()).map_err(|_| too_long())?;
+        c.dev_path_len = u16::try_from(path_len).map_err(|_| too_long())?;
+        let res = self.cmd(cmd_op, c, timeout);
+        if res == Err(Errno::TIME) {
+            // The command may still be running in the kernel: its buffer
+            // must stay valid, so it is leaked (a few bytes, on a rare path).
+            std::mem::forget(buf);
+            return Err(control_error(name, dev_id, Errno::TIME));
+        }
+        let res = res.map_err(|errno| control_error(name, dev_id, errno))?;
+        if let Some(answer) = buf.get(path_len..) {
+            payload.copy_from_slice(answer);
+        }
+        Ok(res)
+    }
+
+    /// A command on device `dev_id`, with the path prefix if the device needs it.
     fn dev_cmd(
         &mut self,
         name: &'static str,
         cmd_op: u32,
         dev_id: u32,
-        addr_len: (u64, u16),
+        payload: &mut [u8],
         data: u64,
     ) -> Result<i32> {
-        let c = UblksrvCtrlCmd {
-            dev_id,
-            queue_id: UBLK_QUEUE_ID_NONE,
-            addr: addr_len.0,
-            len: addr_len.1,
-            data: [data],
-            ..Default::default()
-        };
-        self.cmd(cmd_op, c, None)
-            .map_err(|errno| control_error(name, dev_id, errno))
+        let prefix = self.needs_path_prefix(dev_id)?;
+        self.raw_dev_cmd(name, cmd_op, dev_id, payload, data, prefix, None)
     }
 
     /// The `UBLK_F_*` flags this kernel supports (GET_FEATURES, 6.5+; 0 before).
@@ -191,7 +301,13 @@ impl Control {
         };
         let (addr, len) = buf_of(info);
         match self.cmd(UBLK_U_CMD_ADD_DEV, UblksrvCtrlCmd { addr, len, ..c }, None) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                // The negotiated flags say it: root asking for an unprivileged
+                // device gets a privileged one.
+                self.prefixed
+                    .insert(info.dev_id, info.flags & UBLK_F_UNPRIVILEGED_DEV != 0);
+                Ok(())
+            }
             Err(Errno::EXIST) => Err(Error::IdInUse(id)),
             Err(errno) => Err(control_error("ADD_DEV", id, errno)),
         }
@@ -204,7 +320,7 @@ impl Control {
             "SET_PARAMS",
             UBLK_U_CMD_SET_PARAMS,
             dev_id,
-            buf_of(&mut p),
+            bytes_of(&mut p),
             0,
         )
         .map(drop)
@@ -220,63 +336,94 @@ impl Control {
             "GET_PARAMS",
             UBLK_U_CMD_GET_PARAMS,
             dev_id,
-            buf_of(&mut p),
+            bytes_of(&mut p),
             0,
         )?;
         Ok(p)
     }
 
-    /// GET_DEV_INFO.
+    /// The device's info: GET_DEV_INFO2, which works for every device the
+    /// caller may read (and is the only one that works for unprivileged
+    /// devices); root falls back to GET_DEV_INFO (kernels before 6.3, or no
+    /// `/dev/ublkcN` node in this mount namespace).
     pub fn dev_info(&mut self, dev_id: u32) -> Result<DevInfo> {
         let mut info = DevInfo::default();
-        self.dev_cmd(
-            "GET_DEV_INFO",
-            UBLK_U_CMD_GET_DEV_INFO,
+        let first = self.raw_dev_cmd(
+            "GET_DEV_INFO2",
+            UBLK_U_CMD_GET_DEV_INFO2,
             dev_id,
-            buf_of(&mut info),
+            bytes_of(&mut info),
             0,
-        )?;
+            true,
+            None,
+        );
+        match first {
+            Ok(_) => {}
+            Err(e) if self.unprivileged_caller || matches!(e, Error::NoSuchDevice(_)) => {
+                return Err(e)
+            }
+            Err(e) => {
+                let mut plain = DevInfo::default();
+                match self.raw_dev_cmd(
+                    "GET_DEV_INFO",
+                    UBLK_U_CMD_GET_DEV_INFO,
+                    dev_id,
+                    bytes_of(&mut plain),
+                    0,
+                    false,
+                    None,
+                ) {
+                    Ok(_) => info = plain,
+                    Err(Error::NoSuchDevice(id)) => return Err(Error::NoSuchDevice(id)),
+                    // An unprivileged device refuses the plain form: the first error says why.
+                    Err(_) => return Err(e),
+                }
+            }
+        }
+        self.prefixed
+            .insert(dev_id, info.flags & UBLK_F_UNPRIVILEGED_DEV != 0);
         Ok(info)
     }
 
     /// START_DEV; blocks until every tag of every queue has been fetched.
     pub fn start(&mut self, dev_id: u32, pid: i32) -> Result<()> {
         let pid = u64::try_from(pid).unwrap_or(0);
-        self.dev_cmd("START_DEV", UBLK_U_CMD_START_DEV, dev_id, (0, 0), pid)
+        self.dev_cmd("START_DEV", UBLK_U_CMD_START_DEV, dev_id, &mut [], pid)
             .map(drop)
     }
 
     /// STOP_DEV; waits for in-flight I/O, so the server must keep serving meanwhile.
     pub fn stop(&mut self, dev_id: u32) -> Result<()> {
-        self.dev_cmd("STOP_DEV", UBLK_U_CMD_STOP_DEV, dev_id, (0, 0), 0)
+        self.dev_cmd("STOP_DEV", UBLK_U_CMD_STOP_DEV, dev_id, &mut [], 0)
             .map(drop)
     }
 
     /// DEL_DEV; waits until every reference to `/dev/ublkcN` is gone, at most `timeout`.
     pub fn del(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
-        let c = UblksrvCtrlCmd {
+        let prefix = self.needs_path_prefix(dev_id)?;
+        self.raw_dev_cmd(
+            "DEL_DEV",
+            UBLK_U_CMD_DEL_DEV,
             dev_id,
-            queue_id: UBLK_QUEUE_ID_NONE,
-            ..Default::default()
-        };
-        self.cmd(UBLK_U_CMD_DEL_DEV, c, Some(timeout))
-            .map(drop)
-            .map_err(|errno| control_error("DEL_DEV", dev_id, errno))
+            &mut [],
+            0,
+            prefix,
+            Some(timeout),
+        )?;
+        self.prefixed.remove(&dev_id);
+        Ok(())
     }
 
     /// GET_QUEUE_AFFINITY: the CPUs the kernel maps to queue `q`.
     pub fn queue_affinity(&mut self, dev_id: u32, q: u16) -> Result<Vec<usize>> {
         let mut mask = [0u64; 64]; // 4096 CPUs
-        let c = UblksrvCtrlCmd {
+        self.dev_cmd(
+            "GET_QUEUE_AFFINITY",
+            UBLK_U_CMD_GET_QUEUE_AFFINITY,
             dev_id,
-            queue_id: UBLK_QUEUE_ID_NONE,
-            addr: std::ptr::from_mut(&mut mask) as u64,
-            len: u16::try_from(std::mem::size_of_val(&mask)).unwrap_or(0),
-            data: [u64::from(q)],
-            ..Default::default()
-        };
-        self.cmd(UBLK_U_CMD_GET_QUEUE_AFFINITY, c, None)
-            .map_err(|errno| control_error("GET_QUEUE_AFFINITY", dev_id, errno))?;
+            bytes_of(&mut mask),
+            u64::from(q),
+        )?;
         Ok((0..mask.len() * 64)
             .filter(|&cpu| mask[cpu / 64] & (1 << (cpu % 64)) != 0)
             .collect())
@@ -288,7 +435,7 @@ impl Control {
             "START_USER_RECOVERY",
             UBLK_U_CMD_START_USER_RECOVERY,
             dev_id,
-            (0, 0),
+            &mut [],
             0,
         )
         .map(drop)
@@ -301,7 +448,7 @@ impl Control {
             "END_USER_RECOVERY",
             UBLK_U_CMD_END_USER_RECOVERY,
             dev_id,
-            (0, 0),
+            &mut [],
             pid,
         )
         .map(drop)
@@ -312,7 +459,23 @@ fn control_error(cmd: &'static str, dev_id: u32, errno: Errno) -> Error {
     if errno == Errno::NODEV && dev_id != UBLK_DEV_ID_AUTO && cmd != "ADD_DEV" {
         return Error::NoSuchDevice(dev_id);
     }
+    if matches!(errno, Errno::PERM | Errno::ACCESS)
+        && dev_id != UBLK_DEV_ID_AUTO
+        && cmd != "ADD_DEV"
+    {
+        // The kernel refused access to someone else's device (a privileged
+        // one, or an unprivileged device of another user); its char node
+        // is owned by that user once udev has run.
+        let owner = rustix::fs::stat(crate::ublk::device::char_path(dev_id))
+            .ok()
+            .map(|st| st.st_uid)
+            .filter(|&uid| uid != rustix::process::geteuid().as_raw());
+        return Error::DeviceAccess { id: dev_id, owner };
+    }
     let hint = match errno {
+        Errno::PERM | Errno::ACCESS if cmd == "ADD_DEV" => {
+            " (not root: only unprivileged devices can be added, see docs/unprivileged.md)"
+        }
         Errno::PERM | Errno::ACCESS => " (needs root, or an unprivileged device)",
         Errno::TIME => " (timed out: is something still holding the device open?)",
         _ => "",
@@ -377,6 +540,46 @@ mod tests {
         assert_eq!(state_name(UBLK_S_DEV_LIVE), "LIVE");
         assert_eq!(state_name(UBLK_S_DEV_QUIESCED), "QUIESCED");
         assert_eq!(state_name(9), "UNKNOWN");
+    }
+
+    #[test]
+    fn path_prefix_comes_before_the_payload() {
+        let (buf, path_len) = prefixed_buffer(3, &[1, 2]);
+        assert_eq!(path_len, 12);
+        assert_eq!(buf, b"/dev/ublkc3\0\x01\x02");
+        let (buf, path_len) = prefixed_buffer(1_048_575, &[]);
+        assert_eq!(path_len, buf.len());
+        assert_eq!(&buf[..], b"/dev/ublkc1048575\0");
+    }
+
+    #[test]
+    fn payload_bytes_cover_the_struct() {
+        let mut info = DevInfo::default();
+        assert_eq!(bytes_of(&mut info).len(), 64);
+        bytes_of(&mut info)[40..44].copy_from_slice(&1000u32.to_ne_bytes());
+        assert_eq!(info.owner_uid, 1000);
+        let mut p = UblkParams::default();
+        assert_eq!(bytes_of(&mut p).len(), std::mem::size_of::<UblkParams>());
+    }
+
+    #[test]
+    fn refused_devices_say_whose_they_are() {
+        let e = Error::DeviceAccess {
+            id: 4,
+            owner: Some(0),
+        };
+        assert_eq!(
+            e.to_string(),
+            "device 4 belongs to uid 0: permission denied"
+        );
+        let e = Error::DeviceAccess { id: 4, owner: None };
+        assert_eq!(e.to_string(), "permission denied on device 4");
+        // ADD_DEV has no device yet: a plain control error with a hint.
+        let e = control_error("ADD_DEV", UBLK_DEV_ID_AUTO, Errno::PERM);
+        assert!(e.to_string().contains("docs/unprivileged.md"), "{e}");
+        assert!(Error::NoControlAccess
+            .to_string()
+            .contains("docs/unprivileged.md"));
     }
 
     #[test]

@@ -39,7 +39,9 @@ pub struct DeviceConfig {
     pub depth: u16,
     /// Largest request in bytes.
     pub io_buf_bytes: u32,
-    /// Extra `UBLK_F_*` flags to request.
+    /// Extra `UBLK_F_*` flags to request: `UBLK_F_USER_RECOVERY`,
+    /// `UBLK_F_USER_RECOVERY_REISSUE`, `UBLK_F_UNPRIVILEGED_DEV` (needed
+    /// when not running as root; the kernel clears it for root).
     pub flags: u64,
 }
 
@@ -56,6 +58,14 @@ impl Default for DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// Ask for an unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`), owned by
+    /// the calling user; root gets a privileged device regardless.
+    #[must_use]
+    pub fn unprivileged(mut self) -> Self {
+        self.flags |= UBLK_F_UNPRIVILEGED_DEV;
+        self
+    }
+
     /// Check ranges before asking the kernel, for clearer errors than EINVAL.
     pub fn check(&self) -> Result<()> {
         if !(1..=UBLK_MAX_NR_QUEUES).contains(&self.queues) {
@@ -155,6 +165,24 @@ impl Device {
         let mut ctrl = Control::open()?;
         let features = Features(ctrl.features()?);
         let wanted = cfg.flags & (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE);
+        let root = crate::ublk::ctrl::running_as_root();
+        if !root {
+            if cfg.flags & UBLK_F_UNPRIVILEGED_DEV == 0 {
+                return Err(Error::invalid(
+                    "not root: only unprivileged devices (UBLK_F_UNPRIVILEGED_DEV) can be added; see docs/unprivileged.md",
+                ));
+            }
+            if features.0 != 0 && !features.has_unprivileged() {
+                return Err(Error::invalid(
+                    "this kernel does not support unprivileged devices (Linux 6.3+): run as root",
+                ));
+            }
+            if wanted != 0 {
+                return Err(Error::invalid(
+                    "user recovery needs root: the kernel clears it for unprivileged devices",
+                ));
+            }
+        }
         let missing = Features(wanted & !features.0);
         if missing.0 != 0 {
             return Err(Error::invalid(format!(
@@ -190,14 +218,17 @@ impl Device {
                 info.nr_hw_queues
             );
         }
-        let p = params::from_caps(caps, info.max_io_buf_bytes);
-        if let Err(e) = ctrl.set_params(id, &p) {
-            return Err(cleanup(&mut ctrl, e));
-        }
+        // Open /dev/ublkcN first: for an unprivileged device this also waits
+        // until udev has handed the node to us, which SET_PARAMS needs too.
         let cdev = match open_char_device(id) {
             Ok(fd) => fd,
             Err(e) => return Err(cleanup(&mut ctrl, e)),
         };
+        let p = params::from_caps(caps, info.max_io_buf_bytes);
+        if let Err(e) = ctrl.set_params(id, &p) {
+            drop(cdev);
+            return Err(cleanup(&mut ctrl, e));
+        }
         Ok(Device {
             ctrl,
             info,
@@ -464,15 +495,29 @@ fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
     }
 }
 
-/// Open `/dev/ublkcN`, which appears asynchronously after ADD_DEV.
+/// How long to wait for `/dev/ublkcN` to appear and, for an unprivileged
+/// device, for udev to hand it to its owner.
+const CHAR_DEVICE_WAIT: Duration = Duration::from_secs(5);
+
+/// Open `/dev/ublkcN`, which appears asynchronously after ADD_DEV. An
+/// unprivileged device's node is root's until udev runs the
+/// `userblk-owner` helper, so EACCES is retried like ENOENT.
 fn open_char_device(id: u32) -> Result<OwnedFd> {
     let path = char_path(id);
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + CHAR_DEVICE_WAIT;
     loop {
         match rustix::fs::open(&path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => return Ok(fd),
-            Err(Errno::NOENT) if Instant::now() < deadline => {
+            Err(Errno::NOENT | Errno::ACCESS | Errno::PERM) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e @ (Errno::ACCESS | Errno::PERM)) => {
+                return Err(Error::invalid(format!(
+                    "{}: {} after {} s: the node was not handed to its owner (is the userblk udev rule installed? see docs/unprivileged.md)",
+                    path.display(),
+                    std::io::Error::from(e),
+                    CHAR_DEVICE_WAIT.as_secs()
+                )))
             }
             Err(e) => return Err(Error::path(path, e)),
         }

@@ -1,17 +1,53 @@
-//! Saved per-device state under `/run/userblk/`, so `list` can show a
-//! device's target and options after the daemon detached, and `recover`
-//! can restart it with the same arguments.
+//! Saved per-device state under `/run/userblk/` (root) or the user's
+//! runtime directory, so `list` can show a device's target and options after
+//! the daemon detached, and `recover` can restart it with the same arguments.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
 /// Environment variable that moves the state directory (tests, unprivileged use).
 pub const STATE_DIR_ENV: &str = "USERBLK_STATE_DIR";
 
-/// The state directory: `$USERBLK_STATE_DIR` or `/run/userblk`.
+/// The state directory:
+/// - `$USERBLK_STATE_DIR` if set;
+/// - `/run/userblk` for root;
+/// - otherwise `$XDG_RUNTIME_DIR/userblk`, or `/tmp/userblk-<uid>` without one.
 pub fn state_dir() -> PathBuf {
-    std::env::var_os(STATE_DIR_ENV).map_or_else(|| PathBuf::from("/run/userblk"), PathBuf::from)
+    if let Some(dir) = std::env::var_os(STATE_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let euid = rustix::process::geteuid();
+    if euid.is_root() {
+        return PathBuf::from("/run/userblk");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir.join("userblk"),
+        _ => PathBuf::from(format!("/tmp/userblk-{}", euid.as_raw())),
+    }
+}
+
+/// Create the state directory (mode 0700 when new) and make sure a user's
+/// directory is their own: `/tmp/userblk-<uid>` could have been made by
+/// someone else first.
+fn ensure_state_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let euid = rustix::process::geteuid();
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !euid.is_root() && (meta.uid() != euid.as_raw() || !meta.is_dir()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "not a directory owned by uid {} (set {STATE_DIR_ENV} to use another)",
+                euid.as_raw()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What a daemon records about its device.
@@ -50,7 +86,7 @@ impl DeviceState {
             path: path.clone(),
             msg,
         };
-        std::fs::create_dir_all(state_dir()).map_err(|e| err(e.to_string()))?;
+        ensure_state_dir(&state_dir()).map_err(|e| err(e.to_string()))?;
         let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(self).map_err(|e| err(e.to_string()))?;
         std::fs::write(&tmp, body).map_err(|e| err(e.to_string()))?;
