@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use userblk::ublk::ctrl::state_name;
+use userblk::ublk::ctrl::{running_as_root, state_name};
 use userblk::ublk::device::block_path;
 use userblk::ublk::{state, Control, Device, DeviceConfig, DeviceState, Features, Live, Stopper};
 use userblk_uapi::{
-    UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED,
+    UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE,
+    UBLK_S_DEV_QUIESCED,
 };
 
 use crate::cli::{AddArgs, RecoverArgs};
@@ -29,6 +30,11 @@ const READY_MARKER: &str = "--userblk-device-live--";
 
 /// `userblk add`.
 pub fn run(args: AddArgs) -> anyhow::Result<()> {
+    if !running_as_root() && (args.dev.recovery || args.dev.reissue) {
+        bail!(
+            "-r/--recovery and --reissue need root: the kernel clears user recovery for unprivileged devices (see docs/unprivileged.md)"
+        );
+    }
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
     if args.dev.foreground || daemon {
         serve(args, daemon)
@@ -166,12 +172,22 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     let caps = target.caps();
     caps.check().context("target")?;
 
-    // Before any thread exists: unshare(CLONE_NEWNS) moves only the calling thread.
-    if let Err(e) = userblk::sys::private_mount_namespace() {
-        tracing::warn!("{e}; continuing in the caller's mount namespace");
-    }
-    if let Err(e) = userblk::sys::lock_memory() {
-        tracing::warn!("{e}; memory is not locked");
+    let root = running_as_root();
+    if root {
+        // Before any thread exists: unshare(CLONE_NEWNS) moves only the calling thread.
+        if let Err(e) = userblk::sys::private_mount_namespace() {
+            tracing::warn!("{e}; continuing in the caller's mount namespace");
+        }
+        if let Err(e) = userblk::sys::lock_memory() {
+            tracing::warn!("{e}; memory is not locked");
+        }
+    } else {
+        // A user has neither: unshare needs CAP_SYS_ADMIN, and mlockall with
+        // MCL_FUTURE under RLIMIT_MEMLOCK would make the target's and the
+        // queues' allocations fail instead. Still, do not pin the caller's cwd.
+        if daemon {
+            let _ = std::env::set_current_dir("/");
+        }
     }
 
     // Signals are caught from before the device exists, so none can kill
@@ -208,6 +224,12 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     }
     if args.dev.reissue {
         flags |= UBLK_F_USER_RECOVERY_REISSUE;
+    }
+    if args.dev.unprivileged || !root {
+        if root {
+            tracing::info!("running as root: the kernel makes the device privileged");
+        }
+        flags |= UBLK_F_UNPRIVILEGED_DEV;
     }
     let cfg = DeviceConfig {
         id: args.dev.id,
@@ -284,6 +306,15 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, daemon: bo
     if let Err(e) = st.save() {
         tracing::warn!("{e}");
     }
+    if live.info.flags & UBLK_F_UNPRIVILEGED_DEV != 0 && !wait_for_block_access(id) {
+        let msg = format!(
+            "{} is not accessible to uid {} yet: is the userblk udev rule installed? (see docs/unprivileged.md)",
+            block_path(id).display(),
+            rustix::process::geteuid().as_raw()
+        );
+        tracing::warn!("{msg}");
+        println!("warning: {msg}");
+    }
     let details = Control::open().and_then(|mut c| crate::list::entry(&mut c, id));
     match details {
         Ok(entry) => print!("{}", entry.text()),
@@ -297,6 +328,22 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, daemon: bo
         }
     }
     tracing::info!("device {id} live at {}", block_path(id).display());
+}
+
+/// An unprivileged device's `/dev/ublkbN` is root's until udev hands it to
+/// its owner: wait a little, so that `add` returns with a usable device.
+/// Returns whether it became accessible.
+fn wait_for_block_access(id: u32) -> bool {
+    use rustix::fs::Access;
+    let path = block_path(id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rustix::fs::access(&path, Access::READ_OK | Access::WRITE_OK).is_err() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
 }
 
 fn redirect_output(log: &std::path::Path) {

@@ -105,6 +105,11 @@ pub struct DevArgs {
     /// restart a crashed daemon with the same command.
     #[arg(long, global = true)]
     pub adopt: bool,
+    /// Create an unprivileged device, owned by the calling user (implied when
+    /// not root; for root the kernel makes it privileged anyway). Needs the
+    /// udev rule from contrib/udev; see docs/unprivileged.md.
+    #[arg(long, global = true)]
+    pub unprivileged: bool,
     /// Internal: serve device ID as its recovering daemon (used by `recover`).
     #[arg(long, global = true, hide = true, value_name = "ID")]
     pub recover_id: Option<u32>,

@@ -116,13 +116,20 @@ pub fn run(args: &ListArgs) -> anyhow::Result<()> {
         None => device_ids(),
     };
     let mut entries = Vec::new();
+    let mut hidden = 0;
     for id in ids {
         match entry(&mut ctrl, id) {
             Ok(e) => entries.push(e),
             // A device deleted between listing and asking is simply gone.
             Err(userblk::Error::NoSuchDevice(_)) if args.id.is_none() => {}
+            // Someone else's device: not ours to show.
+            Err(userblk::Error::DeviceAccess { .. }) if args.id.is_none() => hidden += 1,
+            Err(e @ userblk::Error::DeviceAccess { .. }) => return Err(e.into()),
             Err(e) => return Err(e).with_context(|| format!("device {id}")),
         }
+    }
+    if hidden > 0 {
+        eprintln!("userblk: {hidden} device(s) of other users not shown");
     }
     if args.json {
         let all: Vec<_> = entries.iter().map(Entry::json).collect();

@@ -84,6 +84,8 @@ fn del(args: &DelArgs) -> anyhow::Result<()> {
                     targets::remove_shared(&path);
                 }
             }
+            // `del -a` as a user: other users' devices are not ours to delete.
+            Err(userblk::Error::DeviceAccess { .. }) if args.all => {}
             Err(e) if args.all => {
                 eprintln!("userblk: device {id}: {e}");
                 failed += 1;
