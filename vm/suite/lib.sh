@@ -41,7 +41,7 @@ case_run() {
         sed 's/^/    | /' "$CASE_LOG" | tail -n 40
         echo "    | --- dmesg tail ---"
         dmesg | tail -n 15 | sed 's/^/    | /'
-        for log in /run/userblk/*.log; do
+        for log in /run/userblk/*.log /tmp/userblk-*/*.log; do
             [ -s "$log" ] || continue
             echo "    | --- $log (tail) ---"
             tail -n 15 "$log" | sed 's/^/    | /'
