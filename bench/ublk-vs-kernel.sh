@@ -34,6 +34,8 @@ fi
 # Only a missing binary is built; a stale one is measured as is, but said so.
 # (Sources of the binary only: tests and benches do not change it.)
 stale=$(find crates/*/src crates/*/Cargo.toml Cargo.toml Cargo.lock -type f -newer target/release/userblk -print -quit)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
 [[ -z $stale ]] || echo "bench: warning: target/release/userblk is older than $stale" >&2
 
 # The VM needs both host cores (fio on one vCPU, the userblk daemon on the
@@ -73,8 +75,7 @@ if [[ ! -s $OUT/summary.txt ]]; then
 fi
 {
     echo "userblk vs kernel, $(date '+%Y-%m-%d %H:%M') on $(hostname) ($(nproc) host cores, qemu TCG)"
-    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' (crates/ modified)');" \
-        "binary built $(date -r target/release/userblk '+%Y-%m-%d %H:%M')${stale:+, older than $stale}"
+    echo "commit at start: $commit${stale:+; binary older than $stale}"
     echo "wall time ${wall}s (runtime ${RUNTIME}s x repeat $REPEAT); guest status $rc;" \
         "host CPU used by others meanwhile: ${others}% of one core"
     echo "raw fio JSON, env, dmesg, console log: $OUT/"

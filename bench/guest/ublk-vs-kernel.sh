@@ -23,6 +23,11 @@ BACKING=$WORK/backing.img
 BACKING_MIB=1024
 
 UB_IDS=() LOOPDEV='' NULLBLK=''
+# Serve from a private copy: a rebuild on the host mid-run must not swap the
+# binary under the later `add`s, and env.txt names exactly what was measured.
+mkdir -p "$WORK"
+cp -p "$USERBLK" "$WORK/userblk"
+USERBLK=$WORK/userblk
 cleanup() {
     local rc=$? bad=0 id
     for id in "${UB_IDS[@]}"; do
@@ -84,7 +89,6 @@ for _ in $(seq 50); do [[ -b /dev/nullb0 ]] && break; sleep 0.1; done
 [[ -b /dev/nullb0 ]] || { echo "null_blk loaded but /dev/nullb0 is missing" >&2; exit 1; }
 
 # Real pages (dd, not a sparse file or fallocate), so every read copies data.
-mkdir -p "$WORK"
 dd if=/dev/zero of="$BACKING" bs=1M count=$BACKING_MIB status=none
 ub_add UB_FILE file -f "$BACKING" -q 1 -d 128
 "$USERBLK" list -n "$UB_FILE" | grep -q '"direct":true' \
@@ -102,7 +106,7 @@ for d in "ublkb$UB_NULL" nullb0 "ublkb$UB_FILE" "$LOOP"; do no_sched "$d"; done
     echo "kernel: $(uname -r); cpus: $(nproc); mem: $(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo)"
     echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
     echo "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
-    echo "userblk: $("$USERBLK" --version); $(fio --version)"
+    echo "userblk: $("$USERBLK" --version), sha256 $(sha256sum <"$USERBLK" | cut -c1-16), built $(date -u -r "$USERBLK" '+%Y-%m-%d %H:%M:%S UTC'); $(fio --version)"
     echo "runtime: ${RUNTIME}s x $REPEAT repeats per device; backing file: ${BACKING_MIB} MiB in tmpfs ($BACKING)"
     echo "null_blk: $(for p in queue_mode submit_queues poll_queues hw_queue_depth irqmode bs gb memory_backed; do
         printf '%s=%s ' "$p" "$(cat /sys/module/null_blk/parameters/$p)"; done)"

@@ -115,7 +115,12 @@ pub(crate) fn run(setup: QueueSetup, events: &Sender<QueueEvent>) {
 fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
     let q = setup.q;
     if let Err(e) = crate::sys::set_io_flusher() {
-        tracing::warn!("queue {q}: {e}");
+        // Users' daemons lack CAP_SYS_RESOURCE for it; that is expected there.
+        if rustix::process::geteuid().is_root() {
+            tracing::warn!("queue {q}: {e}");
+        } else {
+            tracing::debug!("queue {q}: {e}");
+        }
     }
     if !setup.cpus.is_empty() {
         let mut set = rustix::thread::CpuSet::new();
