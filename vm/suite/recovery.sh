@@ -156,6 +156,34 @@ del_quiesced() {
     [ ! -e "$shm" ] || die "del left the data file"
 }
 
+# One queue thread fails (fail point: queue 1 after 50 requests) while queue
+# 0 is healthy; the daemon closes every queue and the kernel decides.
+queue_failure() { # queue_failure EXPECTED-STATE ADD-ARGS...
+    local expect=$1; shift
+    local id rc=0
+    id=$(USERBLK_FAILPOINT=queue-exit:1:50 add_dev -q 2 "$@")
+    [ "$(ub list -n "$id" | grep -c 'queue [01]: tid')" = 2 ] || die "expected two queues"
+    dd if=/dev/urandom of="$WORK/half" bs=1M count=8 status=none
+    dd if="$WORK/half" of="/dev/ublkb$id" bs=1M seek=32 oflag=direct status=none
+    # Pinned to CPU 1, whose requests the kernel maps to queue 1.
+    timeout 120 taskset -c 1 fio --ioengine=io_uring --direct=1 --name=qfail --filename="/dev/ublkb$id" \
+        --rw=randwrite --bs=4k --iodepth=8 --size=32M --io_size=64M >"$WORK/qfail.out" 2>&1 &
+    local fiopid=$!
+    wait_for 60 state_is "$id" "$expect" || die "device not $expect after a queue failed (state $(list_word "$id" 11))"
+    echo "note: one failed queue left the device $expect"
+    if [ "$expect" = QUIESCED ]; then
+        ub recover -n "$id" >/dev/null
+        state_is "$id" LIVE || die "recover after a queue failure did not bring it back"
+        wait "$fiopid" || rc=$?
+        echo "fio exit $rc after recovery"
+        cmp -i 0:33554432 -n 8388608 "$WORK/half" "/dev/ublkb$id" || die "data lost across the queue failure"
+    else
+        wait "$fiopid" || true
+    fi
+    ub del -n "$id"
+    wait_for 10 test ! -e "/dev/ublkc$id" || die "del did not remove the device"
+}
+
 adopt_like_a_service() { # what userblk@.service does: the same command after a crash recovers
     local cmd=("$USERBLK" add --foreground --adopt -n 9 -r mem --size 16M) pid shm
     "${cmd[@]}" >"$WORK/svc1.log" 2>&1 &
@@ -188,6 +216,8 @@ case_run "kill without -r: DEAD, del, id reusable" without_r_is_dead
 case_run "recover: bad input refused, nothing changed" recover_bad_input
 case_run "del of a QUIESCED device frees its data" del_quiesced
 case_run "add --adopt recovers after a crash (systemd unit)" adopt_like_a_service
+case_run "one queue fails, -r: QUIESCED, recover, data intact" queue_failure QUIESCED -r mem --size 64M
+case_run "one queue fails, no -r: DEAD, del works" queue_failure DEAD mem --size 64M
 case_run "no daemon panicked" sh -c '! grep -l panicked /run/userblk/*.log 2>/dev/null'
 cleanup_devices
 summary

@@ -266,7 +266,14 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         let served = dev.serve(Arc::clone(&target), |live| {
             on_live(live, describe, saved, daemon)
         });
-        DeviceState::remove(id);
+        // A recoverable device left behind by a failure needs its state for `recover`.
+        let waits_for_recovery = served.is_err()
+            && Control::open()
+                .and_then(|mut c| c.dev_info(id))
+                .is_ok_and(|i| Features(i.flags).has_user_recovery());
+        if !waits_for_recovery {
+            DeviceState::remove(id);
+        }
         served.with_context(|| format!("device {id}"))
     })();
     sig_handle.close();

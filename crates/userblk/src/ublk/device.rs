@@ -335,8 +335,13 @@ impl Device {
     /// Starts a thread per queue, waits until each fetches all its tags,
     /// sends START_DEV and calls `on_live` once `/dev/ublkbN` exists. Returns
     /// after every queue has drained; deletes the device if the stop came
-    /// through a [`Stopper`] or a queue failure (a stop from outside, such
-    /// as `userblk del`, leaves deletion to whoever stopped it).
+    /// through a [`Stopper`] (a stop from outside, such as `userblk del`,
+    /// leaves deletion to whoever stopped it).
+    ///
+    /// If a queue fails once the device is live, `serve` returns its error at
+    /// once, leaving the other queue threads running: the caller should then
+    /// exit the process. Exiting is how the kernel learns the server is gone;
+    /// it quiesces a recoverable device for a new daemon, or stops any other.
     pub fn serve(mut self, target: Arc<dyn Target>, on_live: impl FnOnce(&Live)) -> Result<()> {
         let id = self.info.dev_id;
         let queues = self.info.nr_hw_queues;
@@ -360,6 +365,7 @@ impl Device {
                 target: Arc::clone(&target),
                 caps: self.caps,
                 shutdown: Arc::clone(&shutdown),
+                fail_after: queue::failpoint(q),
             };
             let tx = tx.clone();
             let spawned = std::thread::Builder::new()
@@ -425,7 +431,6 @@ impl Device {
             });
         }
 
-        let mut failure = None;
         let mut exited = 0;
         while exited < queues {
             let (q, result) = match rx.recv() {
@@ -436,24 +441,18 @@ impl Device {
             };
             exited += 1;
             if let Err(e) = result {
-                if failure.is_none() {
-                    // One queue is gone: stop the device so the others drain
-                    // and I/O fails instead of hanging.
-                    self.stop_requested.store(true, Ordering::SeqCst);
-                    if let Err(se) = self.ctrl.stop(id) {
-                        tracing::error!("stopping device {id} after queue {q} failed: {se}");
-                        shutdown.trigger();
-                    }
-                }
-                failure.get_or_insert(e);
+                // One queue is gone, so this server is broken. The caller
+                // must now exit the process, as a crash would: the kernel
+                // then quiesces a recoverable device for a new daemon, or
+                // stops any other (DEAD, for `del`). The other queues keep
+                // their rings until then (see queue::serve for why).
+                tracing::error!("queue {q} failed ({e}); device {id} is left to the kernel");
+                self.armed = false;
+                return Err(e);
             }
         }
         join_all(threads);
-        self.finish()?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.finish()
     }
 
     /// Release `/dev/ublkcN` and, if we stopped the device, delete it.
