@@ -229,16 +229,7 @@ impl Device {
             drop(cdev);
             return Err(cleanup(&mut ctrl, e));
         }
-        Ok(Device {
-            ctrl,
-            info,
-            features,
-            cdev: Some(Arc::new(cdev)),
-            caps: *caps,
-            stop_requested: Arc::new(AtomicBool::new(false)),
-            armed: true,
-            recovering: false,
-        })
+        Ok(Device::opened(ctrl, info, features, cdev, caps, false))
     }
 
     /// Take over device `id`, whose server died with recovery enabled
@@ -299,17 +290,29 @@ impl Device {
         }
         let info = ctrl.dev_info(id)?;
         let cdev = open_char_device(id)?;
-        Ok(Device {
+        Ok(Device::opened(ctrl, info, features, cdev, caps, true))
+    }
+
+    fn opened(
+        ctrl: Control,
+        info: DevInfo,
+        features: Features,
+        cdev: OwnedFd,
+        caps: &Caps,
+        recovering: bool,
+    ) -> Device {
+        Device {
             ctrl,
             info,
             features,
             cdev: Some(Arc::new(cdev)),
             caps: *caps,
             stop_requested: Arc::new(AtomicBool::new(false)),
-            // Never delete a device we were asked to recover because recovery failed.
-            armed: false,
-            recovering: true,
-        })
+            // A new device is deleted again if serving never starts; one we
+            // were asked to recover is never deleted because recovery failed.
+            armed: !recovering,
+            recovering,
+        }
     }
 
     /// The negotiated device info (id, queues, depth, flags).
