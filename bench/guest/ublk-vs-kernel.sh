@@ -136,22 +136,32 @@ for w in null file; do
     done
 done
 
+# Busy and total jiffies of all guest CPUs. IOPS alone hide where the work
+# went: fio saturates its vCPU either way, and userblk's queue thread runs on
+# the other one, so CPU time per I/O is reported next to the IOPS.
+cpu_jiffies() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+
 FAILED=0
 run_fio() { # run_fio WORKLOAD SIDE REP
-    local w=$1 side=$2 rep=$3 dev json rc=0
+    local w=$1 side=$2 rep=$3 dev json rc=0 c0 c1
     if [[ $side == userblk ]]; then dev=${DEV_UB[$w]}; else dev=${DEV_K[$w]}; fi
     json=$OUT/raw/$w.$side.$rep.json
+    c0=$(cpu_jiffies)
     # A wedged device must not eat the VM's whole timeout.
     # shellcheck disable=SC2086  # FIO_RW holds several words on purpose
     timeout -k 10 $((RUNTIME + 60)) fio --name="$w-$side" --filename="$dev" ${FIO_RW[$w]} \
         "${FIO_COMMON[@]}" --output="$json" || rc=$?
+    c1=$(cpu_jiffies)
+    # "busy total" jiffies (USER_HZ) spent by all guest CPUs during the run.
+    echo "$(( ${c1% *} - ${c0% *} )) $(( ${c1#* } - ${c0#* } )) $(getconf CLK_TCK)" >"${json%.json}.cpu"
     if (( rc != 0 )); then
         echo "FAIL fio $w/$side rep $rep: exit $rc" >&2
-        cat "$json" >&2 2>/dev/null || true
+        # fio's own error lines, not the whole JSON (it stays in raw/).
+        grep -a -E '^fio:|"error"' "$json" >&2 2>/dev/null || true
         FAILED=1
         return 0
     fi
-    printf 'run %-4s %-7s rep %d: %s IOPS\n' "$w" "$side" "$rep" \
+    printf 'run %-4s %-7s rep %d: %s\n' "$w" "$side" "$rep" \
         "$(python3 bench/guest/summarize.py --iops "$json")"
 }
 
