@@ -6,6 +6,10 @@
 //! hole, so the model zeroes discarded ranges.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[allow(dead_code)]
+mod common;
+
+use common::pattern;
 use proptest::prelude::*;
 use userblk::io::Engine;
 use userblk::targets::{FileOptions, FileTarget, MemTarget};
@@ -66,22 +70,6 @@ fn us(x: u64) -> usize {
 
 fn len32(x: u64) -> u32 {
     u32::try_from(x).unwrap()
-}
-
-/// Deterministic bytes from `seed` (splitmix64).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        out.extend_from_slice(&z.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A target and an engine to drive it.
