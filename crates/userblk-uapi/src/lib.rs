@@ -17,9 +17,11 @@ compile_error!("userblk-uapi describes a Linux kernel ABI and only builds for Li
 mod cmd;
 mod ctrl;
 mod io;
+pub mod loop_dev;
 mod params;
 
 pub use cmd::*;
 pub use ctrl::*;
 pub use io::*;
+pub use loop_dev::*;
 pub use params::*;

@@ -54,6 +54,20 @@ pub enum Error {
     /// A requested device id is already taken.
     #[error("device id {0} is already in use")]
     IdInUse(u32),
+    /// The kernel has no FUSE.
+    #[error("/dev/fuse not found: this kernel has no FUSE support loaded; try `modprobe fuse`")]
+    NoFuse,
+    /// A user cannot mount FUSE without the setuid helper.
+    #[error("fusermount3 not found: mounting FUSE as a user needs it (Debian/Ubuntu: apt-get install fuse3)")]
+    NoFusermount,
+    /// Mounting or serving the FUSE file system failed.
+    #[error("FUSE: {what}: {err}")]
+    Fuse {
+        /// What was being done.
+        what: String,
+        /// What the OS or the FUSE library said.
+        err: std::io::Error,
+    },
     /// An argument is out of range or inconsistent.
     #[error("{0}")]
     Invalid(String),
@@ -81,6 +95,23 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// The kernel has no loop driver.
+    #[error("no loop device support: /dev/loop-control is missing (try `modprobe loop`)")]
+    NoLoop,
+    /// The caller may not open the loop control device or a loop device.
+    #[error("{}: permission denied: attaching a loop device needs root", path.display())]
+    LoopAccess {
+        /// The device that could not be opened.
+        path: PathBuf,
+    },
+    /// A loop device is held by a mount or another exclusive opener, so it was not detached.
+    #[error("{}", loop_busy_message(path, mounts))]
+    LoopBusy {
+        /// The loop device, e.g. `/dev/loop3`.
+        path: PathBuf,
+        /// Where it is mounted in this mount namespace; empty if it is held some other way.
+        mounts: Vec<PathBuf>,
+    },
 }
 
 fn device_access_message(id: u32, owner: Option<u32>) -> String {
@@ -88,6 +119,21 @@ fn device_access_message(id: u32, owner: Option<u32>) -> String {
         Some(uid) => format!("device {id} belongs to uid {uid}: permission denied"),
         None => format!("permission denied on device {id}"),
     }
+}
+
+fn loop_busy_message(path: &std::path::Path, mounts: &[PathBuf]) -> String {
+    if mounts.is_empty() {
+        return format!(
+            "{} is in use (held open exclusively, e.g. by a mount in another namespace or a device mapper); release it first",
+            path.display()
+        );
+    }
+    let at: Vec<String> = mounts.iter().map(|m| m.display().to_string()).collect();
+    format!(
+        "{} is in use (mounted at {}); unmount it first",
+        path.display(),
+        at.join(", ")
+    )
 }
 
 impl Error {
