@@ -11,8 +11,11 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+pub mod fuse;
 pub mod io;
+pub mod loopdev;
 pub mod size;
+pub mod state;
 pub mod sys;
 pub mod target;
 pub mod targets;

@@ -71,9 +71,92 @@ pub struct DeviceState {
     pub queue_cpus: Vec<Vec<usize>>,
     /// Daemon log file.
     pub log: Option<PathBuf>,
+    /// For the FUSE frontend: where the file is and what serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse: Option<FuseState>,
+}
+
+/// What `list` and `del` need to know about a FUSE-served device.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FuseState {
+    /// The FUSE mount point.
+    pub mountpoint: PathBuf,
+    /// The file that is the device.
+    pub file: PathBuf,
+    /// The mount point was made by the daemon, and is removed with the device.
+    pub own_mountpoint: bool,
+    /// The loop device on the file, if one was attached.
+    pub loop_device: Option<PathBuf>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Threads serving FUSE requests.
+    pub threads: u16,
+    /// Largest request passed to the target.
+    pub max_io_buf_bytes: u32,
 }
 
 impl DeviceState {
+    /// A state with only the identity filled in, for a device being set up.
+    pub fn new(id: u32, frontend: &str) -> Self {
+        DeviceState {
+            id,
+            pid: rustix::process::getpid().as_raw_nonzero().get(),
+            frontend: frontend.into(),
+            block_device: String::new(),
+            target: serde_json::Value::Null,
+            args: Vec::new(),
+            queue_tids: Vec::new(),
+            queue_cpus: Vec::new(),
+            log: None,
+            fuse: None,
+        }
+    }
+
+    /// Whether the daemon that wrote this state still runs.
+    pub fn daemon_alive(&self) -> bool {
+        pid_is_userblk(self.pid)
+    }
+
+    /// Ids of every device with saved state.
+    pub fn ids() -> Vec<u32> {
+        let mut ids: Vec<u32> = std::fs::read_dir(state_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Claim an id for a device that is not a ublk device (whose ids the
+    /// kernel hands out): `wanted`, or the lowest id that neither the kernel
+    /// (`kernel_ids`) nor another saved state uses. The claim is this state,
+    /// saved at once under a lock so two `add`s cannot take the same id.
+    pub fn claim(wanted: Option<u32>, kernel_ids: &[u32], frontend: &str) -> Result<Self> {
+        let dir = state_dir();
+        ensure_state_dir(&dir).map_err(|e| Error::State {
+            path: dir.clone(),
+            msg: e.to_string(),
+        })?;
+        let _lock = StateLock::take(&dir)?;
+        // A state left by a dead daemon still names a mount to clean up
+        // (`userblk del`), so its id stays taken.
+        let taken = |id: u32| kernel_ids.contains(&id) || Self::path(id).exists();
+        let id = match wanted {
+            Some(id) if taken(id) => return Err(Error::IdInUse(id)),
+            Some(id) => id,
+            None => (0..u32::MAX)
+                .find(|&id| !taken(id))
+                .ok_or(Error::invalid("no free device id"))?,
+        };
+        let st = DeviceState::new(id, frontend);
+        st.save()?;
+        Ok(st)
+    }
+
     /// Path of device `id`'s state file.
     pub fn path(id: u32) -> PathBuf {
         state_dir().join(format!("{id}.json"))
@@ -118,5 +201,36 @@ impl DeviceState {
                 tracing::warn!("removing state of device {id}: {e}");
             }
         }
+    }
+}
+
+/// Whether `pid` is a running userblk process (not a reused pid).
+pub fn pid_is_userblk(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim_end() == "userblk")
+}
+
+/// An exclusive `flock` on the state directory's lock file, for claiming ids.
+struct StateLock(#[allow(dead_code)] std::fs::File);
+
+impl StateLock {
+    fn take(dir: &Path) -> Result<Self> {
+        let path = dir.join(".lock");
+        let err = |e: std::io::Error| Error::State {
+            path: path.clone(),
+            msg: e.to_string(),
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(err)?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| err(e.into()))?;
+        Ok(StateLock(f))
     }
 }

@@ -45,17 +45,10 @@ impl Engine {
         if req.op.has_data() && (data.len() != n || n > self.buf.len()) {
             return Err(rustix::io::Errno::INVAL);
         }
-        target::validate(&self.caps, &req)?;
-        // Completions left over from an earlier request are not this one's.
-        self.cqes.clear();
         if req.op == Op::Write {
             self.buf.as_mut_slice()[..n].copy_from_slice(data);
         }
-        // SAFETY: the buffer is ours and is not touched until `drive` has
-        // reaped every completion of this request.
-        let mut ctx = unsafe { Ctx::new(req, 0, &mut self.buf, &mut self.ring) };
-        let first = target.submit(&mut ctx);
-        let result = self.drive(target, req, first);
+        let result = self.run_in_place(target, req);
         if req.op == Op::Read {
             if let Ok(done) = result {
                 let done = (done as usize).min(n);
@@ -63,6 +56,34 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// Run one request whose data is the engine's own buffer: a write's data
+    /// must already be in [`buf_mut`](Self::buf_mut), a read's lands in
+    /// [`buf`](Self::buf). Saves a copy for frontends that can fill or
+    /// send from the buffer directly.
+    pub fn run_in_place(&mut self, target: &dyn Target, req: Request) -> IoResult {
+        if req.op.has_data() && req.len as usize > self.buf.len() {
+            return Err(rustix::io::Errno::INVAL);
+        }
+        target::validate(&self.caps, &req)?;
+        // Completions left over from an earlier request are not this one's.
+        self.cqes.clear();
+        // SAFETY: the buffer is ours and is not touched until `drive` has
+        // reaped every completion of this request.
+        let mut ctx = unsafe { Ctx::new(req, 0, &mut self.buf, &mut self.ring) };
+        let first = target.submit(&mut ctx);
+        self.drive(target, req, first)
+    }
+
+    /// The data buffer (a read's result after [`run_in_place`](Self::run_in_place)).
+    pub fn buf(&self) -> &[u8] {
+        self.buf.as_slice()
+    }
+
+    /// The data buffer, to fill with a write's data before [`run_in_place`](Self::run_in_place).
+    pub fn buf_mut(&mut self) -> &mut [u8] {
+        self.buf.as_mut_slice()
     }
 
     fn drive(&mut self, target: &dyn Target, req: Request, mut state: Submit) -> IoResult {

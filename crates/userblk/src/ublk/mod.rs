@@ -5,7 +5,7 @@
 //! - [`queue`]: the one per-queue loop.
 //! - [`device`]: lifecycle (add, serve, stop, delete).
 //! - [`params`], [`features`]: what is advertised and what the kernel offers.
-//! - [`state`]: saved per-device state for `list` and `recover`.
+//! - [`state`]: saved per-device state for `list` and `recover` (shared by all frontends).
 
 pub mod ctrl;
 pub mod desc;
@@ -13,7 +13,8 @@ pub mod device;
 pub mod features;
 pub mod params;
 pub(crate) mod queue;
-pub mod state;
+
+pub use crate::state;
 
 pub use ctrl::{Control, DevInfo};
 pub use device::{Device, DeviceConfig, Live, Stopper};

@@ -1,0 +1,272 @@
+//! Mount a target as `MOUNTPOINT/disk`, serve it on several threads, unmount it.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use userblk::fuse::{FuseDisk, FuseOptions};
+//! use userblk::targets::MemTarget;
+//!
+//! let target = Arc::new(MemTarget::new(1 << 30)?);
+//! let opts = FuseOptions::new("/mnt/disk-dir");
+//! let disk = FuseDisk::mount(target, &opts, |ended| eprintln!("session over: {ended:?}"))?;
+//! println!("serving {}", disk.file().display());
+//! disk.unmount()?;
+//! # Ok::<(), userblk::Error>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use rustix::io::Errno;
+
+use super::export::{Counters, DiskFs, DISK_NAME};
+use crate::target::Target;
+use crate::{Error, Result};
+
+/// How to export a target over FUSE.
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    /// An existing directory to mount on; the device is the file `disk` inside.
+    pub mountpoint: PathBuf,
+    /// Threads serving FUSE requests, each with its own `/dev/fuse` clone and ring.
+    pub threads: usize,
+    /// Largest request passed to the target in one piece, in bytes.
+    pub buf_bytes: u32,
+    /// Let other users open the file (for users, needs `user_allow_other` in /etc/fuse.conf).
+    pub allow_other: bool,
+}
+
+impl FuseOptions {
+    /// Defaults: 4 threads, 512 KiB requests, only the mounting user has access.
+    pub fn new(mountpoint: impl Into<PathBuf>) -> Self {
+        FuseOptions {
+            mountpoint: mountpoint.into(),
+            threads: 4,
+            buf_bytes: 512 << 10,
+            allow_other: false,
+        }
+    }
+}
+
+/// How an unmount went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    /// Gone; the serving threads end now.
+    Clean,
+    /// Something still had the file open: the mount was detached lazily and
+    /// is served until the last user closes it.
+    Lazy,
+    /// It was not mounted.
+    NotMounted,
+}
+
+/// A target served as a file on a FUSE mount.
+#[derive(Debug)]
+pub struct FuseDisk {
+    mountpoint: PathBuf,
+    file: PathBuf,
+    counters: Arc<Counters>,
+}
+
+impl FuseDisk {
+    /// Check the mount point, mount, and start serving on `opts.threads`
+    /// threads. `on_end` runs on another thread when the session is over
+    /// (after an unmount, by us or anyone else).
+    pub fn mount(
+        target: Arc<dyn Target>,
+        opts: &FuseOptions,
+        on_end: impl FnOnce(std::io::Result<()>) + Send + 'static,
+    ) -> Result<FuseDisk> {
+        check_fuse_available()?;
+        let mountpoint = check_mountpoint(&opts.mountpoint)?;
+        let counters = Arc::new(Counters::default());
+        let fs = DiskFs::new(target, opts.buf_bytes, Arc::clone(&counters))?;
+        let mut options = vec![
+            MountOption::FSName("userblk".into()),
+            MountOption::Subtype("userblk".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::NoExec,
+        ];
+        if fs.caps().read_only {
+            options.push(MountOption::RO);
+        }
+        let mut config = Config::default();
+        config.mount_options = options;
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = true;
+        let session = Session::new(fs, &mountpoint, &config).map_err(|e| Error::Fuse {
+            what: format!("mounting on {}", mountpoint.display()),
+            err: e,
+        })?;
+        let bg = session.spawn().map_err(|e| Error::Fuse {
+            what: "starting the FUSE threads".into(),
+            err: e,
+        });
+        let bg = match bg {
+            Ok(bg) => bg,
+            Err(e) => {
+                let _ = unmount(&mountpoint);
+                return Err(e);
+            }
+        };
+        std::thread::Builder::new()
+            .name("fuse-watch".into())
+            .spawn(move || on_end(bg.join()))
+            .map_err(|e| Error::io("spawning the FUSE watcher", e))?;
+        Ok(FuseDisk {
+            file: mountpoint.join(DISK_NAME),
+            mountpoint,
+            counters,
+        })
+    }
+
+    /// The file that is the device.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Operation counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Unmount; see [`unmount`].
+    pub fn unmount(&self) -> Result<Unmounted> {
+        unmount(&self.mountpoint)
+    }
+}
+
+/// Unmount a userblk FUSE mount. A busy mount is detached lazily (see
+/// [`Unmounted::Lazy`]) rather than left to hang or fail. As root this is
+/// `umount2`; users go through `fusermount3 -u`.
+pub fn unmount(mountpoint: &Path) -> Result<Unmounted> {
+    if !is_mount_root(mountpoint) {
+        return Ok(Unmounted::NotMounted);
+    }
+    if rustix::process::geteuid().is_root() {
+        use rustix::mount::UnmountFlags;
+        match rustix::mount::unmount(mountpoint, UnmountFlags::empty()) {
+            Ok(()) => Ok(Unmounted::Clean),
+            Err(Errno::BUSY) => rustix::mount::unmount(mountpoint, UnmountFlags::DETACH)
+                .map(|()| Unmounted::Lazy)
+                .map_err(|e| Error::io(format!("unmounting {}", mountpoint.display()), e)),
+            Err(Errno::INVAL) => Ok(Unmounted::NotMounted),
+            Err(e) => Err(Error::io(format!("unmounting {}", mountpoint.display()), e)),
+        }
+    } else {
+        let bin = fusermount().ok_or(Error::NoFusermount)?;
+        let run = |lazy: bool| {
+            let mut cmd = Command::new(&bin);
+            cmd.arg("-u").arg("-q");
+            if lazy {
+                cmd.arg("-z");
+            }
+            cmd.arg(mountpoint)
+                .output()
+                .map_err(|e| Error::io(format!("running {}", bin.display()), e))
+        };
+        let out = run(false)?;
+        if out.status.success() {
+            return Ok(Unmounted::Clean);
+        }
+        let out = run(true)?;
+        if out.status.success() {
+            Ok(Unmounted::Lazy)
+        } else {
+            Err(Error::Invalid(format!(
+                "{} -u {}: {}",
+                bin.display(),
+                mountpoint.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+}
+
+/// `fusermount3` (or the older `fusermount`) on `PATH`, which users need to mount FUSE.
+pub fn fusermount() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    ["fusermount3", "fusermount"].iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok())
+    })
+}
+
+/// Whether this kernel and user can mount FUSE at all: root opens
+/// `/dev/fuse` itself; users need `fusermount3`, which opens it for them.
+pub fn check_fuse_available() -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(Error::NoFuse);
+    }
+    if !rustix::process::geteuid().is_root() {
+        return fusermount().map(drop).ok_or(Error::NoFusermount);
+    }
+    match rustix::fs::open(
+        "/dev/fuse",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(_) => Ok(()),
+        Err(Errno::NODEV | Errno::NXIO) => Err(Error::NoFuse),
+        Err(e) => Err(Error::Path {
+            path: "/dev/fuse".into(),
+            err: e.into(),
+        }),
+    }
+}
+
+/// The mount point must be an existing directory that nothing is mounted on.
+fn check_mountpoint(dir: &Path) -> Result<PathBuf> {
+    let path_err = |err: std::io::Error| Error::Path {
+        path: dir.to_path_buf(),
+        err,
+    };
+    let canonical = dir
+        .canonicalize()
+        .map_err(|e| path_err(std::io::Error::new(e.kind(), format!("mount point: {e}"))))?;
+    let meta = std::fs::metadata(&canonical).map_err(path_err)?;
+    if !meta.is_dir() {
+        return Err(path_err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            "mount point is not a directory",
+        )));
+    }
+    if is_mount_root(&canonical) {
+        return Err(path_err(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            "mount point is busy: something is already mounted there",
+        )));
+    }
+    Ok(canonical)
+}
+
+/// Whether `path` is the root of a mount (something is mounted on it).
+pub fn is_mount_root(path: &Path) -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    // A dead FUSE server makes stat fail with ENOTCONN: that is still a mount.
+    match statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    ) {
+        Ok(st) => st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT),
+        Err(Errno::NOTCONN) => true,
+        Err(_) => false,
+    }
+}
