@@ -21,12 +21,12 @@ use userblk_uapi::{
     UBLK_S_DEV_QUIESCED,
 };
 
-use crate::cli::{AddArgs, RecoverArgs};
+use crate::cli::{AddArgs, DevArgs, Frontend, RecoverArgs};
 
 /// Set in the daemon's environment by the `add` that spawned it.
 const DAEMON_ENV: &str = "USERBLK_DAEMON";
 /// Printed by the daemon after the device details, once the device is live.
-const READY_MARKER: &str = "--userblk-device-live--";
+pub(crate) const READY_MARKER: &str = "--userblk-device-live--";
 
 /// `userblk add`.
 pub fn run(args: AddArgs) -> anyhow::Result<()> {
@@ -101,7 +101,7 @@ fn adoptable(id: Option<u32>) -> anyhow::Result<Option<u32>> {
 }
 
 /// The arguments of this `add`, as saved for `list` and `recover`.
-fn saved_args() -> Vec<String> {
+pub(crate) fn saved_args() -> Vec<String> {
     std::env::args()
         .skip(1)
         .filter(|a| a != "--foreground")
@@ -150,11 +150,83 @@ fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
     }
 }
 
+/// Which frontend serves the device, after `auto` is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chosen {
+    Ublk,
+    Fuse { with_loop: bool },
+}
+
+/// Resolve `--frontend` and check the options fit the frontend.
+fn choose_frontend(dev: &DevArgs) -> anyhow::Result<Chosen> {
+    let needs_ublk = dev.recovery || dev.reissue || dev.adopt || dev.recover_id.is_some();
+    let fuse_only = dev.mountpoint.is_some() || dev.loop_dev || dev.no_loop || dev.allow_other;
+    let chosen = match dev.frontend {
+        Frontend::Ublk => Chosen::Ublk,
+        Frontend::Fuse => Chosen::Fuse {
+            with_loop: dev.loop_dev,
+        },
+        Frontend::Auto if needs_ublk => Chosen::Ublk,
+        Frontend::Auto => match Control::open() {
+            Ok(_) if !fuse_only => Chosen::Ublk,
+            Ok(_) => Chosen::Fuse {
+                with_loop: dev.loop_dev,
+            },
+            Err(e @ (userblk::Error::NoUblk | userblk::Error::NoControlAccess)) => {
+                let root = running_as_root();
+                let with_loop = dev.loop_dev || (root && !dev.no_loop);
+                tracing::info!(
+                    "ublk is not usable ({e}); using the FUSE frontend{}",
+                    if with_loop { " with a loop device" } else { "" }
+                );
+                Chosen::Fuse { with_loop }
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
+    match chosen {
+        Chosen::Fuse { .. } if needs_ublk => bail!(
+            "recovery (-r, --reissue, --adopt) needs the ublk frontend: the FUSE frontend cannot keep a device across a daemon's death"
+        ),
+        Chosen::Fuse { .. } if dev.unprivileged => {
+            bail!("--unprivileged is a ublk option: a FUSE device always belongs to the user who adds it")
+        }
+        Chosen::Ublk if fuse_only => bail!(
+            "--mountpoint, --loop, --no-loop and --allow-other are FUSE options: add --frontend fuse"
+        ),
+        c => Ok(c),
+    }
+}
+
 fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     if daemon {
         // Leave the caller's session so its terminal's signals do not reach us.
         let _ = rustix::process::setsid();
     }
+    match choose_frontend(&args.dev)? {
+        Chosen::Ublk => serve_ublk(args, daemon),
+        Chosen::Fuse { with_loop } => crate::fuse::serve(args, daemon, with_loop),
+    }
+}
+
+/// The lowest id free among ublk devices and devices of other frontends,
+/// when the kernel's own choice could collide with a FUSE device's id.
+fn ublk_id(wanted: Option<u32>) -> Option<u32> {
+    if wanted.is_some() {
+        return wanted;
+    }
+    let saved = DeviceState::ids();
+    let others = saved
+        .iter()
+        .any(|&id| DeviceState::load(id).is_ok_and(|s| s.is_some_and(|s| s.frontend != "ublk")));
+    if !others {
+        return None;
+    }
+    let kernel = userblk::ublk::ctrl::device_ids();
+    (0..u32::MAX).find(|id| !kernel.contains(id) && !saved.contains(id))
+}
+
+fn serve_ublk(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     let recover_id = match (args.dev.recover_id, args.dev.adopt) {
         (Some(id), _) => Some(id),
         (None, true) => adoptable(args.dev.id)?,
@@ -232,8 +304,8 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         flags |= UBLK_F_UNPRIVILEGED_DEV;
     }
     let cfg = DeviceConfig {
-        id: args.dev.id,
-        queues: args.dev.queues,
+        id: ublk_id(args.dev.id),
+        queues: args.dev.queues.unwrap_or(1),
         depth: args.dev.depth,
         io_buf_bytes: args.dev.io_buf_size,
         flags,
@@ -309,6 +381,7 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, daemon: bo
         queue_tids: live.queue_tids.clone(),
         queue_cpus: live.queue_cpus.clone(),
         log: log.clone(),
+        fuse: None,
     };
     if let Err(e) = st.save() {
         tracing::warn!("{e}");
@@ -353,7 +426,7 @@ fn wait_for_block_access(id: u32) -> bool {
     true
 }
 
-fn redirect_output(log: &std::path::Path) {
+pub(crate) fn redirect_output(log: &std::path::Path) {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

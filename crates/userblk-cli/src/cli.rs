@@ -79,10 +79,29 @@ pub struct DevArgs {
     /// Device id (default: the kernel picks the lowest free one).
     #[arg(short = 'n', long = "number", global = true, value_name = "ID")]
     pub id: Option<u32>,
-    /// Hardware queues, one serving thread each (the kernel caps it at the CPU count).
-    #[arg(short = 'q', long = "queues", global = true, default_value_t = 1, value_name = "N",
+    /// Which kernel interface serves the device: ublk, or FUSE (a file, plus
+    /// a loop device with --loop); auto picks ublk when the kernel has it.
+    #[arg(long, global = true, value_enum, default_value_t = Frontend::Auto)]
+    pub frontend: Frontend,
+    /// FUSE: the directory to mount on; the device is the file `disk` in it
+    /// (default: a new directory under the state directory).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub mountpoint: Option<PathBuf>,
+    /// FUSE: attach a loop device to the file (root only). Implied when
+    /// `auto` falls back to FUSE as root.
+    #[arg(long = "loop", global = true)]
+    pub loop_dev: bool,
+    /// FUSE: no loop device, even when `auto` falls back to FUSE as root.
+    #[arg(long = "no-loop", global = true, conflicts_with = "loop_dev")]
+    pub no_loop: bool,
+    /// FUSE: let other users open the file (users need `user_allow_other` in /etc/fuse.conf).
+    #[arg(long, global = true)]
+    pub allow_other: bool,
+    /// Hardware queues, one serving thread each (the kernel caps it at the
+    /// CPU count); for FUSE, the serving threads [default: 1 for ublk, 4 for FUSE].
+    #[arg(short = 'q', long = "queues", global = true, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=4096))]
-    pub queues: u16,
+    pub queues: Option<u16>,
     /// Requests in flight per queue.
     #[arg(short = 'd', long = "depth", global = true, default_value_t = 128, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -113,6 +132,17 @@ pub struct DevArgs {
     /// Internal: serve device ID as its recovering daemon (used by `recover`).
     #[arg(long, global = true, hide = true, value_name = "ID")]
     pub recover_id: Option<u32>,
+}
+
+/// The kernel interface that serves a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Frontend {
+    /// ublk when `/dev/ublk-control` is usable (after `modprobe ublk_drv`), else FUSE.
+    Auto,
+    /// The kernel's ublk driver: `/dev/ublkbN`.
+    Ublk,
+    /// A file on a FUSE mount, optionally with a loop device on it.
+    Fuse,
 }
 
 /// The targets.

@@ -1,4 +1,6 @@
-//! `list`: the kernel's view of each device, with the target from saved state.
+//! `list`: every device of the caller, whichever frontend serves it. ublk
+//! devices come from the kernel, with the target from saved state; devices
+//! of other frontends come from their saved state alone.
 //!
 //! The first two lines of each device keep the layout existing ublk tooling
 //! parses: the pid is the 7th word and the state the 11th of the second line.
@@ -13,13 +15,21 @@ use userblk_uapi::UblkParams;
 use crate::cli::ListArgs;
 
 /// One device as `list` shows it.
-pub struct Entry {
+pub enum Entry {
+    /// A ublk device, as the kernel sees it.
+    Ublk(Box<UblkEntry>),
+    /// A device of another frontend (FUSE), from its saved state.
+    Saved(Box<DeviceState>),
+}
+
+/// What the kernel and the state directory know of a ublk device.
+pub struct UblkEntry {
     info: DevInfo,
     params: Option<UblkParams>,
     state: Option<DeviceState>,
 }
 
-/// Gather what the kernel and the state directory know about device `id`.
+/// Gather what the kernel and the state directory know about ublk device `id`.
 pub fn entry(ctrl: &mut Control, id: u32) -> userblk::Result<Entry> {
     let info = ctrl.dev_info(id)?;
     let params = ctrl.params(id).ok();
@@ -27,14 +37,91 @@ pub fn entry(ctrl: &mut Control, id: u32) -> userblk::Result<Entry> {
         tracing::warn!("{e}");
         None
     });
-    Ok(Entry {
+    Ok(Entry::Ublk(Box::new(UblkEntry {
         info,
         params,
         state,
-    })
+    })))
 }
 
 impl Entry {
+    /// The text form.
+    pub fn text(&self) -> String {
+        match self {
+            Entry::Ublk(e) => e.text(),
+            Entry::Saved(st) => saved_text(st),
+        }
+    }
+
+    /// The JSON form.
+    pub fn json(&self) -> serde_json::Value {
+        match self {
+            Entry::Ublk(e) => e.json(),
+            Entry::Saved(st) => saved_json(st),
+        }
+    }
+}
+
+/// LIVE while the daemon runs; DEAD once it is gone (`del` cleans up).
+fn saved_state_name(st: &DeviceState) -> &'static str {
+    if !st.daemon_alive() {
+        "DEAD"
+    } else if st.block_device.is_empty() {
+        "STARTING"
+    } else {
+        "LIVE"
+    }
+}
+
+fn saved_text(st: &DeviceState) -> String {
+    let f = st.fuse.as_ref();
+    let bs = f.map_or(512, |f| f.block_size);
+    let mut s = format!(
+        "dev id {}: frontend {} threads {} block size {bs} dev_capacity {}\n",
+        st.id,
+        st.frontend,
+        f.map_or(0, |f| f.threads),
+        f.map_or(0, |f| f.size / 512)
+    );
+    s += &format!(
+        "\tmax rq size {} daemon pid {} flags 0x0 state {}\n",
+        f.map_or(0, |f| f.max_io_buf_bytes),
+        st.pid,
+        saved_state_name(st)
+    );
+    s += &format!("\ttarget {}\n", st.target);
+    s += &format!("\tfrontend {} block {}", st.frontend, st.block_device);
+    if let Some(f) = f {
+        if f.loop_device.is_some() {
+            s += &format!(" file {}", f.file.display());
+        }
+    }
+    s += "\n";
+    s
+}
+
+fn saved_json(st: &DeviceState) -> serde_json::Value {
+    let f = st.fuse.as_ref();
+    json!({
+        "id": st.id,
+        "state": saved_state_name(st),
+        "pid": st.pid,
+        "frontend": st.frontend,
+        "block_device": st.block_device,
+        "file": f.map(|f| &f.file),
+        "mountpoint": f.map(|f| &f.mountpoint),
+        "loop_device": f.and_then(|f| f.loop_device.as_ref()),
+        "threads": f.map(|f| f.threads),
+        "block_size": f.map(|f| f.block_size),
+        "size": f.map(|f| f.size),
+        "dev_sectors": f.map(|f| f.size / 512),
+        "max_io_buf_bytes": f.map(|f| f.max_io_buf_bytes),
+        "target": st.target,
+        "log": st.log,
+    })
+}
+
+impl UblkEntry {
     fn block_size(&self) -> u32 {
         self.params
             .map_or(512, |p| 1u32 << p.basic.logical_bs_shift)
@@ -110,15 +197,41 @@ impl Entry {
 
 /// `userblk list`.
 pub fn run(args: &ListArgs) -> anyhow::Result<()> {
-    let mut ctrl = Control::open()?;
-    let ids = match args.id {
-        Some(id) => vec![id],
-        None => device_ids(),
+    // Without ublk (or access to it) there may still be FUSE devices.
+    let mut ctrl = match Control::open() {
+        Ok(c) => Some(c),
+        Err(userblk::Error::NoUblk | userblk::Error::NoControlAccess) => None,
+        Err(e) => return Err(e.into()),
     };
+    let kernel_ids = if ctrl.is_some() {
+        device_ids()
+    } else {
+        Vec::new()
+    };
+    let mut ids: Vec<u32> = kernel_ids.clone();
+    ids.extend(DeviceState::ids());
+    ids.sort_unstable();
+    ids.dedup();
+    if let Some(id) = args.id {
+        ids.retain(|&i| i == id);
+        if ids.is_empty() {
+            anyhow::bail!("no device with id {id}");
+        }
+    }
     let mut entries = Vec::new();
     let mut hidden = 0;
     for id in ids {
-        match entry(&mut ctrl, id) {
+        if !kernel_ids.contains(&id) {
+            match DeviceState::load(id) {
+                // A ublk device's state outlives it only while it waits for recovery.
+                Ok(Some(st)) if st.frontend != "ublk" => entries.push(Entry::Saved(Box::new(st))),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+            continue;
+        }
+        let Some(ctrl) = ctrl.as_mut() else { continue };
+        match entry(ctrl, id) {
             Ok(e) => entries.push(e),
             // A device deleted between listing and asking is simply gone.
             Err(userblk::Error::NoSuchDevice(_)) if args.id.is_none() => {}

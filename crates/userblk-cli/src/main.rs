@@ -2,6 +2,7 @@
 
 mod add;
 mod cli;
+mod fuse;
 mod list;
 mod targets;
 
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use userblk::state::DeviceState;
 use userblk::ublk::{device, Control};
 
 use crate::cli::{Cli, Command, DelArgs, JsonArgs};
@@ -20,7 +22,9 @@ fn init_logging(verbose: u8, default: &str) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        // The FUSE library warns about routine things (a second unmount
+        // attempt after ours); its errors still show.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},fuser=error")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -68,32 +72,73 @@ fn main() -> ExitCode {
 }
 
 fn del(args: &DelArgs) -> anyhow::Result<()> {
-    let mut ctrl = Control::open()?;
+    // Without ublk (or access to it) there may still be FUSE devices.
+    let mut ctrl = match Control::open() {
+        Ok(c) => Some(c),
+        Err(userblk::Error::NoUblk | userblk::Error::NoControlAccess) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let kernel_ids = if ctrl.is_some() {
+        userblk::ublk::ctrl::device_ids()
+    } else {
+        Vec::new()
+    };
     let ids = match args.id {
         Some(id) => vec![id],
-        None => userblk::ublk::ctrl::device_ids(),
+        None => {
+            let mut ids = kernel_ids.clone();
+            ids.extend(DeviceState::ids());
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        }
     };
+    let timeout = std::time::Duration::from_secs(10);
     let mut failed = 0;
     for id in ids {
         // Read before deleting: the daemon removes its state as it exits.
-        let saved = userblk::ublk::DeviceState::load(id).ok().flatten();
-        match device::delete(&mut ctrl, id, std::time::Duration::from_secs(10)) {
-            Ok(()) => {
-                userblk::ublk::DeviceState::remove(id);
-                if let Some(path) = saved.as_ref().and_then(targets::shared_path) {
-                    targets::remove_shared(&path);
-                }
+        let saved = DeviceState::load(id).ok().flatten();
+        let result = match (&saved, ctrl.as_mut()) {
+            (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
+                fuse::delete(st, timeout)
             }
+            (_, Some(ctrl)) => delete_ublk(ctrl, id, saved.as_ref(), timeout),
+            (_, None) => Err(Control::open().err().map_or_else(
+                || anyhow::anyhow!("no device with id {id}"),
+                |e| anyhow::anyhow!("no FUSE device with id {id}, and {e}"),
+            )),
+        };
+        match result {
+            Ok(()) => {}
             // `del -a` as a user: other users' devices are not ours to delete.
-            Err(userblk::Error::DeviceAccess { .. }) if args.all => {}
+            Err(e)
+                if args.all
+                    && matches!(
+                        e.downcast_ref::<userblk::Error>(),
+                        Some(userblk::Error::DeviceAccess { .. })
+                    ) => {}
             Err(e) if args.all => {
-                eprintln!("userblk: device {id}: {e}");
+                eprintln!("userblk: {e:#}");
                 failed += 1;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
     anyhow::ensure!(failed == 0, "{failed} device(s) could not be deleted");
+    Ok(())
+}
+
+fn delete_ublk(
+    ctrl: &mut Control,
+    id: u32,
+    saved: Option<&DeviceState>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    device::delete(ctrl, id, timeout)?;
+    DeviceState::remove(id);
+    if let Some(path) = saved.and_then(targets::shared_path) {
+        targets::remove_shared(&path);
+    }
     Ok(())
 }
 
