@@ -22,6 +22,9 @@ cargo test --workspace --locked
 step "release build"
 cargo build --release --locked
 
+step "host suite: FUSE frontend and loop devices (this kernel)"
+as_root bash tests/host/fuse.sh
+
 step "real-kernel suite: recovery (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/recovery.sh
 

@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# Host suite for the FUSE frontend and `--frontend auto`: runs on this
+# machine directly (any kernel with FUSE and loop devices), as root.
+# Usage: bash tests/host/fuse.sh   (from the repository root; USERBLK overrides the binary)
+set -u
+cd "$(dirname "$0")/../.."
+. vm/suite/lib.sh
+
+[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
+
+WORK=$(mktemp -d /var/tmp/userblk-fuse.XXXXXX)
+chmod 755 "$WORK"  # the user cases need to reach their directories
+MNT=/mnt/ub-fuse
+mkdir -p "$MNT"
+FIO=(fio --output-format=terse --minimal --verify_state_save=0)
+
+# ---- helpers ------------------------------------------------------------------
+
+have_ublk() { [ -e /dev/ublk-control ] || modprobe ublk_drv 2>/dev/null; }
+
+needs_host() {
+    [ "$(id -u)" = 0 ] || skip "needs root"
+    [ -e /dev/fuse ] || skip "no /dev/fuse"
+}
+
+needs_fallback() { # the cases about auto's fallback need a kernel without ublk
+    needs_host
+    ! have_ublk || skip "this kernel has ublk: auto picks it (the VM suite covers that)"
+}
+
+# Field N of the second line of `list -n ID` (7 = pid, 11 = state).
+fuse_word() { ub list -n "$1" | sed -n 2p | awk -v w="$2" '{print $w}'; }
+
+# `add` a device; print "ID BLOCKDEV" (BLOCKDEV is the loop device, or the file).
+add_fuse() {
+    local out id blk
+    out=$(ub add "$@") || { echo "$out" >&2; return 1; }
+    echo "$out" >&2
+    id=$(dev_id_of "$out")
+    [ -n "$id" ] || die "no id in add output"
+    blk=$(sed -n 's/.*frontend fuse block \([^ ]*\).*/\1/p' <<<"$out")
+    [ -n "$blk" ] || die "add did not print the block device"
+    [ "$(fuse_word "$id" 11)" = LIVE ] || die "device $id not LIVE"
+    echo "$id $blk"
+}
+
+file_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["file"])'; }
+mnt_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["mountpoint"])'; }
+
+# Delete and check nothing is left: no daemon, no mount, no loop device, no state.
+del_fuse() {
+    local id=$1 pid mnt lo
+    pid=$(fuse_word "$id" 7)
+    mnt=$(mnt_of "$id")
+    lo=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["loop_device"] or "")')
+    ub del -n "$id"
+    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
+    ! findmnt "$mnt" >/dev/null || die "$mnt still mounted"
+    if [ -n "$lo" ]; then
+        ! losetup -a | grep -q "^$lo:.*$mnt" || die "$lo still attached to $mnt"
+    fi
+    [ ! -e "/run/userblk/$id.json" ] || die "state file left behind"
+}
+
+no_fuse_mounts() { ! grep ' fuse.userblk ' /proc/self/mounts || die "a userblk FUSE mount is left"; }
+
+# KiB of memory the mem target's memfd holds in daemon PID.
+mem_kb() {
+    local fd
+    for fd in /proc/"$1"/fd/*; do
+        case "$(readlink "$fd")" in /memfd:*)
+            echo $(( $(stat -L -c %b "$fd") / 2 )); return ;;
+        esac
+    done
+    echo "no memfd in daemon $1" >&2; return 1
+}
+
+# ---- cases --------------------------------------------------------------------
+
+case_auto_mem_ext4() {
+    needs_fallback
+    local out id blk sum
+    out=$(ub add mem --size 1G)
+    echo "$out"
+    grep -q "frontend fuse block /dev/loop" <<<"$out" || die "auto did not fall back to FUSE + loop"
+    id=$(dev_id_of "$out")
+    blk=$(sed -n 's/.*frontend fuse block \([^ ]*\).*/\1/p' <<<"$out")
+    [ -b "$blk" ] || die "$blk is not a block device"
+    [ "$(blockdev --getsize64 "$blk")" = $((1 << 30)) ] || die "wrong size"
+    [ "$(cat "/sys/block/${blk#/dev/}/loop/dio")" = 1 ] || die "loop device without direct I/O"
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$MNT"
+    dd if=/dev/urandom of="$MNT/blob" bs=1M count=32 status=none
+    mkdir "$MNT/dir"; for i in $(seq 1 100); do echo "file $i" >"$MNT/dir/f$i"; done
+    sum=$(sha256sum <"$MNT/blob")
+    umount "$MNT"
+    fsck.ext4 -n -f "$blk"
+    mount "$blk" "$MNT"
+    [ "$(sha256sum <"$MNT/blob")" = "$sum" ] || die "blob changed across umount/mount"
+    [ "$(cat "$MNT/dir/f77")" = "file 77" ] || die "small file lost"
+    umount "$MNT"
+    del_fuse "$id"
+}
+
+case_fio_verify_loop() {
+    needs_host
+    local id blk
+    read -r id blk < <(add_fuse mem --size 256M --frontend fuse --loop)
+    "${FIO[@]}" --name=verify --filename="$blk" --ioengine=io_uring --direct=1 --rw=randwrite \
+        --bsrange=4k-256k --iodepth=32 --size=100% --verify=crc32c --verify_fatal=1 --do_verify=1
+    "${FIO[@]}" --name=randrw --filename="$blk" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
+        --iodepth=32 --size=100% --io_size=64M --verify=crc32c --verify_fatal=1
+    del_fuse "$id"
+}
+
+case_fio_verify_fuse_file_direct() {
+    needs_host
+    local id file
+    read -r id file < <(add_fuse mem --size 256M --frontend fuse)
+    [ -f "$file" ] || die "without --loop the block path is the file: $file"
+    "${FIO[@]}" --name=verify --filename="$file" --ioengine=io_uring --direct=1 --rw=randwrite \
+        --bsrange=4k-256k --iodepth=32 --size=100% --verify=crc32c --verify_fatal=1 --do_verify=1
+    # Four threads at once, each on its own quarter (so each can verify what it wrote).
+    "${FIO[@]}" --name=randrw --filename="$file" --ioengine=psync --numjobs=4 --direct=1 --rw=randrw \
+        --bs=4k --size=64M --offset_increment=64M --io_size=16M --verify=crc32c --verify_fatal=1
+    del_fuse "$id"
+}
+
+case_blkdiscard_frees_memory() {
+    needs_host
+    local id blk pid before after
+    read -r id blk < <(add_fuse mem --size 256M --frontend fuse --loop)
+    pid=$(fuse_word "$id" 7)
+    dd if=/dev/urandom of="$blk" bs=1M count=128 oflag=direct status=none
+    before=$(mem_kb "$pid")
+    [ "$before" -ge $((120 * 1024)) ] || die "128 MiB written but daemon holds only ${before} KiB"
+    blkdiscard -o 0 -l 96M "$blk"
+    after=$(mem_kb "$pid")
+    echo "note: daemon memory ${before} KiB -> ${after} KiB after discarding 96 MiB"
+    [ "$after" -le $((before - 90 * 1024)) ] || die "discard freed too little: $before -> $after KiB"
+    cmp -n $((96 << 20)) "$blk" /dev/zero || die "discarded range does not read as zeroes"
+    ! cmp -s -i $((96 << 20)):0 -n 4096 "$blk" /dev/zero || die "data after the discarded range was lost"
+    blkdiscard -z -o 100M -l 1M "$blk"
+    cmp -i $((100 << 20)):0 -n $((1 << 20)) "$blk" /dev/zero || die "write-zeroes range does not read as zeroes"
+    del_fuse "$id"
+}
+
+case_file_target_byte_for_byte() {
+    needs_host
+    local id blk img="$WORK/backing.img"
+    rm -f "$img"; truncate -s 64M "$img"
+    read -r id blk < <(add_fuse file -f "$img" --frontend fuse --loop)
+    dd if=/dev/urandom of="$WORK/data" bs=1M count=64 status=none
+    dd if="$WORK/data" of="$blk" bs=1M oflag=direct status=none
+    blockdev --flushbufs "$blk"
+    cmp "$WORK/data" "$img" || die "backing file differs from what was written to $blk"
+    # And the other way: what is in the file is what the device reads.
+    dd if=/dev/urandom of="$img" bs=4k count=1 seek=100 conv=notrunc oflag=direct status=none
+    cmp <(dd if="$blk" bs=4k skip=100 count=1 iflag=direct status=none) \
+        <(dd if="$img" bs=4k skip=100 count=1 status=none) || die "device does not read the file's data"
+    del_fuse "$id"
+}
+
+case_del_refuses_while_mounted() {
+    needs_host
+    local id blk pid
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
+    pid=$(fuse_word "$id" 7)
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$MNT"
+    expect_fail "unmount it first" ub del -n "$id"
+    grep -q "$MNT" <<<"$(ub del -n "$id" 2>&1)" || die "the refusal does not say where it is mounted"
+    # A stray SIGTERM is refused too while it is mounted: the file system keeps working.
+    kill -TERM "$pid"; sleep 0.5
+    kill -0 "$pid" || die "daemon stopped under a mounted file system"
+    echo data >"$MNT/f"; sync
+    umount "$MNT"
+    del_fuse "$id"
+}
+
+case_del_refuses_while_file_open() {
+    needs_host
+    local id file holder
+    read -r id file < <(add_fuse mem --size 64M --frontend fuse)
+    sleep 60 <"$file" &
+    holder=$!
+    expect_fail "open by pid $holder" ub del -n "$id"
+    kill "$holder"; wait "$holder" 2>/dev/null || true
+    del_fuse "$id"
+}
+
+case_dead_daemon_cleanup() {
+    needs_host
+    local id blk pid mnt
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
+    pid=$(fuse_word "$id" 7)
+    mnt=$(mnt_of "$id")
+    kill -KILL "$pid"
+    wait_for 5 sh -c "! kill -0 $pid 2>/dev/null"
+    [ "$(fuse_word "$id" 11)" = DEAD ] || die "list does not show the dead daemon"
+    ub del -n "$id"
+    ! findmnt "$mnt" >/dev/null || die "$mnt still mounted after del"
+    ! losetup -a | grep -q "$mnt" || die "loop device still attached"
+    [ ! -e "/run/userblk/$id.json" ] || die "state left behind"
+}
+
+case_fsync_reaches_daemon() {
+    # fio --fsync=1 through the loop device: the kernel turns each fsync into
+    # a flush of the loop device, which must reach the FUSE file as fsync.
+    # The counting target in crates/userblk/tests/fuse.rs proves the last hop;
+    # here we check the path end to end on the counters the daemon logs as it stops.
+    needs_host
+    local id blk log
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
+    log=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["log"])')
+    "${FIO[@]}" --name=fsync --filename="$blk" --ioengine=psync --rw=randwrite --bs=4k --size=4M \
+        --fsync=1 --io_size=1M
+    del_fuse "$id"
+    local n
+    n=$(sed -n 's/.* \([0-9]*\) flushes.*/\1/p' "$log" | tail -n 1)
+    [ -n "$n" ] || die "no request counts in $log"
+    echo "note: $n fsyncs reached the daemon for 256 fio writes with --fsync=1"
+    [ "$n" -ge 256 ] || die "only $n of 256 fsyncs reached the daemon"
+}
+
+case_list_shows_every_frontend() {
+    needs_host
+    local a b json
+    read -r a _ < <(add_fuse mem --size 16M --frontend fuse)
+    read -r b _ < <(add_fuse null --size 16M --frontend fuse --loop)
+    json=$(ub list --json)
+    LIST_JSON=$json python3 - "$a" "$b" <<'EOF' || die "list --json is missing fields"
+import json, os, sys
+devs = {d["id"]: d for d in json.loads(os.environ["LIST_JSON"])}
+a, b = int(sys.argv[1]), int(sys.argv[2])
+assert devs[a]["frontend"] == "fuse" and devs[a]["state"] == "LIVE", devs[a]
+assert devs[a]["block_device"].endswith("/disk") and devs[a]["loop_device"] is None, devs[a]
+assert devs[b]["block_device"].startswith("/dev/loop"), devs[b]
+assert devs[b]["size"] == 16 << 20 and devs[b]["target"]["type"] == "null", devs[b]
+EOF
+    ub list | grep -q "^dev id $a: frontend fuse" || die "text list misses device $a"
+    del_fuse "$a"
+    del_fuse "$b"
+}
+
+case_errors_are_one_clear_line() {
+    needs_host
+    # Mount point missing, not a directory, busy.
+    expect_fail "/nonexistent/ub" ub add mem --size 16M --frontend fuse --mountpoint /nonexistent/ub
+    : >"$WORK/plainfile"
+    expect_fail "not a directory" ub add mem --size 16M --frontend fuse --mountpoint "$WORK/plainfile"
+    mkdir -p "$WORK/busy"; mount -t tmpfs none "$WORK/busy"
+    expect_fail "busy" ub add mem --size 16M --frontend fuse --mountpoint "$WORK/busy"
+    umount "$WORK/busy"
+    # FUSE-only options on ublk, recovery on FUSE.
+    expect_fail "FUSE options" ub add mem --size 16M --frontend ublk --loop
+    expect_fail "needs the ublk frontend" ub add mem --size 16M --frontend fuse -r
+    no_fuse_mounts
+    [ -z "$(ls /run/userblk/*.json 2>/dev/null)" ] || die "state left behind: $(ls /run/userblk)"
+}
+
+case_no_fuse_no_loop_support() {
+    needs_host
+    # A mount namespace whose /dev lacks the device nodes stands in for a
+    # kernel without FUSE or loop.
+    local b="mknod -m 666 /dev/null c 1 3 && exec $USERBLK"
+    expect_fail "/dev/fuse not found" unshare -m sh -c \
+        "mount -t tmpfs none /dev && $b add mem --size 16M --frontend fuse"
+    expect_fail "/dev/fuse not found" unshare -m sh -c \
+        "mount -t tmpfs none /dev && $b add mem --size 16M"
+    expect_fail "loop-control" unshare -m sh -c \
+        "mount -t tmpfs none /dev && mknod /dev/fuse c 10 229 && $b add mem --size 16M --frontend fuse --loop"
+    no_fuse_mounts
+}
+
+case_user_without_fusermount_or_root() {
+    needs_host
+    local dir=$WORK/user
+    mkdir -p "$dir/mnt"; chown -R 65534:65534 "$dir"
+    as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups env USERBLK_STATE_DIR="$dir/state" "$@"; }
+    expect_fail "needs root" as_nobody "$USERBLK" add mem --size 16M --frontend fuse --loop --mountpoint "$dir/mnt"
+    expect_fail "fusermount3 not found" as_nobody env PATH=/nonexistent "$USERBLK" add mem --size 16M \
+        --frontend fuse --mountpoint "$dir/mnt"
+    no_fuse_mounts
+}
+
+case_user_mounts_with_fusermount() {
+    needs_host
+    command -v fusermount3 >/dev/null || skip "fusermount3 not installed (package fuse3)"
+    local dir=$WORK/user2 out
+    mkdir -p "$dir/mnt"; chown -R 65534:65534 "$dir"
+    as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups env USERBLK_STATE_DIR="$dir/state" "$@"; }
+    out=$(as_nobody "$USERBLK" add mem --size 16M --mountpoint "$dir/mnt" --frontend fuse)
+    echo "$out"
+    as_nobody dd if=/dev/urandom of="$dir/data" bs=1M count=4 status=none
+    as_nobody dd if="$dir/data" of="$dir/mnt/disk" bs=1M conv=notrunc,fsync status=none
+    as_nobody cmp -n $((4 << 20)) "$dir/data" "$dir/mnt/disk"
+    as_nobody "$USERBLK" del -a
+    ! findmnt "$dir/mnt" >/dev/null || die "user's mount left behind"
+}
+
+# ---- run ----------------------------------------------------------------------
+
+cleanup_all() {
+    umount "$MNT" 2>/dev/null || true
+    ub del -a >/dev/null 2>&1 || true
+}
+trap 'cleanup_all; rm -rf "$WORK"' EXIT
+
+case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
+case_run "fio verify on the loop device" case_fio_verify_loop
+case_run "fio verify on the FUSE file, O_DIRECT" case_fio_verify_fuse_file_direct
+case_run "blkdiscard frees mem and reads zeroes" case_blkdiscard_frees_memory
+case_run "file target: backing file byte for byte" case_file_target_byte_for_byte
+case_run "fio --fsync=1 reaches the daemon" case_fsync_reaches_daemon
+case_run "del refuses while a fs is mounted" case_del_refuses_while_mounted
+case_run "del refuses while the file is open" case_del_refuses_while_file_open
+case_run "dead daemon: list says DEAD, del cleans up" case_dead_daemon_cleanup
+case_run "list shows FUSE devices with details" case_list_shows_every_frontend
+case_run "bad mount points and options: clear errors" case_errors_are_one_clear_line
+case_run "no FUSE / no loop support: clear errors" case_no_fuse_no_loop_support
+case_run "user: no fusermount3, no loop: clear errors" case_user_without_fusermount_or_root
+case_run "user: FUSE mount through fusermount3" case_user_mounts_with_fusermount
+summary
