@@ -37,7 +37,37 @@ pub fn private_mount_namespace() -> Result<()> {
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
     )
     .map_err(|e| Error::io("making / private in the new mount namespace", e))?;
+    // Our copies of userblk FUSE mounts would keep those devices' file
+    // systems alive after their own daemons unmount them.
+    drop_fuse_copies();
     std::env::set_current_dir("/").map_err(|e| Error::io("chdir /", e))
+}
+
+/// Detach every userblk FUSE mount (source `userblk`, type `fuse` or
+/// `fuse.userblk`) in this (private) mount namespace.
+fn drop_fuse_copies() {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in info.lines() {
+        // "... MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS"
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut fields = right.split(' ');
+        let (fstype, source) = (fields.next(), fields.next());
+        if !matches!(fstype, Some("fuse" | "fuse.userblk")) || source != Some("userblk") {
+            continue;
+        }
+        if let Some(mnt) = left.split(' ').nth(4) {
+            let mnt = mnt
+                .replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\");
+            let _ = rustix::mount::unmount(mnt.as_str(), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
 }
 
 /// Try to load a kernel module with `modprobe`, quietly. Returns whether modprobe succeeded.

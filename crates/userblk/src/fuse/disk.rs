@@ -91,11 +91,11 @@ impl FuseDisk {
             MountOption::NoSuid,
             MountOption::NoExec,
         ];
-        if fs.caps().read_only {
+        let read_only = fs.caps().read_only;
+        if read_only {
             options.push(MountOption::RO);
         }
         let mut config = Config::default();
-        config.mount_options = options;
         config.acl = if opts.allow_other {
             SessionACL::All
         } else {
@@ -103,10 +103,31 @@ impl FuseDisk {
         };
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = true;
-        let session = Session::new(fs, &mountpoint, &config).map_err(|e| Error::Fuse {
+        let mount_err = |err| Error::Fuse {
             what: format!("mounting on {}", mountpoint.display()),
-            err: e,
-        })?;
+            err,
+        };
+        let session = if rustix::process::geteuid().is_root() {
+            config.mount_options = options;
+            Session::new(fs, &mountpoint, &config).map_err(mount_err)?
+        } else {
+            // Users mount through fusermount3 ourselves: the library's own
+            // path opens /dev/fuse first and hides the helper's message.
+            let mut o = String::from(
+                "fsname=userblk,subtype=userblk,default_permissions,noatime,nodev,nosuid,noexec",
+            );
+            if read_only {
+                o += ",ro";
+            }
+            if opts.allow_other {
+                o += ",allow_other";
+            }
+            let fd = super::fusermount::mount(&mountpoint, &o)?;
+            Session::from_fd(fs, fd, config.acl, config).map_err(|e| {
+                let _ = unmount(&mountpoint);
+                mount_err(e)
+            })?
+        };
         let bg = session.spawn().map_err(|e| Error::Fuse {
             what: "starting the FUSE threads".into(),
             err: e,
@@ -214,7 +235,20 @@ pub fn check_fuse_available() -> Result<()> {
         return Err(Error::NoFuse);
     }
     if !rustix::process::geteuid().is_root() {
-        return fusermount().map(drop).ok_or(Error::NoFusermount);
+        use rustix::fs::Access;
+        fusermount().ok_or(Error::NoFusermount)?;
+        // fusermount3 opens it as the calling user.
+        return rustix::fs::access("/dev/fuse", Access::READ_OK | Access::WRITE_OK).map_err(|e| {
+            Error::Path {
+                path: "/dev/fuse".into(),
+                err: std::io::Error::new(
+                    std::io::Error::from(e).kind(),
+                    format!(
+                        "{e}: users need it readable and writable to mount FUSE (mode 0666, the usual default)"
+                    ),
+                ),
+            }
+        });
     }
     match rustix::fs::open(
         "/dev/fuse",

@@ -7,6 +7,7 @@
 
 pub mod disk;
 pub mod export;
+pub mod fusermount;
 
 pub use disk::{FuseDisk, FuseOptions, Unmounted};
 pub use export::{Counters, DiskFs, DISK_NAME};
