@@ -110,9 +110,30 @@ main_job() { # the README's promise: mem 1G holds ext4 across umount/mount
     echo "$out"
     id=$(dev_id_of "$out")
     [ "$id" = 0 ] || die "expected /dev/ublkb0 on a machine with no devices, got $id"
+    grep -q "frontend ublk block /dev/ublkb0" <<<"$out" || die "--frontend auto did not pick ublk"
     [ "$(cat /sys/block/ublkb0/size)" = 2097152 ] || die "wrong capacity"
     fs_cycle /dev/ublkb0
     del_dev 0
+}
+
+fuse_beside_ublk() { # explicit FUSE on a ublk kernel; ids never collide
+    [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+    [ -e /dev/fuse ] || skip "no FUSE in this kernel"
+    local out f u
+    out=$(ub add mem --size 16M --frontend fuse --loop)
+    echo "$out"
+    f=$(dev_id_of "$out")
+    grep -q "frontend fuse block /dev/loop" <<<"$out" || die "no loop device for the FUSE device"
+    out=$(ub add mem --size 16M)
+    echo "$out"
+    u=$(dev_id_of "$out")
+    grep -q "frontend ublk block /dev/ublkb$u" <<<"$out" || die "auto did not pick ublk"
+    [ "$f" != "$u" ] || die "FUSE device and ublk device share id $u"
+    ub list | grep -q "^dev id $f: frontend fuse" || die "list misses the FUSE device"
+    ub list | grep -q "^dev id $u: nr_hw_queues" || die "list misses the ublk device"
+    ub del -n "$f"
+    ! grep -qE '^userblk [^ ]+ fuse(\.userblk)? ' /proc/self/mounts || die "FUSE mount left"
+    del_dev "$u"
 }
 
 features_case() {
@@ -287,6 +308,7 @@ echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 cleanup_devices
 case_run "main job: add mem --size 1G is /dev/ublkb0, ext4 survives remount" main_job
 case_run "features lists the kernel's flags" features_case
+case_run "FUSE frontend beside ublk: own ids, one list" fuse_beside_ublk
 case_run "null: 250G default, zero reads, fio" null_cases
 target_cases "mem" "write through" yes yes mem --size 64M
 target_cases "file (O_DIRECT, tmpfs)" "write back" yes yes file -f "$(backing direct.img 64M)"

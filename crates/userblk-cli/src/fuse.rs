@@ -199,17 +199,37 @@ fn run_until_stopped(
             Err(e) => tracing::warn!("{e}; it detaches when no longer in use"),
         }
     }
-    match disk.unmount().context("unmounting")? {
-        Unmounted::Clean | Unmounted::NotMounted => {}
-        Unmounted::Lazy => tracing::warn!(
-            "{} is still open somewhere: detached, serving until it is closed",
-            disk.file().display()
-        ),
-    }
-    // Wait for the serving threads to finish (after a lazy unmount: until the last close).
-    while let Ok(ev) = events.recv() {
-        if matches!(ev, Event::Ended) {
-            break;
+    let lazy = match disk.unmount().context("unmounting")? {
+        Unmounted::Clean | Unmounted::NotMounted => false,
+        Unmounted::Lazy => {
+            tracing::warn!(
+                "{} is still open somewhere: detached, serving until it is closed",
+                disk.file().display()
+            );
+            true
+        }
+    };
+    // Wait for the serving threads to finish: after a lazy unmount, until
+    // the last close. After a clean one they end at once, unless another
+    // mount namespace (made after our mount) still holds a copy of it:
+    // nobody can reach us through that, and exiting aborts the connection.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let wait = if lazy {
+            Duration::from_secs(3600)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match events.recv_timeout(wait) {
+            Ok(Event::Ended) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Ok(Event::Signal(_)) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) if lazy => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    "the FUSE mount lives on in another mount namespace; closing its connection"
+                );
+                break;
+            }
         }
     }
     let c = disk.counters();
