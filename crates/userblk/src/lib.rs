@@ -5,7 +5,9 @@
 //! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
 //! - [`target`]: the [`Target`] trait, requests, capabilities. The centre of the design.
 //! - [`targets`]: null, mem and file.
-//! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle, saved state).
+//! - [`state`]: saved per-device state, shared by the frontends.
+//! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
+//! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
 //!
 //! A target is a few dozen lines; see [`targets::null`] for the smallest one.
 #![deny(unsafe_code)]
