@@ -56,7 +56,12 @@ pub fn serve(args: AddArgs, daemon: bool, want_loop: bool) -> anyhow::Result<()>
 
     // Ids are shared with ublk devices, so `list` and `del -n` mean one device.
     let kernel_ids = userblk::ublk::ctrl::device_ids();
-    let mut st = DeviceState::claim(args.dev.id, &kernel_ids, "fuse")?;
+    // A default mount point still mounted (its daemon's state lost) is not reused.
+    let default_busy = |id: u32| {
+        args.dev.mountpoint.is_none()
+            && userblk::fuse::disk::is_mount_root(&state::state_dir().join(format!("fuse-{id}")))
+    };
+    let mut st = DeviceState::claim(args.dev.id, &kernel_ids, "fuse", default_busy)?;
     let id = st.id;
     let mut cleanup = Cleanup::new(id);
 

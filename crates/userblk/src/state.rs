@@ -135,7 +135,14 @@ impl DeviceState {
     /// kernel hands out): `wanted`, or the lowest id that neither the kernel
     /// (`kernel_ids`) nor another saved state uses. The claim is this state,
     /// saved at once under a lock so two `add`s cannot take the same id.
-    pub fn claim(wanted: Option<u32>, kernel_ids: &[u32], frontend: &str) -> Result<Self> {
+    /// `busy` can veto ids for reasons of the caller's (a mount point left
+    /// in use under that id's name, say).
+    pub fn claim(
+        wanted: Option<u32>,
+        kernel_ids: &[u32],
+        frontend: &str,
+        busy: impl Fn(u32) -> bool,
+    ) -> Result<Self> {
         let dir = state_dir();
         ensure_state_dir(&dir).map_err(|e| Error::State {
             path: dir.clone(),
@@ -144,7 +151,7 @@ impl DeviceState {
         let _lock = StateLock::take(&dir)?;
         // A state left by a dead daemon still names a mount to clean up
         // (`userblk del`), so its id stays taken.
-        let taken = |id: u32| kernel_ids.contains(&id) || Self::path(id).exists();
+        let taken = |id: u32| kernel_ids.contains(&id) || Self::path(id).exists() || busy(id);
         let id = match wanted {
             Some(id) if taken(id) => return Err(Error::IdInUse(id)),
             Some(id) => id,
