@@ -304,13 +304,16 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
         .fuse
         .as_ref()
         .with_context(|| format!("device {id}: saved state has no FUSE details"))?;
-    if let Some(lo) = &fuse.loop_device {
-        let ours = loop_number(lo)
+    // The loop device is ours only while it still has our file behind it.
+    let our_loop = fuse.loop_device.as_deref().filter(|lo| {
+        loop_number(lo)
             .and_then(userblk::loopdev::backing_file)
-            .is_some_and(|f| f == fuse.file);
-        if ours && userblk::loopdev::in_use(lo).unwrap_or(false) {
+            .is_some_and(|f| f == fuse.file)
+    });
+    if let Some(lo) = our_loop {
+        if userblk::loopdev::in_use(lo).unwrap_or(false) {
             return Err(userblk::Error::LoopBusy {
-                path: lo.clone(),
+                path: lo.to_path_buf(),
                 mounts: userblk::loopdev::mount_points(lo),
             })
             .with_context(|| format!("device {id}"));
@@ -346,13 +349,8 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
         }
     } else {
         // The daemon died: its loop device may still be bound and its mount dead.
-        if let Some(lo) = &fuse.loop_device {
-            let ours = loop_number(lo)
-                .and_then(userblk::loopdev::backing_file)
-                .is_some_and(|f| f == fuse.file);
-            if ours {
-                userblk::loopdev::detach_path(lo).with_context(|| format!("device {id}"))?;
-            }
+        if let Some(lo) = our_loop {
+            userblk::loopdev::detach_path(lo).with_context(|| format!("device {id}"))?;
         }
         userblk::fuse::disk::unmount(&fuse.mountpoint).with_context(|| format!("device {id}"))?;
     }

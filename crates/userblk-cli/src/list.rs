@@ -195,23 +195,50 @@ impl UblkEntry {
     }
 }
 
+/// The caller's devices: ublk ones from the kernel (when it has ublk and
+/// lets us ask), and every one with saved state (FUSE devices have no other record).
+pub struct Devices {
+    /// The control device, if ublk is usable.
+    pub ctrl: Option<Control>,
+    /// Ids the kernel knows as ublk devices.
+    pub kernel_ids: Vec<u32>,
+    /// Those and the ids with saved state, sorted, once each.
+    pub ids: Vec<u32>,
+}
+
+impl Devices {
+    /// Look both up.
+    pub fn find() -> anyhow::Result<Self> {
+        // Without ublk (or access to it) there may still be FUSE devices.
+        let ctrl = match Control::open() {
+            Ok(c) => Some(c),
+            Err(userblk::Error::NoUblk | userblk::Error::NoControlAccess) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let kernel_ids = if ctrl.is_some() {
+            device_ids()
+        } else {
+            Vec::new()
+        };
+        let mut ids = kernel_ids.clone();
+        ids.extend(DeviceState::ids());
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Devices {
+            ctrl,
+            kernel_ids,
+            ids,
+        })
+    }
+}
+
 /// `userblk list`.
 pub fn run(args: &ListArgs) -> anyhow::Result<()> {
-    // Without ublk (or access to it) there may still be FUSE devices.
-    let mut ctrl = match Control::open() {
-        Ok(c) => Some(c),
-        Err(userblk::Error::NoUblk | userblk::Error::NoControlAccess) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let kernel_ids = if ctrl.is_some() {
-        device_ids()
-    } else {
-        Vec::new()
-    };
-    let mut ids: Vec<u32> = kernel_ids.clone();
-    ids.extend(DeviceState::ids());
-    ids.sort_unstable();
-    ids.dedup();
+    let Devices {
+        mut ctrl,
+        kernel_ids,
+        mut ids,
+    } = Devices::find()?;
     if let Some(id) = args.id {
         ids.retain(|&i| i == id);
         if ids.is_empty() {

@@ -72,26 +72,14 @@ fn main() -> ExitCode {
 }
 
 fn del(args: &DelArgs) -> anyhow::Result<()> {
-    // Without ublk (or access to it) there may still be FUSE devices.
-    let mut ctrl = match Control::open() {
-        Ok(c) => Some(c),
-        Err(userblk::Error::NoUblk | userblk::Error::NoControlAccess) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let kernel_ids = if ctrl.is_some() {
-        userblk::ublk::ctrl::device_ids()
-    } else {
-        Vec::new()
-    };
+    let list::Devices {
+        mut ctrl,
+        kernel_ids,
+        ids: all,
+    } = list::Devices::find()?;
     let ids = match args.id {
         Some(id) => vec![id],
-        None => {
-            let mut ids = kernel_ids.clone();
-            ids.extend(DeviceState::ids());
-            ids.sort_unstable();
-            ids.dedup();
-            ids
-        }
+        None => all,
     };
     let timeout = std::time::Duration::from_secs(10);
     let mut failed = 0;
