@@ -8,6 +8,7 @@
 //! - [`state`]: saved per-device state, shared by the frontends.
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
+//! - [`nbd`]: the NBD protocol: a server frontend, and the client the nbd target uses.
 //!
 //! A target is a few dozen lines; see [`targets::null`] for the smallest one.
 #![deny(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod error;
 pub mod fuse;
 pub mod io;
 pub mod loopdev;
+pub mod nbd;
 pub mod size;
 pub mod state;
 pub mod sys;
@@ -24,4 +26,4 @@ pub mod targets;
 pub mod ublk;
 
 pub use error::{Error, Result};
-pub use target::{Caps, Ctx, Flags, IoResult, Op, Request, Submit, Target};
+pub use target::{Caps, Ctx, Extent, Flags, IoResult, Op, Request, Submit, Target};

@@ -278,6 +278,37 @@ pub fn validate(caps: &Caps, req: &Request) -> Result<(), Errno> {
     Ok(())
 }
 
+/// A run of bytes with one allocation state, as reported by [`Target::extents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Not allocated in the backing store (a hole in a sparse file).
+    pub hole: bool,
+    /// Known to read as zeroes.
+    pub zero: bool,
+}
+
+impl Extent {
+    /// Allocated data (the answer when nothing better is known).
+    pub const fn data(len: u64) -> Self {
+        Extent {
+            len,
+            hole: false,
+            zero: false,
+        }
+    }
+
+    /// A hole that reads as zeroes.
+    pub const fn hole(len: u64) -> Self {
+        Extent {
+            len,
+            hole: true,
+            zero: true,
+        }
+    }
+}
+
 /// A block device served from userspace.
 ///
 /// One value serves every queue of a device at once (`&self`, `Send + Sync`);
@@ -302,6 +333,19 @@ pub trait Target: Send + Sync {
         let _ = (ctx, step, res);
         tracing::error!("target received a ring completion it never asked for");
         Submit::Done(Err(Errno::IO))
+    }
+
+    /// Describe the allocation of `[offset, offset + len)` (inside the
+    /// device) as consecutive extents from `offset`, appended to `out`.
+    /// They may cover less than `len` (at least one block), never more.
+    /// Used for NBD block status; called on a frontend thread, so it should
+    /// be quick (an `lseek(SEEK_DATA)` or a table lookup).
+    ///
+    /// The default reports everything as allocated data, which is always correct.
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        let _ = offset;
+        out.push(Extent::data(len));
+        Ok(())
     }
 
     /// A short description of the target and its options, for `list` and logs.

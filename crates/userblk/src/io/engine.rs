@@ -3,56 +3,47 @@
 //! The ublk queue loop serves many tags at once; this engine is its
 //! one-slot sibling for callers that have a request in hand and want its
 //! result: tests of the Target trait, `userblk` tools, and simple
-//! frontends. It goes through the same [`validate`](crate::target::validate)
-//! and [`Ctx`] path, so a target behaves here exactly as under ublk.
+//! frontends. It goes through the same [`Slots`] path (validate, submit,
+//! complete) as the NBD server, so a target behaves here exactly as there.
 
-#![allow(unsafe_code)]
-
-use crate::io::ring::UserData;
-use crate::io::{AlignedBuf, Ctx, Ring};
-use crate::target::{self, Caps, IoResult, Op, Request, Submit, Target};
+use crate::io::slots::{Event, Slots};
+use crate::target::{Caps, IoResult, Op, Request, Target};
 
 /// One slot, one ring, requests run to completion.
 pub struct Engine {
-    ring: Ring,
-    buf: AlignedBuf,
-    caps: Caps,
-    cqes: Vec<(UserData, i32)>,
+    slots: Slots,
+    events: Vec<Event>,
 }
 
 impl Engine {
     /// An engine for `target` that accepts reads and writes of up to `max_len` bytes.
     pub fn new(target: &dyn Target, max_len: usize) -> crate::Result<Self> {
-        let caps = target.caps();
-        caps.check()?;
         Ok(Engine {
-            ring: Ring::new(8)?,
-            buf: AlignedBuf::new(max_len)?,
-            caps,
-            cqes: Vec::with_capacity(8),
+            slots: Slots::new(target.caps(), 1, max_len)?,
+            events: Vec::with_capacity(4),
         })
     }
 
     /// The target's capabilities, as read when the engine was made.
     pub fn caps(&self) -> &Caps {
-        &self.caps
+        self.slots.caps()
     }
 
     /// Run one request. `data` is the write's data, or receives the read's
     /// data; it must be `req.len` long for reads and writes.
     pub fn run(&mut self, target: &dyn Target, req: Request, data: &mut [u8]) -> IoResult {
         let n = req.len as usize;
-        if req.op.has_data() && (data.len() != n || n > self.buf.len()) {
+        if req.op.has_data() && (data.len() != n || n > self.slots.buf(0).len()) {
             return Err(rustix::io::Errno::INVAL);
         }
         if req.op == Op::Write {
-            self.buf.as_mut_slice()[..n].copy_from_slice(data);
+            self.slots.buf_mut(0)[..n].copy_from_slice(data);
         }
         let result = self.run_in_place(target, req);
         if req.op == Op::Read {
             if let Ok(done) = result {
                 let done = (done as usize).min(n);
-                data[..done].copy_from_slice(&self.buf.as_slice()[..done]);
+                data[..done].copy_from_slice(&self.slots.buf(0)[..done]);
             }
         }
         result
@@ -63,65 +54,35 @@ impl Engine {
     /// [`buf`](Self::buf). Saves a copy for frontends that can fill or
     /// send from the buffer directly.
     pub fn run_in_place(&mut self, target: &dyn Target, req: Request) -> IoResult {
-        if req.op.has_data() && req.len as usize > self.buf.len() {
-            return Err(rustix::io::Errno::INVAL);
+        if let Some(r) = self.slots.start(target, 0, req) {
+            return r;
         }
-        target::validate(&self.caps, &req)?;
-        // Completions left over from an earlier request are not this one's.
-        self.cqes.clear();
-        // SAFETY: the buffer is ours and is not touched until `drive` has
-        // reaped every completion of this request.
-        let mut ctx = unsafe { Ctx::new(req, 0, &mut self.buf, &mut self.ring) };
-        let first = target.submit(&mut ctx);
-        self.drive(target, req, first)
+        loop {
+            self.events.clear();
+            if let Err(e) = self.slots.wait(target, true, &mut self.events) {
+                tracing::error!("engine: {e}");
+                // The request may still hold the buffer: wait it out.
+                let _ = self.slots.drain(target, &mut self.events);
+                return Err(rustix::io::Errno::IO);
+            }
+            for ev in self.events.drain(..) {
+                match ev {
+                    Event::Done { result, .. } => return result,
+                    Event::Frontend { token, res } => {
+                        tracing::warn!(token, res, "engine: stray completion");
+                    }
+                }
+            }
+        }
     }
 
     /// The data buffer (a read's result after [`run_in_place`](Self::run_in_place)).
     pub fn buf(&self) -> &[u8] {
-        self.buf.as_slice()
+        self.slots.buf(0)
     }
 
     /// The data buffer, to fill with a write's data before [`run_in_place`](Self::run_in_place).
     pub fn buf_mut(&mut self) -> &mut [u8] {
-        self.buf.as_mut_slice()
-    }
-
-    fn drive(&mut self, target: &dyn Target, req: Request, mut state: Submit) -> IoResult {
-        loop {
-            if let Submit::Done(r) = state {
-                // A target that finished while work was still queued would
-                // let the kernel write into a buffer we are about to reuse.
-                while self.ring.in_flight() > 0 {
-                    self.wait()?;
-                }
-                self.cqes.clear();
-                return r;
-            }
-            self.wait()?;
-            for (ud, res) in std::mem::take(&mut self.cqes) {
-                if matches!(state, Submit::Done(_)) {
-                    // The target already answered; later completions of its
-                    // work are drained above and not delivered again.
-                    continue;
-                }
-                match ud {
-                    UserData::Target { slot: 0, step } => {
-                        // SAFETY: as in `run`: the buffer stays ours until everything is reaped.
-                        let mut ctx = unsafe { Ctx::new(req, 0, &mut self.buf, &mut self.ring) };
-                        state = target.complete(&mut ctx, step, res);
-                    }
-                    other => tracing::warn!(?other, res, "engine: stray completion"),
-                }
-            }
-        }
-    }
-
-    fn wait(&mut self) -> Result<(), rustix::io::Errno> {
-        if let Err(e) = self.ring.submit_and_wait(1) {
-            tracing::error!("engine: {e}");
-            return Err(rustix::io::Errno::IO);
-        }
-        self.ring.reap(&mut self.cqes);
-        Ok(())
+        self.slots.buf_mut(0)
     }
 }

@@ -5,10 +5,16 @@
 //! to a target operation for a slot, and which step of that request it was.
 //! [`Ctx`] is the only way targets touch the ring, so buffer addresses handed
 //! to the kernel always come from the slot's own buffer.
+//!
+//! Targets whose work happens on threads of their own (network targets)
+//! take a [`Deferred`] from [`Ctx::defer`]: its completion is posted to the
+//! ring's mailbox and reaped like any ring completion, so frontends need
+//! no second way of waiting.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use rustix::fs::FallocateFlags;
@@ -35,6 +41,8 @@ pub enum UserData {
 }
 
 const TARGET_BIT: u64 = 1 << 63;
+/// The mailbox eventfd's poll: ring-internal, never handed to a frontend.
+const MAILBOX_UD: u64 = 1 << 62;
 
 impl UserData {
     /// Pack for an SQE.
@@ -62,8 +70,104 @@ impl UserData {
 /// One thread's io_uring.
 pub struct Ring {
     ring: IoUring,
-    /// Operations pushed whose completion has not been reaped yet.
+    /// Operations pushed (or deferred) whose completion has not been reaped yet.
     in_flight: usize,
+    /// Completions posted by other threads; made on first use.
+    mailbox: Option<Arc<Mailbox>>,
+    /// The mailbox's eventfd poll is in the ring.
+    mailbox_armed: bool,
+    /// Deferred operations not yet delivered.
+    deferred: usize,
+    /// Target operations outstanding per slot (grown on demand).
+    slot_ops: Vec<u32>,
+}
+
+/// Where [`Deferred`] completions wait for the ring's thread.
+#[derive(Debug)]
+struct Mailbox {
+    eventfd: OwnedFd,
+    posted: Mutex<Vec<(u64, i32)>>,
+}
+
+impl Mailbox {
+    fn post(&self, user_data: u64, res: i32) {
+        match self.posted.lock() {
+            Ok(mut q) => q.push((user_data, res)),
+            Err(poisoned) => poisoned.into_inner().push((user_data, res)),
+        }
+        // Cannot fail short of a full counter (2^64 - 2 posts unread).
+        let _ = rustix::io::write(&self.eventfd, &1u64.to_ne_bytes());
+    }
+
+    fn take(&self, out: &mut Vec<(UserData, i32)>) -> usize {
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(&self.eventfd, &mut counter);
+        let mut q = match self.posted.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let n = q.len();
+        out.extend(q.drain(..).map(|(ud, res)| (UserData::unpack(ud), res)));
+        n
+    }
+}
+
+/// A target operation finished by another thread: the request's buffer,
+/// lent to that thread, and the way to report the result to the ring.
+///
+/// Dropping it without [`complete`](Self::complete) completes it with
+/// `-EIO`, so a request is never lost.
+pub struct Deferred {
+    mailbox: Arc<Mailbox>,
+    user_data: u64,
+    buf: *mut u8,
+    len: usize,
+    done: bool,
+}
+
+// SAFETY: the buffer is lent to whichever thread holds the Deferred: the
+// frontend does not touch it until the completion is reaped (the contract of
+// `Ctx::new`), and the mailbox is a Mutex and an eventfd.
+unsafe impl Send for Deferred {}
+
+impl Deferred {
+    /// The request's data: a write's payload, or where a read's data goes.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: `buf` points to `len` bytes of the request's buffer, which
+        // the frontend keeps allocated and untouched until completion.
+        unsafe { std::slice::from_raw_parts(self.buf, self.len) }
+    }
+
+    /// The request's data, to fill for a read.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `data`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.buf, self.len) }
+    }
+
+    /// Report the result (a byte count or `-errno`, as a ring completion)
+    /// to the ring's thread, which passes it to [`crate::Target::complete`].
+    pub fn complete(mut self, res: i32) {
+        self.done = true;
+        self.mailbox.post(self.user_data, res);
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        if !self.done {
+            self.mailbox
+                .post(self.user_data, -Errno::IO.raw_os_error());
+        }
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred")
+            .field("user_data", &UserData::unpack(self.user_data))
+            .field("len", &self.len)
+            .finish()
+    }
 }
 
 impl Ring {
@@ -90,7 +194,16 @@ impl Ring {
             builder.setup_cqsize(entries * 2);
             setup(&mut builder);
             match builder.build(entries) {
-                Ok(ring) => return Ok(Ring { ring, in_flight: 0 }),
+                Ok(ring) => {
+                    return Ok(Ring {
+                        ring,
+                        in_flight: 0,
+                        mailbox: None,
+                        mailbox_armed: false,
+                        deferred: 0,
+                        slot_ops: Vec::new(),
+                    })
+                }
                 Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => last = Some(e),
                 Err(e) => return Err(crate::Error::io("io_uring_setup", e)),
             }
@@ -136,12 +249,121 @@ impl Ring {
         self.submit_and_wait(0)
     }
 
-    /// Move every available completion into `out` as `(user_data, res)`.
+    /// Move every available completion into `out` as `(user_data, res)`,
+    /// including [`Deferred`] completions posted by other threads.
     pub fn reap(&mut self, out: &mut Vec<(UserData, i32)>) {
+        let mut mail = false;
+        let first = out.len();
         for cqe in self.ring.completion() {
+            if cqe.user_data() == MAILBOX_UD {
+                self.mailbox_armed = false;
+                mail = true;
+                continue;
+            }
             self.in_flight = self.in_flight.saturating_sub(1);
             out.push((UserData::unpack(cqe.user_data()), cqe.result()));
         }
+        if mail {
+            if let Some(mb) = self.mailbox.clone() {
+                let n = mb.take(out);
+                self.in_flight = self.in_flight.saturating_sub(n);
+                self.deferred = self.deferred.saturating_sub(n);
+            }
+        }
+        for (ud, _) in &out[first..] {
+            if let UserData::Target { slot, .. } = ud {
+                if let Some(c) = self.slot_ops.get_mut(usize::from(*slot)) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+        }
+        if mail {
+            if self.deferred > 0 {
+                if let Err(e) = self.arm_mailbox() {
+                    tracing::error!("ring: re-arming the mailbox poll: {e}");
+                }
+            }
+        }
+    }
+
+    /// Target operations queued for `slot` whose completion has not been reaped.
+    pub fn slot_ops(&self, slot: u16) -> u32 {
+        self.slot_ops.get(usize::from(slot)).copied().unwrap_or(0)
+    }
+
+    fn note_slot_op(&mut self, slot: u16) {
+        let i = usize::from(slot);
+        if self.slot_ops.len() <= i {
+            self.slot_ops.resize(i + 1, 0);
+        }
+        self.slot_ops[i] += 1;
+    }
+
+    /// Start an operation completed by another thread through a [`Deferred`].
+    fn defer(&mut self, user_data: u64, buf: *mut u8, len: usize) -> Result<Deferred, Errno> {
+        let mailbox = match &self.mailbox {
+            Some(mb) => mb.clone(),
+            None => {
+                let eventfd = rustix::event::eventfd(
+                    0,
+                    rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+                )?;
+                let mb = Arc::new(Mailbox {
+                    eventfd,
+                    posted: Mutex::new(Vec::new()),
+                });
+                self.mailbox = Some(mb.clone());
+                mb
+            }
+        };
+        if !self.mailbox_armed {
+            self.arm_mailbox()?;
+        }
+        self.in_flight += 1;
+        self.deferred += 1;
+        if let UserData::Target { slot, .. } = UserData::unpack(user_data) {
+            self.note_slot_op(slot);
+        }
+        Ok(Deferred {
+            mailbox,
+            user_data,
+            buf,
+            len,
+            done: false,
+        })
+    }
+
+    fn arm_mailbox(&mut self) -> Result<(), Errno> {
+        let Some(mb) = &self.mailbox else {
+            return Ok(());
+        };
+        let e = opcode::PollAdd::new(
+            types::Fd(mb.eventfd.as_raw_fd()),
+            rustix::event::PollFlags::IN.bits().into(),
+        )
+        .build()
+        .user_data(MAILBOX_UD);
+        // SAFETY: the eventfd lives in `self.mailbox` as long as the ring; no buffer is involved.
+        unsafe { self.push(&e) }?;
+        // The poll is bookkeeping, not an operation anyone waits for.
+        self.in_flight -= 1;
+        self.mailbox_armed = true;
+        Ok(())
+    }
+
+    /// Queue a one-shot poll for `fd` becoming readable; it completes as
+    /// [`UserData::Frontend`] with `slot`. For frontends that wait on a
+    /// socket and their targets' work at once.
+    pub fn poll_readable(&mut self, fd: BorrowedFd<'_>, slot: u16) -> Result<(), Errno> {
+        let e = opcode::PollAdd::new(
+            types::Fd(fd.as_raw_fd()),
+            rustix::event::PollFlags::IN.bits().into(),
+        )
+        .build()
+        .user_data(UserData::Frontend { slot }.pack());
+        // SAFETY: no buffer is involved, and io_uring holds its own
+        // reference to the file for as long as the poll is armed.
+        unsafe { self.push(&e) }
     }
 
     /// Operations queued or running whose completion has not been reaped.
@@ -246,7 +468,9 @@ impl<'a> Ctx<'a> {
         // SAFETY: buffer addresses in `entry` come from `self.buf`, which the
         // frontend keeps alive and untouched until the completion is reaped
         // (the contract of `Ctx::new`).
-        unsafe { self.ring.push(&entry) }
+        unsafe { self.ring.push(&entry) }?;
+        self.ring.note_slot_op(self.slot);
+        Ok(())
     }
 
     /// Queue a read of the request's `len` bytes from `fd` at `file_offset` into the buffer.
@@ -279,6 +503,20 @@ impl<'a> Ctx<'a> {
             .rw_flags(flags.bits().cast_signed())
             .build();
         self.push(e, step)
+    }
+
+    /// Hand the request to another thread: the returned [`Deferred`] lends
+    /// it the request's data, and its [`complete`](Deferred::complete)
+    /// arrives at [`crate::Target::complete`] with `step`, on this thread.
+    pub fn defer(&mut self, step: u16) -> Result<Deferred, Errno> {
+        let ud = UserData::Target {
+            slot: self.slot,
+            step,
+        }
+        .pack();
+        let len = self.data_len();
+        let buf = self.buf.as_mut_ptr();
+        self.ring.defer(ud, buf, len)
     }
 
     /// Queue `fsync` (or `fdatasync` when `datasync`) of `fd`.

@@ -13,7 +13,7 @@ use rustix::fs::{FallocateFlags, FileType, Mode, OFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 use serde_json::json;
 
-use crate::target::{ring_result, Caps, Ctx, Flags, Op, RangeOpCaps, Submit, Target};
+use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
 
 /// How to open the backing file.
@@ -310,6 +310,15 @@ impl Target for FileTarget {
                 Submit::Done(Err(Errno::IO))
             }
         }
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        if self.block_device {
+            out.push(Extent::data(len));
+            return Ok(());
+        }
+        let block = u64::from(self.logical_block_size);
+        super::file_extents(&self.fd, self.opts.offset, offset, len, block, out)
     }
 
     fn describe(&self) -> serde_json::Value {

@@ -12,7 +12,7 @@ use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde_json::json;
 
-use crate::target::{Caps, Ctx, Flags, Op, RangeOpCaps, Submit, Target};
+use crate::target::{Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
 
 /// The mem target.
@@ -172,6 +172,10 @@ impl Target for MemTarget {
                 req.flags.contains(Flags::NOUNMAP),
             ),
         })
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        super::file_extents(&self.fd, 0, offset, len, 512, out)
     }
 
     fn describe(&self) -> serde_json::Value {

@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use crate::target::{Caps, Ctx, Op, RangeOpCaps, Submit, Target};
+use crate::target::{Caps, Ctx, Extent, Op, RangeOpCaps, Submit, Target};
 
 /// Default size of a null device: 250 GiB.
 pub const DEFAULT_SIZE: u64 = 250 << 30;
@@ -48,6 +48,11 @@ impl Target for NullTarget {
             ctx.data_mut().fill(0);
         }
         Submit::Done(Ok(ctx.done_bytes()))
+    }
+
+    fn extents(&self, _offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), rustix::io::Errno> {
+        out.push(Extent::hole(len));
+        Ok(())
     }
 
     fn describe(&self) -> serde_json::Value {

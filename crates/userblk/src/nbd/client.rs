@@ -1,0 +1,1 @@
+//! NBD client: connect to a server, negotiate, send requests, match replies.

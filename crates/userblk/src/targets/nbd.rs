@@ -1,0 +1,1 @@
+//! `nbd`: a remote NBD server as a target.
