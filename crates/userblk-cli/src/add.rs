@@ -155,17 +155,21 @@ fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
 enum Chosen {
     Ublk,
     Fuse { with_loop: bool },
+    Nbd,
 }
 
 /// Resolve `--frontend` and check the options fit the frontend.
 fn choose_frontend(dev: &DevArgs) -> anyhow::Result<Chosen> {
     let needs_ublk = dev.recovery || dev.reissue || dev.adopt || dev.recover_id.is_some();
     let fuse_only = dev.mountpoint.is_some() || dev.loop_dev || dev.no_loop || dev.allow_other;
+    let nbd_only = !dev.listen.is_empty();
     let chosen = match dev.frontend {
         Frontend::Ublk => Chosen::Ublk,
         Frontend::Fuse => Chosen::Fuse {
             with_loop: dev.loop_dev,
         },
+        Frontend::Nbd => Chosen::Nbd,
+        Frontend::Auto if nbd_only && !needs_ublk && !fuse_only => Chosen::Nbd,
         Frontend::Auto if needs_ublk => Chosen::Ublk,
         Frontend::Auto => match Control::open() {
             Ok(_) if !fuse_only => Chosen::Ublk,
@@ -185,6 +189,21 @@ fn choose_frontend(dev: &DevArgs) -> anyhow::Result<Chosen> {
         },
     };
     match chosen {
+        Chosen::Nbd if dev.listen.is_empty() => bail!(
+            "the NBD frontend needs an address: add --listen unix:PATH or --listen tcp:HOST:PORT"
+        ),
+        Chosen::Nbd if needs_ublk => bail!(
+            "recovery (-r, --reissue, --adopt) needs the ublk frontend: NBD clients reconnect to a restarted server instead"
+        ),
+        Chosen::Nbd if fuse_only => bail!(
+            "--mountpoint, --loop, --no-loop and --allow-other are FUSE options, not NBD ones"
+        ),
+        Chosen::Nbd if dev.unprivileged => {
+            bail!("--unprivileged is a ublk option: an NBD server runs as whoever starts it")
+        }
+        Chosen::Ublk | Chosen::Fuse { .. } if nbd_only => {
+            bail!("--listen is an NBD option: use --frontend nbd")
+        }
         Chosen::Fuse { .. } if needs_ublk => bail!(
             "recovery (-r, --reissue, --adopt) needs the ublk frontend: the FUSE frontend cannot keep a device across a daemon's death"
         ),
@@ -206,6 +225,7 @@ fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     match choose_frontend(&args.dev)? {
         Chosen::Ublk => serve_ublk(args, daemon),
         Chosen::Fuse { with_loop } => crate::fuse::serve(args, daemon, with_loop),
+        Chosen::Nbd => crate::nbd::serve(args, daemon),
     }
 }
 
@@ -382,6 +402,7 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, daemon: bo
         queue_cpus: live.queue_cpus.clone(),
         log: log.clone(),
         fuse: None,
+        nbd: None,
     };
     if let Err(e) = st.save() {
         tracing::warn!("{e}");

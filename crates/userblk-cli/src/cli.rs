@@ -79,10 +79,22 @@ pub struct DevArgs {
     /// Device id (default: the kernel picks the lowest free one).
     #[arg(short = 'n', long = "number", global = true, value_name = "ID")]
     pub id: Option<u32>,
-    /// Which kernel interface serves the device: ublk, or FUSE (a file, plus
-    /// a loop device with --loop); auto picks ublk when the kernel has it.
+    /// Which interface serves the device: ublk, FUSE (a file, plus a loop
+    /// device with --loop) or NBD (a network export, with --listen); auto
+    /// picks NBD with --listen, else ublk when the kernel has it, else FUSE.
     #[arg(long, global = true, value_enum, default_value_t = Frontend::Auto)]
     pub frontend: Frontend,
+    /// NBD: serve the device as an NBD export on this address, `unix:PATH`
+    /// or `tcp:HOST:PORT` (repeatable; implies --frontend nbd).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// NBD: the export's name (clients asking for the default, empty name get it too).
+    #[arg(long, global = true, value_name = "NAME", default_value = "")]
+    pub export_name: String,
+    /// NBD: connections served at once.
+    #[arg(long, global = true, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_connections: u32,
     /// FUSE: the directory to mount on; the device is the file `disk` in it
     /// (default: a new directory under the state directory).
     #[arg(long, global = true, value_name = "DIR")]
@@ -102,7 +114,7 @@ pub struct DevArgs {
     #[arg(short = 'q', long = "queues", global = true, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub queues: Option<u16>,
-    /// Requests in flight per queue.
+    /// Requests in flight per queue (NBD: per connection).
     #[arg(short = 'd', long = "depth", global = true, default_value_t = 128, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub depth: u16,
@@ -143,6 +155,8 @@ pub enum Frontend {
     Ublk,
     /// A file on a FUSE mount, optionally with a loop device on it.
     Fuse,
+    /// An NBD server (`--listen`): for clients over the network, qemu, libnbd tools and the kernel's nbd.
+    Nbd,
 }
 
 /// The targets.
@@ -155,6 +169,8 @@ pub enum TargetArgs {
     /// A regular file or block device (also accepted as `loop`).
     #[command(alias = "loop")]
     File(FileArgs),
+    /// An export of a remote NBD server (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH).
+    Nbd(NbdArgs),
 }
 
 /// `add null`.
@@ -219,4 +235,15 @@ pub struct JsonArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `add nbd`.
+#[derive(Debug, Clone, Args)]
+pub struct NbdArgs {
+    /// The server and export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    #[arg(long, value_name = "URI")]
+    pub uri: userblk::nbd::client::NbdUri,
+    /// How long requests wait for a lost connection to come back before failing with EIO.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub reconnect_timeout: u64,
 }

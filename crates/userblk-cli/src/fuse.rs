@@ -328,25 +328,7 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
         );
     }
     if st.daemon_alive() {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(st.pid).context("bad pid in saved state")?,
-            rustix::process::Signal::TERM,
-        )
-        .with_context(|| format!("device {id}: signalling daemon {}", st.pid))?;
-        let deadline = Instant::now() + timeout;
-        while st.daemon_alive() {
-            if Instant::now() >= deadline {
-                bail!(
-                    "device {id}: daemon {} did not stop within {}s; see {}",
-                    st.pid,
-                    timeout.as_secs(),
-                    st.log
-                        .as_deref()
-                        .map_or("its log".into(), |l| l.display().to_string())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::daemon::stop(st, timeout)?;
     } else {
         // The daemon died: its loop device may still be bound and its mount dead.
         if let Some(lo) = our_loop {

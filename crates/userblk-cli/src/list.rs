@@ -18,7 +18,7 @@ use crate::cli::ListArgs;
 pub enum Entry {
     /// A ublk device, as the kernel sees it.
     Ublk(Box<UblkEntry>),
-    /// A device of another frontend (FUSE), from its saved state.
+    /// A device of another frontend (FUSE, NBD), from its saved state.
     Saved(Box<DeviceState>),
 }
 
@@ -73,35 +73,48 @@ fn saved_state_name(st: &DeviceState) -> &'static str {
     }
 }
 
+/// Geometry of a saved device: (threads or depth, size, block size, largest request).
+fn saved_geometry(st: &DeviceState) -> (u16, u64, u32, u32) {
+    match (&st.fuse, &st.nbd) {
+        (Some(f), _) => (f.threads, f.size, f.block_size, f.max_io_buf_bytes),
+        (None, Some(n)) => (n.depth, n.size, n.block_size, n.max_payload),
+        (None, None) => (0, 0, 512, 0),
+    }
+}
+
 fn saved_text(st: &DeviceState) -> String {
-    let f = st.fuse.as_ref();
-    let bs = f.map_or(512, |f| f.block_size);
+    let (threads, size, bs, max_rq) = saved_geometry(st);
+    let what = if st.nbd.is_some() { "depth" } else { "threads" };
     let mut s = format!(
-        "dev id {}: frontend {} threads {} block size {bs} dev_capacity {}\n",
+        "dev id {}: frontend {} {what} {threads} block size {bs} dev_capacity {}\n",
         st.id,
         st.frontend,
-        f.map_or(0, |f| f.threads),
-        f.map_or(0, |f| f.size / 512)
+        size / 512
     );
     s += &format!(
-        "\tmax rq size {} daemon pid {} flags 0x0 state {}\n",
-        f.map_or(0, |f| f.max_io_buf_bytes),
+        "\tmax rq size {max_rq} daemon pid {} flags 0x0 state {}\n",
         st.pid,
         saved_state_name(st)
     );
     s += &format!("\ttarget {}\n", st.target);
     s += &format!("\tfrontend {} block {}", st.frontend, st.block_device);
-    if let Some(f) = f {
+    if let Some(f) = &st.fuse {
         if f.loop_device.is_some() {
             s += &format!(" file {}", f.file.display());
         }
     }
     s += "\n";
+    if let Some(n) = &st.nbd {
+        for (l, u) in n.listen.iter().zip(&n.uris) {
+            s += &format!("\tlisten {l} uri {u}\n");
+        }
+    }
     s
 }
 
 fn saved_json(st: &DeviceState) -> serde_json::Value {
     let f = st.fuse.as_ref();
+    let (threads, size, bs, max_rq) = saved_geometry(st);
     json!({
         "id": st.id,
         "state": saved_state_name(st),
@@ -111,11 +124,15 @@ fn saved_json(st: &DeviceState) -> serde_json::Value {
         "file": f.map(|f| &f.file),
         "mountpoint": f.map(|f| &f.mountpoint),
         "loop_device": f.and_then(|f| f.loop_device.as_ref()),
-        "threads": f.map(|f| f.threads),
-        "block_size": f.map(|f| f.block_size),
-        "size": f.map(|f| f.size),
-        "dev_sectors": f.map(|f| f.size / 512),
-        "max_io_buf_bytes": f.map(|f| f.max_io_buf_bytes),
+        "threads": f.map(|_| threads),
+        "queue_depth": st.nbd.as_ref().map(|_| threads),
+        "listen": st.nbd.as_ref().map(|n| &n.listen),
+        "uris": st.nbd.as_ref().map(|n| &n.uris),
+        "export_name": st.nbd.as_ref().map(|n| &n.export_name),
+        "block_size": bs,
+        "size": size,
+        "dev_sectors": size / 512,
+        "max_io_buf_bytes": max_rq,
         "target": st.target,
         "log": st.log,
     })

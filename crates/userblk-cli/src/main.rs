@@ -2,8 +2,10 @@
 
 mod add;
 mod cli;
+mod daemon;
 mod fuse;
 mod list;
+mod nbd;
 mod targets;
 
 use std::process::ExitCode;
@@ -87,6 +89,9 @@ fn del(args: &DelArgs) -> anyhow::Result<()> {
         // Read before deleting: the daemon removes its state as it exits.
         let saved = DeviceState::load(id).ok().flatten();
         let result = match (&saved, ctrl.as_mut()) {
+            (Some(st), _) if st.frontend == "nbd" && !kernel_ids.contains(&id) => {
+                nbd::delete(st, timeout)
+            }
             (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
                 fuse::delete(st, timeout)
             }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use userblk::targets::nbd::{NbdOptions, NbdTarget};
 use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
 use userblk::ublk::DeviceState;
 use userblk::Target;
@@ -80,6 +81,14 @@ pub fn open(
             ),
             None,
         ),
+        TargetArgs::Nbd(a) => {
+            let mut opts = NbdOptions::new(a.uri.clone());
+            opts.reconnect_timeout = std::time::Duration::from_secs(a.reconnect_timeout);
+            (
+                Arc::new(NbdTarget::connect(opts).context("nbd target")?),
+                None,
+            )
+        }
     };
     Ok(Opened { target, shared })
 }

@@ -112,6 +112,22 @@ pub enum Error {
         /// Where it is mounted in this mount namespace; empty if it is held some other way.
         mounts: Vec<PathBuf>,
     },
+    /// An NBD URI could not be understood.
+    #[error("invalid NBD URI {uri:?}: {reason}")]
+    NbdUri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An NBD server could not be reached, refused the export, or broke the protocol.
+    #[error("NBD server {uri}: {err}")]
+    Nbd {
+        /// The server's URI.
+        uri: String,
+        /// What happened (part of the message, so not a separate `source`).
+        err: crate::nbd::client::ClientError,
+    },
 }
 
 fn device_access_message(id: u32, owner: Option<u32>) -> String {

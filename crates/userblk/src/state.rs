@@ -74,6 +74,28 @@ pub struct DeviceState {
     /// For the FUSE frontend: where the file is and what serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuse: Option<FuseState>,
+    /// For the NBD frontend: where it listens and what it exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdState>,
+}
+
+/// What `list` and `del` need to know about an NBD-served device.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NbdState {
+    /// Listening addresses (`unix:PATH`, `tcp:HOST:PORT`).
+    pub listen: Vec<String>,
+    /// URIs clients connect to (`nbd+unix:///?socket=PATH`, `nbd://HOST:PORT/`).
+    pub uris: Vec<String>,
+    /// The export name.
+    pub export_name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Minimum block size.
+    pub block_size: u32,
+    /// Requests in flight per connection.
+    pub depth: u16,
+    /// Largest read or write.
+    pub max_payload: u32,
 }
 
 /// What `list` and `del` need to know about a FUSE-served device.
@@ -111,6 +133,7 @@ impl DeviceState {
             queue_cpus: Vec::new(),
             log: None,
             fuse: None,
+            nbd: None,
         }
     }
 

@@ -155,8 +155,7 @@ impl Deferred {
 impl Drop for Deferred {
     fn drop(&mut self) {
         if !self.done {
-            self.mailbox
-                .post(self.user_data, -Errno::IO.raw_os_error());
+            self.mailbox.post(self.user_data, -Errno::IO.raw_os_error());
         }
     }
 }
@@ -277,11 +276,9 @@ impl Ring {
                 }
             }
         }
-        if mail {
-            if self.deferred > 0 {
-                if let Err(e) = self.arm_mailbox() {
-                    tracing::error!("ring: re-arming the mailbox poll: {e}");
-                }
+        if mail && self.deferred > 0 {
+            if let Err(e) = self.arm_mailbox() {
+                tracing::error!("ring: re-arming the mailbox poll: {e}");
             }
         }
     }

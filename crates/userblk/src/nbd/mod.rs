@@ -8,4 +8,7 @@
 //! - [`client`]: the client side, used by the nbd target.
 
 pub mod client;
+pub mod handshake;
 pub mod proto;
+pub mod server;
+pub mod transmission;

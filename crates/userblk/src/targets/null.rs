@@ -50,7 +50,12 @@ impl Target for NullTarget {
         Submit::Done(Ok(ctx.done_bytes()))
     }
 
-    fn extents(&self, _offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), rustix::io::Errno> {
+    fn extents(
+        &self,
+        _offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), rustix::io::Errno> {
         out.push(Extent::hole(len));
         Ok(())
     }

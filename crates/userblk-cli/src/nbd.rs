@@ -1,0 +1,153 @@
+//! The NBD frontend in the CLI: serve a target as an NBD export until
+//! stopped, and clean up such a device for `del`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use userblk::nbd::server::{Listen, Server, ServerOptions};
+use userblk::state::{DeviceState, NbdState};
+
+use crate::add::{redirect_output, saved_args, READY_MARKER};
+use crate::cli::AddArgs;
+
+/// Slot buffers start at least this large, so 1 MiB requests need no regrowth.
+const MIN_BUF_BYTES: u32 = 1 << 20;
+
+/// The URI a client uses for `l` and `export`.
+pub fn uri(l: &Listen, export: &str) -> String {
+    match l {
+        Listen::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+        Listen::Tcp(a) => format!("nbd://{a}/{export}"),
+    }
+}
+
+/// Serve `args.target` over NBD until a signal.
+pub fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
+    let listen = args
+        .dev
+        .listen
+        .iter()
+        .map(|l| l.parse::<Listen>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let opened = crate::targets::open(&args.target, false, None)?;
+    let target = opened.target;
+    let caps = target.caps();
+    caps.check().context("target")?;
+
+    let kernel_ids = userblk::ublk::ctrl::device_ids();
+    let mut st = DeviceState::claim(args.dev.id, &kernel_ids, "nbd", |_| false)?;
+    let id = st.id;
+    let guard = RemoveState(id);
+
+    let (tx, events) = std::sync::mpsc::channel();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })?;
+
+    let mut opts = ServerOptions::new(listen);
+    opts.export_name = args.dev.export_name.clone();
+    opts.description = format!("userblk device {id}");
+    opts.depth = args.dev.depth;
+    opts.buf_bytes = args.dev.io_buf_size.max(MIN_BUF_BYTES) as usize;
+    opts.max_connections = args.dev.max_connections as usize;
+    let server = Server::start(target.clone(), opts.clone()).context("starting the NBD server")?;
+
+    let uris: Vec<String> = server
+        .addresses()
+        .iter()
+        .map(|l| uri(l, &opts.export_name))
+        .collect();
+    let log = daemon.then(|| userblk::state::state_dir().join(format!("{id}.log")));
+    st.block_device = uris.first().cloned().unwrap_or_default();
+    st.target = target.describe();
+    st.args = saved_args();
+    st.log = log.clone();
+    let limits = userblk::nbd::transmission::Limits::new(caps);
+    st.nbd = Some(NbdState {
+        listen: server.addresses().iter().map(ToString::to_string).collect(),
+        uris,
+        export_name: opts.export_name.clone(),
+        size: caps.size,
+        block_size: caps.logical_block_size,
+        depth: opts.depth,
+        max_payload: limits.max_payload,
+    });
+    st.save()?;
+    print!("{}", crate::list::Entry::Saved(Box::new(st.clone())).text());
+    if daemon {
+        println!("{READY_MARKER}");
+        let _ = std::io::stdout().flush();
+        if let Some(log) = &log {
+            redirect_output(log);
+        }
+    }
+    tracing::info!("device {id} serving NBD at {}", st.block_device);
+
+    if let Ok(sig) = events.recv() {
+        tracing::info!("signal {sig}: stopping");
+    }
+    handle.close();
+    let counters = server.counters();
+    server.stop();
+    let n = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+    tracing::info!(
+        "served {} connections: {} reads, {} writes, {} flushes, {} trims/zeroings, {} errors",
+        n(&counters.connections),
+        n(&counters.reads),
+        n(&counters.writes),
+        n(&counters.flushes),
+        n(&counters.zeroes),
+        n(&counters.errors)
+    );
+    drop(guard);
+    Ok(())
+}
+
+/// Removes the saved state on every way out of `serve`.
+struct RemoveState(u32);
+
+impl Drop for RemoveState {
+    fn drop(&mut self) {
+        DeviceState::remove(self.0);
+    }
+}
+
+/// `del` of an NBD device: stop its daemon, or clean up after a dead one.
+pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
+    let id = st.id;
+    let Some(nbd) = &st.nbd else {
+        bail!("device {id}: saved state has no NBD details");
+    };
+    if st.daemon_alive() {
+        crate::daemon::stop(st, timeout)?;
+    } else {
+        // A dead daemon's Unix sockets are left behind.
+        for l in &nbd.listen {
+            if let Ok(Listen::Unix(p)) = l.parse::<Listen>() {
+                remove_socket(&p);
+            }
+        }
+    }
+    DeviceState::remove(id);
+    Ok(())
+}
+
+fn remove_socket(p: &PathBuf) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(p);
+    }
+}
