@@ -28,7 +28,8 @@ export DEBIAN_FRONTEND=noninteractive
 # Host packages.  Guest userspace IS the host root (shared over 9p), so the
 # tools the guest test scripts use are installed here.
 PKGS=(qemu-system-x86 busybox-static cpio kmod xz-utils gzip coreutils
-      util-linux mount fio e2fsprogs xfsprogs procps psmisc python3 fuse3)
+      util-linux mount fio e2fsprogs xfsprogs procps psmisc python3 fuse3
+      libnbd-bin python3-libnbd nbdkit nbd-client qemu-utils)
 
 installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]; }
 # (output captured first: grep -q closing the pipe early trips pipefail)

@@ -169,7 +169,7 @@ fn choose_frontend(dev: &DevArgs) -> anyhow::Result<Chosen> {
             with_loop: dev.loop_dev,
         },
         Frontend::Nbd => Chosen::Nbd,
-        Frontend::Auto if nbd_only && !needs_ublk && !fuse_only => Chosen::Nbd,
+        Frontend::Auto if nbd_only => Chosen::Nbd,
         Frontend::Auto if needs_ublk => Chosen::Ublk,
         Frontend::Auto => match Control::open() {
             Ok(_) if !fuse_only => Chosen::Ublk,
