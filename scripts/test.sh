@@ -25,6 +25,9 @@ cargo build --release --locked
 step "host suite: FUSE frontend and loop devices (this kernel)"
 as_root bash tests/host/fuse.sh
 
+step "host suite: NBD server and nbd target (libnbd, qemu, nbdkit clients)"
+as_root bash tests/host/nbd.sh
+
 step "real-kernel suite: recovery (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/recovery.sh
 
