@@ -1,7 +1,11 @@
 //! The NBD server against a raw client on a real Unix socket: well-formed
 //! traffic, and every kind of malformed or hostile input, each answered by
 //! the protocol's error reply or a closed connection.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -192,7 +196,9 @@ impl Client {
 }
 
 fn pattern(seed: u8, n: usize) -> Vec<u8> {
-    (0..n).map(|i| seed.wrapping_add((i * 7 % 251) as u8)).collect()
+    (0..n)
+        .map(|i| seed.wrapping_add((i * 7 % 251) as u8))
+        .collect()
 }
 
 #[test]
@@ -321,11 +327,19 @@ fn protocol_violations_close_the_connection() {
     // Bad option magic and unknown client flags during the handshake.
     let mut s = Client::hello(&f.sock);
     s.write_all(&[0x55; 16]).unwrap();
-    assert!(Client { s, structured: false }.closed());
+    assert!(Client {
+        s,
+        structured: false
+    }
+    .closed());
     let mut s = UnixStream::connect(&f.sock).unwrap();
     read_n(&mut s, 18);
     s.write_all(&0x8000_0000u32.to_be_bytes()).unwrap();
-    assert!(Client { s, structured: false }.closed());
+    assert!(Client {
+        s,
+        structured: false
+    }
+    .closed());
     // The server still serves.
     let (mut c, _) = Client::connect(&f.sock, true);
     assert_eq!(c.read(1, 0, 512).0, 0);
@@ -340,7 +354,11 @@ fn client_vanishing_mid_write_leaves_data_and_server_intact() {
     c.send(CMD_WRITE, 0, 2, 0, 65536, &vec![0xEE; 30000]);
     drop(c);
     let (mut c, _) = Client::connect(&f.sock, false);
-    assert_eq!(c.read(3, 0, 65536).1, pattern(9, 65536), "a partial write reached the disk");
+    assert_eq!(
+        c.read(3, 0, 65536).1,
+        pattern(9, 65536),
+        "a partial write reached the disk"
+    );
     // Requests in flight when a client leaves do not take the server down either.
     for i in 0..8u64 {
         c.send(CMD_READ, 0, 10 + i, i * 65536, 65536, &[]);
@@ -369,7 +387,11 @@ fn unknown_export_and_options_are_refused_politely() {
     assert_eq!(&r[0].1[4..8], b"disk");
     opt(&mut s, OPT_ABORT, &[]);
     assert_eq!(opt_reply(&mut s).0, REP_ACK);
-    assert!(Client { s, structured: false }.closed());
+    assert!(Client {
+        s,
+        structured: false
+    }
+    .closed());
 }
 
 #[test]
@@ -463,16 +485,30 @@ fn idle_handshakes_time_out_and_connections_are_capped() {
         o.max_connections = 2;
     });
     let mut idle = UnixStream::connect(&f.sock).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     read_n(&mut idle, 18);
     let t = Instant::now();
-    assert!(Client { s: idle, structured: false }.closed());
+    assert!(Client {
+        s: idle,
+        structured: false
+    }
+    .closed());
     assert!(t.elapsed() < Duration::from_secs(5));
     let (mut a, _) = Client::connect(&f.sock, false);
     let (mut b, _) = Client::connect(&f.sock, false);
     let third = UnixStream::connect(&f.sock).unwrap();
-    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    assert!(Client { s: third, structured: false }.closed(), "a third connection is refused");
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(
+        Client {
+            s: third,
+            structured: false
+        }
+        .closed(),
+        "a third connection is refused"
+    );
     assert_eq!(a.read(1, 0, 512).0, 0);
     assert_eq!(b.read(1, 0, 512).0, 0);
 }
@@ -502,17 +538,24 @@ fn listen_addresses_are_checked() {
     let p = dir.path().join("f");
     std::fs::write(&p, b"keep").unwrap();
     let t = Arc::new(MemTarget::new(SIZE).unwrap());
-    let e = Server::start(t.clone(), ServerOptions::new(vec![Listen::Unix(p.clone())]))
-        .unwrap_err();
+    let e =
+        Server::start(t.clone(), ServerOptions::new(vec![Listen::Unix(p.clone())])).unwrap_err();
     assert!(e.to_string().contains("not a socket"), "{e}");
     assert_eq!(std::fs::read(&p).unwrap(), b"keep");
     // A socket another server listens on is not taken over.
     let f = serve();
-    let e = Server::start(t.clone(), ServerOptions::new(vec![Listen::Unix(f.sock.clone())]))
-        .unwrap_err();
+    let e = Server::start(
+        t.clone(),
+        ServerOptions::new(vec![Listen::Unix(f.sock.clone())]),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("another server"), "{e}");
     // TCP port 0 reports the real port.
-    let s = Server::start(t, ServerOptions::new(vec!["tcp:127.0.0.1:0".parse().unwrap()])).unwrap();
+    let s = Server::start(
+        t,
+        ServerOptions::new(vec!["tcp:127.0.0.1:0".parse().unwrap()]),
+    )
+    .unwrap();
     let Listen::Tcp(a) = &s.addresses()[0] else {
         panic!("not tcp")
     };
