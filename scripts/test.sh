@@ -34,5 +34,8 @@ as_root vm/run.sh -- vm/suite/recovery.sh
 step "real-kernel suite: ublk core (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/ublk.sh
 
+step "real-kernel suite: NBD with the kernel's nbd client and ublk nbd devices (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/nbd.sh
+
 step "real-kernel suite: unprivileged devices (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/unprivileged.sh

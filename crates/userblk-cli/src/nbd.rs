@@ -17,11 +17,47 @@ use crate::cli::AddArgs;
 /// Slot buffers start at least this large, so 1 MiB requests need no regrowth.
 const MIN_BUF_BYTES: u32 = 1 << 20;
 
-/// The URI a client uses for `l` and `export`.
+/// The URI a client uses for `l` and `export` (names and paths
+/// percent-encoded, as the NBD URI specification requires).
 pub fn uri(l: &Listen, export: &str) -> String {
+    let name = percent_encode(export.as_bytes(), false);
     match l {
-        Listen::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
-        Listen::Tcp(a) => format!("nbd://{a}/{export}"),
+        Listen::Unix(p) => {
+            use std::os::unix::ffi::OsStrExt;
+            let sock = percent_encode(p.as_os_str().as_bytes(), true);
+            format!("nbd+unix:///{name}?socket={sock}")
+        }
+        Listen::Tcp(a) => format!("nbd://{a}/{name}"),
+    }
+}
+
+/// Percent-encode all but unreserved characters (and `/` if `keep_slash`).
+fn percent_encode(b: &[u8], keep_slash: bool) -> String {
+    let mut s = String::with_capacity(b.len());
+    for &c in b {
+        if c.is_ascii_alphanumeric() || b"-._~".contains(&c) || (keep_slash && c == b'/') {
+            s.push(char::from(c));
+        } else {
+            s.push_str(&format!("%{c:02X}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_are_percent_encoded() {
+        let u = Listen::Unix("/tmp/a b.sock".into());
+        assert_eq!(
+            uri(&u, "my disk?x=1"),
+            "nbd+unix:///my%20disk%3Fx%3D1?socket=/tmp/a%20b.sock"
+        );
+        assert_eq!(uri(&u, ""), "nbd+unix:///?socket=/tmp/a%20b.sock");
+        let t = Listen::Tcp("127.0.0.1:10809".into());
+        assert_eq!(uri(&t, "disk"), "nbd://127.0.0.1:10809/disk");
     }
 }
 
