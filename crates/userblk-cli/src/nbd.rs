@@ -44,23 +44,6 @@ fn percent_encode(b: &[u8], keep_slash: bool) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uris_are_percent_encoded() {
-        let u = Listen::Unix("/tmp/a b.sock".into());
-        assert_eq!(
-            uri(&u, "my disk?x=1"),
-            "nbd+unix:///my%20disk%3Fx%3D1?socket=/tmp/a%20b.sock"
-        );
-        assert_eq!(uri(&u, ""), "nbd+unix:///?socket=/tmp/a%20b.sock");
-        let t = Listen::Tcp("127.0.0.1:10809".into());
-        assert_eq!(uri(&t, "disk"), "nbd://127.0.0.1:10809/disk");
-    }
-}
-
 /// Serve `args.target` over NBD until a signal.
 pub fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     let listen = args
@@ -185,5 +168,22 @@ fn remove_socket(p: &PathBuf) {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_are_percent_encoded() {
+        let u = Listen::Unix("/tmp/a b.sock".into());
+        assert_eq!(
+            uri(&u, "my disk?x=1"),
+            "nbd+unix:///my%20disk%3Fx%3D1?socket=/tmp/a%20b.sock"
+        );
+        assert_eq!(uri(&u, ""), "nbd+unix:///?socket=/tmp/a%20b.sock");
+        let t = Listen::Tcp("127.0.0.1:10809".into());
+        assert_eq!(uri(&t, "disk"), "nbd://127.0.0.1:10809/disk");
     }
 }
