@@ -3,15 +3,21 @@
 //! O_DIRECT and the ublk driver both want buffers aligned to the page; the
 //! kernel writes into them while no Rust reference exists, so they are held
 //! as a raw allocation and lent out as slices only between operations.
+//!
+//! Each buffer is an anonymous mapping: page-aligned by construction, and
+//! zeroed lazily by the kernel, so a frontend can size its slots for the
+//! largest request while memory is used only as requests touch it (an
+//! aligned `alloc_zeroed` would write every byte up front).
 #![allow(unsafe_code)]
 
-use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+
+use rustix::mm::{MapFlags, ProtFlags};
 
 /// An owned, page-aligned, zeroed buffer.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
-    layout: Layout,
+    len: usize,
 }
 
 // SAFETY: the buffer is uniquely owned; moving it between threads moves that ownership.
@@ -21,20 +27,29 @@ impl AlignedBuf {
     /// Allocate `len` zeroed bytes (at least one page) aligned to the page size.
     pub fn new(len: usize) -> crate::Result<Self> {
         let page = rustix::param::page_size();
-        let len = len.max(page).div_ceil(page) * page;
-        let layout = Layout::from_size_align(len, page)
-            .map_err(|_| crate::Error::invalid(format!("buffer size {len} is too large")))?;
-        // SAFETY: layout has a non-zero size (at least one page).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or_else(|| {
-            crate::Error::invalid(format!("out of memory allocating {len} bytes"))
-        })?;
-        Ok(AlignedBuf { ptr, layout })
+        let len = len
+            .max(page)
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| crate::Error::invalid(format!("buffer size {len} is too large")))?;
+        // SAFETY: a new private anonymous mapping aliases nothing; it is
+        // owned by the returned value and unmapped exactly once in Drop.
+        let raw = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }
+        .map_err(|e| crate::Error::io(format!("allocating a {len}-byte buffer"), e))?;
+        let ptr = NonNull::new(raw.cast::<u8>())
+            .ok_or_else(|| crate::Error::invalid("mmap returned a null buffer"))?;
+        Ok(AlignedBuf { ptr, len })
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.layout.size()
+        self.len
     }
 
     /// Always false: a buffer is at least one page.
@@ -54,21 +69,23 @@ impl AlignedBuf {
 
     /// The whole buffer.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is a live allocation of layout.size() initialised (zeroed) bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+        // SAFETY: ptr is a live mapping of `len` initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     /// The whole buffer, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        // SAFETY: ptr is our mapping of exactly `len` bytes, unmapped once.
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+            tracing::error!("unmapping a request buffer: {e}");
+        }
     }
 }
 
