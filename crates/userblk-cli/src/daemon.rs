@@ -29,3 +29,39 @@ pub fn stop(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Deliver SIGTERM, SIGINT and SIGHUP to `tx` (wrapped by `wrap`) from a
+/// thread of their own; close the returned handle to stop.
+pub fn watch_signals<T: Send + 'static>(
+    tx: std::sync::mpsc::Sender<T>,
+    wrap: fn(i32) -> T,
+) -> anyhow::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(wrap(sig)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(handle)
+}
+
+/// Tell the waiting `add` the device is live: print its details and, in a
+/// daemon, the ready marker, then move our output to the device's log.
+pub fn announce(st: &DeviceState, daemon: bool) {
+    use std::io::Write;
+    print!("{}", crate::list::Entry::Saved(Box::new(st.clone())).text());
+    if daemon {
+        println!("{}", crate::add::READY_MARKER);
+        let _ = std::io::stdout().flush();
+        if let Some(log) = &st.log {
+            crate::add::redirect_output(log);
+        }
+    }
+}

@@ -5,18 +5,16 @@
 //! save state, report. Down: refuse while a file system or process still
 //! uses the device, detach the loop device, unmount, remove state.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use userblk::fuse::{FuseDisk, FuseOptions, Unmounted};
 use userblk::loopdev::{LoopDevice, LoopOptions};
 use userblk::state::{self, DeviceState, FuseState};
 
-use crate::add::{redirect_output, saved_args, READY_MARKER};
+use crate::add::saved_args;
 use crate::cli::AddArgs;
 
 /// Largest `--io-buf-size`: the most FUSE passes in one write.
@@ -85,7 +83,7 @@ pub fn serve(args: AddArgs, daemon: bool, want_loop: bool) -> anyhow::Result<()>
         tracing::debug!("{e}");
     }
     let (tx, events) = mpsc::channel();
-    let signals = watch_signals(tx.clone())?;
+    let signals = crate::daemon::watch_signals(tx.clone(), Event::Signal)?;
 
     let threads = args.dev.queues.unwrap_or(DEFAULT_THREADS);
     let opts = FuseOptions {
@@ -124,14 +122,13 @@ pub fn serve(args: AddArgs, daemon: bool, want_loop: bool) -> anyhow::Result<()>
         None
     };
 
-    let log = daemon.then(|| state::state_dir().join(format!("{id}.log")));
     st.block_device = lo.as_ref().map_or_else(
         || disk.file().display().to_string(),
         |l| l.path().display().to_string(),
     );
     st.target = target.describe();
     st.args = saved_args();
-    st.log = log.clone();
+    st.log = daemon.then(|| state::state_dir().join(format!("{id}.log")));
     st.fuse = Some(FuseState {
         mountpoint: disk.mountpoint().to_path_buf(),
         file: disk.file().to_path_buf(),
@@ -143,14 +140,7 @@ pub fn serve(args: AddArgs, daemon: bool, want_loop: bool) -> anyhow::Result<()>
         max_io_buf_bytes: args.dev.io_buf_size,
     });
     st.save()?;
-    print!("{}", crate::list::Entry::Saved(Box::new(st.clone())).text());
-    if daemon {
-        println!("{READY_MARKER}");
-        let _ = std::io::stdout().flush();
-        if let Some(log) = &log {
-            redirect_output(log);
-        }
-    }
+    crate::daemon::announce(&st, daemon);
     tracing::info!("device {id} live at {}", st.block_device);
 
     let result = run_until_stopped(&events, &disk, lo);
@@ -247,22 +237,6 @@ fn run_until_stopped(
         n(&c.zeroes)
     );
     Ok(())
-}
-
-fn watch_signals(tx: mpsc::Sender<Event>) -> anyhow::Result<signal_hook::iterator::Handle> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("installing signal handlers")?;
-    let handle = signals.handle();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if tx.send(Event::Signal(sig)).is_err() {
-                    break;
-                }
-            }
-        })?;
-    Ok(handle)
 }
 
 /// Undo a partial set-up: unmount, remove a mount point we made, drop the state.

@@ -1,17 +1,15 @@
 //! The NBD frontend in the CLI: serve a target as an NBD export until
 //! stopped, and clean up such a device for `del`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use userblk::nbd::server::{Listen, Server, ServerOptions};
 use userblk::state::{DeviceState, NbdState};
 
-use crate::add::{redirect_output, saved_args, READY_MARKER};
+use crate::add::saved_args;
 use crate::cli::AddArgs;
 
 /// Slot buffers start at least this large, so 1 MiB requests need no regrowth.
@@ -63,18 +61,7 @@ pub fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     let guard = RemoveState(id);
 
     let (tx, events) = std::sync::mpsc::channel();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("installing signal handlers")?;
-    let handle = signals.handle();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if tx.send(sig).is_err() {
-                    break;
-                }
-            }
-        })?;
+    let handle = crate::daemon::watch_signals(tx, |sig| sig)?;
 
     let mut opts = ServerOptions::new(listen);
     opts.export_name = args.dev.export_name.clone();
@@ -89,11 +76,10 @@ pub fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         .iter()
         .map(|l| uri(l, &opts.export_name))
         .collect();
-    let log = daemon.then(|| userblk::state::state_dir().join(format!("{id}.log")));
     st.block_device = uris.first().cloned().unwrap_or_default();
     st.target = target.describe();
     st.args = saved_args();
-    st.log = log.clone();
+    st.log = daemon.then(|| userblk::state::state_dir().join(format!("{id}.log")));
     let limits = userblk::nbd::transmission::Limits::new(caps);
     st.nbd = Some(NbdState {
         listen: server.addresses().iter().map(ToString::to_string).collect(),
@@ -105,14 +91,7 @@ pub fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         max_payload: limits.max_payload,
     });
     st.save()?;
-    print!("{}", crate::list::Entry::Saved(Box::new(st.clone())).text());
-    if daemon {
-        println!("{READY_MARKER}");
-        let _ = std::io::stdout().flush();
-        if let Some(log) = &log {
-            redirect_output(log);
-        }
-    }
+    crate::daemon::announce(&st, daemon);
     tracing::info!("device {id} serving NBD at {}", st.block_device);
 
     if let Ok(sig) = events.recv() {

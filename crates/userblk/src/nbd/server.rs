@@ -536,6 +536,7 @@ fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), 
         segs: Vec::with_capacity(256),
         events: Vec::with_capacity(256),
         extents: Vec::new(),
+        status: Vec::new(),
         big_bytes: 0,
         eof: false,
         poll_armed: false,
@@ -588,6 +589,8 @@ struct Conn<'a> {
     segs: Vec<Seg>,
     events: Vec<Event>,
     extents: Vec<crate::target::Extent>,
+    /// A block status reply's (length, flags) pairs, reused.
+    status: Vec<(u32, u32)>,
     /// Bytes of buffers grown for oversized requests.
     big_bytes: usize,
     /// The client closed its side, sent NBD_CMD_DISC, or the server is stopping.
@@ -872,7 +875,8 @@ impl Conn<'_> {
             self.reply_now(h, error_from_errno(e));
             return;
         }
-        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(self.extents.len().min(1024));
+        let pairs = &mut self.status;
+        pairs.clear();
         let mut covered = 0u64;
         for e in &self.extents {
             if covered >= u64::from(len) {
@@ -891,7 +895,7 @@ impl Conn<'_> {
             pairs.push((len, 0));
         }
         let start = self.out.len();
-        transmission::block_status_reply(&mut self.out, h.cookie, &pairs);
+        transmission::block_status_reply(&mut self.out, h.cookie, pairs);
         self.segs.push(Seg::Bytes(start, self.out.len()));
     }
 
