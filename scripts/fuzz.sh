@@ -11,8 +11,6 @@
 #
 # Environment:
 #   FUZZ_ARGS            extra libFuzzer options, e.g. "-max_len=8192"
-#   USERBLK_FUZZ_STRICT  1: also check the invariants known bugs break
-#                        (docs/fuzzing.md, "Findings")
 #
 # New corpus entries go to fuzz/target/corpus/<target> (not committed; kept
 # between runs, delete it to start over); the committed seeds in

@@ -25,10 +25,9 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use userblk::nbd::handshake::Negotiated;
 use userblk::nbd::proto::*;
-use userblk::nbd::transmission::{command, Command, Header, Limits, MAX_PAYLOAD};
+use userblk::nbd::transmission::{command, range_piece, Command, Header, Limits, MAX_PAYLOAD};
 use userblk::target::{validate, Caps, Flags, Op, RangeOpCaps};
 use userblk_fuzz::caps::{self, CONFIG_LEN};
-use userblk_fuzz::strict;
 
 fuzz_target!(|data: &[u8]| {
     let Some((config, headers)) = data.split_first_chunk::<CONFIG_LEN>() else {
@@ -37,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let mut limits = fixed_limits().to_vec();
     let drawn = caps::decode(config);
     // Only capabilities a server would start with (`Server::start` checks them).
-    if drawn.check().is_ok() && (strict() || !finding_f1(&drawn)) {
+    if drawn.check().is_ok() {
         let l = Limits::new(drawn);
         check_limits(&l);
         limits.push(l);
@@ -55,14 +54,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-/// F1: `Caps::check` accepts a `max_request` below the logical block size;
-/// `Limits::new` rounds the payload limit down to 0, so the server
-/// advertises a maximum block size of 0 and refuses every read and write.
-fn finding_f1(caps: &Caps) -> bool {
-    caps.max_request
-        .is_some_and(|m| m < caps.logical_block_size)
-}
 
 fn fixed_limits() -> &'static [Limits] {
     static L: OnceLock<Vec<Limits>> = OnceLock::new();
@@ -278,14 +269,17 @@ fn check_command(h: &Header, neg: &Negotiated, l: &Limits) {
                 Op::WriteZeroes => caps.write_zeroes,
                 _ => None,
             };
-            // F2: neither `command` nor `validate` holds discard and
-            // write-zeroes to the `max_bytes` the target declared.
-            if let Some(rc) = range_op.filter(|_| strict()) {
-                assert!(
-                    u64::from(req.len) <= rc.max_bytes,
-                    "over the target's max_bytes for {op:?}: {}",
-                    ctx()
-                );
+            // The server cuts trims and write-zeroes over the target's
+            // `max_bytes` into pieces of `range_piece` bytes.
+            if let Some(rc) = range_op {
+                match range_piece(caps, op, req.len) {
+                    None => assert!(u64::from(req.len) <= rc.max_bytes, "{}", ctx()),
+                    Some(p) => {
+                        assert!(p > 0 && p < req.len, "piece {p}: {}", ctx());
+                        assert!(u64::from(p) <= rc.max_bytes, "piece {p}: {}", ctx());
+                        assert_eq!(p % rc.granularity, 0, "piece {p}: {}", ctx());
+                    }
+                }
             }
             // A flush is durable anyway, so FUA on it may be dropped;
             // everywhere else it must reach the target.

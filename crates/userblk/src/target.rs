@@ -234,6 +234,13 @@ impl Caps {
                 self.size
             )));
         }
+        if let Some(m) = self.max_request {
+            if m < lbs {
+                return Err(crate::Error::invalid(format!(
+                    "largest request {m} is below the logical block size {lbs}"
+                )));
+            }
+        }
         for r in [self.discard, self.write_zeroes].into_iter().flatten() {
             if !r.granularity.is_power_of_two()
                 || r.granularity < lbs
@@ -427,6 +434,16 @@ mod tests {
     #[test]
     fn caps_check() {
         assert!(Caps::new(1 << 20).check().is_ok());
+        let small = Caps {
+            max_request: Some(256),
+            ..Caps::new(1 << 20)
+        };
+        assert!(small.check().is_err(), "max_request below a block");
+        let one = Caps {
+            max_request: Some(512),
+            ..Caps::new(1 << 20)
+        };
+        assert!(one.check().is_ok());
         assert!(Caps::new(0).check().is_err());
         assert!(Caps::new(1000).check().is_err());
         let mut c = Caps::new(1 << 20);

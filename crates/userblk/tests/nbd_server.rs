@@ -424,6 +424,62 @@ fn block_status_reports_holes() {
     assert_eq!(payload.len(), 4 + 8);
 }
 
+/// mem with a 64 KiB limit on trims and write-zeroes, recording the
+/// largest one it was given.
+struct Capped {
+    inner: MemTarget,
+    largest: std::sync::atomic::AtomicU32,
+    calls: std::sync::atomic::AtomicU32,
+}
+
+impl Target for Capped {
+    fn caps(&self) -> userblk::Caps {
+        let mut c = self.inner.caps();
+        for r in [&mut c.discard, &mut c.write_zeroes].into_iter().flatten() {
+            r.max_bytes = 65536;
+        }
+        c
+    }
+    fn submit(&self, ctx: &mut userblk::Ctx<'_>) -> userblk::Submit {
+        use std::sync::atomic::Ordering::Relaxed;
+        let req = *ctx.req();
+        if matches!(req.op, userblk::Op::Discard | userblk::Op::WriteZeroes) {
+            self.largest.fetch_max(req.len, Relaxed);
+            self.calls.fetch_add(1, Relaxed);
+        }
+        self.inner.submit(ctx)
+    }
+}
+
+#[test]
+fn range_ops_are_split_to_the_targets_limit() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let target = Arc::new(Capped {
+        inner: MemTarget::new(SIZE).unwrap(),
+        largest: 0.into(),
+        calls: 0.into(),
+    });
+    let f = serve_with(target.clone(), |_| {});
+    let (mut c, flags) = Client::connect(&f.sock, true);
+    assert_ne!(flags & FLAG_SEND_WRITE_ZEROES, 0);
+    let data = pattern(9, 1 << 20);
+    assert_eq!(c.write(1, 0, &data), 0);
+    // 1 MiB - 8 KiB of zeroes from 4 KiB: 15 whole pieces and a short one.
+    c.send(CMD_WRITE_ZEROES, 0, 2, 4096, (1 << 20) - 8192, &[]);
+    assert_eq!(c.reply().1, 0);
+    assert_eq!(target.largest.load(Relaxed), 65536);
+    assert_eq!(target.calls.load(Relaxed), 16);
+    let (e, back) = c.read(3, 0, 1 << 20);
+    assert_eq!(e, 0);
+    assert_eq!(&back[..4096], &data[..4096]);
+    assert!(back[4096..(1 << 20) - 4096].iter().all(|&b| b == 0));
+    assert_eq!(&back[(1 << 20) - 4096..], &data[(1 << 20) - 4096..]);
+    c.send(CMD_TRIM, 0, 4, 0, 4 << 20, &[]);
+    assert_eq!(c.reply().1, 0);
+    assert_eq!(target.largest.load(Relaxed), 65536);
+    assert_eq!(target.calls.load(Relaxed), 16 + 64);
+}
+
 #[test]
 fn read_only_export_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -511,6 +567,42 @@ fn idle_handshakes_time_out_and_connections_are_capped() {
     );
     assert_eq!(a.read(1, 0, 512).0, 0);
     assert_eq!(b.read(1, 0, 512).0, 0);
+}
+
+#[test]
+fn trickling_handshakes_hit_the_deadline() {
+    let f = serve_with(Arc::new(MemTarget::new(SIZE).unwrap()), |o| {
+        o.handshake_timeout = Duration::from_millis(1000);
+    });
+    let mut s = UnixStream::connect(&f.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_n(&mut s, 18);
+    // Client flags, then an ABORT option, one byte every 150 ms: each read
+    // is quick, but the handshake as a whole is not.
+    let mut bytes = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    bytes.extend_from_slice(&OPT_ABORT.to_be_bytes());
+    bytes.extend_from_slice(&0u32.to_be_bytes());
+    let t = Instant::now();
+    let mut cut = false;
+    for b in bytes {
+        std::thread::sleep(Duration::from_millis(150));
+        if s.write_all(&[b]).is_err() {
+            cut = true;
+            break;
+        }
+    }
+    // 20 bytes take 3 s; the server must hang up after about 1 s.
+    let mut buf = [0u8; 64];
+    let got = s.read(&mut buf);
+    assert!(
+        cut || matches!(got, Ok(0) | Err(_)),
+        "the trickling client got {got:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_millis(3500));
 }
 
 #[test]

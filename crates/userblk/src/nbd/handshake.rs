@@ -144,7 +144,13 @@ impl<S: Write> Replies<'_, S> {
 
     fn error(&mut self, opt: u32, kind: u32, msg: &str) -> io::Result<()> {
         tracing::debug!("{}: {}: {msg}", option_name(opt), rep_error_name(kind));
-        self.reply(opt, kind, &[msg.as_bytes()]);
+        // Messages quote what the client sent, so cap them at the
+        // protocol's string limit, on a character boundary.
+        let mut end = msg.len().min(MAX_STRING);
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.reply(opt, kind, &[&msg.as_bytes()[..end]]);
         self.flush()
     }
 

@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use rustix::io::Errno;
@@ -40,7 +40,7 @@ use super::handshake::{self, Export, HandshakeError, Negotiated, Outcome};
 use super::proto::*;
 use super::transmission::{self, Command, Header, Limits, MAX_PAYLOAD};
 use crate::io::slots::{Event, Slots};
-use crate::target::{Op, Target};
+use crate::target::{IoResult, Op, Request, Target};
 use crate::{Error, Result};
 
 /// Where the server listens.
@@ -105,7 +105,7 @@ pub struct ServerOptions {
     pub buf_bytes: usize,
     /// Connections served at once; more are closed at once.
     pub max_connections: usize,
-    /// Time a client has to finish the handshake.
+    /// Time a client has, from connecting, to finish the handshake.
     pub handshake_timeout: Duration,
 }
 
@@ -461,15 +461,45 @@ fn spawn_connection(shared: &Arc<Shared>, id: u64, sock: OwnedFd) {
     }
 }
 
-/// A connected socket as a byte stream (for the handshake).
-struct Stream<'a>(&'a OwnedFd);
+/// A connected socket as a byte stream for the handshake, which must be
+/// over by `deadline`: a client trickling bytes cannot hold a connection.
+struct Stream<'a> {
+    sock: &'a OwnedFd,
+    deadline: Instant,
+}
+
+impl Stream<'_> {
+    /// Wait until the socket is ready for `events`, or the deadline passes.
+    fn wait(&self, events: PollFlags) -> io::Result<()> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the handshake took too long",
+                ));
+            }
+            let ts = rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            });
+            let mut fds = [PollFd::new(self.sock, events)];
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(0) | Err(Errno::INTR) => {}
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
 
 impl Read for Stream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match rustix::net::recv(self.0, &mut *buf, RecvFlags::empty()) {
+            self.wait(PollFlags::IN)?;
+            match rustix::net::recv(self.sock, &mut *buf, RecvFlags::DONTWAIT) {
                 Ok((n, _)) => return Ok(n),
-                Err(Errno::INTR) => {}
+                Err(Errno::INTR | Errno::AGAIN) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -479,9 +509,10 @@ impl Read for Stream<'_> {
 impl Write for Stream<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            match rustix::net::send(self.0, buf, SendFlags::NOSIGNAL) {
+            self.wait(PollFlags::OUT)?;
+            match rustix::net::send(self.sock, buf, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
                 Ok(n) => return Ok(n),
-                Err(Errno::INTR) => {}
+                Err(Errno::INTR | Errno::AGAIN) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -505,18 +536,14 @@ enum ConnError {
 }
 
 fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), ConnError> {
-    let timeout = Some(shared.opts.handshake_timeout);
-    let _ = rustix::net::sockopt::set_socket_timeout(
+    let mut stream = Stream {
         sock,
-        rustix::net::sockopt::Timeout::Recv,
-        timeout,
-    );
-    let neg = match handshake::negotiate(&mut Stream(sock), &shared.export)? {
+        deadline: Instant::now() + shared.opts.handshake_timeout,
+    };
+    let neg = match handshake::negotiate(&mut stream, &shared.export)? {
         Outcome::Closed => return Ok(()),
         Outcome::Transmission(n) => n,
     };
-    let _ =
-        rustix::net::sockopt::set_socket_timeout(sock, rustix::net::sockopt::Timeout::Recv, None);
     tracing::debug!(?neg, "nbd: transmission");
     let slots = Slots::new(shared.limits.caps, shared.opts.depth, shared.opts.buf_bytes)?;
     let mut conn = Conn {
@@ -528,6 +555,7 @@ fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), 
         base_bytes: shared.opts.buf_bytes,
         free: (0..u16::try_from(slots.len()).unwrap_or(1)).rev().collect(),
         headers: vec![None; slots.len()],
+        rest: vec![None; slots.len()],
         slots,
         rbuf: vec![0; READ_BUF],
         rstart: 0,
@@ -582,6 +610,9 @@ struct Conn<'a> {
     /// Slots neither with the target nor waiting for their reply to be sent.
     free: Vec<u16>,
     headers: Vec<Option<Header>>,
+    /// A trim or write-zeroes split for the target's limit: the rest of
+    /// its range (next offset, end), served piece by piece in its slot.
+    rest: Vec<Option<(u64, u64)>>,
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
@@ -799,9 +830,15 @@ impl Conn<'_> {
                     }
                     self.free.pop();
                     self.headers[usize::from(slot)] = Some(h);
-                    if let Some(result) = self.slots.start(self.target, slot, req) {
-                        self.finished(slot, req.op, result);
+                    let mut req = req;
+                    if let Some(piece) =
+                        transmission::range_piece(&self.limits.caps, req.op, req.len)
+                    {
+                        let end = req.offset + u64::from(req.len);
+                        req.len = piece;
+                        self.rest[usize::from(slot)] = Some((req.offset + u64::from(piece), end));
                     }
+                    self.start(slot, req);
                 }
             }
             if self.segs.len() >= MAX_SEGS {
@@ -811,11 +848,44 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// Start `req` in `slot`, and the pieces after it while they finish inline.
+    fn start(&mut self, slot: u16, mut req: Request) {
+        while let Some(result) = self.slots.start(self.target, slot, req) {
+            match self.next_piece(slot, &req, result) {
+                Some(next) => req = next,
+                None => return self.finished(slot, req.op, result),
+            }
+        }
+    }
+
+    /// The piece of a split request to start after `req` ended with `result`.
+    fn next_piece(&mut self, slot: u16, req: &Request, result: IoResult) -> Option<Request> {
+        let rest = &mut self.rest[usize::from(slot)];
+        let (offset, end) = rest.take()?;
+        if result.is_err() {
+            return None;
+        }
+        let max = transmission::range_piece(&self.limits.caps, req.op, u32::MAX)?;
+        // `end - offset` is below the original u32 length.
+        let len = u32::try_from((end - offset).min(u64::from(max))).unwrap_or(max);
+        if offset + u64::from(len) < end {
+            *rest = Some((offset + u64::from(len), end));
+        }
+        Some(Request {
+            offset,
+            len,
+            ..*req
+        })
+    }
+
     fn on_events(&mut self) {
         let mut events = std::mem::take(&mut self.events);
         for ev in events.drain(..) {
             match ev {
-                Event::Done { slot, req, result } => self.finished(slot, req.op, result),
+                Event::Done { slot, req, result } => match self.next_piece(slot, &req, result) {
+                    Some(next) => self.start(slot, next),
+                    None => self.finished(slot, req.op, result),
+                },
                 Event::Frontend {
                     token: SOCK_TOKEN, ..
                 } => self.poll_armed = false,
@@ -828,7 +898,7 @@ impl Conn<'_> {
     }
 
     /// A request in `slot` finished: queue its reply.
-    fn finished(&mut self, slot: u16, op: Op, result: crate::target::IoResult) {
+    fn finished(&mut self, slot: u16, op: Op, result: IoResult) {
         let Some(h) = self.headers[usize::from(slot)].take() else {
             tracing::error!(slot, "nbd: finished request with no header");
             self.free.push(slot);

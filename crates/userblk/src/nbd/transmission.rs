@@ -152,6 +152,26 @@ impl Limits {
     }
 }
 
+/// The largest piece a trim or write-zeroes of `len` bytes is cut into
+/// for a target whose limit is below it (NBD has no way to advertise the
+/// limit, so the server splits): `None` when it goes whole.
+///
+/// Pieces are a multiple of the target's granularity, at most its `max_bytes`.
+pub fn range_piece(caps: &Caps, op: Op, len: u32) -> Option<u32> {
+    let rc = match op {
+        Op::Discard => caps.discard?,
+        Op::WriteZeroes => caps.write_zeroes?,
+        _ => return None,
+    };
+    if u64::from(len) <= rc.max_bytes {
+        return None;
+    }
+    let g = u64::from(rc.granularity);
+    // `Caps::check` guarantees max_bytes >= granularity; below `len`, a u32.
+    let piece = (rc.max_bytes / g * g).max(g);
+    u32::try_from(piece).ok()
+}
+
 const KNOWN_FLAGS: u16 =
     CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
 

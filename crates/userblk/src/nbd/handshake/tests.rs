@@ -266,3 +266,29 @@ fn hostile_lengths_are_bounded() {
     let (r, _) = Client::new(FIXED).run();
     assert_eq!(r.unwrap(), Outcome::Closed);
 }
+
+#[test]
+fn error_messages_fit_the_string_limit() {
+    // Control bytes are quoted escaped, five characters each: a long name
+    // once made a 20 KB message.
+    let name = "\u{1}".repeat(MAX_STRING);
+    let meta = meta_data(&name, &["base:allocation"]);
+    let (r, out) = Client::new(FIXED)
+        .opt(OPT_GO, &go_data(&name, &[]))
+        .opt(OPT_STRUCTURED_REPLY, &[])
+        .opt(OPT_SET_META_CONTEXT, &meta)
+        .opt(OPT_ABORT, &[])
+        .run();
+    assert_eq!(r.unwrap(), Outcome::Closed);
+    let reps = replies(&out);
+    let errors: Vec<_> = reps
+        .iter()
+        .filter(|(o, _, _)| *o == OPT_GO || *o == OPT_SET_META_CONTEXT)
+        .collect();
+    assert_eq!(errors.len(), 2, "{reps:?}");
+    for (opt, kind, msg) in errors {
+        assert_eq!(*kind, REP_ERR_UNKNOWN, "option {opt}");
+        assert!(msg.len() <= MAX_STRING, "option {opt}: {} bytes", msg.len());
+        assert!(std::str::from_utf8(msg).is_ok());
+    }
+}
