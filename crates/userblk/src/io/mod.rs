@@ -5,10 +5,12 @@
 
 pub mod buf;
 pub mod engine;
+pub mod mapping;
 pub mod ring;
 pub mod slots;
 
 pub use buf::AlignedBuf;
 pub use engine::Engine;
+pub use mapping::SharedMapping;
 pub use ring::{Ctx, Deferred, Ring};
 pub use slots::Slots;

@@ -2,16 +2,24 @@
 //!
 //! Data lives in a memfd (tmpfs): unwritten ranges read as zeroes without
 //! using memory, and discard and write-zeroes punch holes that give the
-//! memory back. Reads and writes are `pread`/`pwrite` on the memfd, done
-//! inline on the queue thread; tmpfs never blocks on a disk.
+//! memory back. Writes are copied into a shared mapping of the memfd, and
+//! reads out of it where every page was written that way; other reads are
+//! `pread`, which reads holes as zeroes without allocating them (see
+//! [`SharedMapping`]). All inline on the queue thread: tmpfs never blocks
+//! on a disk.
+//!
+//! A RAM disk in a named tmpfs file (for recovery) writes with `pwrite`
+//! instead: that tmpfs has a size limit, and a write fault past it would
+//! kill the daemon with SIGBUS, where `pwrite` returns ENOSPC.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde_json::json;
 
+use crate::io::SharedMapping;
 use crate::target::{Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
 
@@ -30,6 +38,8 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct MemTarget {
     fd: OwnedFd,
+    /// The memfd mapped, for writes (not for a named file: see the module docs).
+    map: Option<SharedMapping>,
     size: u64,
     /// The tmpfs file holding the data when it must outlive the daemon.
     path: Option<PathBuf>,
@@ -45,8 +55,11 @@ impl MemTarget {
             .map_err(|e| Error::io("memfd_create", e))?;
         rustix::fs::ftruncate(&fd, size)
             .map_err(|e| Error::io(format!("mem: cannot size the memfd to {size} bytes"), e))?;
+        // Without the mapping (no address space for it) writes use pwrite.
+        let map = SharedMapping::new(fd.as_fd(), size).ok();
         Ok(MemTarget {
             fd,
+            map,
             size,
             path: None,
         })
@@ -72,6 +85,7 @@ impl MemTarget {
         }
         Ok(MemTarget {
             fd,
+            map: None,
             size,
             path: Some(path.to_path_buf()),
         })
@@ -91,6 +105,7 @@ impl MemTarget {
         }
         Ok(MemTarget {
             fd,
+            map: None,
             size,
             path: Some(path.to_path_buf()),
         })
@@ -110,6 +125,11 @@ impl MemTarget {
     fn read(&self, ctx: &mut Ctx<'_>) -> Result<u32, Errno> {
         let off = ctx.req().offset;
         let buf = ctx.data_mut();
+        if let Some(map) = &self.map {
+            if map.read(off, buf)? {
+                return Ok(ctx.done_bytes());
+            }
+        }
         let mut done = 0;
         while done < buf.len() {
             match rustix::io::pread(&self.fd, &mut buf[done..], off + done as u64) {
@@ -125,6 +145,10 @@ impl MemTarget {
     fn write(&self, ctx: &Ctx<'_>) -> Result<u32, Errno> {
         let off = ctx.req().offset;
         let buf = ctx.data();
+        if let Some(map) = &self.map {
+            map.write(off, buf)?;
+            return Ok(ctx.done_bytes());
+        }
         let mut done = 0;
         while done < buf.len() {
             match rustix::io::pwrite(&self.fd, &buf[done..], off + done as u64) {
@@ -139,6 +163,9 @@ impl MemTarget {
 
     fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<u32, Errno> {
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        if let Some(map) = &self.map {
+            map.forget(offset, len);
+        }
         rustix::fs::fallocate(&self.fd, punch, offset, len)?;
         if keep_allocated {
             // NOUNMAP: the range must stay provisioned, so allocate it again (as zeroes).
