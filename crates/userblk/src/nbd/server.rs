@@ -562,6 +562,7 @@ fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), 
         rend: 0,
         out: Vec::with_capacity(64 * 1024),
         segs: Vec::with_capacity(256),
+        seg_data: 0,
         events: Vec::with_capacity(256),
         extents: Vec::new(),
         status: Vec::new(),
@@ -586,6 +587,9 @@ const SOCK_TOKEN: u16 = u16::MAX;
 const BIG_BUDGET: usize = 128 << 20;
 /// Replies gathered before they are sent anyway.
 const MAX_SEGS: usize = 512;
+/// Read data gathered before it is sent anyway: the client starts
+/// receiving while later reads are still being copied.
+const SEND_DATA_BYTES: usize = 256 * 1024;
 
 /// One piece of the outgoing stream.
 #[derive(Debug, Clone, Copy)]
@@ -618,6 +622,8 @@ struct Conn<'a> {
     rend: usize,
     out: Vec<u8>,
     segs: Vec<Seg>,
+    /// Bytes of read data in `segs`.
+    seg_data: usize,
     events: Vec<Event>,
     extents: Vec<crate::target::Extent>,
     /// A block status reply's (length, flags) pairs, reused.
@@ -804,47 +810,58 @@ impl Conn<'_> {
                 Command::BlockStatus { offset, len, one } => {
                     self.block_status(&h, offset, len, one)
                 }
-                Command::Io(req) => {
-                    let need = if req.op.has_data() {
-                        req.len as usize
-                    } else {
-                        0
-                    };
-                    if need > self.slots.buf(slot).len() {
-                        if let Err(e) = self.slots.reserve(slot, need) {
-                            self.skip(payload as usize)?;
-                            self.reply_now(&h, error_from_errno(e));
-                            continue;
-                        }
-                        self.big_bytes += need;
-                    }
-                    if req.op == Op::Write {
-                        let buf = &mut self.slots.buf_mut(slot)[..need];
-                        Self::read_exact_into(
-                            &self.rbuf,
-                            &mut self.rstart,
-                            self.rend,
-                            self.sock,
-                            buf,
-                        )?;
-                    }
-                    self.free.pop();
-                    self.headers[usize::from(slot)] = Some(h);
-                    let mut req = req;
-                    if let Some(piece) =
-                        transmission::range_piece(&self.limits.caps, req.op, req.len)
-                    {
-                        let end = req.offset + u64::from(req.len);
-                        req.len = piece;
-                        self.rest[usize::from(slot)] = Some((req.offset + u64::from(piece), end));
-                    }
-                    self.start(slot, req);
-                }
+                Command::Io(req) => self.start_io(slot, h, req, payload)?,
             }
-            if self.segs.len() >= MAX_SEGS {
+            if self.segs.len() >= MAX_SEGS || self.seg_data >= SEND_DATA_BYTES {
                 self.send()?;
             }
         }
+        Ok(())
+    }
+
+    /// Start a read, write, flush, trim or write-zeroes in `slot` (the
+    /// last free one), its payload read first.
+    fn start_io(
+        &mut self,
+        slot: u16,
+        h: Header,
+        req: Request,
+        payload: u32,
+    ) -> std::result::Result<(), ConnError> {
+        let need = if req.op.has_data() {
+            req.len as usize
+        } else {
+            0
+        };
+        if need > self.slots.buf(slot).len() {
+            if let Err(e) = self.slots.reserve(slot, need) {
+                self.skip(payload as usize)?;
+                self.reply_now(&h, error_from_errno(e));
+                return Ok(());
+            }
+            self.big_bytes += need;
+        }
+        if req.op == Op::Write {
+            if need > self.buffered() {
+                // About to wait for the client: let it have the replies
+                // it may be waiting for first.
+                self.send()?;
+            }
+            let buf = &mut self.slots.buf_mut(slot)[..need];
+            Self::read_exact_into(&self.rbuf, &mut self.rstart, self.rend, self.sock, buf)?;
+        }
+        // `slot` was the last free one; a send above may have freed more since.
+        if let Some(i) = self.free.iter().rposition(|&s| s == slot) {
+            self.free.swap_remove(i);
+        }
+        self.headers[usize::from(slot)] = Some(h);
+        let mut req = req;
+        if let Some(piece) = transmission::range_piece(&self.limits.caps, req.op, req.len) {
+            let end = req.offset + u64::from(req.len);
+            req.len = piece;
+            self.rest[usize::from(slot)] = Some((req.offset + u64::from(piece), end));
+        }
+        self.start(slot, req);
         Ok(())
     }
 
@@ -911,6 +928,7 @@ impl Conn<'_> {
                 transmission::reply_header(&mut self.out, &self.neg, &h, 0, h.len);
                 self.segs.push(Seg::Bytes(start, self.out.len()));
                 self.segs.push(Seg::Data(slot, h.len as usize));
+                self.seg_data += h.len as usize;
             }
             Ok(_) => {
                 transmission::reply_header(&mut self.out, &self.neg, &h, 0, 0);
@@ -998,6 +1016,7 @@ impl Conn<'_> {
             }
         }
         self.out.clear();
+        self.seg_data = 0;
         match result {
             Ok(()) => Ok(()),
             // The client is gone: stop reading, let what is in flight finish.
