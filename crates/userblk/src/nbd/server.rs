@@ -442,9 +442,11 @@ fn spawn_connection(shared: &Arc<Shared>, id: u64, sock: OwnedFd) {
                 Ok(()) => tracing::debug!("nbd: connection {id} closed"),
                 Err(e) => tracing::info!("nbd: connection {id}: {e}"),
             }
+            // Count the connection closed before the client can see it
+            // closed, so it may connect again at once under max_connections.
+            s.counters.open.fetch_sub(1, Ordering::Relaxed);
             // The stop list holds a duplicate: hang up for both.
             let _ = rustix::net::shutdown(&sock, rustix::net::Shutdown::Both);
-            s.counters.open.fetch_sub(1, Ordering::Relaxed);
         });
     match spawned {
         Ok(t) => {
@@ -567,6 +569,8 @@ fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), 
         extents: Vec::new(),
         status: Vec::new(),
         big_bytes: 0,
+        need: REQUEST_LEN,
+        last_input: Instant::now(),
         eof: false,
         poll_armed: false,
     };
@@ -581,6 +585,13 @@ fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), 
 
 /// Bytes read from the socket at a time: many small requests per read.
 const READ_BUF: usize = 256 * 1024;
+/// How long to poll a busy socket before sleeping on it.
+const SPIN: Duration = Duration::from_micros(50);
+/// A socket counts as busy this long after its last input.
+const SPIN_AFTER_INPUT: Duration = Duration::from_millis(1);
+/// Writes up to this long are dispatched once their data is buffered;
+/// longer ones are read straight into their slot's buffer.
+const SMALL_WRITE: u32 = 64 * 1024;
 /// Ring token of the socket's readability poll.
 const SOCK_TOKEN: u16 = u16::MAX;
 /// Memory all oversized requests of a connection may hold at once.
@@ -630,6 +641,12 @@ struct Conn<'a> {
     status: Vec<(u32, u32)>,
     /// Bytes of buffers grown for oversized requests.
     big_bytes: usize,
+    /// Bytes the next request needs buffered before it is dispatched: a
+    /// header, or a small write's header and data (waiting for those on
+    /// the ring beats blocking in `recv` with other work at hand).
+    need: usize,
+    /// When bytes last came in (see [`Conn::spin_fill`]).
+    last_input: Instant,
     /// The client closed its side, sent NBD_CMD_DISC, or the server is stopping.
     eof: bool,
     poll_armed: bool,
@@ -656,8 +673,11 @@ impl Conn<'_> {
                     // Only replies were waiting, and they are sent.
                     continue;
                 }
-                // Nothing in flight: block on the socket alone.
-                self.fill(RecvFlags::empty())?;
+                // Nothing in flight: block on the socket alone (after a
+                // short spin while the client is busy).
+                if !self.spin_fill()? {
+                    self.fill(RecvFlags::empty())?;
+                }
                 continue;
             }
             if want_input && self.fill(RecvFlags::DONTWAIT)? {
@@ -682,15 +702,37 @@ impl Conn<'_> {
         self.rend - self.rstart
     }
 
-    /// A whole request header is buffered.
+    /// A whole request header is buffered (and, for a small write, its data).
     fn has_request(&self) -> bool {
-        !self.eof && self.buffered() >= REQUEST_LEN
+        !self.eof && self.buffered() >= self.need
+    }
+
+    /// Poll the socket without sleeping for a moment, if requests came
+    /// in a moment ago; true if something was read.
+    ///
+    /// A client with requests in a steady stream sends the next one soon
+    /// after its last reply: catching it awake saves a sleep, a wakeup and
+    /// the client an inter-processor interrupt per request. With 4 KiB
+    /// writes at QD 32 over a Unix socket on 2 cores, sleeping in `recv`
+    /// meant a context switch per request and fio at 100% of a core.
+    fn spin_fill(&mut self) -> std::result::Result<bool, ConnError> {
+        let now = Instant::now();
+        if now.duration_since(self.last_input) > SPIN_AFTER_INPUT {
+            return Ok(false);
+        }
+        while now.elapsed() < SPIN {
+            if self.fill(RecvFlags::DONTWAIT)? {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
+        }
+        Ok(false)
     }
 
     /// Read more of the stream; false if nothing was there (DONTWAIT).
     fn fill(&mut self, flags: RecvFlags) -> std::result::Result<bool, ConnError> {
         if self.rstart > 0
-            && (self.rstart == self.rend || self.rbuf.len() - self.rend < REQUEST_LEN)
+            && (self.rstart == self.rend || self.rbuf.len() - self.rstart < self.need)
         {
             self.rbuf.copy_within(self.rstart..self.rend, 0);
             self.rend -= self.rstart;
@@ -708,6 +750,7 @@ impl Conn<'_> {
                 }
                 Ok((n, _)) => {
                     self.rend += n;
+                    self.last_input = Instant::now();
                     return Ok(true);
                 }
                 Err(Errno::INTR) => {}
@@ -782,6 +825,14 @@ impl Conn<'_> {
                     "write of {payload} bytes (at most {MAX_PAYLOAD})"
                 )));
             }
+            if h.kind == CMD_WRITE && payload <= SMALL_WRITE {
+                let whole = REQUEST_LEN + payload as usize;
+                if self.buffered() < whole {
+                    self.need = whole;
+                    return Ok(());
+                }
+            }
+            self.need = REQUEST_LEN;
             let big = payload as usize > self.base_bytes;
             if big && self.big_bytes + payload as usize > BIG_BUDGET && self.slots.in_use() > 0 {
                 // Let earlier big requests finish first.
