@@ -28,6 +28,9 @@ as_root bash tests/host/fuse.sh
 step "host suite: NBD server and nbd target (libnbd, qemu, nbdkit clients)"
 as_root bash tests/host/nbd.sh
 
+step "host suite: filters over the FUSE and NBD frontends (delay, error, readonly, log, stats, rate, offset)"
+as_root bash tests/host/filters.sh
+
 step "real-kernel suite: recovery (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/recovery.sh
 

@@ -10,6 +10,15 @@ fn size(s: &str) -> Result<u64, String> {
     userblk::size::parse(s).map_err(|e| e.to_string())
 }
 
+/// Parse and check a `--filter` spec (its options too; nothing is opened yet).
+fn filter_spec(s: &str) -> Result<userblk::filters::Spec, String> {
+    let spec: userblk::filters::Spec = s
+        .parse()
+        .map_err(|e: userblk::filters::FilterError| e.to_string())?;
+    userblk::filters::Config::parse(&spec).map_err(|e| e.to_string())?;
+    Ok(spec)
+}
+
 fn size_u32(s: &str) -> Result<u32, String> {
     let v = size(s)?;
     u32::try_from(v).map_err(|_| format!("{s} is too large"))
@@ -31,13 +40,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a device served by a new daemon; returns once it is live.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Stop and delete devices.
     Del(DelArgs),
     /// Show devices.
     List(ListArgs),
     /// Start a new daemon for a device whose daemon died (added with -r).
     Recover(RecoverArgs),
+    /// Show what a device's `stats` filter counted (added with --filter stats).
+    Stats(StatsArgs),
     /// Show the ublk features this kernel supports.
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -54,6 +65,17 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// `stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: u32,
+    /// Machine-readable output (the snapshot as the daemon wrote it, with `id` and `live`).
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `recover`.
 #[derive(Debug, Args)]
 pub struct RecoverArgs {
@@ -68,9 +90,37 @@ pub struct AddArgs {
     /// Device options, accepted before or after the target name.
     #[command(flatten)]
     pub dev: DevArgs,
+    /// Filters given before the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
     /// The target that serves the device.
     #[command(subcommand)]
     pub target: TargetArgs,
+}
+
+impl AddArgs {
+    /// Every `--filter`, in command-line order: those before the target name, then those after.
+    pub fn filters(&self) -> Vec<userblk::filters::Spec> {
+        let after = match &self.target {
+            TargetArgs::Null(a) => &a.filters,
+            TargetArgs::Mem(a) => &a.filters,
+            TargetArgs::File(a) => &a.filters,
+            TargetArgs::Nbd(a) => &a.filters,
+        };
+        [&self.filters.filters[..], &after.filters[..]].concat()
+    }
+}
+
+/// `--filter`, accepted before and after the target name. (Not a global
+/// option like the device options: clap keeps only one side's values of a
+/// repeated global option, and the order of filters matters.)
+#[derive(Debug, Clone, Default, Args)]
+pub struct FilterArgs {
+    /// Put a filter between the device and its target: NAME[:key=value,...]
+    /// (readonly, offset, truncate, delay, error, rate, log, stats; see
+    /// docs/filters). Repeatable; the first given sits nearest the device.
+    #[arg(long = "filter", value_name = "SPEC", value_parser = filter_spec)]
+    pub filters: Vec<userblk::filters::Spec>,
 }
 
 /// Options of the device itself, whatever the target.
@@ -179,6 +229,9 @@ pub struct NullArgs {
     /// Device size.
     #[arg(short = 's', long, default_value = "250G", value_parser = size)]
     pub size: u64,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// `add mem`.
@@ -187,6 +240,9 @@ pub struct MemArgs {
     /// Device size (memory is used only as data is written).
     #[arg(short = 's', long, value_parser = size)]
     pub size: u64,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// `add file` / `add loop`.
@@ -204,6 +260,9 @@ pub struct FileArgs {
     /// Read-only device.
     #[arg(short = 'o', long = "read-only")]
     pub read_only: bool,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// `del`.
@@ -246,4 +305,65 @@ pub struct NbdArgs {
     /// How long requests wait for a lost connection to come back before failing with EIO.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub reconnect_timeout: u64,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn add(args: &[&str]) -> Result<AddArgs, clap::Error> {
+        let argv = ["userblk", "add"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Add(a) => Ok(*a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn filters_go_anywhere_and_keep_their_order() {
+        let a = add(&[
+            "--filter",
+            "stats",
+            "mem",
+            "-s",
+            "1M",
+            "--filter",
+            "delay:read=5ms",
+            "--frontend",
+            "fuse",
+        ])
+        .unwrap();
+        let names: Vec<String> = a.filters().iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["stats", "delay:read=5ms"]);
+        let a = add(&["--filter", "a", "--filter", "b", "null"]);
+        let e = a.err().unwrap().to_string();
+        assert!(e.contains("unknown filter 'a'"), "{e}");
+        let a = add(&[
+            "file", "-f", "x", "--filter", "readonly", "--filter", "stats",
+        ])
+        .unwrap();
+        assert_eq!(a.filters().len(), 2);
+        assert!(add(&["null"]).unwrap().filters().is_empty());
+    }
+
+    #[test]
+    fn bad_filters_are_argument_errors() {
+        for (bad, why) in [
+            ("nope", "unknown filter 'nope'"),
+            ("delay:read=5", "'5' has no unit"),
+            ("error:rate=7", "not between 0 and 1"),
+            ("readonly:yes=1", "unknown option 'yes'"),
+            ("stats:", "nothing after ':'"),
+        ] {
+            let e = add(&["null", "--filter", bad]).err().unwrap();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
+    }
 }

@@ -47,7 +47,7 @@ pub fn serve(args: AddArgs, daemon: bool, want_loop: bool) -> anyhow::Result<()>
         );
     }
     userblk::fuse::disk::check_fuse_available()?;
-    let opened = crate::targets::open(&args.target, false, None)?;
+    let opened = crate::targets::open(&args.target, &args.filters(), false, None)?;
     let target = opened.target;
     let caps = target.caps();
     caps.check().context("target")?;

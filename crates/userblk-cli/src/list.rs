@@ -62,6 +62,21 @@ impl Entry {
     }
 }
 
+/// The `target` and `filters` lines of a device's text form: the target's
+/// description without its filter list, then the filters outermost first.
+fn target_lines(target: &serde_json::Value) -> String {
+    let filters = userblk::filters::described_filters(target);
+    let mut bare = target.clone();
+    if let Some(m) = bare.as_object_mut() {
+        m.remove("filters");
+    }
+    let mut s = format!("\ttarget {bare}\n");
+    if !filters.is_empty() {
+        s += &format!("\tfilters {}\n", filters.join(" "));
+    }
+    s
+}
+
 /// LIVE while the daemon runs; DEAD once it is gone (`del` cleans up).
 fn saved_state_name(st: &DeviceState) -> &'static str {
     if !st.daemon_alive() {
@@ -96,7 +111,7 @@ fn saved_text(st: &DeviceState) -> String {
         st.pid,
         saved_state_name(st)
     );
-    s += &format!("\ttarget {}\n", st.target);
+    s += &target_lines(&st.target);
     s += &format!("\tfrontend {} block {}", st.frontend, st.block_device);
     if let Some(f) = &st.fuse {
         if f.loop_device.is_some() {
@@ -134,6 +149,7 @@ fn saved_json(st: &DeviceState) -> serde_json::Value {
         "dev_sectors": size / 512,
         "max_io_buf_bytes": max_rq,
         "target": st.target,
+        "filters": userblk::filters::described_filters(&st.target),
         "log": st.log,
     })
 }
@@ -177,7 +193,7 @@ impl UblkEntry {
                     cpus.unwrap_or_default()
                 );
             }
-            s += &format!("\ttarget {}\n", st.target);
+            s += &target_lines(&st.target);
             s += &format!("\tfrontend {} block {}\n", st.frontend, st.block_device);
         } else {
             s += &format!("\tblock {}\n", block_path(i.dev_id).display());
@@ -206,6 +222,7 @@ impl UblkEntry {
             "owner_gid": i.owner_gid,
             "frontend": self.state.as_ref().map_or("ublk", |s| s.frontend.as_str()),
             "target": self.state.as_ref().map(|s| s.target.clone()),
+            "filters": self.state.as_ref().map(|s| userblk::filters::described_filters(&s.target)),
             "queue_tids": self.state.as_ref().map(|s| s.queue_tids.clone()),
             "log": self.state.as_ref().and_then(|s| s.log.clone()),
         })

@@ -6,6 +6,7 @@ mod daemon;
 mod fuse;
 mod list;
 mod nbd;
+mod stats;
 mod targets;
 
 use std::process::ExitCode;
@@ -45,10 +46,11 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose, default_level);
     let result = match cli.command {
-        Command::Add(args) => add::run(args),
+        Command::Add(args) => add::run(*args),
         Command::Del(args) => del(&args),
         Command::List(args) => list::run(&args),
         Command::Recover(args) => add::recover(&args),
+        Command::Stats(args) => stats::run(&args),
         Command::Features(args) => features(&args),
         Command::Completions(args) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -101,6 +103,11 @@ fn del(args: &DelArgs) -> anyhow::Result<()> {
                 |e| anyhow::anyhow!("no FUSE device with id {id}, and {e}"),
             )),
         };
+        if result.is_ok() {
+            if let Some(st) = &saved {
+                stats::remove_snapshot(st);
+            }
+        }
         match result {
             Ok(()) => {}
             // `del -a` as a user: other users' devices are not ours to delete.

@@ -50,7 +50,7 @@ pub fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         .iter()
         .map(|l| l.parse::<Listen>())
         .collect::<Result<Vec<_>, _>>()?;
-    let opened = crate::targets::open(&args.target, false, None)?;
+    let opened = crate::targets::open(&args.target, &args.filters(), false, None)?;
     let target = opened.target;
     let caps = target.caps();
     caps.check().context("target")?;

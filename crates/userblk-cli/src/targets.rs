@@ -1,9 +1,11 @@
-//! Building a target from its command-line arguments.
+//! Building a target from its command-line arguments, with the filter
+//! stack `--filter` asked for on top.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use userblk::filters::{self, Spec};
 use userblk::targets::nbd::{NbdOptions, NbdTarget};
 use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
 use userblk::ublk::DeviceState;
@@ -41,11 +43,13 @@ pub fn shared_path(state: &DeviceState) -> Option<PathBuf> {
         .filter(|_| state.target.get("type").and_then(|t| t.as_str()) == Some("mem"))
 }
 
-/// Open the target the arguments describe. With `recoverable`, a mem
-/// target keeps its data in a tmpfs file; with `previous` (recovery), the
-/// data of the dead daemon is reopened.
+/// Open the target the arguments describe, under the filter stack `specs`
+/// (outermost first). With `recoverable`, a mem target keeps its data in a
+/// tmpfs file; with `previous` (recovery), the data of the dead daemon is
+/// reopened.
 pub fn open(
     args: &TargetArgs,
+    specs: &[Spec],
     recoverable: bool,
     previous: Option<&DeviceState>,
 ) -> anyhow::Result<Opened> {
@@ -90,7 +94,28 @@ pub fn open(
             )
         }
     };
-    Ok(Opened { target, shared })
+    if specs.is_empty() {
+        return Ok(Opened { target, shared });
+    }
+    if specs.iter().any(|s| s.name() == "stats") {
+        crate::stats::prune_stale();
+    }
+    let built = crate::stats::own_snapshot_path().and_then(|snapshot| {
+        let env = filters::Env {
+            stats_file: Some(snapshot),
+        };
+        Ok(filters::build(target, specs, &env)?)
+    });
+    match built {
+        Ok(target) => Ok(Opened { target, shared }),
+        Err(e) => {
+            // A mem device's data file made just now goes with the failure.
+            if let (Some(path), None) = (&shared, previous) {
+                remove_shared(path);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Remove a mem device's data file; missing is fine.

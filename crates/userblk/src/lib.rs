@@ -5,6 +5,7 @@
 //! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
 //! - [`target`]: the [`Target`] trait, requests, capabilities. The centre of the design.
 //! - [`targets`]: null, mem and file.
+//! - [`filters`]: targets that wrap a target (readonly, offset, delay, error, stats, ...), stacked.
 //! - [`state`]: saved per-device state, shared by the frontends.
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
@@ -14,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+pub mod filters;
 pub mod fuse;
 pub mod io;
 pub mod loopdev;

@@ -27,6 +27,21 @@ pub fn state_dir() -> PathBuf {
     }
 }
 
+/// Create the state directory if needed (mode 0700, and owned by the caller) and return it.
+pub fn ensure_dir() -> Result<PathBuf> {
+    let dir = state_dir();
+    ensure_state_dir(&dir).map_err(|e| Error::State {
+        path: dir.clone(),
+        msg: e.to_string(),
+    })?;
+    Ok(dir)
+}
+
+/// Where the `stats` filter of daemon `pid` writes its snapshots (read by `userblk stats`).
+pub fn stats_path(pid: i32) -> PathBuf {
+    state_dir().join(format!("stats-{pid}.json"))
+}
+
 /// Create the state directory (mode 0700 when new) and make sure a user's
 /// directory is their own: `/tmp/userblk-<uid>` could have been made by
 /// someone else first.
@@ -135,6 +150,11 @@ impl DeviceState {
             fuse: None,
             nbd: None,
         }
+    }
+
+    /// Where this device's daemon writes `stats` filter snapshots, if it has one.
+    pub fn stats_path(&self) -> PathBuf {
+        stats_path(self.pid)
     }
 
     /// Whether the daemon that wrote this state still runs.

@@ -7,6 +7,11 @@
 //! inline, or [`Submit::Pending`] after queueing work on the ring; the ring's
 //! completion then comes back through [`Target::complete`].
 //!
+//! Filters (see [`crate::filters`]) are targets that wrap a target: they
+//! pass requests on, possibly changed, and their results back, possibly
+//! changed. They share the ring's `step` numbers with the target beneath
+//! them, by a fixed split: see [`FILTER_STEP_BASE`].
+//!
 //! Requests reach a target only after [`validate`] has checked them against
 //! the target's [`Caps`], so targets never see a request past the end, a
 //! write to a read-only device or an op they did not declare.
@@ -316,6 +321,41 @@ impl Extent {
     }
 }
 
+/// First `step` number reserved for filters.
+///
+/// Steps are how a request's ring operations find their way back to the
+/// code that queued them ([`Target::complete`]). One request passes down a
+/// whole stack of filters to a target, so the step space is split:
+/// - `0 .. FILTER_STEP_BASE` belongs to the target at the bottom of the stack;
+/// - from `FILTER_STEP_BASE` up, filter layer `L` (0 for the filter right
+///   over the target, counted up towards the frontend; see
+///   [`Target::filter_depth`]) owns the 256 steps from
+///   [`filter_step(L, 0)`](filter_step) to [`filter_step(L, 255)`](filter_step).
+///
+/// A filter's `complete` handles the steps of its own layer and passes every
+/// other one to its inner target, so a completion always reaches the layer
+/// that asked for it, through every layer in between (which can then see
+/// the result as it comes back up).
+pub const FILTER_STEP_BASE: u16 = 0xC000;
+
+/// Most filters one stack can hold (the step space above [`FILTER_STEP_BASE`] is 64 × 256).
+pub const MAX_FILTER_LAYERS: u8 = 64;
+
+/// Step `n` of filter layer `layer` (see [`FILTER_STEP_BASE`]).
+/// `layer` is taken modulo [`MAX_FILTER_LAYERS`].
+pub const fn filter_step(layer: u8, n: u8) -> u16 {
+    FILTER_STEP_BASE + ((layer % MAX_FILTER_LAYERS) as u16) * 256 + n as u16
+}
+
+/// The filter layer and its step number that own `step`, or `None` for a target's step.
+pub const fn filter_step_owner(step: u16) -> Option<(u8, u8)> {
+    if step < FILTER_STEP_BASE {
+        return None;
+    }
+    let rel = step - FILTER_STEP_BASE;
+    Some(((rel >> 8) as u8, (rel & 0xff) as u8))
+}
+
 /// A block device served from userspace.
 ///
 /// One value serves every queue of a device at once (`&self`, `Send + Sync`);
@@ -358,6 +398,14 @@ pub trait Target: Send + Sync {
     /// A short description of the target and its options, for `list` and logs.
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+
+    /// How many filters this target is made of: 0 for a plain target, and
+    /// for a filter one more than its inner target's. A filter's own layer
+    /// number, which picks its step numbers ([`FILTER_STEP_BASE`]) and its
+    /// per-request marks ([`Ctx::mark`]), is its inner target's depth.
+    fn filter_depth(&self) -> u8 {
+        0
     }
 }
 
@@ -462,6 +510,19 @@ mod tests {
         assert!(f.contains(Flags::FUA) && f.contains(Flags::NOUNMAP));
         assert!(!Flags::FUA.contains(Flags::NOUNMAP));
         assert!(Flags::NONE.contains(Flags::NONE));
+    }
+
+    #[test]
+    fn filter_steps_are_apart_from_target_steps() {
+        assert_eq!(filter_step_owner(0), None);
+        assert_eq!(filter_step_owner(FILTER_STEP_BASE - 1), None);
+        assert_eq!(filter_step(0, 0), FILTER_STEP_BASE);
+        assert_eq!(filter_step(MAX_FILTER_LAYERS - 1, 255), u16::MAX);
+        for layer in [0, 1, 17, MAX_FILTER_LAYERS - 1] {
+            for n in [0, 1, 255] {
+                assert_eq!(filter_step_owner(filter_step(layer, n)), Some((layer, n)));
+            }
+        }
     }
 
     #[test]

@@ -10,11 +10,17 @@
 //! take a [`Deferred`] from [`Ctx::defer`]: its completion is posted to the
 //! ring's mailbox and reaped like any ring completion, so frontends need
 //! no second way of waiting.
+//!
+//! Filters get a little more: a timer on the ring ([`Ctx::timeout`]), a
+//! per-request instant per filter layer ([`Ctx::mark`]), and a way to show
+//! their inner target a changed request ([`Ctx::with_request`]). The ring
+//! keeps this per slot, allocated on a slot's first use and reused after.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use rustix::fs::FallocateFlags;
@@ -80,6 +86,20 @@ pub struct Ring {
     deferred: usize,
     /// Target operations outstanding per slot (grown on demand).
     slot_ops: Vec<u32>,
+    /// What filters keep per slot (grown on demand; boxed so a queued
+    /// timeout's timespec does not move when the table grows).
+    extras: Vec<Option<Box<SlotExtra>>>,
+}
+
+/// Per-slot state the ring keeps for filters.
+struct SlotExtra {
+    /// The duration of the slot's queued timeout; the kernel reads it when
+    /// the entry is submitted.
+    timespec: types::Timespec,
+    /// The step of the slot's queued timeout, until its completion is reaped.
+    timer: Option<u16>,
+    /// Instants recorded by filter layers ([`Ctx::mark`]), by layer.
+    marks: Vec<Option<Instant>>,
 }
 
 /// Where [`Deferred`] completions wait for the ring's thread.
@@ -201,6 +221,7 @@ impl Ring {
                         mailbox_armed: false,
                         deferred: 0,
                         slot_ops: Vec::new(),
+                        extras: Vec::new(),
                     })
                 }
                 Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => last = Some(e),
@@ -270,9 +291,14 @@ impl Ring {
             }
         }
         for (ud, _) in &out[first..] {
-            if let UserData::Target { slot, .. } = ud {
+            if let UserData::Target { slot, step } = ud {
                 if let Some(c) = self.slot_ops.get_mut(usize::from(*slot)) {
                     *c = c.saturating_sub(1);
+                }
+                if let Some(Some(x)) = self.extras.get_mut(usize::from(*slot)) {
+                    if x.timer == Some(*step) {
+                        x.timer = None;
+                    }
                 }
             }
         }
@@ -294,6 +320,50 @@ impl Ring {
             self.slot_ops.resize(i + 1, 0);
         }
         self.slot_ops[i] += 1;
+    }
+
+    /// `slot`'s filter state, made on first use.
+    fn extra(&mut self, slot: u16) -> &mut SlotExtra {
+        let i = usize::from(slot);
+        if self.extras.len() <= i {
+            self.extras.resize_with(i + 1, || None);
+        }
+        self.extras[i].get_or_insert_with(|| {
+            Box::new(SlotExtra {
+                timespec: types::Timespec::new(),
+                timer: None,
+                marks: Vec::new(),
+            })
+        })
+    }
+
+    /// Queue a timeout of `after` for `slot` with `user_data`.
+    fn timeout(
+        &mut self,
+        slot: u16,
+        step: u16,
+        after: Duration,
+        user_data: u64,
+    ) -> Result<(), Errno> {
+        let x = self.extra(slot);
+        if x.timer.is_some() {
+            // Its timespec may not have been read by the kernel yet.
+            return Err(Errno::BUSY);
+        }
+        x.timespec = types::Timespec::from(after);
+        let ts: *const types::Timespec = &x.timespec;
+        // A pure timer: count 0 means only expiry completes it (with -ETIME).
+        let e = opcode::Timeout::new(ts).build().user_data(user_data);
+        // SAFETY: `ts` points into this slot's boxed SlotExtra, which the
+        // ring owns and never frees or moves while it lives (growing the
+        // table moves only the box pointers); the slot has no other timeout
+        // queued (checked above), so nothing rewrites the timespec until
+        // this one's completion is reaped, and the kernel reads it no later
+        // than at submission.
+        unsafe { self.push(&e) }?;
+        self.extra(slot).timer = Some(step);
+        self.note_slot_op(slot);
+        Ok(())
     }
 
     /// Start an operation completed by another thread through a [`Deferred`].
@@ -502,6 +572,54 @@ impl<'a> Ctx<'a> {
         self.push(e, step)
     }
 
+    /// Run `f` with this context showing `req` instead of the request, then
+    /// put the request back: how a filter hands its inner target a request
+    /// as that target sees it (another offset, a shorter length). The data
+    /// buffer stays the same: a read or write still starts at its first
+    /// byte, and a length beyond the buffer is cut to the buffer.
+    ///
+    /// A filter calls it on `submit` and again on every `complete` it
+    /// passes down, with the same rewritten request: the frontend always
+    /// builds the context from its own, original request.
+    pub fn with_request<R>(&mut self, req: Request, f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
+        let outer = std::mem::replace(&mut self.req, req);
+        let r = f(self);
+        self.req = outer;
+        r
+    }
+
+    /// Queue a timer on the ring that completes after `after` (with
+    /// `-ETIME`, the normal expiry), arriving at [`crate::Target::complete`]
+    /// with `step`. For filters that hold a request back (delays, rate
+    /// limits) without blocking the thread: the other requests of the ring
+    /// keep flowing meanwhile. One timer per request at a time (`EBUSY` otherwise).
+    pub fn timeout(&mut self, after: Duration, step: u16) -> Result<(), Errno> {
+        let ud = UserData::Target {
+            slot: self.slot,
+            step,
+        }
+        .pack();
+        self.ring.timeout(self.slot, step, after, ud)
+    }
+
+    /// Record the current instant for filter `layer` of this request (its
+    /// start, as that layer sees it); read back by [`Ctx::marked`] in a later
+    /// call for the same request. Allocation-free after a slot's first use.
+    pub fn mark(&mut self, layer: u8) {
+        let marks = &mut self.ring.extra(self.slot).marks;
+        let i = usize::from(layer);
+        if marks.len() <= i {
+            marks.resize(i + 1, None);
+        }
+        marks[i] = Some(Instant::now());
+    }
+
+    /// The instant filter `layer` last [marked](Ctx::mark) for this slot.
+    pub fn marked(&self, layer: u8) -> Option<Instant> {
+        let x = self.ring.extras.get(usize::from(self.slot))?.as_ref()?;
+        x.marks.get(usize::from(layer)).copied().flatten()
+    }
+
     /// Hand the request to another thread: the returned [`Deferred`] lends
     /// it the request's data, and its [`complete`](Deferred::complete)
     /// arrives at [`crate::Target::complete`] with `step`, on this thread.
@@ -547,6 +665,7 @@ impl<'a> Ctx<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -564,5 +683,51 @@ mod tests {
         ] {
             assert_eq!(UserData::unpack(ud.pack()), ud);
         }
+    }
+
+    #[test]
+    fn timers_marks_and_rewritten_requests() {
+        let mut ring = Ring::new(8).unwrap();
+        let mut buf = AlignedBuf::new(4096).unwrap();
+        let req = Request::new(Op::Read, 8192, 4096);
+        // SAFETY: only timers are queued (no buffer addresses), and they are
+        // reaped below, before `buf` and `ring` go.
+        let mut ctx = unsafe { Ctx::new(req, 3, &mut buf, &mut ring) };
+
+        // The inner view of a request, and the outer one back afterwards.
+        let inner = Request::new(Op::Read, 1 << 20, 512);
+        let seen = ctx.with_request(inner, |c| (*c.req(), c.data().len()));
+        assert_eq!(seen, (inner, 512));
+        assert_eq!((*ctx.req(), ctx.data().len()), (req, 4096));
+
+        // Marks are per layer and per slot.
+        assert_eq!(ctx.marked(2), None);
+        ctx.mark(2);
+        let m = ctx.marked(2);
+        assert!(m.is_some() && ctx.marked(0).is_none() && ctx.marked(7).is_none());
+
+        // One timer per slot until its completion is reaped.
+        ctx.timeout(Duration::from_millis(5), 9).unwrap();
+        assert_eq!(ctx.timeout(Duration::ZERO, 10), Err(Errno::BUSY));
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ring.submit_and_wait(1).unwrap();
+            ring.reap(&mut out);
+        }
+        assert!(start.elapsed() >= Duration::from_millis(5));
+        let etime = -Errno::TIME.raw_os_error();
+        assert_eq!(out, [(UserData::Target { slot: 3, step: 9 }, etime)]);
+        assert_eq!((ring.slot_ops(3), ring.in_flight()), (0, 0));
+        // SAFETY: as above.
+        let mut ctx = unsafe { Ctx::new(req, 3, &mut buf, &mut ring) };
+        assert_eq!(ctx.marked(2), m, "the mark is kept across contexts");
+        ctx.timeout(Duration::ZERO, 10).unwrap();
+        out.clear();
+        while out.is_empty() {
+            ring.submit_and_wait(1).unwrap();
+            ring.reap(&mut out);
+        }
+        assert_eq!(out, [(UserData::Target { slot: 3, step: 10 }, etime)]);
     }
 }

@@ -1,0 +1,207 @@
+//! What every filter shares: its inner target, its layer (which picks its
+//! ring steps and per-request marks) and its description.
+
+use std::sync::Arc;
+
+use super::FilterError;
+use crate::target::{filter_step, filter_step_owner, Extent, Target, MAX_FILTER_LAYERS};
+
+/// What every filter holds: its inner target, its layer in the stack and
+/// its spec (for `describe`).
+///
+/// The layer is the inner target's [`Target::filter_depth`]: 0 for the
+/// filter right over the target, one more for each filter above. It picks
+/// the filter's ring steps ([`Base::step`], [`crate::target::FILTER_STEP_BASE`])
+/// and its slot in per-request marks ([`crate::Ctx::mark`]), so filters
+/// stacked in any order never mistake each other's completions.
+///
+/// A filter that counts failed requests and passes everything on:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use userblk::filters::{Base, FilterError};
+/// use userblk::{Caps, Ctx, Extent, Submit, Target};
+///
+/// struct CountErrors {
+///     base: Base,
+///     failed: AtomicU64,
+/// }
+///
+/// impl CountErrors {
+///     fn new(inner: Arc<dyn Target>) -> Result<Self, FilterError> {
+///         let base = Base::new(inner, "count-errors")?;
+///         Ok(CountErrors { base, failed: AtomicU64::new(0) })
+///     }
+///
+///     /// Look at a result on its way up.
+///     fn seen(&self, s: Submit) -> Submit {
+///         if let Submit::Done(Err(_)) = s {
+///             self.failed.fetch_add(1, Ordering::Relaxed);
+///         }
+///         s
+///     }
+/// }
+///
+/// impl Target for CountErrors {
+///     fn caps(&self) -> Caps {
+///         self.base.inner().caps()
+///     }
+///     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+///         let s = self.base.inner().submit(ctx);
+///         self.seen(s)
+///     }
+///     // Every completion goes down: none of the steps is ours.
+///     fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+///         let s = self.base.inner().complete(ctx, step, res);
+///         self.seen(s)
+///     }
+///     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), userblk::target::Errno> {
+///         self.base.inner().extents(offset, len, out)
+///     }
+///     fn describe(&self) -> serde_json::Value {
+///         self.base.describe()
+///     }
+///     fn filter_depth(&self) -> u8 {
+///         self.base.depth()
+///     }
+/// }
+///
+/// let t = CountErrors::new(Arc::new(userblk::targets::NullTarget::new(1 << 20))).unwrap();
+/// let mut e = userblk::io::Engine::new(&t, 4096).unwrap();
+/// let r = e.run(&t, userblk::Request::new(userblk::Op::Read, 1 << 20, 512), &mut [0; 512]);
+/// assert!(r.is_err()); // past the end: refused before the filter sees it
+/// assert_eq!(t.failed.load(Ordering::Relaxed), 0);
+/// assert_eq!(t.describe()["filters"][0], "count-errors");
+/// ```
+pub struct Base {
+    inner: Arc<dyn Target>,
+    layer: u8,
+    spec: String,
+}
+
+impl Base {
+    /// The shared part of a filter over `inner`, described by `spec`.
+    pub fn new(inner: Arc<dyn Target>, spec: impl std::fmt::Display) -> Result<Self, FilterError> {
+        let layer = inner.filter_depth();
+        if layer >= MAX_FILTER_LAYERS {
+            return Err(FilterError::TooDeep);
+        }
+        Ok(Base {
+            inner,
+            layer,
+            spec: spec.to_string(),
+        })
+    }
+
+    /// The target beneath.
+    pub fn inner(&self) -> &dyn Target {
+        &*self.inner
+    }
+
+    /// This filter's layer (0 right over the target).
+    pub fn layer(&self) -> u8 {
+        self.layer
+    }
+
+    /// This filter's step `n`, for its own ring operations.
+    pub fn step(&self, n: u8) -> u16 {
+        filter_step(self.layer, n)
+    }
+
+    /// Which of this filter's steps `step` is, or `None` if it belongs to
+    /// the target or another filter (and must be passed down).
+    pub fn own_step(&self, step: u16) -> Option<u8> {
+        match filter_step_owner(step) {
+            Some((layer, n)) if layer == self.layer => Some(n),
+            _ => None,
+        }
+    }
+
+    /// [`Target::filter_depth`] for the filter.
+    pub fn depth(&self) -> u8 {
+        self.layer + 1
+    }
+
+    /// The spec, as `list` shows it.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    /// [`Target::describe`] for the filter: the inner target's description
+    /// with this filter's spec first in its `filters` list (outermost
+    /// first), so the target's own fields stay where tools look for them.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut d = match self.inner.describe() {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("target".into(), other);
+                m
+            }
+        };
+        let mut filters = match d.remove("filters") {
+            Some(serde_json::Value::Array(a)) => a,
+            _ => Vec::new(),
+        };
+        filters.insert(0, serde_json::Value::String(self.spec.clone()));
+        d.insert("filters".into(), serde_json::Value::Array(filters));
+        serde_json::Value::Object(d)
+    }
+}
+
+impl std::fmt::Debug for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Base")
+            .field("layer", &self.layer)
+            .field("spec", &self.spec)
+            .finish()
+    }
+}
+
+/// Make the extents appended to `out` from index `start` cover at most
+/// `len` bytes (a filter whose target answered for more than it asked).
+pub fn clip_extents(out: &mut Vec<Extent>, start: usize, len: u64) {
+    let mut left = len;
+    let mut keep = start;
+    for e in out.iter_mut().skip(start) {
+        if left == 0 {
+            break;
+        }
+        e.len = e.len.min(left);
+        left -= e.len;
+        keep += 1;
+    }
+    out.truncate(keep);
+}
+
+/// The filter specs in a description made by [`Base::describe`], outermost first.
+pub fn described_filters(describe: &serde_json::Value) -> Vec<String> {
+    describe
+        .get("filters")
+        .and_then(|f| f.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::targets::NullTarget;
+
+    #[test]
+    fn layers_own_their_steps() {
+        let null: Arc<dyn Target> = Arc::new(NullTarget::new(1 << 20));
+        let a = Base::new(null, "a").unwrap();
+        assert_eq!(a.layer(), 0);
+        assert_eq!(a.own_step(a.step(3)), Some(3));
+        assert_eq!(a.own_step(3), None);
+        assert_eq!(a.own_step(filter_step(1, 3)), None);
+    }
+}
