@@ -158,11 +158,7 @@ impl SharedMapping {
         // Rust slice, so it cannot overlap the mapping (no reference to the
         // mapping is ever handed out).
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.ptr.as_ptr().add(start),
-                data.len(),
-            );
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(start), data.len());
         }
         if !data.is_empty() {
             let (first, last) = Self::pages(start, data.len());
@@ -186,7 +182,11 @@ impl SharedMapping {
         // SAFETY: the source range is inside the mapping (checked) and
         // cannot overlap `out`, a Rust slice.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start), out.as_mut_ptr(), out.len());
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(start),
+                out.as_mut_ptr(),
+                out.len(),
+            );
         }
         Ok(true)
     }
