@@ -76,6 +76,20 @@ mod mem {
     storage_checks!(crate::common::mem);
 }
 
+mod filters_pass_through {
+    common_checks!(crate::common::mem_pass_through_stack);
+    storage_checks!(crate::common::mem_pass_through_stack);
+}
+
+mod filters_offset_window {
+    common_checks!(crate::common::mem_offset_window);
+    storage_checks!(crate::common::mem_offset_window);
+}
+
+mod filters_read_only {
+    common_checks!(crate::common::mem_read_only);
+}
+
 mod file_direct {
     common_checks!(crate::common::file_direct);
     storage_checks!(crate::common::file_direct);
@@ -180,12 +194,17 @@ fn caps_consistent(t: &dyn Target, fx: &Fixture) {
         assert!(max >= caps.logical_block_size);
     }
     let desc = t.describe();
-    assert_eq!(desc["size"], serde_json::json!(fx.size), "describe: {desc}");
+    if !matches!(fx.backing, Backing::Filtered { .. }) {
+        // A filter describes its target (and itself in `filters`).
+        assert_eq!(desc["size"], serde_json::json!(fx.size), "describe: {desc}");
+    }
     match &fx.backing {
-        Backing::Null(_) | Backing::Mem(_) => {
+        Backing::Null(_) | Backing::Mem(_) | Backing::Filtered { .. } => {
             assert_eq!(caps.logical_block_size, 512);
             assert!(!caps.volatile_cache, "nothing to flush");
-            assert!(caps.discard.is_some() && caps.write_zeroes.is_some());
+            if !fx.read_only {
+                assert!(caps.discard.is_some() && caps.write_zeroes.is_some());
+            }
         }
         Backing::File(ft, f) => {
             assert!(caps.volatile_cache && caps.fua, "file needs flush and FUA");

@@ -7,6 +7,7 @@
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tempfile::TempDir;
 use userblk::io::Engine;
@@ -79,6 +80,16 @@ pub enum Backing {
     Mem(MemTarget),
     /// [`FileTarget`] and its file.
     File(FileTarget, BackingFile),
+    /// A filter stack over a [`MemTarget`] (kept to measure its memory),
+    /// with the directory its log and stats files go to.
+    Filtered {
+        /// The stack, outermost filter first.
+        stack: Arc<dyn Target>,
+        /// The mem target at the bottom.
+        mem: Arc<MemTarget>,
+        /// Where the filters write.
+        _dir: TempDir,
+    },
 }
 
 /// One target under test, with what the suite expects of it.
@@ -104,6 +115,7 @@ impl Fixture {
             Backing::Null(t) => t,
             Backing::Mem(t) => t,
             Backing::File(t, _) => t,
+            Backing::Filtered { stack, .. } => &**stack,
         }
     }
 
@@ -113,6 +125,7 @@ impl Fixture {
             Backing::Null(_) => None,
             Backing::Mem(t) => Some(t.resident_bytes().expect("resident_bytes")),
             Backing::File(_, f) => Some(f.allocated()),
+            Backing::Filtered { mem, .. } => Some(mem.resident_bytes().expect("resident_bytes")),
         }
     }
 
@@ -426,4 +439,67 @@ pub fn file_read_only() -> Fixture {
         buffered: false,
         read_only: true,
     })
+}
+
+/// A stack of `specs` (`{dir}` replaced by a temporary directory) over a
+/// [`MemTarget`] of `mem_size` bytes.
+fn filtered(mem_size: u64, specs: &[&str], size: u64, read_only: bool) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = Arc::new(MemTarget::new(mem_size).expect("mem target"));
+    let specs: Vec<userblk::filters::Spec> = specs
+        .iter()
+        .map(|s| {
+            s.replace("{dir}", &dir.path().display().to_string())
+                .parse()
+                .expect("filter spec")
+        })
+        .collect();
+    let env = userblk::filters::Env::default();
+    let stack = userblk::filters::build(mem.clone(), &specs, &env).expect("filter stack");
+    Fixture {
+        backing: Backing::Filtered {
+            stack,
+            mem,
+            _dir: dir,
+        },
+        size,
+        read_only,
+        stores_data: true,
+        initial: vec![0; us(size)],
+        direct: None,
+    }
+}
+
+/// Every filter that passes data through unchanged, stacked over mem: a
+/// target under them must behave exactly as without them.
+pub fn mem_pass_through_stack() -> Fixture {
+    filtered(
+        DEV_SIZE,
+        &[
+            "stats:file={dir}/stats.json",
+            "log:file={dir}/log.jsonl",
+            "delay:all=20us",
+            "error:rate=0",
+            "rate:iops=10000000",
+            "offset:offset=0",
+            "truncate:size=4M",
+        ],
+        DEV_SIZE,
+        false,
+    )
+}
+
+/// The middle of a mem target twice the size, through `offset`.
+pub fn mem_offset_window() -> Fixture {
+    filtered(
+        2 * DEV_SIZE,
+        &[&format!("offset:offset={},size={DEV_SIZE}", DEV_SIZE / 2)],
+        DEV_SIZE,
+        false,
+    )
+}
+
+/// mem behind `readonly`.
+pub fn mem_read_only() -> Fixture {
+    filtered(DEV_SIZE, &["readonly"], DEV_SIZE, true)
 }
