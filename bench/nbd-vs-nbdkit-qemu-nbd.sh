@@ -163,14 +163,17 @@ ticks() {  # utime + stime of a process (all its threads)
     if [[ -n $1 && -r /proc/$1/stat ]]; then sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; else echo 0; fi
 }
 busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-rss_kb() {  # VmRSS of a process in KiB, no fork
-    local k v _
-    while read -r k v _; do [[ $k == VmRSS: ]] && { echo "$v"; return; }; done <"/proc/$1/status" 2>/dev/null
-    echo 0
+rss_kb() {  # VmRSS - RssShmem of a process in KiB (tmpfs pages it maps are counted with the data), no fork
+    local k v _ rss=0 shmem=0
+    while read -r k v _; do
+        case $k in VmRSS:) rss=$v ;; RssShmem:) shmem=$v ;; esac
+    done <"/proc/$1/status" 2>/dev/null
+    echo $(( rss - shmem ))
 }
-# KiB of the export's data held in tmpfs, outside the daemon's VmRSS: userblk's
-# mem target is a memfd (read with pread, never mapped), qemu-nbd's image a
-# file on /dev/shm. nbdkit's memory plugin keeps its data in its own heap (0).
+# KiB of the export's data held in tmpfs, outside the RSS above: userblk's
+# mem target is a memfd (which it maps: those pages are RssShmem, left out
+# of rss_kb), qemu-nbd's image a file on /dev/shm. nbdkit's memory plugin
+# keeps its data in its own heap (0).
 outside_kb() {
     local f
     case $1 in
@@ -338,13 +341,14 @@ for l in open(f"{res}/rss-after-prefill.txt"):
 peak = {s: max([x["rss_peak_kib"] for x in rows if x["server"] == s] or [0]) for s in names}
 mib = lambda k: f"{k / 1024:.0f} MiB"
 print(f"{'daemon memory':27}" + "".join(f" {s:>{width}}" for s in names))
-print(f"{'VmRSS after pre-fill (idle)':27}" + "".join(f" {mib(idle.get(s, 0)):>{width}}" for s in names))
-print(f"{'VmRSS peak during the jobs':27}" + "".join(f" {mib(peak[s]):>{width}}" for s in names))
+print(f"{'RSS after pre-fill (idle)':27}" + "".join(f" {mib(idle.get(s, 0)):>{width}}" for s in names))
+print(f"{'RSS peak during the jobs':27}" + "".join(f" {mib(peak[s]):>{width}}" for s in names))
 print(f"{'+ data in tmpfs, not RSS':27}" + "".join(f" {mib(outside.get(s, 0)):>{width}}" for s in names))
 print(f"{'= peak total':27}" + "".join(f" {mib(peak[s] + outside.get(s, 0)):>{width}}" for s in names))
-print("VmRSS from /proc/PID/status, sampled every 0.2 s during each run. The data lives in a memfd"
-      " (userblk) or a /dev/shm file (qemu-nbd), both tmpfs, counted on the third line;"
-      " nbdkit's memory plugin keeps it in its heap, inside VmRSS.")
+print("RSS = VmRSS - RssShmem from /proc/PID/status, sampled every 0.2 s during each run. The data"
+      " lives in a memfd (userblk) or a /dev/shm file (qemu-nbd), both tmpfs, counted on the third"
+      " line (userblk maps its memfd: those pages are RssShmem, not counted twice);"
+      " nbdkit's memory plugin keeps it in its heap, inside RSS.")
 summary["memory_kib"] = {"rss_after_prefill": idle, "rss_peak": peak, "data_in_tmpfs": outside}
 others = [max(0.0, x["all_busy_s"] - x["daemon_cpu_s"] - x["fio_cpu_s"]) / x["wall_s"]
           for x in rows if x["wall_s"] > 0]
