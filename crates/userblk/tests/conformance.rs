@@ -90,6 +90,11 @@ mod filters_read_only {
     common_checks!(crate::common::mem_read_only);
 }
 
+mod filters_cache {
+    common_checks!(crate::common::mem_cache);
+    storage_checks!(crate::common::mem_cache);
+}
+
 mod file_direct {
     common_checks!(crate::common::file_direct);
     storage_checks!(crate::common::file_direct);

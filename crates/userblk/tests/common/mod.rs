@@ -503,3 +503,8 @@ pub fn mem_offset_window() -> Fixture {
 pub fn mem_read_only() -> Fixture {
     filtered(DEV_SIZE, &["readonly"], DEV_SIZE, true)
 }
+
+/// mem behind a write-through `cache` a quarter of its size (so it evicts).
+pub fn mem_cache() -> Fixture {
+    filtered(DEV_SIZE, &["cache:size=1M,block=16K"], DEV_SIZE, false)
+}
