@@ -30,6 +30,10 @@ as_root bash tests/host/nbd.sh
 
 step "host suite: filters over the FUSE and NBD frontends (delay, error, readonly, log, stats, rate, offset)"
 as_root bash tests/host/filters.sh
+step "host suite: cow and cache filters (a read-only image, nbdkit)" && as_root bash tests/host/filters-cow.sh
+
+step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
+as_root bash tests/crash/crash.sh --frontend fuse --rounds 40
 
 step "real-kernel suite: recovery (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/recovery.sh
@@ -42,3 +46,10 @@ as_root vm/run.sh -- vm/suite/nbd.sh
 
 step "real-kernel suite: unprivileged devices (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/unprivileged.sh
+step "real-kernel suite: filter stacks, cow and cache on ublk devices (Debian 6.12 in qemu/TCG)" && as_root vm/run.sh -- vm/suite/filter-stack.sh
+
+step "real-kernel suite: filters on ublk devices (error under ext4, stats vs the kernel's counts, recovery, flakey) (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/filters.sh
+
+step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/crash.sh

@@ -259,7 +259,12 @@ fn serve_ublk(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         None => None,
     };
     let recoverable = args.dev.recovery || args.dev.reissue;
-    let opened = crate::targets::open(&args.target, &args.filters(), recoverable, previous.as_ref())?;
+    let opened = crate::targets::open(
+        &args.target,
+        &args.filters(),
+        recoverable,
+        previous.as_ref(),
+    )?;
     let target = opened.target;
     let caps = target.caps();
     caps.check().context("target")?;

@@ -49,6 +49,9 @@ pub enum Command {
     Recover(RecoverArgs),
     /// Show what a device's `stats` filter counted (added with --filter stats).
     Stats(StatsArgs),
+    /// Run a control action in a device's daemon: `powercut`, `powerup`
+    /// (--filter flakey); with no action, list what the device offers.
+    Ctl(CtlArgs),
     /// Show the ublk features this kernel supports.
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -74,6 +77,22 @@ pub struct StatsArgs {
     /// Machine-readable output (the snapshot as the daemon wrote it, with `id` and `live`).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: u32,
+    /// Machine-readable output (the daemon's answer as it sent it).
+    #[arg(long)]
+    pub json: bool,
+    /// The action (`powercut`, `powerup`, `writeback`, `status`, ...); none lists them.
+    pub action: Option<String>,
+    /// Arguments of the action.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }
 
 /// `recover`.
@@ -117,8 +136,8 @@ impl AddArgs {
 #[derive(Debug, Clone, Default, Args)]
 pub struct FilterArgs {
     /// Put a filter between the device and its target: NAME[:key=value,...]
-    /// (readonly, offset, truncate, delay, error, rate, log, stats; see
-    /// docs/filters). Repeatable; the first given sits nearest the device.
+    /// (readonly, offset, truncate, delay, error, rate, log, stats, flakey;
+    /// see docs/filters). Repeatable; the first given sits nearest the device.
     #[arg(long = "filter", value_name = "SPEC", value_parser = filter_spec)]
     pub filters: Vec<userblk::filters::Spec>,
 }
@@ -350,6 +369,24 @@ mod tests {
         .unwrap();
         assert_eq!(a.filters().len(), 2);
         assert!(add(&["null"]).unwrap().filters().is_empty());
+    }
+
+    #[test]
+    fn ctl_takes_an_optional_action_and_its_arguments() {
+        let ctl = |args: &[&str]| match Cli::try_parse_from(["userblk", "ctl"].iter().chain(args)) {
+            Ok(Cli {
+                command: Command::Ctl(c),
+                ..
+            }) => Ok(c),
+            Ok(other) => panic!("parsed as {other:?}"),
+            Err(e) => Err(e),
+        };
+        let c = ctl(&["-n", "3"]).unwrap();
+        assert_eq!((c.id, c.action, c.args.len()), (3, None, 0));
+        let c = ctl(&["-n", "3", "powercut", "--now", "x"]).unwrap();
+        assert_eq!(c.action.as_deref(), Some("powercut"));
+        assert_eq!(c.args, ["--now", "x"]);
+        assert!(ctl(&["powercut"]).is_err(), "no device id");
     }
 
     #[test]

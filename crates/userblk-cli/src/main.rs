@@ -2,6 +2,7 @@
 
 mod add;
 mod cli;
+mod ctl;
 mod daemon;
 mod fuse;
 mod list;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         Command::List(args) => list::run(&args),
         Command::Recover(args) => add::recover(&args),
         Command::Stats(args) => stats::run(&args),
+        Command::Ctl(args) => ctl::run(&args),
         Command::Features(args) => features(&args),
         Command::Completions(args) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -106,6 +108,7 @@ fn del(args: &DelArgs) -> anyhow::Result<()> {
         if result.is_ok() {
             if let Some(st) = &saved {
                 stats::remove_snapshot(st);
+                ctl::remove_socket(st);
             }
         }
         match result {

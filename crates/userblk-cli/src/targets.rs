@@ -19,6 +19,10 @@ pub struct Opened {
     pub target: Arc<dyn Target>,
     /// A `mem` device's data file, for recovery; removed when the device is deleted.
     pub shared: Option<PathBuf>,
+    /// The control socket serving the filters' actions (`userblk ctl`):
+    /// kept for as long as the daemon holds this, and removed when dropped.
+    #[allow(dead_code)]
+    pub control: Option<userblk::control::Server>,
 }
 
 /// Where a recoverable mem device keeps its data (tmpfs, so still RAM).
@@ -94,20 +98,32 @@ pub fn open(
             )
         }
     };
-    if specs.is_empty() {
-        return Ok(Opened { target, shared });
-    }
-    if specs.iter().any(|s| s.name() == "stats") {
-        crate::stats::prune_stale();
-    }
-    let built = crate::stats::own_snapshot_path().and_then(|snapshot| {
-        let env = filters::Env {
-            stats_file: Some(snapshot),
+    let built = (|| -> anyhow::Result<_> {
+        let control = userblk::control::Registry::new();
+        let target = if specs.is_empty() {
+            target
+        } else {
+            if specs.iter().any(|s| s.name() == "stats") {
+                crate::stats::prune_stale();
+            }
+            let env = filters::Env {
+                stats_file: Some(crate::stats::own_snapshot_path()?),
+                control: control.clone(),
+            };
+            filters::build(target, specs, &env)?
         };
-        Ok(filters::build(target, specs, &env)?)
-    });
+        // A device without its control socket still works: `ctl` says why not.
+        let server = crate::ctl::serve(control)
+            .inspect_err(|e| tracing::warn!("no control socket for `userblk ctl`: {e:#}"))
+            .ok();
+        Ok((target, server))
+    })();
     match built {
-        Ok(target) => Ok(Opened { target, shared }),
+        Ok((target, control)) => Ok(Opened {
+            target,
+            shared,
+            control,
+        }),
         Err(e) => {
             // A mem device's data file made just now goes with the failure.
             if let (Some(path), None) = (&shared, previous) {

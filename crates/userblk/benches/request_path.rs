@@ -57,7 +57,12 @@ fn request_path(c: &mut Criterion) {
     ];
     run_requests(c, "null", &null, Op::Read);
     run_requests(c, "null+stats", &stack(null.clone(), &[&stats]), Op::Read);
-    run_requests(c, "null+five-filters", &stack(null.clone(), &five), Op::Read);
+    run_requests(
+        c,
+        "null+five-filters",
+        &stack(null.clone(), &five),
+        Op::Read,
+    );
     run_requests(c, "mem", &mem, Op::Write);
     run_requests(c, "mem", &mem, Op::Read);
     run_requests(c, "mem+five-filters", &stack(mem.clone(), &five), Op::Read);

@@ -5,6 +5,7 @@
 //! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
 //! - [`target`]: the [`Target`] trait, requests, capabilities. The centre of the design.
 //! - [`targets`]: null, mem and file.
+//! - [`control`]: named actions a running device offers (a filter's `powercut`) and the socket serving them.
 //! - [`filters`]: targets that wrap a target (readonly, offset, delay, error, stats, ...), stacked.
 //! - [`state`]: saved per-device state, shared by the frontends.
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
@@ -14,6 +15,7 @@
 //! A target is a few dozen lines; see [`targets::null`] for the smallest one.
 #![deny(unsafe_code)]
 
+pub mod control;
 pub mod error;
 pub mod filters;
 pub mod fuse;

@@ -12,15 +12,22 @@
 //! - [`delay`], [`rate`]: hold requests back on the ring's timers.
 //! - [`error`]: fail chosen requests.
 //! - [`log`], [`stats`]: record requests and their results.
+//! - [`cow`]: a writable copy-on-write overlay over any target.
+//! - [`cache`]: a read (or write-back) cache for slow targets.
+//! - [`flakey`]: a volatile write cache that loses unflushed writes on a power cut.
 
 mod base;
+pub mod cache;
+pub mod cow;
 pub mod delay;
 pub mod error;
+pub mod flakey;
 pub mod log;
 pub mod offset;
 pub mod rate;
 pub mod readonly;
 mod rng;
+mod side;
 pub mod spec;
 mod stack;
 pub mod stats;

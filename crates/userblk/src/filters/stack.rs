@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::spec::{Options, Spec};
-use super::{delay, error, log, offset, rate, readonly, stats, truncate, FilterError};
+use super::{
+    cache, cow, delay, error, flakey, log, offset, rate, readonly, stats, truncate, FilterError,
+};
 use crate::target::{Target, MAX_FILTER_LAYERS};
 
 /// Settings the embedding program supplies for options a spec leaves out.
@@ -14,11 +16,15 @@ pub struct Env {
     /// Where the outermost `stats` filter without `file=` writes its
     /// snapshots (the CLI's: a file in the state directory, for `userblk stats`).
     pub stats_file: Option<PathBuf>,
+    /// Where filters offer their control actions (`flakey`'s `powercut`),
+    /// for the program to serve ([`crate::control::Server`]).
+    pub control: crate::control::Registry,
 }
 
 /// The filters, by name.
 pub const NAMES: &[&str] = &[
-    "readonly", "offset", "truncate", "delay", "error", "rate", "log", "stats",
+    "readonly", "offset", "truncate", "delay", "error", "rate", "log", "stats", "cow", "cache",
+    "flakey",
 ];
 
 /// A parsed filter: what [`build`] checks before opening anything.
@@ -40,6 +46,12 @@ pub enum Config {
     Log(log::Config),
     /// [`stats`].
     Stats(stats::Config),
+    /// [`cow`].
+    Cow(cow::Config),
+    /// [`cache`].
+    Cache(cache::Config),
+    /// [`flakey`].
+    Flakey(flakey::Config),
 }
 
 impl Config {
@@ -57,6 +69,9 @@ impl Config {
             "rate" => Config::Rate(rate::Config::parse(spec)?),
             "log" => Config::Log(log::Config::parse(spec)?),
             "stats" => Config::Stats(stats::Config::parse(spec)?),
+            "cow" => Config::Cow(cow::Config::parse(spec)?),
+            "cache" => Config::Cache(cache::Config::parse(spec)?),
+            "flakey" => Config::Flakey(flakey::Config::parse(spec)?),
             other => {
                 return Err(FilterError::UnknownFilter {
                     name: other.to_string(),
@@ -65,8 +80,8 @@ impl Config {
         })
     }
 
-    /// Put this filter over `inner`.
-    pub fn wrap(self, inner: Arc<dyn Target>) -> Result<Arc<dyn Target>, FilterError> {
+    /// Put this filter over `inner`, with what `env` supplies.
+    pub fn wrap(self, inner: Arc<dyn Target>, env: &Env) -> Result<Arc<dyn Target>, FilterError> {
         Ok(match self {
             Config::ReadOnly => Arc::new(readonly::ReadOnly::new(inner)?),
             Config::Offset(c) => Arc::new(offset::Offset::new(inner, c)?),
@@ -76,6 +91,9 @@ impl Config {
             Config::Rate(c) => Arc::new(rate::Rate::new(inner, c)?),
             Config::Log(c) => Arc::new(log::Log::new(inner, c)?),
             Config::Stats(c) => Arc::new(stats::Stats::new(inner, c)?),
+            Config::Cow(c) => Arc::new(cow::Cow::new(inner, c)?),
+            Config::Cache(c) => Arc::new(cache::Cache::new(inner, c)?),
+            Config::Flakey(c) => Arc::new(flakey::Flakey::new(inner, c, &env.control)?),
         })
     }
 }
@@ -126,7 +144,7 @@ pub fn build(
     configs
         .into_iter()
         .rev()
-        .try_fold(target, |inner, c| c.wrap(inner))
+        .try_fold(target, |inner, c| c.wrap(inner, env))
 }
 
 #[cfg(test)]
@@ -167,6 +185,7 @@ mod tests {
         let (own, default) = (dir.path().join("own.json"), dir.path().join("default.json"));
         let env = Env {
             stats_file: Some(default.clone()),
+            ..Env::default()
         };
         let null: Arc<dyn Target> = Arc::new(NullTarget::new(1 << 20));
         let own_spec = format!("stats:file={}", own.display());

@@ -88,6 +88,7 @@ fn counts_what_passes_through_with_its_latency() {
             .collect();
         let env = Env {
             stats_file: Some(file.clone()),
+            ..Env::default()
         };
         let t = build(inner, &specs, &env).unwrap();
         let mut e = Engine::new(&*t, 1 << 20).unwrap();

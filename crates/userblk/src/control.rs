@@ -1,0 +1,467 @@
+//! Named actions a running device offers its operator (a filter's
+//! `powercut`, say), and the Unix socket a daemon serves them on.
+//!
+//! Parts of a device stack [`Registry::register`] actions while they are
+//! built and lose them when dropped ([`Registration`]). A daemon serves its
+//! registry with [`Server`]: one JSON line in, one JSON line out per
+//! connection. [`request`] is the client side (`userblk ctl`).
+//!
+//! ```
+//! use userblk::control::Registry;
+//!
+//! let reg = Registry::new();
+//! let _on = reg.register("hello", "example", "say hello", |_args| Ok("hello".into()));
+//! assert_eq!(reg.run("hello", &[]).unwrap(), ["example: hello"]);
+//! assert!(reg.run("goodbye", &[]).is_err());
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What an action does when run: its arguments in, a line of output or an error message out.
+pub type Handler = Arc<dyn Fn(&[String]) -> Result<String, String> + Send + Sync>;
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Nothing in the device offers the action.
+    #[error("{}", no_such_action(name, known))]
+    NoSuchAction {
+        /// The action asked for.
+        name: String,
+        /// The actions the device offers.
+        known: Vec<String>,
+    },
+    /// The action ran and failed.
+    #[error("{owner}: {action}: {msg}")]
+    Failed {
+        /// Who offers it (a filter's name).
+        owner: String,
+        /// The action.
+        action: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The socket could not be set up, reached or read.
+    #[error("{what}: {err}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the OS said.
+        err: std::io::Error,
+    },
+    /// The other side said something that is not this protocol.
+    #[error("control protocol: {0}")]
+    Protocol(String),
+}
+
+fn no_such_action(name: &str, known: &[String]) -> String {
+    if known.is_empty() {
+        format!("no control action '{name}': the device offers none")
+    } else {
+        format!(
+            "no control action '{name}' (the device offers: {})",
+            known.join(", ")
+        )
+    }
+}
+
+/// One action, as [`Registry::actions`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionInfo {
+    /// Its name (`powercut`).
+    pub name: String,
+    /// Who offers it (`flakey`).
+    pub owner: String,
+    /// One line on what it does.
+    pub help: String,
+}
+
+struct Entry {
+    id: u64,
+    info: ActionInfo,
+    handler: Handler,
+}
+
+#[derive(Default)]
+struct Table {
+    next_id: u64,
+    entries: Vec<Entry>,
+}
+
+/// The actions a device offers. Cheap to clone: clones share one table.
+#[derive(Clone, Default)]
+pub struct Registry {
+    table: Arc<Mutex<Table>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("actions", &self.actions())
+            .finish()
+    }
+}
+
+/// An action's place in a [`Registry`]; dropping it withdraws the action.
+#[derive(Debug)]
+#[must_use = "dropping the registration withdraws the action at once"]
+pub struct Registration {
+    table: Weak<Mutex<Table>>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(t) = self.table.upgrade() {
+            let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
+            t.entries.retain(|e| e.id != self.id);
+        }
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// Offer action `name` on behalf of `owner` until the returned
+    /// [`Registration`] is dropped. Several owners may offer one name:
+    /// running it runs each of them, in the order they registered.
+    pub fn register(
+        &self,
+        name: &str,
+        owner: &str,
+        help: &str,
+        handler: impl Fn(&[String]) -> Result<String, String> + Send + Sync + 'static,
+    ) -> Registration {
+        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        t.next_id += 1;
+        let id = t.next_id;
+        t.entries.push(Entry {
+            id,
+            info: ActionInfo {
+                name: name.into(),
+                owner: owner.into(),
+                help: help.into(),
+            },
+            handler: Arc::new(handler),
+        });
+        Registration {
+            table: Arc::downgrade(&self.table),
+            id,
+        }
+    }
+
+    /// Every action offered, in the order registered.
+    pub fn actions(&self) -> Vec<ActionInfo> {
+        let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        t.entries.iter().map(|e| e.info.clone()).collect()
+    }
+
+    /// Run action `name` with `args`: each handler's output as
+    /// `owner: output`. The first handler to fail ends the run with its error.
+    pub fn run(&self, name: &str, args: &[String]) -> Result<Vec<String>, ControlError> {
+        // Handlers run without the lock: they may take a while (a power cut
+        // waits for the write in flight) and must not block registrations.
+        let handlers: Vec<(String, Handler)> = {
+            let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+            t.entries
+                .iter()
+                .filter(|e| e.info.name == name)
+                .map(|e| (e.info.owner.clone(), Arc::clone(&e.handler)))
+                .collect()
+        };
+        if handlers.is_empty() {
+            let mut known: Vec<String> = self.actions().into_iter().map(|a| a.name).collect();
+            known.dedup();
+            return Err(ControlError::NoSuchAction {
+                name: name.into(),
+                known,
+            });
+        }
+        handlers
+            .into_iter()
+            .map(|(owner, h)| match h(args) {
+                Ok(out) => Ok(format!("{owner}: {out}")),
+                Err(msg) => Err(ControlError::Failed {
+                    owner,
+                    action: name.into(),
+                    msg,
+                }),
+            })
+            .collect()
+    }
+}
+
+/// A request on the socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// List the actions.
+    List,
+    /// Run one.
+    Run {
+        /// The action.
+        action: String,
+        /// Its arguments.
+        #[serde(default)]
+        args: Vec<String>,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Output lines (one per handler run).
+    #[serde(default)]
+    pub output: Vec<String>,
+    /// The actions (for [`Request::List`]).
+    #[serde(default)]
+    pub actions: Vec<ActionInfo>,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For an unknown action: the actions there are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<Vec<String>>,
+}
+
+impl Reply {
+    fn answer(registry: &Registry, req: Request) -> Reply {
+        let mut r = Reply {
+            ok: true,
+            output: Vec::new(),
+            actions: Vec::new(),
+            error: None,
+            known: None,
+        };
+        match req {
+            Request::List => r.actions = registry.actions(),
+            Request::Run { action, args } => match registry.run(&action, &args) {
+                Ok(out) => r.output = out,
+                Err(e) => {
+                    r.ok = false;
+                    if let ControlError::NoSuchAction { known, .. } = &e {
+                        r.known = Some(known.clone());
+                    }
+                    r.error = Some(e.to_string());
+                }
+            },
+        }
+        r
+    }
+}
+
+/// How long a connection may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the server looks at its stop flag (under a second).
+const TICK: Duration = Duration::from_millis(200);
+
+/// A registry served on a Unix socket by a thread of its own, until dropped
+/// (which removes the socket).
+#[derive(Debug)]
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serve `registry` on a new socket at `path` (mode 0600; a stale
+    /// socket left there is replaced).
+    pub fn start(registry: Registry, path: &Path) -> Result<Server, ControlError> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let io = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |err| ControlError::Io { what, err }
+        };
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
+        }
+        let listener = UnixListener::bind(path).map_err(io("listening on"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("setting the mode of"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || serve(&listener, &registry, &stop))
+                .map_err(io("starting the server for"))?
+        };
+        Ok(Server {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(listener: &UnixListener, registry: &Registry, stop: &AtomicBool) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let tick = Timespec {
+        tv_sec: 0,
+        tv_nsec: i64::from(TICK.subsec_nanos()),
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let mut fds = [PollFd::new(listener, PollFlags::IN)];
+        match poll(&mut fds, Some(&tick)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("control socket: {e}");
+                return;
+            }
+        }
+        match listener.accept() {
+            Ok((conn, _)) => {
+                if let Err(e) = answer(conn, registry) {
+                    tracing::debug!("control request: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("control socket: accept: {e}"),
+        }
+    }
+}
+
+/// Read one request line from `conn` and answer it.
+fn answer(conn: UnixStream, registry: &Registry) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(READ_TIMEOUT))?;
+    conn.set_write_timeout(Some(READ_TIMEOUT))?;
+    let mut line = String::new();
+    // A request is small: a longer one is not ours.
+    BufReader::new((&conn).take(64 << 10)).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            tracing::info!("control: {}", line.trim());
+            Reply::answer(registry, req)
+        }
+        Err(e) => Reply {
+            ok: false,
+            output: Vec::new(),
+            actions: Vec::new(),
+            error: Some(format!("bad request: {e}")),
+            known: None,
+        },
+    };
+    let mut body = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    body.push(b'\n');
+    (&conn).write_all(&body)
+}
+
+/// Send `req` to the server at `path` and wait up to `timeout` for its reply.
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |err| ControlError::Io { what, err }
+    };
+    let mut conn = UnixStream::connect(path).map_err(io("connecting to"))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(io("setting a timeout on"))?;
+    let mut body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    body.push(b'\n');
+    conn.write_all(&body).map_err(io("writing to"))?;
+    let mut line = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut line)
+        .map_err(io("reading from"))?;
+    if line.is_empty() {
+        return Err(ControlError::Protocol(format!(
+            "{} closed the connection without an answer",
+            path.display()
+        )));
+    }
+    serde_json::from_str(&line).map_err(|e| ControlError::Protocol(format!("{e}: {line}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_come_and_go_with_their_registration() {
+        let reg = Registry::new();
+        let a = reg.register("powercut", "flakey", "cut", |_| Ok("cut".into()));
+        let b = reg.register("powercut", "other", "cut too", |args| Ok(args.join("+")));
+        let args = ["x".to_string(), "y".to_string()];
+        assert_eq!(
+            reg.run("powercut", &args).unwrap(),
+            ["flakey: cut", "other: x+y"]
+        );
+        drop(a);
+        assert_eq!(reg.run("powercut", &[]).unwrap(), ["other: "]);
+        drop(b);
+        let e = reg.run("powercut", &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no control action 'powercut': the device offers none"
+        );
+        let _c = reg.register("powerup", "flakey", "up", |_| Err("already on".into()));
+        let e = reg.run("powercut", &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("(the device offers: powerup)"),
+            "{e}"
+        );
+        let e = reg.run("powerup", &[]).unwrap_err();
+        assert_eq!(e.to_string(), "flakey: powerup: already on");
+    }
+
+    #[test]
+    fn a_server_answers_on_its_socket_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        // A stale socket of a dead process is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        let reg = Registry::new();
+        let _r = reg.register("ping", "test", "answer pong", |_| Ok("pong".into()));
+        let server = Server::start(reg.clone(), &path).unwrap();
+        let t = Duration::from_secs(5);
+        let run = |action: &str| Request::Run {
+            action: action.into(),
+            args: Vec::new(),
+        };
+        let r = request(&path, &run("ping"), t).unwrap();
+        assert!(r.ok);
+        assert_eq!(r.output, ["test: pong"]);
+        let r = request(&path, &Request::List, t).unwrap();
+        assert_eq!(r.actions[0].name, "ping");
+        let r = request(&path, &run("nope"), t).unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.known, Some(vec!["ping".to_string()]));
+        // Garbage gets an answer too, not a hang.
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"hello\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).unwrap();
+        assert!(line.contains("bad request"), "{line}");
+        drop(server);
+        assert!(!path.exists());
+        assert!(request(&path, &run("ping"), t).is_err());
+    }
+}
