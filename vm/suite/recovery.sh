@@ -60,6 +60,8 @@ io_waits_while_quiesced() {
 
 # fio writes and verifies while the daemon is killed and recovered ROUNDS
 # times; with --reissue no request may fail and every block must verify.
+# fio runs long enough for rounds of 5 s (a round takes about 3 s on a quiet
+# host under TCG, and 5 s with another VM competing for the 2 cores).
 fio_through_kills() { # fio_through_kills ROUNDS VERIFY(yes|no) ADD-ARGS...
     local rounds=$1 verify=$2; shift 2
     local id fiopid rc=0 times=() ms vargs=()
@@ -67,7 +69,7 @@ fio_through_kills() { # fio_through_kills ROUNDS VERIFY(yes|no) ADD-ARGS...
     # null stores nothing, so it can only show that every request completes.
     [ "$verify" = no ] || vargs=(--verify=crc32c --verify_backlog=256 --verify_fatal=1 --verify_state_save=0)
     fio --ioengine=io_uring --direct=1 --name=recover --filename="/dev/ublkb$id" --rw=randwrite \
-        --bs=4k --iodepth=16 --size=100% --time_based --runtime=$((rounds * 3 + 10)) \
+        --bs=4k --iodepth=16 --size=100% --time_based --runtime=$((rounds * 6 + 20)) \
         "${vargs[@]}" --randrepeat=0 --output-format=json --output="$WORK/fio.json" &
     fiopid=$!
     sleep 2
