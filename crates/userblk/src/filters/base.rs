@@ -2,9 +2,22 @@
 //! ring steps and per-request marks) and its description.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::io::Errno;
 
 use super::FilterError;
-use crate::target::{filter_step, filter_step_owner, Extent, Target, MAX_FILTER_LAYERS};
+use crate::target::{
+    filter_step, filter_step_owner, Ctx, Extent, Submit, Target, MAX_FILTER_LAYERS,
+};
+
+/// The step of [`Base::hold`]'s timer.
+const STEP_HOLD: u8 = 0;
+
+/// Whether a timer's completion is its normal expiry.
+pub(crate) fn timer_fired(res: i32) -> bool {
+    res == -Errno::TIME.raw_os_error() || res == 0
+}
 
 /// What every filter holds: its inner target, its layer in the stack and
 /// its spec (for `describe`).
@@ -115,6 +128,36 @@ impl Base {
         match filter_step_owner(step) {
             Some((layer, n)) if layer == self.layer => Some(n),
             _ => None,
+        }
+    }
+
+    /// Pass the request down after `wait` on a ring timer (at once when
+    /// `wait` is zero, or when no timer can be had: better late limits than
+    /// a failed request). The timer's completion comes back through
+    /// [`Base::complete_held`]. For filters that hold requests back (delay, rate).
+    pub fn hold(&self, ctx: &mut Ctx<'_>, wait: Duration, who: &str) -> Submit {
+        if wait.is_zero() {
+            return self.inner.submit(ctx);
+        }
+        match ctx.timeout(wait, self.step(STEP_HOLD)) {
+            Ok(()) => Submit::Pending,
+            Err(e) => {
+                tracing::warn!("{who}: no timer ({e}); not holding this request back");
+                self.inner.submit(ctx)
+            }
+        }
+    }
+
+    /// [`Target::complete`] for a filter that uses [`Base::hold`]: its
+    /// timer firing sends the request down; every other step goes down too.
+    pub fn complete_held(&self, ctx: &mut Ctx<'_>, step: u16, res: i32, who: &str) -> Submit {
+        match self.own_step(step) {
+            Some(STEP_HOLD) if timer_fired(res) => self.inner.submit(ctx),
+            Some(_) => {
+                tracing::warn!("{who}: timer failed: {res}");
+                Submit::Done(Err(Errno::IO))
+            }
+            None => self.inner.complete(ctx, step, res),
         }
     }
 

@@ -74,9 +74,6 @@ impl fmt::Display for Config {
     }
 }
 
-/// The step of the filter's timer.
-const STEP_TIMER: u8 = 0;
-
 /// The `delay` filter.
 #[derive(Debug)]
 pub struct Delay {
@@ -105,11 +102,6 @@ impl Delay {
     }
 }
 
-/// Whether a timer's completion is its normal expiry.
-pub(crate) fn timer_fired(res: i32) -> bool {
-    res == -Errno::TIME.raw_os_error() || res == 0
-}
-
 impl Target for Delay {
     fn caps(&self) -> Caps {
         self.base.inner().caps()
@@ -117,27 +109,11 @@ impl Target for Delay {
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let d = self.pick(ctx.req().op);
-        if d.is_zero() {
-            return self.base.inner().submit(ctx);
-        }
-        match ctx.timeout(d, self.base.step(STEP_TIMER)) {
-            Ok(()) => Submit::Pending,
-            Err(e) => {
-                tracing::warn!("delay: no timer ({e}); not delaying this request");
-                self.base.inner().submit(ctx)
-            }
-        }
+        self.base.hold(ctx, d, "delay")
     }
 
     fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        match self.base.own_step(step) {
-            Some(STEP_TIMER) if timer_fired(res) => self.base.inner().submit(ctx),
-            Some(_) => {
-                tracing::warn!("delay: timer failed: {res}");
-                Submit::Done(Err(Errno::IO))
-            }
-            None => self.base.inner().complete(ctx, step, res),
-        }
+        self.base.complete_held(ctx, step, res, "delay")
     }
 
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
-use super::delay::timer_fired;
 use super::spec::{self, format_duration, Options, Spec};
 use super::{Base, FilterError};
 use crate::target::{Caps, Ctx, Extent, Op, Request, Submit, Target};
@@ -128,9 +127,6 @@ impl Bucket {
     }
 }
 
-/// The step of the filter's timer.
-const STEP_TIMER: u8 = 0;
-
 /// The `rate` filter.
 #[derive(Debug)]
 pub struct Rate {
@@ -200,27 +196,11 @@ impl Target for Rate {
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let wait = self.book(ctx.req());
-        if wait.is_zero() {
-            return self.base.inner().submit(ctx);
-        }
-        match ctx.timeout(wait, self.base.step(STEP_TIMER)) {
-            Ok(()) => Submit::Pending,
-            Err(e) => {
-                tracing::warn!("rate: no timer ({e}); not holding this request back");
-                self.base.inner().submit(ctx)
-            }
-        }
+        self.base.hold(ctx, wait, "rate")
     }
 
     fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        match self.base.own_step(step) {
-            Some(STEP_TIMER) if timer_fired(res) => self.base.inner().submit(ctx),
-            Some(_) => {
-                tracing::warn!("rate: timer failed: {res}");
-                Submit::Done(Err(Errno::IO))
-            }
-            None => self.base.inner().complete(ctx, step, res),
-        }
+        self.base.complete_held(ctx, step, res, "rate")
     }
 
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
