@@ -30,7 +30,7 @@ FILESYSTEMS="ext4 xfs"
 ROUNDS=20
 BROKEN_ROUNDS=4
 SEED=${SEED:-$(( $(date +%s) % 100000 ))}
-SIZE=384M
+SIZE=${CRASH_SIZE:-384M}  # xfs needs at least 300M
 while [ $# -gt 0 ]; do
     case $1 in
         --frontend) FRONTEND=$2; shift 2 ;;
@@ -201,7 +201,9 @@ round() { # round FS ID DEV ROUND MANIFEST
         echo "FAILED: round $r: fsync'd data lost or wrong after the cut $t ($via)"
         return 1
     fi
-    echo "round $r: cut $t via $via (lost $lost held back): clean; $(tail -n 1 "$WORK/verify.out")"
+    local pruned; pruned=$(grep -c '^pruned' "$wl_out" || true)
+    [ "$pruned" = 0 ] && pruned="" || pruned=" after pruning $pruned earlier rounds"
+    echo "round $r: cut $t via $via (lost $lost held back)$pruned: clean; $(tail -n 1 "$WORK/verify.out")"
 }
 
 # The bench on FS: ROUNDS rounds that must all pass (EXPECT=pass), or

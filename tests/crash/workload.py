@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -90,16 +91,52 @@ def full(root, limit):
     return st.f_blocks and 1 - st.f_bavail / st.f_blocks > limit
 
 
+def load(manifest):
+    """The manifest as {relative name: acceptable states}; the last line wins."""
+    want = {}
+    try:
+        with open(manifest, encoding="ascii") as f:
+            for line in f:
+                e = json.loads(line)
+                want[e["path"]] = e["ok"]
+    except FileNotFoundError:
+        pass
+    return want
+
+
+def prune(root, man, limit):
+    """Delete whole earlier rounds, oldest first, until the file system is
+    at most `limit` used. Rounds accumulate on one ageing file system, and a
+    full one would stop the workload with ENOSPC instead of a power cut.
+    Each deleted name is recorded as old-or-absent, the deletion made
+    durable (directory fsync and sync), then recorded as absent."""
+    rounds = sorted(d for d in os.listdir(root) if d.startswith("r") and d[1:].isdigit())
+    while rounds and full(root, limit):
+        old = rounds.pop(0)
+        names = {n: ok for n, ok in load(man.f.name).items() if n.startswith(old + "/")}
+        for n, ok in names.items():
+            man.record(os.path.join(root, n), set(ok) | {ABSENT})
+        shutil.rmtree(os.path.join(root, old))
+        fsync_path(root, directory=True)
+        os.sync()
+        for n in names:
+            man.record(os.path.join(root, n), [ABSENT])
+        print("pruned round %s (%d recorded names)" % (old, len(names)), flush=True)
+
+
 def run(args):
     rng = random.Random(args.seed)
     root = args.dir
     top = os.path.join(root, "r%03d" % args.round)
     man = Manifest(args.manifest, root)
+    # Before the cut timer starts: a prune is not part of what is tested.
+    prune(root, man, 0.35)
     synced = {}  # name -> sha of what an fsync made durable
     unsynced = []
     stats = {"ops": 0, "fsynced": 0, "replaced": 0, "deleted": 0}
     cut_fired = threading.Event()
     after_cut = 0
+    filling = False
     start = time.monotonic()
 
     def cut(delay, what):
@@ -138,15 +175,18 @@ def run(args):
                     break
             d = dirs[rng.randrange(len(dirs))]
             r = rng.random()
-            if synced and i % 8 == 0 and full(root, 0.5):
-                # Past half full: replace and delete only, so it never fills up.
+            if i % 8 == 0:
+                # statvfs every 8 ops; the answer holds for the next 8.
+                filling = full(root, 0.5)
+            if synced and filling:
+                # Past half full: replace, delete and drop only, so it never fills up.
                 r = 0.70 + 0.30 * rng.random()
             op = ("create" if r < 0.45 else "unsynced" if r < 0.65 else "append" if r < 0.70
                   else "replace" if r < 0.85 else "delete" if r < 0.93 else "drop")
             if op in ("replace", "delete") and not synced:
                 op = "create"
             if op in ("append", "drop") and not unsynced:
-                op = "unsynced"
+                op = "delete" if filling and synced else "unsynced"
             if op == "create":
                 # A new file, fsync'd with its directory: must survive.
                 name = os.path.join(d, "f%05d" % i)
@@ -198,11 +238,7 @@ def run(args):
 
 
 def verify(args):
-    want = {}
-    with open(args.manifest, encoding="ascii") as f:
-        for line in f:
-            e = json.loads(line)
-            want[e["path"]] = e["ok"]
+    want = load(args.manifest)
     bad = []
     present = 0
     for rel, ok in sorted(want.items()):
