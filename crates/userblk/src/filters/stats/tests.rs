@@ -49,10 +49,7 @@ fn quantiles_from_buckets() {
 
 #[test]
 fn snapshot_math_from_recorded_latencies() {
-    let c = Counters {
-        ops: Default::default(),
-        started: Instant::now(),
-    };
+    let c = Counters::new();
     for us in 1..=100u64 {
         c.record(Op::Read, Ok(4096), Duration::from_micros(us));
     }
@@ -74,6 +71,28 @@ fn snapshot_math_from_recorded_latencies() {
     // The file form reads back the same.
     let back: Snapshot = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
     assert_eq!(back, s);
+}
+
+#[test]
+fn snapshot_sums_every_threads_shard() {
+    // More threads than shards: some share one, and nothing is lost.
+    let c = Counters::new();
+    std::thread::scope(|s| {
+        for t in 0..(SHARDS as u64 + 3) {
+            let c = &c;
+            s.spawn(move || {
+                for _ in 0..1000 {
+                    c.record(Op::Read, Ok(512), Duration::from_micros(t + 1));
+                }
+            });
+        }
+    });
+    let r = &c.snapshot().ops["read"];
+    let threads = SHARDS as u64 + 3;
+    assert_eq!((r.count, r.bytes), (threads * 1000, threads * 512_000));
+    assert_eq!(r.latency_us.sum, 1000 * threads * (threads + 1) / 2);
+    assert_eq!(r.latency_us.max, threads);
+    assert_eq!(r.latency_us.buckets.iter().sum::<u64>(), threads * 1000);
 }
 
 #[test]
