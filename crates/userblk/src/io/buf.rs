@@ -15,9 +15,23 @@ use std::ptr::NonNull;
 use rustix::mm::{MapFlags, ProtFlags};
 
 /// An owned, page-aligned, zeroed buffer.
+///
+/// It remembers how much of it may hold something other than zeroes, so
+/// that a read answered with zeroes (a null device, a hole) costs nothing
+/// when the buffer is still zero from the last such read:
+///
+/// ```
+/// use userblk::io::AlignedBuf;
+/// let mut b = AlignedBuf::new(8192).unwrap();
+/// b.prefix_mut(100)[99] = 7;
+/// b.zero_prefix(4096); // clears the 100 bytes that may be dirty
+/// assert!(b.as_slice().iter().all(|&x| x == 0));
+/// ```
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Bytes from the start that may be non-zero; beyond them, all zero.
+    dirty: usize,
 }
 
 // SAFETY: the buffer is uniquely owned; moving it between threads moves that ownership.
@@ -44,7 +58,7 @@ impl AlignedBuf {
         .map_err(|e| crate::Error::io(format!("allocating a {len}-byte buffer"), e))?;
         let ptr = NonNull::new(raw.cast::<u8>())
             .ok_or_else(|| crate::Error::invalid("mmap returned a null buffer"))?;
-        Ok(AlignedBuf { ptr, len })
+        Ok(AlignedBuf { ptr, len, dirty: 0 })
     }
 
     /// Length in bytes.
@@ -62,9 +76,35 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
-    /// Mutable address for the kernel.
+    /// Mutable address for the kernel (the whole buffer may then be written).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.dirty = self.len;
         self.ptr.as_ptr()
+    }
+
+    /// Note that the first `n` bytes were written through [`as_ptr`](Self::as_ptr)
+    /// (by the kernel, say), so they may no longer be zero.
+    pub fn mark_written(&mut self, n: usize) {
+        self.dirty = self.dirty.max(n.min(self.len));
+    }
+
+    /// The first `n` bytes (at most the buffer), mutably.
+    pub fn prefix_mut(&mut self, n: usize) -> &mut [u8] {
+        let n = n.min(self.len);
+        self.dirty = self.dirty.max(n);
+        // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), n) }
+    }
+
+    /// Make the first `n` bytes zero, writing only those that may not be.
+    pub fn zero_prefix(&mut self, n: usize) {
+        let n = n.min(self.len);
+        let dirty = self.dirty.min(n);
+        // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), dirty) }.fill(0);
+        if n >= self.dirty {
+            self.dirty = 0;
+        }
     }
 
     /// The whole buffer.
@@ -75,6 +115,7 @@ impl AlignedBuf {
 
     /// The whole buffer, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.dirty = self.len;
         // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -94,6 +135,7 @@ impl std::fmt::Debug for AlignedBuf {
         f.debug_struct("AlignedBuf")
             .field("ptr", &self.ptr)
             .field("len", &self.len())
+            .field("dirty", &self.dirty)
             .finish()
     }
 }
@@ -115,5 +157,30 @@ mod tests {
             AlignedBuf::new(page + 1).map(|b| b.len()).ok(),
             Some(2 * page)
         );
+    }
+
+    #[test]
+    fn zeroing_clears_whatever_may_be_dirty() {
+        let mut b = AlignedBuf::new(3 * 4096).unwrap_or_else(|e| panic!("{e}"));
+        let zero = |b: &AlignedBuf| b.as_slice().iter().all(|&x| x == 0);
+        // Written through a slice, partly zeroed: the rest stays dirty.
+        b.prefix_mut(8192).fill(1);
+        b.zero_prefix(4096);
+        assert!(b.as_slice()[..4096].iter().all(|&x| x == 0));
+        assert!(b.as_slice()[4096..8192].iter().all(|&x| x == 1));
+        b.zero_prefix(8192);
+        assert!(zero(&b));
+        // Written by "the kernel" through the raw address.
+        // SAFETY: the pointer covers the buffer; nothing else borrows it.
+        unsafe { b.as_ptr().cast_mut().add(100).write(5) };
+        b.mark_written(4096);
+        b.zero_prefix(512);
+        assert!(zero(&b));
+        // The whole buffer lent out: everything may be dirty.
+        b.as_mut_slice()[3 * 4096 - 1] = 9;
+        b.zero_prefix(4096);
+        assert_eq!(b.as_slice()[3 * 4096 - 1], 9);
+        b.zero_prefix(usize::MAX);
+        assert!(zero(&b));
     }
 }

@@ -471,6 +471,10 @@ impl<'a> Ctx<'a> {
         buf: &'a mut AlignedBuf,
         ring: &'a mut Ring,
     ) -> Self {
+        if req.op == crate::target::Op::Write {
+            // The frontend put the payload there.
+            buf.mark_written(usize::try_from(req.len).unwrap_or(usize::MAX));
+        }
         Ctx {
             req,
             slot,
@@ -521,7 +525,16 @@ impl<'a> Ctx<'a> {
     /// Where a read's data goes (empty for ops without data).
     pub fn data_mut(&mut self) -> &mut [u8] {
         let n = self.data_len();
-        &mut self.buf.as_mut_slice()[..n]
+        self.buf.prefix_mut(n)
+    }
+
+    /// Answer a read with zeroes. Cheaper than filling
+    /// [`data_mut`](Self::data_mut): the buffer knows which of its bytes
+    /// may not be zero, and a buffer that last served a zero read is
+    /// left alone.
+    pub fn zero_data(&mut self) {
+        let n = self.data_len();
+        self.buf.zero_prefix(n);
     }
 
     fn push(&mut self, entry: squeue::Entry, step: u16) -> Result<(), Errno> {
