@@ -52,6 +52,8 @@ pub enum Command {
     /// Run a control action in a device's daemon: `powercut`, `powerup`
     /// (--filter flakey); with no action, list what the device offers.
     Ctl(CtlArgs),
+    /// Create an image file (`userblk create qcow2 -f IMAGE --size 10G`).
+    Create(CreateArgs),
     /// Show the ublk features this kernel supports.
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -125,6 +127,7 @@ impl AddArgs {
             TargetArgs::Mem(a) => &a.filters,
             TargetArgs::File(a) => &a.filters,
             TargetArgs::Nbd(a) => &a.filters,
+            TargetArgs::Qcow2(a) => &a.filters,
         };
         [&self.filters.filters[..], &after.filters[..]].concat()
     }
@@ -240,6 +243,63 @@ pub enum TargetArgs {
     File(FileArgs),
     /// An export of a remote NBD server (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH).
     Nbd(NbdArgs),
+    /// A qcow2 image (versions 2 and 3, backing chains, compressed clusters).
+    Qcow2(Qcow2Args),
+}
+
+/// `add qcow2`.
+#[derive(Debug, Clone, Args)]
+pub struct Qcow2Args {
+    /// The image.
+    #[arg(short = 'f', long = "file", value_name = "IMAGE")]
+    pub path: PathBuf,
+    /// Read-only device (the image is opened read-only).
+    #[arg(short = 'o', long = "read-only")]
+    pub read_only: bool,
+    /// L2 tables kept in memory (each maps 512 MiB with 64 KiB clusters).
+    #[arg(long, default_value_t = userblk::targets::qcow2::DEFAULT_L2_CACHE, value_name = "TABLES")]
+    pub l2_cache: usize,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
+}
+
+/// `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The format.
+    #[command(subcommand)]
+    pub format: CreateFormat,
+}
+
+/// Formats `create` makes.
+#[derive(Debug, Subcommand)]
+pub enum CreateFormat {
+    /// A qcow2 version 3 image.
+    Qcow2(CreateQcow2Args),
+}
+
+/// `create qcow2`.
+#[derive(Debug, Args)]
+pub struct CreateQcow2Args {
+    /// The new image (must not exist).
+    #[arg(short = 'f', long = "file", value_name = "IMAGE")]
+    pub path: PathBuf,
+    /// Virtual size (default with --backing: the backing file's).
+    #[arg(short = 's', long, value_parser = size)]
+    pub size: Option<u64>,
+    /// Backing file, as stored in the image (relative to the image's directory).
+    #[arg(short = 'b', long, value_name = "FILE")]
+    pub backing: Option<String>,
+    /// The backing file's format: qcow2 or raw (default: probed).
+    #[arg(short = 'F', long, value_name = "FORMAT")]
+    pub backing_format: Option<String>,
+    /// Cluster size, a power of two from 512 to 2M.
+    #[arg(short = 'c', long, default_value = "64K", value_parser = size)]
+    pub cluster_size: u64,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `add null`.

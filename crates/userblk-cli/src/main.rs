@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         Command::Recover(args) => add::recover(&args),
         Command::Stats(args) => stats::run(&args),
         Command::Ctl(args) => ctl::run(&args),
+        Command::Create(args) => create(&args),
         Command::Features(args) => features(&args),
         Command::Completions(args) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -150,6 +151,43 @@ fn man() -> anyhow::Result<()> {
     clap_mangen::Man::new(cmd)
         .section("8")
         .render(&mut std::io::stdout())?;
+    Ok(())
+}
+
+fn create(args: &cli::CreateArgs) -> anyhow::Result<()> {
+    match &args.format {
+        cli::CreateFormat::Qcow2(a) => {
+            use userblk::targets::qcow2::{create, CreateOptions};
+            if a.size.is_none() && a.backing.is_none() {
+                anyhow::bail!("--size is needed (or --backing, to take its size)");
+            }
+            let opts = CreateOptions {
+                path: a.path.clone(),
+                size: a.size.unwrap_or(0),
+                cluster_size: a.cluster_size,
+                backing: a.backing.clone(),
+                backing_format: a.backing_format.clone(),
+            };
+            create(&opts).with_context(|| format!("creating {}", a.path.display()))?;
+            let t = userblk::targets::qcow2::Qcow2Target::open(&a.path, true)
+                .context("reopening the new image")?;
+            let d = userblk::Target::describe(&t);
+            if a.json {
+                println!("{d}");
+            } else {
+                println!(
+                    "created {}: qcow2 v3, {} bytes, {}-byte clusters{}",
+                    a.path.display(),
+                    d["size"],
+                    a.cluster_size,
+                    a.backing
+                        .as_ref()
+                        .map(|b| format!(", backing file {b}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -89,6 +89,23 @@ pub fn open(
             ),
             None,
         ),
+        TargetArgs::Qcow2(a) => {
+            let path = std::path::absolute(&a.path).unwrap_or_else(|_| a.path.clone());
+            let opts = userblk::targets::qcow2::OpenOptions {
+                read_only: a.read_only,
+                caches: userblk::targets::qcow2::CacheSizes {
+                    l2: a.l2_cache.max(2),
+                    refblocks: 64,
+                },
+            };
+            (
+                Arc::new(
+                    userblk::targets::qcow2::Qcow2Target::open_with(&path, &opts)
+                        .context("qcow2 target")?,
+                ),
+                None,
+            )
+        }
         TargetArgs::Nbd(a) => {
             let mut opts = NbdOptions::new(a.uri.clone());
             opts.reconnect_timeout = std::time::Duration::from_secs(a.reconnect_timeout);

@@ -4,6 +4,7 @@ pub mod file;
 pub mod mem;
 pub mod nbd;
 pub mod null;
+pub mod qcow2;
 
 pub use file::{FileOptions, FileTarget};
 
