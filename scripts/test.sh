@@ -32,6 +32,9 @@ step "host suite: filters over the FUSE and NBD frontends (delay, error, readonl
 as_root bash tests/host/filters.sh
 step "host suite: cow and cache filters (a read-only image, nbdkit)" && as_root bash tests/host/filters-cow.sh
 
+step "host suite: qcow2 target against qemu-img (v2/v3, compressed, backing chains, ext4, kill -9, corrupt images)"
+as_root bash tests/host/qcow2.sh
+
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
 as_root bash tests/crash/crash.sh --frontend fuse --rounds 40
 
