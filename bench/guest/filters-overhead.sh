@@ -82,11 +82,15 @@ out, repeat, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 iops = {n: [json.load(open(f"{out}/raw/{n}.{r}.json"))["jobs"][0]["read"]["iops"] for r in range(repeat)] for n in names}
 p50 = {n: statistics.median(json.load(open(f"{out}/raw/{n}.{r}.json"))["jobs"][0]["read"]["clat_ns"]["percentile"]["50.000000"] / 1000 for r in range(repeat)) for n in names}
 base = statistics.median(iops["none"])
-print(f"{'stack':8} {'IOPS median (min-max)':>28} {'p50 us':>8} {'vs none':>8}")
+print(f"{'stack':8} {'IOPS median (min-max)':>28} {'p50 us':>8} {'vs none':>8} {'paired':>8}  per repeat")
 for n in names:
     m = statistics.median(iops[n])
-    print(f"{n:8} {m:12.0f} ({min(iops[n]):.0f}-{max(iops[n]):.0f}) {p50[n]:8.0f} {m / base:8.3f}")
+    # Within one repeat the stacks run back to back: their ratio drifts less.
+    pairs = [iops[n][r] / iops["none"][r] for r in range(repeat)]
+    per = " ".join(f"{p:.2f}" for p in pairs)
+    print(f"{n:8} {m:12.0f} ({min(iops[n]):.0f}-{max(iops[n]):.0f}) {p50[n]:8.0f} {m / base:8.3f} {statistics.median(pairs):8.3f}  {per}")
 print("4k random read, QD 64, one job, io_uring, direct, on `userblk add null -q 1 -d 128`;")
-print("vs none = median IOPS / median IOPS with no filter (1.000 = free).")
+print("vs none = median IOPS / median IOPS with no filter (1.000 = free); paired =")
+print("median over the repeats of this stack's IOPS / no filter's in the same repeat.")
 PY
 cat "$OUT/summary.txt"
