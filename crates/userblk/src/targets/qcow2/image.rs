@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustix::io::Errno;
 
@@ -73,6 +73,10 @@ pub struct Image {
     /// The last compressed cluster read, decompressed: sequential reads
     /// of one cluster inflate it once.
     inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Held (shared) by writes from their lookup to their last byte, and
+    /// (exclusive) by flushes, which free clusters: a write outside the
+    /// metadata lock never lands in a cluster freed and reused meanwhile.
+    writes: RwLock<()>,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Qcow2Error {
@@ -167,6 +171,7 @@ impl Image {
             header: h,
             read_only: opts.read_only,
             inflated: Mutex::new(None),
+            writes: RwLock::new(()),
         })
     }
 
@@ -298,6 +303,10 @@ impl Image {
         if self.read_only {
             return Err(Errno::ROFS);
         }
+        let _writing = self
+            .writes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut done = 0usize;
         for (gc, within, n) in self.pieces(off, data.len() as u64) {
             let n = usize::try_from(n).map_err(|_| Errno::IO)?;
@@ -385,6 +394,10 @@ impl Image {
             return Err(Errno::ROFS);
         }
         let cs = usize::try_from(self.cluster_size).map_err(|_| Errno::IO)?;
+        let _writing = self
+            .writes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (gc, within, n) in self.pieces(off, len) {
             if n < self.cluster_size {
                 let zeros = vec![0u8; usize::try_from(n).map_err(|_| Errno::IO)?];
@@ -415,6 +428,11 @@ impl Image {
 
     /// Make every completed write durable.
     pub fn flush(&self) -> Result<(), Errno> {
+        // Before the metadata lock, in the order writes take them.
+        let _no_writes = self
+            .writes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.meta().flush()
     }
 

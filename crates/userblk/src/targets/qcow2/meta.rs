@@ -192,6 +192,17 @@ impl Cache {
         );
     }
 
+    /// Write table `off` back to `file` if it is dirty.
+    fn write_back(&mut self, file: &File, off: u64) -> Result<(), Errno> {
+        if let Some(t) = self.tables.get_mut(&off) {
+            if t.dirty {
+                file.write_all_at(&t.data, off).map_err(|e| io_err(&e))?;
+                t.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
     fn dirty(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self
             .tables
@@ -257,6 +268,22 @@ pub fn refcount_set(block: &mut [u8], i: u64, bits: u32, v: u64) {
             for (k, b) in s.iter_mut().rev().enumerate() {
                 *b = u8::try_from((v >> (8 * k)) & 0xff).unwrap_or(0);
             }
+        }
+    }
+}
+
+/// The two kinds of cached metadata cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    L2,
+    Refblock,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::L2 => "an L2 table",
+            Kind::Refblock => "a refcount block",
         }
     }
 }
@@ -434,42 +461,52 @@ impl Meta {
 
     // ---- L2 ----------------------------------------------------------------
 
-    /// Make room in the L2 cache, writing a dirty victim back (after the
-    /// refcounts it may depend on are durable).
-    fn make_room_l2(&mut self) -> Result<(), Errno> {
-        if !self.l2.full() {
+    fn cache(&mut self, kind: Kind) -> &mut Cache {
+        match kind {
+            Kind::L2 => &mut self.l2,
+            Kind::Refblock => &mut self.refblocks,
+        }
+    }
+
+    /// Make room in a cache, writing a dirty victim back first: an L2
+    /// table only once the refcounts it may depend on are durable; a
+    /// refcount block at any time (it only ever holds increments not yet
+    /// durable, and decrements whose entries are already gone from disk).
+    fn make_room(&mut self, kind: Kind) -> Result<(), Errno> {
+        let cache = self.cache(kind);
+        if !cache.full() {
             return Ok(());
         }
-        if let Some((off, dirty)) = self.l2.victim() {
-            if dirty {
+        let Some((off, dirty)) = cache.victim() else {
+            return Ok(());
+        };
+        if dirty {
+            if kind == Kind::L2 {
                 self.write_refcounts(true)?;
-                self.write_l2(off)?;
             }
-            self.l2.tables.remove(&off);
+            self.write_table(kind, off)?;
         }
+        self.cache(kind).tables.remove(&off);
         Ok(())
     }
 
-    fn load_l2(&mut self, off: u64) -> Result<(), Errno> {
-        if self.l2.get(off).is_some() {
+    fn write_table(&mut self, kind: Kind, off: u64) -> Result<(), Errno> {
+        let file = &self.file;
+        match kind {
+            Kind::L2 => self.l2.write_back(file, off),
+            Kind::Refblock => self.refblocks.write_back(file, off),
+        }
+    }
+
+    /// Have table `off` in its cache, checking where it is first.
+    fn load(&mut self, kind: Kind, off: u64) -> Result<(), Errno> {
+        if self.cache(kind).get(off).is_some() {
             return Ok(());
         }
-        self.check_table_offset("an L2 table", off)?;
+        self.check_table_offset(kind.name(), off)?;
         let data = self.read_cluster(off)?;
-        self.make_room_l2()?;
-        self.l2.insert(off, data, false);
-        Ok(())
-    }
-
-    fn write_l2(&mut self, off: u64) -> Result<(), Errno> {
-        if let Some(t) = self.l2.tables.get_mut(&off) {
-            if t.dirty {
-                self.file
-                    .write_all_at(&t.data, off)
-                    .map_err(|e| io_err(&e))?;
-                t.dirty = false;
-            }
-        }
+        self.make_room(kind)?;
+        self.cache(kind).insert(off, data, false);
         Ok(())
     }
 
@@ -483,7 +520,7 @@ impl Meta {
         if l2_off == 0 {
             return Ok(0);
         }
-        self.load_l2(l2_off)?;
+        self.load(Kind::L2, l2_off)?;
         let i = usize::try_from(gc % self.g.l2_entries).map_err(|_| Errno::IO)?;
         Ok(self.l2.get(l2_off).map_or(0, |t| be64_at(&t.data, i)))
     }
@@ -526,7 +563,7 @@ impl Meta {
         let off = l1e & OFFSET_MASK;
         if off == 0 {
             let new = self.alloc(1)?;
-            self.make_room_l2()?;
+            self.make_room(Kind::L2)?;
             self.l2.insert(new, vec![0u8; self.cluster_len()], true);
             self.l1[l1_idx] = new | COPIED;
             self.l1_dirty = true;
@@ -545,7 +582,7 @@ impl Meta {
             self.l1[l1_idx] = off | COPIED;
             self.l1_dirty = true;
         }
-        self.load_l2(off)?;
+        self.load(Kind::L2, off)?;
         Ok(off)
     }
 
@@ -582,45 +619,6 @@ impl Meta {
 
     // ---- refcounts -----------------------------------------------------------
 
-    fn make_room_refblocks(&mut self) -> Result<(), Errno> {
-        if !self.refblocks.full() {
-            return Ok(());
-        }
-        if let Some((off, dirty)) = self.refblocks.victim() {
-            if dirty {
-                // Early is always safe for a refcount block: it only ever
-                // holds increments not yet durable and decrements whose
-                // entries are gone from disk.
-                self.write_refblock(off)?;
-            }
-            self.refblocks.tables.remove(&off);
-        }
-        Ok(())
-    }
-
-    fn write_refblock(&mut self, off: u64) -> Result<(), Errno> {
-        if let Some(t) = self.refblocks.tables.get_mut(&off) {
-            if t.dirty {
-                self.file
-                    .write_all_at(&t.data, off)
-                    .map_err(|e| io_err(&e))?;
-                t.dirty = false;
-            }
-        }
-        Ok(())
-    }
-
-    fn load_refblock(&mut self, off: u64) -> Result<(), Errno> {
-        if self.refblocks.get(off).is_some() {
-            return Ok(());
-        }
-        self.check_table_offset("a refcount block", off)?;
-        let data = self.read_cluster(off)?;
-        self.make_room_refblocks()?;
-        self.refblocks.insert(off, data, false);
-        Ok(())
-    }
-
     /// The refcount of host cluster `c`.
     pub fn refcount(&mut self, c: u64) -> Result<u64, Errno> {
         let rt = usize::try_from(c / self.g.rb_entries).map_err(|_| Errno::IO)?;
@@ -628,7 +626,7 @@ impl Meta {
             Some(&o) if o != 0 => o,
             _ => return Ok(0),
         };
-        self.load_refblock(off)?;
+        self.load(Kind::Refblock, off)?;
         let bits = self.g.refcount_bits;
         Ok(self
             .refblocks
@@ -646,7 +644,7 @@ impl Meta {
             Some(&o) if o != 0 => o,
             _ => return Err(Errno::IO),
         };
-        self.load_refblock(off)?;
+        self.load(Kind::Refblock, off)?;
         let bits = self.g.refcount_bits;
         let i = c % self.g.rb_entries;
         let t = self.refblocks.get(off).ok_or(Errno::IO)?;
@@ -676,7 +674,7 @@ impl Meta {
             at += 1;
         }
         let off = at * self.g.cluster_size;
-        self.make_room_refblocks()?;
+        self.make_room(Kind::Refblock)?;
         let mut data = vec![0u8; self.cluster_len()];
         refcount_set(&mut data, at - first, self.g.refcount_bits, 1);
         self.refblocks.insert(off, data, true);
@@ -785,7 +783,7 @@ impl Meta {
         let blocks = self.refblocks.dirty();
         let wrote = !blocks.is_empty() || self.reftable_dirty;
         for off in blocks {
-            self.write_refblock(off)?;
+            self.write_table(Kind::Refblock, off)?;
         }
         if self.reftable_dirty {
             self.sync()?;
@@ -825,7 +823,7 @@ impl Meta {
         self.write_refcounts(true)?;
         // 2. L2 tables, then the L1 entries that point at new ones.
         for off in self.l2.dirty() {
-            self.write_l2(off)?;
+            self.write_table(Kind::L2, off)?;
         }
         if self.l1_dirty {
             self.sync()?;
