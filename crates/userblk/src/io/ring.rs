@@ -189,11 +189,18 @@ impl std::fmt::Debug for Deferred {
     }
 }
 
+/// Environment variable choosing the ring set-up flags: `defer` (the
+/// default: `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`), `coop`
+/// (`COOP_TASKRUN` only) or `plain` (none). For benchmarks.
+pub const RING_SETUP_ENV: &str = "USERBLK_RING_SETUP";
+
 impl Ring {
     /// A ring with `entries` submission slots (the completion queue is twice that).
     ///
     /// Set-up flags suit one issuing thread (`SINGLE_ISSUER`, `DEFER_TASKRUN`,
     /// `COOP_TASKRUN`); kernels without them get a plain ring.
+    /// [`RING_SETUP_ENV`] (`coop` or `plain`) asks for fewer flags, to
+    /// measure what they are worth.
     pub fn new(entries: u32) -> crate::Result<Self> {
         let entries = entries.clamp(8, 4096).next_power_of_two();
         let attempts: [fn(&mut io_uring::Builder); 3] = [
@@ -207,8 +214,13 @@ impl Ring {
             },
             |_| {},
         ];
+        let first = match std::env::var(RING_SETUP_ENV).as_deref() {
+            Ok("coop") => 1,
+            Ok("plain") => 2,
+            _ => 0,
+        };
         let mut last = None;
-        for setup in attempts {
+        for setup in attempts.into_iter().skip(first) {
             let mut builder = IoUring::builder();
             builder.setup_cqsize(entries * 2);
             setup(&mut builder);
