@@ -298,6 +298,17 @@ file_on_ext4() { # a backing file on ext4: real FALLOC_FL_ZERO_RANGE and punch-h
     return $rc
 }
 
+user_copy_granted() { # --user-copy: the kernel grants USER_COPY; null reads zeroes through it
+    local id flags
+    id=$(add_dev null --size 1G --user-copy)
+    flags=$(ub list -n "$id" --json | sed -n 's/^ *"flags": *\([0-9]*\),\{0,1\}$/\1/p' | head -n 1)
+    [ -n "$flags" ] && [ $((flags & 0x80)) -ne 0 ] || die "flags ${flags:-?} lack USER_COPY (0x80)"
+    dd if=/dev/urandom of="/dev/ublkb$id" bs=64k count=16 oflag=direct status=none
+    [ "$(dd if="/dev/ublkb$id" bs=64k count=16 iflag=direct status=none | tr -d '\0' | wc -c)" = 0 ] ||
+        die "null reads through user copy are not zero"
+    del_dev "$id"
+}
+
 no_panics_logged() {
     ! grep -l panicked /run/userblk/*.log 2>/dev/null || die "a daemon panicked (see logs above)"
 }
@@ -313,6 +324,9 @@ case_run "null: 250G default, zero reads, fio" null_cases
 target_cases "mem" "write through" yes yes mem --size 64M
 target_cases "file (O_DIRECT, tmpfs)" "write back" yes yes file -f "$(backing direct.img 64M)"
 target_cases "loop alias (buffered)" "write back" yes yes loop -f "$(backing buffered.img 64M)" --buffered
+case_run "--user-copy: USER_COPY granted, null reads zero" user_copy_granted
+target_cases "mem --user-copy" "write through" yes yes mem --size 64M --user-copy
+target_cases "file --user-copy (O_DIRECT)" "write back" yes no file -f "$(backing uc.img 64M)" --user-copy
 case_run "file with --offset" sh -c "f=\$(mktemp -p $WORK); truncate -s 33M \$f; id=\$($USERBLK add file -f \$f --offset 1M | sed -n 's/^dev id \\([0-9]*\\):.*/\\1/p'); [ \$(cat /sys/block/ublkb\$id/size) = 65536 ] && $USERBLK del -n \$id"
 case_run "file on a block device (loop)" file_on_block_device
 case_run "file on ext4: zero-range, discard frees space" file_on_ext4

@@ -140,6 +140,23 @@ root_deletes_users() {
     gone "$id" "$pid" "$(user_state_dir "$TEST_UID")/$id.json"
 }
 
+user_copy_falls_back() { # the kernel refuses USER_COPY to users: a warning, then the copy path
+    local id flags out
+    out=$(as_uid "$TEST_UID" "$USERBLK" add mem --size 16M --user-copy 2>&1) || { echo "$out"; return 1; }
+    echo "$out"
+    id=$(dev_id_of "$out")
+    [ -n "$id" ] || die "no id in add output"
+    grep -qi "user copy" "$(user_state_dir "$TEST_UID")/$id.log" 2>/dev/null || grep -qi "user copy" <<<"$out" ||
+        die "no warning about the user copy fallback"
+    flags=$(json_field "$id" flags)
+    [ $((flags & 0x80)) -eq 0 ] || die "flags $flags have USER_COPY for an unprivileged device"
+    as_user fio --name=uc --filename="/dev/ublkb$id" --ioengine=io_uring --direct=1 \
+        --rw=randwrite --bs=4k --iodepth=8 --size=8M --verify=crc32c --verify_fatal=1 \
+        --do_verify=1 --verify_state_save=0 --randrepeat=0 --output-format=terse --minimal >/dev/null ||
+        die "fio verify failed on the fallback path"
+    as_uid "$TEST_UID" "$USERBLK" del -n "$id"
+}
+
 user_add_r_refused() {
     local before after
     before=$(ls /sys/class/ublk-char | wc -l)
@@ -190,6 +207,7 @@ case_run "user: refused del of root's device, still LIVE" user_cannot_del_roots
 case_run "user: refused del of another user's device" users_cannot_touch_each_other
 case_run "root: deletes a user's device" root_deletes_users
 case_run "user: add -r / --reissue refused up front" user_add_r_refused
+case_run "user: --user-copy falls back to kernel copies, says so" user_copy_falls_back
 case_run "user: refused recover of root's device" user_cannot_recover_roots
 case_run "root: --unprivileged gives a privileged device" root_unprivileged_is_privileged
 case_run "user: no access to ublk-control points to docs" no_control_access

@@ -322,6 +322,9 @@ fn serve_ublk(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     if args.dev.reissue {
         flags |= UBLK_F_USER_RECOVERY_REISSUE;
     }
+    if args.dev.user_copy {
+        flags |= userblk_uapi::UBLK_F_USER_COPY;
+    }
     if args.dev.unprivileged || !root {
         if root {
             tracing::info!("running as root: the kernel makes the device privileged");

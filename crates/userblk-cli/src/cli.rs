@@ -208,6 +208,11 @@ pub struct DevArgs {
     /// restart a crashed daemon with the same command.
     #[arg(long, global = true)]
     pub adopt: bool,
+    /// ublk: move request data with pread/pwrite on /dev/ublkcN
+    /// (UBLK_F_USER_COPY, Linux 6.5+) instead of the kernel copying it into
+    /// the daemon's buffers; falls back, with a warning, where refused.
+    #[arg(long, global = true)]
+    pub user_copy: bool,
     /// Create an unprivileged device, owned by the calling user (implied when
     /// not root; for root the kernel makes it privileged anyway). Needs the
     /// udev rule from contrib/udev; see docs/unprivileged.md.

@@ -41,7 +41,8 @@ pub struct DeviceConfig {
     pub io_buf_bytes: u32,
     /// Extra `UBLK_F_*` flags to request: `UBLK_F_USER_RECOVERY`,
     /// `UBLK_F_USER_RECOVERY_REISSUE`, `UBLK_F_UNPRIVILEGED_DEV` (needed
-    /// when not running as root; the kernel clears it for root).
+    /// when not running as root; the kernel clears it for root),
+    /// `UBLK_F_USER_COPY` (dropped with a warning where unsupported).
     pub flags: u64,
 }
 
@@ -157,6 +158,24 @@ pub struct Live {
     pub queue_cpus: Vec<Vec<usize>>,
 }
 
+/// The flags to ask for: `UBLK_F_USER_COPY` dropped, with a warning saying
+/// why, where the kernel would refuse it (before 6.5, or for unprivileged
+/// devices), so the device falls back to the kernel copying request data.
+fn user_copy_fallback(flags: u64, features: Features, root: bool) -> u64 {
+    if flags & UBLK_F_USER_COPY == 0 {
+        return flags;
+    }
+    let why = if features.0 != 0 && !features.has(UBLK_F_USER_COPY) {
+        "this kernel lacks it (Linux 6.5+)"
+    } else if !root {
+        "the kernel refuses it for unprivileged devices"
+    } else {
+        return flags;
+    };
+    tracing::warn!("user copy: {why}; the kernel copies request data instead");
+    flags & !UBLK_F_USER_COPY
+}
+
 impl Device {
     /// ADD_DEV and SET_PARAMS for a target with `caps`; opens `/dev/ublkcN`.
     pub fn add(cfg: &DeviceConfig, caps: &Caps) -> Result<Device> {
@@ -190,12 +209,13 @@ impl Device {
                 missing.names().join(", ")
             )));
         }
+        let flags = user_copy_fallback(cfg.flags, features, root);
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
             max_io_buf_bytes: cfg.io_buf_bytes,
             dev_id: cfg.id.unwrap_or(UBLK_DEV_ID_AUTO),
-            flags: cfg.flags | UBLK_F_CMD_IOCTL_ENCODE,
+            flags: flags | UBLK_F_CMD_IOCTL_ENCODE,
             ..Default::default()
         };
         ctrl.add(&mut info)?;
@@ -210,6 +230,9 @@ impl Device {
         if info.flags & wanted != wanted {
             let e = Error::invalid("the kernel did not grant user recovery for this device (unprivileged devices cannot use it)");
             return Err(cleanup(&mut ctrl, e));
+        }
+        if flags & UBLK_F_USER_COPY != 0 && info.flags & UBLK_F_USER_COPY == 0 {
+            tracing::warn!("user copy: the kernel did not grant it; it copies request data itself");
         }
         if info.nr_hw_queues != cfg.queues {
             tracing::info!(
@@ -369,6 +392,7 @@ impl Device {
                 caps: self.caps,
                 shutdown: Arc::clone(&shutdown),
                 fail_after: queue::failpoint(q),
+                user_copy: self.info.flags & UBLK_F_USER_COPY != 0,
             };
             let tx = tx.clone();
             let spawned = std::thread::Builder::new()
@@ -574,6 +598,21 @@ pub fn delete(ctrl: &mut Control, id: u32, wait: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_copy_falls_back_where_refused() {
+        let with = UBLK_F_USER_COPY | UBLK_F_USER_RECOVERY;
+        let k612 = Features(0x1fe);
+        let k60 = Features(0x06);
+        assert_eq!(user_copy_fallback(with, k612, true), with);
+        assert_eq!(user_copy_fallback(with, k60, true), UBLK_F_USER_RECOVERY);
+        assert_eq!(user_copy_fallback(with, k612, false), UBLK_F_USER_RECOVERY);
+        // Not asked for: nothing changes.
+        assert_eq!(
+            user_copy_fallback(UBLK_F_USER_RECOVERY, k60, false),
+            UBLK_F_USER_RECOVERY
+        );
+    }
 
     #[test]
     fn config_ranges() {

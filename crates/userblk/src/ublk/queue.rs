@@ -76,6 +76,9 @@ pub(crate) struct QueueSetup {
     pub shutdown: Arc<Shutdown>,
     /// Fail point for tests: leave the loop with an error after this many requests.
     pub fail_after: Option<u64>,
+    /// `UBLK_F_USER_COPY`: commands carry no buffer address, and the queue
+    /// moves request data itself with pread/pwrite on `/dev/ublkcN`.
+    pub user_copy: bool,
 }
 
 /// Environment variable of the queue fail point, `queue-exit:Q:N`: queue Q
@@ -123,6 +126,7 @@ struct Queue {
     fail_after: Option<u64>,
     /// The shutdown poll is in the ring (it counts as in flight).
     wake_armed: bool,
+    user_copy: bool,
 }
 
 /// Run queue `setup.q` until every tag is aborted; reports through `events`.
@@ -171,6 +175,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         failure: None,
         fail_after: setup.fail_after,
         wake_armed: false,
+        user_copy: setup.user_copy,
     };
     queue.watch_shutdown(&setup.shutdown)?;
     for tag in 0..setup.depth {
@@ -239,6 +244,11 @@ pub(crate) fn commit_result(op: Op, r: IoResult) -> i32 {
     }
 }
 
+/// Where request data of `(q, tag)` starts in `/dev/ublkcN` under user copy.
+pub(crate) fn user_copy_offset(q: u16, tag: u16) -> u64 {
+    UBLKSRV_IO_BUF_OFFSET + (u64::from(q) << UBLK_QID_OFF) + (u64::from(tag) << UBLK_TAG_OFF)
+}
+
 fn io_cmd_bytes(c: &UblksrvIoCmd) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[0..2].copy_from_slice(&c.q_id.to_ne_bytes());
@@ -267,7 +277,12 @@ impl Queue {
     }
 
     fn push_cmd(&mut self, cmd_op: u32, tag: u16, result: i32) -> Result<()> {
-        let addr = self.bufs[usize::from(tag)].as_ptr() as u64;
+        // Under user copy the kernel wants no buffer: the data moves by pread/pwrite.
+        let addr = if self.user_copy {
+            0
+        } else {
+            self.bufs[usize::from(tag)].as_ptr() as u64
+        };
         let cmd = UblksrvIoCmd {
             q_id: self.q,
             tag,
@@ -367,6 +382,9 @@ impl Queue {
         self.slots[usize::from(tag)] = Slot::Busy(req);
         let outcome = match target::validate(&self.caps, &req) {
             Err(e) => Submit::Done(Err(e)),
+            Ok(()) if self.user_copy && req.op == Op::Write && self.copy_in(tag, req).is_err() => {
+                Submit::Done(Err(Errno::IO))
+            }
             Ok(()) => {
                 // SAFETY: the buffer belongs to this tag and nothing else
                 // touches it until the tag is committed, which happens only
@@ -394,7 +412,12 @@ impl Queue {
     fn finish(&mut self, tag: u16, req: Request, outcome: Submit) -> Result<()> {
         match outcome {
             Submit::Pending => Ok(()),
-            Submit::Done(r) => {
+            Submit::Done(mut r) => {
+                if let (true, Op::Read, Ok(n)) = (self.user_copy, req.op, r) {
+                    if self.copy_out(tag, n).is_err() {
+                        r = Err(Errno::IO);
+                    }
+                }
                 if let Err(e) = r {
                     tracing::debug!("queue {}: tag {tag}: {req:?} failed: {e}", self.q);
                 }
@@ -406,6 +429,47 @@ impl Queue {
                 )
             }
         }
+    }
+
+    /// User copy: fetch a write's payload from the kernel into the tag's buffer.
+    fn copy_in(&mut self, tag: u16, req: Request) -> std::result::Result<(), Errno> {
+        let len = usize::try_from(req.len).map_err(|_| Errno::IO)?;
+        let at = user_copy_offset(self.q, tag);
+        let buf = self.bufs[usize::from(tag)].prefix_mut(len);
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(&*self.cdev, &mut buf[done..], at + done as u64) {
+                Ok(0) => return Err(Errno::IO),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => {
+                    tracing::warn!("queue {}: tag {tag}: user copy in: {e}", self.q);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// User copy: hand a read's `n` bytes of data to the kernel.
+    fn copy_out(&mut self, tag: u16, n: u32) -> std::result::Result<(), Errno> {
+        let n = usize::try_from(n).map_err(|_| Errno::IO)?;
+        let at = user_copy_offset(self.q, tag);
+        let buf = self.bufs[usize::from(tag)].as_slice();
+        let data = buf.get(..n).ok_or(Errno::IO)?;
+        let mut done = 0;
+        while done < data.len() {
+            match rustix::io::pwrite(&*self.cdev, &data[done..], at + done as u64) {
+                Ok(0) => return Err(Errno::IO),
+                Ok(k) => done += k,
+                Err(Errno::INTR) => {}
+                Err(e) => {
+                    tracing::warn!("queue {}: tag {tag}: user copy out: {e}", self.q);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn retire(&mut self, tag: u16) {
@@ -499,6 +563,17 @@ mod tests {
         assert_eq!(
             commit_result(Op::Write, Err(Errno::NOSPC)),
             -Errno::NOSPC.raw_os_error()
+        );
+    }
+
+    #[test]
+    fn user_copy_offsets() {
+        assert_eq!(user_copy_offset(0, 0), 0x8000_0000);
+        assert_eq!(user_copy_offset(0, 1), 0x8000_0000 + (1 << 25));
+        assert_eq!(user_copy_offset(1, 0), 0x8000_0000 + (1 << 41));
+        assert_eq!(
+            user_copy_offset(3, 4095),
+            0x8000_0000 + (3 << 41) + (4095 << 25)
         );
     }
 
