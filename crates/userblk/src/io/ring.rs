@@ -246,6 +246,17 @@ impl Ring {
         ))
     }
 
+    /// Register `fd` as fixed file 0, so entries can name it with
+    /// `types::Fixed(0)` and the kernel skips looking the descriptor up on
+    /// every operation. The caller keeps `fd` open for the ring's life.
+    pub fn register_file(&mut self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+        use std::os::fd::AsRawFd;
+        self.ring
+            .submitter()
+            .register_files(&[fd.as_raw_fd()])
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::INVAL))
+    }
+
     /// Queue an entry, submitting first if the submission queue is full.
     ///
     /// # Safety

@@ -127,6 +127,8 @@ struct Queue {
     /// The shutdown poll is in the ring (it counts as in flight).
     wake_armed: bool,
     user_copy: bool,
+    /// `/dev/ublkcN` is the ring's fixed file 0 (no descriptor lookup per command).
+    fixed_cdev: bool,
 }
 
 /// Run queue `setup.q` until every tag is aborted; reports through `events`.
@@ -161,7 +163,14 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         .map(|_| AlignedBuf::new(setup.buf_bytes as usize))
         .collect::<Result<Vec<_>>>()?;
     // Room for one command per tag plus target operations.
-    let ring = Ring::new(u32::from(setup.depth) * 2)?;
+    let mut ring = Ring::new(u32::from(setup.depth) * 2)?;
+    let fixed_cdev = match ring.register_file(std::os::fd::AsFd::as_fd(&*setup.cdev)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("queue {q}: cannot register /dev/ublkc as a fixed file ({e}); using its descriptor");
+            false
+        }
+    };
     let mut queue = Queue {
         q,
         cdev: setup.cdev,
@@ -176,6 +185,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         fail_after: setup.fail_after,
         wake_armed: false,
         user_copy: setup.user_copy,
+        fixed_cdev,
     };
     queue.watch_shutdown(&setup.shutdown)?;
     for tag in 0..setup.depth {
@@ -289,12 +299,16 @@ impl Queue {
             result,
             addr,
         };
-        let e = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), cmd_op)
-            .cmd(io_cmd_bytes(&cmd))
-            .build()
-            .user_data(UserData::Frontend { slot: tag }.pack());
+        let e = if self.fixed_cdev {
+            opcode::UringCmd16::new(types::Fixed(0), cmd_op)
+        } else {
+            opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), cmd_op)
+        }
+        .cmd(io_cmd_bytes(&cmd))
+        .build()
+        .user_data(UserData::Frontend { slot: tag }.pack());
         // SAFETY: the tag's buffer lives in `self.bufs` until this queue is
-        // dropped, which happens only after the loop has seen every tag
+        // dropped (and the fixed file is `self.cdev`, open as long), which happens only after the loop has seen every tag
         // retired (or the ring is closed first, see `Drop`); the kernel
         // writes WRITE data into it before completing the fetch and reads
         // READ data from it while processing this commit.
