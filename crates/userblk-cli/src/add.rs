@@ -119,23 +119,35 @@ fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
         .spawn()
         .context("starting the daemon")?;
     let mut stderr = child.stderr.take().context("daemon stderr")?;
-    let errors = std::thread::spawn(move || {
+    // What the daemon says on stderr before it is live (its errors, or
+    // warnings such as a feature the kernel refused): the pipe ends when
+    // the daemon moves its output to its log file, right after going live.
+    let (said_tx, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stderr.read_to_string(&mut s);
-        s
+        let _ = said_tx.send(s);
     });
     let stdout = child.stdout.take().context("daemon stdout")?;
     let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading from the daemon")?;
         if line == READY_MARKER {
+            if let Ok(text) = said.recv_timeout(std::time::Duration::from_millis(500)) {
+                // Its warnings matter to whoever ran `add`; its info lines
+                // are in the log.
+                let loud = |l: &&str| l.contains(" WARN ") || l.contains(" ERROR ");
+                for l in text.lines().filter(loud) {
+                    eprintln!("{l}");
+                }
+            }
             return Ok(());
         }
         writeln!(out, "{line}")?;
     }
     // The pipe closed without the marker: the daemon is gone.
     let status = child.wait().context("waiting for the daemon")?;
-    let text = errors.join().unwrap_or_default();
+    let text = said.recv().unwrap_or_default();
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let last = lines.pop().unwrap_or("");
     for l in lines {
