@@ -167,7 +167,9 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
     let fixed_cdev = match ring.register_file(std::os::fd::AsFd::as_fd(&*setup.cdev)) {
         Ok(()) => true,
         Err(e) => {
-            tracing::debug!("queue {q}: cannot register /dev/ublkc as a fixed file ({e}); using its descriptor");
+            tracing::debug!(
+                "queue {q}: cannot register /dev/ublkc as a fixed file ({e}); using its descriptor"
+            );
             false
         }
     };
