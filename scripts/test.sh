@@ -54,5 +54,8 @@ step "real-kernel suite: filter stacks, cow and cache on ublk devices (Debian 6.
 step "real-kernel suite: filters on ublk devices (error under ext4, stats vs the kernel's counts, recovery, flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/filters.sh
 
+step "real-kernel suite: qcow2 on ublk devices (ext4, fio over a backing file, kill -9, recovery) (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/qcow2.sh
+
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
