@@ -38,7 +38,28 @@ fn init_logging(verbose: u8, default: &str) {
         .try_init();
 }
 
+/// Output into a pipe whose reader has gone (`userblk list | grep -q ...`)
+/// is not a failure of ours: end quietly with success, as if the reader
+/// had read it all, instead of the panic `print!` raises on EPIPE (Rust
+/// ignores SIGPIPE, so the write fails instead of killing us).
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Add(_) | Command::Recover(_)) {
         "info"

@@ -177,3 +177,19 @@ fn without_the_ublk_driver_the_message_says_what_to_do() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(text(&o), "");
 }
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    // `userblk man | head -c1`: the reader goes away; no panic, success.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_userblk"))
+        .arg("man")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
