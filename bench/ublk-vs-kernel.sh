@@ -45,7 +45,7 @@ git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
 # processes may be invisible here, /proc/stat is not.
 cpu_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 children_cpu() { awk '{print $16 + $17}' "/proc/$$/stat"; }
-if pgrep -x qemu-system-x86_64 >/dev/null; then
+if pgrep -f "^[^ ]*qemu-system-x86_64 " >/dev/null; then
     echo "bench: warning: another qemu-system-x86_64 is running; figures will be noisy" >&2
 fi
 
