@@ -115,7 +115,7 @@ impl Image {
             // One writer per image: a second daemon would corrupt it.
             rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
                 .map_err(|_| {
-                    Qcow2Error::Busy(format!("{} is open for writing elsewhere", path.display()))
+                    Qcow2Error::Busy("another process has the image open for writing".into())
                 })?;
         }
         let file_len = file
