@@ -269,7 +269,7 @@ second_writer_refused() {
     qemu-img create -q -f qcow2 "$img" 64M
     id=$(add_dev qcow2 -f "$img")
     n=$(ub list | grep -c '^dev id')
-    expect_fail "open for writing elsewhere" ub add qcow2 -f "$img"
+    expect_fail "open for writing" ub add qcow2 -f "$img"
     [ "$(ub list | grep -c '^dev id')" = "$n" ] || die "the refused add left a device"
     printf 'first' | dd of="/dev/ublkb$id" bs=4k conv=sync oflag=direct status=none
     id2=$(add_dev qcow2 -f "$img" -o)
