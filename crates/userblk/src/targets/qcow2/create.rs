@@ -58,10 +58,7 @@ pub fn create(opts: &CreateOptions) -> Result<(), Qcow2Error> {
                     "backing file name {name:?} is empty, holds a NUL or is longer than {MAX_BACKING_NAME} bytes"
                 )));
             }
-            let resolved = match Path::new(name) {
-                p if p.is_absolute() => p.to_path_buf(),
-                p => opts.path.parent().unwrap_or(Path::new(".")).join(p),
-            };
+            let resolved = super::image::backing_path(&opts.path, name);
             // Open the chain now: a missing or broken backing file is an
             // error at create, not at first read.
             let (bsize, fmt) = probe_backing(&resolved, opts.backing_format.as_deref())?;
@@ -165,16 +162,7 @@ fn probe_backing(path: &Path, format: Option<&str>) -> Result<(u64, String), Qco
     let bad = |e: std::io::Error| Qcow2Error::Backing(format!("{}: {e}", path.display()));
     let fmt = match format {
         Some(f) => f.to_string(),
-        None => {
-            let mut magic = [0u8; 4];
-            let f = std::fs::File::open(path).map_err(bad)?;
-            let n = f.read_at(&mut magic, 0).map_err(bad)?;
-            if n == 4 && u32::from_be_bytes(magic) == super::header::MAGIC {
-                "qcow2".into()
-            } else {
-                "raw".into()
-            }
-        }
+        None => super::image::probe_format(&std::fs::File::open(path).map_err(bad)?)?.to_string(),
     };
     match fmt.as_str() {
         "qcow2" => {

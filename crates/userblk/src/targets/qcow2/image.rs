@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use rustix::io::Errno;
 
@@ -190,12 +190,15 @@ impl Image {
         self.backing.is_some()
     }
 
+    /// The shared side of `writes`, held by a write from lookup to last byte.
+    fn writing(&self) -> RwLockReadGuard<'_, ()> {
+        self.writes.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn meta(&self) -> MutexGuard<'_, Meta> {
         // A panic while holding the lock cannot leave the tables half
         // updated in a way later calls trust more than the disk.
-        self.meta
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.meta.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Where `[off, off + len)` splits into cluster pieces: (guest cluster,
@@ -261,10 +264,7 @@ impl Image {
     }
 
     fn inflate(&self, host: u64, len: u64) -> Result<Arc<Vec<u8>>, Errno> {
-        let mut last = self
-            .inflated
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.inflated.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((h, data)) = &*last {
             if *h == host {
                 return Ok(data.clone());
@@ -303,10 +303,7 @@ impl Image {
         if self.read_only {
             return Err(Errno::ROFS);
         }
-        let _writing = self
-            .writes
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _writing = self.writing();
         let mut done = 0usize;
         for (gc, within, n) in self.pieces(off, data.len() as u64) {
             let n = usize::try_from(n).map_err(|_| Errno::IO)?;
@@ -394,10 +391,7 @@ impl Image {
             return Err(Errno::ROFS);
         }
         let cs = usize::try_from(self.cluster_size).map_err(|_| Errno::IO)?;
-        let _writing = self
-            .writes
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _writing = self.writing();
         for (gc, within, n) in self.pieces(off, len) {
             if n < self.cluster_size {
                 let zeros = vec![0u8; usize::try_from(n).map_err(|_| Errno::IO)?];
@@ -429,10 +423,7 @@ impl Image {
     /// Make every completed write durable.
     pub fn flush(&self) -> Result<(), Errno> {
         // Before the metadata lock, in the order writes take them.
-        let _no_writes = self
-            .writes
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _no_writes = self.writes.write().unwrap_or_else(PoisonError::into_inner);
         self.meta().flush()
     }
 
@@ -497,16 +488,28 @@ impl Drop for Image {
 }
 
 fn read_prefix(file: &File, buf: &mut [u8]) -> Result<usize, Qcow2Error> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Qcow2Error::Io("reading the header".into(), e)),
-        }
+    meta::read_upto(file, buf, 0).map_err(|e| Qcow2Error::Io("reading the header".into(), e))
+}
+
+/// Where the backing file `name` of the image at `image` is: relative
+/// names are relative to the image's directory.
+pub(super) fn backing_path(image: &Path, name: &str) -> PathBuf {
+    match Path::new(name) {
+        p if p.is_absolute() => p.to_path_buf(),
+        p => image.parent().unwrap_or(Path::new(".")).join(p),
     }
-    Ok(done)
+}
+
+/// The format of a backing file whose image records none: qcow2 if it
+/// says so, raw otherwise.
+pub(super) fn probe_format(file: &File) -> Result<&'static str, Qcow2Error> {
+    let mut magic = [0u8; 4];
+    let n = read_prefix(file, &mut magic)?;
+    Ok(if n == 4 && u32::from_be_bytes(magic) == header::MAGIC {
+        "qcow2"
+    } else {
+        "raw"
+    })
 }
 
 /// Open the backing file `name` of the image at `image` (relative names
@@ -517,25 +520,13 @@ fn open_backing(
     format: Option<&str>,
     seen: &mut HashSet<PathBuf>,
 ) -> Result<Box<dyn Backing>, Qcow2Error> {
-    let path = match Path::new(name) {
-        p if p.is_absolute() => p.to_path_buf(),
-        p => image.parent().unwrap_or(Path::new(".")).join(p),
-    };
+    let path = backing_path(image, name);
     let what =
         |e: std::io::Error| Qcow2Error::Backing(format!("{name} (as {}): {e}", path.display()));
     let file = File::open(&path).map_err(what)?;
     let format = match format {
         Some(f) => f.to_string(),
-        None => {
-            // No format recorded: qcow2 if it says so, raw otherwise.
-            let mut magic = [0u8; 4];
-            let n = read_prefix(&file, &mut magic)?;
-            if n == 4 && u32::from_be_bytes(magic) == header::MAGIC {
-                "qcow2".into()
-            } else {
-                "raw".into()
-            }
-        }
+        None => probe_format(&file)?.to_string(),
     };
     match format.as_str() {
         "qcow2" => {

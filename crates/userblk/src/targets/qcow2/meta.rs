@@ -229,6 +229,12 @@ fn set_be64_at(b: &mut [u8], i: usize, v: u64) {
     }
 }
 
+/// Write a table of 64-bit entries (L1, refcount table) at `off`, big-endian.
+fn write_entries(file: &File, entries: &[u64], off: u64) -> Result<(), Errno> {
+    let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+    file.write_all_at(&raw, off).map_err(|e| io_err(&e))
+}
+
 /// Entry `i` of a refcount block of `bits`-bit entries.
 pub fn refcount_get(block: &[u8], i: u64, bits: u32) -> u64 {
     let bit = i * u64::from(bits);
@@ -787,13 +793,7 @@ impl Meta {
         }
         if self.reftable_dirty {
             self.sync()?;
-            let mut raw = vec![0u8; self.reftable.len() * 8];
-            for (i, &e) in self.reftable.iter().enumerate() {
-                set_be64_at(&mut raw, i, e);
-            }
-            self.file
-                .write_all_at(&raw, self.reftable_offset)
-                .map_err(|e| io_err(&e))?;
+            write_entries(&self.file, &self.reftable, self.reftable_offset)?;
             self.reftable_dirty = false;
             if self.reftable_moved {
                 self.sync()?;
@@ -827,13 +827,7 @@ impl Meta {
         }
         if self.l1_dirty {
             self.sync()?;
-            let mut raw = vec![0u8; self.l1.len() * 8];
-            for (i, &e) in self.l1.iter().enumerate() {
-                set_be64_at(&mut raw, i, e);
-            }
-            self.file
-                .write_all_at(&raw, self.l1_offset)
-                .map_err(|e| io_err(&e))?;
+            write_entries(&self.file, &self.l1, self.l1_offset)?;
             self.l1_dirty = false;
         }
         // Guest data written before this flush is durable from here on.
@@ -852,21 +846,26 @@ impl Meta {
     }
 }
 
-/// Read `buf.len()` bytes at `off`; bytes past the end of the file read as
-/// zeroes (a cluster allocated at the end and never written).
-pub fn read_full(file: &File, buf: &mut [u8], off: u64) -> Result<(), Errno> {
+/// Read up to `buf.len()` bytes at `off`, stopping early only at the end
+/// of the file; how many were read.
+pub fn read_upto(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
+            Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(&e)),
+            Err(e) => return Err(e),
         }
     }
+    Ok(done)
+}
+
+/// Read `buf.len()` bytes at `off`; bytes past the end of the file read as
+/// zeroes (a cluster allocated at the end and never written).
+pub fn read_full(file: &File, buf: &mut [u8], off: u64) -> Result<(), Errno> {
+    let n = read_upto(file, buf, off).map_err(|e| io_err(&e))?;
+    buf[n..].fill(0);
     Ok(())
 }
 
