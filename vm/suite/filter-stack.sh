@@ -111,6 +111,7 @@ cow_ext4_recover() {
     [ "$(cat "$MNT/f77")" = "file 77" ] || die "synced small file lost"
     dd if=/dev/urandom of="$MNT/after" bs=1M count=4 conv=fsync status=none
     umount "$MNT"
+    not_held "/dev/ublkb$id" "after umount of the recovered cow device"
     fsck.ext4 -n -f "/dev/ublkb$id" || die "fsck after recovery"
     del_dev "$id"
     [ "$(sum_of "$img")" = "$before" ] || die "the base image changed"

@@ -83,6 +83,13 @@ wait_for() { # wait_for SECONDS COMMAND...
     done
 }
 
+# Fail unless nothing holds block device DEV exclusively: a file system
+# still alive on it (mounted anywhere, in any namespace) makes O_EXCL fail.
+not_held() { # not_held DEV WHAT
+    python3 -c 'import os,sys; os.close(os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL))' "$1" 2>/dev/null \
+        || die "$2: $1 is still held (a file system on it is still mounted somewhere)"
+}
+
 # `add` a device, check it is live, and print its id.
 add_dev() {
     local out id

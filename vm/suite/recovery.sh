@@ -107,7 +107,29 @@ ext4_survives() {
     [ "$(sha256sum <"$mnt/blob")" = "$sum" ] || die "fsync'd file changed"
     echo after >"$mnt/new" && sync
     umount "$mnt"
+    # The new daemon started while ext4 was mounted: it must not hold it.
+    not_held "/dev/ublkb$id" "after umount of the recovered device"
     fsck.ext4 -n -f "/dev/ublkb$id"
+    del_dev "$id"
+}
+
+# A daemon started while a file system is mounted (here on a loop device)
+# must not keep it alive after the user unmounts it.
+no_pinned_mounts() {
+    local id loop mnt=/mnt/ub-pin
+    truncate -s 64M "$WORK/pin.img"
+    loop=$(losetup -f --show "$WORK/pin.img")
+    mkfs.ext4 -q -F "$loop"
+    mkdir -p "$mnt"
+    mount "$loop" "$mnt"
+    id=$(add_dev -r null --size 64M)
+    umount "$mnt"
+    not_held "$loop" "after umount with a daemon started while it was mounted"
+    mount "$loop" "$mnt"
+    echo "note: recovered in $(kill_and_recover "$id") ms"
+    umount "$mnt"
+    not_held "$loop" "after umount with a recovered daemon"
+    losetup -d "$loop"
     del_dev "$id"
 }
 
@@ -214,6 +236,7 @@ case_run "null --reissue: fio I/O completes across 20 kill/recover" fio_through_
 case_run "mem --reissue: fio verify across 20 kill/recover" fio_through_kills 20 yes mem --size 64M
 case_run "file --reissue: fio verify across 20 kill/recover" fio_through_kills 20 yes file -f "$(truncate -s 64M "$WORK/fio.img"; echo "$WORK/fio.img")"
 case_run "ext4 on a recovered file device: intact, fsck clean" ext4_survives
+case_run "daemons keep no file system mounted after umount" no_pinned_mounts
 case_run "kill without -r: DEAD, del, id reusable" without_r_is_dead
 case_run "recover: bad input refused, nothing changed" recover_bad_input
 case_run "del of a QUIESCED device frees its data" del_quiesced

@@ -283,20 +283,21 @@ fn serve_ublk(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
 
     let root = running_as_root();
     if root {
-        // Before any thread exists: unshare(CLONE_NEWNS) moves only the calling thread.
-        if let Err(e) = userblk::sys::private_mount_namespace() {
-            tracing::warn!("{e}; continuing in the caller's mount namespace");
-        }
         if let Err(e) = userblk::sys::lock_memory() {
             tracing::warn!("{e}; memory is not locked");
         }
-    } else {
-        // A user has neither: unshare needs CAP_SYS_ADMIN, and mlockall with
-        // MCL_FUTURE under RLIMIT_MEMLOCK would make the target's and the
-        // queues' allocations fail instead. Still, do not pin the caller's cwd.
-        if daemon {
-            let _ = std::env::set_current_dir("/");
-        }
+    }
+    // A user has no mlockall: with MCL_FUTURE under RLIMIT_MEMLOCK the
+    // target's and the queues' allocations would fail instead.
+    //
+    // The daemon stays in the caller's mount namespace. A private one would
+    // copy every mount that exists now and keep those file systems alive
+    // after the user unmounts them: for `recover`, the one on this very
+    // device, which then never gets a clean unmount. In the shared namespace
+    // the daemon's exit unmounts nothing, so it cannot deadlock on its own
+    // device either. It only must not pin the caller's working directory.
+    if daemon {
+        let _ = std::env::set_current_dir("/");
     }
 
     // Signals are caught from before the device exists, so none can kill

@@ -275,8 +275,8 @@ pub fn in_use(path: &Path) -> Result<bool> {
 
 /// Where the block device is mounted, if it is: the mount points whose device is the
 /// node's major:minor in `/proc/self/mountinfo`, or, if none are there, in
-/// `/proc/1/mountinfo` (the host's namespace, for a daemon that moved into a private
-/// one; readable by root only). Empty if not mounted or unreadable. Used to make
+/// `/proc/1/mountinfo` (the host's namespace, for a caller in another one;
+/// readable by root only). Empty if not mounted or unreadable. Used to make
 /// "in use" errors say where to unmount.
 pub fn mount_points(dev_path: &Path) -> Vec<PathBuf> {
     let Ok(stat) = rustix::fs::stat(dev_path) else {
