@@ -49,6 +49,8 @@ fn serve() -> Fixture {
 struct Client {
     s: UnixStream,
     structured: bool,
+    /// The chunk type of the last structured reply.
+    last_kind: u16,
 }
 
 fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
@@ -125,7 +127,14 @@ impl Client {
             .unwrap();
         assert_eq!(&info.1[2..10], &SIZE.to_be_bytes());
         let flags = u16::from_be_bytes([info.1[10], info.1[11]]);
-        (Client { s, structured }, flags)
+        (
+            Client {
+                s,
+                structured,
+                last_kind: 0,
+            },
+            flags,
+        )
     }
 
     fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
@@ -158,9 +167,15 @@ impl Client {
         let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
         let payload = read_n(&mut self.s, len);
+        self.last_kind = kind;
         match kind {
             REPLY_TYPE_NONE => (cookie, 0, Vec::new()),
             REPLY_TYPE_OFFSET_DATA => (cookie, 0, payload[8..].to_vec()),
+            REPLY_TYPE_OFFSET_HOLE => {
+                assert_eq!(payload.len(), 12, "hole chunk payload");
+                let n = u32::from_be_bytes(payload[8..12].try_into().unwrap());
+                (cookie, 0, vec![0; n as usize])
+            }
             REPLY_TYPE_BLOCK_STATUS => (cookie, 0, payload),
             REPLY_TYPE_ERROR => (
                 cookie,
@@ -179,7 +194,11 @@ impl Client {
     }
 
     fn read(&mut self, cookie: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
-        self.send(CMD_READ, 0, cookie, offset, len, &[]);
+        self.read_flags(cookie, 0, offset, len)
+    }
+
+    fn read_flags(&mut self, cookie: u64, flags: u16, offset: u64, len: u32) -> (u32, Vec<u8>) {
+        self.send(CMD_READ, flags, cookie, offset, len, &[]);
         let (c, e, d) = self.reply();
         assert_eq!(c, cookie);
         if !self.structured && e == 0 {
@@ -329,7 +348,8 @@ fn protocol_violations_close_the_connection() {
     s.write_all(&[0x55; 16]).unwrap();
     assert!(Client {
         s,
-        structured: false
+        structured: false,
+        last_kind: 0,
     }
     .closed());
     let mut s = UnixStream::connect(&f.sock).unwrap();
@@ -337,7 +357,8 @@ fn protocol_violations_close_the_connection() {
     s.write_all(&0x8000_0000u32.to_be_bytes()).unwrap();
     assert!(Client {
         s,
-        structured: false
+        structured: false,
+        last_kind: 0,
     }
     .closed());
     // The server still serves.
@@ -389,7 +410,8 @@ fn unknown_export_and_options_are_refused_politely() {
     assert_eq!(opt_reply(&mut s).0, REP_ACK);
     assert!(Client {
         s,
-        structured: false
+        structured: false,
+        last_kind: 0,
     }
     .closed());
 }
@@ -422,6 +444,36 @@ fn block_status_reports_holes() {
     c.send(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 3, 0, 4 << 20, &[]);
     let (_, _, payload) = c.reply();
     assert_eq!(payload.len(), 4 + 8);
+}
+
+#[test]
+fn large_reads_of_holes_are_sent_as_hole_chunks() {
+    let f = serve();
+    let data = pattern(9, 65536);
+    let (mut c, _) = Client::connect(&f.sock, true);
+    assert_eq!(c.write(1, 1 << 20, &data), 0);
+    // All hole: one OFFSET_HOLE chunk, no data on the wire.
+    assert_eq!(c.read(2, 0, 1 << 20), (0, vec![0; 1 << 20]));
+    assert_eq!(c.last_kind, REPLY_TYPE_OFFSET_HOLE);
+    // Data inside: sent as data, and right.
+    let (e, got) = c.read(3, (1 << 20) - 65536, 3 * 65536);
+    assert_eq!(e, 0);
+    assert_eq!(c.last_kind, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(got[..65536], vec![0; 65536][..]);
+    assert_eq!(got[65536..131072], data[..]);
+    assert_eq!(got[131072..], vec![0; 65536][..]);
+    // DF forbids fragments: data, even for a hole.
+    assert_eq!(
+        c.read_flags(4, CMD_FLAG_DF, 0, 1 << 20),
+        (0, vec![0; 1 << 20])
+    );
+    assert_eq!(c.last_kind, REPLY_TYPE_OFFSET_DATA);
+    // Small reads are not worth the lookup.
+    assert_eq!(c.read(5, 0, 4096), (0, vec![0; 4096]));
+    assert_eq!(c.last_kind, REPLY_TYPE_OFFSET_DATA);
+    // Simple replies always carry the data.
+    let (mut c, _) = Client::connect(&f.sock, false);
+    assert_eq!(c.read(6, 2 << 20, 1 << 20), (0, vec![0; 1 << 20]));
 }
 
 /// mem with a 64 KiB limit on trims and write-zeroes, recording the
@@ -547,7 +599,8 @@ fn idle_handshakes_time_out_and_connections_are_capped() {
     let t = Instant::now();
     assert!(Client {
         s: idle,
-        structured: false
+        structured: false,
+        last_kind: 0,
     }
     .closed());
     assert!(t.elapsed() < Duration::from_secs(5));
@@ -560,7 +613,8 @@ fn idle_handshakes_time_out_and_connections_are_capped() {
     assert!(
         Client {
             s: third,
-            structured: false
+            structured: false,
+            last_kind: 0,
         }
         .closed(),
         "a third connection is refused"

@@ -594,6 +594,9 @@ const SPIN_AFTER_INPUT: Duration = Duration::from_millis(1);
 const SMALL_WRITE: u32 = 64 * 1024;
 /// Ring token of the socket's readability poll.
 const SOCK_TOKEN: u16 = u16::MAX;
+/// Reads at least this long are checked for holes first (see
+/// [`Conn::read_of_zeroes`]): a lookup costs about what sending a few KiB does.
+const HOLE_CHECK_MIN: u32 = 64 * 1024;
 /// Memory all oversized requests of a connection may hold at once.
 const BIG_BUDGET: usize = 128 << 20;
 /// Replies gathered before they are sent anyway.
@@ -861,6 +864,12 @@ impl Conn<'_> {
                 Command::BlockStatus { offset, len, one } => {
                     self.block_status(&h, offset, len, one)
                 }
+                Command::Io(req) if self.read_of_zeroes(&h, &req) => {
+                    self.counters.count(Op::Read, true);
+                    let start = self.out.len();
+                    transmission::hole_reply(&mut self.out, &h);
+                    self.segs.push(Seg::Bytes(start, self.out.len()));
+                }
                 Command::Io(req) => self.start_io(slot, h, req, payload)?,
             }
             if self.segs.len() >= MAX_SEGS || self.seg_data >= SEND_DATA_BYTES {
@@ -1003,6 +1012,36 @@ impl Conn<'_> {
         let start = self.out.len();
         transmission::reply_header(&mut self.out, &self.neg, h, error, 0);
         self.segs.push(Seg::Bytes(start, self.out.len()));
+    }
+
+    /// Whether `req` is a read that can be answered with one hole chunk
+    /// instead of data: the client takes structured replies and allows
+    /// fragments (no `DF`), the read is large enough for the saving to pay
+    /// for the lookup, and the target says the whole range reads as zeroes.
+    fn read_of_zeroes(&mut self, h: &Header, req: &Request) -> bool {
+        if req.op != Op::Read
+            || !self.neg.structured
+            || h.flags & CMD_FLAG_DF != 0
+            || req.len < HOLE_CHECK_MIN
+        {
+            return false;
+        }
+        self.extents.clear();
+        let len = u64::from(req.len);
+        if self
+            .target
+            .extents(req.offset, len, &mut self.extents)
+            .is_err()
+        {
+            return false;
+        }
+        let zeroes: u64 = self
+            .extents
+            .iter()
+            .take_while(|e| e.zero)
+            .map(|e| e.len)
+            .sum();
+        zeroes >= len
     }
 
     fn block_status(&mut self, h: &Header, offset: u64, len: u32, one: bool) {

@@ -344,6 +344,19 @@ pub fn reply_header(out: &mut Vec<u8>, neg: &Negotiated, h: &Header, error: u32,
     }
 }
 
+/// Append the whole reply to a read of `h.len` bytes that all read as
+/// zeroes: one `OFFSET_HOLE` chunk (structured replies only), no data.
+pub fn hole_reply(out: &mut Vec<u8>, h: &Header) {
+    out.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_HOLE,
+        h.cookie,
+        12,
+    ));
+    out.extend_from_slice(&h.offset.to_be_bytes());
+    out.extend_from_slice(&h.len.to_be_bytes());
+}
+
 /// Append a block status reply for `base:allocation`: `extents` as
 /// `(length, flags)` pairs.
 pub fn block_status_reply(out: &mut Vec<u8>, cookie: u64, extents: &[(u32, u32)]) {
@@ -506,5 +519,13 @@ mod tests {
         out.clear();
         block_status_reply(&mut out, 7, &[(4096, 0), (8192, STATE_HOLE | STATE_ZERO)]);
         assert_eq!(out.len(), CHUNK_HEADER_LEN + 4 + 16);
+        out.clear();
+        hole_reply(&mut out, &h(CMD_READ, 0, 1 << 20, 65536));
+        assert_eq!(
+            out[..CHUNK_HEADER_LEN],
+            chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 7, 12)
+        );
+        assert_eq!(&out[20..28], &(1u64 << 20).to_be_bytes());
+        assert_eq!(&out[28..], &65536u32.to_be_bytes());
     }
 }
