@@ -309,6 +309,33 @@ user_copy_granted() { # --user-copy: the kernel grants USER_COPY; null reads zer
     del_dev "$id"
 }
 
+# --zero-copy on a kernel without UBLK_F_AUTO_BUF_REG (6.12): a warning that
+# says why, then a working device that copies; a target that touches data
+# in memory gets its own warning; --user-copy with it is refused.
+zero_copy_falls_back() {
+    local out id flags img
+    img=$(backing zc.img 64M)
+    out=$(ub add file -f "$img" --zero-copy 2>&1)
+    echo "$out"
+    id=$(dev_id_of "$out")
+    [ -n "$id" ] || die "add file --zero-copy failed"
+    if ub features | grep -q AUTO_BUF_REG; then
+        echo "note: this kernel has AUTO_BUF_REG: zero copy is in use, not the fallback"
+    else
+        grep -q "zero copy: this kernel lacks automatic buffer registration" <<<"$out" ||
+            die "no fallback warning from add --zero-copy"
+        flags=$(ub list -n "$id" --json | sed -n 's/^ *"flags": *\([0-9]*\),\{0,1\}$/\1/p' | head -n 1)
+        [ -n "$flags" ] && [ $((flags & 0x800)) -eq 0 ] || die "flags ${flags:-?} claim AUTO_BUF_REG"
+    fi
+    fio_verify "/dev/ublkb$id"
+    del_dev "$id"
+    out=$(ub add null --size 1G --zero-copy 2>&1)
+    grep -q "zero copy: only the file target without filters" <<<"$out" ||
+        die "no warning for zero copy on null: $out"
+    del_dev "$(dev_id_of "$out")"
+    expect_fail "cannot be used with" ub add file -f "$img" --zero-copy --user-copy
+}
+
 no_panics_logged() {
     ! grep -l panicked /run/userblk/*.log 2>/dev/null || die "a daemon panicked (see logs above)"
 }
@@ -327,6 +354,7 @@ target_cases "loop alias (buffered)" "write back" yes yes loop -f "$(backing buf
 case_run "--user-copy: USER_COPY granted, null reads zero" user_copy_granted
 target_cases "mem --user-copy" "write through" yes yes mem --size 64M --user-copy
 target_cases "file --user-copy (O_DIRECT)" "write back" yes no file -f "$(backing uc.img 64M)" --user-copy
+case_run "--zero-copy: falls back with a warning where unsupported" zero_copy_falls_back
 case_run "file with --offset" sh -c "f=\$(mktemp -p $WORK); truncate -s 33M \$f; id=\$($USERBLK add file -f \$f --offset 1M | sed -n 's/^dev id \\([0-9]*\\):.*/\\1/p'); [ \$(cat /sys/block/ublkb\$id/size) = 65536 ] && $USERBLK del -n \$id"
 case_run "file on a block device (loop)" file_on_block_device
 case_run "file on ext4: zero-range, discard frees space" file_on_ext4

@@ -338,6 +338,16 @@ fn serve_ublk(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
     if args.dev.user_copy {
         flags |= userblk_uapi::UBLK_F_USER_COPY;
     }
+    if args.dev.zero_copy {
+        if target.data_on_ring_only() {
+            flags |= userblk_uapi::UBLK_F_AUTO_BUF_REG;
+        } else {
+            tracing::warn!(
+                "zero copy: only the file target without filters moves data on the ring; \
+                 request data is copied through the daemon's buffers instead"
+            );
+        }
+    }
     if args.dev.unprivileged || !root {
         if root {
             tracing::info!("running as root: the kernel makes the device privileged");

@@ -211,8 +211,15 @@ pub struct DevArgs {
     /// ublk: move request data with pread/pwrite on /dev/ublkcN
     /// (UBLK_F_USER_COPY, Linux 6.5+) instead of the kernel copying it into
     /// the daemon's buffers; falls back, with a warning, where refused.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "zero_copy")]
     pub user_copy: bool,
+    /// ublk: zero copy. The kernel registers each request's own pages in the
+    /// queue's io_uring (UBLK_F_AUTO_BUF_REG, Linux 6.16+) and the file
+    /// target reads and writes them in place: no copy, no request buffers.
+    /// Only for `file` without filters; falls back to copies, with a
+    /// warning, where the kernel or the target cannot do it.
+    #[arg(long, global = true)]
+    pub zero_copy: bool,
     /// Create an unprivileged device, owned by the calling user (implied when
     /// not root; for root the kernel makes it privileged anyway). Needs the
     /// udev rule from contrib/udev; see docs/unprivileged.md.

@@ -82,6 +82,63 @@ pub const UBLK_IO_F_NOUNMAP: u32 = 1 << 15;
 /// Request flag: swap I/O.
 pub const UBLK_IO_F_SWAP: u32 = 1 << 16;
 
+/// Request flag (6.16, `UBLK_F_AUTO_BUF_REG` with
+/// [`UBLK_AUTO_BUF_REG_FALLBACK`]): the automatic buffer registration
+/// failed; the server must register the buffer itself.
+pub const UBLK_IO_F_NEED_REG_BUF: u32 = 1 << 17;
+
+/// [`AutoBufReg`] flag: on a failed registration deliver the request with
+/// [`UBLK_IO_F_NEED_REG_BUF`] instead of failing it.
+pub const UBLK_AUTO_BUF_REG_FALLBACK: u8 = 1 << 0;
+
+/// `struct ublk_auto_buf_reg` (6.16, `UBLK_F_AUTO_BUF_REG`): where the
+/// kernel registers the next request's pages in the ring's buffer table.
+/// It travels in the FETCH / COMMIT_AND_FETCH entry's own `sqe->addr`
+/// (see [`AutoBufReg::to_sqe_addr`]), not in [`UblksrvIoCmd`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AutoBufReg {
+    /// Index in the ring's (sparse) registered-buffer table.
+    pub index: u16,
+    /// `UBLK_AUTO_BUF_REG_*` flags.
+    pub flags: u8,
+    /// Must be zero.
+    pub reserved0: u8,
+    /// Must be zero.
+    pub reserved1: u32,
+}
+
+impl AutoBufReg {
+    /// Registration at buffer-table `index`, no flags.
+    pub const fn at(index: u16) -> Self {
+        AutoBufReg {
+            index,
+            flags: 0,
+            reserved0: 0,
+            reserved1: 0,
+        }
+    }
+
+    /// The `sqe->addr` value: bits 0-15 index, 16-23 flags, 24-31
+    /// reserved0, 32-63 reserved1.
+    pub const fn to_sqe_addr(self) -> u64 {
+        self.index as u64
+            | (self.flags as u64) << 16
+            | (self.reserved0 as u64) << 24
+            | (self.reserved1 as u64) << 32
+    }
+
+    /// The inverse of [`to_sqe_addr`](Self::to_sqe_addr).
+    #[allow(clippy::cast_possible_truncation)] // each field is masked to its width
+    pub const fn from_sqe_addr(addr: u64) -> Self {
+        AutoBufReg {
+            index: (addr & 0xffff) as u16,
+            flags: ((addr >> 16) & 0xff) as u8,
+            reserved0: ((addr >> 24) & 0xff) as u8,
+            reserved1: (addr >> 32) as u32,
+        }
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<UblksrvIoCmd>() == 16);
 const _: () = assert!(core::mem::size_of::<UblksrvIoDesc>() == 24);
 
@@ -97,6 +154,29 @@ mod tests {
         assert_eq!(offset_of!(UblksrvIoCmd, tag), 2);
         assert_eq!(offset_of!(UblksrvIoCmd, result), 4);
         assert_eq!(offset_of!(UblksrvIoCmd, addr), 8);
+    }
+
+    #[test]
+    fn auto_buf_reg_packs_into_sqe_addr() {
+        assert_eq!(AutoBufReg::at(0).to_sqe_addr(), 0);
+        assert_eq!(AutoBufReg::at(127).to_sqe_addr(), 127);
+        assert_eq!(AutoBufReg::at(0xffff).to_sqe_addr(), 0xffff);
+        let r = AutoBufReg {
+            index: 0x1234,
+            flags: UBLK_AUTO_BUF_REG_FALLBACK,
+            reserved0: 0xab,
+            reserved1: 0xdead_beef,
+        };
+        assert_eq!(r.to_sqe_addr(), 0xdead_beef_ab01_1234);
+        assert_eq!(AutoBufReg::from_sqe_addr(r.to_sqe_addr()), r);
+        assert_eq!(
+            AutoBufReg::from_sqe_addr(0x0001_0005),
+            AutoBufReg {
+                index: 5,
+                flags: UBLK_AUTO_BUF_REG_FALLBACK,
+                ..AutoBufReg::default()
+            }
+        );
     }
 
     #[test]

@@ -395,6 +395,18 @@ pub trait Target: Send + Sync {
         Ok(())
     }
 
+    /// Whether the target moves request data only with [`Ctx::read_at`] and
+    /// [`Ctx::write_at`], never touching it in memory ([`Ctx::data`],
+    /// [`Ctx::data_mut`], [`Ctx::zero_data`], [`Ctx::defer`]). Only then
+    /// may a frontend give it requests whose data stays in the kernel's
+    /// pages (ublk zero copy, `Ctx::new_fixed`).
+    ///
+    /// The default is false, which is always safe: a filter that wraps such
+    /// a target keeps the default unless it, too, never looks at the data.
+    fn data_on_ring_only(&self) -> bool {
+        false
+    }
+
     /// A short description of the target and its options, for `list` and logs.
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null

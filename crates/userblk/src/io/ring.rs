@@ -257,6 +257,37 @@ impl Ring {
             .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::INVAL))
     }
 
+    /// Give the ring an empty registered-buffer table of `entries` slots,
+    /// for buffers the kernel registers itself (ublk's automatic buffer
+    /// registration puts each request's pages there).
+    pub fn register_buffer_table(&mut self, entries: u32) -> Result<(), Errno> {
+        self.ring
+            .submitter()
+            .register_buffers_sparse(entries)
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::INVAL))
+    }
+
+    /// Put user memory `buf` at entry `index` of the registered-buffer
+    /// table (made by [`register_buffer_table`](Self::register_buffer_table)).
+    ///
+    /// # Safety
+    /// `buf` must stay allocated until the entry is replaced or the ring is
+    /// dropped.
+    pub unsafe fn register_buffer(&mut self, index: u16, buf: &mut [u8]) -> Result<(), Errno> {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the caller keeps `buf` alive while it is registered.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(u32::from(index), &[iov], None)
+        }
+        .map(|_| ())
+        .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::INVAL))
+    }
+
     /// Queue an entry, submitting first if the submission queue is full.
     ///
     /// # Safety
@@ -471,12 +502,22 @@ impl std::fmt::Debug for Ring {
     }
 }
 
+/// Where a request's data is.
+enum DataBuf<'a> {
+    /// A buffer of the frontend's.
+    Mem(&'a mut AlignedBuf),
+    /// A buffer in the ring's registered-buffer table (zero copy): entry
+    /// `index`, `len` bytes, whose first byte io_uring knows as address
+    /// `base` (0 for pages the kernel registered, the address for user memory).
+    Fixed { index: u16, base: u64, len: u32 },
+}
+
 /// One request as a target sees it: the request, its data buffer, and the
 /// thread's ring for io_uring-native targets.
 pub struct Ctx<'a> {
     req: Request,
     slot: u16,
-    buf: &'a mut AlignedBuf,
+    buf: DataBuf<'a>,
     ring: &'a mut Ring,
 }
 
@@ -501,9 +542,45 @@ impl<'a> Ctx<'a> {
         Ctx {
             req,
             slot,
-            buf,
+            buf: DataBuf::Mem(buf),
             ring,
         }
+    }
+
+    /// Build the context for `slot`'s request whose data is entry `index`
+    /// of the ring's registered-buffer table (zero copy): `len` bytes that
+    /// io_uring addresses from `base` (0 for a buffer the kernel registered,
+    /// such as a ublk request's pages; the buffer's address for user memory).
+    /// Only [`read_at`](Self::read_at) and [`write_at`](Self::write_at) reach
+    /// such data, so it suits targets whose
+    /// [`data_on_ring_only`](crate::Target::data_on_ring_only) is true; to
+    /// others it looks empty.
+    ///
+    /// # Safety
+    /// The entry must stay registered, and its memory must not be touched
+    /// by anyone else, until every operation queued through this context
+    /// (and later contexts for the same request) has completed and been
+    /// reaped. `req.len` must not exceed `len` for reads and writes.
+    pub unsafe fn new_fixed(
+        req: Request,
+        slot: u16,
+        index: u16,
+        base: u64,
+        len: u32,
+        ring: &'a mut Ring,
+    ) -> Self {
+        Ctx {
+            req,
+            slot,
+            buf: DataBuf::Fixed { index, base, len },
+            ring,
+        }
+    }
+
+    /// Whether the data is in memory this thread can touch ([`data`](Self::data),
+    /// [`data_mut`](Self::data_mut)); false under zero copy.
+    pub fn has_data_buffer(&self) -> bool {
+        matches!(self.buf, DataBuf::Mem(_))
     }
 
     /// The request.
@@ -530,34 +607,48 @@ impl<'a> Ctx<'a> {
     }
 
     fn data_len_u32(&self) -> u32 {
-        if self.req.op.has_data() {
-            self.req
-                .len
-                .min(u32::try_from(self.buf.len()).unwrap_or(u32::MAX))
-        } else {
-            0
+        if !self.req.op.has_data() {
+            return 0;
+        }
+        let room = match &self.buf {
+            DataBuf::Mem(b) => u32::try_from(b.len()).unwrap_or(u32::MAX),
+            DataBuf::Fixed { len, .. } => *len,
+        };
+        self.req.len.min(room)
+    }
+
+    /// The data of a write (empty for other ops, and under zero copy).
+    pub fn data(&self) -> &[u8] {
+        let n = self.data_len();
+        match &self.buf {
+            DataBuf::Mem(b) => &b.as_slice()[..n],
+            DataBuf::Fixed { .. } => &[],
         }
     }
 
-    /// The data of a write (empty for other ops).
-    pub fn data(&self) -> &[u8] {
-        let n = self.data_len();
-        &self.buf.as_slice()[..n]
-    }
-
-    /// Where a read's data goes (empty for ops without data).
+    /// Where a read's data goes (empty for ops without data, and under zero copy).
     pub fn data_mut(&mut self) -> &mut [u8] {
         let n = self.data_len();
-        self.buf.prefix_mut(n)
+        match &mut self.buf {
+            DataBuf::Mem(b) => b.prefix_mut(n),
+            DataBuf::Fixed { .. } => &mut [],
+        }
     }
 
     /// Answer a read with zeroes. Cheaper than filling
     /// [`data_mut`](Self::data_mut): the buffer knows which of its bytes
     /// may not be zero, and a buffer that last served a zero read is
-    /// left alone.
+    /// left alone. (Under zero copy there is no buffer here to zero; such
+    /// contexts go only to targets that never call it.)
     pub fn zero_data(&mut self) {
         let n = self.data_len();
-        self.buf.zero_prefix(n);
+        match &mut self.buf {
+            DataBuf::Mem(b) => b.zero_prefix(n),
+            DataBuf::Fixed { .. } => {
+                debug_assert!(false, "zero_data under zero copy");
+                tracing::error!("zero_data on a zero-copy request: its data is not ours to zero");
+            }
+        }
     }
 
     fn push(&mut self, entry: squeue::Entry, step: u16) -> Result<(), Errno> {
@@ -568,9 +659,10 @@ impl<'a> Ctx<'a> {
             }
             .pack(),
         );
-        // SAFETY: buffer addresses in `entry` come from `self.buf`, which the
-        // frontend keeps alive and untouched until the completion is reaped
-        // (the contract of `Ctx::new`).
+        // SAFETY: buffer addresses in `entry` come from `self.buf`: memory or
+        // a registered-buffer entry, which the frontend keeps alive and
+        // untouched until the completion is reaped (the contract of
+        // `Ctx::new` and `Ctx::new_fixed`).
         unsafe { self.ring.push(&entry) }?;
         self.ring.note_slot_op(self.slot);
         Ok(())
@@ -585,9 +677,18 @@ impl<'a> Ctx<'a> {
     ) -> Result<(), Errno> {
         debug_assert_eq!(self.req.op, Op::Read);
         let len = self.data_len_u32();
-        let e = opcode::Read::new(types::Fd(fd.as_raw_fd()), self.buf.as_mut_ptr(), len)
-            .offset(file_offset)
-            .build();
+        let fd = types::Fd(fd.as_raw_fd());
+        let e = match &mut self.buf {
+            DataBuf::Mem(b) => opcode::Read::new(fd, b.as_mut_ptr(), len)
+                .offset(file_offset)
+                .build(),
+            // io_uring takes the address as an offset into the entry from `base`.
+            DataBuf::Fixed { index, base, .. } => {
+                opcode::ReadFixed::new(fd, *base as *mut u8, len, *index)
+                    .offset(file_offset)
+                    .build()
+            }
+        };
         self.push(e, step)
     }
 
@@ -601,10 +702,20 @@ impl<'a> Ctx<'a> {
     ) -> Result<(), Errno> {
         debug_assert_eq!(self.req.op, Op::Write);
         let len = self.data_len_u32();
-        let e = opcode::Write::new(types::Fd(fd.as_raw_fd()), self.buf.as_ptr(), len)
-            .offset(file_offset)
-            .rw_flags(flags.bits().cast_signed())
-            .build();
+        let fd = types::Fd(fd.as_raw_fd());
+        let rw_flags = flags.bits().cast_signed();
+        let e = match &self.buf {
+            DataBuf::Mem(b) => opcode::Write::new(fd, b.as_ptr(), len)
+                .offset(file_offset)
+                .rw_flags(rw_flags)
+                .build(),
+            DataBuf::Fixed { index, base, .. } => {
+                opcode::WriteFixed::new(fd, *base as *const u8, len, *index)
+                    .offset(file_offset)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+        };
         self.push(e, step)
     }
 
@@ -665,8 +776,11 @@ impl<'a> Ctx<'a> {
             step,
         }
         .pack();
-        let len = self.data_len();
-        let buf = self.buf.as_mut_ptr();
+        let (buf, len) = match &mut self.buf {
+            DataBuf::Mem(b) => (b.as_mut_ptr(), self.data_len_u32() as usize),
+            // Another thread cannot reach a registered buffer: lend nothing.
+            DataBuf::Fixed { .. } => (std::ptr::null_mut(), 0),
+        };
         self.ring.defer(ud, buf, len)
     }
 
@@ -765,5 +879,87 @@ mod tests {
             ring.reap(&mut out);
         }
         assert_eq!(out, [(UserData::Target { slot: 3, step: 10 }, etime)]);
+    }
+
+    /// Run `req` on `target` through a zero-copy context whose data is
+    /// registered-buffer entry `index` (user memory at `base`, `len` bytes).
+    fn run_fixed(
+        target: &dyn crate::Target,
+        ring: &mut Ring,
+        req: Request,
+        (index, base, len): (u16, u64, u32),
+    ) -> crate::target::IoResult {
+        // SAFETY: the entry stays registered (the caller's buffer outlives
+        // this call) and every operation is reaped before returning.
+        let mut outcome =
+            target.submit(&mut unsafe { Ctx::new_fixed(req, 1, index, base, len, ring) });
+        loop {
+            match outcome {
+                crate::Submit::Done(r) => return r,
+                crate::Submit::Pending => {
+                    let mut out = Vec::new();
+                    while out.is_empty() {
+                        ring.submit_and_wait(1).unwrap();
+                        ring.reap(&mut out);
+                    }
+                    let (UserData::Target { step, .. }, res) = out[0] else {
+                        panic!("unexpected completion {out:?}");
+                    };
+                    // SAFETY: as above.
+                    let mut ctx = unsafe { Ctx::new_fixed(req, 1, index, base, len, ring) };
+                    outcome = target.complete(&mut ctx, step, res);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_copy_contexts_use_fixed_buffers() {
+        use crate::targets::file::{FileOptions, FileTarget};
+        let dir = std::env::temp_dir().join(format!("userblk-zc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.img");
+        let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &pattern).unwrap();
+        let target = FileTarget::open(FileOptions {
+            path: path.clone(),
+            offset: 0,
+            buffered: true,
+            read_only: false,
+        })
+        .unwrap();
+        assert!(crate::Target::data_on_ring_only(&target));
+
+        let mut ring = Ring::new(8).unwrap();
+        ring.register_buffer_table(4).unwrap();
+        let mut buf = AlignedBuf::new(8192).unwrap();
+        let base = buf.as_ptr() as u64;
+        // SAFETY: `buf` outlives the ring's use of it (both live to the end).
+        unsafe { ring.register_buffer(2, buf.prefix_mut(8192)) }.unwrap();
+        let entry = (2, base, 8192);
+
+        // A read lands in the registered memory, from the file.
+        let read = Request::new(Op::Read, 4096, 8192);
+        assert_eq!(run_fixed(&target, &mut ring, read, entry), Ok(8192));
+        assert_eq!(buf.as_slice()[..8192], pattern[4096..4096 + 8192]);
+
+        // A write goes from it to the file.
+        buf.prefix_mut(4096).fill(0xab);
+        let write = Request::new(Op::Write, 32768, 4096);
+        assert_eq!(run_fixed(&target, &mut ring, write, entry), Ok(4096));
+        let now = std::fs::read(&path).unwrap();
+        assert!(now[32768..32768 + 4096].iter().all(|&b| b == 0xab));
+        assert_eq!(now[..32768], pattern[..32768]);
+
+        // Such data is not reachable as memory through the context.
+        // SAFETY: nothing is queued through this context.
+        let ctx = unsafe { Ctx::new_fixed(read, 1, 2, base, 8192, &mut ring) };
+        assert!(!ctx.has_data_buffer());
+        assert!(ctx.data().is_empty());
+
+        // An entry that was never filled: the operation fails, nothing breaks.
+        assert!(run_fixed(&target, &mut ring, read, (3, 0, 8192)).is_err());
+        drop(ring);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

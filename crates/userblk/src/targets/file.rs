@@ -282,6 +282,12 @@ impl Target for FileTarget {
         }
     }
 
+    fn data_on_ring_only(&self) -> bool {
+        // Reads and writes are ring operations on the request's buffer; the
+        // other ops carry no data.
+        true
+    }
+
     fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         let op = ctx.req().op;
         let result = ring_result(res);

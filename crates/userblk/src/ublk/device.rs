@@ -19,7 +19,7 @@ use crate::target::{Caps, Target};
 use crate::ublk::ctrl::{Control, DevInfo};
 use crate::ublk::features::Features;
 use crate::ublk::params;
-use crate::ublk::queue::{self, QueueEvent, QueueSetup, Shutdown};
+use crate::ublk::queue::{self, DataMode, QueueEvent, QueueSetup, Shutdown};
 use crate::{Error, Result};
 
 /// How long DEL_DEV may wait for the last holder of `/dev/ublkcN`.
@@ -176,6 +176,24 @@ fn user_copy_fallback(flags: u64, features: Features, root: bool) -> u64 {
     flags & !UBLK_F_USER_COPY
 }
 
+/// The flags to ask for: `UBLK_F_AUTO_BUF_REG` (zero copy) dropped, with a
+/// warning saying why, where the kernel would refuse it (before 6.16, or
+/// for unprivileged devices), so the device falls back to copies.
+fn zero_copy_fallback(flags: u64, features: Features, root: bool) -> u64 {
+    if flags & UBLK_F_AUTO_BUF_REG == 0 {
+        return flags;
+    }
+    let why = if features.0 != 0 && !features.has(UBLK_F_AUTO_BUF_REG) {
+        "this kernel lacks automatic buffer registration (UBLK_F_AUTO_BUF_REG, Linux 6.16+)"
+    } else if !root {
+        "the kernel refuses it for unprivileged devices"
+    } else {
+        return flags;
+    };
+    tracing::warn!("zero copy: {why}; request data is copied through the daemon's buffers instead");
+    flags & !UBLK_F_AUTO_BUF_REG
+}
+
 impl Device {
     /// ADD_DEV and SET_PARAMS for a target with `caps`; opens `/dev/ublkcN`.
     pub fn add(cfg: &DeviceConfig, caps: &Caps) -> Result<Device> {
@@ -209,7 +227,16 @@ impl Device {
                 missing.names().join(", ")
             )));
         }
-        let flags = user_copy_fallback(cfg.flags, features, root);
+        if cfg.flags & UBLK_F_USER_COPY != 0 && cfg.flags & UBLK_F_AUTO_BUF_REG != 0 {
+            return Err(Error::invalid(
+                "user copy and zero copy exclude each other: ask for one",
+            ));
+        }
+        let flags = zero_copy_fallback(
+            user_copy_fallback(cfg.flags, features, root),
+            features,
+            root,
+        );
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
@@ -233,6 +260,11 @@ impl Device {
         }
         if flags & UBLK_F_USER_COPY != 0 && info.flags & UBLK_F_USER_COPY == 0 {
             tracing::warn!("user copy: the kernel did not grant it; it copies request data itself");
+        }
+        if flags & UBLK_F_AUTO_BUF_REG != 0 && info.flags & UBLK_F_AUTO_BUF_REG == 0 {
+            tracing::warn!(
+                "zero copy: the kernel did not grant it; request data is copied instead"
+            );
         }
         if info.nr_hw_queues != cfg.queues {
             tracing::info!(
@@ -376,6 +408,12 @@ impl Device {
             .cdev
             .clone()
             .ok_or_else(|| Error::invalid("device already served"))?;
+        let data_mode = DataMode::of(self.info.flags);
+        if data_mode == DataMode::ZeroCopy && !target.data_on_ring_only() {
+            return Err(Error::invalid(
+                "zero copy needs a target that moves data only on the ring (file, without filters)",
+            ));
+        }
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(queues));
         let mut queue_cpus = Vec::with_capacity(usize::from(queues));
@@ -392,7 +430,7 @@ impl Device {
                 caps: self.caps,
                 shutdown: Arc::clone(&shutdown),
                 fail_after: queue::failpoint(q),
-                user_copy: self.info.flags & UBLK_F_USER_COPY != 0,
+                data: data_mode,
             };
             let tx = tx.clone();
             let spawned = std::thread::Builder::new()
@@ -627,6 +665,21 @@ mod tests {
         // Not asked for: nothing changes.
         assert_eq!(
             user_copy_fallback(UBLK_F_USER_RECOVERY, k60, false),
+            UBLK_F_USER_RECOVERY
+        );
+    }
+
+    #[test]
+    fn zero_copy_falls_back_where_refused() {
+        let with = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_RECOVERY;
+        let k612 = Features(0x1fe);
+        // 6.16: bits 0-13 (zero copy and auto registration among them).
+        let k616 = Features(0x3fff);
+        assert_eq!(zero_copy_fallback(with, k616, true), with);
+        assert_eq!(zero_copy_fallback(with, k612, true), UBLK_F_USER_RECOVERY);
+        assert_eq!(zero_copy_fallback(with, k616, false), UBLK_F_USER_RECOVERY);
+        assert_eq!(
+            zero_copy_fallback(UBLK_F_USER_RECOVERY, k612, true),
             UBLK_F_USER_RECOVERY
         );
     }

@@ -1,7 +1,8 @@
 //! The one queue loop: a thread, its ring, its tags, shared by every target.
 //!
-//! Each tag has a page-aligned buffer and exactly one ublk command in the
-//! kernel at a time: FETCH at start, then COMMIT_AND_FETCH after each
+//! Each tag has a page-aligned buffer (none under zero copy, where the
+//! kernel lends the request's own pages: see [`DataMode`]) and exactly one
+//! ublk command in the kernel at a time: FETCH at start, then COMMIT_AND_FETCH after each
 //! request. A fetch completing with 0 means the tag's descriptor holds a new
 //! request; it goes to the target through [`Ctx`], inline or via the same
 //! ring. A fetch completing with ABORT (after STOP_DEV) retires the tag; when
@@ -76,9 +77,35 @@ pub(crate) struct QueueSetup {
     pub shutdown: Arc<Shutdown>,
     /// Fail point for tests: leave the loop with an error after this many requests.
     pub fail_after: Option<u64>,
-    /// `UBLK_F_USER_COPY`: commands carry no buffer address, and the queue
-    /// moves request data itself with pread/pwrite on `/dev/ublkcN`.
-    pub user_copy: bool,
+    /// How request data reaches the target.
+    pub data: DataMode,
+}
+
+/// How request data moves between the kernel and the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataMode {
+    /// The kernel copies it to and from each tag's buffer (the default).
+    Buffers,
+    /// `UBLK_F_USER_COPY`: commands carry no buffer address; the queue
+    /// copies with pread/pwrite on `/dev/ublkcN`.
+    UserCopy,
+    /// `UBLK_F_AUTO_BUF_REG`: the kernel registers each request's own pages
+    /// in the ring's buffer table at the tag's index, and the target reads
+    /// and writes them with fixed-buffer operations. No copy, no buffers.
+    ZeroCopy,
+}
+
+impl DataMode {
+    /// The mode a device with `flags` (as the kernel granted them) uses.
+    pub(crate) fn of(flags: u64) -> Self {
+        if flags & UBLK_F_AUTO_BUF_REG != 0 {
+            DataMode::ZeroCopy
+        } else if flags & UBLK_F_USER_COPY != 0 {
+            DataMode::UserCopy
+        } else {
+            DataMode::Buffers
+        }
+    }
 }
 
 /// Environment variable of the queue fail point, `queue-exit:Q:N`: queue Q
@@ -126,7 +153,9 @@ struct Queue {
     fail_after: Option<u64>,
     /// The shutdown poll is in the ring (it counts as in flight).
     wake_armed: bool,
-    user_copy: bool,
+    data: DataMode,
+    /// Largest request (the device's max_io_buf_bytes).
+    buf_bytes: u32,
     /// `/dev/ublkcN` is the ring's fixed file 0 (no descriptor lookup per command).
     fixed_cdev: bool,
 }
@@ -159,11 +188,25 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         }
     }
     let descs = DescArray::map(std::os::fd::AsFd::as_fd(&*setup.cdev), q, setup.depth)?;
-    let bufs = (0..setup.depth)
+    // Under zero copy the data stays in the kernel's pages: no buffers.
+    let buffers = if setup.data == DataMode::ZeroCopy {
+        0
+    } else {
+        setup.depth
+    };
+    let bufs = (0..buffers)
         .map(|_| AlignedBuf::new(setup.buf_bytes as usize))
         .collect::<Result<Vec<_>>>()?;
     // Room for one command per tag plus target operations.
     let mut ring = Ring::new(u32::from(setup.depth) * 2)?;
+    if setup.data == DataMode::ZeroCopy {
+        // The kernel registers tag t's request pages at entry t.
+        ring.register_buffer_table(u32::from(setup.depth))
+            .map_err(|e| Error::Queue {
+                queue: q,
+                msg: format!("zero copy: cannot give the ring a buffer table: {e}"),
+            })?;
+    }
     let fixed_cdev = match ring.register_file(std::os::fd::AsFd::as_fd(&*setup.cdev)) {
         Ok(()) => true,
         Err(e) => {
@@ -186,7 +229,8 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         failure: None,
         fail_after: setup.fail_after,
         wake_armed: false,
-        user_copy: setup.user_copy,
+        data: setup.data,
+        buf_bytes: setup.buf_bytes,
         fixed_cdev,
     };
     queue.watch_shutdown(&setup.shutdown)?;
@@ -261,6 +305,38 @@ pub(crate) fn user_copy_offset(q: u16, tag: u16) -> u64 {
     UBLKSRV_IO_BUF_OFFSET + (u64::from(q) << UBLK_QID_OFF) + (u64::from(tag) << UBLK_TAG_OFF)
 }
 
+/// The `sqe->addr` of tag `tag`'s FETCH / COMMIT_AND_FETCH under zero copy:
+/// its request pages go to buffer-table entry `tag`, and a failed
+/// registration fails the request (no fallback flag: entry `tag` is only
+/// ever this tag's, so it cannot be busy).
+pub(crate) fn auto_buf_sqe_addr(tag: u16) -> u64 {
+    AutoBufReg::at(tag).to_sqe_addr()
+}
+
+/// The context through which the target sees tag `tag`'s request.
+///
+/// # Safety
+/// As [`Ctx::new`] / [`Ctx::new_fixed`]: the tag's buffer (or buffer-table
+/// entry) is the target's alone until it reports the request done.
+unsafe fn tag_ctx<'a>(
+    data: DataMode,
+    bufs: &'a mut [AlignedBuf],
+    ring: &'a mut Ring,
+    req: Request,
+    tag: u16,
+    buf_bytes: u32,
+) -> Ctx<'a> {
+    match data {
+        // SAFETY: the caller's contract; the kernel registered the request's
+        // pages at entry `tag` (kernel buffers start at address 0).
+        DataMode::ZeroCopy => unsafe { Ctx::new_fixed(req, tag, tag, 0, buf_bytes, ring) },
+        // SAFETY: the caller's contract.
+        DataMode::Buffers | DataMode::UserCopy => unsafe {
+            Ctx::new(req, tag, &mut bufs[usize::from(tag)], ring)
+        },
+    }
+}
+
 fn io_cmd_bytes(c: &UblksrvIoCmd) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[0..2].copy_from_slice(&c.q_id.to_ne_bytes());
@@ -289,11 +365,10 @@ impl Queue {
     }
 
     fn push_cmd(&mut self, cmd_op: u32, tag: u16, result: i32) -> Result<()> {
-        // Under user copy the kernel wants no buffer: the data moves by pread/pwrite.
-        let addr = if self.user_copy {
-            0
-        } else {
-            self.bufs[usize::from(tag)].as_ptr() as u64
+        // Under user copy and zero copy the kernel wants no buffer address.
+        let addr = match self.data {
+            DataMode::Buffers => self.bufs[usize::from(tag)].as_ptr() as u64,
+            DataMode::UserCopy | DataMode::ZeroCopy => 0,
         };
         let cmd = UblksrvIoCmd {
             q_id: self.q,
@@ -306,7 +381,12 @@ impl Queue {
         } else {
             opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), cmd_op)
         }
-        .cmd(io_cmd_bytes(&cmd))
+        .cmd(io_cmd_bytes(&cmd));
+        let e = match self.data {
+            // Where the kernel is to register the next request's pages.
+            DataMode::ZeroCopy => e.addr(Some(auto_buf_sqe_addr(tag))),
+            DataMode::Buffers | DataMode::UserCopy => e,
+        }
         .build()
         .user_data(UserData::Frontend { slot: tag }.pack());
         // SAFETY: the tag's buffer lives in `self.bufs` until this queue is
@@ -387,7 +467,10 @@ impl Queue {
             }
         }
         let desc = self.descs.get(tag).unwrap_or_default();
-        let buf_bytes = u32::try_from(self.bufs[usize::from(tag)].len()).unwrap_or(u32::MAX);
+        let buf_bytes = match self.bufs.get(usize::from(tag)) {
+            Some(b) => u32::try_from(b.len()).unwrap_or(u32::MAX),
+            None => self.buf_bytes,
+        };
         let req = match request_from(&desc, buf_bytes) {
             Ok(req) => req,
             Err(e) => {
@@ -398,15 +481,27 @@ impl Queue {
         self.slots[usize::from(tag)] = Slot::Busy(req);
         let outcome = match target::validate(&self.caps, &req) {
             Err(e) => Submit::Done(Err(e)),
-            Ok(()) if self.user_copy && req.op == Op::Write && self.copy_in(tag, req).is_err() => {
+            Ok(())
+                if self.data == DataMode::UserCopy
+                    && req.op == Op::Write
+                    && self.copy_in(tag, req).is_err() =>
+            {
                 Submit::Done(Err(Errno::IO))
             }
             Ok(()) => {
                 // SAFETY: the buffer belongs to this tag and nothing else
                 // touches it until the tag is committed, which happens only
                 // once the target reports Done (all its ring work reaped).
-                let mut ctx =
-                    unsafe { Ctx::new(req, tag, &mut self.bufs[usize::from(tag)], &mut self.ring) };
+                let mut ctx = unsafe {
+                    tag_ctx(
+                        self.data,
+                        &mut self.bufs,
+                        &mut self.ring,
+                        req,
+                        tag,
+                        self.buf_bytes,
+                    )
+                };
                 self.target.submit(&mut ctx)
             }
         };
@@ -419,8 +514,16 @@ impl Queue {
             return Ok(());
         };
         // SAFETY: as in on_fetch: the tag's buffer is the target's until Done.
-        let mut ctx =
-            unsafe { Ctx::new(req, tag, &mut self.bufs[usize::from(tag)], &mut self.ring) };
+        let mut ctx = unsafe {
+            tag_ctx(
+                self.data,
+                &mut self.bufs,
+                &mut self.ring,
+                req,
+                tag,
+                self.buf_bytes,
+            )
+        };
         let outcome = self.target.complete(&mut ctx, step, res);
         self.finish(tag, req, outcome)
     }
@@ -429,7 +532,7 @@ impl Queue {
         match outcome {
             Submit::Pending => Ok(()),
             Submit::Done(mut r) => {
-                if let (true, Op::Read, Ok(n)) = (self.user_copy, req.op, r) {
+                if let (DataMode::UserCopy, Op::Read, Ok(n)) = (self.data, req.op, r) {
                     if self.copy_out(tag, n).is_err() {
                         r = Err(Errno::IO);
                     }
@@ -579,6 +682,20 @@ mod tests {
         assert_eq!(
             commit_result(Op::Write, Err(Errno::NOSPC)),
             -Errno::NOSPC.raw_os_error()
+        );
+    }
+
+    #[test]
+    fn zero_copy_commands_name_the_tags_buffer_entry() {
+        assert_eq!(auto_buf_sqe_addr(0), 0);
+        assert_eq!(auto_buf_sqe_addr(127), 127);
+        // No flags (no fallback), reserved fields zero.
+        assert_eq!(auto_buf_sqe_addr(u16::MAX) >> 16, 0);
+        assert_eq!(DataMode::of(0), DataMode::Buffers);
+        assert_eq!(DataMode::of(UBLK_F_USER_COPY), DataMode::UserCopy);
+        assert_eq!(
+            DataMode::of(UBLK_F_AUTO_BUF_REG | UBLK_F_USER_RECOVERY),
+            DataMode::ZeroCopy
         );
     }
 
