@@ -408,6 +408,7 @@ impl Device {
             .cdev
             .clone()
             .ok_or_else(|| Error::invalid("device already served"))?;
+        let whole_set = std::env::var(QUEUE_AFFINITY_ENV).as_deref() == Ok("all");
         let data_mode = DataMode::of(self.info.flags);
         if data_mode == DataMode::ZeroCopy && !target.data_on_ring_only() {
             return Err(Error::invalid(
@@ -418,7 +419,12 @@ impl Device {
         let mut threads = Vec::with_capacity(usize::from(queues));
         let mut queue_cpus = Vec::with_capacity(usize::from(queues));
         for q in 0..queues {
-            let cpus = queue_cpu(&self.ctrl.queue_affinity(id, q).unwrap_or_default(), id, q);
+            let set = self.ctrl.queue_affinity(id, q).unwrap_or_default();
+            let cpus = if whole_set {
+                set
+            } else {
+                queue_cpu(&set, id, q)
+            };
             queue_cpus.push(cpus.clone());
             let setup = QueueSetup {
                 q,
@@ -550,6 +556,11 @@ impl Drop for Device {
         }
     }
 }
+
+/// Environment variable: `all` pins each queue thread to every CPU of its
+/// queue's set instead of one of them (see [`queue_cpu`]), to measure what
+/// one CPU is worth.
+pub const QUEUE_AFFINITY_ENV: &str = "USERBLK_QUEUE_AFFINITY";
 
 /// The CPU queue `q` of device `id` runs on: one of `affinity`, the CPUs
 /// whose I/O the kernel sends to that queue (none known: not pinned).
