@@ -158,40 +158,45 @@ pub struct Live {
     pub queue_cpus: Vec<Vec<usize>>,
 }
 
-/// The flags to ask for: `UBLK_F_USER_COPY` dropped, with a warning saying
-/// why, where the kernel would refuse it (before 6.5, or for unprivileged
-/// devices), so the device falls back to the kernel copying request data.
-fn user_copy_fallback(flags: u64, features: Features, root: bool) -> u64 {
-    if flags & UBLK_F_USER_COPY == 0 {
-        return flags;
-    }
-    let why = if features.0 != 0 && !features.has(UBLK_F_USER_COPY) {
-        "this kernel lacks it (Linux 6.5+)"
-    } else if !root {
-        "the kernel refuses it for unprivileged devices"
-    } else {
-        return flags;
-    };
-    tracing::warn!("user copy: {why}; the kernel copies request data instead");
-    flags & !UBLK_F_USER_COPY
-}
+/// The data-copy modes that fall back to plain copies where refused: the
+/// flag, its name in warnings, what a kernel without it lacks, and what
+/// happens instead.
+const COPY_MODES: [(u64, &str, &str, &str); 2] = [
+    (
+        UBLK_F_USER_COPY,
+        "user copy",
+        "this kernel lacks it (Linux 6.5+)",
+        "the kernel copies request data instead",
+    ),
+    (
+        UBLK_F_AUTO_BUF_REG,
+        "zero copy",
+        "this kernel lacks automatic buffer registration (UBLK_F_AUTO_BUF_REG, Linux 6.16+)",
+        "request data is copied through the daemon's buffers instead",
+    ),
+];
 
-/// The flags to ask for: `UBLK_F_AUTO_BUF_REG` (zero copy) dropped, with a
-/// warning saying why, where the kernel would refuse it (before 6.16, or
-/// for unprivileged devices), so the device falls back to copies.
-fn zero_copy_fallback(flags: u64, features: Features, root: bool) -> u64 {
-    if flags & UBLK_F_AUTO_BUF_REG == 0 {
-        return flags;
+/// The flags to ask for: `UBLK_F_USER_COPY` and `UBLK_F_AUTO_BUF_REG`
+/// dropped, with a warning saying why, where the kernel would refuse them
+/// (too old, or an unprivileged device), so the device falls back to the
+/// kernel copying request data into the daemon's buffers.
+fn copy_mode_fallback(flags: u64, features: Features, root: bool) -> u64 {
+    let mut flags = flags;
+    for (flag, name, lacks, instead) in COPY_MODES {
+        if flags & flag == 0 {
+            continue;
+        }
+        let why = if features.0 != 0 && !features.has(flag) {
+            lacks
+        } else if !root {
+            "the kernel refuses it for unprivileged devices"
+        } else {
+            continue;
+        };
+        tracing::warn!("{name}: {why}; {instead}");
+        flags &= !flag;
     }
-    let why = if features.0 != 0 && !features.has(UBLK_F_AUTO_BUF_REG) {
-        "this kernel lacks automatic buffer registration (UBLK_F_AUTO_BUF_REG, Linux 6.16+)"
-    } else if !root {
-        "the kernel refuses it for unprivileged devices"
-    } else {
-        return flags;
-    };
-    tracing::warn!("zero copy: {why}; request data is copied through the daemon's buffers instead");
-    flags & !UBLK_F_AUTO_BUF_REG
+    flags
 }
 
 impl Device {
@@ -232,11 +237,7 @@ impl Device {
                 "user copy and zero copy exclude each other: ask for one",
             ));
         }
-        let flags = zero_copy_fallback(
-            user_copy_fallback(cfg.flags, features, root),
-            features,
-            root,
-        );
+        let flags = copy_mode_fallback(cfg.flags, features, root);
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
@@ -258,13 +259,10 @@ impl Device {
             let e = Error::invalid("the kernel did not grant user recovery for this device (unprivileged devices cannot use it)");
             return Err(cleanup(&mut ctrl, e));
         }
-        if flags & UBLK_F_USER_COPY != 0 && info.flags & UBLK_F_USER_COPY == 0 {
-            tracing::warn!("user copy: the kernel did not grant it; it copies request data itself");
-        }
-        if flags & UBLK_F_AUTO_BUF_REG != 0 && info.flags & UBLK_F_AUTO_BUF_REG == 0 {
-            tracing::warn!(
-                "zero copy: the kernel did not grant it; request data is copied instead"
-            );
+        for (flag, name, _, instead) in COPY_MODES {
+            if flags & flag != 0 && info.flags & flag == 0 {
+                tracing::warn!("{name}: the kernel did not grant it; {instead}");
+            }
         }
         if info.nr_hw_queues != cfg.queues {
             tracing::info!(
@@ -670,12 +668,12 @@ mod tests {
         let with = UBLK_F_USER_COPY | UBLK_F_USER_RECOVERY;
         let k612 = Features(0x1fe);
         let k60 = Features(0x06);
-        assert_eq!(user_copy_fallback(with, k612, true), with);
-        assert_eq!(user_copy_fallback(with, k60, true), UBLK_F_USER_RECOVERY);
-        assert_eq!(user_copy_fallback(with, k612, false), UBLK_F_USER_RECOVERY);
+        assert_eq!(copy_mode_fallback(with, k612, true), with);
+        assert_eq!(copy_mode_fallback(with, k60, true), UBLK_F_USER_RECOVERY);
+        assert_eq!(copy_mode_fallback(with, k612, false), UBLK_F_USER_RECOVERY);
         // Not asked for: nothing changes.
         assert_eq!(
-            user_copy_fallback(UBLK_F_USER_RECOVERY, k60, false),
+            copy_mode_fallback(UBLK_F_USER_RECOVERY, k60, false),
             UBLK_F_USER_RECOVERY
         );
     }
@@ -686,11 +684,11 @@ mod tests {
         let k612 = Features(0x1fe);
         // 6.16: bits 0-13 (zero copy and auto registration among them).
         let k616 = Features(0x3fff);
-        assert_eq!(zero_copy_fallback(with, k616, true), with);
-        assert_eq!(zero_copy_fallback(with, k612, true), UBLK_F_USER_RECOVERY);
-        assert_eq!(zero_copy_fallback(with, k616, false), UBLK_F_USER_RECOVERY);
+        assert_eq!(copy_mode_fallback(with, k616, true), with);
+        assert_eq!(copy_mode_fallback(with, k612, true), UBLK_F_USER_RECOVERY);
+        assert_eq!(copy_mode_fallback(with, k616, false), UBLK_F_USER_RECOVERY);
         assert_eq!(
-            zero_copy_fallback(UBLK_F_USER_RECOVERY, k612, true),
+            copy_mode_fallback(UBLK_F_USER_RECOVERY, k612, true),
             UBLK_F_USER_RECOVERY
         );
     }

@@ -313,30 +313,6 @@ pub(crate) fn auto_buf_sqe_addr(tag: u16) -> u64 {
     AutoBufReg::at(tag).to_sqe_addr()
 }
 
-/// The context through which the target sees tag `tag`'s request.
-///
-/// # Safety
-/// As [`Ctx::new`] / [`Ctx::new_fixed`]: the tag's buffer (or buffer-table
-/// entry) is the target's alone until it reports the request done.
-unsafe fn tag_ctx<'a>(
-    data: DataMode,
-    bufs: &'a mut [AlignedBuf],
-    ring: &'a mut Ring,
-    req: Request,
-    tag: u16,
-    buf_bytes: u32,
-) -> Ctx<'a> {
-    match data {
-        // SAFETY: the caller's contract; the kernel registered the request's
-        // pages at entry `tag` (kernel buffers start at address 0).
-        DataMode::ZeroCopy => unsafe { Ctx::new_fixed(req, tag, tag, 0, buf_bytes, ring) },
-        // SAFETY: the caller's contract.
-        DataMode::Buffers | DataMode::UserCopy => unsafe {
-            Ctx::new(req, tag, &mut bufs[usize::from(tag)], ring)
-        },
-    }
-}
-
 fn io_cmd_bytes(c: &UblksrvIoCmd) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[0..2].copy_from_slice(&c.q_id.to_ne_bytes());
@@ -467,11 +443,7 @@ impl Queue {
             }
         }
         let desc = self.descs.get(tag).unwrap_or_default();
-        let buf_bytes = match self.bufs.get(usize::from(tag)) {
-            Some(b) => u32::try_from(b.len()).unwrap_or(u32::MAX),
-            None => self.buf_bytes,
-        };
-        let req = match request_from(&desc, buf_bytes) {
+        let req = match request_from(&desc, self.buf_bytes) {
             Ok(req) => req,
             Err(e) => {
                 tracing::debug!("queue {}: tag {tag}: refusing {desc:?}: {e}", self.q);
@@ -488,22 +460,7 @@ impl Queue {
             {
                 Submit::Done(Err(Errno::IO))
             }
-            Ok(()) => {
-                // SAFETY: the buffer belongs to this tag and nothing else
-                // touches it until the tag is committed, which happens only
-                // once the target reports Done (all its ring work reaped).
-                let mut ctx = unsafe {
-                    tag_ctx(
-                        self.data,
-                        &mut self.bufs,
-                        &mut self.ring,
-                        req,
-                        tag,
-                        self.buf_bytes,
-                    )
-                };
-                self.target.submit(&mut ctx)
-            }
+            Ok(()) => self.with_ctx(req, tag, |target, ctx| target.submit(ctx)),
         };
         self.finish(tag, req, outcome)
     }
@@ -513,19 +470,33 @@ impl Queue {
             tracing::warn!("queue {}: target completion for idle tag {tag}", self.q);
             return Ok(());
         };
-        // SAFETY: as in on_fetch: the tag's buffer is the target's until Done.
-        let mut ctx = unsafe {
-            tag_ctx(
-                self.data,
-                &mut self.bufs,
-                &mut self.ring,
-                req,
-                tag,
-                self.buf_bytes,
-            )
-        };
-        let outcome = self.target.complete(&mut ctx, step, res);
+        let outcome = self.with_ctx(req, tag, |target, ctx| target.complete(ctx, step, res));
         self.finish(tag, req, outcome)
+    }
+
+    /// Run `f` with the target and the context through which it sees tag
+    /// `tag`'s request `req`.
+    fn with_ctx(
+        &mut self,
+        req: Request,
+        tag: u16,
+        f: impl FnOnce(&dyn Target, &mut Ctx<'_>) -> Submit,
+    ) -> Submit {
+        let mut ctx = match self.data {
+            // SAFETY: the kernel registered the request's pages at entry
+            // `tag` (kernel buffers start at address 0), and they are the
+            // target's alone until it reports the request done and the tag
+            // is committed (all its ring work reaped by then).
+            DataMode::ZeroCopy => unsafe {
+                Ctx::new_fixed(req, tag, tag, 0, self.buf_bytes, &mut self.ring)
+            },
+            // SAFETY: the buffer belongs to this tag and nothing else touches
+            // it until the tag is committed, as above.
+            DataMode::Buffers | DataMode::UserCopy => unsafe {
+                Ctx::new(req, tag, &mut self.bufs[usize::from(tag)], &mut self.ring)
+            },
+        };
+        f(&*self.target, &mut ctx)
     }
 
     fn finish(&mut self, tag: u16, req: Request, outcome: Submit) -> Result<()> {
