@@ -201,9 +201,11 @@ round() { # round FS ID DEV ROUND MANIFEST
         echo "FAILED: round $r: fsync'd data lost or wrong after the cut $t ($via)"
         return 1
     fi
-    local pruned; pruned=$(grep -c '^pruned' "$wl_out" || true)
+    local pruned after; pruned=$(grep -c '^pruned' "$wl_out" || true)
     [ "$pruned" = 0 ] && pruned="" || pruned=" after pruning $pruned earlier rounds"
-    echo "round $r: cut $t via $via (lost $lost held back)$pruned: clean; $(tail -n 1 "$WORK/verify.out")"
+    # fsyncs that returned after the cut started: they promise nothing.
+    after=$(sed -n 's/.*"after_cut": \([0-9]*\).*/\1/p' "$wl_out")
+    echo "round $r: cut $t via $via (lost $lost held back, ${after:-0} fsyncs after the cut)$pruned: clean; $(tail -n 1 "$WORK/verify.out")"
 }
 
 # The bench on FS: ROUNDS rounds that must all pass (EXPECT=pass), or
@@ -233,7 +235,7 @@ bench() { # bench FS ROUNDS EXPECT FLAKEY-OPTIONS
             die "$(grep '^FAILED: ' <<<"$out")"
         fi
         echo "note: $(grep '^round ' <<<"$out")"
-        b=$(sed -n 's/.*(lost [0-9]* pieces, \([0-9]*\) bytes held back).*/\1/p' <<<"$out")
+        b=$(sed -n 's/.*(lost [0-9]* pieces, \([0-9]*\) bytes held back.*/\1/p' <<<"$out")
         if [ "${b:-0}" -gt 0 ]; then lossy=$((lossy + 1)); lost_bytes=$((lost_bytes + b)); fi
     done
     ub ctl -n "$id" status
