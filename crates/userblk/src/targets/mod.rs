@@ -5,6 +5,7 @@ pub mod mem;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;
+pub mod s3;
 
 pub use file::{FileOptions, FileTarget};
 

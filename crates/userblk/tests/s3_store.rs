@@ -1,0 +1,562 @@
+//! The s3 store and layout against a real S3 server: s3s-fs on loopback,
+//! one per test, on a free port with a temporary data directory.
+//!
+//! The binary comes from `tests/s3/server.sh install`; it is looked for at
+//! `$S3S_FS`, then `${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs`. Without it each
+//! test prints a SKIPPED line to stderr and returns.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use userblk::targets::s3::{
+    chunk_key, decode_chunk, encode_chunk, layout, ChunkProblem, Credentials, Geometry,
+    LayoutError, Lease, Manifest, RetryPolicy, S3Config, S3Store, StoreError, VolumeId, LEASE_KEY,
+    MANIFEST_KEY,
+};
+
+const ACCESS_KEY: &str = "userblk-test-key";
+const SECRET_KEY: &str = "userblk-test-secret";
+const BUCKET: &str = "vol";
+const PREFIX: &str = "tests/volume1";
+
+fn s3s_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("S3S_FS") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let root =
+        std::env::var_os("S3S_FS_ROOT").map_or_else(|| PathBuf::from("/opt/s3s-fs"), PathBuf::from);
+    Some(root.join("bin/s3s-fs")).filter(|p| p.is_file())
+}
+
+/// A running s3s-fs; killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// `None` (after printing the SKIPPED line) when s3s-fs is not installed.
+    fn start() -> Option<Self> {
+        let Some(bin) = s3s_binary() else {
+            // Straight to stderr: libtest captures eprintln! of passing tests,
+            // and a skip must be visible.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: s3s-fs not installed (run tests/s3/server.sh install)"
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // A bucket is just a directory of the data dir for s3s-fs.
+        std::fs::create_dir_all(data.join(BUCKET)).unwrap();
+        // The free port can be taken between probe and bind: retry.
+        for _ in 0..5 {
+            let port = free_port();
+            let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+            let mut child = Command::new(&bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(&data)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(Self { child, port, dir });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+        panic!("s3s-fs did not start; log:\n{log}");
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn config(&self) -> S3Config {
+        config_for(&self.endpoint())
+    }
+
+    fn store(&self) -> S3Store {
+        S3Store::new(&self.config()).unwrap()
+    }
+
+    /// Where s3s-fs keeps the object `{PREFIX}/{key}`.
+    fn object_file(&self, key: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("data")
+            .join(BUCKET)
+            .join(PREFIX)
+            .join(key)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+macro_rules! server_or_skip {
+    () => {
+        match Server::start() {
+            Some(s) => s,
+            None => return,
+        }
+    };
+}
+
+fn config_for(endpoint: &str) -> S3Config {
+    let mut c = S3Config::new(BUCKET, PREFIX);
+    c.endpoint = Some(endpoint.to_owned());
+    c.credentials = Some(Credentials {
+        access_key_id: ACCESS_KEY.to_owned(),
+        secret_access_key: SECRET_KEY.to_owned(),
+        session_token: None,
+    });
+    c.retry = RetryPolicy {
+        max_retries: 2,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(100),
+        budget: Duration::from_secs(3),
+    };
+    c.connect_timeout = Duration::from_secs(2);
+    c.request_timeout = Duration::from_secs(10);
+    c
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn put_get_range_list_delete() {
+    let srv = server_or_skip!();
+    let s = srv.store();
+    s.check().unwrap();
+    assert_eq!(s.get("missing").unwrap(), None);
+    assert_eq!(s.get_range("missing", 0..4).unwrap(), None);
+    assert!(s.list("").unwrap().is_empty());
+
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    s.put("chunks/0000000000000002", Bytes::from(data.clone()))
+        .unwrap();
+    s.put("chunks/0000000000000001", Bytes::from_static(b"one"))
+        .unwrap();
+    s.put(MANIFEST_KEY, Bytes::from_static(b"{}")).unwrap();
+    // The key really is under the prefix on the server.
+    assert!(srv.object_file("chunks/0000000000000001").is_file());
+
+    assert_eq!(
+        s.get("chunks/0000000000000002").unwrap().unwrap(),
+        Bytes::from(data.clone())
+    );
+    assert_eq!(
+        s.get_range("chunks/0000000000000002", 1000..1010)
+            .unwrap()
+            .unwrap(),
+        &data[1000..1010]
+    );
+    // Overwrite replaces.
+    s.put("chunks/0000000000000001", Bytes::from_static(b"uno"))
+        .unwrap();
+    assert_eq!(
+        s.get("chunks/0000000000000001").unwrap().unwrap(),
+        &b"uno"[..]
+    );
+
+    assert_eq!(
+        s.list("chunks").unwrap(),
+        vec![
+            ("chunks/0000000000000001".to_owned(), 3),
+            ("chunks/0000000000000002".to_owned(), 100_000),
+        ]
+    );
+    let all: Vec<String> = s.list("").unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        all,
+        [
+            "chunks/0000000000000001",
+            "chunks/0000000000000002",
+            MANIFEST_KEY
+        ]
+    );
+
+    s.delete("chunks/0000000000000001").unwrap();
+    assert_eq!(s.get("chunks/0000000000000001").unwrap(), None);
+    // Deleting what is not there is fine.
+    s.delete("chunks/0000000000000001").unwrap();
+    s.delete("never-existed").unwrap();
+    assert_eq!(s.list("chunks").unwrap().len(), 1);
+
+    assert!(matches!(
+        s.get("bad//key"),
+        Err(StoreError::InvalidKey { .. })
+    ));
+}
+
+#[test]
+fn manifest_write_read_validate() {
+    let srv = server_or_skip!();
+    let s = srv.store();
+    let g = Geometry::new(64 << 20, 1 << 20).unwrap();
+    let m = Manifest::new(g, VolumeId::random().unwrap(), layout::unix_now());
+    s.put(MANIFEST_KEY, Bytes::from(m.encode().unwrap()))
+        .unwrap();
+    let back = Manifest::decode(&s.get(MANIFEST_KEY).unwrap().unwrap()).unwrap();
+    assert_eq!(back, m);
+    back.check_matches(Some(64 << 20), Some(1 << 20)).unwrap();
+    assert!(matches!(
+        back.check_matches(Some(128 << 20), None),
+        Err(LayoutError::SizeMismatch { .. })
+    ));
+}
+
+#[test]
+fn chunk_checksum_detects_corruption() {
+    let srv = server_or_skip!();
+    let s = srv.store();
+    let vol = VolumeId::random().unwrap();
+    let g = Geometry::new(4 << 20, 1 << 20).unwrap();
+    let payload: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 256) as u8).collect();
+    let key = chunk_key(3);
+    s.put(&key, Bytes::from(encode_chunk(vol, 3, &payload).unwrap()))
+        .unwrap();
+    let got = s.get(&key).unwrap().unwrap();
+    assert_eq!(decode_chunk(&got, vol, 3, g.chunk_len(3)).unwrap(), payload);
+
+    // Damage the stored object behind the server's back (bit rot).
+    let file = srv.object_file(&key);
+    let mut raw = std::fs::read(&file).unwrap();
+    raw[500_000] ^= 0x01;
+    std::fs::write(&file, &raw).unwrap();
+    let got = s.get(&key).unwrap().unwrap();
+    match decode_chunk(&got, vol, 3, g.chunk_len(3)) {
+        Err(LayoutError::Chunk {
+            index: 3,
+            problem: ChunkProblem::ChecksumMismatch { .. },
+        }) => {}
+        other => panic!("corruption not detected: {other:?}"),
+    }
+
+    // A truncated upload.
+    let full = encode_chunk(vol, 3, &payload).unwrap();
+    s.put(&key, Bytes::copy_from_slice(&full[..full.len() / 2]))
+        .unwrap();
+    let got = s.get(&key).unwrap().unwrap();
+    assert!(matches!(
+        decode_chunk(&got, vol, 3, g.chunk_len(3)),
+        Err(LayoutError::Chunk {
+            problem: ChunkProblem::Truncated { .. },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn put_if_absent_is_exclusive() {
+    let srv = server_or_skip!();
+    let s = srv.store();
+    let vol = VolumeId::random().unwrap();
+    let mine = Lease::for_this_process(vol);
+    let mut theirs = mine.clone();
+    theirs.host = "other-host".into();
+
+    assert!(s
+        .put_if_absent(LEASE_KEY, Bytes::from(mine.encode().unwrap()))
+        .unwrap());
+    assert!(!s
+        .put_if_absent(LEASE_KEY, Bytes::from(theirs.encode().unwrap()))
+        .unwrap());
+    // The refused create left the first holder's lease in place.
+    let held = Lease::decode(&s.get(LEASE_KEY).unwrap().unwrap()).unwrap();
+    assert_eq!(held, mine);
+    s.delete(LEASE_KEY).unwrap();
+    assert!(s
+        .put_if_absent(LEASE_KEY, Bytes::from(theirs.encode().unwrap()))
+        .unwrap());
+}
+
+#[test]
+fn check_reports_unreachable_endpoint_quickly() {
+    // Nothing listens on a port we just freed: connection refused.
+    let port = free_port();
+    let s = S3Store::new(&config_for(&format!("http://127.0.0.1:{port}"))).unwrap();
+    let start = Instant::now();
+    let err = s.check().unwrap_err();
+    let took = start.elapsed();
+    eprintln!("refused port reported as: {err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Unreachable {
+                timed_out: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    // Ordinary operations classify the same way.
+    assert!(matches!(s.get("k"), Err(StoreError::Unreachable { .. })));
+}
+
+#[test]
+fn check_reports_timeout_as_unreachable() {
+    // Accepts connections, never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().take(16) {
+            held.push(c);
+        }
+    });
+    let mut cfg = config_for(&format!("http://127.0.0.1:{port}"));
+    cfg.request_timeout = Duration::from_millis(500);
+    let s = S3Store::new(&cfg).unwrap();
+    let start = Instant::now();
+    let err = s.check().unwrap_err();
+    eprintln!(
+        "silent server reported as: {err} (after {:?})",
+        start.elapsed()
+    );
+    assert!(
+        matches!(
+            err,
+            StoreError::Unreachable {
+                timed_out: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn check_reports_bad_credentials() {
+    let srv = server_or_skip!();
+    let mut cfg = srv.config();
+    cfg.credentials = Some(Credentials {
+        access_key_id: ACCESS_KEY.to_owned(),
+        secret_access_key: "wrong-secret".to_owned(),
+        session_token: None,
+    });
+    let s = S3Store::new(&cfg).unwrap();
+    let err = s.check().unwrap_err();
+    match &err {
+        StoreError::BadCredentials { status, code, .. } => {
+            assert_eq!(*status, 403);
+            assert_eq!(code, "SignatureDoesNotMatch");
+        }
+        other => panic!("expected BadCredentials, got {other}"),
+    }
+    // Data operations too, not just the probe; a GET of a missing key must
+    // not read as "not found".
+    assert!(matches!(s.get("k"), Err(StoreError::BadCredentials { .. })));
+    assert!(matches!(
+        s.put("k", Bytes::from_static(b"x")),
+        Err(StoreError::BadCredentials { .. })
+    ));
+
+    cfg.credentials = Some(Credentials {
+        access_key_id: "no-such-key".to_owned(),
+        secret_access_key: SECRET_KEY.to_owned(),
+        session_token: None,
+    });
+    let err = S3Store::new(&cfg).unwrap().check().unwrap_err();
+    assert!(matches!(err, StoreError::BadCredentials { .. }), "{err}");
+    eprintln!("unknown access key reported as: {err}");
+}
+
+#[test]
+fn check_reports_missing_bucket() {
+    let srv = server_or_skip!();
+    let mut cfg = srv.config();
+    cfg.bucket = "no-such-bucket".into();
+    let s = S3Store::new(&cfg).unwrap();
+    let err = s.check().unwrap_err();
+    eprintln!("missing bucket reported as: {err}");
+    assert!(matches!(err, StoreError::NoSuchBucket { .. }), "{err}");
+    assert!(err.to_string().contains("no-such-bucket"), "{err}");
+    assert!(matches!(s.list(""), Err(StoreError::NoSuchBucket { .. })));
+    // A GET in a missing bucket must be an error, not an absent object.
+    // s3s-fs answers it with NoSuchKey (real S3 says NoSuchBucket), so the
+    // real answer comes from the proxy.
+    assert_eq!(s.get("k").unwrap(), None);
+    let p = proxy(srv.port, vec![response("404 Not Found", "NoSuchBucket")]);
+    let s = S3Store::new(&config_for(&format!("http://127.0.0.1:{}", p.port))).unwrap();
+    let err = s.get("k").unwrap_err();
+    assert!(matches!(err, StoreError::NoSuchBucket { .. }), "{err}");
+}
+
+/// A loopback proxy in front of the server that answers the first requests
+/// with canned responses, then forwards. Counts requests it answered
+/// itself plus connections it forwarded.
+struct Proxy {
+    port: u16,
+    seen: Arc<AtomicUsize>,
+}
+
+fn proxy(upstream: u16, canned: Vec<String>) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let canned = Arc::new(Mutex::new(VecDeque::from(canned)));
+    let counter = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        // Bounded: a test makes a handful of connections.
+        for conn in listener.incoming().take(64) {
+            let Ok(mut client) = conn else { return };
+            let canned = Arc::clone(&canned);
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let Some(head) = read_request(&mut client) else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let reply = canned.lock().unwrap().pop_front();
+                if let Some(reply) = reply {
+                    let _ = client.write_all(reply.as_bytes());
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
+                }
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                if server.write_all(&head).is_err() {
+                    return;
+                }
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                    let _ = s2.shutdown(Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    Proxy { port, seen }
+}
+
+/// Reads one HTTP request (head, plus a Content-Length body).
+fn read_request(c: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 4096];
+    loop {
+        let n = c.read(&mut byte).ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&byte[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let body_len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + body_len {
+                let n = c.read(&mut byte).ok().filter(|&n| n > 0)?;
+                buf.extend_from_slice(&byte[..n]);
+            }
+            return Some(buf);
+        }
+    }
+}
+
+fn response(status: &str, code: &str) -> String {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>canned</Message></Error>"
+    );
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn transient_errors_are_retried_permanent_are_not() {
+    let srv = server_or_skip!();
+    srv.store()
+        .put("k", Bytes::from_static(b"payload"))
+        .unwrap();
+    let via = |p: &Proxy, retries: usize| {
+        let mut cfg = config_for(&format!("http://127.0.0.1:{}", p.port));
+        cfg.retry.max_retries = retries;
+        S3Store::new(&cfg).unwrap()
+    };
+
+    // One 503 SlowDown, then the real server: the GET succeeds on retry.
+    let p = proxy(srv.port, vec![response("503 Slow Down", "SlowDown")]);
+    assert_eq!(via(&p, 2).get("k").unwrap().unwrap(), &b"payload"[..]);
+    assert_eq!(p.seen.load(Ordering::SeqCst), 2);
+
+    // 500 and 429 too, in a row, and for a PUT.
+    let p = proxy(
+        srv.port,
+        vec![
+            response("500 Internal Server Error", "InternalError"),
+            response("429 Too Many Requests", "SlowDown"),
+        ],
+    );
+    via(&p, 3).put("k2", Bytes::from_static(b"v2")).unwrap();
+    assert_eq!(p.seen.load(Ordering::SeqCst), 3);
+    assert_eq!(srv.store().get("k2").unwrap().unwrap(), &b"v2"[..]);
+
+    // The budget ends retrying: 1 attempt + 2 retries, then the 503 surfaces.
+    let p = proxy(
+        srv.port,
+        (0..10)
+            .map(|_| response("503 Slow Down", "SlowDown"))
+            .collect(),
+    );
+    let err = via(&p, 2).get("k").unwrap_err();
+    eprintln!("persistent 503 reported as: {err}");
+    assert_eq!(err.status(), Some(503), "{err}");
+    assert_eq!(p.seen.load(Ordering::SeqCst), 3);
+
+    // A permanent 4xx is not retried.
+    let p = proxy(
+        srv.port,
+        vec![response("400 Bad Request", "InvalidRequest"); 10],
+    );
+    let err = via(&p, 5).get("k").unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert_eq!(p.seen.load(Ordering::SeqCst), 1);
+}
