@@ -10,6 +10,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 step "dependencies (apt packages, VM kernel and initramfs)"
 as_root vm/setup.sh
 
+step "dependencies: s3s-fs, the local S3 server of the s3 target's tests (built from crates.io)"
+as_root env CARGO_BUILD_JOBS="$(nproc)" bash tests/s3/server.sh install
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -35,6 +38,9 @@ step "host suite: cow and cache filters (a read-only image, nbdkit)" && as_root 
 step "host suite: qcow2 target against qemu-img (v2/v3, compressed, backing chains, ext4, kill -9, corrupt images)"
 as_root bash tests/host/qcow2.sh
 
+step "host suite: s3 target against s3s-fs over FUSE + loop (fio, ext4, kill -9, server down, lease, eviction)"
+as_root bash tests/s3/suite.sh --frontend fuse
+
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
 as_root bash tests/crash/crash.sh --frontend fuse --rounds 40
 
@@ -59,3 +65,6 @@ as_root vm/run.sh -- vm/suite/qcow2.sh
 
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
+
+step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/s3.sh

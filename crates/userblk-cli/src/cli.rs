@@ -128,6 +128,7 @@ impl AddArgs {
             TargetArgs::File(a) => &a.filters,
             TargetArgs::Nbd(a) => &a.filters,
             TargetArgs::Qcow2(a) => &a.filters,
+            TargetArgs::S3(a) => &a.filters,
         };
         [&self.filters.filters[..], &after.filters[..]].concat()
     }
@@ -257,6 +258,55 @@ pub enum TargetArgs {
     Nbd(NbdArgs),
     /// A qcow2 image (versions 2 and 3, backing chains, compressed clusters).
     Qcow2(Qcow2Args),
+    /// A volume in an S3 bucket (AWS, MinIO, Ceph RGW, Garage, R2...), through a local cache.
+    S3(S3Args),
+}
+
+/// `add s3`.
+#[derive(Debug, Clone, Args)]
+pub struct S3Args {
+    /// The bucket.
+    #[arg(long)]
+    pub bucket: String,
+    /// Key prefix of the volume in the bucket (one volume per prefix).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Device size: creates the volume when the prefix holds none, and must
+    /// match the volume's otherwise.
+    #[arg(short = 's', long, value_parser = size)]
+    pub size: Option<u64>,
+    /// Chunk size of a new volume (one object per chunk; a power of two
+    /// from 64K to 64M); must match an existing volume's.
+    #[arg(long, value_parser = size, value_name = "SIZE")]
+    pub chunk_size: Option<u64>,
+    /// S3 endpoint URL (default: AWS's for the region).
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Region.
+    #[arg(long, env = "AWS_REGION", default_value = userblk::targets::s3::store::DEFAULT_REGION)]
+    pub region: String,
+    /// The local cache directory (default: /var/cache/userblk/s3/HOST/BUCKET/PREFIX for
+    /// root, ~/.cache/userblk/s3/... for users).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes of clean chunks kept in the cache.
+    #[arg(long, value_parser = size, default_value = "1G", value_name = "SIZE")]
+    pub cache_size: u64,
+    /// Uploads and read-aheads at once.
+    #[arg(long, default_value_t = userblk::targets::s3::target::DEFAULT_UPLOAD_JOBS, value_name = "N")]
+    pub upload_jobs: usize,
+    /// Seconds a dirty chunk stays unwritten before it is uploaded (a flush uploads at once).
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub writeback_delay: f64,
+    /// Seconds a failing bucket request is retried before the request (or flush) fails with EIO.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub retry_budget: u64,
+    /// Take the volume even though another daemon holds its lease.
+    #[arg(long)]
+    pub break_lease: bool,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// `add qcow2`.

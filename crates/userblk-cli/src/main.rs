@@ -7,6 +7,7 @@ mod daemon;
 mod fuse;
 mod list;
 mod nbd;
+mod s3;
 mod stats;
 mod targets;
 
@@ -28,7 +29,9 @@ fn init_logging(verbose: u8, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // The FUSE library warns about routine things (a second unmount
         // attempt after ours); its errors still show.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},fuser=error")));
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{level},fuser=error,object_store=warn"))
+        });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

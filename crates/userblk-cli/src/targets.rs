@@ -106,6 +106,7 @@ pub fn open(
                 None,
             )
         }
+        TargetArgs::S3(a) => (Arc::new(crate::s3::open(a)?), None),
         TargetArgs::Nbd(a) => {
             let mut opts = NbdOptions::new(a.uri.clone());
             opts.reconnect_timeout = std::time::Duration::from_secs(a.reconnect_timeout);

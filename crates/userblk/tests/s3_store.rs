@@ -560,3 +560,114 @@ fn transient_errors_are_retried_permanent_are_not() {
     assert_eq!(err.status(), Some(400), "{err}");
     assert_eq!(p.seen.load(Ordering::SeqCst), 1);
 }
+
+// ---- The s3 target over the store: data path, flush, reopen, verification.
+
+use userblk::io::Engine;
+use userblk::targets::s3::{S3Options, S3Target};
+use userblk::{Flags, Op, Request, Target};
+
+fn target_opts(server: &Server, cache: &std::path::Path) -> S3Options {
+    let mut o = S3Options::new(server.config(), cache.to_path_buf());
+    o.size = Some(8 << 20);
+    o.chunk_size = Some(1 << 20);
+    // Uploads only when asked: what the bucket holds is what flushes put there.
+    o.writeback_delay = Duration::from_secs(600);
+    o
+}
+
+fn io(
+    t: &S3Target,
+    e: &mut Engine,
+    op: Op,
+    off: u64,
+    data: &mut [u8],
+) -> Result<u32, rustix::io::Errno> {
+    let len = data.len() as u32;
+    e.run(t, Request::new(op, off, len), data)
+}
+
+#[test]
+fn target_flush_uploads_and_a_fresh_cache_reads_it_back() {
+    let server = server_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pattern: Vec<u8> = (0..(3 << 19)).map(|i| (i * 7 + 3) as u8).collect();
+    {
+        let t = S3Target::open(target_opts(&server, &tmp.path().join("a"))).unwrap();
+        let mut e = Engine::new(&t, 4 << 20).unwrap();
+        // 1.5 MiB across chunks 2 and 3, unaligned to them.
+        assert_eq!(
+            io(&t, &mut e, Op::Write, (2 << 20) + 4096, &mut pattern),
+            Ok(3 << 19)
+        );
+        assert!(
+            !server.object_file(&chunk_key(2)).exists(),
+            "uploaded before a flush"
+        );
+        assert_eq!(io(&t, &mut e, Op::Flush, 0, &mut []), Ok(0));
+        assert!(server.object_file(&chunk_key(2)).exists());
+        assert!(server.object_file(&chunk_key(3)).exists());
+        assert!(
+            !server.object_file(&chunk_key(0)).exists(),
+            "a zero chunk was stored"
+        );
+        // A FUA write is in the bucket when it completes.
+        let mut one = vec![0xabu8; 4096];
+        let req = Request::new(Op::Write, 6 << 20, 4096).with_flags(Flags::FUA);
+        assert_eq!(e.run(&t, req, &mut one), Ok(4096));
+        assert!(server.object_file(&chunk_key(6)).exists());
+    }
+    let t = S3Target::open(target_opts(&server, &tmp.path().join("b"))).unwrap();
+    let mut e = Engine::new(&t, 4 << 20).unwrap();
+    let mut back = vec![0u8; 3 << 19];
+    assert_eq!(
+        io(&t, &mut e, Op::Read, (2 << 20) + 4096, &mut back),
+        Ok(3 << 19)
+    );
+    assert!(
+        back == pattern,
+        "data differs after a reopen from the bucket"
+    );
+    let mut zeros = vec![1u8; 4096];
+    assert_eq!(io(&t, &mut e, Op::Read, 0, &mut zeros), Ok(4096));
+    assert!(zeros.iter().all(|&b| b == 0));
+    // Zeroing a whole chunk deletes its object at the next flush.
+    let req = Request::new(Op::WriteZeroes, 6 << 20, 1 << 20);
+    assert_eq!(e.run(&t, req, &mut []), Ok(1 << 20));
+    assert_eq!(io(&t, &mut e, Op::Flush, 0, &mut []), Ok(0));
+    assert!(!server.object_file(&chunk_key(6)).exists());
+    pattern.clear();
+}
+
+#[test]
+fn target_refuses_a_corrupt_chunk_and_a_second_writer() {
+    let server = server_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let t = S3Target::open(target_opts(&server, &tmp.path().join("a"))).unwrap();
+        let mut e = Engine::new(&t, 1 << 20).unwrap();
+        let mut d = vec![0x5au8; 1 << 20];
+        assert_eq!(io(&t, &mut e, Op::Write, 1 << 20, &mut d), Ok(1 << 20));
+        assert_eq!(io(&t, &mut e, Op::Flush, 0, &mut []), Ok(0));
+        // One writer: a second daemon is refused while this one runs.
+        let again = S3Target::open(target_opts(&server, &tmp.path().join("other")));
+        let msg = again.map(drop).unwrap_err().to_string();
+        assert!(msg.contains("volume is in use"), "{msg}");
+    }
+    // Flip one payload byte of chunk 1 behind the target's back.
+    let f = server.object_file(&chunk_key(1));
+    let mut bytes = std::fs::read(&f).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&f, bytes).unwrap();
+    let t = S3Target::open(target_opts(&server, &tmp.path().join("fresh"))).unwrap();
+    let mut e = Engine::new(&t, 1 << 20).unwrap();
+    let mut back = vec![0u8; 4096];
+    assert_eq!(
+        io(&t, &mut e, Op::Read, 1 << 20, &mut back),
+        Err(rustix::io::Errno::IO),
+        "a corrupt chunk was served"
+    );
+    // Other chunks still read.
+    assert_eq!(io(&t, &mut e, Op::Read, 0, &mut back), Ok(4096));
+}

@@ -1,4 +1,5 @@
-//! Groundwork of the s3 target: a volume kept as objects in an S3 bucket.
+//! `s3`: a volume kept as objects in an S3 bucket, served through a
+//! crash-safe local cache ([`S3Target`]).
 //!
 //! # Layout
 //!
@@ -26,12 +27,76 @@
 //!   ([`encode_chunk`], [`decode_chunk`]), [`Lease`]. Pure, no I/O.
 //! - [`store`]: [`S3Store`], a blocking S3 client (object_store on a private
 //!   tokio runtime) with typed errors, timeouts and bounded retries.
+//! - [`cache`]: the local cache directory and when it can be trusted.
+//! - [`chunks`]: the in-memory table of chunks (cached, dirty, in use).
+//! - [`lease`]: one daemon per volume.
+//! - [`target`]: [`S3Target`], the request path, uploads, read-ahead,
+//!   write-back and eviction.
 
+pub mod cache;
+pub mod chunks;
 pub mod layout;
+pub mod lease;
 pub mod store;
+pub mod target;
+
+use std::path::PathBuf;
 
 pub use layout::{
     chunk_key, decode_chunk, encode_chunk, is_all_zero, parse_chunk_key, ChunkProblem, Geometry,
     LayoutError, Lease, Manifest, VolumeId, DEFAULT_CHUNK_SIZE, LEASE_KEY, MANIFEST_KEY,
 };
 pub use store::{Credentials, RetryPolicy, S3Config, S3Store, StoreError};
+pub use target::{S3Options, S3Target};
+
+/// Why an s3 volume could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// The bucket could not be used.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The manifest, a chunk or the lease is wrong, or the options do not
+    /// match the volume.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The cache directory failed.
+    #[error("s3 cache: {what} {}: {err}", path.display())]
+    Cache {
+        /// What was being done.
+        what: String,
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        err: std::io::Error,
+    },
+    /// Another daemon of this host uses the cache directory.
+    #[error("s3 cache {} is in use by another daemon (one cache directory per volume and daemon)", .0.display())]
+    CacheInUse(PathBuf),
+    /// Another daemon holds the volume's lease.
+    #[error(
+        "the volume is in use: {host} pid {pid} holds its lease (since unix time {since_unix}); \
+         if that daemon is gone for good, add --break-lease"
+    )]
+    LeaseHeld {
+        /// The holder's host name.
+        host: String,
+        /// The holder's process id.
+        pid: u32,
+        /// When it took the lease.
+        since_unix: u64,
+    },
+    /// No manifest under the prefix and no size to create a volume with.
+    #[error("no volume at bucket {bucket:?} prefix {prefix:?}: give --size to create one")]
+    NoVolume {
+        /// The bucket.
+        bucket: String,
+        /// The prefix.
+        prefix: String,
+    },
+    /// Bad options.
+    #[error("{0}")]
+    Invalid(String),
+    /// A worker thread could not be started.
+    #[error("starting an s3 worker thread: {0}")]
+    Thread(#[source] std::io::Error),
+}

@@ -1,0 +1,93 @@
+//! `add s3`: from the command line to [`S3Options`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use userblk::targets::s3::{RetryPolicy, S3Config, S3Options, S3Target};
+
+use crate::cli::S3Args;
+
+/// `/`-free, `%`-escaped, so every prefix gets its own directory name.
+fn escape(s: &str) -> String {
+    let s = s.trim_matches('/');
+    if s.is_empty() {
+        return "%".into();
+    }
+    s.replace('%', "%25").replace('/', "%2F")
+}
+
+/// The endpoint's `host[:port]`, for the cache path.
+fn endpoint_host(endpoint: Option<&str>, region: &str) -> String {
+    match endpoint {
+        Some(e) => {
+            let rest = e.split_once("://").map_or(e, |(_, r)| r);
+            escape(rest.split('/').next().unwrap_or(rest))
+        }
+        None => format!("s3.{region}.amazonaws.com"),
+    }
+}
+
+/// Where a volume's cache goes when `--cache-dir` is not given.
+pub fn default_cache_dir(a: &S3Args) -> anyhow::Result<PathBuf> {
+    let base = if rustix::process::geteuid().is_root() {
+        PathBuf::from("/var/cache/userblk")
+    } else if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        PathBuf::from(x).join("userblk")
+    } else if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        PathBuf::from(h).join(".cache/userblk")
+    } else {
+        bail!("no HOME for the s3 cache: give --cache-dir");
+    };
+    Ok(base
+        .join("s3")
+        .join(endpoint_host(a.endpoint.as_deref(), &a.region))
+        .join(escape(&a.bucket))
+        .join(escape(&a.prefix)))
+}
+
+/// Open the volume the arguments name.
+pub fn open(a: &S3Args) -> anyhow::Result<S3Target> {
+    if !(a.writeback_delay.is_finite() && a.writeback_delay >= 0.0) {
+        bail!("--writeback-delay must be a number of seconds, 0 or more");
+    }
+    let mut store = S3Config::new(a.bucket.clone(), a.prefix.clone());
+    store.endpoint.clone_from(&a.endpoint);
+    store.region.clone_from(&a.region);
+    store.retry = RetryPolicy {
+        budget: Duration::from_secs(a.retry_budget),
+        ..RetryPolicy::default()
+    };
+    let cache_dir = match &a.cache_dir {
+        Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.clone()),
+        None => default_cache_dir(a)?,
+    };
+    let mut opts = S3Options::new(store, cache_dir);
+    opts.size = a.size;
+    opts.chunk_size = a.chunk_size;
+    opts.cache_size = a.cache_size;
+    opts.upload_jobs = a.upload_jobs;
+    opts.writeback_delay = Duration::from_secs_f64(a.writeback_delay);
+    opts.break_lease = a.break_lease;
+    S3Target::open(opts).with_context(|| format!("s3 target (bucket {:?})", a.bucket))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_names_keep_prefixes_apart() {
+        assert_eq!(escape("a/b"), "a%2Fb");
+        assert_eq!(escape("a%2Fb"), "a%252Fb");
+        assert_eq!(escape("/"), "%");
+        assert_eq!(
+            endpoint_host(Some("http://127.0.0.1:9000/x"), "r"),
+            "127.0.0.1:9000"
+        );
+        assert_eq!(
+            endpoint_host(None, "eu-west-1"),
+            "s3.eu-west-1.amazonaws.com"
+        );
+    }
+}

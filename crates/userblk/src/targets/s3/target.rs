@@ -1,0 +1,970 @@
+//! [`S3Target`]: a device whose chunks live in a bucket, served through a
+//! local cache directory ([`super::cache`]).
+//!
+//! The request path never waits for the network on the frontend's thread:
+//! a read or write whose chunks are all cached is a `pread`/`pwrite` of
+//! the cache's data file, inline. Anything else is handed to a request
+//! worker ([`Ctx::defer`]): a read or partial write of a chunk not cached
+//! fetches it first (verified against its checksum), a flush or FUA write
+//! uploads what it covers and waits. Transfer workers upload dirty chunks
+//! and read ahead, at most `upload_jobs` at once; a write-back thread
+//! queues uploads for chunks idle for `writeback_delay` (sooner when dirty
+//! data passes half the cache) and evicts the least recently used clean
+//! chunks when the cache passes its size.
+//!
+//! An upload of an all-zero chunk deletes its object instead: discarded and
+//! zeroed chunks cost nothing in the bucket.
+//!
+//! Failure policy: each bucket request is retried with backoff for
+//! `retry.budget` (60 s by default: a server restart or throttling rides
+//! through). A flush whose uploads still fail completes with EIO; the data
+//! stays dirty in the cache and the write-back keeps trying, so nothing is
+//! lost and service resumes when the server does. A read whose chunk
+//! cannot be fetched, or fails verification, fails with EIO.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustix::io::Errno;
+use serde_json::json;
+
+use super::cache::{CacheDir, Opened, CLEAN, DIRTY};
+use super::chunks::{Busy, Table};
+use super::layout::{
+    chunk_key, decode_chunk, encode_chunk, is_all_zero, parse_chunk_key, unix_now, Geometry, Lease,
+    Manifest, VolumeId, CHUNKS_DIR, MANIFEST_KEY,
+};
+use super::{lease, S3Config, S3Error, S3Store};
+use crate::io::Deferred;
+use crate::target::{
+    ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Request, Submit, Target,
+    MAX_RANGE_OP_BYTES,
+};
+
+/// Default cache size.
+pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
+/// Default number of uploads and read-aheads at once.
+pub const DEFAULT_UPLOAD_JOBS: usize = 4;
+/// Default idle time before a dirty chunk is uploaded.
+pub const DEFAULT_WRITEBACK_DELAY: Duration = Duration::from_secs(2);
+/// Chunks read ahead of a sequential reader.
+const READ_AHEAD: u64 = 2;
+/// Threads serving requests that must wait for the bucket.
+const REQUEST_WORKERS: usize = 8;
+/// How often the write-back thread looks at the table.
+const WRITEBACK_TICK: Duration = Duration::from_millis(100);
+/// A chunk used this recently is not evicted (the cache may pass its size
+/// for that long), so a chunk fetched for a request stays until it is used.
+const EVICT_MIN_IDLE_MS: u64 = 1000;
+/// Most extents one `extents` call reports.
+const MAX_EXTENTS: usize = 1024;
+
+/// How to open an s3 volume.
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// The bucket, prefix, endpoint, credentials and retry policy.
+    pub store: S3Config,
+    /// The device size: needed to create a volume, checked against an existing one.
+    pub size: Option<u64>,
+    /// The chunk size: used to create a volume, checked against an existing one.
+    pub chunk_size: Option<u64>,
+    /// The local cache directory.
+    pub cache_dir: PathBuf,
+    /// Most bytes of clean chunks kept in the cache (dirty ones stay until uploaded).
+    pub cache_size: u64,
+    /// Uploads and read-aheads at once.
+    pub upload_jobs: usize,
+    /// A dirty chunk is uploaded once it has had no write for this long.
+    pub writeback_delay: Duration,
+    /// Take the volume even if another daemon holds its lease.
+    pub break_lease: bool,
+}
+
+impl S3Options {
+    /// Options with the defaults for everything but the store and the cache directory.
+    pub fn new(store: S3Config, cache_dir: PathBuf) -> Self {
+        S3Options {
+            store,
+            size: None,
+            chunk_size: None,
+            cache_dir,
+            cache_size: DEFAULT_CACHE_SIZE,
+            upload_jobs: DEFAULT_UPLOAD_JOBS,
+            writeback_delay: DEFAULT_WRITEBACK_DELAY,
+            break_lease: false,
+        }
+    }
+}
+
+/// Work for the transfer workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Task {
+    Upload(u64),
+    Fetch(u64),
+}
+
+/// Counters, for the log and `describe`.
+#[derive(Debug, Default)]
+struct Counters {
+    fetched: AtomicU64,
+    fetched_bytes: AtomicU64,
+    uploaded: AtomicU64,
+    uploaded_bytes: AtomicU64,
+    deleted: AtomicU64,
+    evicted: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// The table and the transfer queue, under one lock.
+#[derive(Debug)]
+struct State {
+    table: Table,
+    queue: VecDeque<Task>,
+    queued: BTreeSet<Task>,
+    /// The last chunk a read touched, to spot sequential readers.
+    last_read: Option<u64>,
+}
+
+/// What every thread of the target shares.
+struct Core {
+    store: S3Store,
+    geometry: Geometry,
+    volume: VolumeId,
+    cache: CacheDir,
+    state: Mutex<State>,
+    cv: Condvar,
+    cache_size: u64,
+    writeback_delay: Duration,
+    start: Instant,
+    counters: Counters,
+}
+
+/// The s3 target. See the module docs.
+pub struct S3Target {
+    core: Arc<Core>,
+    lease: Lease,
+    jobs: Option<mpsc::Sender<(Deferred, Request)>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for S3Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Target")
+            .field("bucket", &self.core.store.bucket())
+            .field("prefix", &self.core.store.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The volume's manifest: read and checked, or created.
+fn manifest(store: &S3Store, opts: &S3Options) -> Result<Manifest, S3Error> {
+    let check = |m: Manifest| -> Result<Manifest, S3Error> {
+        m.check_matches(opts.size, opts.chunk_size)?;
+        Ok(m)
+    };
+    if let Some(b) = store.get(MANIFEST_KEY)? {
+        return check(Manifest::decode(&b)?);
+    }
+    let Some(size) = opts.size else {
+        return Err(S3Error::NoVolume {
+            bucket: store.bucket().to_owned(),
+            prefix: store.prefix().to_owned(),
+        });
+    };
+    let chunk_size = opts.chunk_size.unwrap_or(super::DEFAULT_CHUNK_SIZE);
+    let geometry = Geometry::new(size, chunk_size)?;
+    let volume = VolumeId::random().map_err(|e| S3Error::Invalid(format!("random id: {e}")))?;
+    let m = Manifest::new(geometry, volume, unix_now());
+    if store.put_if_absent(MANIFEST_KEY, Bytes::from(m.encode()?))? {
+        tracing::info!(
+            "s3: created volume {} ({size} bytes in chunks of {chunk_size}) at {}/{}",
+            m.volume_id,
+            store.bucket(),
+            store.prefix()
+        );
+    }
+    // Whoever won a race, the bucket's manifest is the volume.
+    match store.get(MANIFEST_KEY)? {
+        Some(b) => check(Manifest::decode(&b)?),
+        None => Err(S3Error::Invalid(
+            "the manifest vanished just after it was written".into(),
+        )),
+    }
+}
+
+impl S3Target {
+    /// Open (or create, with `opts.size`) the volume, take its lease, open
+    /// the cache, and start the workers.
+    pub fn open(opts: S3Options) -> Result<Self, S3Error> {
+        if opts.cache_size == 0 || opts.upload_jobs == 0 {
+            return Err(S3Error::Invalid(
+                "the cache size and the upload jobs must be at least 1".into(),
+            ));
+        }
+        let store = S3Store::new(&opts.store)?;
+        store.check()?;
+        let m = manifest(&store, &opts)?;
+        let geometry = m.geometry()?;
+        let lease = lease::acquire(&store, m.volume_id, opts.break_lease)?;
+        let opened = (|| {
+            let in_bucket: BTreeSet<u64> = store
+                .list(CHUNKS_DIR)?
+                .iter()
+                .filter_map(|(k, _)| parse_chunk_key(k))
+                .collect();
+            let origin = format!("{}|{}|{}", store.endpoint(), store.bucket(), store.prefix());
+            let (cache, states, how) =
+                CacheDir::open(&opts.cache_dir, &origin, m.volume_id, geometry)?;
+            Ok::<_, S3Error>((in_bucket, cache, states, how))
+        })();
+        let (in_bucket, cache, states, how) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                lease::release(&store, &lease);
+                return Err(e);
+            }
+        };
+        match how {
+            Opened::Empty => {}
+            Opened::Kept { dirty: 0, clean } => tracing::info!(
+                "s3: cache {} kept: {clean} clean chunks",
+                opts.cache_dir.display()
+            ),
+            Opened::Kept { dirty, clean } => tracing::warn!(
+                "s3: cache {} kept: {clean} clean chunks, {dirty} dirty ones to upload \
+                 (the last daemon stopped before uploading them)",
+                opts.cache_dir.display()
+            ),
+            Opened::DroppedAfterReboot { dirty } => tracing::warn!(
+                "s3: cache {} dropped: the machine restarted after the daemon stopped uncleanly; \
+                 {dirty} chunks written but never flushed are lost, as after a power cut",
+                opts.cache_dir.display()
+            ),
+        }
+        let table = Table::new(&states, &in_bucket);
+        let core = Arc::new(Core {
+            store,
+            geometry,
+            volume: m.volume_id,
+            cache,
+            state: Mutex::new(State {
+                table,
+                queue: VecDeque::new(),
+                queued: BTreeSet::new(),
+                last_read: None,
+            }),
+            cv: Condvar::new(),
+            cache_size: opts.cache_size,
+            writeback_delay: opts.writeback_delay,
+            start: Instant::now(),
+            counters: Counters::default(),
+        });
+        let mut target = S3Target {
+            core,
+            lease,
+            jobs: None,
+            threads: Vec::new(),
+        };
+        target.start(opts.upload_jobs)?;
+        Ok(target)
+    }
+
+    fn start(&mut self, upload_jobs: usize) -> Result<(), S3Error> {
+        let (tx, rx) = mpsc::channel::<(Deferred, Request)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(S3Error::Thread)
+        };
+        for i in 0..REQUEST_WORKERS {
+            let (core, rx) = (Arc::clone(&self.core), Arc::clone(&rx));
+            self.threads.push(spawn(
+                format!("s3-request-{i}"),
+                Box::new(move || loop {
+                    let job = lock(&rx).recv();
+                    let Ok((mut d, req)) = job else { break };
+                    let res = core.serve(req, d.data_mut());
+                    d.complete(match res {
+                        Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+                        Err(e) => -e.raw_os_error(),
+                    });
+                }),
+            )?);
+        }
+        for i in 0..upload_jobs {
+            let core = Arc::clone(&self.core);
+            self.threads.push(spawn(
+                format!("s3-transfer-{i}"),
+                Box::new(move || core.transfers()),
+            )?);
+        }
+        let core = Arc::clone(&self.core);
+        self.threads.push(spawn(
+            "s3-writeback".into(),
+            Box::new(move || core.writeback()),
+        )?);
+        self.jobs = Some(tx);
+        Ok(())
+    }
+
+    fn defer(&self, ctx: &mut Ctx<'_>) -> Submit {
+        let Some(tx) = &self.jobs else {
+            return Submit::Done(Err(Errno::IO));
+        };
+        match ctx.defer(0) {
+            Ok(d) => {
+                // A worker that is gone drops the job, which fails the request.
+                let _ = tx.send((d, *ctx.req()));
+                Submit::Pending
+            }
+            Err(e) => Submit::Done(Err(e)),
+        }
+    }
+
+    /// Upload every dirty chunk now and wait for it.
+    pub fn flush_all(&self) -> Result<(), Errno> {
+        self.core.flush(None)
+    }
+}
+
+impl Core {
+    fn cs(&self) -> u64 {
+        self.geometry.chunk_size()
+    }
+
+    /// The chunks `[offset, offset + len)` touches.
+    fn span(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        let first = offset / self.cs();
+        let last = (offset + len.max(1) - 1) / self.cs();
+        first..=last
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn persist(&self, i: u64, byte: u8) -> Result<(), Errno> {
+        self.cache.set_state(i, byte).map_err(|e| {
+            tracing::error!("s3: recording chunk {i}'s state in the cache: {e}");
+            Errno::IO
+        })
+    }
+
+    /// Pin the chunks of `req` and make writes dirty, if every chunk is
+    /// ready: cached, or (for a write) wholly covered. `None`: not ready.
+    fn pin(&self, st: &mut State, req: &Request) -> Option<Result<(), Errno>> {
+        let write = req.op != Op::Read;
+        let (start, end) = (req.offset, req.offset + u64::from(req.len));
+        let span = self.span(req.offset, u64::from(req.len));
+        for i in span.clone() {
+            let c = st.table.get(i);
+            let whole = start <= i * self.cs() && end >= i * self.cs() + self.geometry.chunk_len(i);
+            if c.busy.is_some() || !(c.resident || (write && whole)) {
+                return None;
+            }
+        }
+        let now = self.now_ms();
+        for i in span {
+            st.table.touch(i, now);
+            let c = st.table.get(i);
+            c.pins += 1;
+            if !write {
+                continue;
+            }
+            c.writers += 1;
+            let was = c.state_byte();
+            if !c.resident {
+                c.resident = true;
+                st.table.resident += 1;
+            }
+            let c = st.table.get(i);
+            if !c.dirty() {
+                c.dirty_since_ms = now;
+            }
+            c.last_write_ms = now;
+            c.restored = false;
+            st.table.bump(i);
+            // Dirty on record before the bytes change (see the cache docs).
+            if was != DIRTY {
+                if let Err(e) = self.persist(i, DIRTY) {
+                    self.unpin(st, req);
+                    return Some(Err(e));
+                }
+            }
+        }
+        Some(Ok(()))
+    }
+
+    fn unpin(&self, st: &mut State, req: &Request) {
+        let write = req.op != Op::Read;
+        for i in self.span(req.offset, u64::from(req.len)) {
+            let c = st.table.get(i);
+            c.pins = c.pins.saturating_sub(1);
+            if write {
+                c.writers = c.writers.saturating_sub(1);
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// Serve `req` from the cache if its chunks are ready; `None` if not.
+    fn try_cached(&self, req: &Request, data: Data<'_>) -> Option<Result<u32, Errno>> {
+        {
+            let mut st = lock(&self.state);
+            match self.pin(&mut st, req)? {
+                Ok(()) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            if req.op == Op::Read {
+                self.read_ahead(&mut st, req);
+            }
+        }
+        let len = u64::from(req.len);
+        let r = match (req.op, data) {
+            (Op::Read, Data::Out(out)) => self.cache.read(req.offset, out),
+            (Op::Write, Data::In(data)) => self.cache.write(req.offset, data),
+            (Op::Discard | Op::WriteZeroes, _) => self.cache.zero(req.offset, len),
+            _ => Ok(()),
+        };
+        self.unpin(&mut lock(&self.state), req);
+        Some(r.map(|()| req.len).map_err(|e| {
+            tracing::error!("s3: cache {:?} at {}+{len}: {e}", req.op, req.offset);
+            Errno::IO
+        }))
+    }
+
+    /// A read moved on to a new chunk right after the previous one: fetch
+    /// the next few in the background.
+    fn read_ahead(&self, st: &mut State, req: &Request) {
+        let span = self.span(req.offset, u64::from(req.len));
+        let (first, last) = (*span.start(), *span.end());
+        let sequential = st
+            .last_read
+            .is_some_and(|p| p + 1 == first || (p >= first && p < last));
+        let moved = st.last_read != Some(last);
+        st.last_read = Some(last);
+        if !(sequential && moved) {
+            return;
+        }
+        let count = self.geometry.chunk_count();
+        for i in (last + 1)..=(last + READ_AHEAD).min(count.saturating_sub(1)) {
+            let c = st.table.get(i);
+            if !c.resident && c.busy.is_none() {
+                queue(st, Task::Fetch(i));
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// A request worker: serve `req`, waiting for the bucket as needed.
+    fn serve(&self, req: Request, data: &mut [u8]) -> Result<u32, Errno> {
+        if req.op == Op::Flush {
+            return self.flush(None).map(|()| 0);
+        }
+        let span = self.span(req.offset, u64::from(req.len));
+        let mut done = None;
+        // Eviction may take a chunk back between the fetch and the access:
+        // a few tries, each fetching what is missing.
+        for _ in 0..8 {
+            for i in span.clone() {
+                let partial = {
+                    let start = i * self.cs();
+                    let end = start + self.geometry.chunk_len(i);
+                    req.offset > start || req.offset + u64::from(req.len) < end
+                };
+                if req.op == Op::Read || partial {
+                    self.ensure_cached(i)?;
+                }
+            }
+            let data = if req.op == Op::Read {
+                Data::Out(&mut *data)
+            } else {
+                Data::In(&*data)
+            };
+            if let Some(r) = self.try_cached(&req, data) {
+                done = Some(r?);
+                break;
+            }
+        }
+        let n = done.ok_or_else(|| {
+            tracing::error!(
+                "s3: chunks of {:?} at {} kept leaving the cache",
+                req.op,
+                req.offset
+            );
+            Errno::IO
+        })?;
+        if req.op == Op::Write && req.flags.contains(Flags::FUA) {
+            self.flush(Some(span))?;
+        }
+        Ok(n)
+    }
+
+    /// Make chunk `i` cached, fetching it if needed.
+    fn ensure_cached(&self, i: u64) -> Result<(), Errno> {
+        let mut st = lock(&self.state);
+        loop {
+            let c = st.table.get(i);
+            if c.busy.is_some() {
+                st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            if c.resident {
+                return Ok(());
+            }
+            c.busy = Some(Busy::Fetch);
+            let in_bucket = c.in_bucket;
+            drop(st);
+            let r = self.fetch(i, in_bucket);
+            st = lock(&self.state);
+            let c = st.table.get(i);
+            c.busy = None;
+            if r.is_ok() {
+                c.resident = true;
+                st.table.resident += 1;
+                st.table.touch(i, self.now_ms());
+            }
+            self.cv.notify_all();
+            return r;
+        }
+    }
+
+    /// Bring chunk `i` from the bucket into the cache (the caller holds it busy).
+    fn fetch(&self, i: u64, in_bucket: bool) -> Result<(), Errno> {
+        let at = i * self.cs();
+        let len = self.geometry.chunk_len(i);
+        // Whatever a crash left there goes: the chunk is absent.
+        let mut r = self.cache.zero(at, len).map_err(|e| {
+            tracing::error!("s3: clearing chunk {i} in the cache: {e}");
+            Errno::IO
+        });
+        if r.is_ok() && in_bucket {
+            r = match self.store.get(&chunk_key(i)) {
+                Ok(Some(obj)) => match decode_chunk(&obj, self.volume, i, len) {
+                    Ok(payload) => {
+                        self.counters.fetched.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .fetched_bytes
+                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                        if is_all_zero(&payload) {
+                            Ok(())
+                        } else {
+                            self.cache.write(at, &payload).map_err(|e| {
+                                tracing::error!("s3: writing chunk {i} into the cache: {e}");
+                                Errno::IO
+                            })
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("s3: fetched chunk refused: {e}");
+                        Err(Errno::IO)
+                    }
+                },
+                // Listed at open but gone: reads as zeroes, as any missing chunk.
+                Ok(None) => Ok(()),
+                Err(e) => {
+                    tracing::error!("s3: fetching chunk {i}: {e}");
+                    Err(Errno::IO)
+                }
+            };
+        }
+        if r.is_err() {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            return r;
+        }
+        self.persist(i, CLEAN)
+    }
+
+    /// Upload the dirty chunks (all, or those in `only`) as they are now,
+    /// and wait until the bucket has them.
+    fn flush(&self, only: Option<std::ops::RangeInclusive<u64>>) -> Result<(), Errno> {
+        let mut st = lock(&self.state);
+        let want: Vec<(u64, u64)> = match &only {
+            None => st.table.dirty.iter().copied().collect::<Vec<u64>>(),
+            Some(r) => st.table.dirty.range(r.clone()).copied().collect(),
+        }
+        .into_iter()
+        .map(|i| (i, st.table.get(i).gen))
+        .collect();
+        for &(i, _) in &want {
+            st.table.get(i).upload_failed = false;
+            queue(&mut st, Task::Upload(i));
+        }
+        self.cv.notify_all();
+        loop {
+            let mut pending = false;
+            for &(i, gen) in &want {
+                let c = st.table.get(i);
+                if c.uploaded >= gen {
+                    continue;
+                }
+                if c.upload_failed && !c.uploading && !st.queued.contains(&Task::Upload(i)) {
+                    tracing::error!(
+                        "s3: flush failed: chunk {i} could not be uploaded; it stays dirty in \
+                         the cache and uploads when the bucket is reachable"
+                    );
+                    return Err(Errno::IO);
+                }
+                pending = true;
+            }
+            if !pending {
+                return Ok(());
+            }
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_secs(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// A transfer worker: uploads and read-aheads until closing.
+    fn transfers(&self) {
+        let mut buf = Vec::new();
+        loop {
+            let task = {
+                let mut st = lock(&self.state);
+                loop {
+                    // Closing: the last flush is done; what is left stays
+                    // dirty in the cache for the next daemon.
+                    if st.table.closing {
+                        return;
+                    }
+                    if let Some(t) = st.queue.pop_front() {
+                        st.queued.remove(&t);
+                        break t;
+                    }
+                    st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            match task {
+                Task::Upload(i) => self.upload(i, &mut buf),
+                Task::Fetch(i) => {
+                    // A failed read-ahead is retried by the read itself.
+                    let _ = self.ensure_cached(i);
+                }
+            }
+        }
+    }
+
+    /// Upload chunk `i` if it is dirty.
+    fn upload(&self, i: u64, buf: &mut Vec<u8>) {
+        let (gen, in_bucket) = {
+            let mut st = lock(&self.state);
+            loop {
+                let c = st.table.get(i);
+                if !c.dirty() {
+                    return;
+                }
+                // One upload per chunk at a time, and never with a writer
+                // half-way: the bytes read must hold every write of `gen`.
+                if c.uploading || c.writers > 0 || c.busy.is_some() {
+                    st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+                c.uploading = true;
+                break (c.gen, c.in_bucket);
+            }
+        };
+        let len = usize::try_from(self.geometry.chunk_len(i)).unwrap_or(0);
+        buf.resize(len, 0);
+        let r = self
+            .cache
+            .read(i * self.cs(), buf)
+            .map_err(|e| format!("reading it from the cache: {e}"))
+            .and_then(|()| {
+                if is_all_zero(buf) {
+                    // Nothing stored for zeroes: drop the object, if any.
+                    if !in_bucket {
+                        return Ok(false);
+                    }
+                    self.store
+                        .delete(&chunk_key(i))
+                        .map(|()| false)
+                        .map_err(|e| e.to_string())
+                } else {
+                    encode_chunk(self.volume, i, buf)
+                        .map_err(|e| e.to_string())
+                        .and_then(|obj| {
+                            self.store
+                                .put(&chunk_key(i), Bytes::from(obj))
+                                .map_err(|e| e.to_string())
+                        })
+                        .map(|()| true)
+                }
+            });
+        let mut st = lock(&self.state);
+        let c = st.table.get(i);
+        c.uploading = false;
+        match r {
+            Ok(stored) => {
+                c.uploaded = c.uploaded.max(gen);
+                c.in_bucket = stored;
+                c.upload_failed = false;
+                let clean = !c.dirty();
+                if clean {
+                    st.table.dirty.remove(&i);
+                    // Clean on record only after the bucket has it; a crash
+                    // before this uploads the same bytes again.
+                    let _ = self.persist(i, CLEAN);
+                }
+                if stored {
+                    self.counters.uploaded.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .uploaded_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                } else {
+                    self.counters.deleted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                c.upload_failed = true;
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("s3: uploading chunk {i}: {e}");
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// The write-back thread: queue uploads of idle dirty chunks, evict
+    /// clean ones over the cache size.
+    fn writeback(&self) {
+        let delay = u64::try_from(self.writeback_delay.as_millis()).unwrap_or(u64::MAX);
+        // Past half the cache in dirty chunks, upload without waiting.
+        let dirty_limit = (self.cache_size / 2 / self.cs()).max(1);
+        let cap = (self.cache_size / self.cs()).max(1);
+        loop {
+            let evict = {
+                let st = lock(&self.state);
+                let mut st = self
+                    .cv
+                    .wait_timeout(st, WRITEBACK_TICK)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                if st.table.closing {
+                    return;
+                }
+                let now = self.now_ms();
+                let hurry = st.table.dirty.len() as u64 > dirty_limit;
+                let due: Vec<u64> = st
+                    .table
+                    .dirty
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        let c = &st.table.chunks[usize::try_from(i).unwrap_or(0)];
+                        let idle = now.saturating_sub(c.last_write_ms) >= delay;
+                        let old = now.saturating_sub(c.dirty_since_ms) >= delay.saturating_mul(4);
+                        !c.uploading && (hurry || idle || old || c.restored)
+                    })
+                    .collect();
+                let mut queued = false;
+                for i in due {
+                    if !st.queued.contains(&Task::Upload(i)) {
+                        queue(&mut st, Task::Upload(i));
+                        queued = true;
+                    }
+                }
+                if queued {
+                    self.cv.notify_all();
+                }
+                let over = st.table.resident.saturating_sub(cap);
+                if over > 0 {
+                    // A little below the cap, so eviction runs in batches.
+                    let n = usize::try_from(over + cap / 16).unwrap_or(1);
+                    st.table
+                        .eviction_candidates(n, now.saturating_sub(EVICT_MIN_IDLE_MS))
+                } else {
+                    Vec::new()
+                }
+            };
+            for i in evict {
+                self.evict(i);
+            }
+        }
+    }
+
+    /// Drop clean chunk `i` from the cache, if it is still idle and clean.
+    fn evict(&self, i: u64) {
+        {
+            let mut st = lock(&self.state);
+            let c = st.table.get(i);
+            if !c.resident || c.dirty() || c.pins > 0 || c.busy.is_some() || c.uploading {
+                return;
+            }
+            c.busy = Some(Busy::Evict);
+            c.resident = false;
+            st.table.resident = st.table.resident.saturating_sub(1);
+        }
+        // Absent on record before the bytes go; a crash between re-fetches.
+        let r = self.persist(i, super::cache::ABSENT).and_then(|()| {
+            self.cache
+                .zero(i * self.cs(), self.geometry.chunk_len(i))
+                .map_err(|_| Errno::IO)
+        });
+        if r.is_ok() {
+            self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut st = lock(&self.state);
+        st.table.get(i).busy = None;
+        self.cv.notify_all();
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        json!({
+            "fetched": n(&c.fetched),
+            "fetched_bytes": n(&c.fetched_bytes),
+            "uploaded": n(&c.uploaded),
+            "uploaded_bytes": n(&c.uploaded_bytes),
+            "deleted": n(&c.deleted),
+            "evicted": n(&c.evicted),
+            "failed": n(&c.failed),
+        })
+    }
+}
+
+/// A request's data, for the cache.
+enum Data<'a> {
+    /// Where a read's bytes go.
+    Out(&'a mut [u8]),
+    /// A write's bytes (empty for the others).
+    In(&'a [u8]),
+}
+
+fn queue(st: &mut State, t: Task) {
+    if st.queued.insert(t) {
+        st.queue.push_back(t);
+    }
+}
+
+impl Target for S3Target {
+    fn caps(&self) -> Caps {
+        let range = RangeOpCaps {
+            granularity: 4096,
+            max_bytes: MAX_RANGE_OP_BYTES,
+        };
+        Caps {
+            physical_block_size: 4096,
+            volatile_cache: true,
+            fua: true,
+            discard: Some(range),
+            write_zeroes: Some(range),
+            ..Caps::new(self.core.geometry.size())
+        }
+    }
+
+    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+        let req = *ctx.req();
+        match req.op {
+            Op::Flush => {
+                if lock(&self.core.state).table.dirty.is_empty() {
+                    return Submit::Done(Ok(0));
+                }
+                self.defer(ctx)
+            }
+            // FUA waits for an upload: never on this thread.
+            Op::Write if req.flags.contains(Flags::FUA) => self.defer(ctx),
+            Op::Read => match self.core.try_cached(&req, Data::Out(ctx.data_mut())) {
+                Some(r) => Submit::Done(r),
+                None => self.defer(ctx),
+            },
+            _ => match self.core.try_cached(&req, Data::In(ctx.data())) {
+                Some(r) => Submit::Done(r),
+                None => self.defer(ctx),
+            },
+        }
+    }
+
+    fn complete(&self, ctx: &mut Ctx<'_>, _step: u16, res: i32) -> Submit {
+        Submit::Done(ring_result(res).map(|_| ctx.done_bytes()))
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        let st = lock(&self.core.state);
+        let end = offset + len;
+        let mut at = offset;
+        let first = out.len();
+        while at < end && out.len() - first < MAX_EXTENTS {
+            let i = at / self.core.cs();
+            let chunk_end = (i * self.core.cs() + self.core.geometry.chunk_len(i)).min(end);
+            let c = &st.table.chunks[usize::try_from(i).map_err(|_| Errno::INVAL)?];
+            let hole = !c.resident && !c.in_bucket;
+            let e = if hole {
+                Extent::hole(chunk_end - at)
+            } else {
+                Extent::data(chunk_end - at)
+            };
+            let ours = out.len() > first;
+            match out.last_mut() {
+                Some(last) if ours && last.hole == e.hole && last.zero == e.zero => {
+                    last.len += e.len;
+                }
+                _ => out.push(e),
+            }
+            at = chunk_end;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        json!({
+            "type": "s3",
+            "endpoint": self.core.store.endpoint(),
+            "bucket": self.core.store.bucket(),
+            "prefix": self.core.store.prefix(),
+            "size": self.core.geometry.size(),
+            "chunk_size": self.core.cs(),
+            "cache_dir": self.core.cache.path(),
+            "cache_size": self.core.cache_size,
+            "volume": self.core.volume.to_string(),
+        })
+    }
+}
+
+impl Drop for S3Target {
+    fn drop(&mut self) {
+        // Everything written goes up before the daemon lets go.
+        let flushed = self.core.flush(None);
+        {
+            let mut st = lock(&self.core.state);
+            st.table.closing = true;
+        }
+        self.core.cv.notify_all();
+        drop(self.jobs.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let dirty = lock(&self.core.state).table.dirty.len();
+        tracing::info!("s3: closing; {}", self.core.summary());
+        // Clean close: the cache is trusted even after a reboot.
+        if let Some(core) = Arc::get_mut(&mut self.core) {
+            if let Err(e) = core.cache.close_clean() {
+                tracing::warn!("s3: closing the cache: {e}");
+            }
+        }
+        if flushed.is_ok() && dirty == 0 {
+            lease::release(&self.core.store, &self.lease);
+        } else {
+            tracing::warn!(
+                "s3: {dirty} dirty chunks could not be uploaded; they stay in {} and upload when \
+                 the volume is next opened with this cache, and the lease stays so no other host \
+                 serves the volume without them",
+                self.core.cache.path().display()
+            );
+        }
+    }
+}

@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# Suite of the s3 target, against a real S3 server on loopback (s3s-fs,
+# tests/s3/server.sh), on ublk devices (in the VM: vm/suite/s3.sh) or on a
+# loop device over the FUSE frontend (the host: --frontend fuse):
+#   - clear errors: endpoint down, wrong credentials, no bucket, no volume
+#     and no --size, size or chunk-size mismatch;
+#   - fio write+verify; ext4 mkfs/files/fsck; after `del`, a new daemon with
+#     an empty cache reads everything back from the bucket alone;
+#   - all-zero chunks are not stored: discard deletes their objects;
+#   - kill -9 while writing: fsync'd data survives, the dirty chunks the
+#     dead daemon left in the cache upload after the restart (ublk: `userblk
+#     recover` with the device kept; FUSE: a new device on the same cache),
+#     unflushed ones included;
+#   - server down: fsync fails with EIO after the retry budget, data stays
+#     cached, and service resumes when the server is back;
+#   - one writer: a second daemon on the volume is refused; a stale lease of
+#     another host is broken only with --break-lease;
+#   - a cache smaller than the data: clean chunks are evicted and fetched
+#     again, verified.
+# Runs as root; everything lives in a private state directory and is
+# deleted by id. Usage: bash tests/s3/suite.sh [--frontend fuse|ublk]
+# (USERBLK overrides the binary; ONLY=regex runs matching cases)
+set -u
+cd "$(dirname "$0")/../.."
+. vm/suite/lib.sh
+
+FRONTEND=fuse
+while [ $# -gt 0 ]; do
+    case $1 in
+        --frontend) FRONTEND=$2; shift 2 ;;
+        *) echo "unknown argument $1"; exit 2 ;;
+    esac
+done
+case $FRONTEND in fuse|ublk) ;; *) echo "--frontend fuse or ublk"; exit 2 ;; esac
+
+[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
+
+WORK=$(mktemp -d /var/tmp/userblk-s3.XXXXXX)
+export USERBLK_STATE_DIR=$WORK/state
+MNT=$WORK/mnt
+mkdir -p "$MNT"
+SERVER=tests/s3/server.sh
+DATA=$WORK/s3
+PORT=$((20000 + RANDOM % 20000))
+EP=http://127.0.0.1:$PORT
+export AWS_ACCESS_KEY_ID=userblk-test-key AWS_SECRET_ACCESS_KEY=userblk-test-secret
+unset AWS_ENDPOINT_URL AWS_REGION AWS_SESSION_TOKEN AWS_PROFILE
+
+# One server for the suite (cases run in subshells: its pid lives in a file).
+server_up() { S3S_LOG=$WORK/s3s.log bash "$SERVER" start "$DATA" "$PORT" >"$WORK/s3s.pid"; }
+server_down() {
+    [ -s "$WORK/s3s.pid" ] && bash "$SERVER" stop "$(cat "$WORK/s3s.pid")"
+    rm -f "$WORK/s3s.pid"
+}
+
+cleanup() {
+    local f
+    umount "$MNT" 2>/dev/null || true
+    for f in "$USERBLK_STATE_DIR"/*.json; do
+        [ -e "$f" ] || continue
+        ub del -n "$(basename "$f" .json)" >/dev/null 2>&1 || true
+    done
+    server_down || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+have_server() {
+    have_frontend
+    [ -x "$(bash "$SERVER" path)" ] || skip "s3s-fs is not installed (tests/s3/server.sh install)"
+    [ -s "$WORK/s3s.pid" ] || server_up
+}
+
+needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
+
+# The frontend's add options.
+if [ "$FRONTEND" = fuse ]; then FE="--frontend fuse --loop"; else FE="--frontend ublk"; fi
+
+# Skip the case when this machine lacks the frontend.
+have_frontend() {
+    if [ "$FRONTEND" = fuse ]; then
+        [ -e /dev/fuse ] && [ -e /dev/loop-control ] || skip "no FUSE or no loop devices"
+    else
+        [ -e /dev/ublk-control ] || modprobe ublk_drv 2>/dev/null || true
+        [ -e /dev/ublk-control ] || skip "no ublk in this kernel"
+    fi
+}
+
+# add_s3 BUCKET PREFIX CACHE [OPTIONS...]: a device; prints "ID BLOCKDEV".
+add_s3() {
+    local b=$1 p=$2 c=$3 out id dev; shift 3
+    mkdir -p "$DATA/$b"
+    # With stderr: what the target logs while opening comes before the daemon's log.
+    # shellcheck disable=SC2086
+    out=$(ub add s3 --endpoint "$EP" --bucket "$b" --prefix "$p" --cache-dir "$c" "$@" \
+        $FE 2>&1) || { echo "$out" >&2; return 1; }
+    echo "$out" >&2
+    echo "$out" >"$WORK/add.out"
+    id=$(dev_id_of "$out")
+    if [ "$FRONTEND" = fuse ]; then
+        dev=$(sed -n 's/.*frontend [a-z]* block \([^ ]*\).*/\1/p' <<<"$out")
+    else
+        dev=/dev/ublkb$id
+    fi
+    [ -n "$id" ] && [ -b "$dev" ] || die "add printed no id or block device"
+    echo "$id $dev"
+}
+
+daemon_pid() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["pid"])'; }
+
+# Chunk objects of a volume, as s3s-fs stores them (a file per object).
+objects() { { find "$DATA/$1/$2/chunks" -type f 2>/dev/null || true; } | wc -l; }
+
+case_errors() {
+    needs mkfs.ext4
+    have_server
+    mkdir -p "$DATA/berr"
+    expect_fail "unreachable" ub add s3 --endpoint http://127.0.0.1:1 --bucket berr --size 64M \
+        --cache-dir "$WORK/c-err" $FE
+    expect_fail "credentials rejected" env AWS_SECRET_ACCESS_KEY=wrong "$USERBLK" add s3 \
+        --endpoint "$EP" --bucket berr --size 64M --cache-dir "$WORK/c-err" $FE
+    expect_fail "does not exist" ub add s3 --endpoint "$EP" --bucket nosuchbucket --size 64M \
+        --cache-dir "$WORK/c-err" $FE
+    expect_fail "give --size to create one" ub add s3 --endpoint "$EP" --bucket berr \
+        --prefix none --cache-dir "$WORK/c-err" $FE
+    expect_fail "chunk size 1000 is invalid" ub add s3 --endpoint "$EP" --bucket berr \
+        --prefix v --size 64M --chunk-size 1000 --cache-dir "$WORK/c-err" $FE
+    local id dev
+    read -r id dev < <(add_s3 berr v "$WORK/c-err" --size 64M --chunk-size 1M)
+    ub del -n "$id"
+    expect_fail "volume size mismatch" ub add s3 --endpoint "$EP" --bucket berr --prefix v \
+        --size 32M --cache-dir "$WORK/c-err" $FE
+    expect_fail "chunk size mismatch" ub add s3 --endpoint "$EP" --bucket berr --prefix v \
+        --chunk-size 2M --cache-dir "$WORK/c-err" $FE
+    expect_fail "--writeback-delay" ub add s3 --endpoint "$EP" --bucket berr --prefix v \
+        --writeback-delay=-1 --cache-dir "$WORK/c-err" $FE
+    [ -s "$DATA/berr/v/manifest.json" ] || die "no manifest object"
+    echo "note: manifest: $(tr -d " \n" <"$DATA/berr/v/manifest.json")"
+}
+
+case_fio_ext4_and_reopen_from_the_bucket() {
+    needs fio mkfs.ext4 e2fsck
+    have_server
+    local id dev sum1 sum2
+    read -r id dev < <(add_s3 bkt1 vol "$WORK/c1" --size 256M --chunk-size 1M)
+    fio --name=v --filename="$dev" --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+        --ioengine=libaio --size=32M --offset=200M --verify=crc32c --do_verify=1 --verify_state_save=0 \
+        --output-format=terse >/dev/null || die "fio verify failed"
+    # ext4 on the first 128 MiB only: fio's data at 200 MiB stays as it is.
+    mkfs.ext4 -q -F -E nodiscard "$dev" 128M
+    mount "$dev" "$MNT"
+    dd if=/dev/urandom of="$MNT/big" bs=1M count=40 status=none
+    cp -r crates "$MNT/"
+    sum1=$(cd "$MNT" && find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum)
+    umount "$MNT"
+    e2fsck -fn "$dev" >/dev/null || die "fsck found problems"
+    ub del -n "$id"
+    [ "$(objects bkt1 vol)" -gt 40 ] || die "only $(objects bkt1 vol) chunk objects after del"
+    # A new cache: everything comes from the bucket.
+    read -r id dev < <(add_s3 bkt1 vol "$WORK/c1-new")
+    e2fsck -fn "$dev" >/dev/null || die "fsck of the volume read back from the bucket"
+    mount -o ro "$dev" "$MNT"
+    sum2=$(cd "$MNT" && find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum)
+    umount "$MNT"
+    [ "$sum1" = "$sum2" ] || die "files differ after a re-add from the bucket alone"
+    fio --name=v --filename="$dev" --direct=1 --rw=randread --bs=4k --iodepth=16 \
+        --ioengine=libaio --size=32M --offset=200M --verify=crc32c --verify_only --verify_state_save=0 \
+        --output-format=terse >/dev/null || die "fio data lost after the re-add"
+    ub del -n "$id"
+    echo "note: $(objects bkt1 vol) chunk objects of 256 for a 256 MiB volume, ext4 + fio data intact from the bucket alone"
+}
+
+case_zero_chunks_are_not_stored() {
+    needs blkdiscard
+    have_server
+    local id dev n0 n1 n2
+    read -r id dev < <(add_s3 bkt2 z "$WORK/c2" --size 64M --chunk-size 1M)
+    n0=$(objects bkt2 z)
+    dd if=/dev/urandom of="$dev" bs=1M count=8 seek=4 oflag=direct conv=fsync status=none
+    n1=$(objects bkt2 z)
+    # Zeroes written as data are not stored either.
+    dd if=/dev/zero of="$dev" bs=1M count=2 seek=20 oflag=direct conv=fsync status=none
+    blkdiscard -o $((6 << 20)) -l $((4 << 20)) "$dev"
+    sync "$dev"; blockdev --flushbufs "$dev"
+    python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); os.fsync(fd)' "$dev"
+    n2=$(objects bkt2 z)
+    echo "note: objects: $n0 new, $n1 after 8 MiB written, $n2 after discarding 4 of them and writing 2 MiB of zeroes"
+    [ "$n0" = 0 ] && [ "$n1" = 8 ] && [ "$n2" = 4 ] || die "expected 0, 8, 4 chunk objects"
+    cmp -n $((2 << 20)) "$dev" /dev/zero -i $((6 << 20)):0 || die "discarded range does not read as zeroes"
+    ub del -n "$id"
+}
+
+case_kill9_dirty_chunks_upload_after_restart() {
+    have_server
+    local id dev pid a b n0
+    local rec=()
+    [ "$FRONTEND" = ublk ] && rec=(-r)
+    read -r id dev < <(add_s3 bkt3 k "$WORK/c3" --size 64M --chunk-size 1M --writeback-delay 600 "${rec[@]}")
+    head -c $((3 << 20)) /dev/urandom >"$WORK/a"
+    head -c $((2 << 20)) /dev/urandom >"$WORK/b"
+    # A: fsync'd (uploaded by the flush). B: written, never flushed.
+    dd if="$WORK/a" of="$dev" bs=1M seek=1 oflag=direct conv=fsync status=none
+    n0=$(objects bkt3 k)
+    dd if="$WORK/b" of="$dev" bs=1M seek=10 oflag=direct status=none
+    [ "$(objects bkt3 k)" = "$n0" ] || die "unflushed chunks uploaded before the write-back delay"
+    pid=$(daemon_pid "$id")
+    kill -9 "$pid"
+    wait_for 10 sh -c "! kill -0 $pid 2>/dev/null"
+    # Same cache, same boot: the dirty chunks are uploaded at once, no flush needed.
+    if [ "$FRONTEND" = ublk ]; then
+        # The device stayed (QUIESCED); a new daemon takes over its queues.
+        ub recover -n "$id" >"$WORK/add.out" 2>&1 || { cat "$WORK/add.out"; die "recover failed"; }
+        [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE after recover"
+    else
+        ub del -n "$id" >/dev/null 2>&1 || true
+        read -r id dev < <(add_s3 bkt3 k "$WORK/c3" --writeback-delay 600)
+    fi
+    grep -q "dirty ones to upload" "$WORK/add.out" || die "the cache was not kept"
+    wait_for 20 sh -c "[ \$(find '$DATA/bkt3/k/chunks' -type f | wc -l) -ge $((n0 + 2)) ]" \
+        || die "the dead daemon's dirty chunks were not uploaded ($(objects bkt3 k) objects)"
+    cmp -n $((3 << 20)) "$dev" "$WORK/a" -i $((1 << 20)):0 || die "fsync'd data lost"
+    cmp -n $((2 << 20)) "$dev" "$WORK/b" -i $((10 << 20)):0 || die "cached data lost"
+    ub del -n "$id"
+    read -r id dev < <(add_s3 bkt3 k "$WORK/c3-fresh")
+    cmp -n $((3 << 20)) "$dev" "$WORK/a" -i $((1 << 20)):0 || die "fsync'd data not in the bucket"
+    cmp -n $((2 << 20)) "$dev" "$WORK/b" -i $((10 << 20)):0 || die "dirty data not in the bucket"
+    ub del -n "$id"
+    echo "note: after kill -9 ($([ "$FRONTEND" = ublk ] && echo "and recover" || echo "and a new daemon")): $n0 objects -> $(objects bkt3 k) without a flush; fsync'd and cached-dirty data read back from the bucket"
+}
+
+case_server_down_flush_fails_then_resumes() {
+    have_server
+    local id dev rc=0 t0 took
+    read -r id dev < <(add_s3 bkt4 d "$WORK/c4" --size 64M --chunk-size 1M --retry-budget 3)
+    head -c $((1 << 20)) /dev/urandom >"$WORK/d1"
+    dd if="$WORK/d1" of="$dev" bs=1M seek=5 oflag=direct conv=fsync status=none
+    server_down
+    head -c $((1 << 20)) /dev/urandom >"$WORK/d2"
+    t0=$SECONDS
+    dd if="$WORK/d2" of="$dev" bs=1M seek=7 oflag=direct conv=fsync status=none 2>"$WORK/dd.err" || rc=$?
+    took=$((SECONDS - t0))
+    echo "fsync with the server down: exit $rc after $took s: $(cat "$WORK/dd.err")"
+    [ "$rc" != 0 ] || die "fsync succeeded with the server down"
+    # Cached data still reads.
+    cmp -n $((1 << 20)) "$dev" "$WORK/d2" -i $((7 << 20)):0 || die "cached write unreadable while the server is down"
+    server_up
+    python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); os.fsync(fd)' "$dev" \
+        || die "fsync still fails with the server back"
+    ub del -n "$id"
+    read -r id dev < <(add_s3 bkt4 d "$WORK/c4-fresh")
+    cmp -n $((1 << 20)) "$dev" "$WORK/d1" -i $((5 << 20)):0 || die "first write lost"
+    cmp -n $((1 << 20)) "$dev" "$WORK/d2" -i $((7 << 20)):0 || die "write made while the server was down lost"
+    ub del -n "$id"
+    echo "note: with the server down, fsync failed with EIO after $took s (--retry-budget 3); with it back, the data uploaded"
+}
+
+case_one_writer() {
+    have_server
+    local id dev id2 dev2
+    read -r id dev < <(add_s3 bkt5 l "$WORK/c5" --size 64M --chunk-size 1M)
+    expect_fail "volume is in use" ub add s3 --endpoint "$EP" --bucket bkt5 --prefix l \
+        --cache-dir "$WORK/c5-other" $FE
+    expect_fail "in use by another daemon" ub add s3 --endpoint "$EP" --bucket bkt5 --prefix l2 \
+        --size 64M --cache-dir "$WORK/c5" $FE
+    ub del -n "$id"
+    [ ! -e "$DATA/bkt5/l/lease.json" ] || die "lease left after del"
+    # A lease of another host: honoured, broken only when asked.
+    printf '{"volume_id":"%s","host":"elsewhere","pid":1,"acquired_unix":1}' \
+        "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["volume_id"])' "$DATA/bkt5/l/manifest.json")" \
+        >"$DATA/bkt5/l/lease.json"
+    expect_fail "elsewhere pid 1 holds its lease" ub add s3 --endpoint "$EP" --bucket bkt5 \
+        --prefix l --cache-dir "$WORK/c5" $FE
+    read -r id2 dev2 < <(add_s3 bkt5 l "$WORK/c5" --break-lease)
+    grep -q "breaking the lease" "$WORK/add.out" || die "no warning about the broken lease"
+    ub del -n "$id2"
+}
+
+case_small_cache_evicts_and_refetches() {
+    have_server
+    local id dev used
+    read -r id dev < <(add_s3 bkt6 e "$WORK/c6" --size 128M --chunk-size 1M --cache-size 8M \
+        --writeback-delay 0.2)
+    head -c $((48 << 20)) /dev/urandom >"$WORK/e"
+    dd if="$WORK/e" of="$dev" bs=1M oflag=direct conv=fsync status=none
+    wait_for 20 sh -c "[ \$(du -k '$WORK/c6/data' | cut -f1) -le $((16 << 10)) ]" \
+        || die "cache data file holds $(du -k "$WORK/c6/data" | cut -f1) KiB with an 8 MiB cache"
+    used=$(du -k "$WORK/c6/data" | cut -f1)
+    cmp -n $((48 << 20)) "$dev" "$WORK/e" || die "data read back through a small cache differs"
+    ub del -n "$id"
+    echo "note: 48 MiB written through an 8 MiB cache: $used KiB cached after write-back, read back identical"
+}
+
+case_run "errors: endpoint, credentials, bucket, volume, sizes" case_errors
+case_run "fio verify, ext4, re-add from the bucket alone" case_fio_ext4_and_reopen_from_the_bucket
+case_run "all-zero chunks are not stored, discard deletes" case_zero_chunks_are_not_stored
+case_run "kill -9: dirty chunks upload after restart" case_kill9_dirty_chunks_upload_after_restart
+case_run "server down: fsync EIO, then resumes" case_server_down_flush_fails_then_resumes
+case_run "one writer: lease, cache lock, --break-lease" case_one_writer
+case_run "small cache: evict and fetch again" case_small_cache_evicts_and_refetches
+summary
