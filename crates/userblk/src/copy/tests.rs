@@ -58,6 +58,13 @@ fn sparse_source() -> Arc<dyn Target> {
 /// Data bytes of `sparse_source`, in whole 4 KiB blocks.
 const SOURCE_DATA: u64 = MIB + 12288 + 4096;
 
+/// A ring-native destination that records its requests. It tells its
+/// requests apart by slot, and every worker's engine has only slot 0, so
+/// copies into it run one worker (files cover several ring-native workers).
+fn recording_destination(size: u64) -> (Arc<dyn Target>, crate::filters::testing::Seen) {
+    ring_probe(n(size))
+}
+
 fn file(path: &Path, size: u64) -> Arc<dyn Target> {
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -100,11 +107,11 @@ fn sparse_source_copies_to_an_identical_fresh_destination() {
 #[test]
 fn holes_and_zero_blocks_never_reach_a_fresh_destination() {
     let src = sparse_source();
-    let (dst, seen) = ring_probe(n(16 * MIB));
+    let (dst, seen) = recording_destination(16 * MIB);
     let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
         .unwrap()
         .fresh_destination(true)
-        .jobs(3)
+        .jobs(1)
         .run(&Progress::new())
         .unwrap();
     let reqs = seen.take();
@@ -175,12 +182,13 @@ fn zeroes_without_write_zeroes_and_only_where_needed() {
     // A destination without write-zeroes gets zero buffers, and only where
     // it does not already read as zeroes (the probe's extents say which).
     let src = sparse_source();
-    let (probe, seen) = ring_probe(n(16 * MIB));
+    let (probe, seen) = recording_destination(16 * MIB);
     write(&*probe, 3 * MIB, &pattern(4, 8192));
     let dst: Arc<dyn Target> = Arc::new(Recap(probe, no_zeroes));
     seen.take();
     let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
         .unwrap()
+        .jobs(1)
         .run(&Progress::new())
         .unwrap();
     assert!(contents(&*src) == contents(&*dst), "contents differ");
@@ -228,7 +236,7 @@ fn requests_fit_both_sides_blocks_and_limits() {
     write(&src, 512, &pattern(5, 512));
     write(&src, 3 * MIB + 1536, &pattern(6, 1024));
     let src: Arc<dyn Target> = Arc::new(src);
-    let (probe, seen) = ring_probe(n(4 * MIB));
+    let (probe, seen) = recording_destination(4 * MIB);
     let dst: Arc<dyn Target> = Arc::new(Recap(probe, |c| Caps {
         logical_block_size: 4096,
         max_request: Some(65536),
@@ -236,6 +244,7 @@ fn requests_fit_both_sides_blocks_and_limits() {
     }));
     let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
         .unwrap()
+        .jobs(1)
         .fresh_destination(true)
         .run(&Progress::new())
         .unwrap();
@@ -417,9 +426,10 @@ fn a_file_source_copies_its_holes_as_holes() {
         })
         .unwrap(),
     );
-    let (dst, seen) = ring_probe(n(32 * MIB));
+    let (dst, seen) = recording_destination(32 * MIB);
     let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
         .unwrap()
+        .jobs(1)
         .fresh_destination(true)
         .run(&Progress::new())
         .unwrap();
