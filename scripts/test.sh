@@ -35,6 +35,9 @@ step "host suite: cow and cache filters (a read-only image, nbdkit)" && as_root 
 step "host suite: qcow2 target against qemu-img (v2/v3, compressed, backing chains, ext4, kill -9, corrupt images)"
 as_root bash tests/host/qcow2.sh
 
+step "host suite: userblk copy (raw/qcow2/nbd round trips, holes, existing destinations, SIGINT, --resume)"
+as_root bash tests/host/copy.sh
+
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
 as_root bash tests/crash/crash.sh --frontend fuse --rounds 40
 
