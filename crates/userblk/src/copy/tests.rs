@@ -65,6 +65,18 @@ fn recording_destination(size: u64) -> (Arc<dyn Target>, crate::filters::testing
     ring_probe(n(size))
 }
 
+/// A file target on `path` through the page cache.
+fn open_file(path: &Path, read_only: bool) -> Arc<dyn Target> {
+    let opts = FileOptions {
+        path: path.into(),
+        buffered: true,
+        read_only,
+        ..FileOptions::default()
+    };
+    Arc::new(FileTarget::open(opts).unwrap())
+}
+
+/// A writable file target on `path`, grown to `size` if smaller.
 fn file(path: &Path, size: u64) -> Arc<dyn Target> {
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -76,25 +88,24 @@ fn file(path: &Path, size: u64) -> Arc<dyn Target> {
     if f.metadata().unwrap().len() < size {
         f.set_len(size).unwrap();
     }
-    Arc::new(
-        FileTarget::open(FileOptions {
-            path: path.into(),
-            buffered: true,
-            ..FileOptions::default()
-        })
-        .unwrap(),
-    )
+    open_file(path, false)
+}
+
+/// Copy `src` onto `dst`, taken as fresh, with `jobs` workers.
+fn copy_fresh(src: &Arc<dyn Target>, dst: &Arc<dyn Target>, jobs: usize) -> Summary {
+    Copier::new(Arc::clone(src), Arc::clone(dst))
+        .unwrap()
+        .fresh_destination(true)
+        .jobs(jobs)
+        .run(&Progress::new())
+        .unwrap()
 }
 
 #[test]
 fn sparse_source_copies_to_an_identical_fresh_destination() {
     let src = sparse_source();
     let dst: Arc<dyn Target> = Arc::new(MemTarget::new(16 * MIB).unwrap());
-    let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
-        .unwrap()
-        .fresh_destination(true)
-        .run(&Progress::new())
-        .unwrap();
+    let s = copy_fresh(&src, &dst, 4);
     assert!(contents(&*src) == contents(&*dst), "contents differ");
     assert!(s.complete);
     assert_eq!(s.bytes_total, 16 * MIB);
@@ -108,12 +119,7 @@ fn sparse_source_copies_to_an_identical_fresh_destination() {
 fn holes_and_zero_blocks_never_reach_a_fresh_destination() {
     let src = sparse_source();
     let (dst, seen) = recording_destination(16 * MIB);
-    let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
-        .unwrap()
-        .fresh_destination(true)
-        .jobs(1)
-        .run(&Progress::new())
-        .unwrap();
+    let s = copy_fresh(&src, &dst, 1);
     let reqs = seen.take();
     assert!(contents(&*src) == contents(&*dst), "contents differ");
     let written: u64 = reqs
@@ -135,11 +141,7 @@ fn holes_stay_unallocated_in_a_fresh_raw_file() {
     let dir = tempfile::tempdir().unwrap();
     let src = sparse_source();
     let dst = file(&dir.path().join("dst.raw"), 16 * MIB);
-    Copier::new(Arc::clone(&src), Arc::clone(&dst))
-        .unwrap()
-        .fresh_destination(true)
-        .run(&Progress::new())
-        .unwrap();
+    copy_fresh(&src, &dst, 4);
     let bytes = std::fs::read(dir.path().join("dst.raw")).unwrap();
     assert!(bytes == contents(&*src), "file contents differ");
     let meta = std::fs::metadata(dir.path().join("dst.raw")).unwrap();
@@ -242,12 +244,7 @@ fn requests_fit_both_sides_blocks_and_limits() {
         max_request: Some(65536),
         ..c
     }));
-    let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
-        .unwrap()
-        .jobs(1)
-        .fresh_destination(true)
-        .run(&Progress::new())
-        .unwrap();
+    let s = copy_fresh(&src, &dst, 1);
     let reqs = seen.take();
     assert!(contents(&*src) == contents(&*dst), "contents differ");
     for r in reqs.iter().filter(|r| r.op == Op::Write) {
@@ -279,17 +276,8 @@ fn a_smaller_or_read_only_destination_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ro.raw");
     std::fs::write(&path, vec![0u8; n(4 * MIB)]).unwrap();
-    let ro = FileTarget::open(FileOptions {
-        path,
-        read_only: true,
-        buffered: true,
-        ..FileOptions::default()
-    })
-    .unwrap();
-    assert!(matches!(
-        Copier::new(src, Arc::new(ro)),
-        Err(CopyError::ReadOnly)
-    ));
+    let ro = open_file(&path, true);
+    assert!(matches!(Copier::new(src, ro), Err(CopyError::ReadOnly)));
 }
 
 #[test]
@@ -417,22 +405,9 @@ fn a_file_source_copies_its_holes_as_holes() {
     f.write_all_at(&pattern(3, n(3 * MIB)), 10 * MIB).unwrap();
     f.write_all_at(b"end", 32 * MIB - 3).unwrap();
     drop(f);
-    let src: Arc<dyn Target> = Arc::new(
-        FileTarget::open(FileOptions {
-            path: path.clone(),
-            read_only: true,
-            buffered: true,
-            ..FileOptions::default()
-        })
-        .unwrap(),
-    );
+    let src = open_file(&path, true);
     let (dst, seen) = recording_destination(32 * MIB);
-    let s = Copier::new(Arc::clone(&src), Arc::clone(&dst))
-        .unwrap()
-        .jobs(1)
-        .fresh_destination(true)
-        .run(&Progress::new())
-        .unwrap();
+    let s = copy_fresh(&src, &dst, 1);
     assert!(
         contents(&*dst) == std::fs::read(&path).unwrap(),
         "contents differ"
