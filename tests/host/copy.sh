@@ -168,6 +168,8 @@ case_bad_endpoints_refused() {
     expect_fail "need the s3 target" ub copy "$SRC" s3://bucket/disk
     expect_fail "cannot connect" ub copy "nbd+unix:///?socket=$WORK/nobody.sock" "$WORK/x.raw"
     expect_fail "same file" ub copy "$SRC" "raw:$SRC"
+    head -c 1000 "$SRC" >"$WORK/odd.raw"
+    expect_fail "not a multiple of 512" ub copy "$WORK/odd.raw" "$WORK/x.raw"
     [ ! -e "$WORK/x.raw" ] || die "a failed copy left a destination behind"
 }
 

@@ -244,6 +244,14 @@ fn open_file(path: &Path, format: Format, role: Role) -> anyhow::Result<Opened> 
             }
             .into());
         }
+        (Some(m), None) if m.is_file() && format == Format::Raw && m.len() % 512 != 0 => {
+            // The file target would leave the partial sector out, silently.
+            bail!(
+                "its size {} is not a multiple of 512: copies move whole 512-byte sectors \
+                 (`truncate -s %512` rounds it up)",
+                m.len()
+            );
+        }
         _ => false,
     };
     let opened = match format {
@@ -382,6 +390,10 @@ mod tests {
             format!("{e:#}").contains("smaller than the source"),
             "{e:#}"
         );
+        let odd = dir.path().join("odd.raw");
+        std::fs::write(&odd, vec![1u8; 1000]).unwrap();
+        let e = open(&Endpoint::Raw(odd), Role::Source).err().unwrap();
+        assert!(e.to_string().contains("not a multiple of 512"), "{e}");
         let e = open(&parse("s3://b/p").unwrap(), Role::Source)
             .err()
             .unwrap();
