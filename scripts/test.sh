@@ -38,6 +38,9 @@ step "host suite: cow and cache filters (a read-only image, nbdkit)" && as_root 
 step "host suite: qcow2 target against qemu-img (v2/v3, compressed, backing chains, ext4, kill -9, corrupt images)"
 as_root bash tests/host/qcow2.sh
 
+step "host suite: userblk copy (raw/qcow2/nbd round trips, holes, existing destinations, SIGINT, --resume)"
+as_root bash tests/host/copy.sh
+
 step "host suite: s3 target against s3s-fs over FUSE + loop (fio, ext4, kill -9, server down, lease, eviction)"
 as_root bash tests/s3/suite.sh --frontend fuse
 

@@ -304,6 +304,34 @@ case_small_cache_evicts_and_refetches() {
     echo "note: 48 MiB written through an 8 MiB cache: $used KiB cached after write-back, read back identical"
 }
 
+case_copy_round_trip() {
+    have_server
+    local src=$WORK/src.raw data_chunks n id dev
+    mkdir -p "$DATA/bkt7"
+    # 48 MiB, data in chunks 0-2, 10 and 47 (1 MiB chunks), holes elsewhere.
+    truncate -s 48M "$src"
+    dd if=/dev/urandom of="$src" bs=1M count=3 conv=notrunc status=none
+    dd if=/dev/urandom of="$src" bs=4k count=5 seek=$((10 * 256 + 3)) conv=notrunc status=none
+    dd if=/dev/urandom of="$src" bs=512 count=1 seek=$(((47 << 20) / 512 + 9)) conv=notrunc status=none
+    data_chunks=5
+    ub copy "$src" "s3://bkt7/cp?endpoint=$EP&chunk-size=1M" --json >"$WORK/copy.json"
+    cat "$WORK/copy.json"
+    n=$(objects bkt7 cp)
+    [ "$n" = "$data_chunks" ] || die "$n chunk objects for $data_chunks chunks holding data"
+    ub copy "s3://bkt7/cp?endpoint=$EP" "$WORK/back.raw" --json
+    cmp "$src" "$WORK/back.raw" || die "file -> s3 -> file is not byte-identical"
+    [ "$(du -k "$WORK/back.raw" | cut -f1)" -le 8192 ] || die "the copy back is not sparse"
+    # The copy's cache is gone, and so is its lease.
+    ! ls -d /var/tmp/userblk-copy-s3-* 2>/dev/null | grep -q . || die "copy left its cache behind"
+    [ ! -e "$DATA/bkt7/cp/lease.json" ] || die "copy left its lease"
+    # A volume a daemon serves cannot be copied over.
+    read -r id dev < <(add_s3 bkt7 cp "$WORK/c7")
+    expect_fail "volume is in use" ub copy "$src" "s3://bkt7/cp?endpoint=$EP"
+    cmp -n $((48 << 20)) "$dev" "$src" || die "the device does not read as the copied file"
+    ub del -n "$id"
+    echo "note: 48 MiB with 5 chunks of data -> $n objects; back byte-identical and sparse"
+}
+
 case_run "errors: endpoint, credentials, bucket, volume, sizes" case_errors
 case_run "fio verify, ext4, re-add from the bucket alone" case_fio_ext4_and_reopen_from_the_bucket
 case_run "all-zero chunks are not stored, discard deletes" case_zero_chunks_are_not_stored
@@ -311,4 +339,5 @@ case_run "kill -9: dirty chunks upload after restart" case_kill9_dirty_chunks_up
 case_run "server down: fsync EIO, then resumes" case_server_down_flush_fails_then_resumes
 case_run "one writer: lease, cache lock, --break-lease" case_one_writer
 case_run "small cache: evict and fetch again" case_small_cache_evicts_and_refetches
+case_run "copy: file -> s3 -> file, no objects for holes" case_copy_round_trip
 summary

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::endpoint::Endpoint;
+
 /// Parse a size such as `4096`, `512K`, `1G`.
 fn size(s: &str) -> Result<u64, String> {
     userblk::size::parse(s).map_err(|e| e.to_string())
@@ -54,6 +56,8 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Create an image file (`userblk create qcow2 -f IMAGE --size 10G`).
     Create(CreateArgs),
+    /// Copy any target to any target, skipping holes (`userblk copy disk.raw disk.qcow2`).
+    Copy(CopyArgs),
     /// Show the ublk features this kernel supports.
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -339,6 +343,46 @@ pub struct CreateArgs {
 pub enum CreateFormat {
     /// A qcow2 version 3 image.
     Qcow2(CreateQcow2Args),
+}
+
+/// `copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// What to copy: raw:PATH, file:PATH, qcow2:PATH, PATH (qcow2 or raw, by
+    /// its first bytes), nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
+    /// or null:SIZE (zeroes).
+    #[arg(value_name = "SRC")]
+    pub src: Endpoint,
+    /// Where to: the same forms. A file that does not exist is created with
+    /// the source's size (qcow2 for qcow2:PATH or a name ending in .qcow2,
+    /// else a sparse raw file); an existing one must be at least as large.
+    #[arg(value_name = "DST")]
+    pub dst: Endpoint,
+    /// Worker threads, each with a read and a write in flight.
+    #[arg(short = 'j', long, default_value_t = 4, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// Show the progress bar even when stderr is not a terminal (then as a line a second).
+    #[arg(long, conflicts_with_all = ["no_progress", "quiet"])]
+    pub progress: bool,
+    /// No progress bar (the default when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// No progress bar and no summary (errors are still reported; --json still prints).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print the summary as JSON: bytes_total, bytes_data, bytes_skipped,
+    /// bytes_zeroed, bytes_resumed, seconds, complete.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep a checkpoint file (DST.userblk-copy, or in the state directory)
+    /// every 256 MiB and when stopped, and start from the one an earlier
+    /// run left. The source must not have changed in between.
+    #[arg(long)]
+    pub resume: bool,
+    /// Where --resume keeps its checkpoint.
+    #[arg(long, value_name = "FILE", requires = "resume")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// `create qcow2`.

@@ -1,12 +1,16 @@
 //! `userblk`: add, list and delete userspace block devices.
 
 mod add;
+mod checkpoint;
 mod cli;
+mod copy;
 mod ctl;
 mod daemon;
+mod endpoint;
 mod fuse;
 mod list;
 mod nbd;
+mod progress;
 mod s3;
 mod stats;
 mod targets;
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Stats(args) => stats::run(&args),
         Command::Ctl(args) => ctl::run(&args),
         Command::Create(args) => create(&args),
+        Command::Copy(args) => copy::run(&args),
         Command::Features(args) => features(&args),
         Command::Completions(args) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -72,6 +72,86 @@ pub fn open(a: &S3Args) -> anyhow::Result<S3Target> {
     S3Target::open(opts).with_context(|| format!("s3 target (bucket {:?})", a.bucket))
 }
 
+/// Options an `s3://` copy endpoint takes after `?`.
+const COPY_OPTIONS: &[&str] = &["endpoint", "region", "chunk-size", "cache-size"];
+
+/// Check the `key=value&...` options of an `s3://` copy endpoint.
+pub fn copy_options(query: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("option '{kv}' has no value (KEY=VALUE)"))?;
+        if !COPY_OPTIONS.contains(&k) {
+            return Err(format!(
+                "unknown option '{k}'; s3:// takes {}",
+                COPY_OPTIONS.join(", ")
+            ));
+        }
+        if k.ends_with("-size") {
+            userblk::size::parse(v).map_err(|e| format!("{k}={v}: {e}"))?;
+        }
+        out.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(out)
+}
+
+/// Open an `s3://` end of `userblk copy`, through a cache of its own that
+/// goes when the copy is done. A destination (`size`) is created with that
+/// size when the prefix holds no volume; an existing one keeps its size.
+pub fn open_for_copy(
+    bucket: &str,
+    prefix: &str,
+    options: &[(String, String)],
+    size: Option<u64>,
+) -> anyhow::Result<S3Target> {
+    let get = |k: &str| {
+        options
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let parse_size = |k: &str| -> anyhow::Result<Option<u64>> {
+        get(k)
+            .map(|v| userblk::size::parse(&v).with_context(|| format!("{k}={v}")))
+            .transpose()
+    };
+    let mut store = S3Config::new(bucket, prefix);
+    store.endpoint = get("endpoint").or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+    if let Some(r) = get("region").or_else(|| std::env::var("AWS_REGION").ok()) {
+        store.region = r;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let cache = tmp.join(format!("userblk-copy-s3-{}-{nanos}", std::process::id()));
+    let mut opts = S3Options::new(store, cache);
+    opts.chunk_size = parse_size("chunk-size")?;
+    opts.cache_size = parse_size("cache-size")?.unwrap_or(256 << 20);
+    // Upload as soon as a chunk is written whole: a copy never comes back.
+    opts.writeback_delay = Duration::ZERO;
+    opts.ephemeral_cache = true;
+    let open =
+        |opts: S3Options| S3Target::open(opts).with_context(|| format!("s3://{bucket}/{prefix}"));
+    match size {
+        None => open(opts),
+        Some(size) => match open(opts.clone()) {
+            Err(e)
+                if e.downcast_ref::<userblk::targets::s3::S3Error>()
+                    .is_some_and(|e| {
+                        matches!(e, userblk::targets::s3::S3Error::NoVolume { .. })
+                    }) =>
+            {
+                opts.size = Some(size);
+                open(opts)
+            }
+            r => r,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -193,3 +193,67 @@ fn a_closed_pipe_ends_output_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn copy_errors_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let small = dir.path().join("small.raw");
+    std::fs::write(&small, vec![1u8; 4096]).unwrap();
+    let s = src.to_str().unwrap();
+    fails(&["copy", s, "http://x/y"], 2, "unknown scheme 'http'");
+    fails(&["copy", "tape:1", s], 2, "nbd+unix:///EXPORT?socket=PATH");
+    fails(&["copy", "null:1000", s], 2, "multiple of 512");
+    let missing = dir.path().join("missing.raw");
+    fails(
+        &["copy", missing.to_str().unwrap(), "null:1M"],
+        1,
+        "No such file",
+    );
+    assert!(!missing.exists());
+    fails(
+        &["copy", s, small.to_str().unwrap()],
+        1,
+        "smaller than the source",
+    );
+    assert_eq!(std::fs::read(&small).unwrap(), vec![1u8; 4096], "touched");
+    fails(&["copy", s, s], 1, "are the same file");
+    fails(&["copy", "s3://bucket/disk", s], 1, "need the s3 target");
+}
+
+#[test]
+fn copy_counts_data_and_holes() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(8 << 20).unwrap();
+    f.write_all_at(&[0xAB; 65536], 1 << 20).unwrap();
+    drop(f);
+    let dst = dir.path().join("dst.qcow2");
+    let o = userblk(&[
+        "copy",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["bytes_total"], 8 << 20);
+    assert_eq!(j["bytes_data"], 65536, "{j}");
+    assert_eq!(j["bytes_skipped"], (8 << 20) - 65536, "{j}");
+    assert_eq!(j["complete"], true);
+    let back = dir.path().join("back.raw");
+    let o = userblk(&["copy", dst.to_str().unwrap(), back.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).starts_with("copied 8.0 MiB in "),
+        "summary: {}",
+        text(&o)
+    );
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap());
+}

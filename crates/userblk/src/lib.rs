@@ -8,6 +8,7 @@
 //! - [`control`]: named actions a running device offers (a filter's `powercut`) and the socket serving them.
 //! - [`filters`]: targets that wrap a target (readonly, offset, delay, error, stats, ...), stacked.
 //! - [`state`]: saved per-device state, shared by the frontends.
+//! - [`copy`]: copying one target onto another, skipping holes (`userblk copy`).
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
 //! - [`nbd`]: the NBD protocol: a server frontend, and the client the nbd target uses.
@@ -16,6 +17,7 @@
 #![deny(unsafe_code)]
 
 pub mod control;
+pub mod copy;
 pub mod error;
 pub mod filters;
 pub mod fuse;

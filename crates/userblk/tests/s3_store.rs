@@ -565,7 +565,7 @@ fn transient_errors_are_retried_permanent_are_not() {
 
 use userblk::io::Engine;
 use userblk::targets::s3::{S3Options, S3Target};
-use userblk::{Flags, Op, Request, Target};
+use userblk::{Flags, Op, Request};
 
 fn target_opts(server: &Server, cache: &std::path::Path) -> S3Options {
     let mut o = S3Options::new(server.config(), cache.to_path_buf());

@@ -34,7 +34,7 @@ pub mod stats;
 pub mod truncate;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use crate::target::{Op, MAX_FILTER_LAYERS};
 

@@ -62,6 +62,8 @@ const WRITEBACK_TICK: Duration = Duration::from_millis(100);
 /// A chunk used this recently is not evicted (the cache may pass its size
 /// for that long), so a chunk fetched for a request stays until it is used.
 const EVICT_MIN_IDLE_MS: u64 = 1000;
+/// Longest a write waits for uploads to make room under the dirty limit.
+const ROOM_WAIT: Duration = Duration::from_secs(30);
 /// Most extents one `extents` call reports.
 const MAX_EXTENTS: usize = 1024;
 
@@ -84,6 +86,9 @@ pub struct S3Options {
     pub writeback_delay: Duration,
     /// Take the volume even if another daemon holds its lease.
     pub break_lease: bool,
+    /// Remove the cache directory when the target closes with nothing
+    /// dirty left (a cache made for one job, as `userblk copy` does).
+    pub ephemeral_cache: bool,
 }
 
 impl S3Options {
@@ -98,6 +103,7 @@ impl S3Options {
             upload_jobs: DEFAULT_UPLOAD_JOBS,
             writeback_delay: DEFAULT_WRITEBACK_DELAY,
             break_lease: false,
+            ephemeral_cache: false,
         }
     }
 }
@@ -140,6 +146,8 @@ struct Core {
     state: Mutex<State>,
     cv: Condvar,
     cache_size: u64,
+    /// Dirty chunks past which writes that dirty more wait for uploads.
+    dirty_max: u64,
     writeback_delay: Duration,
     start: Instant,
     counters: Counters,
@@ -149,6 +157,8 @@ struct Core {
 pub struct S3Target {
     core: Arc<Core>,
     lease: Lease,
+    created: bool,
+    ephemeral_cache: bool,
     jobs: Option<mpsc::Sender<(Deferred, Request)>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -166,14 +176,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The volume's manifest: read and checked, or created.
-fn manifest(store: &S3Store, opts: &S3Options) -> Result<Manifest, S3Error> {
+/// The volume's manifest: read and checked, or created (then `true`).
+fn manifest(store: &S3Store, opts: &S3Options) -> Result<(Manifest, bool), S3Error> {
     let check = |m: Manifest| -> Result<Manifest, S3Error> {
         m.check_matches(opts.size, opts.chunk_size)?;
         Ok(m)
     };
     if let Some(b) = store.get(MANIFEST_KEY)? {
-        return check(Manifest::decode(&b)?);
+        return Ok((check(Manifest::decode(&b)?)?, false));
     }
     let Some(size) = opts.size else {
         return Err(S3Error::NoVolume {
@@ -185,7 +195,8 @@ fn manifest(store: &S3Store, opts: &S3Options) -> Result<Manifest, S3Error> {
     let geometry = Geometry::new(size, chunk_size)?;
     let volume = VolumeId::random().map_err(|e| S3Error::Invalid(format!("random id: {e}")))?;
     let m = Manifest::new(geometry, volume, unix_now());
-    if store.put_if_absent(MANIFEST_KEY, Bytes::from(m.encode()?))? {
+    let created = store.put_if_absent(MANIFEST_KEY, Bytes::from(m.encode()?))?;
+    if created {
         tracing::info!(
             "s3: created volume {} ({size} bytes in chunks of {chunk_size}) at {}/{}",
             m.volume_id,
@@ -195,7 +206,7 @@ fn manifest(store: &S3Store, opts: &S3Options) -> Result<Manifest, S3Error> {
     }
     // Whoever won a race, the bucket's manifest is the volume.
     match store.get(MANIFEST_KEY)? {
-        Some(b) => check(Manifest::decode(&b)?),
+        Some(b) => Ok((check(Manifest::decode(&b)?)?, created)),
         None => Err(S3Error::Invalid(
             "the manifest vanished just after it was written".into(),
         )),
@@ -213,7 +224,7 @@ impl S3Target {
         }
         let store = S3Store::new(&opts.store)?;
         store.check()?;
-        let m = manifest(&store, &opts)?;
+        let (m, created) = manifest(&store, &opts)?;
         let geometry = m.geometry()?;
         let lease = lease::acquire(&store, m.volume_id, opts.break_lease)?;
         let opened = (|| {
@@ -265,6 +276,7 @@ impl S3Target {
             }),
             cv: Condvar::new(),
             cache_size: opts.cache_size,
+            dirty_max: (opts.cache_size / geometry.chunk_size()).max(2 * opts.upload_jobs as u64),
             writeback_delay: opts.writeback_delay,
             start: Instant::now(),
             counters: Counters::default(),
@@ -272,6 +284,8 @@ impl S3Target {
         let mut target = S3Target {
             core,
             lease,
+            created,
+            ephemeral_cache: opts.ephemeral_cache,
             jobs: None,
             threads: Vec::new(),
         };
@@ -337,6 +351,11 @@ impl S3Target {
     pub fn flush_all(&self) -> Result<(), Errno> {
         self.core.flush(None)
     }
+
+    /// Whether this open created the volume (so it reads as zeroes).
+    pub fn created(&self) -> bool {
+        self.created
+    }
 }
 
 impl Core {
@@ -364,14 +383,20 @@ impl Core {
 
     /// Pin the chunks of `req` and make writes dirty, if every chunk is
     /// ready: cached, or (for a write) wholly covered. `None`: not ready.
-    fn pin(&self, st: &mut State, req: &Request) -> Option<Result<(), Errno>> {
+    fn pin(&self, st: &mut State, req: &Request, over: bool) -> Option<Result<(), Errno>> {
         let write = req.op != Op::Read;
         let (start, end) = (req.offset, req.offset + u64::from(req.len));
         let span = self.span(req.offset, u64::from(req.len));
+        let full = st.table.dirty.len() as u64 >= self.dirty_max;
         for i in span.clone() {
             let c = st.table.get(i);
             let whole = start <= i * self.cs() && end >= i * self.cs() + self.geometry.chunk_len(i);
             if c.busy.is_some() || !(c.resident || (write && whole)) {
+                return None;
+            }
+            // Past the dirty limit a write that dirties one more chunk
+            // waits (on a worker) for uploads to make room.
+            if write && full && !over && !c.dirty() {
                 return None;
             }
         }
@@ -420,10 +445,10 @@ impl Core {
     }
 
     /// Serve `req` from the cache if its chunks are ready; `None` if not.
-    fn try_cached(&self, req: &Request, data: Data<'_>) -> Option<Result<u32, Errno>> {
+    fn try_cached(&self, req: &Request, data: Data<'_>, over: bool) -> Option<Result<u32, Errno>> {
         {
             let mut st = lock(&self.state);
-            match self.pin(&mut st, req)? {
+            match self.pin(&mut st, req, over)? {
                 Ok(()) => {}
                 Err(e) => return Some(Err(e)),
             }
@@ -474,6 +499,9 @@ impl Core {
             return self.flush(None).map(|()| 0);
         }
         let span = self.span(req.offset, u64::from(req.len));
+        if req.op != Op::Read {
+            self.wait_for_room();
+        }
         let mut done = None;
         // Eviction may take a chunk back between the fetch and the access:
         // a few tries, each fetching what is missing.
@@ -493,7 +521,7 @@ impl Core {
             } else {
                 Data::In(&*data)
             };
-            if let Some(r) = self.try_cached(&req, data) {
+            if let Some(r) = self.try_cached(&req, data, true) {
                 done = Some(r?);
                 break;
             }
@@ -510,6 +538,28 @@ impl Core {
             self.flush(Some(span))?;
         }
         Ok(n)
+    }
+
+    /// Wait until dirty chunks are under the limit, or `ROOM_WAIT` passed
+    /// (the bucket may be down: then the cache grows rather than stall).
+    fn wait_for_room(&self) {
+        let deadline = Instant::now() + ROOM_WAIT;
+        let mut st = lock(&self.state);
+        while st.table.dirty.len() as u64 >= self.dirty_max && !st.table.closing {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    "s3: {} dirty chunks and uploads are not keeping up; the cache grows past its size",
+                    st.table.dirty.len()
+                );
+                return;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Make chunk `i` cached, fetching it if needed.
@@ -878,11 +928,11 @@ impl Target for S3Target {
             }
             // FUA waits for an upload: never on this thread.
             Op::Write if req.flags.contains(Flags::FUA) => self.defer(ctx),
-            Op::Read => match self.core.try_cached(&req, Data::Out(ctx.data_mut())) {
+            Op::Read => match self.core.try_cached(&req, Data::Out(ctx.data_mut()), false) {
                 Some(r) => Submit::Done(r),
                 None => self.defer(ctx),
             },
-            _ => match self.core.try_cached(&req, Data::In(ctx.data())) {
+            _ => match self.core.try_cached(&req, Data::In(ctx.data()), false) {
                 Some(r) => Submit::Done(r),
                 None => self.defer(ctx),
             },
@@ -958,6 +1008,12 @@ impl Drop for S3Target {
         }
         if flushed.is_ok() && dirty == 0 {
             lease::release(&self.core.store, &self.lease);
+            if self.ephemeral_cache {
+                let dir = self.core.cache.path();
+                if let Err(e) = std::fs::remove_dir_all(dir) {
+                    tracing::warn!("s3: removing the cache {}: {e}", dir.display());
+                }
+            }
         } else {
             tracing::warn!(
                 "s3: {dirty} dirty chunks could not be uploaded; they stay in {} and upload when \

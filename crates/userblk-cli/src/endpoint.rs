@@ -1,0 +1,430 @@
+//! The two ends of `userblk copy`: parsed from `raw:PATH`, `qcow2:PATH`, a
+//! plain path, an NBD URI or `null:SIZE`, then opened as a target (a
+//! missing destination file is created first).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use userblk::nbd::client::NbdUri;
+use userblk::targets::nbd::{NbdOptions, NbdTarget};
+use userblk::targets::qcow2::{self, Qcow2Target};
+use userblk::targets::{FileOptions, FileTarget, NullTarget};
+use userblk::Target;
+
+/// The forms an endpoint may take, for error messages and help.
+pub const FORMS: &str = "raw:PATH, file:PATH, qcow2:PATH, PATH, nbd://HOST[:PORT]/EXPORT, \
+                         nbd+unix:///EXPORT?socket=PATH or null:SIZE";
+
+/// What a qcow2 image starts with.
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// One end of a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A raw image: a regular file or a block device (`raw:PATH`, `file:PATH`).
+    Raw(PathBuf),
+    /// A qcow2 image (`qcow2:PATH`).
+    Qcow2(PathBuf),
+    /// A path without a format: qcow2 if the file starts with the qcow2
+    /// magic, else raw; a file that does not exist yet is raw unless its
+    /// name ends in `.qcow2`.
+    Path(PathBuf),
+    /// An export of an NBD server (the nbd target).
+    Nbd(NbdUri),
+    /// SIZE bytes that read as zeroes; writes are dropped (the null target).
+    Null(u64),
+    /// A volume of the s3 target: `s3://BUCKET/PREFIX[?endpoint=URL&region=R
+    /// &chunk-size=SIZE&cache-size=SIZE]` (endpoint and region default to
+    /// `$AWS_ENDPOINT_URL` and `$AWS_REGION`; chunk-size is for a new volume).
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// Where in the bucket the image's objects live.
+        prefix: String,
+        /// The options after `?`, checked, in the order given.
+        options: Vec<(String, String)>,
+    },
+}
+
+/// Which end is being opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Read from: opened read-only, must exist.
+    Source,
+    /// Written to: created with this size if it is a file that does not exist.
+    Destination {
+        /// The source's size.
+        size: u64,
+    },
+}
+
+/// An opened endpoint.
+pub struct Opened {
+    /// The target serving it.
+    pub target: Arc<dyn Target>,
+    /// Created just now, so it reads as zeroes everywhere.
+    pub created: bool,
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let path = |p: &str| {
+            if p.is_empty() {
+                Err(format!("'{s}': no path after the ':'"))
+            } else {
+                Ok(PathBuf::from(p))
+            }
+        };
+        if s.is_empty() {
+            return Err(format!("an empty endpoint; use {FORMS}"));
+        }
+        if let Some((scheme, rest)) = s.split_once("://") {
+            return match scheme {
+                "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => NbdUri::parse(s)
+                    .map(Endpoint::Nbd)
+                    .map_err(|e| e.to_string()),
+                "s3" => {
+                    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+                    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                    if bucket.is_empty() {
+                        return Err(format!("'{s}': no bucket; use s3://BUCKET/PREFIX"));
+                    }
+                    Ok(Endpoint::S3 {
+                        bucket: bucket.into(),
+                        prefix: prefix.into(),
+                        options: crate::s3::copy_options(query)
+                            .map_err(|e| format!("'{s}': {e}"))?,
+                    })
+                }
+                _ => Err(format!("'{s}': unknown scheme '{scheme}'; use {FORMS}")),
+            };
+        }
+        match s.split_once(':') {
+            Some(("raw" | "file", p)) => path(p).map(Endpoint::Raw),
+            Some(("qcow2", p)) => path(p).map(Endpoint::Qcow2),
+            Some(("null", size)) => null_size(size).map(Endpoint::Null),
+            // `foo:bar` that is not a file is a typo of a scheme more often
+            // than a new file's name (which can be written `./foo:bar`).
+            Some((scheme, _))
+                if scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+')
+                    && !Path::new(s).exists() =>
+            {
+                Err(format!(
+                    "'{s}': unknown scheme '{scheme}:'; use {FORMS} (./{s} for a file of that name)"
+                ))
+            }
+            _ => Ok(Endpoint::Path(PathBuf::from(s))),
+        }
+    }
+}
+
+fn null_size(s: &str) -> Result<u64, String> {
+    let size = userblk::size::parse(s).map_err(|e| format!("null:{s}: {e}"))?;
+    if size == 0 || size % 512 != 0 {
+        return Err(format!(
+            "null:{s}: the size must be a positive multiple of 512"
+        ));
+    }
+    Ok(size)
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Raw(p) => write!(f, "raw:{}", p.display()),
+            Endpoint::Qcow2(p) => write!(f, "qcow2:{}", p.display()),
+            Endpoint::Path(p) => write!(f, "{}", p.display()),
+            Endpoint::Nbd(u) => write!(f, "{u}"),
+            Endpoint::Null(size) => write!(f, "null:{}", userblk::size::format(*size)),
+            Endpoint::S3 {
+                bucket,
+                prefix,
+                options,
+            } => {
+                write!(f, "s3://{bucket}/{prefix}")?;
+                for (i, (k, v)) in options.iter().enumerate() {
+                    write!(f, "{}{k}={v}", if i == 0 { '?' } else { '&' })?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Endpoint {
+    /// The file behind the endpoint, if it is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Endpoint::Raw(p) | Endpoint::Qcow2(p) | Endpoint::Path(p) => Some(p),
+            Endpoint::Nbd(_) | Endpoint::Null(_) | Endpoint::S3 { .. } => None,
+        }
+    }
+
+    /// The same endpoint with an absolute path (for checkpoints, which
+    /// must not depend on the directory a copy was started from).
+    pub fn absolute(&self) -> Endpoint {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        match self {
+            Endpoint::Raw(p) => Endpoint::Raw(abs(p)),
+            Endpoint::Qcow2(p) => Endpoint::Qcow2(abs(p)),
+            Endpoint::Path(p) => Endpoint::Path(abs(p)),
+            other => other.clone(),
+        }
+    }
+}
+
+/// Open `ep` for `role`. A destination file that does not exist is
+/// created with the source's size (a sparse raw file, or an empty qcow2
+/// image), and reported as `created`.
+pub fn open(ep: &Endpoint, role: Role) -> anyhow::Result<Opened> {
+    let existing = |target: Arc<dyn Target>| Opened {
+        target,
+        created: false,
+    };
+    match ep {
+        Endpoint::Raw(p) => open_file(p, Format::Raw, role),
+        Endpoint::Qcow2(p) => open_file(p, Format::Qcow2, role),
+        Endpoint::Path(p) => {
+            let format = Format::probe(p, role)?;
+            open_file(p, format, role)
+        }
+        Endpoint::Nbd(uri) => {
+            let t = NbdTarget::connect(NbdOptions::new(uri.clone()))?;
+            Ok(existing(Arc::new(t)))
+        }
+        Endpoint::Null(size) => Ok(existing(Arc::new(NullTarget::new(*size)))),
+        Endpoint::S3 {
+            bucket,
+            prefix,
+            options,
+        } => {
+            let size = match role {
+                Role::Source => None,
+                Role::Destination { size } => Some(size),
+            };
+            let t = crate::s3::open_for_copy(bucket, prefix, options, size)?;
+            let created = t.created();
+            Ok(Opened {
+                target: Arc::new(t),
+                created,
+            })
+        }
+    }
+}
+
+/// How a file holds the device's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// A plain path's format: from the file's first bytes, or for a
+    /// destination not made yet, from its name.
+    fn probe(path: &Path, role: Role) -> anyhow::Result<Format> {
+        use std::io::Read;
+        let mut f = match std::fs::File::open(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && role != Role::Source => {
+                let qcow2 = path.extension().is_some_and(|e| e == "qcow2");
+                return Ok(if qcow2 { Format::Qcow2 } else { Format::Raw });
+            }
+            other => other?,
+        };
+        let mut magic = [0u8; 4];
+        let got = f.read(&mut magic)?;
+        Ok(if got == 4 && &magic == QCOW2_MAGIC {
+            Format::Qcow2
+        } else {
+            Format::Raw
+        })
+    }
+}
+
+fn open_file(path: &Path, format: Format, role: Role) -> anyhow::Result<Opened> {
+    let (read_only, size) = match role {
+        Role::Source => (true, None),
+        Role::Destination { size } => (false, Some(size)),
+    };
+    let meta = match (std::fs::metadata(path), size) {
+        (Ok(m), _) => Some(m),
+        (Err(e), Some(_)) if e.kind() == std::io::ErrorKind::NotFound => None,
+        (Err(e), _) => return Err(e.into()),
+    };
+    let created = match (meta, size) {
+        (None, Some(size)) => {
+            create(path, format, size)?;
+            true
+        }
+        (Some(m), Some(size)) if m.is_file() && format == Format::Raw && m.len() < size => {
+            // The file target refuses an empty file with a message of its own.
+            return Err(userblk::copy::CopyError::TooSmall {
+                src: size,
+                dst: m.len(),
+            }
+            .into());
+        }
+        (Some(m), None) if m.is_file() && format == Format::Raw && m.len() % 512 != 0 => {
+            // The file target would leave the partial sector out, silently.
+            bail!(
+                "its size {} is not a multiple of 512: copies move whole 512-byte sectors \
+                 (`truncate -s %512` rounds it up)",
+                m.len()
+            );
+        }
+        _ => false,
+    };
+    let opened = match format {
+        Format::Raw => FileTarget::open(FileOptions {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            offset: 0,
+            // The page cache: any size and alignment, and the copy's
+            // flush at the end makes it durable.
+            buffered: true,
+            read_only,
+        })
+        .map(|t| Arc::new(t) as Arc<dyn Target>),
+        Format::Qcow2 => Qcow2Target::open(path, read_only).map(|t| Arc::new(t) as Arc<dyn Target>),
+    };
+    match opened {
+        Ok(target) => Ok(Opened { target, created }),
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// A new file of `size` bytes: sparse raw, or an empty qcow2 image.
+fn create(path: &Path, format: Format, size: u64) -> anyhow::Result<()> {
+    let what = || format!("creating {}", path.display());
+    match format {
+        Format::Raw => {
+            let f = std::fs::File::create_new(path).with_context(what)?;
+            if let Err(e) = f.set_len(size) {
+                let _ = std::fs::remove_file(path);
+                return Err(e).with_context(what);
+            }
+        }
+        Format::Qcow2 => {
+            qcow2::create(&qcow2::CreateOptions::new(path, size)).with_context(what)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Endpoint, String> {
+        s.parse()
+    }
+
+    #[test]
+    fn forms_parse() {
+        assert_eq!(parse("raw:/x/y"), Ok(Endpoint::Raw("/x/y".into())));
+        assert_eq!(parse("file:y"), Ok(Endpoint::Raw("y".into())));
+        assert_eq!(parse("qcow2:a.img"), Ok(Endpoint::Qcow2("a.img".into())));
+        assert_eq!(parse("disk.img"), Ok(Endpoint::Path("disk.img".into())));
+        assert_eq!(parse("./odd:name"), Ok(Endpoint::Path("./odd:name".into())));
+        assert_eq!(parse("null:1G"), Ok(Endpoint::Null(1 << 30)));
+        let nbd = parse("nbd+unix:///disk?socket=/tmp/s.sock").unwrap();
+        assert!(
+            matches!(&nbd, Endpoint::Nbd(u) if u.export == "disk"),
+            "{nbd:?}"
+        );
+        assert_eq!(nbd.to_string(), "nbd+unix:///disk?socket=/tmp/s.sock");
+        assert!(matches!(
+            parse("nbd://localhost:10809/e"),
+            Ok(Endpoint::Nbd(_))
+        ));
+        assert_eq!(
+            parse("s3://bucket/images/vm1"),
+            Ok(Endpoint::S3 {
+                bucket: "bucket".into(),
+                prefix: "images/vm1".into(),
+                options: Vec::new(),
+            })
+        );
+        let with = "s3://b/p?endpoint=http://127.0.0.1:9000&chunk-size=1M";
+        assert_eq!(parse(with).unwrap().to_string(), with);
+        assert_eq!(parse("null:1M").unwrap().to_string(), "null:1M");
+    }
+
+    #[test]
+    fn bad_forms_say_what_is_accepted() {
+        for (bad, why) in [
+            ("", "empty"),
+            ("http://x/y", "unknown scheme 'http'"),
+            ("ftp:thing", "unknown scheme 'ftp:'"),
+            ("raw:", "no path"),
+            ("null:1000", "multiple of 512"),
+            ("null:abc", "invalid size"),
+            ("s3:///x", "no bucket"),
+            ("nbd://", "invalid NBD URI"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = parse("ftp:thing").unwrap_err();
+        assert!(e.contains("nbd+unix:///EXPORT?socket=PATH"), "{e}");
+    }
+
+    #[test]
+    fn plain_paths_are_probed() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.img");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let q = dir.path().join("b.img");
+        qcow2::create(&qcow2::CreateOptions::new(&q, 1 << 20)).unwrap();
+        let src = Role::Source;
+        assert_eq!(Format::probe(&raw, src).unwrap(), Format::Raw);
+        assert_eq!(Format::probe(&q, src).unwrap(), Format::Qcow2);
+        let dst = Role::Destination { size: 4096 };
+        let new = dir.path().join("new.qcow2");
+        assert_eq!(Format::probe(&new, dst).unwrap(), Format::Qcow2);
+        assert_eq!(
+            Format::probe(&dir.path().join("n.raw"), dst).unwrap(),
+            Format::Raw
+        );
+        assert!(Format::probe(&new, src).is_err(), "a missing source");
+        // A destination is created with the source's size; a source is never created.
+        let o = open(
+            &Endpoint::Path(new.clone()),
+            Role::Destination { size: 1 << 20 },
+        )
+        .unwrap();
+        assert!(o.created);
+        assert_eq!(o.target.caps().size, 1 << 20);
+        assert_eq!(Format::probe(&new, src).unwrap(), Format::Qcow2);
+        drop(o); // A qcow2 image has one writer at a time.
+        let o = open(&Endpoint::Path(new), Role::Destination { size: 1 << 20 }).unwrap();
+        assert!(!o.created);
+        assert!(open(&Endpoint::Raw(dir.path().join("nope")), Role::Source).is_err());
+        assert!(!dir.path().join("nope").exists());
+        let e = open(&Endpoint::Raw(raw), Role::Destination { size: 1 << 20 })
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e:#}").contains("smaller than the source"),
+            "{e:#}"
+        );
+        let odd = dir.path().join("odd.raw");
+        std::fs::write(&odd, vec![1u8; 1000]).unwrap();
+        let e = open(&Endpoint::Raw(odd), Role::Source).err().unwrap();
+        assert!(e.to_string().contains("not a multiple of 512"), "{e}");
+        let e = parse("s3://b/p?colour=red").unwrap_err();
+        assert!(e.contains("unknown option 'colour'"), "{e}");
+    }
+}
