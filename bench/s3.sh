@@ -66,7 +66,7 @@ S3S=$(bash tests/s3/server.sh path)
 (( ${#missing[@]} == 0 )) || die "missing: ${missing[*]}"
 HAVE_S3B=1 S3B_NOTE='' S3B_VERSION='no s3backer'
 if command -v "$S3BACKER" >/dev/null; then
-    S3B_VERSION=$("$S3BACKER" --version 2>&1 | head -1)
+    S3B_VERSION=$("$S3BACKER" --version 2>&1 | sed -n 1p)
 else
     HAVE_S3B='' S3B_NOTE="s3backer not installed (Debian/Ubuntu: apt-get install s3backer); userblk figures only"
     echo "bench: $S3B_NOTE" >&2
@@ -326,14 +326,14 @@ done
 wall=$(( SECONDS - start_all ))
 
 find "$RES" -type f -empty -delete   # stderr files with nothing to say
-errors=$(grep -hE ' (ERROR|WARN) ' "$USERBLK_STATE_DIR"/*.log 2>/dev/null | head -20 || true)
+errors=$(grep -hE ' (ERROR|WARN) ' "$USERBLK_STATE_DIR"/*.log 2>/dev/null | sed -n 1,20p || true)
 {
     echo "userblk s3 vs s3backer (FUSE file each, own s3s-fs on loopback), $(date '+%Y-%m-%d %H:%M') on" \
         "$(hostname) ($(nproc) cores, $(uname -r))"
     echo "commit $commit${stale:+ (binary older than $stale)}; binary $USERBLK" \
         "($(date -r "$USERBLK" '+%Y-%m-%d %H:%M'))"
     echo "$(fio --version); $S3B_VERSION;" \
-        "$("$S3S" --version 2>/dev/null | head -1); $(dpkg-query -W -f='libfuse2 ${Version}' libfuse2 2>/dev/null || true)"
+        "$("$S3S" --version 2>/dev/null | sed -n 1p); $(dpkg-query -W -f='libfuse2 ${Version}' libfuse2 2>/dev/null || true)"
     echo "SIZE=${SIZE}MiB, chunk = block size ${CHUNK}MiB, cache ${CACHE}MiB, RUNTIME=${RUNTIME}s," \
         "REPEAT=$REPEAT${QUICK:+ (--quick)}, 1 MiB jobs at QD $SEQ_QD; wall ${wall}s;" \
         "loadavg $load0 at start, $(cut -d' ' -f1-3 /proc/loadavg) at end"
@@ -389,19 +389,27 @@ def fmt(v):
 
 w = 26
 print(f"{'workload':24} {'unit':6}" + "".join(f" {s + ' median (min-max)':>{w}}" for s in sides)
-      + (f" {'userblk/s3backer':>17}" if len(sides) == 2 else ""))
+      + (f" {'userblk/s3backer':>17} {'paired':>7}" if len(sides) == 2 else ""))
 summary = {}
 for job, title, unit in JOBS:
     line = f"{title:24} {unit:6}" + "".join(f" {fmt(vals(job, s)):>{w}}" for s in sides)
     ratio = None
+    paired = None
     if len(sides) == 2:
         u, b = med(vals(job, "userblk")), med(vals(job, "s3backer"))
         ratio = u / b if u and b else None
-        line += f" {(f'{ratio:.2f}x' if ratio else 'n/a'):>17}"
+        # The two sides of one repeat ran back to back: their ratio sees
+        # the same background load, more or less.
+        by_r = {(x["r"], x["side"]): x["value"] for x in runs if x["job"] == job}
+        pr = [by_r[(r, "userblk")] / by_r[(r, "s3backer")] for r in sorted({x["r"] for x in runs})
+              if (r, "userblk") in by_r and by_r.get((r, "s3backer"))]
+        paired = med(pr)
+        line += f" {(f'{ratio:.2f}x' if ratio else 'n/a'):>17} {(f'{paired:.2f}' if paired else 'n/a'):>7}"
     print(line)
-    summary[job] = {s: vals(job, s) for s in sides} | {"ratio": ratio}
+    summary[job] = {s: vals(job, s) for s in sides} | {"ratio": ratio, "paired": paired}
 print(f"medians of {os.environ['REPEAT']} repeats; ratio = median userblk / median s3backer"
-      " (> 1: userblk ahead). Random reads: {}s each, over the {} MiB just read (all cached).".format(
+      " (> 1: userblk ahead); paired = median of the per-repeat ratios. Random reads: {}s each,"
+      " over the {} MiB just read (all cached).".format(
           os.environ["RUNTIME"], size_mib))
 print("seq write: MiB written / (fio's time including its end_fsync + for s3backer the wait until its"
       " cache had no dirty block: its fsync returns at once).")
@@ -442,7 +450,7 @@ EOF
     else
         echo "userblk logs: no ERROR or WARN line"
     fi
-    grep -h 's3: closing' "$USERBLK_STATE_DIR"/*.log 2>/dev/null | sed 's/.*closing; /userblk closing: /' | head -$(( 2 * REPEAT ))
+    grep -h 's3: closing' "$USERBLK_STATE_DIR"/*.log 2>/dev/null | sed -n "s/.*closing; /userblk closing: /; 1,$(( 2 * REPEAT ))p"
 } | tee "$RES/report.txt"
 echo "bench: saved $RES/report.txt (fio JSON in raw/, runs.tsv, commands.txt, logs)" >&2
 exit "$failed"

@@ -225,7 +225,7 @@ case_kill9_dirty_chunks_upload_after_restart() {
     # FUSE: the writer died with the mount. ublk: it was held while the
     # device was QUIESCED and goes on after the recover.
     wait "$writer" || true
-    cat "$WORK/writer.out"
+    sed "s/^/note: /" "$WORK/writer.out"
     python3 tests/s3/fsync_writer.py check "$dev" "$WORK/fsynced" || die "fsync'd blocks lost across kill -9"
     # B's chunks (10 and 11) were never flushed: the write-back sends them.
     wait_for 20 test -e "$DATA/bkt3/k/chunks/000000000000000a" -a -e "$DATA/bkt3/k/chunks/000000000000000b" \
