@@ -222,7 +222,11 @@ fn copy_errors_say_what_is_wrong() {
     );
     assert_eq!(std::fs::read(&small).unwrap(), vec![1u8; 4096], "touched");
     fails(&["copy", s, s], 1, "are the same file");
-    fails(&["copy", "s3://bucket/disk", s], 1, "need the s3 target");
+    fails(
+        &["copy", "s3://bucket/disk?colour=red", s],
+        2,
+        "unknown option 'colour'",
+    );
 }
 
 #[test]
