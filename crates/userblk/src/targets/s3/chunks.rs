@@ -80,6 +80,8 @@ pub struct Table {
     pub resident: u64,
     /// Set when the target is going away: background work stops.
     pub closing: bool,
+    /// Uploads waiting for a chunk's writers to leave.
+    pub upload_waiters: u32,
 }
 
 impl Table {

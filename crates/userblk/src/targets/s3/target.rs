@@ -50,11 +50,11 @@ use crate::target::{
 /// Default cache size.
 pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
 /// Default number of uploads and read-aheads at once.
-pub const DEFAULT_UPLOAD_JOBS: usize = 4;
+pub const DEFAULT_UPLOAD_JOBS: usize = 8;
 /// Default idle time before a dirty chunk is uploaded.
 pub const DEFAULT_WRITEBACK_DELAY: Duration = Duration::from_secs(2);
-/// Chunks read ahead of a sequential reader.
-const READ_AHEAD: u64 = 2;
+/// Most bytes read ahead of a sequential reader.
+const READ_AHEAD_BYTES: u64 = 16 << 20;
 /// Threads serving requests that must wait for the bucket.
 const REQUEST_WORKERS: usize = 8;
 /// How often the write-back thread looks at the table.
@@ -135,6 +135,9 @@ struct State {
     queued: BTreeSet<Task>,
     /// The last chunk a read touched, to spot sequential readers.
     last_read: Option<u64>,
+    /// Chunks in a row a sequential reader has moved through: the
+    /// read-ahead window grows with it.
+    streak: u32,
 }
 
 /// What every thread of the target shares.
@@ -144,7 +147,13 @@ struct Core {
     volume: VolumeId,
     cache: CacheDir,
     state: Mutex<State>,
+    /// Chunk state changed: a fetch, an upload or an eviction ended, the
+    /// last writer left a chunk. Waited on by requests and uploads.
     cv: Condvar,
+    /// The transfer queue got work, or the target is closing.
+    work: Condvar,
+    /// Only to end the write-back thread's sleep at close.
+    tick: Condvar,
     cache_size: u64,
     /// Dirty chunks past which writes that dirty more wait for uploads.
     dirty_max: u64,
@@ -273,8 +282,11 @@ impl S3Target {
                 queue: VecDeque::new(),
                 queued: BTreeSet::new(),
                 last_read: None,
+                streak: 0,
             }),
             cv: Condvar::new(),
+            work: Condvar::new(),
+            tick: Condvar::new(),
             cache_size: opts.cache_size,
             dirty_max: (opts.cache_size / geometry.chunk_size()).max(2 * opts.upload_jobs as u64),
             writeback_delay: opts.writeback_delay,
@@ -441,7 +453,10 @@ impl Core {
                 c.writers = c.writers.saturating_sub(1);
             }
         }
-        self.cv.notify_all();
+        // Only uploads wait for writers to leave; nobody waits on readers.
+        if write && st.table.upload_waiters > 0 {
+            self.cv.notify_all();
+        }
     }
 
     /// Serve `req` from the cache if its chunks are ready; `None` if not.
@@ -471,7 +486,8 @@ impl Core {
     }
 
     /// A read moved on to a new chunk right after the previous one: fetch
-    /// the next few in the background.
+    /// the next ones in the background, a window that doubles (from 2
+    /// chunks up to [`READ_AHEAD_BYTES`]) while the reader stays sequential.
     fn read_ahead(&self, st: &mut State, req: &Request) {
         let span = self.span(req.offset, u64::from(req.len));
         let (first, last) = (*span.start(), *span.end());
@@ -479,18 +495,28 @@ impl Core {
             .last_read
             .is_some_and(|p| p + 1 == first || (p >= first && p < last));
         let moved = st.last_read != Some(last);
-        st.last_read = Some(last);
-        if !(sequential && moved) {
+        if !moved {
             return;
         }
-        let count = self.geometry.chunk_count();
-        for i in (last + 1)..=(last + READ_AHEAD).min(count.saturating_sub(1)) {
+        st.last_read = Some(last);
+        if !sequential {
+            st.streak = 0;
+            return;
+        }
+        st.streak = st.streak.saturating_add(1);
+        let most = (READ_AHEAD_BYTES / self.cs()).max(2);
+        let window = (1u64 << st.streak.min(16)).clamp(2, most);
+        let end = (last + window).min(self.geometry.chunk_count().saturating_sub(1));
+        let mut queued = false;
+        for i in (last + 1)..=end {
             let c = st.table.get(i);
             if !c.resident && c.busy.is_none() {
-                queue(st, Task::Fetch(i));
+                queued |= queue(st, Task::Fetch(i));
             }
         }
-        self.cv.notify_all();
+        if queued {
+            self.work.notify_all();
+        }
     }
 
     /// A request worker: serve `req`, waiting for the bucket as needed.
@@ -499,7 +525,11 @@ impl Core {
             return self.flush(None).map(|()| 0);
         }
         let span = self.span(req.offset, u64::from(req.len));
-        if req.op != Op::Read {
+        if req.op == Op::Read {
+            // At the miss, not after it: the next chunks are fetched while
+            // this one is.
+            self.read_ahead(&mut lock(&self.state), &req);
+        } else {
             self.wait_for_room();
         }
         let mut done = None;
@@ -552,7 +582,7 @@ impl Core {
                     "s3: {} dirty chunks and uploads are not keeping up; the cache grows past its size",
                     st.table.dirty.len()
                 );
-                return;
+                break;
             }
             st = self
                 .cv
@@ -652,7 +682,7 @@ impl Core {
             st.table.get(i).upload_failed = false;
             queue(&mut st, Task::Upload(i));
         }
-        self.cv.notify_all();
+        self.work.notify_all();
         loop {
             let mut pending = false;
             for &(i, gen) in &want {
@@ -696,7 +726,7 @@ impl Core {
                         st.queued.remove(&t);
                         break t;
                     }
-                    st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                    st = self.work.wait(st).unwrap_or_else(PoisonError::into_inner);
                 }
             };
             match task {
@@ -721,7 +751,9 @@ impl Core {
                 // One upload per chunk at a time, and never with a writer
                 // half-way: the bytes read must hold every write of `gen`.
                 if c.uploading || c.writers > 0 || c.busy.is_some() {
+                    st.table.upload_waiters += 1;
                     st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                    st.table.upload_waiters -= 1;
                     continue;
                 }
                 c.uploading = true;
@@ -799,7 +831,7 @@ impl Core {
             let evict = {
                 let st = lock(&self.state);
                 let mut st = self
-                    .cv
+                    .tick
                     .wait_timeout(st, WRITEBACK_TICK)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
@@ -822,13 +854,10 @@ impl Core {
                     .collect();
                 let mut queued = false;
                 for i in due {
-                    if !st.queued.contains(&Task::Upload(i)) {
-                        queue(&mut st, Task::Upload(i));
-                        queued = true;
-                    }
+                    queued |= queue(&mut st, Task::Upload(i));
                 }
                 if queued {
-                    self.cv.notify_all();
+                    self.work.notify_all();
                 }
                 let over = st.table.resident.saturating_sub(cap);
                 if over > 0 {
@@ -895,10 +924,13 @@ enum Data<'a> {
     In(&'a [u8]),
 }
 
-fn queue(st: &mut State, t: Task) {
-    if st.queued.insert(t) {
+/// Queue `t` unless it is queued already; whether it was new.
+fn queue(st: &mut State, t: Task) -> bool {
+    let new = st.queued.insert(t);
+    if new {
         st.queue.push_back(t);
     }
+    new
 }
 
 impl Target for S3Target {
@@ -994,6 +1026,8 @@ impl Drop for S3Target {
             st.table.closing = true;
         }
         self.core.cv.notify_all();
+        self.core.work.notify_all();
+        self.core.tick.notify_all();
         drop(self.jobs.take());
         for t in self.threads.drain(..) {
             let _ = t.join();
