@@ -3,11 +3,14 @@
 block whose fsync returned; or check a device against such a log.
 
 write DEV LOG START END COUNT   blocks at random 64 KiB offsets in
-                                [START, END), each fsync'd, then logged
-                                ("offset sha256" per line, flushed). Stops
-                                at the first error (a dying daemon).
-check DEV LOG                   every logged offset (the last line for an
-                                offset wins) must hold its block.
+                                [START, END), each offset at most once,
+                                each fsync'd, then logged ("offset sha256"
+                                per line, flushed). Stops at the first
+                                error (a dying daemon).
+check DEV LOG                   every logged offset must hold its block.
+
+Each offset is written once: a later write whose fsync failed could have
+reached the disk in part, and would leave a logged offset undefined.
 
 Used by the s3 suite to kill a daemon in the middle of fsync'd writes.
 Standard library only.
@@ -24,9 +27,10 @@ BLOCK = 64 << 10
 def write(dev, log, start, end, count):
     fd = os.open(dev, os.O_RDWR)
     rng = random.Random(os.getpid())
+    blocks = (end - start) // BLOCK
     with open(log, "a", encoding="ascii") as out:
-        for _ in range(count):
-            off = start + rng.randrange((end - start) // BLOCK) * BLOCK
+        for b in rng.sample(range(blocks), min(count, blocks)):
+            off = start + b * BLOCK
             data = os.urandom(BLOCK)
             try:
                 os.pwrite(fd, data, off)
@@ -44,6 +48,9 @@ def check(dev, log):
     with open(log, encoding="ascii") as f:
         for line in f:
             off, sha = line.split()
+            if int(off) in want:
+                print("offset %s logged twice" % off)
+                return 1
             want[int(off)] = sha
     fd = os.open(dev, os.O_RDONLY)
     bad = [off for off, sha in want.items()

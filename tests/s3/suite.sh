@@ -332,6 +332,24 @@ case_copy_round_trip() {
     echo "note: 48 MiB with 5 chunks of data -> $n objects; back byte-identical and sparse"
 }
 
+case_ctl_status_and_upload() {
+    have_server
+    local id dev st
+    read -r id dev < <(add_s3 bkt8 c "$WORK/c8" --size 64M --chunk-size 1M --writeback-delay 600)
+    dd if=/dev/urandom of="$dev" bs=1M count=3 seek=2 oflag=direct status=none
+    st=$(ub ctl -n "$id" status | sed -n "s/^s3: //p")
+    echo "$st"
+    python3 -c 'import json,sys; s=json.loads(sys.argv[1]); assert s["dirty_chunks"] == 3, s' "$st" \
+        || die "status does not count 3 dirty chunks"
+    [ "$(objects bkt8 c)" = 0 ] || die "uploaded before the write-back delay"
+    ub ctl -n "$id" upload | grep -q "uploaded 3 dirty chunks" || die "upload said something else"
+    [ "$(objects bkt8 c)" = 3 ] || die "$(objects bkt8 c) objects after ctl upload"
+    st=$(ub ctl -n "$id" status | sed -n "s/^s3: //p")
+    python3 -c 'import json,sys; s=json.loads(sys.argv[1]); assert s["dirty_chunks"] == 0 and s["counters"]["uploaded"] == 3, s' "$st" \
+        || die "status after the upload: $st"
+    ub del -n "$id"
+}
+
 case_run "errors: endpoint, credentials, bucket, volume, sizes" case_errors
 case_run "fio verify, ext4, re-add from the bucket alone" case_fio_ext4_and_reopen_from_the_bucket
 case_run "all-zero chunks are not stored, discard deletes" case_zero_chunks_are_not_stored
@@ -340,4 +358,5 @@ case_run "server down: fsync EIO, then resumes" case_server_down_flush_fails_the
 case_run "one writer: lease, cache lock, --break-lease" case_one_writer
 case_run "small cache: evict and fetch again" case_small_cache_evicts_and_refetches
 case_run "copy: file -> s3 -> file, no objects for holes" case_copy_round_trip
+case_run "ctl: status counts dirty chunks, upload sends them" case_ctl_status_and_upload
 summary

@@ -57,6 +57,8 @@ pub fn open(
     recoverable: bool,
     previous: Option<&DeviceState>,
 ) -> anyhow::Result<Opened> {
+    // Targets and filters offer their `userblk ctl` actions here.
+    let control = userblk::control::Registry::new();
     let (target, shared): (Arc<dyn Target>, Option<PathBuf>) = match args {
         TargetArgs::Null(a) => (Arc::new(NullTarget::new(a.size)), None),
         TargetArgs::Mem(a) => match (previous.and_then(shared_path), recoverable) {
@@ -106,7 +108,11 @@ pub fn open(
                 None,
             )
         }
-        TargetArgs::S3(a) => (Arc::new(crate::s3::open(a)?), None),
+        TargetArgs::S3(a) => {
+            let t = crate::s3::open(a)?;
+            t.register_actions(&control);
+            (Arc::new(t), None)
+        }
         TargetArgs::Nbd(a) => {
             let mut opts = NbdOptions::new(a.uri.clone());
             opts.reconnect_timeout = std::time::Duration::from_secs(a.reconnect_timeout);
@@ -117,7 +123,6 @@ pub fn open(
         }
     };
     let built = (|| -> anyhow::Result<_> {
-        let control = userblk::control::Registry::new();
         let target = if specs.is_empty() {
             target
         } else {

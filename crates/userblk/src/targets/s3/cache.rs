@@ -204,9 +204,13 @@ impl CacheDir {
     }
 
     fn write_meta(&self) -> Result<(), S3Error> {
+        self.write_meta_as(&self.meta)
+    }
+
+    fn write_meta_as(&self, meta: &Meta) -> Result<(), S3Error> {
         let path = self.dir.join("meta.json");
         let tmp = self.dir.join("meta.json.tmp");
-        let bytes = serde_json::to_vec_pretty(&self.meta)
+        let bytes = serde_json::to_vec_pretty(meta)
             .map_err(|e| S3Error::Invalid(format!("encoding the cache's meta.json: {e}")))?;
         std::fs::write(&tmp, bytes).map_err(|e| cache_err("writing", &tmp, e))?;
         File::open(&tmp)
@@ -262,15 +266,18 @@ impl CacheDir {
 
     /// Close cleanly: make `data` and `state` durable, then say so, so the
     /// directory is trusted even after a reboot.
-    pub fn close_clean(&mut self) -> Result<(), S3Error> {
+    pub fn close_clean(&self) -> Result<(), S3Error> {
         self.data
             .sync_all()
             .map_err(|e| cache_err("syncing", &self.dir.join("data"), e))?;
         self.state
             .sync_all()
             .map_err(|e| cache_err("syncing", &self.dir.join("state"), e))?;
-        self.meta.clean = true;
-        self.write_meta()
+        let meta = Meta {
+            clean: true,
+            ..self.meta.clone()
+        };
+        self.write_meta_as(&meta)
     }
 }
 
@@ -332,7 +339,7 @@ mod tests {
         };
         std::fs::write(&meta, serde_json::to_vec(&other).unwrap()).unwrap();
         {
-            let (mut c, states, opened) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
+            let (c, states, opened) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
             assert_eq!(opened, Opened::DroppedAfterReboot { dirty: 1 });
             assert_eq!(states, vec![ABSENT; 4]);
             c.set_state(0, DIRTY).unwrap();

@@ -41,6 +41,7 @@ use super::layout::{
     Manifest, VolumeId, CHUNKS_DIR, MANIFEST_KEY,
 };
 use super::{lease, S3Config, S3Error, S3Store};
+use crate::control::{Registration, Registry};
 use crate::io::Deferred;
 use crate::target::{
     ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Request, Submit, Target,
@@ -168,6 +169,8 @@ pub struct S3Target {
     lease: Lease,
     created: bool,
     ephemeral_cache: bool,
+    /// `userblk ctl` actions, offered until the target goes.
+    actions: Mutex<Vec<Registration>>,
     jobs: Option<mpsc::Sender<(Deferred, Request)>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -298,6 +301,7 @@ impl S3Target {
             lease,
             created,
             ephemeral_cache: opts.ephemeral_cache,
+            actions: Mutex::new(Vec::new()),
             jobs: None,
             threads: Vec::new(),
         };
@@ -367,6 +371,37 @@ impl S3Target {
     /// Whether this open created the volume (so it reads as zeroes).
     pub fn created(&self) -> bool {
         self.created
+    }
+
+    /// What the cache holds and what the transfers did (JSON for `userblk ctl`).
+    pub fn status(&self) -> serde_json::Value {
+        self.core.status()
+    }
+
+    /// Offer `status` and `upload` (`userblk ctl -n ID upload`: every
+    /// dirty chunk up now, and wait) in `control`, for as long as the
+    /// target lives.
+    pub fn register_actions(&self, control: &Registry) {
+        let core = Arc::clone(&self.core);
+        let status = control.register(
+            "status",
+            "s3",
+            "chunks cached and dirty, transfers and their counters (JSON)",
+            move |_| Ok(core.status().to_string()),
+        );
+        let core = Arc::clone(&self.core);
+        let upload = control.register(
+            "upload",
+            "s3",
+            "upload every dirty chunk now and wait until the bucket has them",
+            move |_| {
+                let n = lock(&core.state).table.dirty.len();
+                core.flush(None)
+                    .map(|()| format!("uploaded {n} dirty chunks"))
+                    .map_err(|e| format!("uploading: {e}; see the daemon's log"))
+            },
+        );
+        lock(&self.actions).extend([status, upload]);
     }
 }
 
@@ -901,6 +936,29 @@ impl Core {
         self.cv.notify_all();
     }
 
+    fn status(&self) -> serde_json::Value {
+        let (cached, dirty, uploading, queued) = {
+            let st = lock(&self.state);
+            let uploading = st.table.chunks.iter().filter(|c| c.uploading).count();
+            (
+                st.table.resident,
+                st.table.dirty.len(),
+                uploading,
+                st.queue.len(),
+            )
+        };
+        json!({
+            "chunk_size": self.cs(),
+            "chunks": self.geometry.chunk_count(),
+            "cached_chunks": cached,
+            "dirty_chunks": dirty,
+            "uploading": uploading,
+            "queued": queued,
+            "cache_bytes_on_disk": self.cache.allocated_bytes(),
+            "counters": self.summary(),
+        })
+    }
+
     fn summary(&self) -> serde_json::Value {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let c = &self.counters;
@@ -1019,6 +1077,7 @@ impl Target for S3Target {
 
 impl Drop for S3Target {
     fn drop(&mut self) {
+        lock(&self.actions).clear();
         // Everything written goes up before the daemon lets go.
         let flushed = self.core.flush(None);
         {
@@ -1035,10 +1094,8 @@ impl Drop for S3Target {
         let dirty = lock(&self.core.state).table.dirty.len();
         tracing::info!("s3: closing; {}", self.core.summary());
         // Clean close: the cache is trusted even after a reboot.
-        if let Some(core) = Arc::get_mut(&mut self.core) {
-            if let Err(e) = core.cache.close_clean() {
-                tracing::warn!("s3: closing the cache: {e}");
-            }
+        if let Err(e) = self.core.cache.close_clean() {
+            tracing::warn!("s3: closing the cache: {e}");
         }
         if flushed.is_ok() && dirty == 0 {
             lease::release(&self.core.store, &self.lease);
