@@ -58,14 +58,9 @@ WL="tests/crash/workload.py"
 
 # Only our own devices: the ids in our state directory.
 cleanup_devices() {
-    local f
     umount "$MNT" 2>/dev/null || true
     rm -f "$TRIGGER"
-    for f in "$STATE_DIR"/*.json; do
-        [ -e "$f" ] || continue
-        case "$f" in */stats-*) continue ;; esac
-        ub del -n "$(basename "$f" .json)" >/dev/null 2>&1 || true
-    done
+    del_own_devices "$STATE_DIR"
 }
 trap 'cleanup_devices; rm -rf "$WORK"' EXIT
 

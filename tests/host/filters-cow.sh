@@ -283,13 +283,9 @@ case_cache_refusals() {
 
 # Only our own devices and servers: the ids in our private state directory.
 cleanup_devices() {
-    local f p
+    local p
     umount "$MNT" 2>/dev/null || true
-    for f in "$USERBLK_STATE_DIR"/*.json; do
-        [ -e "$f" ] || continue
-        case "$f" in */stats-*) continue ;; esac
-        ub del -n "$(basename "$f" .json)" >/dev/null 2>&1 || true
-    done
+    del_own_devices
     if [ -s "$SERVERS" ]; then
         while read -r p; do stop_server "$p"; done <"$SERVERS"
         : >"$SERVERS"

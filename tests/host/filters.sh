@@ -201,12 +201,7 @@ case_bad_specs() {
 
 # Only our own devices: the ids in our private state directory.
 cleanup_devices() {
-    local f
-    for f in "$USERBLK_STATE_DIR"/*.json; do
-        [ -e "$f" ] || continue
-        case "$f" in */stats-*) continue ;; esac
-        ub del -n "$(basename "$f" .json)" >/dev/null 2>&1 || true
-    done
+    del_own_devices
 }
 trap 'cleanup_devices; rm -rf "$WORK"' EXIT
 

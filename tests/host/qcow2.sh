@@ -267,12 +267,8 @@ case_corrupt_images_refused() {
 }
 
 cleanup_devices() {
-    local f
     umount "$MNT" 2>/dev/null || true
-    for f in "$USERBLK_STATE_DIR"/*.json; do
-        [ -e "$f" ] || continue
-        ub del -n "$(basename "$f" .json)" >/dev/null 2>&1 || true
-    done
+    del_own_devices
 }
 trap 'cleanup_devices; rm -rf "$WORK"' EXIT
 

@@ -54,12 +54,8 @@ server_down() {
 }
 
 cleanup() {
-    local f
     umount "$MNT" 2>/dev/null || true
-    for f in "$USERBLK_STATE_DIR"/*.json; do
-        [ -e "$f" ] || continue
-        ub del -n "$(basename "$f" .json)" >/dev/null 2>&1 || true
-    done
+    del_own_devices
     server_down || true
     rm -rf "$WORK"
 }

@@ -113,6 +113,17 @@ del_dev() {
     [ ! -e "/run/userblk/$id.json" ] || die "state file left behind"
 }
 
+# Delete every device of state directory DIR (default $USERBLK_STATE_DIR):
+# a host suite's own devices, never anyone else's (no `del -a` there).
+del_own_devices() { # del_own_devices [DIR]
+    local f dir=${1:-$USERBLK_STATE_DIR}
+    for f in "$dir"/*.json; do
+        [ -e "$f" ] || continue
+        case "$f" in */stats-*) continue ;; esac
+        ub del -n "$(basename "$f" .json)" >/dev/null 2>&1 || true
+    done
+}
+
 cleanup_devices() {
     ub del -a >/dev/null 2>&1 || true
     umount /mnt/ub* 2>/dev/null || true
