@@ -128,28 +128,14 @@ pub fn open_for_copy(
     let tmp = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     let cache = tmp.join(format!("userblk-copy-s3-{}-{nanos}", std::process::id()));
     let mut opts = S3Options::new(store, cache);
+    opts.size = size;
+    opts.size_for_new_only = true;
     opts.chunk_size = parse_size("chunk-size")?;
     opts.cache_size = parse_size("cache-size")?.unwrap_or(256 << 20);
     // Upload as soon as a chunk is written whole: a copy never comes back.
     opts.writeback_delay = Duration::ZERO;
     opts.ephemeral_cache = true;
-    let open =
-        |opts: S3Options| S3Target::open(opts).with_context(|| format!("s3://{bucket}/{prefix}"));
-    match size {
-        None => open(opts),
-        Some(size) => match open(opts.clone()) {
-            Err(e)
-                if e.downcast_ref::<userblk::targets::s3::S3Error>()
-                    .is_some_and(|e| {
-                        matches!(e, userblk::targets::s3::S3Error::NoVolume { .. })
-                    }) =>
-            {
-                opts.size = Some(size);
-                open(opts)
-            }
-            r => r,
-        },
-    }
+    S3Target::open(opts).with_context(|| format!("s3://{bucket}/{prefix}"))
 }
 
 #[cfg(test)]

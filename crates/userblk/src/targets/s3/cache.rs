@@ -199,15 +199,11 @@ impl CacheDir {
             meta,
         };
         // From here on the directory is in use: not clean until closed.
-        cache.write_meta()?;
+        cache.write_meta(&cache.meta)?;
         Ok((cache, states, opened))
     }
 
-    fn write_meta(&self) -> Result<(), S3Error> {
-        self.write_meta_as(&self.meta)
-    }
-
-    fn write_meta_as(&self, meta: &Meta) -> Result<(), S3Error> {
+    fn write_meta(&self, meta: &Meta) -> Result<(), S3Error> {
         let path = self.dir.join("meta.json");
         let tmp = self.dir.join("meta.json.tmp");
         let bytes = serde_json::to_vec_pretty(meta)
@@ -277,7 +273,7 @@ impl CacheDir {
             clean: true,
             ..self.meta.clone()
         };
-        self.write_meta_as(&meta)
+        self.write_meta(&meta)
     }
 }
 

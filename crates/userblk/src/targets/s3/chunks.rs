@@ -111,13 +111,24 @@ impl Table {
         t
     }
 
-    /// The chunk at `i` (which callers got from the geometry, so in range).
-    pub fn get(&mut self, i: u64) -> &mut Chunk {
+    /// Index of chunk `i` (which callers got from the geometry, so in
+    /// range; clamped, never a panic, if not).
+    fn index(&self, i: u64) -> usize {
         let n = self.chunks.len();
-        let idx = usize::try_from(i)
+        usize::try_from(i)
             .unwrap_or(usize::MAX)
-            .min(n.saturating_sub(1));
+            .min(n.saturating_sub(1))
+    }
+
+    /// The chunk at `i`.
+    pub fn get(&mut self, i: u64) -> &mut Chunk {
+        let idx = self.index(i);
         &mut self.chunks[idx]
+    }
+
+    /// The chunk at `i`, to look at.
+    pub fn chunk(&self, i: u64) -> &Chunk {
+        &self.chunks[self.index(i)]
     }
 
     /// Mark chunk `i` used at `now_ms`.

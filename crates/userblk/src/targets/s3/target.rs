@@ -75,6 +75,9 @@ pub struct S3Options {
     pub store: S3Config,
     /// The device size: needed to create a volume, checked against an existing one.
     pub size: Option<u64>,
+    /// `size` only sizes a new volume: an existing one keeps its own
+    /// (`userblk copy`, whose destination may be larger than its source).
+    pub size_for_new_only: bool,
     /// The chunk size: used to create a volume, checked against an existing one.
     pub chunk_size: Option<u64>,
     /// The local cache directory.
@@ -98,6 +101,7 @@ impl S3Options {
         S3Options {
             store,
             size: None,
+            size_for_new_only: false,
             chunk_size: None,
             cache_dir,
             cache_size: DEFAULT_CACHE_SIZE,
@@ -191,7 +195,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The volume's manifest: read and checked, or created (then `true`).
 fn manifest(store: &S3Store, opts: &S3Options) -> Result<(Manifest, bool), S3Error> {
     let check = |m: Manifest| -> Result<Manifest, S3Error> {
-        m.check_matches(opts.size, opts.chunk_size)?;
+        let size = opts.size.filter(|_| !opts.size_for_new_only);
+        m.check_matches(size, opts.chunk_size)?;
         Ok(m)
     };
     if let Some(b) = store.get(MANIFEST_KEY)? {
@@ -363,11 +368,6 @@ impl S3Target {
         }
     }
 
-    /// Upload every dirty chunk now and wait for it.
-    pub fn flush_all(&self) -> Result<(), Errno> {
-        self.core.flush(None)
-    }
-
     /// Whether this open created the volume (so it reads as zeroes).
     pub fn created(&self) -> bool {
         self.created
@@ -410,6 +410,12 @@ impl Core {
         self.geometry.chunk_size()
     }
 
+    /// Whether `req` covers chunk `i` whole (a write then needs no fetch).
+    fn covers(&self, req: &Request, i: u64) -> bool {
+        let start = i * self.cs();
+        req.offset <= start && req.offset + u64::from(req.len) >= start + self.geometry.chunk_len(i)
+    }
+
     /// The chunks `[offset, offset + len)` touches.
     fn span(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
         let first = offset / self.cs();
@@ -432,12 +438,11 @@ impl Core {
     /// ready: cached, or (for a write) wholly covered. `None`: not ready.
     fn pin(&self, st: &mut State, req: &Request, over: bool) -> Option<Result<(), Errno>> {
         let write = req.op != Op::Read;
-        let (start, end) = (req.offset, req.offset + u64::from(req.len));
         let span = self.span(req.offset, u64::from(req.len));
         let full = st.table.dirty.len() as u64 >= self.dirty_max;
         for i in span.clone() {
+            let whole = self.covers(req, i);
             let c = st.table.get(i);
-            let whole = start <= i * self.cs() && end >= i * self.cs() + self.geometry.chunk_len(i);
             if c.busy.is_some() || !(c.resident || (write && whole)) {
                 return None;
             }
@@ -572,12 +577,7 @@ impl Core {
         // a few tries, each fetching what is missing.
         for _ in 0..8 {
             for i in span.clone() {
-                let partial = {
-                    let start = i * self.cs();
-                    let end = start + self.geometry.chunk_len(i);
-                    req.offset > start || req.offset + u64::from(req.len) < end
-                };
-                if req.op == Op::Read || partial {
+                if req.op == Op::Read || !self.covers(&req, i) {
                     self.ensure_cached(i)?;
                 }
             }
@@ -881,7 +881,7 @@ impl Core {
                     .iter()
                     .copied()
                     .filter(|&i| {
-                        let c = &st.table.chunks[usize::try_from(i).unwrap_or(0)];
+                        let c = st.table.chunk(i);
                         let idle = now.saturating_sub(c.last_write_ms) >= delay;
                         let old = now.saturating_sub(c.dirty_since_ms) >= delay.saturating_mul(4);
                         !c.uploading && (hurry || idle || old || c.restored)
@@ -1041,7 +1041,7 @@ impl Target for S3Target {
         while at < end && out.len() - first < MAX_EXTENTS {
             let i = at / self.core.cs();
             let chunk_end = (i * self.core.cs() + self.core.geometry.chunk_len(i)).min(end);
-            let c = &st.table.chunks[usize::try_from(i).map_err(|_| Errno::INVAL)?];
+            let c = st.table.chunk(i);
             let hole = !c.resident && !c.in_bucket;
             let e = if hole {
                 Extent::hole(chunk_end - at)
