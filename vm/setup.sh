@@ -12,6 +12,11 @@ CACHE=${USERBLK_VM_CACHE:-/var/cache/userblk-vm}
 # warning); that choice is remembered in $CACHE/kver, which run.sh reads.
 PINNED_KVER=6.12.107+deb12-amd64
 KVER=${USERBLK_VM_KVER:-$PINNED_KVER}
+# USERBLK_VM_KSUITE: fetch the kernel from another Debian suite instead
+# (trixie-backports: 7.x, for what 6.12 lacks, e.g. zero copy), the newest
+# linux-image-*-amd64 there unless USERBLK_VM_KVER names one.  Give such a
+# kernel its own USERBLK_VM_CACHE: the initramfs and kver are per cache.
+KSUITE=${USERBLK_VM_KSUITE:-}
 if [[ -z ${USERBLK_VM_KVER:-} && ! -s $CACHE/linux-image-$KVER.deb && -s $CACHE/kver ]]; then
     prev=$(<"$CACHE/kver")
     [[ -s $CACHE/linux-image-$prev.deb ]] && KVER=$prev
@@ -54,7 +59,7 @@ fi
 # Refresh package lists only when something we need is not known to apt:
 # the kernel (unless already cached) or a package still to install.
 need_update=0
-if [[ ! -s $CACHE/linux-image-$KVER.deb ]]; then
+if [[ -z $KSUITE && ! -s $CACHE/linux-image-$KVER.deb ]]; then
     has_candidate "linux-image-$KVER" || need_update=1
 fi
 for p in "${missing[@]}"; do has_candidate "$p" || need_update=1; done
@@ -69,22 +74,29 @@ if (( ${#missing[@]} )); then
         || die "apt-get install ${missing[*]} failed"
 fi
 
-if (( qemu_bpo )); then
-    # shellcheck source=/dev/null
-    suite=$(. /etc/os-release && echo "${VERSION_CODENAME:?}")-backports
-    echo "vm/setup.sh: installing qemu-system-x86 from $suite (matches installed qemu-utils)"
+# A private apt configuration: the system's sources plus suite $1 of
+# deb.debian.org, with its own lists and archives, so /etc/apt is left alone.
+# Sets apt_dir (remove it when done) and apt_opts.
+private_apt() {
     apt_dir=$(mktemp -d)
     mkdir -p "$apt_dir/parts" "$apt_dir/lists/partial" "$apt_dir/archives/partial"
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
         [[ -f $f ]] && cp "$f" "$apt_dir/parts/"
     done
     [[ -f $apt_dir/parts/sources.list ]] && mv "$apt_dir/parts/sources.list" "$apt_dir/parts/system.list"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
-        >"$apt_dir/parts/backports.list"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $1 main" \
+        >"$apt_dir/parts/extra.list"
     apt_opts=(-o "Dir::Etc::sourcelist=/dev/null" -o "Dir::Etc::sourceparts=$apt_dir/parts"
               -o "Dir::State::lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/archives"
               -o APT::Sandbox::User=root)
-    apt-get "${apt_opts[@]}" update -q </dev/null >/dev/null || { rm -rf "$apt_dir"; die "apt-get update (with $suite) failed"; }
+    apt-get "${apt_opts[@]}" update -q </dev/null >/dev/null || { rm -rf "$apt_dir"; die "apt-get update (with $1) failed"; }
+}
+
+if (( qemu_bpo )); then
+    # shellcheck source=/dev/null
+    suite=$(. /etc/os-release && echo "${VERSION_CODENAME:?}")-backports
+    echo "vm/setup.sh: installing qemu-system-x86 from $suite (matches installed qemu-utils)"
+    private_apt "$suite"
     apt-get "${apt_opts[@]}" install -y -q --no-install-recommends --no-remove -t "$suite" \
         qemu-system-x86 </dev/null || { rm -rf "$apt_dir"; die "apt-get install qemu-system-x86 from $suite failed"; }
     rm -rf "$apt_dir"
@@ -94,7 +106,7 @@ mkdir -p "$CACHE"
 
 # Kernel package: download once, keep under a fixed name.
 DEB=$CACHE/linux-image-$KVER.deb
-if [[ ! -s $DEB ]] && ! has_candidate "linux-image-$KVER" && [[ -z ${USERBLK_VM_KVER:-} ]]; then
+if [[ -z $KSUITE && ! -s $DEB ]] && ! has_candidate "linux-image-$KVER" && [[ -z ${USERBLK_VM_KVER:-} ]]; then
     alt=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64$' \
           | sed -n 's/^linux-image-\([^ ]*\) .*/\1/p' | sort -V | tail -n1)
     if [[ -n $alt ]]; then
@@ -104,14 +116,41 @@ if [[ ! -s $DEB ]] && ! has_candidate "linux-image-$KVER" && [[ -z ${USERBLK_VM_
     fi
 fi
 if [[ ! -s $DEB ]]; then
-    has_candidate "linux-image-$KVER" \
-        || die "apt has no linux-image-$KVER (set USERBLK_VM_KVER to an available version)"
+    apt_opts=() apt_dir=
+    if [[ -n $KSUITE ]]; then
+        private_apt "$KSUITE"
+        if [[ -z ${USERBLK_VM_KVER:-} ]]; then
+            KVER=$(apt-cache "${apt_opts[@]}" search --names-only '^linux-image-[0-9][0-9.]*\+[a-z0-9]*-amd64$' 2>/dev/null \
+                   | sed -n 's/^linux-image-\([^ ]*\) .*/\1/p' | sort -V | tail -n1)
+            [[ -n $KVER ]] || { rm -rf "$apt_dir"; die "$KSUITE has no linux-image-*-amd64"; }
+            DEB=$CACHE/linux-image-$KVER.deb
+            echo "vm/setup.sh: the newest kernel in $KSUITE: $KVER"
+        fi
+        p=$(apt-cache "${apt_opts[@]}" policy "linux-image-$KVER" 2>/dev/null)
+        [[ $p =~ Candidate:\ [^\(] ]] || { rm -rf "$apt_dir"; die "$KSUITE has no linux-image-$KVER"; }
+    else
+        has_candidate "linux-image-$KVER" \
+            || die "apt has no linux-image-$KVER (set USERBLK_VM_KVER to an available version)"
+    fi
     dl=$(mktemp -d "$CACHE/dl.XXXXXX")
     # apt-get download writes to the cwd; _apt cannot write there, hence the
     # harmless 'unsandboxed' warning, which we filter out.
-    (cd "$dl" && { apt-get download -q "linux-image-$KVER" </dev/null 2>&1 | grep -v 'unsandboxed' || true; })
+    fetch() { (cd "$dl" && { apt-get "${apt_opts[@]}" download -q "$@" </dev/null 2>&1 | grep -v 'unsandboxed' || true; }); }
+    fetch "linux-image-$KVER"
     f=$(compgen -G "$dl/linux-image-${KVER}_*.deb" | head -n1 || true)
-    [[ -n $f ]] || { rm -rf "$dl"; die "apt-get download linux-image-$KVER failed"; }
+    [[ -n $f ]] || { rm -rf "$dl"; [[ -n $apt_dir ]] && rm -rf "$apt_dir"; die "apt-get download linux-image-$KVER failed"; }
+    # Newer Debian kernels (trixie-backports 7.x) split the image into
+    # linux-base (System.map, modules.builtin), linux-binary (vmlinuz) and
+    # linux-modules packages it depends on.
+    parts=$(dpkg-deb -f "$f" Depends | tr ',' '\n' | sed -n "s/^ *\(linux-\(base\|binary\|modules\)-$KVER\) .*/\1/p")
+    for part in $parts; do
+        fetch "$part"
+        g=$(compgen -G "$dl/${part}_*.deb" | head -n1 || true)
+        [[ -n $g ]] || { rm -rf "$dl"; [[ -n $apt_dir ]] && rm -rf "$apt_dir"; die "apt-get download $part failed"; }
+        mv "$g" "$CACHE/${part%-"$KVER"}-$KVER.deb"
+    done
+    [[ -n $apt_dir ]] && rm -rf "$apt_dir"
+    # The image last: its presence says the download is complete.
     mv "$f" "$DEB"
     rm -rf "$dl"
 fi
@@ -127,8 +166,19 @@ UNPACK_FMT="deb+xz-d+depmod v1"
 if [[ $(cat "$KDIR/.userblk-unpacked" 2>/dev/null) != "$UNPACK_FMT" || $DEB -nt $KDIR/.userblk-unpacked ]]; then
     echo "vm/setup.sh: unpacking $DEB"
     rm -rf "$KDIR" "$KDIR.tmp"
-    dpkg-deb -x "$DEB" "$KDIR.tmp"
+    for d in "$CACHE"/linux-{base,binary,modules}-"$KVER".deb "$DEB"; do
+        [[ -f $d ]] && dpkg-deb -x "$d" "$KDIR.tmp"
+    done
+    # Newer packages are usr-merged, with vmlinuz beside the modules: lay
+    # the tree out as the older ones do (lib/modules, boot/vmlinuz-KVER).
+    if [[ -d $KDIR.tmp/usr/lib/modules && ! -e $KDIR.tmp/lib/modules ]]; then
+        mkdir -p "$KDIR.tmp/lib" "$KDIR.tmp/boot"
+        mv "$KDIR.tmp/usr/lib/modules" "$KDIR.tmp/lib/modules"
+        [[ -f $KDIR.tmp/lib/modules/$KVER/vmlinuz ]] \
+            && mv "$KDIR.tmp/lib/modules/$KVER/vmlinuz" "$KDIR.tmp/boot/vmlinuz-$KVER"
+    fi
     find "$KDIR.tmp/lib/modules" -name '*.ko.xz' -print0 | xargs -0 -r -P "$(nproc)" -n 64 xz -d
+    find "$KDIR.tmp/lib/modules" -name '*.ko.zst' -print0 | xargs -0 -r -P "$(nproc)" -n 64 zstd -q -d --rm
     # The .deb ships no modules.dep (the postinst normally runs depmod).
     depmod -b "$KDIR.tmp" "$KVER"
     echo "$UNPACK_FMT" >"$KDIR.tmp/.userblk-unpacked"
