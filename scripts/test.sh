@@ -71,3 +71,16 @@ as_root vm/run.sh -- vm/suite/crash.sh
 
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
+
+# Zero copy (UBLK_F_AUTO_BUF_REG) needs 6.16+: the ublk and recovery suites
+# run again on the newest kernel of Debian's trixie-backports, where their
+# zero-copy cases (skipped on 6.12) run for real.
+NEWER=(env USERBLK_VM_CACHE=/var/cache/userblk-vm-backports USERBLK_VM_KSUITE=trixie-backports)
+step "dependencies: a newer VM kernel (the newest of Debian trixie-backports, 7.x)"
+as_root "${NEWER[@]}" vm/setup.sh
+
+step "newer-kernel suite: ublk core, zero copy for real (Debian trixie-backports in qemu/TCG)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
+
+step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
