@@ -6,15 +6,18 @@
 # userblk/rublk and userblk/kernel), draws a PNG, keeps the raw fio JSON.
 # Run on the host (needs vm/setup.sh done once). See bench/README.md.
 #
-#   bench/perf.sh [--quick] [--runtime SECS] [--repeat N] [--results DIR] [--only REGEX] [--publish]
+#   bench/perf.sh [--quick] [--runtime SECS] [--repeat N] [--results DIR] [--only REGEX]
+#                 [--file-args ARGS] [--publish]
 set -euo pipefail
 
 usage() {
     cat >&2 <<'EOF'
 usage: bench/perf.sh [--quick] [--runtime SECS (6)] [--repeat N (3)] [--results DIR (/tmp/userblk-bench)]
-                     [--only REGEX] [--publish]
+                     [--only REGEX] [--file-args ARGS] [--publish]
   --quick     smoke run: --runtime 3 --repeat 1 (~5 min) unless given too
   --only      run only the workloads whose key matches REGEX (grep -E), e.g. 'null-.*qd64'
+  --file-args more arguments for userblk's file devices, e.g. '--zero-copy' (on a 6.16+
+              kernel: USERBLK_VM_CACHE of a vm/setup.sh run with USERBLK_VM_KSUITE)
   --publish   copy summary.txt, summary.csv, runs.csv and perf.png into docs/perf/
               (refused with --quick, --only or fewer than 3 repeats)
 environment: RUBLK (rublk binary, default /opt/rublk/bin/rublk, installed with cargo if
@@ -24,7 +27,7 @@ EOF
 }
 die() { echo "bench: $*" >&2; exit 2; }
 
-RUNTIME='' REPEAT='' RESULTS=/tmp/userblk-bench QUICK=0 PUBLISH=0 ONLY=''
+RUNTIME='' REPEAT='' RESULTS=/tmp/userblk-bench QUICK=0 PUBLISH=0 ONLY='' FILE_ARGS=''
 ARGS=("$@")
 while (( $# )); do
     case $1 in
@@ -33,6 +36,7 @@ while (( $# )); do
         --repeat) (( $# >= 2 )) || usage; REPEAT=$2; shift 2 ;;
         --results) (( $# >= 2 )) || usage; RESULTS=$2; shift 2 ;;
         --only) (( $# >= 2 )) || usage; ONLY=$2; shift 2 ;;
+        --file-args) (( $# >= 2 )) || usage; FILE_ARGS=$2; shift 2 ;;
         --publish) PUBLISH=1; shift ;;
         -h|--help) usage ;;
         *) echo "bench: unknown argument $1" >&2; usage ;;
@@ -49,6 +53,7 @@ fi
 if (( PUBLISH )); then
     (( QUICK == 0 )) || die "--publish wants a full run, not --quick"
     [[ -z $ONLY ]] || die "--publish wants every workload, not --only"
+    [[ -z $FILE_ARGS ]] || die "--publish wants the default devices, not --file-args"
     (( REPEAT >= 3 )) || die "--publish wants at least 3 repeats"
 fi
 
@@ -135,6 +140,7 @@ TIMEOUT=$(( RUNS * (3 * (RUNTIME + 30) + 60) + 900 ))
 
 start=$SECONDS busy0=$(cpu_busy) ours0=$(children_cpu) load0=$(loadavg)
 rc=0
+USERBLK_BENCH_FILE_ARGS=$FILE_ARGS USERBLK_VM_PASSENV="${USERBLK_VM_PASSENV:-CI RUST_BACKTRACE RUST_LOG} USERBLK_BENCH_FILE_ARGS" \
 USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout "$TIMEOUT" --out "$OUT" -- \
     bench/guest/perf.sh "$OUT" "$RUNTIME" "$REPEAT" "$RUBLK" "$ONLY" || rc=$?
 wall=$(( SECONDS - start ))

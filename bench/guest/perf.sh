@@ -142,14 +142,23 @@ nullb_add K_NULL2 perfnull2 2
 record "dd if=/dev/zero of=$BACKING bs=1M count=$BACKING_MIB"
 dd if=/dev/zero of="$BACKING" bs=1M count=$BACKING_MIB status=none
 phase "backing file written"
-ublk_add userblk UB_FILE1 file -f "$BACKING" -q 1 -d 128
-ublk_add userblk UB_FILE2 file -f "$BACKING" -q 2 -d 128
+# USERBLK_BENCH_FILE_ARGS (bench/perf.sh --file-args): more arguments for
+# userblk's file devices, e.g. --zero-copy.
+read -r -a FILE_ARGS <<<"${USERBLK_BENCH_FILE_ARGS:-}"
+ublk_add userblk UB_FILE1 file -f "$BACKING" -q 1 -d 128 "${FILE_ARGS[@]}"
+ublk_add userblk UB_FILE2 file -f "$BACKING" -q 2 -d 128 "${FILE_ARGS[@]}"
 for id in "${UB_IDS[@]}"; do
     out=$("$USERBLK" list -n "$id")
     if grep -q '"type":"file"' <<<"$out" && ! grep -q '"direct":true' <<<"$out"; then
         echo "$out" >&2; echo "userblk file target $id is not using O_DIRECT" >&2; exit 1
     fi
 done
+if [[ " ${FILE_ARGS[*]} " == *" --zero-copy "* ]]; then
+    for v in UB_FILE1 UB_FILE2; do
+        flags=$("$USERBLK" list -n "${!v#ublkb}" --json | sed -n 's/^ *"flags": *\([0-9]*\),\{0,1\}$/\1/p' | head -n 1)
+        (( ${flags:-0} & 0x800 )) || { echo "${!v}: --zero-copy asked for, not granted (flags ${flags:-?})" >&2; exit 1; }
+    done
+fi
 # rublk loop takes its logical block size from the file (4096 on tmpfs);
 # userblk's file target and loop use 512, so rublk is told 512 too. rublk
 # uses direct I/O by default, like the other two.
@@ -173,7 +182,7 @@ declare -A DEV=(
 )
 declare -A LABEL=(
     [null:userblk]="userblk null" [null:rublk]="rublk null" [null:kernel]="null_blk"
-    [file:userblk]="userblk file" [file:rublk]="rublk loop" [file:kernel]="loop dio"
+    [file:userblk]="userblk file${FILE_ARGS[*]:+ ${FILE_ARGS[*]}}" [file:rublk]="rublk loop" [file:kernel]="loop dio"
 )
 SIDES=(userblk rublk kernel)
 DISKS=()

@@ -298,10 +298,13 @@ file_on_ext4() { # a backing file on ext4: real FALLOC_FL_ZERO_RANGE and punch-h
     return $rc
 }
 
+# The flags the kernel granted device $1.
+dev_flags() { ub list -n "$1" --json | sed -n 's/^ *"flags": *\([0-9]*\),\{0,1\}$/\1/p' | head -n 1; }
+
 user_copy_granted() { # --user-copy: the kernel grants USER_COPY; null reads zeroes through it
     local id flags
     id=$(add_dev null --size 1G --user-copy)
-    flags=$(ub list -n "$id" --json | sed -n 's/^ *"flags": *\([0-9]*\),\{0,1\}$/\1/p' | head -n 1)
+    flags=$(dev_flags "$id")
     [ -n "$flags" ] && [ $((flags & 0x80)) -ne 0 ] || die "flags ${flags:-?} lack USER_COPY (0x80)"
     dd if=/dev/urandom of="/dev/ublkb$id" bs=64k count=16 oflag=direct status=none
     [ "$(dd if="/dev/ublkb$id" bs=64k count=16 iflag=direct status=none | tr -d '\0' | wc -c)" = 0 ] ||
@@ -324,11 +327,15 @@ zero_copy_falls_back() {
     else
         grep -q "zero copy: this kernel lacks automatic buffer registration" <<<"$out" ||
             die "no fallback warning from add --zero-copy"
-        flags=$(ub list -n "$id" --json | sed -n 's/^ *"flags": *\([0-9]*\),\{0,1\}$/\1/p' | head -n 1)
+        flags=$(dev_flags "$id")
         [ -n "$flags" ] && [ $((flags & 0x800)) -eq 0 ] || die "flags ${flags:-?} claim AUTO_BUF_REG"
     fi
     fio_verify "/dev/ublkb$id"
     del_dev "$id"
+    # Without --zero-copy the default (zero copy where offered) says nothing.
+    out=$(ub add file -f "$img" 2>&1)
+    ! grep -qi "zero copy:.*lacks" <<<"$out" || die "a default file device warned about zero copy: $out"
+    del_dev "$(dev_id_of "$out")"
     out=$(ub add null --size 1G --zero-copy 2>&1)
     grep -q "zero copy: only the file target without filters" <<<"$out" ||
         die "no warning for zero copy on null: $out"
@@ -338,18 +345,22 @@ zero_copy_falls_back() {
 
 has_auto_buf_reg() { ub features | grep -q AUTO_BUF_REG; }
 
-# --zero-copy where the kernel has UBLK_F_AUTO_BUF_REG (6.16+): the device
-# is granted it, and request data never passes through the daemon: after
-# every tag has carried 512 KiB requests its resident memory is still small
-# (copy mode touches depth x 512 KiB = 64 MiB of buffers), yet the data on
-# the device is right.
+# Where the kernel has UBLK_F_AUTO_BUF_REG (6.16+) a file device uses zero
+# copy by default (--no-zero-copy opts out), and request data never passes
+# through the daemon: after every tag has carried 512 KiB requests its
+# resident memory is still small (copy mode touches depth x 512 KiB = 64 MiB
+# of buffers), yet the data on the device is right.
 zero_copy_granted() {
     has_auto_buf_reg || skip "this kernel lacks UBLK_F_AUTO_BUF_REG (Linux 6.16+): the VM suite on a 7.x kernel runs it"
     local img id flags pid rss
     img=$(backing zcg.img 256M)
-    id=$(add_dev file -f "$img" --zero-copy)
-    flags=$(ub list -n "$id" --json | sed -n 's/^ *"flags": *\([0-9]*\),\{0,1\}$/\1/p' | head -n 1)
-    [ -n "$flags" ] && [ $((flags & 0x800)) -ne 0 ] || die "flags ${flags:-?} lack AUTO_BUF_REG (0x800)"
+    id=$(add_dev file -f "$img" --no-zero-copy)
+    flags=$(dev_flags "$id")
+    [ -n "$flags" ] && [ $((flags & 0x800)) -eq 0 ] || die "--no-zero-copy: flags ${flags:-?} have AUTO_BUF_REG (0x800)"
+    del_dev "$id"
+    id=$(add_dev file -f "$img")
+    flags=$(dev_flags "$id")
+    [ -n "$flags" ] && [ $((flags & 0x800)) -ne 0 ] || die "a default file device: flags ${flags:-?} lack AUTO_BUF_REG (0x800)"
     "${FIO[@]}" --name=zc-big --filename="/dev/ublkb$id" --rw=randrw --bs=512k --iodepth=128 \
         --size=100% --io_size=512M --verify=crc32c --verify_fatal=1
     pid=$(list_word "$id" 7)
@@ -387,7 +398,7 @@ case_run "--user-copy: USER_COPY granted, null reads zero" user_copy_granted
 target_cases "mem --user-copy" "write through" yes yes mem --size 64M --user-copy
 target_cases "file --user-copy (O_DIRECT)" "write back" yes no file -f "$(backing uc.img 64M)" --user-copy
 case_run "--zero-copy: falls back with a warning where unsupported" zero_copy_falls_back
-case_run "--zero-copy: granted, no data through the daemon" zero_copy_granted
+case_run "zero copy: file's default, no data through the daemon" zero_copy_granted
 zero_copy_target_cases "file --zero-copy (O_DIRECT)" "write back" yes yes file -f "$(backing zc2.img 64M)" --zero-copy
 zero_copy_target_cases "file --zero-copy -q 2 (buffered)" "write back" yes yes file -f "$(backing zc3.img 64M)" --buffered -q 2 --zero-copy
 case_run "file with --offset" sh -c "f=\$(mktemp -p $WORK); truncate -s 33M \$f; id=\$($USERBLK add file -f \$f --offset 1M | sed -n 's/^dev id \\([0-9]*\\):.*/\\1/p'); [ \$(cat /sys/block/ublkb\$id/size) = 65536 ] && $USERBLK del -n \$id"

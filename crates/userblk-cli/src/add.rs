@@ -360,6 +360,10 @@ fn serve_ublk(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         depth: args.dev.depth,
         io_buf_bytes: args.dev.io_buf_size,
         flags,
+        // Zero copy by default where it works: 1.4-2x for the file target.
+        zero_copy_if_offered: !args.dev.no_zero_copy
+            && !args.dev.user_copy
+            && target.data_on_ring_only(),
     };
     let saved = previous
         .as_ref()

@@ -221,10 +221,13 @@ pub struct DevArgs {
     /// ublk: zero copy. The kernel registers each request's own pages in the
     /// queue's io_uring (UBLK_F_AUTO_BUF_REG, Linux 6.16+) and the file
     /// target reads and writes them in place: no copy, no request buffers.
-    /// Only for `file` without filters; falls back to copies, with a
-    /// warning, where the kernel or the target cannot do it.
+    /// Only for `file` without filters, which use it by default where the
+    /// kernel offers it; with this flag, a warning says why where it cannot.
     #[arg(long, global = true)]
     pub zero_copy: bool,
+    /// ublk: never zero copy; request data goes through the daemon's buffers.
+    #[arg(long, global = true, conflicts_with = "zero_copy")]
+    pub no_zero_copy: bool,
     /// Create an unprivileged device, owned by the calling user (implied when
     /// not root; for root the kernel makes it privileged anyway). Needs the
     /// udev rule from contrib/udev; see docs/unprivileged.md.

@@ -42,8 +42,15 @@ pub struct DeviceConfig {
     /// Extra `UBLK_F_*` flags to request: `UBLK_F_USER_RECOVERY`,
     /// `UBLK_F_USER_RECOVERY_REISSUE`, `UBLK_F_UNPRIVILEGED_DEV` (needed
     /// when not running as root; the kernel clears it for root),
-    /// `UBLK_F_USER_COPY` (dropped with a warning where unsupported).
+    /// `UBLK_F_USER_COPY` and `UBLK_F_AUTO_BUF_REG` (each dropped with a
+    /// warning where unsupported).
     pub flags: u64,
+    /// Zero copy (`UBLK_F_AUTO_BUF_REG`) where the kernel offers it to this
+    /// device, quietly copying where it does not: a privileged device on
+    /// Linux 6.16+, and no copy mode in `flags`. Only for targets whose
+    /// [`data_on_ring_only`](crate::Target::data_on_ring_only) is true; the
+    /// `file` target gains 1.4-2x from it (see docs/perf).
+    pub zero_copy_if_offered: bool,
 }
 
 impl Default for DeviceConfig {
@@ -54,6 +61,7 @@ impl Default for DeviceConfig {
             depth: 128,
             io_buf_bytes: 512 << 10,
             flags: 0,
+            zero_copy_if_offered: false,
         }
     }
 }
@@ -199,6 +207,16 @@ fn copy_mode_fallback(flags: u64, features: Features, root: bool) -> u64 {
     flags
 }
 
+/// Whether a device that takes zero copy where offered gets it: the kernel
+/// has it, the device is privileged (the kernel refuses it otherwise) and no
+/// copy mode was asked for.
+fn zero_copy_offered(cfg: &DeviceConfig, flags: u64, features: Features, root: bool) -> bool {
+    cfg.zero_copy_if_offered
+        && features.has(UBLK_F_AUTO_BUF_REG)
+        && root
+        && flags & (UBLK_F_UNPRIVILEGED_DEV | UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG) == 0
+}
+
 impl Device {
     /// ADD_DEV and SET_PARAMS for a target with `caps`; opens `/dev/ublkcN`.
     pub fn add(cfg: &DeviceConfig, caps: &Caps) -> Result<Device> {
@@ -237,7 +255,11 @@ impl Device {
                 "user copy and zero copy exclude each other: ask for one",
             ));
         }
-        let flags = copy_mode_fallback(cfg.flags, features, root);
+        let mut flags = copy_mode_fallback(cfg.flags, features, root);
+        if zero_copy_offered(cfg, flags, features, root) {
+            tracing::info!("zero copy: the file target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
+            flags |= UBLK_F_AUTO_BUF_REG;
+        }
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
@@ -691,6 +713,29 @@ mod tests {
             copy_mode_fallback(UBLK_F_USER_RECOVERY, k612, true),
             UBLK_F_USER_RECOVERY
         );
+    }
+
+    #[test]
+    fn zero_copy_where_offered_only_on_kernels_and_devices_that_have_it() {
+        let k612 = Features(0x1fe);
+        let k616 = Features(0x3fff);
+        let wants = DeviceConfig {
+            zero_copy_if_offered: true,
+            ..Default::default()
+        };
+        assert!(zero_copy_offered(&wants, 0, k616, true));
+        assert!(zero_copy_offered(&wants, UBLK_F_USER_RECOVERY, k616, true));
+        assert!(!zero_copy_offered(&wants, 0, k612, true));
+        assert!(!zero_copy_offered(&wants, 0, Features(0), true));
+        assert!(!zero_copy_offered(&wants, 0, k616, false));
+        assert!(!zero_copy_offered(
+            &wants,
+            UBLK_F_UNPRIVILEGED_DEV,
+            k616,
+            true
+        ));
+        assert!(!zero_copy_offered(&wants, UBLK_F_USER_COPY, k616, true));
+        assert!(!zero_copy_offered(&DeviceConfig::default(), 0, k616, true));
     }
 
     #[test]
