@@ -30,8 +30,11 @@ use rustix::mm::{MapFlags, ProtFlags};
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
-    /// Bytes from the start that may be non-zero; beyond them, all zero.
-    dirty: usize,
+    /// The bytes that may be non-zero, `dirty.0..dirty.1`; all others are
+    /// zero. A range, not a prefix: after a 512 KiB write, 128 KiB zero
+    /// reads clear the front once and then cost nothing, where a prefix
+    /// would have stayed 512 KiB and been zeroed again on every read.
+    dirty: (usize, usize),
 }
 
 // SAFETY: the buffer is uniquely owned; moving it between threads moves that ownership.
@@ -58,7 +61,11 @@ impl AlignedBuf {
         .map_err(|e| crate::Error::io(format!("allocating a {len}-byte buffer"), e))?;
         let ptr = NonNull::new(raw.cast::<u8>())
             .ok_or_else(|| crate::Error::invalid("mmap returned a null buffer"))?;
-        Ok(AlignedBuf { ptr, len, dirty: 0 })
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            dirty: (0, 0),
+        })
     }
 
     /// Length in bytes.
@@ -78,20 +85,28 @@ impl AlignedBuf {
 
     /// Mutable address for the kernel (the whole buffer may then be written).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.dirty = self.len;
+        self.dirty = (0, self.len);
         self.ptr.as_ptr()
     }
 
     /// Note that the first `n` bytes were written through [`as_ptr`](Self::as_ptr)
     /// (by the kernel, say), so they may no longer be zero.
     pub fn mark_written(&mut self, n: usize) {
-        self.dirty = self.dirty.max(n.min(self.len));
+        let n = n.min(self.len);
+        if n == 0 {
+            return;
+        }
+        self.dirty = if self.dirty.0 >= self.dirty.1 {
+            (0, n)
+        } else {
+            (0, self.dirty.1.max(n))
+        };
     }
 
     /// The first `n` bytes (at most the buffer), mutably.
     pub fn prefix_mut(&mut self, n: usize) -> &mut [u8] {
         let n = n.min(self.len);
-        self.dirty = self.dirty.max(n);
+        self.mark_written(n);
         // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), n) }
     }
@@ -99,12 +114,15 @@ impl AlignedBuf {
     /// Make the first `n` bytes zero, writing only those that may not be.
     pub fn zero_prefix(&mut self, n: usize) {
         let n = n.min(self.len);
-        let dirty = self.dirty.min(n);
-        // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), dirty) }.fill(0);
-        if n >= self.dirty {
-            self.dirty = 0;
+        let (from, to) = self.dirty;
+        if from >= to || n <= from {
+            return;
         }
+        let end = to.min(n);
+        // SAFETY: as in as_slice, and &mut self guarantees exclusive access;
+        // from < end <= len.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(from), end - from) }.fill(0);
+        self.dirty = if end >= to { (0, 0) } else { (end, to) };
     }
 
     /// The whole buffer.
@@ -115,7 +133,7 @@ impl AlignedBuf {
 
     /// The whole buffer, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.dirty = self.len;
+        self.dirty = (0, self.len);
         // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -182,5 +200,28 @@ mod tests {
         assert_eq!(b.as_slice()[3 * 4096 - 1], 9);
         b.zero_prefix(usize::MAX);
         assert!(zero(&b));
+    }
+
+    #[test]
+    fn short_zero_reads_after_a_long_write_zero_once() {
+        let mut b = AlignedBuf::new(4 * 4096).unwrap_or_else(|e| panic!("{e}"));
+        b.prefix_mut(4 * 4096).fill(1);
+        b.zero_prefix(4096);
+        assert_eq!(b.dirty, (4096, 4 * 4096));
+        // Nothing left to zero in the first page: a later zero read of it
+        // writes nothing, even if the bytes were changed behind our back.
+        // SAFETY: the pointer covers the buffer; nothing else borrows it.
+        unsafe { b.as_ptr().cast_mut().write(7) };
+        b.zero_prefix(4096);
+        assert_eq!(b.as_slice()[0], 7);
+        b.zero_prefix(2 * 4096);
+        assert!(b.as_slice()[4096..2 * 4096].iter().all(|&x| x == 0));
+        assert!(b.as_slice()[2 * 4096..].iter().all(|&x| x == 1));
+        // A write of the first page widens the range back to the start.
+        b.mark_written(4096);
+        assert_eq!(b.dirty, (0, 4 * 4096));
+        b.zero_prefix(usize::MAX);
+        assert_eq!(b.dirty, (0, 0));
+        assert!(b.as_slice().iter().all(|&x| x == 0));
     }
 }
