@@ -535,6 +535,7 @@ impl<'a> Ctx<'a> {
         buf: &'a mut AlignedBuf,
         ring: &'a mut Ring,
     ) -> Self {
+        buf.fault_in_once();
         if req.op == crate::target::Op::Write {
             // The frontend put the payload there.
             buf.mark_written(usize::try_from(req.len).unwrap_or(usize::MAX));

@@ -194,9 +194,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
     } else {
         setup.depth
     };
-    let bufs = (0..buffers)
-        .map(|_| AlignedBuf::new(setup.buf_bytes as usize))
-        .collect::<Result<Vec<_>>>()?;
+    let bufs = AlignedBuf::many(usize::from(buffers), setup.buf_bytes as usize)?;
     // Room for one command per tag plus target operations.
     let mut ring = Ring::new(u32::from(setup.depth) * 2)?;
     if setup.data == DataMode::ZeroCopy {
