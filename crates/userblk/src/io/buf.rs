@@ -46,24 +46,9 @@ unsafe impl Send for AlignedBuf {}
 impl AlignedBuf {
     /// Allocate `len` zeroed bytes (at least one page) aligned to the page size.
     pub fn new(len: usize) -> crate::Result<Self> {
-        let page = rustix::param::page_size();
-        let len = len
-            .max(page)
-            .checked_next_multiple_of(page)
-            .ok_or_else(|| crate::Error::invalid(format!("buffer size {len} is too large")))?;
-        // SAFETY: a new private anonymous mapping aliases nothing; it is
-        // owned by the returned value and unmapped exactly once in Drop.
-        let raw = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-            )
-        }
-        .map_err(|e| crate::Error::io(format!("allocating a {len}-byte buffer"), e))?;
-        let ptr = NonNull::new(raw.cast::<u8>())
-            .ok_or_else(|| crate::Error::invalid("mmap returned a null buffer"))?;
+        let len = page_multiple(len)?;
+        let ptr = map_anonymous(len, || format!("allocating a {len}-byte buffer"))?;
+        // The mapping is owned by the returned value and unmapped once in Drop.
         Ok(AlignedBuf {
             ptr,
             len,
@@ -84,11 +69,7 @@ impl AlignedBuf {
     /// Each buffer unmaps its own range.
     pub fn many(count: usize, len: usize) -> crate::Result<Vec<Self>> {
         const HUGE: usize = 2 << 20;
-        let page = rustix::param::page_size();
-        let len = len
-            .max(page)
-            .checked_next_multiple_of(page)
-            .ok_or_else(|| crate::Error::invalid(format!("buffer size {len} is too large")))?;
+        let len = page_multiple(len)?;
         let total = count
             .checked_mul(len)
             .ok_or_else(|| crate::Error::invalid(format!("{count} buffers of {len} bytes")))?;
@@ -98,19 +79,12 @@ impl AlignedBuf {
         let span = total
             .checked_add(HUGE)
             .ok_or_else(|| crate::Error::invalid(format!("{count} buffers of {len} bytes")))?;
-        // SAFETY: a new private anonymous mapping aliases nothing; every
-        // byte of it ends up either unmapped below or owned by exactly one
-        // returned buffer, which unmaps its range once in Drop.
-        let raw = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                span,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-            )
-        }
-        .map_err(|e| crate::Error::io(format!("allocating {count} buffers of {len} bytes"), e))?
-        .cast::<u8>();
+        // Every byte of the mapping ends up either unmapped below or owned
+        // by exactly one returned buffer, which unmaps its range in Drop.
+        let raw = map_anonymous(span, || {
+            format!("allocating {count} buffers of {len} bytes")
+        })?
+        .as_ptr();
         let addr = raw as usize;
         let head = addr.next_multiple_of(HUGE) - addr;
         let tail = span - head - total;
@@ -233,6 +207,31 @@ impl AlignedBuf {
         // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
+}
+
+/// `len` rounded up to whole pages, at least one.
+fn page_multiple(len: usize) -> crate::Result<usize> {
+    let page = rustix::param::page_size();
+    len.max(page)
+        .checked_next_multiple_of(page)
+        .ok_or_else(|| crate::Error::invalid(format!("buffer size {len} is too large")))
+}
+
+/// A new private anonymous read-write mapping of `len` bytes; the caller
+/// owns it and unmaps it. `what` names the allocation in errors.
+fn map_anonymous(len: usize, what: impl FnOnce() -> String) -> crate::Result<NonNull<u8>> {
+    // SAFETY: a new private anonymous mapping aliases nothing.
+    let raw = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }
+    .map_err(|e| crate::Error::io(what(), e))?;
+    NonNull::new(raw.cast::<u8>())
+        .ok_or_else(|| crate::Error::invalid("mmap returned a null buffer"))
 }
 
 impl Drop for AlignedBuf {
