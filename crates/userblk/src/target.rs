@@ -395,6 +395,22 @@ pub trait Target: Send + Sync {
         Ok(())
     }
 
+    /// Whether every byte of `[offset, offset + len)` (inside the device)
+    /// is known to read as zero; false when unknown.
+    ///
+    /// Asked on the read path (the NBD server answers a big read of zeroes
+    /// with one hole chunk), so it must cost no more than one
+    /// `lseek(SEEK_DATA)` or a table lookup. The default asks
+    /// [`Target::extents`]; a target whose extents cost more than that (a
+    /// `SEEK_HOLE` on tmpfs walks every page up to the next hole) or a filter
+    /// that passes extents through unchanged overrides it.
+    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        let mut extents = Vec::new();
+        self.extents(offset, len, &mut extents)?;
+        let zeroes: u64 = extents.iter().take_while(|e| e.zero).map(|e| e.len).sum();
+        Ok(zeroes >= len)
+    }
+
     /// Whether the target moves request data only with [`Ctx::read_at`] and
     /// [`Ctx::write_at`], never touching it in memory ([`Ctx::data`],
     /// [`Ctx::data_mut`], [`Ctx::zero_data`], [`Ctx::defer`]). Only then

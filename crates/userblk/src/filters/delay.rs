@@ -120,6 +120,10 @@ impl Target for Delay {
         self.base.inner().extents(offset, len, out)
     }
 
+    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        self.base.inner().reads_zeroes(offset, len)
+    }
+
     fn describe(&self) -> serde_json::Value {
         self.base.describe()
     }

@@ -159,6 +159,15 @@ impl Target for Offset {
         Ok(())
     }
 
+    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.caps.size => {
+                self.base.inner().reads_zeroes(offset + self.offset, len)
+            }
+            _ => Ok(false),
+        }
+    }
+
     fn describe(&self) -> serde_json::Value {
         self.base.describe()
     }

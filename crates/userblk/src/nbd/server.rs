@@ -1026,22 +1026,9 @@ impl Conn<'_> {
         {
             return false;
         }
-        self.extents.clear();
-        let len = u64::from(req.len);
-        if self
-            .target
-            .extents(req.offset, len, &mut self.extents)
-            .is_err()
-        {
-            return false;
-        }
-        let zeroes: u64 = self
-            .extents
-            .iter()
-            .take_while(|e| e.zero)
-            .map(|e| e.len)
-            .sum();
-        zeroes >= len
+        self.target
+            .reads_zeroes(req.offset, u64::from(req.len))
+            .unwrap_or(false)
     }
 
     fn block_status(&mut self, h: &Header, offset: u64, len: u32, one: bool) {

@@ -327,6 +327,13 @@ impl Target for FileTarget {
         super::file_extents(&self.fd, self.opts.offset, offset, len, block, out)
     }
 
+    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        if self.block_device {
+            return Ok(false);
+        }
+        super::file_reads_zeroes(&self.fd, self.opts.offset, offset, len)
+    }
+
     fn describe(&self) -> serde_json::Value {
         json!({
             "type": "file",

@@ -205,6 +205,10 @@ impl Target for MemTarget {
         super::file_extents(&self.fd, 0, offset, len, 512, out)
     }
 
+    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        super::file_reads_zeroes(&self.fd, 0, offset, len)
+    }
+
     fn describe(&self) -> serde_json::Value {
         match &self.path {
             Some(p) => json!({ "type": "mem", "size": self.size, "path": p }),
