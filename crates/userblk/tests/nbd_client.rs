@@ -25,7 +25,7 @@ use userblk::nbd::client::NbdUri;
 use userblk::nbd::proto;
 use userblk::target::Errno;
 use userblk::targets::nbd::{NbdOptions, NbdTarget};
-use userblk::{Flags, IoResult, Op, Request, Target};
+use userblk::{Extent, Flags, IoResult, Op, Request, Target};
 
 // ---- servers ----
 
@@ -447,6 +447,103 @@ fn qemu_nbd_flush_and_fua() {
     flush_and_fua(&t);
     let on_disk = std::fs::read(&file).unwrap();
     assert!(on_disk[1 << 20..(1 << 20) + 8192] == pattern(7, 8192)[..]);
+}
+
+// ---- block status ----
+
+/// Every hole reads as zeroes, and the extents cover `len` from 0.
+fn holes_read_zero(t: &NbdTarget, extents: &[Extent], len: u64) {
+    assert_eq!(
+        extents.iter().map(|e| e.len).sum::<u64>(),
+        len,
+        "{extents:?}"
+    );
+    let mut dev = Dev::new(t);
+    let mut pos = 0;
+    for e in extents {
+        let mut at = pos;
+        while e.zero && at < pos + e.len {
+            let n = (pos + e.len - at).min(1 << 20);
+            let data = dev.read(at, usize::try_from(n).unwrap()).unwrap();
+            assert!(data.iter().all(|&b| b == 0), "{e:?} at {pos}: data at {at}");
+            at += n;
+        }
+        pos += e.len;
+    }
+}
+
+#[test]
+fn nbdkit_block_status_finds_holes() {
+    require!("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let _srv = nbdkit(&sock, &["memory", "64M"]);
+    let t = connect(&sock);
+    let mut out = Vec::new();
+    t.extents(0, 64 << 20, &mut out).unwrap();
+    assert_eq!(out, vec![Extent::hole(64 << 20)]);
+    let mut dev = Dev::new(&t);
+    assert_eq!(dev.write(1 << 20, &pattern(5, 65536)), Ok(65536));
+    out.clear();
+    t.extents(0, 64 << 20, &mut out).unwrap();
+    assert_eq!(out[0], Extent::hole(1 << 20), "{out:?}");
+    assert_eq!(out[1], Extent::data(65536), "{out:?}");
+    assert!(out[2].hole, "{out:?}");
+    holes_read_zero(&t, &out, 64 << 20);
+    // A range inside: extents from its start, no further than its end.
+    out.clear();
+    t.extents((1 << 20) + 32768, 1 << 20, &mut out).unwrap();
+    assert_eq!(out[0], Extent::data(32768), "{out:?}");
+    assert!(out.iter().map(|e| e.len).sum::<u64>() <= 1 << 20);
+    // Trimmed, it is a hole again.
+    assert_eq!(dev.discard(1 << 20, 65536), Ok(0));
+    out.clear();
+    t.extents(0, 64 << 20, &mut out).unwrap();
+    assert_eq!(out, vec![Extent::hole(64 << 20)]);
+    // The read path never asks the network.
+    assert_eq!(t.reads_zeroes(0, 1 << 20), Ok(false));
+}
+
+#[test]
+fn no_block_status_without_multi_conn() {
+    require!("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    // A server for one client may never answer a second connection.
+    let _srv = nbdkit(
+        &sock,
+        &[
+            "--filter=multi-conn",
+            "memory",
+            "8M",
+            "multi-conn-mode=disable",
+        ],
+    );
+    let t = connect(&sock);
+    assert!(!t.export().has(proto::FLAG_CAN_MULTI_CONN));
+    let mut out = Vec::new();
+    t.extents(0, 8 << 20, &mut out).unwrap();
+    assert_eq!(out, vec![Extent::data(8 << 20)]);
+    patterns_round_trip(&t);
+}
+
+#[test]
+fn qemu_nbd_block_status_of_a_sparse_file() {
+    require!("qemu-nbd");
+    let (_dir, sock, file) = image(16 << 20);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&pattern(9, 1 << 20), 4 << 20).unwrap();
+    }
+    let _srv = qemu_nbd(&sock, &file, &[]);
+    let t = connect(&sock);
+    let mut out = Vec::new();
+    t.extents(0, 16 << 20, &mut out).unwrap();
+    assert_eq!(out[0], Extent::hole(4 << 20), "{out:?}");
+    assert_eq!(out[1], Extent::data(1 << 20), "{out:?}");
+    assert_eq!(out[2], Extent::hole(11 << 20), "{out:?}");
+    holes_read_zero(&t, &out, 16 << 20);
 }
 
 // ---- many requests in flight ----

@@ -5,7 +5,9 @@
 //!   ([`negotiate`]): `NBD_OPT_GO` asking for block sizes, falling back to
 //!   `NBD_OPT_EXPORT_NAME` on servers that do not know `GO`.
 //! - [`encode_request`], [`read_reply`]: the transmission phase's wire format
-//!   (simple replies only; structured replies are never negotiated).
+//!   (simple replies only; structured replies are never negotiated here).
+//! - [`status`]: a second kind of connection, with structured replies and
+//!   `base:allocation`, for block status.
 //!
 //! Everything read from the server is bounded before anything is allocated
 //! for it, so a hostile server gets an error, not a panic or a huge buffer.
@@ -21,6 +23,8 @@ use std::time::Duration;
 use super::proto::{self, option_name, rep_error_name};
 use crate::target::{Flags, Op, Request};
 use crate::{Error, Result};
+
+pub mod status;
 
 /// The IANA port of NBD.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -355,6 +359,23 @@ pub enum ClientError {
     /// The server answered `ESHUTDOWN`: it is going away.
     #[error("the server is shutting down (ESHUTDOWN)")]
     ShuttingDown,
+    /// The server offers no block status (`base:allocation`).
+    #[error("no block status: {0}")]
+    NoStatus(&'static str),
+    /// A structured reply that breaks the protocol.
+    #[error("malformed structured reply: {0}")]
+    BadStructured(String),
+    /// The server answered a request with an error.
+    #[error(
+        "the server failed the request with NBD error {error}{}",
+        message_suffix(message)
+    )]
+    Failed {
+        /// The NBD error.
+        error: u32,
+        /// The server's message, sanitised.
+        message: String,
+    },
 }
 
 fn message_suffix(m: &str) -> String {
@@ -602,6 +623,19 @@ pub fn negotiate<S: Read + Write + ?Sized>(
     s: &mut S,
     export: &str,
 ) -> std::result::Result<ExportInfo, ClientError> {
+    let (fixed, no_zeroes) = greet(s)?;
+    if fixed {
+        if let Some(info) = opt_go(s, export)? {
+            return Ok(info);
+        }
+        tracing::debug!("nbd: the server does not know NBD_OPT_GO; using NBD_OPT_EXPORT_NAME");
+    }
+    opt_export_name(s, export, no_zeroes)
+}
+
+/// The greeting and the client's flags: whether the server is fixed
+/// newstyle, and whether it leaves out the 124 zeroes.
+fn greet<S: Read + Write + ?Sized>(s: &mut S) -> std::result::Result<(bool, bool), ClientError> {
     let during = "reading the server's greeting";
     let magic = read_u64(s, during)?;
     if magic != proto::NBDMAGIC {
@@ -625,13 +659,34 @@ pub fn negotiate<S: Read + Write + ?Sized>(
     let during = "sending the client flags";
     s.write_all(&client_flags.to_be_bytes())
         .map_err(io_error(during))?;
-    if fixed {
-        if let Some(info) = opt_go(s, export)? {
-            return Ok(info);
-        }
-        tracing::debug!("nbd: the server does not know NBD_OPT_GO; using NBD_OPT_EXPORT_NAME");
+    Ok((fixed, no_zeroes))
+}
+
+/// Read one reply to `option`: its type and its data.
+fn read_option_reply<S: Read + ?Sized>(
+    s: &mut S,
+    option: u32,
+    during: &'static str,
+) -> std::result::Result<(u32, Vec<u8>), ClientError> {
+    let magic = read_u64(s, during)?;
+    if magic != proto::OPT_REPLY_MAGIC {
+        return Err(ClientError::BadOptionMagic(magic));
     }
-    opt_export_name(s, export, no_zeroes)
+    let got = read_u32(s, during)?;
+    if got != option {
+        return Err(ClientError::WrongOption { sent: option, got });
+    }
+    let reply = read_u32(s, during)?;
+    let len = read_u32(s, during)?;
+    if len > MAX_OPTION_REPLY {
+        return Err(ClientError::ReplyTooLong {
+            len,
+            max: MAX_OPTION_REPLY,
+        });
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data).map_err(io_error(during))?;
+    Ok((reply, data))
 }
 
 /// `NBD_OPT_GO`: `None` if the server does not support it.
@@ -655,27 +710,9 @@ fn opt_go<S: Read + Write + ?Sized>(
     let mut block_sizes = None;
     let during = "reading the reply to NBD_OPT_GO";
     loop {
-        let magic = read_u64(s, during)?;
-        if magic != proto::OPT_REPLY_MAGIC {
-            return Err(ClientError::BadOptionMagic(magic));
-        }
-        let option = read_u32(s, during)?;
-        if option != proto::OPT_GO {
-            return Err(ClientError::WrongOption {
-                sent: proto::OPT_GO,
-                got: option,
-            });
-        }
-        let reply = read_u32(s, during)?;
-        let len = read_u32(s, during)?;
-        if len > MAX_OPTION_REPLY {
-            return Err(ClientError::ReplyTooLong {
-                len,
-                max: MAX_OPTION_REPLY,
-            });
-        }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).map_err(io_error(during))?;
+        let (reply, data) = read_option_reply(s, proto::OPT_GO, during)?;
+        // Bounded by MAX_OPTION_REPLY.
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         match reply {
             proto::REP_ACK => {
                 let (size, flags) = export_info.ok_or(ClientError::NoExportInfo)?;

@@ -22,6 +22,14 @@
 //!   connection fail with EIO; later ones wait again.
 //!
 //! Dropping the target sends `NBD_CMD_DISC` and joins both threads.
+//!
+//! Allocation ([`Target::extents`], for `userblk copy` and NBD re-exports)
+//! comes from `NBD_CMD_BLOCK_STATUS` on a second connection of its own,
+//! made on first use, with structured replies (see
+//! [`client::status`]). Only a server that advertises multi-conn is asked
+//! for one, since a server made for one client may never answer a second
+//! (qemu-nbd without `--shared`); without one, everything is reported as
+//! data, which is always true.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -34,10 +42,11 @@ use rustix::io::Errno;
 use serde_json::json;
 
 use crate::io::Deferred;
+use crate::nbd::client::status::StatusConn;
 use crate::nbd::client::{self, BlockSizes, ClientError, ExportInfo, NbdUri, Stream};
 use crate::nbd::proto;
 use crate::target::{
-    ring_result, Caps, Ctx, Op, RangeOpCaps, Request, Submit, Target, MAX_RANGE_OP_BYTES,
+    ring_result, Caps, Ctx, Extent, Op, RangeOpCaps, Request, Submit, Target, MAX_RANGE_OP_BYTES,
 };
 use crate::{Error, Result};
 
@@ -53,6 +62,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Requests' headers are gathered up to this much before a write to the socket.
 const SEND_BUF: usize = 64 << 10;
 const RECV_BUF: usize = 64 << 10;
+/// Longest wait to connect and negotiate the block status connection:
+/// allocation queries are best effort, not worth stalling a caller long.
+const STATUS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the block status connection failed, how long to report data
+/// before trying again.
+const STATUS_RETRY: Duration = Duration::from_secs(10);
 
 /// How to reach the server, and how patient to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +96,18 @@ pub struct NbdTarget {
     shared: Arc<Shared>,
     started: AtomicBool,
     threads: Mutex<Threads>,
+    status: Mutex<StatusLink>,
+}
+
+/// The block status connection.
+enum StatusLink {
+    /// Not made yet: make one on the next query.
+    Idle,
+    Up(StatusConn),
+    /// Failed: report data until then.
+    Failed(Instant),
+    /// The server has no block status (or no multi-conn): data, always.
+    Never,
 }
 
 enum Threads {
@@ -255,6 +282,7 @@ impl NbdTarget {
             }),
             started: AtomicBool::new(false),
             threads: Mutex::new(Threads::Idle(Some(stream))),
+            status: Mutex::new(StatusLink::Idle),
         })
     }
 
@@ -266,6 +294,67 @@ impl NbdTarget {
     /// What the server said about the export when the target connected.
     pub fn export(&self) -> &ExportInfo {
         &self.shared.export
+    }
+
+    /// Ask the server for the allocation of `[offset, offset + len)`:
+    /// false (nothing appended) if it cannot be had now.
+    fn block_status(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> bool {
+        let shared = &self.shared;
+        let mut link = lock(&self.status);
+        if matches!(*link, StatusLink::Idle)
+            || matches!(*link, StatusLink::Failed(t) if Instant::now() >= t)
+        {
+            *link = self.connect_status();
+        }
+        let StatusLink::Up(conn) = &mut *link else {
+            return false;
+        };
+        let block = u64::from(shared.caps.logical_block_size);
+        // A request's length is 32 bits; less than asked is allowed.
+        let len = u32::try_from(len).unwrap_or(u32::MAX / 65536 * 65536);
+        let first = out.len();
+        match conn.block_status(offset, len, block, out) {
+            Ok(()) => true,
+            Err(e) => {
+                out.truncate(first);
+                if !matches!(e, ClientError::Failed { .. }) {
+                    // Out of step with the server, or it is gone: a new
+                    // connection later (a hung server costs every query
+                    // its timeouts otherwise).
+                    tracing::warn!("nbd {}: block status connection lost: {e}", shared.uri());
+                    *link = StatusLink::Failed(Instant::now() + STATUS_RETRY);
+                }
+                false
+            }
+        }
+    }
+
+    /// Make the block status connection, if the server can have one.
+    fn connect_status(&self) -> StatusLink {
+        let shared = &self.shared;
+        let uri = shared.uri();
+        if !shared.export.has(proto::FLAG_CAN_MULTI_CONN) {
+            tracing::info!("nbd {uri}: no multi-conn, so no block status: everything is data");
+            return StatusLink::Never;
+        }
+        let timeout = shared.opts.connect_timeout.min(STATUS_CONNECT_TIMEOUT);
+        match client::status::connect(&uri.addr, &uri.export, timeout) {
+            Ok((conn, info)) => match shared.compatible(&info) {
+                Ok(()) => StatusLink::Up(conn),
+                Err(e) => {
+                    tracing::warn!("nbd {uri}: block status connection: {e}");
+                    StatusLink::Failed(Instant::now() + STATUS_RETRY)
+                }
+            },
+            Err(ClientError::NoStatus(why)) => {
+                tracing::info!("nbd {uri}: {why}: everything is data");
+                StatusLink::Never
+            }
+            Err(e) => {
+                tracing::warn!("nbd {uri}: block status connection: {e}");
+                StatusLink::Failed(Instant::now() + STATUS_RETRY)
+            }
+        }
     }
 
     /// Start the sender and receiver threads, once.
@@ -794,6 +883,18 @@ impl Target for NbdTarget {
 
     fn complete(&self, _ctx: &mut Ctx<'_>, _step: u16, res: i32) -> Submit {
         Submit::Done(ring_result(res))
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        if !self.block_status(offset, len, out) {
+            out.push(Extent::data(len));
+        }
+        Ok(())
+    }
+
+    /// A network round trip is too dear for the read path.
+    fn reads_zeroes(&self, _offset: u64, _len: u64) -> Result<bool, Errno> {
+        Ok(false)
     }
 
     fn describe(&self) -> serde_json::Value {
