@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Fuzz the NBD handshake, request parser and server with cargo-fuzz, on the
+# Fuzz the NBD handshake, request parser, server and client with cargo-fuzz, on the
 # stable toolchain (docs/fuzzing.md).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # Builds the targets in fuzz/, then runs each (default: nbd_handshake,
-# nbd_request, nbd_server) for SECONDS (default 60), one after the other at
+# nbd_request, nbd_server, nbd_client) for SECONDS (default 60), one after the other at
 # nice 10, and prints per target: runs executed, exec/s, coverage (libFuzzer's
 # cov and ft) and crashes found. Exits 1 if any target crashed or hung.
 #
@@ -19,7 +19,7 @@
 set -euo pipefail
 
 CARGO_FUZZ_VERSION=0.13.2
-ALL_TARGETS=(nbd_handshake nbd_request nbd_server)
+ALL_TARGETS=(nbd_handshake nbd_request nbd_server nbd_client)
 # libFuzzer options of one target: nbd_server needs inputs longer than a
 # slot's 4 KiB buffer to send writes that take the grown-buffer path.
 declare -A TARGET_ARGS=([nbd_server]="-max_len=16384")

@@ -12,6 +12,7 @@ fn main() -> std::io::Result<()> {
         ("nbd_handshake", seeds::handshake()),
         ("nbd_request", seeds::request()),
         ("nbd_server", seeds::server()),
+        ("nbd_client", seeds::client()),
     ];
     for (target, list) in targets {
         let d = dir.join(target);

@@ -376,6 +376,31 @@ fn fits(s: &Sent, c: &Chunk<'_>) -> Result<(), String> {
             want(REPLY_TYPE_BLOCK_STATUS)?;
             block_status(p, len, one, &s.zero_blocks)
         }
+        Ok(Command::Io(req)) if req.op == Op::Read && c.kind == REPLY_TYPE_OFFSET_HOLE => {
+            // A read of 64 KiB or more wholly in zeroes may be one hole
+            // chunk (the server's HOLE_CHECK_MIN), unless DF forbids it.
+            if req.len < 64 * 1024 || s.h.flags & CMD_FLAG_DF != 0 {
+                return Err(format!(
+                    "hole chunk for {req:?} with flags {:#x}",
+                    s.h.flags
+                ));
+            }
+            if p.len() != 12 {
+                return Err(format!("hole chunk of {} bytes", p.len()));
+            }
+            let offset = u64::from_be_bytes(replies::field(p, 0));
+            let size = u32::from_be_bytes(replies::field(p, 8));
+            if offset != req.offset || size != req.len {
+                return Err(format!("hole {offset}+{size} for a read of {req:?}"));
+            }
+            if s.data != Some(hash(&vec![0u8; req.len as usize])) {
+                return Err(format!(
+                    "hole chunk for {}+{}, which holds data",
+                    req.offset, req.len
+                ));
+            }
+            Ok(())
+        }
         Ok(Command::Io(req)) if req.op == Op::Read => {
             want(REPLY_TYPE_OFFSET_DATA)?;
             if p.len() != 8 + req.len as usize {

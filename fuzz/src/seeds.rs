@@ -182,3 +182,105 @@ pub fn server() -> Vec<Seed> {
     v.push(("bad_magic", b));
     v
 }
+
+/// An option reply from the server.
+fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
+    out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply.to_be_bytes());
+    out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// A structured reply chunk from the server.
+fn chunk(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, payload: &[u8]) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(payload);
+}
+
+/// A server's greeting and its answer to `NBD_OPT_GO` (export and block sizes).
+fn greeting_and_go(out: &mut Vec<u8>) {
+    out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+    export.extend_from_slice(&(64u64 << 20).to_be_bytes());
+    export
+        .extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN).to_be_bytes());
+    option_reply(out, OPT_GO, REP_INFO, &export);
+    let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    for v in [512u32, 4096, 32 << 20] {
+        sizes.extend_from_slice(&v.to_be_bytes());
+    }
+    option_reply(out, OPT_GO, REP_INFO, &sizes);
+    option_reply(out, OPT_GO, REP_ACK, &[]);
+}
+
+/// Seeds of `nbd_client`: the first byte picks the parser, the rest is
+/// what the server sends.
+pub fn client() -> Vec<Seed> {
+    let mut v = Vec::new();
+
+    let mut b = vec![0];
+    greeting_and_go(&mut b);
+    v.push(("data_handshake", b));
+
+    let mut b = vec![1];
+    let mut go = Vec::new();
+    greeting_and_go(&mut go);
+    // The greeting, then structured replies and the context, then GO.
+    b.extend_from_slice(&go[..18]);
+    option_reply(&mut b, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+    let mut ctx = 3u32.to_be_bytes().to_vec();
+    ctx.extend_from_slice(b"base:allocation");
+    option_reply(&mut b, OPT_SET_META_CONTEXT, REP_META_CONTEXT, &ctx);
+    option_reply(&mut b, OPT_SET_META_CONTEXT, REP_ACK, &[]);
+    b.extend_from_slice(&go[18..]);
+    v.push(("status_handshake", b));
+
+    // Block status of 1 MiB in 4 KiB blocks: another context's chunk, ours,
+    // then NONE marked done.
+    let mut b = vec![2];
+    b.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    b.push(3);
+    let descriptors = |id: u32, d: &[(u32, u32)]| {
+        let mut p = id.to_be_bytes().to_vec();
+        for (len, flags) in d {
+            p.extend_from_slice(&len.to_be_bytes());
+            p.extend_from_slice(&flags.to_be_bytes());
+        }
+        p
+    };
+    chunk(
+        &mut b,
+        0,
+        REPLY_TYPE_BLOCK_STATUS,
+        7,
+        &descriptors(9, &[(4096, 0)]),
+    );
+    let hz = STATE_HOLE | STATE_ZERO;
+    let ours = descriptors(
+        3,
+        &[(1000, 0), (70000, hz), (8192, STATE_ZERO), (1 << 20, hz)],
+    );
+    chunk(&mut b, 0, REPLY_TYPE_BLOCK_STATUS, 7, &ours);
+    chunk(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 7, &[]);
+    v.push(("block_status", b));
+
+    // An error chunk, done.
+    let mut b = vec![2, 0, 1, 0, 0, 0];
+    let mut e = EIO.to_be_bytes().to_vec();
+    e.extend_from_slice(&4u16.to_be_bytes());
+    e.extend_from_slice(b"oops");
+    chunk(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 7, &e);
+    v.push(("block_status_error", b));
+    v
+}

@@ -181,10 +181,24 @@ impl StatusConn {
         self.stream
             .write_all(&req)
             .map_err(io_error("sending NBD_CMD_BLOCK_STATUS"))?;
-        let raw = read_status_reply(&mut self.stream, cookie, self.context)?;
-        push_extents(&raw, u64::from(len), block.max(1), out);
-        Ok(())
+        read_extents(&mut self.stream, cookie, self.context, len, block, out)
     }
+}
+
+/// Read the server's reply to the block status request `cookie` for
+/// `len` bytes, and append its extents for `context` to `out` as
+/// [`StatusConn::block_status`] describes.
+pub fn read_extents<R: Read + ?Sized>(
+    r: &mut R,
+    cookie: u64,
+    context: u32,
+    len: u32,
+    block: u64,
+    out: &mut Vec<Extent>,
+) -> std::result::Result<(), ClientError> {
+    let raw = read_status_reply(r, cookie, context)?;
+    push_extents(&raw, u64::from(len), block.max(1), out);
+    Ok(())
 }
 
 fn bad(what: impl Into<String>) -> ClientError {
