@@ -319,6 +319,22 @@ impl Extent {
             zero: true,
         }
     }
+
+    /// Append `self` to `out`, merged into the last extent if that one was
+    /// appended by the same call (index `first` or later) and is of the
+    /// same kind; an empty extent is dropped.
+    pub fn push_merged(self, out: &mut Vec<Extent>, first: usize) {
+        if self.len == 0 {
+            return;
+        }
+        let ours = out.len() > first;
+        match out.last_mut() {
+            Some(last) if ours && last.hole == self.hole && last.zero == self.zero => {
+                last.len += self.len;
+            }
+            _ => out.push(self),
+        }
+    }
 }
 
 /// First `step` number reserved for filters.

@@ -1018,7 +1018,7 @@ impl Conn<'_> {
     /// instead of data: the client takes structured replies and allows
     /// fragments (no `DF`), the read is large enough for the saving to pay
     /// for the lookup, and the target says the whole range reads as zeroes.
-    fn read_of_zeroes(&mut self, h: &Header, req: &Request) -> bool {
+    fn read_of_zeroes(&self, h: &Header, req: &Request) -> bool {
         if req.op != Op::Read
             || !self.neg.structured
             || h.flags & CMD_FLAG_DF != 0

@@ -20,6 +20,16 @@ use crate::target::Extent;
 /// hostile one (a fragmented file could otherwise need millions).
 const MAX_EXTENTS: usize = 1024;
 
+/// Where the next data at or after `at` starts: `None` if there is none
+/// before the end of the file (`ENXIO`).
+fn seek_data(fd: BorrowedFd<'_>, at: u64) -> Result<Option<u64>, Errno> {
+    match rustix::fs::seek(fd, SeekFrom::Data(at)) {
+        Ok(d) => Ok(Some(d)),
+        Err(Errno::NXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the file's `[base + offset, base + offset + len)` lies wholly in
 /// a hole: one `SEEK_DATA`, which skips holes quickly everywhere (unlike
 /// `SEEK_HOLE`, which on tmpfs visits every page of the data it crosses).
@@ -31,10 +41,9 @@ pub(crate) fn file_reads_zeroes(
 ) -> Result<bool, Errno> {
     let start = base.checked_add(offset).ok_or(Errno::INVAL)?;
     let end = start.checked_add(len).ok_or(Errno::INVAL)?;
-    match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(start)) {
-        Ok(data) => Ok(data >= end),
-        // No data from `start` to the end of the file.
-        Err(Errno::NXIO) => Ok(true),
+    match seek_data(fd.as_fd(), start) {
+        // None: no data from `start` to the end of the file.
+        Ok(data) => Ok(data.is_none_or(|d| d >= end)),
         // No SEEK_DATA here: nothing is known.
         Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok(false),
         Err(e) => Err(e),
@@ -76,12 +85,7 @@ fn next_hole(fd: BorrowedFd<'_>, from: u64, limit: u64, walks_pages: bool) -> Re
     let mut at = from;
     while at < limit {
         let probe = at.saturating_add(HOLE_PROBE_STEP).min(limit);
-        let in_hole = match rustix::fs::seek(fd, SeekFrom::Data(probe)) {
-            Ok(d) => d > probe,
-            Err(Errno::NXIO) => true,
-            Err(e) => return Err(e),
-        };
-        if in_hole {
+        if seek_data(fd, probe)?.is_none_or(|d| d > probe) {
             // A hole begins in (at, probe]: the walk stops there.
             return seek_hole(at).map(|h| h.min(probe));
         }
@@ -107,22 +111,14 @@ pub(crate) fn file_extents(
     let mut pos = offset;
     let first = out.len();
     let mut walks_pages = None;
-    let push = |out: &mut Vec<Extent>, e: Extent| {
-        let ours = out.len() > first;
-        match out.last_mut() {
-            Some(last) if ours && last.hole == e.hole && last.zero == e.zero => last.len += e.len,
-            _ => out.push(e),
-        }
-    };
     while pos < end && out.len() - first < MAX_EXTENTS {
         let file_pos = base.checked_add(pos).ok_or(Errno::INVAL)?;
         // Where the next data starts (ENXIO: none before the end of the file).
-        let data = match rustix::fs::seek(fd, SeekFrom::Data(file_pos)) {
-            Ok(d) => d.saturating_sub(base).min(end),
-            Err(Errno::NXIO) => end,
+        let data = match seek_data(fd, file_pos) {
+            Ok(d) => d.map_or(end, |d| d.saturating_sub(base).min(end)),
             // No SEEK_DATA here: everything is data.
             Err(Errno::INVAL | Errno::OPNOTSUPP) => {
-                push(out, Extent::data(end - pos));
+                Extent::data(end - pos).push_merged(out, first);
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -132,9 +128,9 @@ pub(crate) fn file_extents(
         let hole_end = (data / block * block).max(hole_start);
         if hole_end > hole_start {
             if hole_start > pos {
-                push(out, Extent::data(hole_start - pos));
+                Extent::data(hole_start - pos).push_merged(out, first);
             }
-            push(out, Extent::hole(hole_end - hole_start));
+            Extent::hole(hole_end - hole_start).push_merged(out, first);
             pos = hole_end;
             if pos >= end {
                 break;
@@ -153,7 +149,7 @@ pub(crate) fn file_extents(
         if data_end <= pos {
             data_end = (pos + block).min(end);
         }
-        push(out, Extent::data(data_end - pos));
+        Extent::data(data_end - pos).push_merged(out, first);
         pos = data_end;
     }
     Ok(())

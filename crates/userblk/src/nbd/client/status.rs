@@ -302,16 +302,6 @@ fn read_status_reply<R: Read + ?Sized>(
 /// whole blocks, neighbours of one kind merged.
 fn push_extents(raw: &[Raw], len: u64, block: u64, out: &mut Vec<Extent>) {
     let first = out.len();
-    let mut push = |e: Extent| {
-        if e.len == 0 {
-            return;
-        }
-        let ours = out.len() > first;
-        match out.last_mut() {
-            Some(last) if ours && last.hole == e.hole && last.zero == e.zero => last.len += e.len,
-            _ => out.push(e),
-        }
-    };
     let mut pos = 0u64;
     for d in raw {
         if pos >= len {
@@ -325,11 +315,11 @@ fn push_extents(raw: &[Raw], len: u64, block: u64, out: &mut Vec<Extent>) {
         };
         let (a, b) = (pos.next_multiple_of(block), end / block * block);
         if (kind.hole || kind.zero) && b > a {
-            push(Extent::data(a - pos));
-            push(Extent { len: b - a, ..kind });
-            push(Extent::data(end - b));
+            Extent::data(a - pos).push_merged(out, first);
+            Extent { len: b - a, ..kind }.push_merged(out, first);
+            Extent::data(end - b).push_merged(out, first);
         } else {
-            push(Extent::data(end - pos));
+            Extent::data(end - pos).push_merged(out, first);
         }
         pos = end;
     }

@@ -1048,13 +1048,7 @@ impl Target for S3Target {
             } else {
                 Extent::data(chunk_end - at)
             };
-            let ours = out.len() > first;
-            match out.last_mut() {
-                Some(last) if ours && last.hole == e.hole && last.zero == e.zero => {
-                    last.len += e.len;
-                }
-                _ => out.push(e),
-            }
+            e.push_merged(out, first);
             at = chunk_end;
         }
         Ok(())
