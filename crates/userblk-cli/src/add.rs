@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use userblk::ublk::ctrl::block_path;
 use userblk::ublk::ctrl::{running_as_root, state_name};
-use userblk::ublk::device::block_path;
 use userblk::ublk::{state, Control, Device, DeviceConfig, DeviceState, Features, Live, Stopper};
 use userblk_uapi::{
     UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE,

@@ -7,8 +7,8 @@
 
 use anyhow::Context;
 use serde_json::json;
+use userblk::ublk::ctrl::{block_path, char_path};
 use userblk::ublk::ctrl::{device_ids, state_name};
-use userblk::ublk::device::{block_path, char_path};
 use userblk::ublk::{Control, DevInfo, DeviceState, Features};
 use userblk_uapi::UblkParams;
 

@@ -3,7 +3,8 @@
 //! Layers, lowest first; each only uses the ones above it in this list:
 //! - [`userblk_uapi`]: the kernel ABI (structs and constants only).
 //! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
-//! - [`target`]: the [`Target`] trait, requests, capabilities. The centre of the design.
+//! - [`target`]: the [`Target`] trait, requests, capabilities, the request context. The centre of the design.
+//! - [`slots`]: the one slot state machine every frontend drives (validate, submit, complete, buffer reuse).
 //! - [`targets`]: null, mem and file.
 //! - [`control`]: named actions a running device offers (a filter's `powercut`) and the socket serving them.
 //! - [`filters`]: targets that wrap a target (readonly, offset, delay, error, stats, ...), stacked.
@@ -25,6 +26,7 @@ pub mod io;
 pub mod loopdev;
 pub mod nbd;
 pub mod size;
+pub mod slots;
 pub mod state;
 pub mod sys;
 pub mod target;

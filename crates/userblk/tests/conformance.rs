@@ -10,7 +10,7 @@
 mod common;
 
 use common::{len32, pattern, us, Backing, Dev, Fixture, MAX_IO};
-use userblk::io::Engine;
+use userblk::slots::Engine;
 use userblk::target::Errno;
 use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
 use userblk::{Op, Request, Target};

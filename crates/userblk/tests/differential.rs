@@ -11,7 +11,7 @@ mod common;
 
 use common::pattern;
 use proptest::prelude::*;
-use userblk::io::Engine;
+use userblk::slots::Engine;
 use userblk::targets::{FileOptions, FileTarget, MemTarget};
 use userblk::{Flags, IoResult, Op, Request, Target};
 

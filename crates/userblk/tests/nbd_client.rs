@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use common::{len32, pattern, Dev};
 use tempfile::TempDir;
-use userblk::io::slots::Event;
-use userblk::io::Slots;
 use userblk::nbd::client::NbdUri;
 use userblk::nbd::proto;
+use userblk::slots::Event;
+use userblk::slots::Slots;
 use userblk::target::Errno;
 use userblk::targets::nbd::{NbdOptions, NbdTarget};
 use userblk::{Extent, Flags, IoResult, Op, Request, Target};

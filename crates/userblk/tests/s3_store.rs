@@ -563,7 +563,7 @@ fn transient_errors_are_retried_permanent_are_not() {
 
 // ---- The s3 target over the store: data path, flush, reopen, verification.
 
-use userblk::io::Engine;
+use userblk::slots::Engine;
 use userblk::targets::s3::{S3Options, S3Target};
 use userblk::{Flags, Op, Request};
 

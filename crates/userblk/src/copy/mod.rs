@@ -31,7 +31,7 @@
 //! assert_eq!((summary.bytes_data, summary.bytes_skipped), (0, 1 << 20));
 //! ```
 //!
-//! [`Engine`]: crate::io::Engine
+//! [`Engine`]: crate::slots::Engine
 
 mod cursor;
 mod worker;
@@ -45,7 +45,7 @@ use std::time::Instant;
 
 use rustix::io::Errno;
 
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::{Op, Request, Target};
 use cursor::Cursor;
 

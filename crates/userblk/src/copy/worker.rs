@@ -8,7 +8,7 @@ use rustix::io::Errno;
 
 use super::cursor::{Cursor, Work};
 use super::{CheckpointFn, CopyError, Plan, Progress};
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::{Extent, Op, Request, Target};
 
 /// Blocks of a read are checked for zeroes this many bytes at a time (or

@@ -81,7 +81,7 @@ pub(crate) fn timer_fired(res: i32) -> bool {
 /// }
 ///
 /// let t = CountErrors::new(Arc::new(userblk::targets::NullTarget::new(1 << 20))).unwrap();
-/// let mut e = userblk::io::Engine::new(&t, 4096).unwrap();
+/// let mut e = userblk::slots::Engine::new(&t, 4096).unwrap();
 /// let r = e.run(&t, userblk::Request::new(userblk::Op::Read, 1 << 20, 512), &mut [0; 512]);
 /// assert!(r.is_err()); // past the end: refused before the filter sees it
 /// assert_eq!(t.failed.load(Ordering::Relaxed), 0);

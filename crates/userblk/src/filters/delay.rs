@@ -140,8 +140,8 @@ mod tests {
 
     use super::*;
     use crate::filters::testing::{probe, ring_probe, run, run_on};
-    use crate::io::slots::{Event, Slots};
-    use crate::io::Engine;
+    use crate::slots::Engine;
+    use crate::slots::{Event, Slots};
     use crate::target::Request;
 
     fn delay(inner: Arc<dyn Target>, spec: &str) -> Delay {

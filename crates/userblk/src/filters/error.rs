@@ -201,7 +201,7 @@ impl Target for ErrorFilter {
 mod tests {
     use super::*;
     use crate::filters::testing::{probe, run, run_on};
-    use crate::io::Engine;
+    use crate::slots::Engine;
     use crate::target::Op;
 
     fn filter(inner: Arc<dyn Target>, spec: &str) -> ErrorFilter {

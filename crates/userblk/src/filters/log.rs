@@ -244,7 +244,7 @@ mod tests {
     use super::*;
     use crate::filters::testing::{probe, run_on};
     use crate::filters::{build, Env, Spec};
-    use crate::io::Engine;
+    use crate::slots::Engine;
     use crate::target::Op;
 
     fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {

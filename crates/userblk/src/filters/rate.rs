@@ -225,8 +225,8 @@ impl Target for Rate {
 mod tests {
     use super::*;
     use crate::filters::testing::{probe, ring_probe, run_on};
-    use crate::io::slots::Slots;
-    use crate::io::Engine;
+    use crate::slots::Engine;
+    use crate::slots::Slots;
 
     fn rate(inner: Arc<dyn Target>, spec: &str) -> Rate {
         Rate::new(inner, Config::parse(&spec.parse().unwrap()).unwrap()).unwrap()
@@ -333,7 +333,7 @@ mod tests {
         assert_eq!(done + events.len(), 16);
         assert!(events.iter().all(|e| matches!(
             e,
-            crate::io::slots::Event::Done {
+            crate::slots::Event::Done {
                 result: Ok(4096),
                 ..
             }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Weak};
 
 use rustix::io::Errno;
 
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::{Flags, Op, Request, Target};
 
 thread_local! {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::{Caps, Ctx, Extent, IoResult, Op, RangeOpCaps, Request, Submit, Target};
 
 /// The step the ring-native probe finishes its requests on.

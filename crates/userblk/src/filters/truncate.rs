@@ -189,7 +189,7 @@ impl Target for Truncate {
 mod tests {
     use super::*;
     use crate::filters::testing::{pattern, probe, ring_probe, run, run_on};
-    use crate::io::Engine;
+    use crate::slots::Engine;
 
     fn truncate(inner: Arc<dyn Target>, size: &str) -> Truncate {
         let spec = format!("truncate:size={size}").parse().unwrap();

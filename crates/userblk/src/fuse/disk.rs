@@ -21,6 +21,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use rustix::io::Errno;
 
 use super::export::{Counters, DiskFs, DISK_NAME};
+use super::fusermount::fusermount;
 use crate::target::Target;
 use crate::{Error, Result};
 
@@ -216,16 +217,6 @@ pub fn unmount(mountpoint: &Path) -> Result<Unmounted> {
             )))
         }
     }
-}
-
-/// `fusermount3` (or the older `fusermount`) on `PATH`, which users need to mount FUSE.
-pub fn fusermount() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    ["fusermount3", "fusermount"].iter().find_map(|name| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(name))
-            .find(|p| rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok())
-    })
 }
 
 /// Whether this kernel and user can mount FUSE at all: root opens

@@ -33,7 +33,7 @@ use fuser::{
 use rustix::fs::OFlags;
 use rustix::io::Errno;
 
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::{Caps, Flags, IoResult, Op, Request, Target};
 
 /// Name of the file that is the device, in the mount's root directory.

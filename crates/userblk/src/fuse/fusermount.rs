@@ -8,7 +8,7 @@
 use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use rustix::io::{Errno, FdFlags};
@@ -16,11 +16,20 @@ use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags, SocketType,
 };
 
-use super::disk::fusermount;
 use crate::{Error, Result};
 
 /// The environment variable naming the socket `fusermount3` sends the fd on.
 const COMMFD_ENV: &str = "_FUSE_COMMFD";
+
+/// `fusermount3` (or the older `fusermount`) on `PATH`, which users need to mount FUSE.
+pub fn fusermount() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    ["fusermount3", "fusermount"].iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok())
+    })
+}
 
 /// Mount `mountpoint` through fusermount3 with `options` (comma-separated mount options);
 /// returns the /dev/fuse fd of the new mount.

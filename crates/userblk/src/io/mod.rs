@@ -1,16 +1,13 @@
-//! io_uring plumbing shared by every frontend: page-aligned buffers, the ring
-//! with its request context, request slots for frontends with many requests
-//! in flight, and a small engine that drives one request at a time (tests,
-//! simple frontends).
+//! io_uring plumbing shared by every frontend: page-aligned buffers, the
+//! ring (with the mailbox other threads complete deferred work through),
+//! and shared mappings. Knows nothing of block requests: those are the
+//! [`target`](crate::target) layer's, and the request slots that drive
+//! targets over a ring are [`slots`](crate::slots).
 
 pub mod buf;
-pub mod engine;
 pub mod mapping;
 pub mod ring;
-pub mod slots;
 
 pub use buf::AlignedBuf;
-pub use engine::Engine;
 pub use mapping::SharedMapping;
-pub use ring::{Ctx, Deferred, Ring};
-pub use slots::Slots;
+pub use ring::{Deferred, Ring};

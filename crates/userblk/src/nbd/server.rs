@@ -39,7 +39,7 @@ use rustix::net::{RecvFlags, SendFlags};
 use super::handshake::{self, Export, HandshakeError, Negotiated, Outcome};
 use super::proto::*;
 use super::transmission::{self, Command, Header, Limits, MAX_PAYLOAD};
-use crate::io::slots::{Event, Slots};
+use crate::slots::{Event, Slots};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::{Error, Result};
 

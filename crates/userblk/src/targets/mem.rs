@@ -26,7 +26,7 @@ use crate::{Error, Result};
 /// The mem target.
 ///
 /// ```
-/// use userblk::{io::Engine, targets::MemTarget, Op, Request};
+/// use userblk::{slots::Engine, targets::MemTarget, Op, Request};
 /// let t = MemTarget::new(1 << 20).unwrap();
 /// let mut e = Engine::new(&t, 4096).unwrap();
 /// let mut data = vec![0x5a; 4096];

@@ -1,5 +1,6 @@
-//! The built-in targets. Each file is one target; filters (later) wrap them.
+//! The built-in targets. Each file (or folder) is one target; filters wrap them.
 
+pub mod early;
 pub mod file;
 pub mod mem;
 pub mod nbd;

@@ -13,7 +13,7 @@ pub const DEFAULT_SIZE: u64 = 250 << 30;
 /// The null target.
 ///
 /// ```
-/// use userblk::{io::Engine, targets::NullTarget, Op, Request};
+/// use userblk::{slots::Engine, targets::NullTarget, Op, Request};
 /// let t = NullTarget::new(1 << 20);
 /// let mut e = Engine::new(&t, 4096).unwrap();
 /// let mut buf = vec![7u8; 4096];

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -466,7 +466,7 @@ fn control_error(cmd: &'static str, dev_id: u32, errno: Errno) -> Error {
         // The kernel refused access to someone else's device (a privileged
         // one, or an unprivileged device of another user); its char node
         // is owned by that user once udev has run.
-        let owner = rustix::fs::stat(crate::ublk::device::char_path(dev_id))
+        let owner = rustix::fs::stat(char_path(dev_id))
             .ok()
             .map(|st| st.st_uid)
             .filter(|&uid| uid != rustix::process::geteuid().as_raw());
@@ -508,6 +508,16 @@ pub fn device_ids() -> Vec<u32> {
         .collect();
     ids.sort_unstable();
     ids
+}
+
+/// `/dev/ublkcN`.
+pub fn char_path(id: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/ublkc{id}"))
+}
+
+/// `/dev/ublkbN`.
+pub fn block_path(id: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/ublkb{id}"))
 }
 
 #[cfg(test)]

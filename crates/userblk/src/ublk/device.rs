@@ -6,7 +6,6 @@
 //! unmapped it before DEL_DEV can finish.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use rustix::io::Errno;
 use userblk_uapi::*;
 
 use crate::target::{Caps, Target};
-use crate::ublk::ctrl::{Control, DevInfo};
+use crate::ublk::ctrl::{char_path, Control, DevInfo};
 use crate::ublk::features::Features;
 use crate::ublk::params;
 use crate::ublk::queue::{self, DataMode, QueueEvent, QueueSetup, Shutdown};
@@ -106,16 +105,6 @@ impl DeviceConfig {
         }
         Ok(())
     }
-}
-
-/// `/dev/ublkcN`.
-pub fn char_path(id: u32) -> PathBuf {
-    PathBuf::from(format!("/dev/ublkc{id}"))
-}
-
-/// `/dev/ublkbN`.
-pub fn block_path(id: u32) -> PathBuf {
-    PathBuf::from(format!("/dev/ublkb{id}"))
 }
 
 /// Asks a serving device to stop, from any thread (a signal handler thread, say).

@@ -1,12 +1,16 @@
-//! The one queue loop: a thread, its ring, its tags, shared by every target.
+//! The ublk queue loop: a thread, its ring, its tags, shared by every target.
 //!
-//! Each tag has a page-aligned buffer (none under zero copy, where the
-//! kernel lends the request's own pages: see [`DataMode`]) and exactly one
-//! ublk command in the kernel at a time: FETCH at start, then COMMIT_AND_FETCH after each
-//! request. A fetch completing with 0 means the tag's descriptor holds a new
-//! request; it goes to the target through [`Ctx`], inline or via the same
-//! ring. A fetch completing with ABORT (after STOP_DEV) retires the tag; when
-//! every tag is retired the thread exits.
+//! The queue is a driver of the one slot state machine ([`Slots`]): a tag
+//! is a slot. Each tag has a page-aligned buffer (none under zero copy,
+//! where the kernel lends the request's own pages: see [`DataMode`]) and,
+//! while the slot is free, exactly one ublk command in the kernel: FETCH at
+//! start, then COMMIT_AND_FETCH after each request. A fetch completing with
+//! 0 means the tag's descriptor holds a new request; it starts in the tag's
+//! slot, and its result comes back from the slot machine only once the
+//! target answered and no ring operation of the request still points into
+//! the tag's buffer: only then is it committed. A fetch completing with
+//! ABORT (after STOP_DEV) retires the tag; when every tag is retired the
+//! thread exits.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -20,8 +24,9 @@ use rustix::io::Errno;
 use userblk_uapi::*;
 
 use crate::io::ring::UserData;
-use crate::io::{AlignedBuf, Ctx, Ring};
-use crate::target::{self, Caps, Flags, IoResult, Op, Request, Submit, Target};
+use crate::io::{AlignedBuf, Ring};
+use crate::slots::{Event, SlotData, Slots};
+use crate::target::{Caps, Flags, IoResult, Op, Request, Target};
 use crate::ublk::desc::DescArray;
 use crate::{Error, Result};
 
@@ -127,26 +132,25 @@ pub(crate) fn failpoint(q: u16) -> Option<u64> {
     }
 }
 
+/// What the kernel side of a tag is doing (the slot machine knows the rest).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
+enum Tag {
     /// A FETCH or COMMIT_AND_FETCH is in the kernel.
     Armed,
-    /// The target has this request.
-    Busy(Request),
+    /// Its request is in the tag's slot.
+    Serving,
     /// Aborted: never re-armed.
     Retired,
 }
 
 struct Queue {
-    // First, so it closes before the buffers its commands point into are freed.
-    ring: Ring,
+    // First, so its ring closes before the buffers its commands point into are freed.
+    slots: Slots,
     q: u16,
     cdev: Arc<OwnedFd>,
     descs: DescArray,
-    bufs: Vec<AlignedBuf>,
-    slots: Vec<Slot>,
+    tags: Vec<Tag>,
     target: Arc<dyn Target>,
-    caps: Caps,
     retired: usize,
     failure: Option<String>,
     /// Requests left before the test fail point fires.
@@ -188,13 +192,6 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         }
     }
     let descs = DescArray::map(std::os::fd::AsFd::as_fd(&*setup.cdev), q, setup.depth)?;
-    // Under zero copy the data stays in the kernel's pages: no buffers.
-    let buffers = if setup.data == DataMode::ZeroCopy {
-        0
-    } else {
-        setup.depth
-    };
-    let bufs = AlignedBuf::many(usize::from(buffers), setup.buf_bytes as usize)?;
     // Room for one command per tag plus target operations.
     let mut ring = Ring::new(u32::from(setup.depth) * 2)?;
     if setup.data == DataMode::ZeroCopy {
@@ -214,15 +211,23 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
             false
         }
     };
+    // Under zero copy the data stays in the kernel's pages: no buffers.
+    let data = match setup.data {
+        DataMode::ZeroCopy => SlotData::Registered {
+            len: setup.buf_bytes,
+        },
+        DataMode::Buffers | DataMode::UserCopy => SlotData::Buffers(AlignedBuf::many(
+            usize::from(setup.depth),
+            setup.buf_bytes as usize,
+        )?),
+    };
     let mut queue = Queue {
+        slots: Slots::with_ring(ring, setup.caps, setup.depth, data)?,
         q,
         cdev: setup.cdev,
         descs,
-        bufs,
-        slots: vec![Slot::Armed; usize::from(setup.depth)],
-        ring,
+        tags: vec![Tag::Armed; usize::from(setup.depth)],
         target: setup.target,
-        caps: setup.caps,
         retired: 0,
         failure: None,
         fail_after: setup.fail_after,
@@ -235,7 +240,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
     for tag in 0..setup.depth {
         queue.push_cmd(UBLK_U_IO_FETCH_REQ, tag, 0)?;
     }
-    queue.ring.submit()?;
+    queue.slots.submit()?;
     let _ = events.send(QueueEvent::Ready {
         q,
         tid: rustix::thread::gettid().as_raw_nonzero().get(),
@@ -330,7 +335,7 @@ impl Queue {
         .user_data(UserData::Frontend { slot: WAKE_SLOT }.pack());
         // SAFETY: the eventfd is kept open by the Arc<Shutdown> the caller
         // holds for the whole life of this queue; no buffer is involved.
-        unsafe { self.ring.push(&e) }.map_err(|e| Error::Queue {
+        unsafe { self.slots.push(&e) }.map_err(|e| Error::Queue {
             queue: self.q,
             msg: format!("poll on eventfd: {e}"),
         })?;
@@ -340,8 +345,9 @@ impl Queue {
 
     fn push_cmd(&mut self, cmd_op: u32, tag: u16, result: i32) -> Result<()> {
         // Under user copy and zero copy the kernel wants no buffer address.
+        // Commands are queued only for free slots, whose buffer is the frontend's to lend.
         let addr = match self.data {
-            DataMode::Buffers => self.bufs[usize::from(tag)].as_ptr() as u64,
+            DataMode::Buffers => self.slots.buf(tag).as_ptr() as u64,
             DataMode::UserCopy | DataMode::ZeroCopy => 0,
         };
         let cmd = UblksrvIoCmd {
@@ -363,26 +369,29 @@ impl Queue {
         }
         .build()
         .user_data(UserData::Frontend { slot: tag }.pack());
-        // SAFETY: the tag's buffer lives in `self.bufs` until this queue is
-        // dropped (and the fixed file is `self.cdev`, open as long), which happens only after the loop has seen every tag
-        // retired (or the ring is closed first, see `Drop`); the kernel
-        // writes WRITE data into it before completing the fetch and reads
-        // READ data from it while processing this commit.
-        unsafe { self.ring.push(&e) }.map_err(|e| Error::Queue {
+        // SAFETY: the tag's slot is free, so its buffer is ours to lend; it
+        // lives in `self.slots` until this queue is dropped (and the fixed
+        // file is `self.cdev`, open as long), which happens only after the
+        // loop has seen every tag retired (or the buffers are leaked, see
+        // `Drop`); the kernel writes WRITE data into it before completing
+        // the fetch and reads READ data from it while processing this
+        // commit, and no slot is started on the tag until the fetch completed.
+        unsafe { self.slots.push(&e) }.map_err(|e| Error::Queue {
             queue: self.q,
             msg: format!("queueing tag {tag}: {e}"),
         })
     }
 
     fn run(&mut self, shutdown: &Shutdown) -> Result<()> {
-        let depth = self.slots.len();
-        let mut cqes = Vec::with_capacity(depth * 2);
+        let depth = self.tags.len();
+        let mut events = Vec::with_capacity(depth * 2);
         while self.retired < depth {
-            self.ring.submit_and_wait(1)?;
-            self.ring.reap(&mut cqes);
-            for (ud, res) in cqes.drain(..) {
-                match ud {
-                    UserData::Frontend { slot: WAKE_SLOT } => {
+            self.slots.wait(&*self.target, true, &mut events)?;
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Frontend {
+                        token: WAKE_SLOT, ..
+                    } => {
                         self.wake_armed = false;
                         if shutdown.now.load(Ordering::SeqCst) {
                             return Err(Error::Queue {
@@ -391,8 +400,8 @@ impl Queue {
                             });
                         }
                     }
-                    UserData::Frontend { slot } => self.on_fetch(slot, res)?,
-                    UserData::Target { slot, step } => self.on_target(slot, step, res)?,
+                    Event::Frontend { token, res } => self.on_fetch(token, res)?,
+                    Event::Done { slot, req, result } => self.commit(slot, req, result)?,
                 }
             }
         }
@@ -403,13 +412,13 @@ impl Queue {
     }
 
     fn on_fetch(&mut self, tag: u16, res: i32) -> Result<()> {
-        let Some(slot) = self.slots.get(usize::from(tag)).copied() else {
+        let Some(state) = self.tags.get(usize::from(tag)).copied() else {
             tracing::warn!("queue {}: completion for unknown tag {tag}", self.q);
             return Ok(());
         };
-        if slot != Slot::Armed {
+        if state != Tag::Armed {
             tracing::warn!(
-                "queue {}: unexpected fetch completion for tag {tag} in state {slot:?}",
+                "queue {}: unexpected fetch completion for tag {tag} in state {state:?}",
                 self.q
             );
             return Ok(());
@@ -448,82 +457,44 @@ impl Queue {
                 return self.push_cmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, -e.raw_os_error());
             }
         };
-        self.slots[usize::from(tag)] = Slot::Busy(req);
-        let outcome = match target::validate(&self.caps, &req) {
-            Err(e) => Submit::Done(Err(e)),
-            Ok(())
-                if self.data == DataMode::UserCopy
-                    && req.op == Op::Write
-                    && self.copy_in(tag, req).is_err() =>
-            {
-                Submit::Done(Err(Errno::IO))
-            }
-            Ok(()) => self.with_ctx(req, tag, |target, ctx| target.submit(ctx)),
-        };
-        self.finish(tag, req, outcome)
+        self.tags[usize::from(tag)] = Tag::Serving;
+        if self.data == DataMode::UserCopy && req.op == Op::Write && self.copy_in(tag, req).is_err()
+        {
+            return self.commit(tag, req, Err(Errno::IO));
+        }
+        match self.slots.start(&*self.target, tag, req) {
+            Some(result) => self.commit(tag, req, result),
+            None => Ok(()),
+        }
     }
 
-    fn on_target(&mut self, tag: u16, step: u16, res: i32) -> Result<()> {
-        let Some(Slot::Busy(req)) = self.slots.get(usize::from(tag)).copied() else {
-            tracing::warn!("queue {}: target completion for idle tag {tag}", self.q);
-            return Ok(());
-        };
-        let outcome = self.with_ctx(req, tag, |target, ctx| target.complete(ctx, step, res));
-        self.finish(tag, req, outcome)
-    }
-
-    /// Run `f` with the target and the context through which it sees tag
-    /// `tag`'s request `req`.
-    fn with_ctx(
-        &mut self,
-        req: Request,
-        tag: u16,
-        f: impl FnOnce(&dyn Target, &mut Ctx<'_>) -> Submit,
-    ) -> Submit {
-        let mut ctx = match self.data {
-            // SAFETY: the kernel registered the request's pages at entry
-            // `tag` (kernel buffers start at address 0), and they are the
-            // target's alone until it reports the request done and the tag
-            // is committed (all its ring work reaped by then).
-            DataMode::ZeroCopy => unsafe {
-                Ctx::new_fixed(req, tag, tag, 0, self.buf_bytes, &mut self.ring)
-            },
-            // SAFETY: the buffer belongs to this tag and nothing else touches
-            // it until the tag is committed, as above.
-            DataMode::Buffers | DataMode::UserCopy => unsafe {
-                Ctx::new(req, tag, &mut self.bufs[usize::from(tag)], &mut self.ring)
-            },
-        };
-        f(&*self.target, &mut ctx)
-    }
-
-    fn finish(&mut self, tag: u16, req: Request, outcome: Submit) -> Result<()> {
-        match outcome {
-            Submit::Pending => Ok(()),
-            Submit::Done(mut r) => {
-                if let (DataMode::UserCopy, Op::Read, Ok(n)) = (self.data, req.op, r) {
-                    if self.copy_out(tag, n).is_err() {
-                        r = Err(Errno::IO);
-                    }
-                }
-                if let Err(e) = r {
-                    tracing::debug!("queue {}: tag {tag}: {req:?} failed: {e}", self.q);
-                }
-                self.slots[usize::from(tag)] = Slot::Armed;
-                self.push_cmd(
-                    UBLK_U_IO_COMMIT_AND_FETCH_REQ,
-                    tag,
-                    commit_result(req.op, r),
-                )
+    /// Hand tag `tag`'s result to the kernel, with a fetch for its next
+    /// request. Called only once the tag's slot is free again.
+    fn commit(&mut self, tag: u16, req: Request, mut r: IoResult) -> Result<()> {
+        if let (DataMode::UserCopy, Op::Read, Ok(n)) = (self.data, req.op, r) {
+            if self.copy_out(tag, n).is_err() {
+                r = Err(Errno::IO);
             }
         }
+        if let Err(e) = r {
+            tracing::debug!("queue {}: tag {tag}: {req:?} failed: {e}", self.q);
+        }
+        self.tags[usize::from(tag)] = Tag::Armed;
+        self.push_cmd(
+            UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+            tag,
+            commit_result(req.op, r),
+        )
     }
 
     /// User copy: fetch a write's payload from the kernel into the tag's buffer.
     fn copy_in(&mut self, tag: u16, req: Request) -> std::result::Result<(), Errno> {
         let len = usize::try_from(req.len).map_err(|_| Errno::IO)?;
         let at = user_copy_offset(self.q, tag);
-        let buf = self.bufs[usize::from(tag)].prefix_mut(len);
+        let buf = self.slots.buf_prefix_mut(tag, len);
+        if buf.len() < len {
+            return Err(Errno::IO);
+        }
         let mut done = 0;
         while done < buf.len() {
             match rustix::io::pread(&*self.cdev, &mut buf[done..], at + done as u64) {
@@ -543,8 +514,7 @@ impl Queue {
     fn copy_out(&mut self, tag: u16, n: u32) -> std::result::Result<(), Errno> {
         let n = usize::try_from(n).map_err(|_| Errno::IO)?;
         let at = user_copy_offset(self.q, tag);
-        let buf = self.bufs[usize::from(tag)].as_slice();
-        let data = buf.get(..n).ok_or(Errno::IO)?;
+        let data = self.slots.buf(tag).get(..n).ok_or(Errno::IO)?;
         let mut done = 0;
         while done < data.len() {
             match rustix::io::pwrite(&*self.cdev, &data[done..], at + done as u64) {
@@ -561,7 +531,7 @@ impl Queue {
     }
 
     fn retire(&mut self, tag: u16) {
-        self.slots[usize::from(tag)] = Slot::Retired;
+        self.tags[usize::from(tag)] = Tag::Retired;
         self.retired += 1;
     }
 }
@@ -571,8 +541,8 @@ impl Drop for Queue {
         // Leaving with commands still in the kernel (an error path): the
         // kernel may yet copy into these buffers, so leak them rather than
         // free memory it could write to.
-        if self.ring.in_flight() > usize::from(self.wake_armed) {
-            std::mem::forget(std::mem::take(&mut self.bufs));
+        if self.slots.in_flight() > usize::from(self.wake_armed) {
+            self.slots.leak_buffers();
         }
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tempfile::TempDir;
-use userblk::io::Engine;
+use userblk::slots::Engine;
 use userblk::target::Errno;
 use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
 use userblk::{Flags, IoResult, Op, Request, Target};

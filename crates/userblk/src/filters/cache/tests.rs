@@ -1,6 +1,6 @@
 use super::*;
 use crate::filters::testing::{pattern, probe, ring_probe, run, run_on, Seen};
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::Request;
 
 fn cache(inner: Arc<dyn Target>, spec: &str) -> Result<Cache, FilterError> {

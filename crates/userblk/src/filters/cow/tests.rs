@@ -3,7 +3,7 @@ use std::sync::atomic::AtomicU64;
 
 use super::*;
 use crate::filters::testing::{pattern, probe, ring_probe, run, run_on};
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::Request;
 
 /// A base that refuses (and counts) anything but reads: the cow must

@@ -4,8 +4,8 @@
 use super::*;
 use crate::filters::rng::Rng;
 use crate::filters::testing::{probe, ring_probe, run_on, Seen};
-use crate::io::slots::{Event, Slots};
-use crate::io::Engine;
+use crate::slots::Engine;
+use crate::slots::{Event, Slots};
 use crate::target::{IoResult, Request};
 
 const SIZE: usize = 1 << 20;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use super::{Shared, State, CHUNK};
-use crate::io::{Deferred, Engine};
+use crate::io::Deferred;
+use crate::slots::Engine;
 use crate::target::{Caps, Flags, Op, Request, Target, MAX_RANGE_OP_BYTES};
 
 /// How long `writeback` waits for the writer.

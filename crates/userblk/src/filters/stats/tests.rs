@@ -4,7 +4,7 @@ use std::net::TcpStream;
 use super::*;
 use crate::filters::testing::{probe, ring_probe, run_on};
 use crate::filters::{build, Env};
-use crate::io::Engine;
+use crate::slots::Engine;
 use crate::target::Request;
 
 #[test]

@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use userblk::targets::qcow2::{create, CreateOptions, Qcow2Target};
-//! use userblk::{io::Engine, Op, Request, Target};
+//! use userblk::{slots::Engine, Op, Request, Target};
 //! let dir = tempfile::tempdir().unwrap();
 //! let path = dir.path().join("disk.qcow2");
 //! create(&CreateOptions::new(&path, 1 << 20)).unwrap();

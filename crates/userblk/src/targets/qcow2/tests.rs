@@ -425,7 +425,7 @@ fn corrupt_images() {
 
 #[test]
 fn the_target_advertises_and_serves() {
-    use crate::io::Engine;
+    use crate::slots::Engine;
     use crate::target::Request;
     let dir = tempfile::tempdir().unwrap();
     let p = new_image(dir.path(), "t.qcow2", (64 << 20) + 1000, 65536);

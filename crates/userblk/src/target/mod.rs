@@ -1,6 +1,6 @@
 //! The [`Target`] trait: what every frontend calls and every target implements.
 //!
-//! A frontend (ublk, and later NBD and FUSE) turns what it receives into a
+//! A frontend (ublk, NBD, FUSE, `userblk copy`) turns what it receives into a
 //! [`Request`] and hands it to the target with a [`Ctx`], which holds the
 //! request's data buffer and, for io_uring-native targets, the frontend
 //! thread's own ring. The target answers [`Submit::Done`] when it finished
@@ -37,7 +37,9 @@
 //! }
 //! ```
 
-pub use crate::io::ring::Ctx;
+mod ctx;
+
+pub use ctx::Ctx;
 pub use rustix::io::Errno;
 
 /// What a request asks for.
@@ -385,6 +387,16 @@ pub trait Target: Send + Sync {
     ///
     /// Finish inline with [`Submit::Done`], or queue work on the context's ring
     /// and return [`Submit::Pending`].
+    ///
+    /// A target may answer early: return `Done` (here or from
+    /// [`complete`](Self::complete)) while ring operations or a
+    /// [`Deferred`](crate::io::Deferred) it queued for the request are still
+    /// outstanding. The frontend then keeps the request's buffer and holds
+    /// the result back until every one of them has completed (their
+    /// completions are not passed to `complete`), so no operation ever
+    /// points into a buffer that serves another request, and the request
+    /// is acknowledged only after its work ended. This is the rule of the
+    /// one slot state machine every frontend drives ([`crate::slots`]).
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit;
 
     /// A ring operation queued by this target for `ctx`'s request completed

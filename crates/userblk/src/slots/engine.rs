@@ -6,7 +6,7 @@
 //! frontends. It goes through the same [`Slots`] path (validate, submit,
 //! complete) as the NBD server, so a target behaves here exactly as there.
 
-use crate::io::slots::{Event, Slots};
+use crate::slots::{Event, Slots};
 use crate::target::{Caps, IoResult, Op, Request, Target};
 
 /// One slot, one ring, requests run to completion.
