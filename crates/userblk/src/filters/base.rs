@@ -28,64 +28,19 @@ pub(crate) fn timer_fired(res: i32) -> bool {
 /// and its slot in per-request marks ([`crate::Ctx::mark`]), so filters
 /// stacked in any order never mistake each other's completions.
 ///
-/// A filter that counts failed requests and passes everything on:
+/// A filter keeps its `Base` and hands it out through
+/// [`Filter::base`](super::Filter::base); everything the filter does not
+/// change passes through it (see the example there).
 ///
 /// ```
-/// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::sync::Arc;
-/// use userblk::filters::{Base, FilterError};
-/// use userblk::{Caps, Ctx, Extent, Submit, Target};
+/// use userblk::filters::Base;
+/// use userblk::targets::NullTarget;
 ///
-/// struct CountErrors {
-///     base: Base,
-///     failed: AtomicU64,
-/// }
-///
-/// impl CountErrors {
-///     fn new(inner: Arc<dyn Target>) -> Result<Self, FilterError> {
-///         let base = Base::new(inner, "count-errors")?;
-///         Ok(CountErrors { base, failed: AtomicU64::new(0) })
-///     }
-///
-///     /// Look at a result on its way up.
-///     fn seen(&self, s: Submit) -> Submit {
-///         if let Submit::Done(Err(_)) = s {
-///             self.failed.fetch_add(1, Ordering::Relaxed);
-///         }
-///         s
-///     }
-/// }
-///
-/// impl Target for CountErrors {
-///     fn caps(&self) -> Caps {
-///         self.base.inner().caps()
-///     }
-///     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-///         let s = self.base.inner().submit(ctx);
-///         self.seen(s)
-///     }
-///     // Every completion goes down: none of the steps is ours.
-///     fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-///         let s = self.base.inner().complete(ctx, step, res);
-///         self.seen(s)
-///     }
-///     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), userblk::target::Errno> {
-///         self.base.inner().extents(offset, len, out)
-///     }
-///     fn describe(&self) -> serde_json::Value {
-///         self.base.describe()
-///     }
-///     fn filter_depth(&self) -> u8 {
-///         self.base.depth()
-///     }
-/// }
-///
-/// let t = CountErrors::new(Arc::new(userblk::targets::NullTarget::new(1 << 20))).unwrap();
-/// let mut e = userblk::io::Engine::new(&t, 4096).unwrap();
-/// let r = e.run(&t, userblk::Request::new(userblk::Op::Read, 1 << 20, 512), &mut [0; 512]);
-/// assert!(r.is_err()); // past the end: refused before the filter sees it
-/// assert_eq!(t.failed.load(Ordering::Relaxed), 0);
-/// assert_eq!(t.describe()["filters"][0], "count-errors");
+/// let over: Arc<dyn userblk::Target> = Arc::new(NullTarget::new(1 << 20));
+/// let base = Base::new(over, "count-errors").unwrap();
+/// assert_eq!((base.layer(), base.depth()), (0, 1));
+/// assert_eq!(base.describe()["filters"][0], "count-errors");
 /// ```
 pub struct Base {
     inner: Arc<dyn Target>,

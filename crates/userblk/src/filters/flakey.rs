@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, Filter, FilterError};
 use crate::control::{Registration, Registry};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, Submit, Target};
 
@@ -424,6 +424,16 @@ impl Flakey {
         self.shared.status()
     }
 
+    /// Whether `[offset, offset + len)` has pieces held back (EIO while
+    /// the power is off: block status is as gone as the disk).
+    fn holds_back(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        let st = self.shared.lock();
+        if !st.powered {
+            return Err(Errno::IO);
+        }
+        Ok(st.overlay.intersects(offset, len))
+    }
+
     fn watch_trigger(&self, op: Op) {
         let Some(t) = &self.trigger else { return };
         match t.poll(op == Op::Flush) {
@@ -591,8 +601,22 @@ impl Drop for Flakey {
     }
 }
 
-impl Target for Flakey {
-    fn caps(&self) -> Caps {
+impl Filter for Flakey {
+    fn base(&self) -> &Base {
+        &self.base
+    }
+
+    // Held-back writes are copied from the buffer, laid over reads, and
+    // flushes lend the request to the writer thread.
+    fn touches_data(&self) -> bool {
+        true
+    }
+
+    fn reads_unchanged(&self) -> bool {
+        false
+    }
+
+    fn filter_caps(&self) -> Caps {
         Caps {
             volatile_cache: true,
             fua: true,
@@ -600,7 +624,7 @@ impl Target for Flakey {
         }
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let op = ctx.req().op;
         self.watch_trigger(op);
         if self.shared.off.load(Ordering::SeqCst) {
@@ -613,7 +637,7 @@ impl Target for Flakey {
         }
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         match self.base.own_step(step) {
             Some(STEP_JOB) => Submit::Done(ring_result(res).map(|_| ctx.done_bytes())),
             Some(_) => Submit::Done(Err(Errno::IO)),
@@ -628,26 +652,20 @@ impl Target for Flakey {
         }
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        {
-            let st = self.shared.lock();
-            if !st.powered {
-                return Err(Errno::IO);
-            }
-            if st.overlay.intersects(offset, len) {
-                out.push(Extent::data(len));
-                return Ok(());
-            }
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        if self.holds_back(offset, len)? {
+            out.push(Extent::data(len));
+            return Ok(());
         }
         self.base.inner().extents(offset, len, out)
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        // Held-back pieces may be anything; elsewhere reads are the target's.
+        if self.holds_back(offset, len)? {
+            return Ok(false);
+        }
+        self.base.inner().reads_zeroes(offset, len)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Filters: targets that wrap a target, to change what it advertises or
 //! how its requests go (delays, errors, limits) or to watch them (log, stats).
 //!
-//! A filter is a [`Target`](crate::Target) holding an `Arc<dyn Target>`; a stack is
+//! A filter implements [`Filter`]: it holds its inner target in a [`Base`]
+//! and overrides only what it changes, everything else passing through;
+//! every filter is thereby a [`Target`](crate::Target), and a stack is
 //! nesting. [`build`] makes a stack from specs (`NAME[:key=value,...]`,
 //! [`Spec`]), the first spec nearest the frontend. Every filter passes
 //! requests down and results up through the ordinary `submit`/`complete`
@@ -21,6 +23,7 @@ pub mod cache;
 pub mod cow;
 pub mod delay;
 pub mod error;
+mod filter;
 pub mod flakey;
 pub mod log;
 pub mod offset;
@@ -39,6 +42,7 @@ pub(crate) mod testing;
 use crate::target::{Op, MAX_FILTER_LAYERS};
 
 pub use base::{clip_extents, described_filters, Base};
+pub use filter::Filter;
 pub use spec::{Options, Spec};
 pub use stack::{build, check, Config, Env, NAMES};
 

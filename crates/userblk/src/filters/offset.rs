@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Op, Request, Submit, Target};
 
 /// The options of `offset`.
@@ -136,22 +136,36 @@ impl Offset {
     }
 }
 
-impl Target for Offset {
-    fn caps(&self) -> Caps {
+impl Filter for Offset {
+    fn base(&self) -> &Base {
+        &self.base
+    }
+
+    // Requests move; their data is the inner target's business.
+    fn touches_data(&self) -> bool {
+        false
+    }
+
+    // Reads are the target's, but at another offset.
+    fn reads_unchanged(&self) -> bool {
+        false
+    }
+
+    fn filter_caps(&self) -> Caps {
         self.caps
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = self.inner_req(ctx.req());
         ctx.with_request(req, |ctx| self.base.inner().submit(ctx))
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         let req = self.inner_req(ctx.req());
         ctx.with_request(req, |ctx| self.base.inner().complete(ctx, step, res))
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
         let len = len.min(self.caps.size.saturating_sub(offset));
         let start = out.len();
         self.base.inner().extents(offset + self.offset, len, out)?;
@@ -159,21 +173,13 @@ impl Target for Offset {
         Ok(())
     }
 
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
         match offset.checked_add(len) {
             Some(end) if end <= self.caps.size => {
                 self.base.inner().reads_zeroes(offset + self.offset, len)
             }
             _ => Ok(false),
         }
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

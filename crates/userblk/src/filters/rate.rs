@@ -15,11 +15,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustix::io::Errno;
-
 use super::spec::{self, format_duration, Options, Spec};
-use super::{Base, FilterError};
-use crate::target::{Caps, Ctx, Extent, Op, Request, Submit, Target};
+use super::{Base, Filter, FilterError};
+use crate::target::{Ctx, Op, Request, Submit, Target};
 
 /// Which bucket a limit fills, in [`Config::limits`] order.
 const KEYS: [&str; 6] = [
@@ -189,34 +187,26 @@ impl Rate {
     }
 }
 
-impl Target for Rate {
-    fn caps(&self) -> Caps {
-        self.base.inner().caps()
+impl Filter for Rate {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn touches_data(&self) -> bool {
+        false
+    }
+
+    fn reads_unchanged(&self) -> bool {
+        true
+    }
+
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let wait = self.book(ctx.req());
         self.base.hold(ctx, wait, "rate")
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         self.base.complete_held(ctx, step, res, "rate")
-    }
-
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        self.base.inner().extents(offset, len, out)
-    }
-
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        self.base.inner().reads_zeroes(offset, len)
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

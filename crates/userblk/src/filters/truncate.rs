@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, IoResult, Op, Request, Submit, Target};
 
 /// The options of `truncate`.
@@ -120,12 +120,26 @@ impl Truncate {
     }
 }
 
-impl Target for Truncate {
-    fn caps(&self) -> Caps {
+impl Filter for Truncate {
+    fn base(&self) -> &Base {
+        &self.base
+    }
+
+    // Only bytes past the target's end are served here (zeroed, or
+    // looked at to refuse data), and only a larger device has any.
+    fn touches_data(&self) -> bool {
+        self.caps.size > self.inner_size
+    }
+
+    fn reads_unchanged(&self) -> bool {
+        false
+    }
+
+    fn filter_caps(&self) -> Caps {
         self.caps
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         match self.split(ctx.req()) {
             Split::Inside => self.base.inner().submit(ctx),
             Split::Beyond => Submit::Done(Self::beyond(ctx, 0)),
@@ -144,7 +158,7 @@ impl Target for Truncate {
         }
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         match self.split(ctx.req()) {
             Split::Inside | Split::Beyond => self.base.inner().complete(ctx, step, res),
             Split::Across { inside } => {
@@ -158,7 +172,7 @@ impl Target for Truncate {
         }
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
         let len = len.min(self.caps.size.saturating_sub(offset));
         if offset >= self.inner_size {
             out.push(Extent::hole(len));
@@ -175,12 +189,19 @@ impl Target for Truncate {
         Ok(())
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.caps.size)
+        {
+            return Ok(false);
+        }
+        if offset >= self.inner_size {
+            return Ok(true);
+        }
+        // Past the target's end it is all zeroes: only the inside part counts.
+        let inside = len.min(self.inner_size - offset);
+        self.base.inner().reads_zeroes(offset, inside)
     }
 }
 

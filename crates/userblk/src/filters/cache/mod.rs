@@ -41,7 +41,7 @@ use rustix::io::Errno;
 
 use super::side::{read_exact, write_all, SideIo};
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Flags, Op, Submit, Target};
 use store::{FileStore, Store};
 
@@ -284,6 +284,12 @@ impl Cache {
         self.store.trim(mask, &|b| self.write_down(b));
     }
 
+    /// Whether the cache holds data of `[offset, offset + len)` that the
+    /// target has not been given yet.
+    fn holds_dirty(&self, offset: u64, len: u64) -> bool {
+        self.cfg.writeback && !self.store.dirty_blocks(Some((offset, len))).is_empty()
+    }
+
     /// A write-back write: into the cache, and down at once if FUA.
     fn write_in(&self, ctx: &Ctx<'_>) -> Result<u32, Errno> {
         let req = *ctx.req();
@@ -420,12 +426,26 @@ impl fmt::Debug for Cache {
     }
 }
 
-impl Target for Cache {
-    fn caps(&self) -> Caps {
+impl Filter for Cache {
+    fn base(&self) -> &Base {
+        &self.base
+    }
+
+    // Hits are copied into the request's buffer, misses and writes out of it.
+    fn touches_data(&self) -> bool {
+        true
+    }
+
+    // Write-back holds data the target has not seen yet.
+    fn reads_unchanged(&self) -> bool {
+        false
+    }
+
+    fn filter_caps(&self) -> Caps {
         self.caps
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         let len = u64::from(req.len);
         let c = &self.store.counters;
@@ -464,14 +484,14 @@ impl Target for Cache {
         self.after(ctx, s)
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         // No ring work of its own: every completion is the inner target's.
         let s = self.base.inner().complete(ctx, step, res);
         self.after(ctx, s)
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        if self.cfg.writeback && !self.store.dirty_blocks(Some((offset, len))).is_empty() {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        if self.holds_dirty(offset, len) {
             // Data not below yet: call it all data (always true).
             out.push(Extent::data(len));
             return Ok(());
@@ -479,11 +499,11 @@ impl Target for Cache {
         self.base.inner().extents(offset, len, out)
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        // Dirty blocks may hold anything; elsewhere the cache holds the target's bytes.
+        if self.holds_dirty(offset, len) {
+            return Ok(false);
+        }
+        self.base.inner().reads_zeroes(offset, len)
     }
 }

@@ -48,7 +48,7 @@ use rustix::io::{Errno, ReadWriteFlags};
 
 use super::side::SideIo;
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, Filter, FilterError};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use overlay::Overlay;
 
@@ -548,16 +548,29 @@ impl fmt::Debug for Cow {
     }
 }
 
-impl Target for Cow {
-    fn caps(&self) -> Caps {
+impl Filter for Cow {
+    fn base(&self) -> &Base {
+        &self.base
+    }
+
+    // Reads that go to the base are patched with the overlay's clusters in memory.
+    fn touches_data(&self) -> bool {
+        true
+    }
+
+    fn reads_unchanged(&self) -> bool {
+        false
+    }
+
+    fn filter_caps(&self) -> Caps {
         self.caps
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         self.submit_op(ctx)
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         match self.base.own_step(step) {
             Some(n) => self.own_complete(ctx, n, res),
             // Only reads go down to the base.
@@ -568,7 +581,7 @@ impl Target for Cow {
         }
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
         let end = offset + len.min(self.caps.size.saturating_sub(offset));
         let block = u64::from(self.caps.logical_block_size);
         let first = out.len();
@@ -602,11 +615,35 @@ impl Target for Cow {
         Ok(())
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > self.caps.size)
+        {
+            return Ok(false);
+        }
+        // Each run of clusters asks where it lives: one SEEK_DATA in the
+        // overlay file, or the base's own (cheap) answer.
+        let end = offset + len;
+        let (first, last) = self.touched(offset, len);
+        let mut c = first;
+        while c <= last {
+            let inside = self.ov.map.contains(c);
+            let run_end = self.ov.map.run_end(c, inside, last + 1);
+            let from = self.span(c).0.max(offset);
+            let to = (run_end * self.cluster()).min(end);
+            let zero = if inside {
+                let data_off = self.ov.layout.data_off;
+                crate::targets::file_reads_zeroes(&self.ov.fd, data_off, from, to - from)?
+            } else {
+                self.base.inner().reads_zeroes(from, to - from)?
+            };
+            if !zero {
+                return Ok(false);
+            }
+            c = run_end;
+        }
+        Ok(true)
     }
 }

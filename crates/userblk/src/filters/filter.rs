@@ -1,0 +1,176 @@
+//! The [`Filter`] trait: a filter says only what it changes, and every
+//! other [`Target`] method passes through to the target beneath.
+
+use rustix::io::Errno;
+
+use super::Base;
+use crate::target::{Caps, Ctx, Extent, Submit, Target};
+
+/// A target that wraps a target (its [`Base`]), as nbdkit's filters do:
+/// every hook passes through to the inner target unless the filter
+/// overrides it, and every `Filter` is a [`Target`] (by the blanket impl
+/// below), so a stack is plain nesting that frontends cannot tell from a
+/// target.
+///
+/// Two questions have no safe pass-through answer, so every filter must
+/// answer them ([`Filter::touches_data`], [`Filter::reads_unchanged`]):
+/// from them follow [`Target::data_on_ring_only`] and the defaults of
+/// block status ([`Filter::filter_extents`], [`Filter::filter_reads_zeroes`]).
+/// `describe` and `filter_depth` always come from the [`Base`].
+///
+/// The hooks have names of their own (`filter_caps` rather than `caps`),
+/// so that code with both traits in scope calls a filter's `caps()`
+/// without ambiguity.
+///
+/// A filter that counts failed requests and passes everything on:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use userblk::filters::{Base, Filter, FilterError};
+/// use userblk::{Ctx, Submit, Target};
+///
+/// struct CountErrors {
+///     base: Base,
+///     failed: AtomicU64,
+/// }
+///
+/// impl CountErrors {
+///     fn new(inner: Arc<dyn Target>) -> Result<Self, FilterError> {
+///         let base = Base::new(inner, "count-errors")?;
+///         Ok(CountErrors { base, failed: AtomicU64::new(0) })
+///     }
+///
+///     /// Look at a result on its way up.
+///     fn seen(&self, s: Submit) -> Submit {
+///         if let Submit::Done(Err(_)) = s {
+///             self.failed.fetch_add(1, Ordering::Relaxed);
+///         }
+///         s
+///     }
+/// }
+///
+/// impl Filter for CountErrors {
+///     fn base(&self) -> &Base {
+///         &self.base
+///     }
+///     // Results only: the data is never looked at, and reads are the target's.
+///     fn touches_data(&self) -> bool {
+///         false
+///     }
+///     fn reads_unchanged(&self) -> bool {
+///         true
+///     }
+///     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+///         let s = self.base.inner().submit(ctx);
+///         self.seen(s)
+///     }
+///     // Every completion goes down: none of the steps is ours.
+///     fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+///         let s = self.base.inner().complete(ctx, step, res);
+///         self.seen(s)
+///     }
+/// }
+///
+/// let null = Arc::new(userblk::targets::NullTarget::new(1 << 20));
+/// let t = CountErrors::new(null).unwrap();
+/// let mut e = userblk::io::Engine::new(&t, 4096).unwrap();
+/// let r = e.run(&t, userblk::Request::new(userblk::Op::Read, 1 << 20, 512), &mut [0; 512]);
+/// assert!(r.is_err()); // past the end: refused before the filter sees it
+/// assert_eq!(t.failed.load(Ordering::Relaxed), 0);
+/// assert_eq!(t.caps().size, 1 << 20); // passed through
+/// assert_eq!(t.describe()["filters"][0], "count-errors");
+/// ```
+pub trait Filter: Send + Sync {
+    /// The inner target, layer and spec.
+    fn base(&self) -> &Base;
+
+    /// Whether the filter may touch request data in memory:
+    /// [`Ctx::data`], [`Ctx::data_mut`], [`Ctx::zero_data`] or
+    /// [`Ctx::defer`] (which lends the data to another thread). If it may,
+    /// the stack is not [`Target::data_on_ring_only`] and frontends keep
+    /// zero copy off; if not, zero copy is the inner target's to allow.
+    fn touches_data(&self) -> bool;
+
+    /// Whether a read through the filter returns exactly what a read of
+    /// the inner target at the same offset returns (whether it is let
+    /// through or not). If so, block status ([`Filter::filter_extents`],
+    /// [`Filter::filter_reads_zeroes`]) passes through by default; if
+    /// not, the default extents are "all data", which is always true, and
+    /// a filter that knows better overrides them.
+    fn reads_unchanged(&self) -> bool;
+
+    /// [`Target::caps`]: the inner target's by default.
+    fn filter_caps(&self) -> Caps {
+        self.base().inner().caps()
+    }
+
+    /// [`Target::submit`]: down to the inner target by default.
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+        self.base().inner().submit(ctx)
+    }
+
+    /// [`Target::complete`]: down to the inner target by default, which
+    /// is right for every step a filter did not queue itself.
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+        self.base().inner().complete(ctx, step, res)
+    }
+
+    /// [`Target::extents`]: the inner target's when
+    /// [`Filter::reads_unchanged`], otherwise all data.
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        if self.reads_unchanged() {
+            self.base().inner().extents(offset, len, out)
+        } else {
+            out.push(Extent::data(len));
+            Ok(())
+        }
+    }
+
+    /// [`Target::reads_zeroes`]: the inner target's when
+    /// [`Filter::reads_unchanged`], otherwise worked out from the filter's
+    /// own [`Filter::filter_extents`] (false with the default's "all data").
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        if self.reads_unchanged() {
+            return self.base().inner().reads_zeroes(offset, len);
+        }
+        let mut extents = Vec::new();
+        self.filter_extents(offset, len, &mut extents)?;
+        let zeroes: u64 = extents.iter().take_while(|e| e.zero).map(|e| e.len).sum();
+        Ok(zeroes >= len)
+    }
+}
+
+impl<F: Filter> Target for F {
+    fn caps(&self) -> Caps {
+        self.filter_caps()
+    }
+
+    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+        self.filter_submit(ctx)
+    }
+
+    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+        self.filter_complete(ctx, step, res)
+    }
+
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        self.filter_extents(offset, len, out)
+    }
+
+    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        self.filter_reads_zeroes(offset, len)
+    }
+
+    fn data_on_ring_only(&self) -> bool {
+        !self.touches_data() && self.base().inner().data_on_ring_only()
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        self.base().describe()
+    }
+
+    fn filter_depth(&self) -> u8 {
+        self.base().depth()
+    }
+}
