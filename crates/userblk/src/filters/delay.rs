@@ -39,10 +39,7 @@ impl Config {
             *slot = o.get(key, DurationRange::parse)?;
         }
         c.seed = o.get("seed", spec::number)?;
-        let mut known = vec!["all"];
-        known.extend(OP_KEYS);
-        known.push("seed");
-        o.finish(&known)?;
+        o.finish()?;
         Ok(c)
     }
 

@@ -79,7 +79,7 @@ impl Config {
             file: o.get("file", |p| Ok(PathBuf::from(p)))?,
             seed: o.get("seed", spec::number)?,
         };
-        o.finish(&["ops", "errno", "rate", "range", "file", "seed"])?;
+        o.finish()?;
         Ok(c)
     }
 }

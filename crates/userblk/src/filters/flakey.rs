@@ -92,7 +92,7 @@ impl Config {
                 _ => Err(format!("unknown breakage '{b}' (known: ack-flush)")),
             })?,
         };
-        o.finish(&["trigger", "max_dirty", "broken"])?;
+        o.finish()?;
         Ok(c)
     }
 }

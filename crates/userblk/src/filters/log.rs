@@ -41,7 +41,7 @@ impl Config {
     pub fn parse(s: &Spec) -> Result<Self, FilterError> {
         let mut o = Options::new("log", s);
         let file = o.get("file", |p| Ok(PathBuf::from(p)))?;
-        o.finish(&["file"])?;
+        o.finish()?;
         let file = spec::required(file, "log", "file")?;
         Ok(Config { file })
     }

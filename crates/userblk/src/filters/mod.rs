@@ -34,6 +34,7 @@ mod side;
 pub mod spec;
 mod stack;
 pub mod stats;
+pub mod table;
 pub mod truncate;
 
 #[cfg(test)]
@@ -44,7 +45,8 @@ use crate::target::{Op, MAX_FILTER_LAYERS};
 pub use base::{clip_extents, described_filters, Base};
 pub use filter::Filter;
 pub use spec::{Options, Spec};
-pub use stack::{build, check, Config, Env, NAMES};
+pub use stack::{build, check, Config, Env};
+pub use table::{help, short_help, FILTERS};
 
 /// Why a filter spec or a stack could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +60,7 @@ pub enum FilterError {
         msg: String,
     },
     /// No filter has that name.
-    #[error("unknown filter '{name}' (known: {})", NAMES.join(", "))]
+    #[error("unknown filter '{name}' (known: {})", table::names())]
     UnknownFilter {
         /// The name given.
         name: String,

@@ -29,7 +29,7 @@ impl Config {
         let mut o = Options::new("offset", s);
         let offset = o.get("offset", spec::size)?.unwrap_or(0);
         let size = o.get("size", spec::size)?;
-        o.finish(&["offset", "size"])?;
+        o.finish()?;
         if size == Some(0) {
             return Err(invalid("size=0: the device would be empty"));
         }

@@ -67,9 +67,7 @@ impl Config {
             c.limits[i] = o.get(key, parse)?;
         }
         c.burst = o.get("burst", spec::duration)?.unwrap_or(Duration::ZERO);
-        let mut known = KEYS.to_vec();
-        known.push("burst");
-        o.finish(&known)?;
+        o.finish()?;
         if c.limits.iter().all(Option::is_none) {
             return Err(FilterError::Invalid {
                 filter: "rate",

@@ -61,7 +61,7 @@ impl Config {
                 }
             })?,
         };
-        o.finish(&["file", "prometheus"])?;
+        o.finish()?;
         Ok(c)
     }
 }

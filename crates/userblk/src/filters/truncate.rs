@@ -28,7 +28,7 @@ impl Config {
     pub fn parse(s: &Spec) -> Result<Self, FilterError> {
         let mut o = Options::new("truncate", s);
         let size = o.get("size", spec::size)?;
-        o.finish(&["size"])?;
+        o.finish()?;
         let size = spec::required(size, "truncate", "size")?;
         if size == 0 {
             return Err(FilterError::Invalid {

@@ -118,7 +118,7 @@ impl Config {
             }
         })?;
         let writeback = o.get("mode", mode)?.unwrap_or(false);
-        o.finish(&["size", "block", "file", "mode"])?;
+        o.finish()?;
         if size < u64::from(block) {
             return Err(invalid(format!(
                 "size={} holds no {} block",

@@ -101,7 +101,7 @@ impl Config {
         })?;
         let cluster = o.get("cluster", cluster_size)?;
         let keep = o.get("keep", yes_no)?;
-        o.finish(&["file", "cluster", "keep"])?;
+        o.finish()?;
         if keep == Some(true) && file.is_none() {
             return Err(FilterError::Invalid {
                 filter: "cow",
