@@ -39,6 +39,8 @@ pub mod truncate;
 
 #[cfg(test)]
 pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 use crate::target::{Op, MAX_FILTER_LAYERS};
 
