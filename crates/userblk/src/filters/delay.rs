@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::rng::Rng;
 use super::spec::{self, DurationRange, Options, Spec};
-use super::{op_index, Base, Filter, FilterError, OP_KEYS};
+use super::{op_index, Base, DataUse, Filter, FilterError, OP_KEYS};
 use crate::target::{Ctx, Op, Submit, Target};
 
 /// The options of `delay`.
@@ -81,7 +81,7 @@ impl Delay {
     /// Delay `inner`'s requests as `cfg` says.
     pub fn new(inner: Arc<dyn Target>, cfg: Config) -> Result<Self, FilterError> {
         Ok(Delay {
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::Untouched)?,
             rng: Rng::new(cfg.seed),
             cfg,
         })
@@ -100,14 +100,6 @@ impl Delay {
 impl Filter for Delay {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    fn touches_data(&self) -> bool {
-        false
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        true
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {

@@ -16,7 +16,7 @@ use rustix::io::Errno;
 
 use super::rng::Rng;
 use super::spec::{self, errno_name, Options, Spec};
-use super::{op_index, Base, Filter, FilterError, OPS, OP_KEYS};
+use super::{op_index, Base, DataUse, Filter, FilterError, OPS, OP_KEYS};
 use crate::target::{Ctx, Request, Submit, Target};
 
 /// The options of `error`.
@@ -136,7 +136,7 @@ impl ErrorFilter {
             });
         }
         Ok(ErrorFilter {
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::Untouched)?,
             rng: Rng::new(cfg.seed),
             cfg,
         })
@@ -166,15 +166,6 @@ impl ErrorFilter {
 impl Filter for ErrorFilter {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    fn touches_data(&self) -> bool {
-        false
-    }
-
-    // A read either fails whole or is the target's.
-    fn reads_unchanged(&self) -> bool {
-        true
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {

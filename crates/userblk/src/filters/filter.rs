@@ -3,7 +3,7 @@
 
 use rustix::io::Errno;
 
-use super::Base;
+use super::{Base, DataUse};
 use crate::target::{Caps, Ctx, Extent, Submit, Target};
 
 /// A target that wraps a target (its [`Base`]), as nbdkit's filters do:
@@ -12,10 +12,10 @@ use crate::target::{Caps, Ctx, Extent, Submit, Target};
 /// below), so a stack is plain nesting that frontends cannot tell from a
 /// target.
 ///
-/// Two questions have no safe pass-through answer, so every filter must
-/// answer them ([`Filter::touches_data`], [`Filter::reads_unchanged`]):
-/// from them follow [`Target::data_on_ring_only`] and the defaults of
-/// block status ([`Filter::filter_extents`], [`Filter::filter_reads_zeroes`]).
+/// What has no pass-through default safe for every filter, each filter
+/// declares in [`Base::new`]: how it uses request data ([`DataUse`]). From
+/// that follow [`Target::data_on_ring_only`] and the defaults of block
+/// status ([`Filter::filter_extents`], [`Filter::filter_reads_zeroes`]).
 /// `describe` and `filter_depth` always come from the [`Base`].
 ///
 /// The hooks have names of their own (`filter_caps` rather than `caps`),
@@ -27,7 +27,7 @@ use crate::target::{Caps, Ctx, Extent, Submit, Target};
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::sync::Arc;
-/// use userblk::filters::{Base, Filter, FilterError};
+/// use userblk::filters::{Base, DataUse, Filter, FilterError};
 /// use userblk::{Ctx, Submit, Target};
 ///
 /// struct CountErrors {
@@ -37,16 +37,9 @@ use crate::target::{Caps, Ctx, Extent, Submit, Target};
 ///
 /// impl CountErrors {
 ///     fn new(inner: Arc<dyn Target>) -> Result<Self, FilterError> {
-///         let base = Base::new(inner, "count-errors")?;
+///         // Results only: the data is never looked at, and reads are the target's.
+///         let base = Base::new(inner, "count-errors", DataUse::Untouched)?;
 ///         Ok(CountErrors { base, failed: AtomicU64::new(0) })
-///     }
-///
-///     /// Look at a result on its way up.
-///     fn seen(&self, s: Submit) -> Submit {
-///         if let Submit::Done(Err(_)) = s {
-///             self.failed.fetch_add(1, Ordering::Relaxed);
-///         }
-///         s
 ///     }
 /// }
 ///
@@ -54,21 +47,12 @@ use crate::target::{Caps, Ctx, Extent, Submit, Target};
 ///     fn base(&self) -> &Base {
 ///         &self.base
 ///     }
-///     // Results only: the data is never looked at, and reads are the target's.
-///     fn touches_data(&self) -> bool {
-///         false
-///     }
-///     fn reads_unchanged(&self) -> bool {
-///         true
-///     }
-///     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-///         let s = self.base.inner().submit(ctx);
-///         self.seen(s)
-///     }
-///     // Every completion goes down: none of the steps is ours.
-///     fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-///         let s = self.base.inner().complete(ctx, step, res);
-///         self.seen(s)
+///     // Every result on its way up, from submit and from complete.
+///     fn filter_result(&self, _ctx: &mut Ctx<'_>, s: Submit) -> Submit {
+///         if let Submit::Done(Err(_)) = s {
+///             self.failed.fetch_add(1, Ordering::Relaxed);
+///         }
+///         s
 ///     }
 /// }
 ///
@@ -82,44 +66,43 @@ use crate::target::{Caps, Ctx, Extent, Submit, Target};
 /// assert_eq!(t.describe()["filters"][0], "count-errors");
 /// ```
 pub trait Filter: Send + Sync {
-    /// The inner target, layer and spec.
+    /// The inner target, layer, spec and use of data.
     fn base(&self) -> &Base;
 
-    /// Whether the filter may touch request data in memory:
-    /// [`Ctx::data`], [`Ctx::data_mut`], [`Ctx::zero_data`] or
-    /// [`Ctx::defer`] (which lends the data to another thread). If it may,
-    /// the stack is not [`Target::data_on_ring_only`] and frontends keep
-    /// zero copy off; if not, zero copy is the inner target's to allow.
-    fn touches_data(&self) -> bool;
-
-    /// Whether a read through the filter returns exactly what a read of
-    /// the inner target at the same offset returns (whether it is let
-    /// through or not). If so, block status ([`Filter::filter_extents`],
-    /// [`Filter::filter_reads_zeroes`]) passes through by default; if
-    /// not, the default extents are "all data", which is always true, and
-    /// a filter that knows better overrides them.
-    fn reads_unchanged(&self) -> bool;
-
-    /// [`Target::caps`]: the inner target's by default.
+    /// [`Target::caps`]: [`Base::caps`] by default (the inner target's,
+    /// unless the filter gave its own to [`Base::with_caps`]).
     fn filter_caps(&self) -> Caps {
-        self.base().inner().caps()
+        self.base().caps()
     }
 
-    /// [`Target::submit`]: down to the inner target by default.
+    /// [`Target::submit`]: down to the inner target by default, its
+    /// result through [`Filter::filter_result`].
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-        self.base().inner().submit(ctx)
+        let s = self.base().inner().submit(ctx);
+        self.filter_result(ctx, s)
     }
 
-    /// [`Target::complete`]: down to the inner target by default, which
-    /// is right for every step a filter did not queue itself.
+    /// [`Target::complete`]: down to the inner target by default (right
+    /// for every step a filter did not queue itself), its result through
+    /// [`Filter::filter_result`].
     fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        self.base().inner().complete(ctx, step, res)
+        let s = self.base().inner().complete(ctx, step, res);
+        self.filter_result(ctx, s)
     }
 
-    /// [`Target::extents`]: the inner target's when
-    /// [`Filter::reads_unchanged`], otherwise all data.
+    /// A result of the inner target on its way up, from the default
+    /// [`Filter::filter_submit`] and [`Filter::filter_complete`] (a filter
+    /// that overrides those calls it itself, if it wants it): unchanged by
+    /// default.
+    fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
+        let _ = ctx;
+        s
+    }
+
+    /// [`Target::extents`]: the inner target's for [`DataUse::Untouched`],
+    /// otherwise all data (always true).
     fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        if self.reads_unchanged() {
+        if self.base().data_use() == DataUse::Untouched {
             self.base().inner().extents(offset, len, out)
         } else {
             out.push(Extent::data(len));
@@ -127,11 +110,11 @@ pub trait Filter: Send + Sync {
         }
     }
 
-    /// [`Target::reads_zeroes`]: the inner target's when
-    /// [`Filter::reads_unchanged`], otherwise worked out from the filter's
-    /// own [`Filter::filter_extents`] (false with the default's "all data").
+    /// [`Target::reads_zeroes`]: the inner target's for
+    /// [`DataUse::Untouched`], otherwise worked out from the filter's own
+    /// [`Filter::filter_extents`] (false with the default's "all data").
     fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        if self.reads_unchanged() {
+        if self.base().data_use() == DataUse::Untouched {
             return self.base().inner().reads_zeroes(offset, len);
         }
         let mut extents = Vec::new();
@@ -163,7 +146,7 @@ impl<F: Filter> Target for F {
     }
 
     fn data_on_ring_only(&self) -> bool {
-        !self.touches_data() && self.base().inner().data_on_ring_only()
+        self.base().data_use() != DataUse::InMemory && self.base().inner().data_on_ring_only()
     }
 
     fn describe(&self) -> serde_json::Value {

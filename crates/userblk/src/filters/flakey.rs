@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, Filter, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::control::{Registration, Registry};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, Submit, Target};
 
@@ -328,8 +328,14 @@ impl Flakey {
                 Some(std::path::absolute(p).map_err(io(format!("trigger file {}", p.display())))?);
         }
         // Before any thread starts: a stack too deep fails here.
-        let base = Base::new(Arc::clone(&inner), &cfg)?;
         let caps = inner.caps();
+        // A write-back cache with FUA, whatever the target has.
+        let shown = Caps {
+            volatile_cache: true,
+            fua: true,
+            ..caps
+        };
+        let base = Base::new(Arc::clone(&inner), &cfg, DataUse::InMemory)?.with_caps(shown);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 overlay: Overlay::new(),
@@ -604,24 +610,6 @@ impl Drop for Flakey {
 impl Filter for Flakey {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    // Held-back writes are copied from the buffer, laid over reads, and
-    // flushes lend the request to the writer thread.
-    fn touches_data(&self) -> bool {
-        true
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        false
-    }
-
-    fn filter_caps(&self) -> Caps {
-        Caps {
-            volatile_cache: true,
-            fua: true,
-            ..self.base.inner().caps()
-        }
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {

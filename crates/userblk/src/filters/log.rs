@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::spec::{self, errno_name, Options, Spec};
-use super::{op_name, Base, Filter, FilterError};
+use super::{op_name, Base, DataUse, Filter, FilterError};
 use crate::target::{Ctx, Flags, IoResult, Request, Submit, Target};
 
 /// How often buffered lines are written out at the latest.
@@ -123,7 +123,7 @@ impl Log {
                 .map_err(io("starting its flushing thread".into()))?
         };
         Ok(Log {
-            base: Base::new(inner, Config { file: path })?,
+            base: Base::new(inner, Config { file: path }, DataUse::Untouched)?,
             out,
             stop: Some(stop),
             flusher: Some(flusher),
@@ -206,23 +206,13 @@ impl Filter for Log {
         &self.base
     }
 
-    // Only ops, lengths and results are recorded, never the data.
-    fn touches_data(&self) -> bool {
-        false
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        true
-    }
-
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         ctx.mark(self.base.layer());
         let s = self.base.inner().submit(ctx);
         self.record(ctx, s)
     }
 
-    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        let s = self.base.inner().complete(ctx, step, res);
+    fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
         self.record(ctx, s)
     }
 }

@@ -44,7 +44,7 @@ mod tests;
 
 use crate::target::{Op, MAX_FILTER_LAYERS};
 
-pub use base::{clip_extents, described_filters, Base};
+pub use base::{clip_extents, described_filters, Base, DataUse};
 pub use filter::Filter;
 pub use spec::{Options, Spec};
 pub use stack::{build, check, Config, Env};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, Filter, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Op, Request, Submit, Target};
 
 /// The options of `offset`.
@@ -118,7 +118,7 @@ impl Offset {
             r.granularity = fit(r.granularity, align, ic.logical_block_size);
         }
         Ok(Offset {
-            base: Base::new(inner, cfg)?,
+            base: Base::new(inner, cfg, DataUse::Remapped)?.with_caps(caps),
             offset: cfg.offset,
             caps,
         })
@@ -139,20 +139,6 @@ impl Offset {
 impl Filter for Offset {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    // Requests move; their data is the inner target's business.
-    fn touches_data(&self) -> bool {
-        false
-    }
-
-    // Reads are the target's, but at another offset.
-    fn reads_unchanged(&self) -> bool {
-        false
-    }
-
-    fn filter_caps(&self) -> Caps {
-        self.caps
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::spec::{self, format_duration, Options, Spec};
-use super::{Base, Filter, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Ctx, Op, Request, Submit, Target};
 
 /// Which bucket a limit fills, in [`Config::limits`] order.
@@ -143,7 +143,7 @@ impl Rate {
             })
         });
         Ok(Rate {
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::Untouched)?,
             burst: cfg.burst,
             buckets: Mutex::new(buckets),
         })
@@ -188,14 +188,6 @@ impl Rate {
 impl Filter for Rate {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    fn touches_data(&self) -> bool {
-        false
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        true
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {

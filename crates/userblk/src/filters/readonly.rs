@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::{Base, Filter, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Submit, Target};
 
 /// The `readonly` filter.
@@ -20,8 +20,14 @@ pub struct ReadOnly {
 impl ReadOnly {
     /// Make `inner` read-only.
     pub fn new(inner: Arc<dyn Target>) -> Result<Self, FilterError> {
+        let caps = Caps {
+            read_only: true,
+            discard: None,
+            write_zeroes: None,
+            ..inner.caps()
+        };
         Ok(ReadOnly {
-            base: Base::new(inner, "readonly")?,
+            base: Base::new(inner, "readonly", DataUse::Untouched)?.with_caps(caps),
         })
     }
 }
@@ -29,23 +35,6 @@ impl ReadOnly {
 impl Filter for ReadOnly {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    fn touches_data(&self) -> bool {
-        false
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        true
-    }
-
-    fn filter_caps(&self) -> Caps {
-        Caps {
-            read_only: true,
-            discard: None,
-            write_zeroes: None,
-            ..self.base.inner().caps()
-        }
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {

@@ -216,6 +216,15 @@ pub fn required<T>(v: Option<T>, filter: &'static str, key: &str) -> Result<T, F
     })
 }
 
+/// A file path (not empty).
+pub fn path(s: &str) -> Result<std::path::PathBuf, String> {
+    if s.is_empty() {
+        Err("an empty path".to_string())
+    } else {
+        Ok(s.into())
+    }
+}
+
 /// A byte size (`4096`, `512K`, `1G`).
 pub fn size(s: &str) -> Result<u64, String> {
     crate::size::parse(s).map_err(|e| e.to_string())

@@ -29,7 +29,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{Options, Spec};
-use super::{op_index, op_name, Base, Filter, FilterError, OPS};
+use super::{op_index, op_name, Base, DataUse, Filter, FilterError, OPS};
 use crate::target::{Ctx, IoResult, Op, Submit, Target};
 
 /// Number of latency buckets: the last holds everything from 2^30 µs (18 minutes) up.
@@ -439,7 +439,7 @@ impl Stats {
         }
         Ok(Stats {
             file: cfg.file.clone(),
-            base: Base::new(inner, cfg)?,
+            base: Base::new(inner, cfg, DataUse::Untouched)?,
             counters,
             prometheus,
             stop,
@@ -515,23 +515,13 @@ impl Filter for Stats {
         &self.base
     }
 
-    // Only ops, lengths and results are recorded, never the data.
-    fn touches_data(&self) -> bool {
-        false
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        true
-    }
-
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         ctx.mark(self.base.layer());
         let s = self.base.inner().submit(ctx);
         self.record(ctx, s)
     }
 
-    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        let s = self.base.inner().complete(ctx, step, res);
+    fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
         self.record(ctx, s)
     }
 }

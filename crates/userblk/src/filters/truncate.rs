@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, Filter, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, IoResult, Op, Request, Submit, Target};
 
 /// The options of `truncate`.
@@ -76,9 +76,17 @@ impl Truncate {
                 filter: "truncate",
                 msg: format!("size {} is too large", cfg.size),
             })?;
+        // Only a larger device has bytes past the target's end, which are
+        // served here: reads zeroed, writes looked at to refuse data.
+        let data = if size > ic.size {
+            DataUse::InMemory
+        } else {
+            DataUse::Remapped
+        };
+        let caps = Caps { size, ..ic };
         Ok(Truncate {
-            base: Base::new(inner, cfg)?,
-            caps: Caps { size, ..ic },
+            base: Base::new(inner, cfg, data)?.with_caps(caps),
+            caps,
             inner_size: ic.size,
         })
     }
@@ -123,20 +131,6 @@ impl Truncate {
 impl Filter for Truncate {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    // Only bytes past the target's end are served here (zeroed, or
-    // looked at to refuse data), and only a larger device has any.
-    fn touches_data(&self) -> bool {
-        self.caps.size > self.inner_size
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        false
-    }
-
-    fn filter_caps(&self) -> Caps {
-        self.caps
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {

@@ -41,7 +41,7 @@ use rustix::io::Errno;
 
 use super::side::{read_exact, write_all, SideIo};
 use super::spec::{self, Options, Spec};
-use super::{Base, Filter, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Flags, Op, Submit, Target};
 use store::{FileStore, Store};
 
@@ -110,13 +110,7 @@ impl Config {
         let d = Config::default();
         let size = o.get("size", spec::size)?.unwrap_or(d.size);
         let block = o.get("block", block_size)?.unwrap_or(d.block);
-        let file = o.get("file", |v| {
-            if v.is_empty() {
-                Err("an empty path".to_string())
-            } else {
-                Ok(PathBuf::from(v))
-            }
-        })?;
+        let file = o.get("file", spec::path)?;
         let writeback = o.get("mode", mode)?.unwrap_or(false);
         o.finish()?;
         if size < u64::from(block) {
@@ -180,7 +174,6 @@ pub struct Cache {
     cfg: Config,
     store: Store,
     side: SideIo,
-    caps: Caps,
     /// The inner target has a volatile cache to flush.
     inner_volatile: bool,
 }
@@ -226,10 +219,9 @@ impl Cache {
         );
         Ok(Cache {
             side: SideIo::new(&*inner, cfg.block),
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::InMemory)?.with_caps(caps),
             cfg,
             store,
-            caps,
             inner_volatile: ic.volatile_cache,
         })
     }
@@ -431,20 +423,6 @@ impl Filter for Cache {
         &self.base
     }
 
-    // Hits are copied into the request's buffer, misses and writes out of it.
-    fn touches_data(&self) -> bool {
-        true
-    }
-
-    // Write-back holds data the target has not seen yet.
-    fn reads_unchanged(&self) -> bool {
-        false
-    }
-
-    fn filter_caps(&self) -> Caps {
-        self.caps
-    }
-
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         let len = u64::from(req.len);
@@ -484,9 +462,9 @@ impl Filter for Cache {
         self.after(ctx, s)
     }
 
-    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        // No ring work of its own: every completion is the inner target's.
-        let s = self.base.inner().complete(ctx, step, res);
+    // No ring work of its own: every completion is the inner target's,
+    // and its result comes here.
+    fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
         self.after(ctx, s)
     }
 

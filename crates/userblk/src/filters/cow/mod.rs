@@ -48,7 +48,7 @@ use rustix::io::{Errno, ReadWriteFlags};
 
 use super::side::SideIo;
 use super::spec::{self, Options, Spec};
-use super::{Base, Filter, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use overlay::Overlay;
 
@@ -92,13 +92,7 @@ impl Config {
     /// Parse `[file=PATH][,cluster=SIZE][,keep=yes|no]`.
     pub fn parse(s: &Spec) -> Result<Self, FilterError> {
         let mut o = Options::new("cow", s);
-        let file = o.get("file", |v| {
-            if v.is_empty() {
-                Err("an empty path".to_string())
-            } else {
-                Ok(PathBuf::from(v))
-            }
-        })?;
+        let file = o.get("file", spec::path)?;
         let cluster = o.get("cluster", cluster_size)?;
         let keep = o.get("keep", yes_no)?;
         o.finish()?;
@@ -206,7 +200,7 @@ impl Cow {
             side: SideIo::new(&*inner, cluster),
             keep: cfg.keep.unwrap_or(true) && ov.path.is_some(),
             exit_durable: true,
-            base: Base::new(inner, shown)?,
+            base: Base::new(inner, shown, DataUse::InMemory)?.with_caps(caps),
             ov,
             caps,
             busy: Mutex::new(HashSet::new()),
@@ -551,19 +545,6 @@ impl fmt::Debug for Cow {
 impl Filter for Cow {
     fn base(&self) -> &Base {
         &self.base
-    }
-
-    // Reads that go to the base are patched with the overlay's clusters in memory.
-    fn touches_data(&self) -> bool {
-        true
-    }
-
-    fn reads_unchanged(&self) -> bool {
-        false
-    }
-
-    fn filter_caps(&self) -> Caps {
-        self.caps
     }
 
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
