@@ -143,10 +143,14 @@ impl AddArgs {
 /// repeated global option, and the order of filters matters.)
 #[derive(Debug, Clone, Default, Args)]
 pub struct FilterArgs {
-    /// Put a filter between the device and its target: NAME[:key=value,...]
-    /// (readonly, offset, truncate, delay, error, rate, log, stats, flakey;
-    /// see docs/filters). Repeatable; the first given sits nearest the device.
-    #[arg(long = "filter", value_name = "SPEC", value_parser = filter_spec)]
+    // The help comes from the library's table of filters, so it lists every one.
+    #[arg(
+        long = "filter",
+        value_name = "SPEC",
+        value_parser = filter_spec,
+        help = userblk::filters::short_help(),
+        long_help = userblk::filters::help()
+    )]
     pub filters: Vec<userblk::filters::Spec>,
 }
 

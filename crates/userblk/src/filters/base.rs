@@ -8,7 +8,7 @@ use rustix::io::Errno;
 
 use super::FilterError;
 use crate::target::{
-    filter_step, filter_step_owner, Ctx, Extent, Submit, Target, MAX_FILTER_LAYERS,
+    filter_step, filter_step_owner, Caps, Ctx, Extent, Submit, Target, MAX_FILTER_LAYERS,
 };
 
 /// The step of [`Base::hold`]'s timer.
@@ -28,83 +28,86 @@ pub(crate) fn timer_fired(res: i32) -> bool {
 /// and its slot in per-request marks ([`crate::Ctx::mark`]), so filters
 /// stacked in any order never mistake each other's completions.
 ///
-/// A filter that counts failed requests and passes everything on:
+/// A filter keeps its `Base` and hands it out through
+/// [`Filter::base`](super::Filter::base); everything the filter does not
+/// change passes through it (see the example there).
 ///
 /// ```
-/// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::sync::Arc;
-/// use userblk::filters::{Base, FilterError};
-/// use userblk::{Caps, Ctx, Extent, Submit, Target};
+/// use userblk::filters::{Base, DataUse};
+/// use userblk::targets::NullTarget;
 ///
-/// struct CountErrors {
-///     base: Base,
-///     failed: AtomicU64,
-/// }
-///
-/// impl CountErrors {
-///     fn new(inner: Arc<dyn Target>) -> Result<Self, FilterError> {
-///         let base = Base::new(inner, "count-errors")?;
-///         Ok(CountErrors { base, failed: AtomicU64::new(0) })
-///     }
-///
-///     /// Look at a result on its way up.
-///     fn seen(&self, s: Submit) -> Submit {
-///         if let Submit::Done(Err(_)) = s {
-///             self.failed.fetch_add(1, Ordering::Relaxed);
-///         }
-///         s
-///     }
-/// }
-///
-/// impl Target for CountErrors {
-///     fn caps(&self) -> Caps {
-///         self.base.inner().caps()
-///     }
-///     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-///         let s = self.base.inner().submit(ctx);
-///         self.seen(s)
-///     }
-///     // Every completion goes down: none of the steps is ours.
-///     fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-///         let s = self.base.inner().complete(ctx, step, res);
-///         self.seen(s)
-///     }
-///     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), userblk::target::Errno> {
-///         self.base.inner().extents(offset, len, out)
-///     }
-///     fn describe(&self) -> serde_json::Value {
-///         self.base.describe()
-///     }
-///     fn filter_depth(&self) -> u8 {
-///         self.base.depth()
-///     }
-/// }
-///
-/// let t = CountErrors::new(Arc::new(userblk::targets::NullTarget::new(1 << 20))).unwrap();
-/// let mut e = userblk::slots::Engine::new(&t, 4096).unwrap();
-/// let r = e.run(&t, userblk::Request::new(userblk::Op::Read, 1 << 20, 512), &mut [0; 512]);
-/// assert!(r.is_err()); // past the end: refused before the filter sees it
-/// assert_eq!(t.failed.load(Ordering::Relaxed), 0);
-/// assert_eq!(t.describe()["filters"][0], "count-errors");
+/// let over: Arc<dyn userblk::Target> = Arc::new(NullTarget::new(1 << 20));
+/// let base = Base::new(over, "count-errors", DataUse::Untouched).unwrap();
+/// assert_eq!((base.layer(), base.depth()), (0, 1));
+/// assert_eq!(base.describe()["filters"][0], "count-errors");
 /// ```
 pub struct Base {
     inner: Arc<dyn Target>,
     layer: u8,
     spec: String,
+    data: DataUse,
+    caps: Caps,
+}
+
+/// What a filter does with request data: the one thing every filter must
+/// declare (in [`Base::new`]), as no pass-through default is safe for
+/// every filter. It decides [`Target::data_on_ring_only`] and whether
+/// block status passes through ([`Filter`](super::Filter)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataUse {
+    /// Never touches request data in memory, and a read returns what the
+    /// inner target's read at the same offset does (or fails whole):
+    /// zero copy and block status pass through. (`stats`, `delay`, ...)
+    Untouched,
+    /// Never touches request data in memory, but reads are the inner
+    /// target's at other offsets or lengths: zero copy passes through,
+    /// block status is the filter's to answer. (`offset`)
+    Remapped,
+    /// May touch request data in memory ([`Ctx::data`], [`Ctx::data_mut`],
+    /// [`Ctx::zero_data`], [`Ctx::defer`]), and so reads may be its own:
+    /// no zero copy, and block status is the filter's to answer. (`cow`)
+    InMemory,
 }
 
 impl Base {
-    /// The shared part of a filter over `inner`, described by `spec`.
-    pub fn new(inner: Arc<dyn Target>, spec: impl std::fmt::Display) -> Result<Self, FilterError> {
+    /// The shared part of a filter over `inner`, described by `spec`,
+    /// using request data as `data` says.
+    pub fn new(
+        inner: Arc<dyn Target>,
+        spec: impl std::fmt::Display,
+        data: DataUse,
+    ) -> Result<Self, FilterError> {
         let layer = inner.filter_depth();
         if layer >= MAX_FILTER_LAYERS {
             return Err(FilterError::TooDeep);
         }
         Ok(Base {
+            caps: inner.caps(),
             inner,
             layer,
             spec: spec.to_string(),
+            data,
         })
+    }
+
+    /// The same, advertising `caps` instead of the inner target's (caps
+    /// never change, so a filter works its own out once, when it is made).
+    #[must_use]
+    pub fn with_caps(mut self, caps: Caps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// What the filter advertises: the inner target's capabilities, or
+    /// those given to [`Base::with_caps`].
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// How the filter uses request data.
+    pub fn data_use(&self) -> DataUse {
+        self.data
     }
 
     /// The target beneath.
@@ -199,6 +202,7 @@ impl std::fmt::Debug for Base {
         f.debug_struct("Base")
             .field("layer", &self.layer)
             .field("spec", &self.spec)
+            .field("data", &self.data)
             .finish()
     }
 }
@@ -241,7 +245,7 @@ mod tests {
     #[test]
     fn layers_own_their_steps() {
         let null: Arc<dyn Target> = Arc::new(NullTarget::new(1 << 20));
-        let a = Base::new(null, "a").unwrap();
+        let a = Base::new(null, "a", DataUse::Untouched).unwrap();
         assert_eq!(a.layer(), 0);
         assert_eq!(a.own_step(a.step(3)), Some(3));
         assert_eq!(a.own_step(3), None);

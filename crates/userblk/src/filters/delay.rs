@@ -10,12 +10,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::io::Errno;
-
 use super::rng::Rng;
 use super::spec::{self, DurationRange, Options, Spec};
-use super::{op_index, Base, FilterError, OP_KEYS};
-use crate::target::{Caps, Ctx, Extent, Op, Submit, Target};
+use super::{op_index, Base, DataUse, Filter, FilterError, OP_KEYS};
+use crate::target::{Ctx, Op, Submit, Target};
 
 /// The options of `delay`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -41,10 +39,7 @@ impl Config {
             *slot = o.get(key, DurationRange::parse)?;
         }
         c.seed = o.get("seed", spec::number)?;
-        let mut known = vec!["all"];
-        known.extend(OP_KEYS);
-        known.push("seed");
-        o.finish(&known)?;
+        o.finish()?;
         Ok(c)
     }
 
@@ -86,7 +81,7 @@ impl Delay {
     /// Delay `inner`'s requests as `cfg` says.
     pub fn new(inner: Arc<dyn Target>, cfg: Config) -> Result<Self, FilterError> {
         Ok(Delay {
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::Untouched)?,
             rng: Rng::new(cfg.seed),
             cfg,
         })
@@ -102,34 +97,18 @@ impl Delay {
     }
 }
 
-impl Target for Delay {
-    fn caps(&self) -> Caps {
-        self.base.inner().caps()
+impl Filter for Delay {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let d = self.pick(ctx.req().op);
         self.base.hold(ctx, d, "delay")
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         self.base.complete_held(ctx, step, res, "delay")
-    }
-
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        self.base.inner().extents(offset, len, out)
-    }
-
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        self.base.inner().reads_zeroes(offset, len)
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

@@ -16,8 +16,8 @@ use rustix::io::Errno;
 
 use super::rng::Rng;
 use super::spec::{self, errno_name, Options, Spec};
-use super::{op_index, Base, FilterError, OPS, OP_KEYS};
-use crate::target::{Caps, Ctx, Extent, Request, Submit, Target};
+use super::{op_index, Base, DataUse, Filter, FilterError, OPS, OP_KEYS};
+use crate::target::{Ctx, Request, Submit, Target};
 
 /// The options of `error`.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,7 +79,7 @@ impl Config {
             file: o.get("file", |p| Ok(PathBuf::from(p)))?,
             seed: o.get("seed", spec::number)?,
         };
-        o.finish(&["ops", "errno", "rate", "range", "file", "seed"])?;
+        o.finish()?;
         Ok(c)
     }
 }
@@ -136,7 +136,7 @@ impl ErrorFilter {
             });
         }
         Ok(ErrorFilter {
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::Untouched)?,
             rng: Rng::new(cfg.seed),
             cfg,
         })
@@ -163,36 +163,16 @@ impl ErrorFilter {
     }
 }
 
-impl Target for ErrorFilter {
-    fn caps(&self) -> Caps {
-        self.base.inner().caps()
+impl Filter for ErrorFilter {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         if self.fails(ctx.req()) {
             return Submit::Done(Err(self.cfg.errno));
         }
         self.base.inner().submit(ctx)
-    }
-
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        self.base.inner().complete(ctx, step, res)
-    }
-
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        self.base.inner().extents(offset, len, out)
-    }
-
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        self.base.inner().reads_zeroes(offset, len)
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

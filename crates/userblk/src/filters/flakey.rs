@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::control::{Registration, Registry};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, Submit, Target};
 
@@ -92,7 +92,7 @@ impl Config {
                 _ => Err(format!("unknown breakage '{b}' (known: ack-flush)")),
             })?,
         };
-        o.finish(&["trigger", "max_dirty", "broken"])?;
+        o.finish()?;
         Ok(c)
     }
 }
@@ -328,8 +328,14 @@ impl Flakey {
                 Some(std::path::absolute(p).map_err(io(format!("trigger file {}", p.display())))?);
         }
         // Before any thread starts: a stack too deep fails here.
-        let base = Base::new(Arc::clone(&inner), &cfg)?;
         let caps = inner.caps();
+        // A write-back cache with FUA, whatever the target has.
+        let shown = Caps {
+            volatile_cache: true,
+            fua: true,
+            ..caps
+        };
+        let base = Base::new(Arc::clone(&inner), &cfg, DataUse::InMemory)?.with_caps(shown);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 overlay: Overlay::new(),
@@ -422,6 +428,16 @@ impl Flakey {
     /// Counters and the power state.
     pub fn status(&self) -> Status {
         self.shared.status()
+    }
+
+    /// Whether `[offset, offset + len)` has pieces held back (EIO while
+    /// the power is off: block status is as gone as the disk).
+    fn holds_back(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        let st = self.shared.lock();
+        if !st.powered {
+            return Err(Errno::IO);
+        }
+        Ok(st.overlay.intersects(offset, len))
     }
 
     fn watch_trigger(&self, op: Op) {
@@ -591,16 +607,12 @@ impl Drop for Flakey {
     }
 }
 
-impl Target for Flakey {
-    fn caps(&self) -> Caps {
-        Caps {
-            volatile_cache: true,
-            fua: true,
-            ..self.base.inner().caps()
-        }
+impl Filter for Flakey {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let op = ctx.req().op;
         self.watch_trigger(op);
         if self.shared.off.load(Ordering::SeqCst) {
@@ -613,7 +625,7 @@ impl Target for Flakey {
         }
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         match self.base.own_step(step) {
             Some(STEP_JOB) => Submit::Done(ring_result(res).map(|_| ctx.done_bytes())),
             Some(_) => Submit::Done(Err(Errno::IO)),
@@ -628,26 +640,20 @@ impl Target for Flakey {
         }
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        {
-            let st = self.shared.lock();
-            if !st.powered {
-                return Err(Errno::IO);
-            }
-            if st.overlay.intersects(offset, len) {
-                out.push(Extent::data(len));
-                return Ok(());
-            }
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        if self.holds_back(offset, len)? {
+            out.push(Extent::data(len));
+            return Ok(());
         }
         self.base.inner().extents(offset, len, out)
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        // Held-back pieces may be anything; elsewhere reads are the target's.
+        if self.holds_back(offset, len)? {
+            return Ok(false);
+        }
+        self.base.inner().reads_zeroes(offset, len)
     }
 }
 

@@ -22,11 +22,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rustix::io::Errno;
-
 use super::spec::{self, errno_name, Options, Spec};
-use super::{op_name, Base, FilterError};
-use crate::target::{Caps, Ctx, Extent, Flags, IoResult, Request, Submit, Target};
+use super::{op_name, Base, DataUse, Filter, FilterError};
+use crate::target::{Ctx, Flags, IoResult, Request, Submit, Target};
 
 /// How often buffered lines are written out at the latest.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -43,7 +41,7 @@ impl Config {
     pub fn parse(s: &Spec) -> Result<Self, FilterError> {
         let mut o = Options::new("log", s);
         let file = o.get("file", |p| Ok(PathBuf::from(p)))?;
-        o.finish(&["file"])?;
+        o.finish()?;
         let file = spec::required(file, "log", "file")?;
         Ok(Config { file })
     }
@@ -125,7 +123,7 @@ impl Log {
                 .map_err(io("starting its flushing thread".into()))?
         };
         Ok(Log {
-            base: Base::new(inner, Config { file: path })?,
+            base: Base::new(inner, Config { file: path }, DataUse::Untouched)?,
             out,
             stop: Some(stop),
             flusher: Some(flusher),
@@ -203,36 +201,19 @@ impl fmt::Debug for Log {
     }
 }
 
-impl Target for Log {
-    fn caps(&self) -> Caps {
-        self.base.inner().caps()
+impl Filter for Log {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         ctx.mark(self.base.layer());
         let s = self.base.inner().submit(ctx);
         self.record(ctx, s)
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        let s = self.base.inner().complete(ctx, step, res);
+    fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
         self.record(ctx, s)
-    }
-
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        self.base.inner().extents(offset, len, out)
-    }
-
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        self.base.inner().reads_zeroes(offset, len)
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

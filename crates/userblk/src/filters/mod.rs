@@ -1,7 +1,9 @@
 //! Filters: targets that wrap a target, to change what it advertises or
 //! how its requests go (delays, errors, limits) or to watch them (log, stats).
 //!
-//! A filter is a [`Target`](crate::Target) holding an `Arc<dyn Target>`; a stack is
+//! A filter implements [`Filter`]: it holds its inner target in a [`Base`]
+//! and overrides only what it changes, everything else passing through;
+//! every filter is thereby a [`Target`](crate::Target), and a stack is
 //! nesting. [`build`] makes a stack from specs (`NAME[:key=value,...]`,
 //! [`Spec`]), the first spec nearest the frontend. Every filter passes
 //! requests down and results up through the ordinary `submit`/`complete`
@@ -21,6 +23,7 @@ pub mod cache;
 pub mod cow;
 pub mod delay;
 pub mod error;
+mod filter;
 pub mod flakey;
 pub mod log;
 pub mod offset;
@@ -31,16 +34,21 @@ mod side;
 pub mod spec;
 mod stack;
 pub mod stats;
+pub mod table;
 pub mod truncate;
 
 #[cfg(test)]
 pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 use crate::target::{Op, MAX_FILTER_LAYERS};
 
-pub use base::{clip_extents, described_filters, Base};
+pub use base::{clip_extents, described_filters, Base, DataUse};
+pub use filter::Filter;
 pub use spec::{Options, Spec};
-pub use stack::{build, check, Config, Env, NAMES};
+pub use stack::{build, check, Config, Env};
+pub use table::{help, short_help, FILTERS};
 
 /// Why a filter spec or a stack could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +62,7 @@ pub enum FilterError {
         msg: String,
     },
     /// No filter has that name.
-    #[error("unknown filter '{name}' (known: {})", NAMES.join(", "))]
+    #[error("unknown filter '{name}' (known: {})", table::names())]
     UnknownFilter {
         /// The name given.
         name: String,

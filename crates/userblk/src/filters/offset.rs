@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Op, Request, Submit, Target};
 
 /// The options of `offset`.
@@ -29,7 +29,7 @@ impl Config {
         let mut o = Options::new("offset", s);
         let offset = o.get("offset", spec::size)?.unwrap_or(0);
         let size = o.get("size", spec::size)?;
-        o.finish(&["offset", "size"])?;
+        o.finish()?;
         if size == Some(0) {
             return Err(invalid("size=0: the device would be empty"));
         }
@@ -118,7 +118,7 @@ impl Offset {
             r.granularity = fit(r.granularity, align, ic.logical_block_size);
         }
         Ok(Offset {
-            base: Base::new(inner, cfg)?,
+            base: Base::new(inner, cfg, DataUse::Remapped)?.with_caps(caps),
             offset: cfg.offset,
             caps,
         })
@@ -136,22 +136,22 @@ impl Offset {
     }
 }
 
-impl Target for Offset {
-    fn caps(&self) -> Caps {
-        self.caps
+impl Filter for Offset {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = self.inner_req(ctx.req());
         ctx.with_request(req, |ctx| self.base.inner().submit(ctx))
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         let req = self.inner_req(ctx.req());
         ctx.with_request(req, |ctx| self.base.inner().complete(ctx, step, res))
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
         let len = len.min(self.caps.size.saturating_sub(offset));
         let start = out.len();
         self.base.inner().extents(offset + self.offset, len, out)?;
@@ -159,21 +159,13 @@ impl Target for Offset {
         Ok(())
     }
 
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
         match offset.checked_add(len) {
             Some(end) if end <= self.caps.size => {
                 self.base.inner().reads_zeroes(offset + self.offset, len)
             }
             _ => Ok(false),
         }
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

@@ -15,11 +15,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustix::io::Errno;
-
 use super::spec::{self, format_duration, Options, Spec};
-use super::{Base, FilterError};
-use crate::target::{Caps, Ctx, Extent, Op, Request, Submit, Target};
+use super::{Base, DataUse, Filter, FilterError};
+use crate::target::{Ctx, Op, Request, Submit, Target};
 
 /// Which bucket a limit fills, in [`Config::limits`] order.
 const KEYS: [&str; 6] = [
@@ -69,9 +67,7 @@ impl Config {
             c.limits[i] = o.get(key, parse)?;
         }
         c.burst = o.get("burst", spec::duration)?.unwrap_or(Duration::ZERO);
-        let mut known = KEYS.to_vec();
-        known.push("burst");
-        o.finish(&known)?;
+        o.finish()?;
         if c.limits.iter().all(Option::is_none) {
             return Err(FilterError::Invalid {
                 filter: "rate",
@@ -147,7 +143,7 @@ impl Rate {
             })
         });
         Ok(Rate {
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::Untouched)?,
             burst: cfg.burst,
             buckets: Mutex::new(buckets),
         })
@@ -189,34 +185,18 @@ impl Rate {
     }
 }
 
-impl Target for Rate {
-    fn caps(&self) -> Caps {
-        self.base.inner().caps()
+impl Filter for Rate {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let wait = self.book(ctx.req());
         self.base.hold(ctx, wait, "rate")
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         self.base.complete_held(ctx, step, res, "rate")
-    }
-
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        self.base.inner().extents(offset, len, out)
-    }
-
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        self.base.inner().reads_zeroes(offset, len)
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::{Base, FilterError};
-use crate::target::{Caps, Ctx, Extent, Submit, Target};
+use super::{Base, DataUse, Filter, FilterError};
+use crate::target::{Caps, Ctx, Submit, Target};
 
 /// The `readonly` filter.
 #[derive(Debug)]
@@ -20,47 +20,28 @@ pub struct ReadOnly {
 impl ReadOnly {
     /// Make `inner` read-only.
     pub fn new(inner: Arc<dyn Target>) -> Result<Self, FilterError> {
+        let caps = Caps {
+            read_only: true,
+            discard: None,
+            write_zeroes: None,
+            ..inner.caps()
+        };
         Ok(ReadOnly {
-            base: Base::new(inner, "readonly")?,
+            base: Base::new(inner, "readonly", DataUse::Untouched)?.with_caps(caps),
         })
     }
 }
 
-impl Target for ReadOnly {
-    fn caps(&self) -> Caps {
-        Caps {
-            read_only: true,
-            discard: None,
-            write_zeroes: None,
-            ..self.base.inner().caps()
-        }
+impl Filter for ReadOnly {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         if ctx.req().op.modifies() {
             return Submit::Done(Err(Errno::ROFS));
         }
         self.base.inner().submit(ctx)
-    }
-
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        self.base.inner().complete(ctx, step, res)
-    }
-
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        self.base.inner().extents(offset, len, out)
-    }
-
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        self.base.inner().reads_zeroes(offset, len)
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 
+use super::table::Opt;
 use super::FilterError;
 
 /// One `--filter` argument: a filter name and its options, in the order given.
@@ -130,18 +131,23 @@ impl fmt::Display for Spec {
 
 /// A spec's options as a filter reads them: each key taken at most once,
 /// and any key left over is an error naming the keys the filter knows.
+/// What the filter knows (its keys, their types) is its entry in the table
+/// of filters ([`super::table`]).
 #[derive(Debug)]
 pub struct Options<'a> {
     filter: &'static str,
+    known: &'static [Opt],
     pairs: &'a [(String, String)],
     taken: Vec<bool>,
 }
 
 impl<'a> Options<'a> {
-    /// The options of `spec`, for filter `filter`.
+    /// The options of `spec`, for filter `filter` (a filter not in the
+    /// table knows no options).
     pub fn new(filter: &'static str, spec: &'a Spec) -> Self {
         Options {
             filter,
+            known: super::table::lookup(filter).map_or(&[], |e| e.options),
             pairs: &spec.options,
             taken: vec![false; spec.options.len()],
         }
@@ -159,35 +165,42 @@ impl<'a> Options<'a> {
         Some(self.pairs[i].1.as_str())
     }
 
-    /// Take `key` and parse its value with `parse`; a parse error names the filter, key and value.
+    /// Take `key` and parse its value with `parse`; a parse error names the
+    /// filter, key and value, and the type the table gives the key.
     pub fn get<T>(
         &mut self,
         key: &str,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Result<Option<T>, FilterError> {
         let filter = self.filter;
+        let kind = self.known.iter().find(|o| o.name == key).map(|o| o.kind);
+        debug_assert!(kind.is_some(), "{filter}: option {key} is not in the table");
         match self.raw(key) {
             None => Ok(None),
             Some(v) => parse(v).map(Some).map_err(|msg| FilterError::BadValue {
                 filter,
                 key: key.to_string(),
                 value: v.to_string(),
-                msg,
+                msg: match kind {
+                    Some(k) => format!("{msg}; expected {}", k.expected()),
+                    None => msg,
+                },
             }),
         }
     }
 
-    /// Fail if a key was not taken: `known` lists the filter's keys for the message.
-    pub fn finish(self, known: &[&str]) -> Result<(), FilterError> {
+    /// Fail if a key was not taken, listing the keys the filter knows.
+    pub fn finish(self) -> Result<(), FilterError> {
         match self.taken.iter().position(|t| !t) {
             None => Ok(()),
             Some(i) => Err(FilterError::UnknownKey {
                 filter: self.filter,
                 key: self.pairs[i].0.clone(),
-                known: if known.is_empty() {
+                known: if self.known.is_empty() {
                     "none: it takes no options".into()
                 } else {
-                    known.join(", ")
+                    let names: Vec<&str> = self.known.iter().map(|o| o.name).collect();
+                    names.join(", ")
                 },
             }),
         }
@@ -201,6 +214,15 @@ pub fn required<T>(v: Option<T>, filter: &'static str, key: &str) -> Result<T, F
         filter,
         msg: format!("needs {key}=..."),
     })
+}
+
+/// A file path (not empty).
+pub fn path(s: &str) -> Result<std::path::PathBuf, String> {
+    if s.is_empty() {
+        Err("an empty path".to_string())
+    } else {
+        Ok(s.into())
+    }
 }
 
 /// A byte size (`4096`, `512K`, `1G`).
@@ -446,10 +468,13 @@ mod tests {
             o.get("read", duration).ok().flatten(),
             Some(Duration::from_millis(5))
         );
-        let e = o.finish(&["read", "write"]).err().map(|e| e.to_string());
+        let e = o.finish().err().map(|e| e.to_string());
         assert_eq!(
             e.as_deref(),
-            Some("filter delay: unknown option 'wrtie' (known: read, write)")
+            Some(
+                "filter delay: unknown option 'wrtie' \
+                 (known: all, read, write, flush, discard, write_zeroes, seed)"
+            )
         );
         let s = spec("delay:read=5").unwrap_or_else(|e| panic!("{e}"));
         let e = Options::new("delay", &s).get("read", duration).err();

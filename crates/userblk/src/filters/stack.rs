@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::spec::{Options, Spec};
+use super::spec::Spec;
 use super::{
     cache, cow, delay, error, flakey, log, offset, rate, readonly, stats, truncate, FilterError,
 };
@@ -20,12 +20,6 @@ pub struct Env {
     /// for the program to serve ([`crate::control::Server`]).
     pub control: crate::control::Registry,
 }
-
-/// The filters, by name.
-pub const NAMES: &[&str] = &[
-    "readonly", "offset", "truncate", "delay", "error", "rate", "log", "stats", "cow", "cache",
-    "flakey",
-];
 
 /// A parsed filter: what [`build`] checks before opening anything.
 #[derive(Debug, Clone)]
@@ -55,29 +49,15 @@ pub enum Config {
 }
 
 impl Config {
-    /// Parse and check a spec's options (nothing is opened yet).
+    /// Parse and check a spec's options (nothing is opened yet), by the
+    /// filter's entry in the table ([`super::table::FILTERS`]).
     pub fn parse(spec: &Spec) -> Result<Config, FilterError> {
-        Ok(match spec.name() {
-            "readonly" => {
-                Options::new("readonly", spec).finish(&[])?;
-                Config::ReadOnly
-            }
-            "offset" => Config::Offset(offset::Config::parse(spec)?),
-            "truncate" => Config::Truncate(truncate::Config::parse(spec)?),
-            "delay" => Config::Delay(delay::Config::parse(spec)?),
-            "error" => Config::Error(error::Config::parse(spec)?),
-            "rate" => Config::Rate(rate::Config::parse(spec)?),
-            "log" => Config::Log(log::Config::parse(spec)?),
-            "stats" => Config::Stats(stats::Config::parse(spec)?),
-            "cow" => Config::Cow(cow::Config::parse(spec)?),
-            "cache" => Config::Cache(cache::Config::parse(spec)?),
-            "flakey" => Config::Flakey(flakey::Config::parse(spec)?),
-            other => {
-                return Err(FilterError::UnknownFilter {
-                    name: other.to_string(),
-                })
-            }
-        })
+        match super::table::lookup(spec.name()) {
+            Some(entry) => (entry.parse)(spec),
+            None => Err(FilterError::UnknownFilter {
+                name: spec.name().to_string(),
+            }),
+        }
     }
 
     /// Put this filter over `inner`, with what `env` supplies.

@@ -29,8 +29,8 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{Options, Spec};
-use super::{op_index, op_name, Base, FilterError, OPS};
-use crate::target::{Caps, Ctx, Extent, IoResult, Op, Submit, Target};
+use super::{op_index, op_name, Base, DataUse, Filter, FilterError, OPS};
+use crate::target::{Ctx, IoResult, Op, Submit, Target};
 
 /// Number of latency buckets: the last holds everything from 2^30 µs (18 minutes) up.
 pub const BUCKETS: usize = 32;
@@ -61,7 +61,7 @@ impl Config {
                 }
             })?,
         };
-        o.finish(&["file", "prometheus"])?;
+        o.finish()?;
         Ok(c)
     }
 }
@@ -439,7 +439,7 @@ impl Stats {
         }
         Ok(Stats {
             file: cfg.file.clone(),
-            base: Base::new(inner, cfg)?,
+            base: Base::new(inner, cfg, DataUse::Untouched)?,
             counters,
             prometheus,
             stop,
@@ -510,36 +510,19 @@ impl fmt::Debug for Stats {
     }
 }
 
-impl Target for Stats {
-    fn caps(&self) -> Caps {
-        self.base.inner().caps()
+impl Filter for Stats {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         ctx.mark(self.base.layer());
         let s = self.base.inner().submit(ctx);
         self.record(ctx, s)
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        let s = self.base.inner().complete(ctx, step, res);
+    fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
         self.record(ctx, s)
-    }
-
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        self.base.inner().extents(offset, len, out)
-    }
-
-    fn reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
-        self.base.inner().reads_zeroes(offset, len)
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
     }
 }
 

@@ -38,23 +38,20 @@ pub struct Probe {
 
 /// A probe of `size` bytes that answers inline, and what it sees.
 pub fn probe(size: usize) -> (Arc<dyn Target>, Seen) {
-    let seen = Seen::default();
-    let p = Probe {
-        data: Mutex::new(vec![0; size]),
-        seen: seen.clone(),
-        ring_native: false,
-        pending: Mutex::default(),
-    };
-    (Arc::new(p), seen)
+    new_probe(size, false)
 }
 
 /// A probe of `size` bytes that answers through the ring, and what it sees.
 pub fn ring_probe(size: usize) -> (Arc<dyn Target>, Seen) {
+    new_probe(size, true)
+}
+
+fn new_probe(size: usize, ring_native: bool) -> (Arc<dyn Target>, Seen) {
     let seen = Seen::default();
     let p = Probe {
         data: Mutex::new(vec![0; size]),
         seen: seen.clone(),
-        ring_native: true,
+        ring_native,
         pending: Mutex::default(),
     };
     (Arc::new(p), seen)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, IoResult, Op, Request, Submit, Target};
 
 /// The options of `truncate`.
@@ -28,7 +28,7 @@ impl Config {
     pub fn parse(s: &Spec) -> Result<Self, FilterError> {
         let mut o = Options::new("truncate", s);
         let size = o.get("size", spec::size)?;
-        o.finish(&["size"])?;
+        o.finish()?;
         let size = spec::required(size, "truncate", "size")?;
         if size == 0 {
             return Err(FilterError::Invalid {
@@ -76,9 +76,17 @@ impl Truncate {
                 filter: "truncate",
                 msg: format!("size {} is too large", cfg.size),
             })?;
+        // Only a larger device has bytes past the target's end, which are
+        // served here: reads zeroed, writes looked at to refuse data.
+        let data = if size > ic.size {
+            DataUse::InMemory
+        } else {
+            DataUse::Remapped
+        };
+        let caps = Caps { size, ..ic };
         Ok(Truncate {
-            base: Base::new(inner, cfg)?,
-            caps: Caps { size, ..ic },
+            base: Base::new(inner, cfg, data)?.with_caps(caps),
+            caps,
             inner_size: ic.size,
         })
     }
@@ -120,12 +128,12 @@ impl Truncate {
     }
 }
 
-impl Target for Truncate {
-    fn caps(&self) -> Caps {
-        self.caps
+impl Filter for Truncate {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         match self.split(ctx.req()) {
             Split::Inside => self.base.inner().submit(ctx),
             Split::Beyond => Submit::Done(Self::beyond(ctx, 0)),
@@ -144,7 +152,7 @@ impl Target for Truncate {
         }
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         match self.split(ctx.req()) {
             Split::Inside | Split::Beyond => self.base.inner().complete(ctx, step, res),
             Split::Across { inside } => {
@@ -158,7 +166,7 @@ impl Target for Truncate {
         }
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
         let len = len.min(self.caps.size.saturating_sub(offset));
         if offset >= self.inner_size {
             out.push(Extent::hole(len));
@@ -175,12 +183,19 @@ impl Target for Truncate {
         Ok(())
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.caps.size)
+        {
+            return Ok(false);
+        }
+        if offset >= self.inner_size {
+            return Ok(true);
+        }
+        // Past the target's end it is all zeroes: only the inside part counts.
+        let inside = len.min(self.inner_size - offset);
+        self.base.inner().reads_zeroes(offset, inside)
     }
 }
 

@@ -41,7 +41,7 @@ use rustix::io::Errno;
 
 use super::side::{read_exact, write_all, SideIo};
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Flags, Op, Submit, Target};
 use store::{FileStore, Store};
 
@@ -110,15 +110,9 @@ impl Config {
         let d = Config::default();
         let size = o.get("size", spec::size)?.unwrap_or(d.size);
         let block = o.get("block", block_size)?.unwrap_or(d.block);
-        let file = o.get("file", |v| {
-            if v.is_empty() {
-                Err("an empty path".to_string())
-            } else {
-                Ok(PathBuf::from(v))
-            }
-        })?;
+        let file = o.get("file", spec::path)?;
         let writeback = o.get("mode", mode)?.unwrap_or(false);
-        o.finish(&["size", "block", "file", "mode"])?;
+        o.finish()?;
         if size < u64::from(block) {
             return Err(invalid(format!(
                 "size={} holds no {} block",
@@ -180,7 +174,6 @@ pub struct Cache {
     cfg: Config,
     store: Store,
     side: SideIo,
-    caps: Caps,
     /// The inner target has a volatile cache to flush.
     inner_volatile: bool,
 }
@@ -226,10 +219,9 @@ impl Cache {
         );
         Ok(Cache {
             side: SideIo::new(&*inner, cfg.block),
-            base: Base::new(inner, &cfg)?,
+            base: Base::new(inner, &cfg, DataUse::InMemory)?.with_caps(caps),
             cfg,
             store,
-            caps,
             inner_volatile: ic.volatile_cache,
         })
     }
@@ -282,6 +274,12 @@ impl Cache {
     fn trim(&self, offset: u64, len: u64) {
         let mask = self.store.shards_of(offset, len);
         self.store.trim(mask, &|b| self.write_down(b));
+    }
+
+    /// Whether the cache holds data of `[offset, offset + len)` that the
+    /// target has not been given yet.
+    fn holds_dirty(&self, offset: u64, len: u64) -> bool {
+        self.cfg.writeback && !self.store.dirty_blocks(Some((offset, len))).is_empty()
     }
 
     /// A write-back write: into the cache, and down at once if FUA.
@@ -420,12 +418,12 @@ impl fmt::Debug for Cache {
     }
 }
 
-impl Target for Cache {
-    fn caps(&self) -> Caps {
-        self.caps
+impl Filter for Cache {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         let len = u64::from(req.len);
         let c = &self.store.counters;
@@ -464,14 +462,14 @@ impl Target for Cache {
         self.after(ctx, s)
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
-        // No ring work of its own: every completion is the inner target's.
-        let s = self.base.inner().complete(ctx, step, res);
+    // No ring work of its own: every completion is the inner target's,
+    // and its result comes here.
+    fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
         self.after(ctx, s)
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
-        if self.cfg.writeback && !self.store.dirty_blocks(Some((offset, len))).is_empty() {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        if self.holds_dirty(offset, len) {
             // Data not below yet: call it all data (always true).
             out.push(Extent::data(len));
             return Ok(());
@@ -479,11 +477,11 @@ impl Target for Cache {
         self.base.inner().extents(offset, len, out)
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        // Dirty blocks may hold anything; elsewhere the cache holds the target's bytes.
+        if self.holds_dirty(offset, len) {
+            return Ok(false);
+        }
+        self.base.inner().reads_zeroes(offset, len)
     }
 }

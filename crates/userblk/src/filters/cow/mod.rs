@@ -48,7 +48,7 @@ use rustix::io::{Errno, ReadWriteFlags};
 
 use super::side::SideIo;
 use super::spec::{self, Options, Spec};
-use super::{Base, FilterError};
+use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use overlay::Overlay;
 
@@ -92,16 +92,10 @@ impl Config {
     /// Parse `[file=PATH][,cluster=SIZE][,keep=yes|no]`.
     pub fn parse(s: &Spec) -> Result<Self, FilterError> {
         let mut o = Options::new("cow", s);
-        let file = o.get("file", |v| {
-            if v.is_empty() {
-                Err("an empty path".to_string())
-            } else {
-                Ok(PathBuf::from(v))
-            }
-        })?;
+        let file = o.get("file", spec::path)?;
         let cluster = o.get("cluster", cluster_size)?;
         let keep = o.get("keep", yes_no)?;
-        o.finish(&["file", "cluster", "keep"])?;
+        o.finish()?;
         if keep == Some(true) && file.is_none() {
             return Err(FilterError::Invalid {
                 filter: "cow",
@@ -206,7 +200,7 @@ impl Cow {
             side: SideIo::new(&*inner, cluster),
             keep: cfg.keep.unwrap_or(true) && ov.path.is_some(),
             exit_durable: true,
-            base: Base::new(inner, shown)?,
+            base: Base::new(inner, shown, DataUse::InMemory)?.with_caps(caps),
             ov,
             caps,
             busy: Mutex::new(HashSet::new()),
@@ -548,16 +542,16 @@ impl fmt::Debug for Cow {
     }
 }
 
-impl Target for Cow {
-    fn caps(&self) -> Caps {
-        self.caps
+impl Filter for Cow {
+    fn base(&self) -> &Base {
+        &self.base
     }
 
-    fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         self.submit_op(ctx)
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+    fn filter_complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         match self.base.own_step(step) {
             Some(n) => self.own_complete(ctx, n, res),
             // Only reads go down to the base.
@@ -568,7 +562,7 @@ impl Target for Cow {
         }
     }
 
-    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+    fn filter_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
         let end = offset + len.min(self.caps.size.saturating_sub(offset));
         let block = u64::from(self.caps.logical_block_size);
         let first = out.len();
@@ -602,11 +596,35 @@ impl Target for Cow {
         Ok(())
     }
 
-    fn describe(&self) -> serde_json::Value {
-        self.base.describe()
-    }
-
-    fn filter_depth(&self) -> u8 {
-        self.base.depth()
+    fn filter_reads_zeroes(&self, offset: u64, len: u64) -> Result<bool, Errno> {
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > self.caps.size)
+        {
+            return Ok(false);
+        }
+        // Each run of clusters asks where it lives: one SEEK_DATA in the
+        // overlay file, or the base's own (cheap) answer.
+        let end = offset + len;
+        let (first, last) = self.touched(offset, len);
+        let mut c = first;
+        while c <= last {
+            let inside = self.ov.map.contains(c);
+            let run_end = self.ov.map.run_end(c, inside, last + 1);
+            let from = self.span(c).0.max(offset);
+            let to = (run_end * self.cluster()).min(end);
+            let zero = if inside {
+                let data_off = self.ov.layout.data_off;
+                crate::targets::file_reads_zeroes(&self.ov.fd, data_off, from, to - from)?
+            } else {
+                self.base.inner().reads_zeroes(from, to - from)?
+            };
+            if !zero {
+                return Ok(false);
+            }
+            c = run_end;
+        }
+        Ok(true)
     }
 }
