@@ -95,10 +95,9 @@ pub struct CtlArgs {
     #[arg(long)]
     pub json: bool,
     /// The action (`powercut`, `powerup`, `writeback`, `status`, ...); none lists them.
+    /// No action takes arguments, so anything after it is a usage error
+    /// rather than silently dropped.
     pub action: Option<String>,
-    /// Arguments of the action.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub args: Vec<String>,
 }
 
 /// `recover`.
@@ -541,7 +540,7 @@ mod tests {
     }
 
     #[test]
-    fn ctl_takes_an_optional_action_and_its_arguments() {
+    fn ctl_takes_an_optional_action_and_nothing_after_it() {
         let ctl = |args: &[&str]| match Cli::try_parse_from(["userblk", "ctl"].iter().chain(args)) {
             Ok(Cli {
                 command: Command::Ctl(c),
@@ -551,10 +550,11 @@ mod tests {
             Err(e) => Err(e),
         };
         let c = ctl(&["-n", "3"]).unwrap();
-        assert_eq!((c.id, c.action, c.args.len()), (3, None, 0));
-        let c = ctl(&["-n", "3", "powercut", "--now", "x"]).unwrap();
+        assert_eq!((c.id, c.action), (3, None));
+        let c = ctl(&["-n", "3", "powercut"]).unwrap();
         assert_eq!(c.action.as_deref(), Some("powercut"));
-        assert_eq!(c.args, ["--now", "x"]);
+        let e = ctl(&["-n", "3", "powercut", "junk"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
         assert!(ctl(&["powercut"]).is_err(), "no device id");
     }
 

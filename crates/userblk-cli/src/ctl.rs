@@ -72,7 +72,7 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
         None => Request::List,
         Some(a) => Request::Run {
             action: a.clone(),
-            args: args.args.clone(),
+            args: Vec::new(),
         },
     };
     let reply = control::request(&path, &req, TIMEOUT)
