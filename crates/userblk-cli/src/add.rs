@@ -449,16 +449,15 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, daemon: bo
             rustix::process::geteuid().as_raw()
         );
         tracing::warn!("{msg}");
-        println!("warning: {msg}");
+        crate::out::announce(&format!("warning: {msg}\n"));
     }
     let details = Control::open().and_then(|mut c| crate::list::entry(&mut c, id));
     match details {
-        Ok(entry) => print!("{}", entry.text()),
-        Err(e) => println!("dev id {id}: live ({e})"),
+        Ok(entry) => crate::out::announce(&entry.text()),
+        Err(e) => crate::out::announce(&format!("dev id {id}: live ({e})\n")),
     }
     if daemon {
-        println!("{READY_MARKER}");
-        let _ = std::io::stdout().flush();
+        crate::out::announce(&format!("{READY_MARKER}\n"));
         if let Some(log) = log {
             redirect_output(&log);
         }

@@ -123,11 +123,11 @@ fn refuse_same_file(src: &Endpoint, dst: &Endpoint) -> anyhow::Result<()> {
 fn report(args: &CopyArgs, s: &Summary) {
     if args.json {
         match serde_json::to_string(s) {
-            Ok(j) => println!("{j}"),
+            Ok(j) => crate::out::outln!("{j}"),
             Err(e) => tracing::warn!("summary: {e}"),
         }
     } else if !args.quiet {
-        println!("{}", summary_line(s));
+        crate::out::outln!("{}", summary_line(s));
     }
 }
 
