@@ -178,7 +178,12 @@ fn create(args: &cli::CreateArgs) -> anyhow::Result<()> {
                 backing_format: a.backing_format.clone(),
             };
             create(&opts).with_context(|| format!("creating {}", a.path.display()))?;
+            // The file is ours from here: an image that does not open is
+            // removed, so that the command can simply be run again.
             let t = userblk::targets::qcow2::Qcow2Target::open(&a.path, true)
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&a.path);
+                })
                 .context("reopening the new image")?;
             let d = userblk::Target::describe(&t);
             if a.json {
