@@ -21,6 +21,13 @@ fn filter_spec(s: &str) -> Result<userblk::filters::Spec, String> {
     Ok(spec)
 }
 
+/// An S3 volume's chunk size, refused here rather than after connecting.
+fn chunk_size(s: &str) -> Result<u64, String> {
+    let v = size(s)?;
+    userblk::targets::s3::layout::check_chunk_size(v).map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
 fn size_u32(s: &str) -> Result<u32, String> {
     let v = size(s)?;
     u32::try_from(v).map_err(|_| format!("{s} is too large"))
@@ -283,7 +290,7 @@ pub struct S3Args {
     pub size: Option<u64>,
     /// Chunk size of a new volume (one object per chunk; a power of two
     /// from 64K to 64M); must match an existing volume's.
-    #[arg(long, value_parser = size, value_name = "SIZE")]
+    #[arg(long, value_parser = chunk_size, value_name = "SIZE")]
     pub chunk_size: Option<u64>,
     /// S3 endpoint URL (default: AWS's for the region).
     #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]

@@ -17,9 +17,12 @@ pub fn run(args: &CopyArgs) -> anyhow::Result<()> {
     let src = endpoint::open(&args.src, Role::Source).map_err(|e| naming(e, "source", &args.src))?;
     let size = src.target.caps().size;
     refuse_same_file(&args.src, &args.dst)?;
+    let checkpoint = Checkpoint::new(&args.src, &args.dst, size, args.checkpoint.clone());
+    if args.resume {
+        checkpoint.check_writable()?;
+    }
     let dst = endpoint::open(&args.dst, Role::Destination { size })
         .map_err(|e| naming(e, "destination", &args.dst))?;
-    let checkpoint = Checkpoint::new(&args.src, &args.dst, size, args.checkpoint.clone());
     let start = match (args.resume, dst.created) {
         (true, false) => checkpoint.load()?,
         _ => None,

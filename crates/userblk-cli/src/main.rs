@@ -51,7 +51,10 @@ fn init_logging(verbose: u8, default: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let default_level = if matches!(cli.command, Command::Add(_) | Command::Recover(_)) {
         "info"
     } else {
@@ -85,6 +88,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version as clap prints them; a usage error as one line
+/// (`userblk: invalid value ...`), exit status 2, like every other error
+/// being one line.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        // clap's own routing: help to stdout, help for a bare command to
+        // stderr; a closed pipe is ignored there.
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    // The message is what comes before the first blank line (the usage
+    // and tips follow it); lists of missing arguments go on one line.
+    let text = e.render().to_string();
+    let msg: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = msg.join(" ");
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    eprintln!("userblk: {msg} (see --help)");
+    ExitCode::from(2)
 }
 
 fn del(args: &DelArgs) -> anyhow::Result<()> {
