@@ -222,6 +222,10 @@ fn choose_frontend(dev: &DevArgs) -> anyhow::Result<Chosen> {
         Chosen::Fuse { .. } if dev.unprivileged => {
             bail!("--unprivileged is a ublk option: a FUSE device always belongs to the user who adds it")
         }
+        Chosen::Fuse { .. } if dev.queues.is_some() => {
+            userblk::fuse::disk::check_threads(dev.queues.map_or(0, usize::from))?;
+            Ok(chosen)
+        }
         Chosen::Ublk if fuse_only => bail!(
             "--mountpoint, --loop, --no-loop and --allow-other are FUSE options: add --frontend fuse"
         ),
