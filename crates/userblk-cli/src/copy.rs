@@ -14,7 +14,8 @@ use crate::endpoint::{self, Endpoint, Role};
 
 /// Run `userblk copy`.
 pub fn run(args: &CopyArgs) -> anyhow::Result<()> {
-    let src = endpoint::open(&args.src, Role::Source).map_err(|e| naming(e, "source", &args.src))?;
+    let src =
+        endpoint::open(&args.src, Role::Source).map_err(|e| naming(e, "source", &args.src))?;
     let size = src.target.caps().size;
     refuse_same_file(&args.src, &args.dst)?;
     let checkpoint = Checkpoint::new(&args.src, &args.dst, size, args.checkpoint.clone());

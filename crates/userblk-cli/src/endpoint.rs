@@ -232,13 +232,14 @@ impl Format {
     fn probe(path: &Path, role: Role) -> anyhow::Result<Format> {
         use std::io::Read;
         // Through the targets' own open: a FIFO is refused, not waited on.
-        let mut f = match userblk::targets::file::open_data(path, true, false).map(std::fs::File::from) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && role != Role::Source => {
-                let qcow2 = path.extension().is_some_and(|e| e == "qcow2");
-                return Ok(if qcow2 { Format::Qcow2 } else { Format::Raw });
-            }
-            other => other?,
-        };
+        let mut f =
+            match userblk::targets::file::open_data(path, true, false).map(std::fs::File::from) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && role != Role::Source => {
+                    let qcow2 = path.extension().is_some_and(|e| e == "qcow2");
+                    return Ok(if qcow2 { Format::Qcow2 } else { Format::Raw });
+                }
+                other => other?,
+            };
         let mut magic = [0u8; 4];
         let got = f.read(&mut magic)?;
         Ok(if got == 4 && &magic == QCOW2_MAGIC {

@@ -72,10 +72,18 @@ pub enum ControlError {
 }
 
 fn no_answer(pid: Option<i32>, waited: Duration, stopped: bool) -> String {
-    let who = pid.map_or_else(|| "the daemon".to_string(), |p| format!("the daemon (pid {p})"));
+    let who = pid.map_or_else(
+        || "the daemon".to_string(),
+        |p| format!("the daemon (pid {p})"),
+    );
     match (stopped, pid) {
-        (true, Some(p)) => format!("{who} is stopped and cannot answer (`kill -CONT {p}` resumes it)"),
-        _ => format!("{who} did not answer within {} s", waited.as_secs_f64().round()),
+        (true, Some(p)) => {
+            format!("{who} is stopped and cannot answer (`kill -CONT {p}` resumes it)")
+        }
+        _ => format!(
+            "{who} did not answer within {} s",
+            waited.as_secs_f64().round()
+        ),
     }
 }
 
@@ -504,8 +512,7 @@ fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ControlError> {
         }
     }
     let conn = UnixStream::from(fd);
-    conn.set_nonblocking(false)
-        .map_err(io("connecting to"))?;
+    conn.set_nonblocking(false).map_err(io("connecting to"))?;
     Ok(conn)
 }
 
@@ -584,7 +591,11 @@ mod tests {
         let _listener = UnixListener::bind(&path).unwrap();
         let start = std::time::Instant::now();
         let e = request(&path, &Request::List, Duration::from_secs(1)).unwrap_err();
-        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
         let pid = std::process::id();
         assert!(
             matches!(e, ControlError::NoAnswer { stopped: false, .. }),
@@ -624,7 +635,10 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         let e = e.unwrap_err();
-        assert!(waited < CONNECT_TIMEOUT + Duration::from_secs(2), "{waited:?}");
+        assert!(
+            waited < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "{waited:?}"
+        );
         assert_eq!(
             e.to_string(),
             format!("the daemon (pid {pid}) is stopped and cannot answer (`kill -CONT {pid}` resumes it)")

@@ -56,7 +56,14 @@ pub fn parse(s: &str) -> Result<u64> {
 /// assert_eq!(userblk::size::format(4097), "4097");
 /// ```
 pub fn format(n: u64) -> String {
-    for (shift, unit) in [(60, "E"), (50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+    for (shift, unit) in [
+        (60, "E"),
+        (50, "P"),
+        (40, "T"),
+        (30, "G"),
+        (20, "M"),
+        (10, "K"),
+    ] {
         if n != 0 && n.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", n >> shift);
         }

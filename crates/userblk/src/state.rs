@@ -319,7 +319,10 @@ mod tests {
             parse_stat("42 (userblk) S 1 42"),
             Some(("userblk".into(), 'S'))
         );
-        assert_eq!(parse_stat("7 (a) b) (c) Z 1"), Some(("a) b) (c".into(), 'Z')));
+        assert_eq!(
+            parse_stat("7 (a) b) (c) Z 1"),
+            Some(("a) b) (c".into(), 'Z'))
+        );
         assert_eq!(parse_stat("garbage"), None);
     }
 

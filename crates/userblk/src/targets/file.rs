@@ -80,10 +80,9 @@ pub fn open_data(path: &Path, read_only: bool, direct: bool) -> std::io::Result<
 /// A file that cannot be written can still be served read-only: say how.
 fn writable_hint(e: std::io::Error, read_only: bool) -> std::io::Error {
     match Errno::from_io_error(&e) {
-        Some(Errno::ACCESS | Errno::PERM | Errno::ROFS) if !read_only => std::io::Error::new(
-            e.kind(),
-            format!("{e}; --read-only serves it read-only"),
-        ),
+        Some(Errno::ACCESS | Errno::PERM | Errno::ROFS) if !read_only => {
+            std::io::Error::new(e.kind(), format!("{e}; --read-only serves it read-only"))
+        }
         _ => e,
     }
 }
@@ -409,14 +408,22 @@ mod tests {
         std::fs::write(&file, [0u8; 512]).unwrap();
         let fd = open_data(&file, false, false).unwrap();
         // Blocking again once the type is known.
-        assert!(!rustix::fs::fcntl_getfl(&fd).unwrap().contains(OFlags::NONBLOCK));
+        assert!(!rustix::fs::fcntl_getfl(&fd)
+            .unwrap()
+            .contains(OFlags::NONBLOCK));
     }
 
     #[test]
     fn a_file_that_cannot_be_written_says_read_only_serves_it() {
         let denied = || std::io::Error::from_raw_os_error(Errno::ACCESS.raw_os_error());
         let e = writable_hint(denied(), false);
-        assert!(e.to_string().ends_with("; --read-only serves it read-only"), "{e}");
-        assert_eq!(writable_hint(denied(), true).to_string(), denied().to_string());
+        assert!(
+            e.to_string().ends_with("; --read-only serves it read-only"),
+            "{e}"
+        );
+        assert_eq!(
+            writable_hint(denied(), true).to_string(),
+            denied().to_string()
+        );
     }
 }

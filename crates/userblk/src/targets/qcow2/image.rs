@@ -118,10 +118,7 @@ impl Image {
                     Qcow2Error::Busy("another process has the image open for writing".into())
                 })?;
         }
-        let file_len = file
-            .metadata()
-            .map_err(io(String::new()))?
-            .len();
+        let file_len = file.metadata().map_err(io(String::new()))?.len();
         let mut first = vec![0u8; 4096];
         let n = read_prefix(&file, &mut first)?;
         first.truncate(n);
