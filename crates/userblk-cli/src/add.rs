@@ -7,7 +7,7 @@
 //! error instead of hanging.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -129,7 +129,6 @@ fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
         let _ = said_tx.send(s);
     });
     let stdout = child.stdout.take().context("daemon stdout")?;
-    let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading from the daemon")?;
         if line == READY_MARKER {
@@ -143,7 +142,9 @@ fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        writeln!(out, "{line}")?;
+        // Best effort: a reader that went (`add ... | head -1`) must not
+        // stop us reading until the daemon is ready.
+        crate::out::announce(&format!("{line}\n"));
     }
     // The pipe closed without the marker: the daemon is gone.
     let status = child.wait().context("waiting for the daemon")?;

@@ -84,7 +84,7 @@ const CASES: &[Case] = &[
     Case {
         args: &["create", "qcow2", "--file", "{}/x.qcow2", "--size", "1"],
         code: 1,
-        phrase: "size 1 is not a multiple of 512 bytes",
+        phrase: "size 1 is below one sector",
     },
     Case {
         args: &[

@@ -62,23 +62,17 @@ pub fn create(opts: &CreateOptions) -> Result<(), Qcow2Error> {
             // Open the chain now: a missing or broken backing file is an
             // error at create, not at first read.
             let (bsize, fmt) = probe_backing(&resolved, opts.backing_format.as_deref())?;
-            // A backing file of an odd size: the image covers all of it.
-            let size = if opts.size == 0 {
-                bsize.next_multiple_of(512)
-            } else {
-                opts.size
-            };
-            (size, Some(fmt))
+            (if opts.size == 0 { bsize } else { opts.size }, Some(fmt))
         }
     };
     if size == 0 {
         return Err(Qcow2Error::Invalid("the image needs a size".into()));
     }
-    // A device serves whole sectors: an image whose size is not one
-    // would open short of it (or not at all, below one sector).
-    if size % 512 != 0 {
+    // A device serves whole sectors (a partial last one is left out): an
+    // image below one would not open.
+    if size < 512 {
         return Err(Qcow2Error::Invalid(format!(
-            "size {size} is not a multiple of 512 bytes"
+            "size {size} is below one sector (512 bytes)"
         )));
     }
     if size > super::header::MAX_HOST_OFFSET {
@@ -212,7 +206,7 @@ mod tests {
     fn bad_sizes_are_refused_before_a_file_is_made() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.qcow2");
-        for size in [0, 1, 511, 513, u64::MAX] {
+        for size in [0, 1, 511, u64::MAX] {
             let e = create(&CreateOptions::new(&path, size)).unwrap_err();
             assert!(matches!(e, Qcow2Error::Invalid(_)), "{size}: {e:?}");
             assert!(!path.exists(), "size {size} left {} behind", path.display());
