@@ -24,18 +24,7 @@ fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > DEADLINE {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{args:?} still running after {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait(&mut child, args);
     let (mut out, mut err) = (String::new(), String::new());
     child
         .stdout
@@ -50,6 +39,22 @@ fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
         .read_to_string(&mut err)
         .unwrap();
     (status.code(), out, err)
+}
+
+/// Wait for `child` up to the deadline; kill it and fail past that.
+fn wait(child: &mut std::process::Child, args: &[&str]) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > DEADLINE {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{args:?} still running after {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn listing(dir: &Path) -> Vec<String> {
@@ -278,14 +283,7 @@ fn a_closed_pipe_is_not_a_panic() {
             .unwrap();
         // The reader goes before the first byte is written.
         drop(child.stdout.take());
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(start.elapsed() < DEADLINE, "{args:?} hangs");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait(&mut child, args);
         let mut err = String::new();
         child
             .stderr
