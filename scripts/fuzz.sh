@@ -45,7 +45,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root/fuzz"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz.sh: installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io"
+    echo "fuzz.sh: installing cargo-fuzz $CARGO_FUZZ_VERSION from the Rust crate registry"
     nice -n 10 cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 

@@ -10,7 +10,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 step "dependencies (apt packages, VM kernel and initramfs)"
 as_root vm/setup.sh
 
-step "dependencies: s3s-fs, the local S3 server of the s3 target's tests (built from crates.io)"
+step "dependencies: s3s-fs, the local S3 server of the s3 target's tests (built from the Rust crate registry)"
 as_root env CARGO_BUILD_JOBS="$(nproc)" bash tests/s3/server.sh install
 
 step "cargo fmt --check"

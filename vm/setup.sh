@@ -27,6 +27,44 @@ die() { echo "vm/setup.sh: error: $*" >&2; exit 1; }
 # Any unexpected failure ends with one line naming the failing command.
 trap 'die "line $LINENO: command failed: $BASH_COMMAND"' ERR
 
+# The system's own Debian archive: the first URI of an apt source (one-line
+# or deb822) that serves this release's own suite, so that the private apt
+# configuration below goes through whatever mirror the machine uses.
+# `vm/setup.sh --mirror` prints it and does nothing else.
+debian_mirror() {
+    local codename f
+    # shellcheck source=/dev/null
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    [[ -n $codename ]] || return 1
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -f $f ]] || continue
+        # deb [options] URI SUITE COMPONENTS...
+        sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" \
+            | awk -v s="$codename" '$1 == "deb" && $3 == s { print $2; exit }'
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] || continue
+        # Stanzas of Field: value lines, separated by blank lines.
+        awk -v s="$codename" '
+            function done_stanza() {
+                if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " s " ") && enabled != "no" && uris != "") {
+                    split(uris, u, " "); print u[1]; found = 1; exit
+                }
+                types = uris = suites = enabled = ""
+            }
+            /^[ \t]*#/ { next }
+            /^[ \t]*$/ { done_stanza(); next }
+            { key = tolower($1); sub(/^[^:]*:[ \t]*/, ""); v = $0 }
+            key == "types:" { types = v } key == "uris:" { uris = v }
+            key == "suites:" { suites = v } key == "enabled:" { enabled = tolower(v) }
+            END { if (!found) done_stanza() }' "$f"
+    done | head -n1 | grep .
+}
+if [[ ${1:-} == --mirror ]]; then
+    debian_mirror || die "no apt source serves this release's own suite"
+    exit 0
+fi
+
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -74,17 +112,19 @@ if (( ${#missing[@]} )); then
         || die "apt-get install ${missing[*]} failed"
 fi
 
-# A private apt configuration: the system's sources plus suite $1 of
-# deb.debian.org, with its own lists and archives, so /etc/apt is left alone.
-# Sets apt_dir (remove it when done) and apt_opts.
+# A private apt configuration: the system's sources plus suite $1 of the
+# system's own Debian archive, with its own lists and archives, so /etc/apt
+# is left alone.  Sets apt_dir (remove it when done) and apt_opts.
 private_apt() {
+    local mirror
+    mirror=$(debian_mirror) || die "no apt source serves this release's own suite: cannot add $1"
     apt_dir=$(mktemp -d)
     mkdir -p "$apt_dir/parts" "$apt_dir/lists/partial" "$apt_dir/archives/partial"
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
         [[ -f $f ]] && cp "$f" "$apt_dir/parts/"
     done
     [[ -f $apt_dir/parts/sources.list ]] && mv "$apt_dir/parts/sources.list" "$apt_dir/parts/system.list"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $1 main" \
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $1 main" \
         >"$apt_dir/parts/extra.list"
     apt_opts=(-o "Dir::Etc::sourcelist=/dev/null" -o "Dir::Etc::sourceparts=$apt_dir/parts"
               -o "Dir::State::lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/archives"

@@ -7,7 +7,7 @@
 //! error instead of hanging.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -129,7 +129,6 @@ fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
         let _ = said_tx.send(s);
     });
     let stdout = child.stdout.take().context("daemon stdout")?;
-    let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading from the daemon")?;
         if line == READY_MARKER {
@@ -143,7 +142,9 @@ fn spawn_daemon(argv: Vec<OsString>) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        writeln!(out, "{line}")?;
+        // Best effort: a reader that went (`add ... | head -1`) must not
+        // stop us reading until the daemon is ready.
+        crate::out::announce(&format!("{line}\n"));
     }
     // The pipe closed without the marker: the daemon is gone.
     let status = child.wait().context("waiting for the daemon")?;
@@ -221,6 +222,10 @@ fn choose_frontend(dev: &DevArgs) -> anyhow::Result<Chosen> {
         ),
         Chosen::Fuse { .. } if dev.unprivileged => {
             bail!("--unprivileged is a ublk option: a FUSE device always belongs to the user who adds it")
+        }
+        Chosen::Fuse { .. } if dev.queues.is_some() => {
+            userblk::fuse::disk::check_threads(dev.queues.map_or(0, usize::from))?;
+            Ok(chosen)
         }
         Chosen::Ublk if fuse_only => bail!(
             "--mountpoint, --loop, --no-loop and --allow-other are FUSE options: add --frontend fuse"
@@ -449,16 +454,15 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, daemon: bo
             rustix::process::geteuid().as_raw()
         );
         tracing::warn!("{msg}");
-        println!("warning: {msg}");
+        crate::out::announce(&format!("warning: {msg}\n"));
     }
     let details = Control::open().and_then(|mut c| crate::list::entry(&mut c, id));
     match details {
-        Ok(entry) => print!("{}", entry.text()),
-        Err(e) => println!("dev id {id}: live ({e})"),
+        Ok(entry) => crate::out::announce(&entry.text()),
+        Err(e) => crate::out::announce(&format!("dev id {id}: live ({e})\n")),
     }
     if daemon {
-        println!("{READY_MARKER}");
-        let _ = std::io::stdout().flush();
+        crate::out::announce(&format!("{READY_MARKER}\n"));
         if let Some(log) = log {
             redirect_output(&log);
         }

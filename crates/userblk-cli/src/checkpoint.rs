@@ -82,6 +82,27 @@ impl Checkpoint {
         Ok(Some(r.offset))
     }
 
+    /// Refuse a checkpoint that could not be saved, before the copy starts
+    /// rather than when it is stopped.
+    pub fn check_writable(&self) -> anyhow::Result<()> {
+        let dir = match self.path.parent() {
+            Some(d) if d.as_os_str().is_empty() => Path::new("."),
+            Some(d) => d,
+            None => Path::new("/"),
+        };
+        // The state directory is made when first needed.
+        if dir == userblk::state::state_dir() {
+            return Ok(());
+        }
+        use rustix::fs::Access;
+        rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK).with_context(|| {
+            format!(
+                "checkpoint {}: its directory cannot be written",
+                self.path.display()
+            )
+        })
+    }
+
     /// Record `offset` (a new file renamed over the old one, so a crash
     /// leaves one or the other).
     pub fn save(&self, offset: u64) -> std::io::Result<()> {
@@ -151,6 +172,13 @@ mod tests {
         assert!(e.contains("another copy"), "{e}");
         c.remove();
         assert_eq!(c.load().unwrap(), None);
+        c.check_writable().unwrap();
+        let nowhere = Checkpoint::new(&src, &dst, 1 << 20, Some("/nonexistent-dir/x".into()));
+        let e = format!("{:#}", nowhere.check_writable().unwrap_err());
+        assert_eq!(
+            e,
+            "checkpoint /nonexistent-dir/x: its directory cannot be written: No such file or directory (os error 2)"
+        );
         let nbd: Endpoint = "nbd+unix:///x?socket=/tmp/s".parse().unwrap();
         let c = Checkpoint::new(&src, &nbd, 1 << 20, None);
         assert!(

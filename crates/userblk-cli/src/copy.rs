@@ -15,12 +15,15 @@ use crate::endpoint::{self, Endpoint, Role};
 /// Run `userblk copy`.
 pub fn run(args: &CopyArgs) -> anyhow::Result<()> {
     let src =
-        endpoint::open(&args.src, Role::Source).with_context(|| format!("source {}", args.src))?;
+        endpoint::open(&args.src, Role::Source).map_err(|e| naming(e, "source", &args.src))?;
     let size = src.target.caps().size;
     refuse_same_file(&args.src, &args.dst)?;
-    let dst = endpoint::open(&args.dst, Role::Destination { size })
-        .with_context(|| format!("destination {}", args.dst))?;
     let checkpoint = Checkpoint::new(&args.src, &args.dst, size, args.checkpoint.clone());
+    if args.resume {
+        checkpoint.check_writable()?;
+    }
+    let dst = endpoint::open(&args.dst, Role::Destination { size })
+        .map_err(|e| naming(e, "destination", &args.dst))?;
     let start = match (args.resume, dst.created) {
         (true, false) => checkpoint.load()?,
         _ => None,
@@ -119,15 +122,28 @@ fn refuse_same_file(src: &Endpoint, dst: &Endpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ROLE ENDPOINT: error`, or `ROLE: error` where the error (a target's)
+/// starts with the endpoint's file already: a path said once.
+fn naming(e: anyhow::Error, role: &str, ep: &Endpoint) -> anyhow::Error {
+    let named = ep
+        .path()
+        .is_some_and(|p| format!("{e:#}").starts_with(&p.display().to_string()));
+    if named {
+        e.context(role.to_string())
+    } else {
+        e.context(format!("{role} {ep}"))
+    }
+}
+
 /// The summary: one line, or JSON with `--json`; nothing with `--quiet`.
 fn report(args: &CopyArgs, s: &Summary) {
     if args.json {
         match serde_json::to_string(s) {
-            Ok(j) => println!("{j}"),
+            Ok(j) => crate::out::outln!("{j}"),
             Err(e) => tracing::warn!("summary: {e}"),
         }
     } else if !args.quiet {
-        println!("{}", summary_line(s));
+        crate::out::outln!("{}", summary_line(s));
     }
 }
 

@@ -10,6 +10,7 @@ use userblk::control::{self, Registry, Request, Server};
 use userblk::state::{self, DeviceState};
 
 use crate::cli::CtlArgs;
+use crate::out::outln;
 
 /// How long `ctl` waits for the daemon's answer (a `writeback` may write a lot).
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -72,13 +73,13 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
         None => Request::List,
         Some(a) => Request::Run {
             action: a.clone(),
-            args: args.args.clone(),
+            args: Vec::new(),
         },
     };
     let reply = control::request(&path, &req, TIMEOUT)
         .with_context(|| format!("device {id}: asking its daemon"))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        outln!("{}", serde_json::to_string_pretty(&reply)?);
     }
     if !reply.ok {
         let msg = reply.error.unwrap_or_else(|| "failed".into());
@@ -98,14 +99,14 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
     }
     if args.action.is_none() {
         if reply.actions.is_empty() {
-            println!("device {id} offers no control actions");
+            outln!("device {id} offers no control actions");
         }
         for a in reply.actions {
-            println!("{:<10} {:<8} {}", a.name, a.owner, a.help);
+            outln!("{:<10} {:<8} {}", a.name, a.owner, a.help);
         }
     }
     for line in reply.output {
-        println!("{line}");
+        outln!("{line}");
     }
     Ok(())
 }

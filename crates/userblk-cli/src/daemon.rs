@@ -55,11 +55,9 @@ pub fn watch_signals<T: Send + 'static>(
 /// Tell the waiting `add` the device is live: print its details and, in a
 /// daemon, the ready marker, then move our output to the device's log.
 pub fn announce(st: &DeviceState, daemon: bool) {
-    use std::io::Write;
-    print!("{}", crate::list::Entry::Saved(Box::new(st.clone())).text());
+    crate::out::announce(&crate::list::Entry::Saved(Box::new(st.clone())).text());
     if daemon {
-        println!("{}", crate::add::READY_MARKER);
-        let _ = std::io::stdout().flush();
+        crate::out::announce(&format!("{}\n", crate::add::READY_MARKER));
         if let Some(log) = &st.log {
             crate::add::redirect_output(log);
         }

@@ -231,13 +231,15 @@ impl Format {
     /// destination not made yet, from its name.
     fn probe(path: &Path, role: Role) -> anyhow::Result<Format> {
         use std::io::Read;
-        let mut f = match std::fs::File::open(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && role != Role::Source => {
-                let qcow2 = path.extension().is_some_and(|e| e == "qcow2");
-                return Ok(if qcow2 { Format::Qcow2 } else { Format::Raw });
-            }
-            other => other?,
-        };
+        // Through the targets' own open: a FIFO is refused, not waited on.
+        let mut f =
+            match userblk::targets::file::open_data(path, true, false).map(std::fs::File::from) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && role != Role::Source => {
+                    let qcow2 = path.extension().is_some_and(|e| e == "qcow2");
+                    return Ok(if qcow2 { Format::Qcow2 } else { Format::Raw });
+                }
+                other => other?,
+            };
         let mut magic = [0u8; 4];
         let got = f.read(&mut magic)?;
         Ok(if got == 4 && &magic == QCOW2_MAGIC {
@@ -306,7 +308,8 @@ fn open_file(path: &Path, format: Format, role: Role) -> anyhow::Result<Opened> 
 
 /// A new file of `size` bytes: sparse raw, or an empty qcow2 image.
 fn create(path: &Path, format: Format, size: u64) -> anyhow::Result<()> {
-    let what = || format!("creating {}", path.display());
+    // The caller names the endpoint.
+    let what = || "creating the file";
     match format {
         Format::Raw => {
             let f = std::fs::File::create_new(path).with_context(what)?;

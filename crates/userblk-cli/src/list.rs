@@ -307,10 +307,10 @@ pub fn run(args: &ListArgs) -> anyhow::Result<()> {
     }
     if args.json {
         let all: Vec<_> = entries.iter().map(Entry::json).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        crate::out::outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
         for e in &entries {
-            print!("{}", e.text());
+            crate::out::fmt(format_args!("{}", e.text()));
         }
     }
     Ok(())

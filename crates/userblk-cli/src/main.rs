@@ -1,5 +1,8 @@
 //! `userblk`: add, list and delete userspace block devices.
 
+// Output goes through `out`, which survives a closed pipe; `print!` panics.
+#![deny(clippy::print_stdout)]
+
 mod add;
 mod checkpoint;
 mod cli;
@@ -10,6 +13,7 @@ mod endpoint;
 mod fuse;
 mod list;
 mod nbd;
+mod out;
 mod progress;
 mod s3;
 mod stats;
@@ -23,6 +27,7 @@ use userblk::state::DeviceState;
 use userblk::ublk::{device, Control};
 
 use crate::cli::{Cli, Command, DelArgs, JsonArgs};
+use crate::out::outln;
 
 fn init_logging(verbose: u8, default: &str) {
     let level = match verbose {
@@ -45,29 +50,11 @@ fn init_logging(verbose: u8, default: &str) {
         .try_init();
 }
 
-/// Output into a pipe whose reader has gone (`userblk list | grep -q ...`)
-/// is not a failure of ours: end quietly with success, as if the reader
-/// had read it all, instead of the panic `print!` raises on EPIPE (Rust
-/// ignores SIGPIPE, so the write fails instead of killing us).
-fn quiet_on_closed_stdout() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
-            std::process::exit(0);
-        }
-        default(info);
-    }));
-}
-
 fn main() -> ExitCode {
-    quiet_on_closed_stdout();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let default_level = if matches!(cli.command, Command::Add(_) | Command::Recover(_)) {
         "info"
     } else {
@@ -85,26 +72,52 @@ fn main() -> ExitCode {
         Command::Copy(args) => copy::run(&args),
         Command::Features(args) => features(&args),
         Command::Completions(args) => {
+            // Into memory first: the generator panics on a failed write.
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(args.shell, &mut cmd, "userblk", &mut std::io::stdout());
+            let mut buf = Vec::new();
+            clap_complete::generate(args.shell, &mut cmd, "userblk", &mut buf);
+            out::bytes(&buf);
             Ok(())
         }
         Command::Man => man(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        // `userblk man | head` is not an error.
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
-        {
-            ExitCode::SUCCESS
-        }
         Err(e) => {
             eprintln!("userblk: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version as clap prints them; a usage error as one line
+/// (`userblk: invalid value ...`), exit status 2, like every other error
+/// being one line.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        // clap's own routing: help to stdout, help for a bare command to
+        // stderr; a closed pipe is ignored there.
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    // The message is what comes before the first blank line (the usage
+    // and tips follow it); lists of missing arguments go on one line.
+    let text = e.render().to_string();
+    let msg: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = msg.join(" ");
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    eprintln!("userblk: {msg} (see --help)");
+    ExitCode::from(2)
 }
 
 fn del(args: &DelArgs) -> anyhow::Result<()> {
@@ -177,9 +190,9 @@ fn delete_ublk(
 
 fn man() -> anyhow::Result<()> {
     let cmd = <Cli as clap::CommandFactory>::command();
-    clap_mangen::Man::new(cmd)
-        .section("8")
-        .render(&mut std::io::stdout())?;
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(cmd).section("8").render(&mut buf)?;
+    out::bytes(&buf);
     Ok(())
 }
 
@@ -198,13 +211,18 @@ fn create(args: &cli::CreateArgs) -> anyhow::Result<()> {
                 backing_format: a.backing_format.clone(),
             };
             create(&opts).with_context(|| format!("creating {}", a.path.display()))?;
+            // The file is ours from here: an image that does not open is
+            // removed, so that the command can simply be run again.
             let t = userblk::targets::qcow2::Qcow2Target::open(&a.path, true)
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&a.path);
+                })
                 .context("reopening the new image")?;
             let d = userblk::Target::describe(&t);
             if a.json {
-                println!("{d}");
+                outln!("{d}");
             } else {
-                println!(
+                outln!(
                     "created {}: qcow2 v3, {} bytes, {}-byte clusters{}",
                     a.path.display(),
                     d["size"],
@@ -224,14 +242,14 @@ fn features(args: &JsonArgs) -> anyhow::Result<()> {
     let mut ctrl = Control::open()?;
     let f = userblk::ublk::Features(ctrl.features().context("reading kernel features")?);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "features": f.0, "names": f.names() })
         );
     } else {
-        println!("ublk features {:#x}", f.0);
+        outln!("ublk features {:#x}", f.0);
         for name in f.names() {
-            println!("\t{name}");
+            outln!("\t{name}");
         }
     }
     Ok(())

@@ -89,7 +89,11 @@ pub fn copy_options(query: &str) -> Result<Vec<(String, String)>, String> {
             ));
         }
         if k.ends_with("-size") {
-            userblk::size::parse(v).map_err(|e| format!("{k}={v}: {e}"))?;
+            let n = userblk::size::parse(v).map_err(|e| format!("{k}={v}: {e}"))?;
+            if k == "chunk-size" {
+                userblk::targets::s3::layout::check_chunk_size(n)
+                    .map_err(|e| format!("{k}={v}: {e}"))?;
+            }
         }
         out.push((k.to_owned(), v.to_owned()));
     }

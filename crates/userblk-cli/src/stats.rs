@@ -1,7 +1,6 @@
 //! `stats`: what a device's `stats` filter counted, read from the snapshot
 //! its daemon writes to the state directory every second and at exit.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -80,16 +79,15 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let snap: Snapshot = serde_json::from_slice(&body)
         .with_context(|| format!("{}: not a stats snapshot", path.display()))?;
     let live = st.daemon_alive();
-    let mut out = std::io::stdout().lock();
     if args.json {
         let mut v = serde_json::to_value(&snap)?;
         if let Some(m) = v.as_object_mut() {
             m.insert("id".into(), id.into());
             m.insert("live".into(), live.into());
         }
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        crate::out::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        write!(out, "{}", text(id, &snap, live))?;
+        crate::out::bytes(text(id, &snap, live).as_bytes());
     }
     Ok(())
 }

@@ -56,9 +56,35 @@ pub enum ControlError {
         /// What the OS said.
         err: std::io::Error,
     },
+    /// The server did not answer in time.
+    #[error("{}", no_answer(*pid, *waited, *stopped))]
+    NoAnswer {
+        /// The server's process, when the socket tells.
+        pid: Option<i32>,
+        /// How long the client waited.
+        waited: Duration,
+        /// Whether the server's process is stopped (`SIGSTOP`).
+        stopped: bool,
+    },
     /// The other side said something that is not this protocol.
     #[error("control protocol: {0}")]
     Protocol(String),
+}
+
+fn no_answer(pid: Option<i32>, waited: Duration, stopped: bool) -> String {
+    let who = pid.map_or_else(
+        || "the daemon".to_string(),
+        |p| format!("the daemon (pid {p})"),
+    );
+    match (stopped, pid) {
+        (true, Some(p)) => {
+            format!("{who} is stopped and cannot answer (`kill -CONT {p}` resumes it)")
+        }
+        _ => format!(
+            "{who} did not answer within {} s",
+            waited.as_secs_f64().round()
+        ),
+    }
 }
 
 fn no_such_action(name: &str, known: &[String]) -> String {
@@ -374,29 +400,120 @@ fn answer(conn: UnixStream, registry: &Registry) -> std::io::Result<()> {
     (&conn).write_all(&body)
 }
 
-/// Send `req` to the server at `path` and wait up to `timeout` for its reply.
+/// How long connecting and sending a request may take, and how long a
+/// stopped server is given to answer before it is reported as stopped.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting client looks at whether its server was stopped.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Send `req` to the server at `path` and wait up to `timeout` for its
+/// reply. Connecting and sending have [`CONNECT_TIMEOUT`]; a server that is
+/// stopped (`SIGSTOP`) is reported as such after that long, not waited for.
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ControlError> {
     let io = |what: &str| {
         let what = format!("{what} {}", path.display());
         move |err| ControlError::Io { what, err }
     };
-    let mut conn = UnixStream::connect(path).map_err(io("connecting to"))?;
-    conn.set_read_timeout(Some(timeout))
+    let conn = connect(path, CONNECT_TIMEOUT)?;
+    // The listener's pid, as the kernel recorded it at listen(): the
+    // daemon to name in an error, and to look at while waiting.
+    let pid = rustix::net::sockopt::socket_peercred(&conn)
+        .ok()
+        .map(|c| c.pid.as_raw_nonzero().get());
+    let no_answer = |waited: Duration, stopped: bool| ControlError::NoAnswer {
+        pid,
+        waited,
+        stopped,
+    };
+    conn.set_write_timeout(Some(CONNECT_TIMEOUT))
+        .map_err(io("setting a timeout on"))?;
+    conn.set_read_timeout(Some(POLL))
         .map_err(io("setting a timeout on"))?;
     let mut body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     body.push(b'\n');
-    conn.write_all(&body).map_err(io("writing to"))?;
-    let mut line = String::new();
-    BufReader::new(&conn)
-        .read_line(&mut line)
-        .map_err(io("reading from"))?;
+    match (&conn).write_all(&body) {
+        Err(e) if is_timeout(&e) => return Err(no_answer(CONNECT_TIMEOUT, false)),
+        r => r.map_err(io("writing to"))?,
+    }
+    let start = std::time::Instant::now();
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.contains(&b'\n') {
+        match (&conn).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                let waited = start.elapsed();
+                if waited >= timeout {
+                    return Err(no_answer(waited, false));
+                }
+                if waited >= CONNECT_TIMEOUT && pid.is_some_and(crate::state::pid_is_stopped) {
+                    return Err(no_answer(waited, true));
+                }
+            }
+            Err(e) => return Err(io("reading from")(e)),
+        }
+        if line.len() > 16 << 20 {
+            return Err(ControlError::Protocol("answer longer than 16 MiB".into()));
+        }
+    }
     if line.is_empty() {
         return Err(ControlError::Protocol(format!(
             "{} closed the connection without an answer",
             path.display()
         )));
     }
+    let line = String::from_utf8_lossy(&line);
     serde_json::from_str(&line).map_err(|e| ControlError::Protocol(format!("{e}: {line}")))
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Connect to `path` without blocking past `timeout`: a Unix connect
+/// blocks while the listener's backlog is full, as it is when the server
+/// stopped accepting.
+fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ControlError> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |err: std::io::Error| ControlError::Io { what, err }
+    };
+    let addr = SocketAddrUnix::new(path).map_err(|e| io("connecting to")(e.into()))?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| io("connecting to")(e.into()))?;
+    let start = std::time::Instant::now();
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) if start.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(rustix::io::Errno::AGAIN) => {
+                let pid = None;
+                return Err(ControlError::NoAnswer {
+                    pid,
+                    waited: start.elapsed(),
+                    stopped: false,
+                });
+            }
+            Err(e) => return Err(io("connecting to")(e.into())),
+        }
+    }
+    let conn = UnixStream::from(fd);
+    conn.set_nonblocking(false).map_err(io("connecting to"))?;
+    Ok(conn)
 }
 
 #[cfg(test)]
@@ -463,5 +580,68 @@ mod tests {
         drop(server);
         assert!(!path.exists());
         assert!(request(&path, &run("ping"), t).is_err());
+    }
+
+    #[test]
+    fn a_server_that_never_answers_is_an_error_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        // Bound and listening, but never accepting: connect and write
+        // succeed into the backlog, and no answer comes.
+        let _listener = UnixListener::bind(&path).unwrap();
+        let start = std::time::Instant::now();
+        let e = request(&path, &Request::List, Duration::from_secs(1)).unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        let pid = std::process::id();
+        assert!(
+            matches!(e, ControlError::NoAnswer { stopped: false, .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("the daemon (pid {pid}) did not answer within 1 s")
+        );
+    }
+
+    #[test]
+    fn a_stopped_server_is_named_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        // A listener in another process, which the test stops.
+        let script = format!(
+            "import socket,os,time\ns=socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(1)\nos.kill(os.getpid(),19)\ntime.sleep(60)",
+            path.display().to_string()
+        );
+        let Ok(mut child) = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .spawn()
+        else {
+            eprintln!("SKIPPED: no python3 to play a stopped daemon");
+            return;
+        };
+        let pid = i32::try_from(child.id()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !crate::state::pid_is_stopped(pid) {
+            assert!(std::time::Instant::now() < deadline, "never stopped");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let start = std::time::Instant::now();
+        let e = request(&path, &Request::List, Duration::from_secs(180));
+        let waited = start.elapsed();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let e = e.unwrap_err();
+        assert!(
+            waited < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("the daemon (pid {pid}) is stopped and cannot answer (`kill -CONT {pid}` resumes it)")
+        );
     }
 }

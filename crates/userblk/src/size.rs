@@ -2,7 +2,12 @@
 
 use crate::{Error, Result};
 
-/// Parse a byte size with an optional binary suffix (K, M, G, T, P, each optionally followed by `iB` or `B`).
+/// The largest size anything here can have: file offsets (`loff_t`) are
+/// signed 64-bit, so no device or file goes past 8 EiB less a byte.
+pub const MAX: u64 = i64::MAX as u64;
+
+/// Parse a byte size with an optional binary suffix (K, M, G, T, P, E, each
+/// optionally followed by `iB` or `B`), up to [`MAX`].
 ///
 /// ```
 /// assert_eq!(userblk::size::parse("1G").unwrap(), 1 << 30);
@@ -16,12 +21,15 @@ pub fn parse(s: &str) -> Result<u64> {
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(Error::invalid(format!(
-            "invalid size '{s}': expected a number with an optional K/M/G/T suffix"
+            "invalid size '{s}': expected a number with an optional K/M/G/T/P/E suffix"
         )));
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| Error::invalid(format!("invalid size '{s}': number too large")))?;
+    let too_large = || {
+        Error::invalid(format!(
+            "size '{s}' is larger than the largest device, 8E less a byte"
+        ))
+    };
+    let n: u64 = num.parse().map_err(|_| too_large())?;
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -29,14 +37,16 @@ pub fn parse(s: &str) -> Result<u64> {
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
         "p" | "pb" | "pib" => 50,
+        "e" | "eb" | "eib" => 60,
         _ => {
             return Err(Error::invalid(format!(
-                "invalid size '{s}': unknown unit '{unit}' (use K, M, G, T or P)"
+                "invalid size '{s}': unknown unit '{unit}' (use K, M, G, T, P or E)"
             )))
         }
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| Error::invalid(format!("invalid size '{s}': too large")))
+        .filter(|&v| v <= MAX)
+        .ok_or_else(too_large)
 }
 
 /// Format a byte count the short way (`1G`, `512M`, `1536K`, `4097`): exact, never rounded.
@@ -46,7 +56,14 @@ pub fn parse(s: &str) -> Result<u64> {
 /// assert_eq!(userblk::size::format(4097), "4097");
 /// ```
 pub fn format(n: u64) -> String {
-    for (shift, unit) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+    for (shift, unit) in [
+        (60, "E"),
+        (50, "P"),
+        (40, "T"),
+        (30, "G"),
+        (20, "M"),
+        (10, "K"),
+    ] {
         if n != 0 && n.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", n >> shift);
         }
@@ -55,6 +72,7 @@ pub fn format(n: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -77,9 +95,17 @@ mod tests {
             "1X",
             "99999999999999999999",
             "16777216P",
+            "16383P",
+            "8E",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse("7E").ok(), Some(7 << 60));
+        assert_eq!(parse(&MAX.to_string()).ok(), Some(MAX));
+        assert_eq!(
+            parse("16383P").unwrap_err().to_string(),
+            "size '16383P' is larger than the largest device, 8E less a byte"
+        );
     }
 
     #[test]

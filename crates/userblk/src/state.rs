@@ -254,13 +254,36 @@ impl DeviceState {
     }
 }
 
-/// Whether `pid` is a running userblk process (not a reused pid).
+/// Whether `pid` is a running userblk process (not a reused pid, and not
+/// a zombie: a daemon that has exited but whose parent has not reaped it
+/// yet is gone for every purpose of ours).
 pub fn pid_is_userblk(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(comm, state)| comm == "userblk" && !matches!(state, 'Z' | 'X'))
+}
+
+/// Whether `pid` is stopped (`SIGSTOP`, or a debugger): alive, but it
+/// will answer nothing until it is continued.
+pub fn pid_is_stopped(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(_, state)| matches!(state, 'T' | 't'))
+}
+
+/// The command name and state letter of `pid`, from `/proc/PID/stat`.
+fn proc_stat(pid: i32) -> Option<(String, char)> {
     if pid <= 0 {
-        return false;
+        return None;
     }
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| comm.trim_end() == "userblk")
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+/// `PID (COMM) S ...`: the name may hold spaces and parentheses, so it
+/// ends at the last `)`.
+fn parse_stat(stat: &str) -> Option<(String, char)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let state = stat.get(close + 1..)?.trim_start().chars().next()?;
+    Some((comm.to_string(), state))
 }
 
 /// An exclusive `flock` on the state directory's lock file, for claiming ids.
@@ -282,5 +305,53 @@ impl StateLock {
         rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| err(e.into()))?;
         Ok(StateLock(f))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_names_and_states_parse() {
+        assert_eq!(
+            parse_stat("42 (userblk) S 1 42"),
+            Some(("userblk".into(), 'S'))
+        );
+        assert_eq!(
+            parse_stat("7 (a) b) (c) Z 1"),
+            Some(("a) b) (c".into(), 'Z'))
+        );
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive_and_a_stopped_child_is_stopped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        assert!(!pid_is_stopped(pid));
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::STOP,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !pid_is_stopped(pid) {
+            assert!(std::time::Instant::now() < deadline, "never stopped");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.kill().unwrap();
+        // Killed but not reaped: a zombie, state Z.
+        while proc_stat(pid).is_some_and(|(_, s)| s != 'Z') {
+            assert!(std::time::Instant::now() < deadline, "never a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(proc_stat(pid).map(|(_, s)| s), Some('Z'));
+        child.wait().unwrap();
+        assert_eq!(proc_stat(pid), None);
     }
 }

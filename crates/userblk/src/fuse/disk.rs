@@ -25,6 +25,12 @@ use super::fusermount::fusermount;
 use crate::target::Target;
 use crate::{Error, Result};
 
+/// The most serving threads a FUSE disk takes. Each has its own
+/// `/dev/fuse` clone, ring and request buffers (a few MiB): past a few per
+/// CPU they only cost memory, as the kernel hands requests to whichever is
+/// free; 1,000 threads took 3.9 GB.
+pub const MAX_THREADS: usize = 64;
+
 /// How to export a target over FUSE.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
@@ -79,6 +85,7 @@ impl FuseDisk {
         opts: &FuseOptions,
         on_end: impl FnOnce(std::io::Result<()>) + Send + 'static,
     ) -> Result<FuseDisk> {
+        check_threads(opts.threads)?;
         check_fuse_available()?;
         let mountpoint = check_mountpoint(&opts.mountpoint)?;
         let counters = Arc::new(Counters::default());
@@ -256,6 +263,17 @@ pub fn check_fuse_available() -> Result<()> {
 }
 
 /// The mount point must be an existing directory that nothing is mounted on.
+/// Refuse a thread count outside `1..=MAX_THREADS`, before anything is mounted.
+pub fn check_threads(n: usize) -> Result<()> {
+    if (1..=MAX_THREADS).contains(&n) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{n} FUSE serving threads (-q) is out of range 1..={MAX_THREADS}"
+        )))
+    }
+}
+
 fn check_mountpoint(dir: &Path) -> Result<PathBuf> {
     let path_err = |err: std::io::Error| Error::Path {
         path: dir.to_path_buf(),

@@ -9,5 +9,5 @@ pub mod disk;
 pub mod export;
 pub mod fusermount;
 
-pub use disk::{FuseDisk, FuseOptions, Unmounted};
+pub use disk::{FuseDisk, FuseOptions, Unmounted, MAX_THREADS};
 pub use export::{Counters, DiskFs, DISK_NAME};

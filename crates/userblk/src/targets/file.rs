@@ -50,17 +50,56 @@ pub struct FileTarget {
     zero_range: AtomicBool,
 }
 
-fn open(path: &Path, read_only: bool, direct: bool) -> rustix::io::Result<OwnedFd> {
-    let mut flags = OFlags::CLOEXEC
-        | if read_only {
-            OFlags::RDONLY
-        } else {
-            OFlags::RDWR
-        };
+/// Open `path` as a device's data: a regular file or a block device and
+/// nothing else. The one place every target and `copy` opens such a file,
+/// so that none of them can hang in `open()` on a FIFO (which waits for a
+/// peer): the type is checked by name first, for the clear message, and
+/// again on the descriptor, which is opened non-blocking so that a file
+/// swapped in between cannot block either. The error names no path: the
+/// caller's does.
+pub fn open_data(path: &Path, read_only: bool, direct: bool) -> std::io::Result<OwnedFd> {
+    let st = rustix::fs::stat(path)?;
+    check_type(FileType::from_raw_mode(st.st_mode))?;
+    let mut flags = OFlags::CLOEXEC | OFlags::NONBLOCK;
+    flags |= if read_only {
+        OFlags::RDONLY
+    } else {
+        OFlags::RDWR
+    };
     if direct {
         flags |= OFlags::DIRECT;
     }
-    rustix::fs::open(path, flags, Mode::empty())
+    let fd = rustix::fs::open(path, flags, Mode::empty())
+        .map_err(|e| writable_hint(e.into(), read_only))?;
+    check_type(FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode))?;
+    // Blocking again: the ring and the page cache expect ordinary I/O.
+    rustix::fs::fcntl_setfl(&fd, rustix::fs::fcntl_getfl(&fd)? - OFlags::NONBLOCK)?;
+    Ok(fd)
+}
+
+/// A file that cannot be written can still be served read-only: say how.
+fn writable_hint(e: std::io::Error, read_only: bool) -> std::io::Error {
+    match Errno::from_io_error(&e) {
+        Some(Errno::ACCESS | Errno::PERM | Errno::ROFS) if !read_only => {
+            std::io::Error::new(e.kind(), format!("{e}; --read-only serves it read-only"))
+        }
+        _ => e,
+    }
+}
+
+fn check_type(t: FileType) -> std::io::Result<()> {
+    let what = match t {
+        FileType::RegularFile | FileType::BlockDevice => return Ok(()),
+        FileType::Fifo => "a FIFO",
+        FileType::Directory => "a directory",
+        FileType::CharacterDevice => "a character device",
+        FileType::Socket => "a socket",
+        _ => "of another type",
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("not a regular file or block device: it is {what}"),
+    ))
 }
 
 fn pow2_in(v: u32, lo: u32, hi: u32) -> Option<u32> {
@@ -72,41 +111,23 @@ impl FileTarget {
     pub fn open(opts: FileOptions) -> Result<Self> {
         let path = opts.path.clone();
         let perr = |e: Errno| Error::path(&path, e);
-        // Check the type before opening: opening a FIFO would block.
-        let st = rustix::fs::stat(&path).map_err(perr)?;
-        if !matches!(
-            FileType::from_raw_mode(st.st_mode),
-            FileType::RegularFile | FileType::BlockDevice
-        ) {
-            return Err(Error::invalid(format!(
-                "{}: not a regular file or block device",
-                path.display()
-            )));
-        }
+        let open = |direct| open_data(&path, opts.read_only, direct);
         let mut direct = !opts.buffered;
-        let fd = match open(&path, opts.read_only, direct) {
+        let fd = match open(direct) {
             Ok(fd) => fd,
-            Err(Errno::INVAL) if direct => {
+            Err(e) if direct && Errno::from_io_error(&e) == Some(Errno::INVAL) => {
                 tracing::warn!(
                     "{}: O_DIRECT not supported here; using buffered I/O",
                     path.display()
                 );
                 direct = false;
-                open(&path, opts.read_only, false).map_err(perr)?
+                open(false).map_err(|e| Error::path(&path, e))?
             }
-            Err(e) => return Err(perr(e)),
+            Err(e) => return Err(Error::path(&path, e)),
         };
         let st = rustix::fs::fstat(&fd).map_err(perr)?;
-        let block_device = match FileType::from_raw_mode(st.st_mode) {
-            FileType::RegularFile => false,
-            FileType::BlockDevice => true,
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{}: not a regular file or block device",
-                    path.display()
-                )))
-            }
-        };
+        // `open_data` let nothing else through.
+        let block_device = FileType::from_raw_mode(st.st_mode) == FileType::BlockDevice;
         let (raw_size, lbs, pbs) = if block_device {
             let size = rustix::fs::seek(&fd, SeekFrom::End(0)).map_err(perr)?;
             let lbs = rustix::fs::ioctl_blksszget(&fd).map_err(perr)?;
@@ -344,5 +365,65 @@ impl Target for FileTarget {
             "block_device": self.block_device,
             "size": self.size,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        for read_only in [true, false] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let f = fifo.clone();
+            // In a thread: a regression hangs in open(), and the deadline
+            // below reports it instead of hanging the test run.
+            std::thread::spawn(move || {
+                let _ = tx.send(open_data(&f, read_only, false).map(drop));
+            });
+            let e = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("open_data waited on a FIFO")
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "not a regular file or block device: it is a FIFO"
+            );
+        }
+        let e = open_data(dir.path(), true, false).unwrap_err();
+        assert!(e.to_string().ends_with("it is a directory"), "{e}");
+        let file = dir.path().join("f");
+        std::fs::write(&file, [0u8; 512]).unwrap();
+        let fd = open_data(&file, false, false).unwrap();
+        // Blocking again once the type is known.
+        assert!(!rustix::fs::fcntl_getfl(&fd)
+            .unwrap()
+            .contains(OFlags::NONBLOCK));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_written_says_read_only_serves_it() {
+        let denied = || std::io::Error::from_raw_os_error(Errno::ACCESS.raw_os_error());
+        let e = writable_hint(denied(), false);
+        assert!(
+            e.to_string().ends_with("; --read-only serves it read-only"),
+            "{e}"
+        );
+        assert_eq!(
+            writable_hint(denied(), true).to_string(),
+            denied().to_string()
+        );
     }
 }

@@ -68,6 +68,13 @@ pub fn create(opts: &CreateOptions) -> Result<(), Qcow2Error> {
     if size == 0 {
         return Err(Qcow2Error::Invalid("the image needs a size".into()));
     }
+    // A device serves whole sectors (a partial last one is left out): an
+    // image below one would not open.
+    if size < 512 {
+        return Err(Qcow2Error::Invalid(format!(
+            "size {size} is below one sector (512 bytes)"
+        )));
+    }
     if size > super::header::MAX_HOST_OFFSET {
         return Err(Qcow2Error::Invalid(format!("size {size} is too large")));
     }
@@ -120,7 +127,8 @@ pub fn create(opts: &CreateOptions) -> Result<(), Qcow2Error> {
         )));
     }
     let path = &opts.path;
-    let err = |e| Qcow2Error::Io(path.display().to_string(), e);
+    // The caller names the image in its errors.
+    let err = |e| Qcow2Error::Io(String::new(), e);
     let file = FsOpen::new()
         .write(true)
         .create_new(true)
@@ -162,7 +170,10 @@ fn probe_backing(path: &Path, format: Option<&str>) -> Result<(u64, String), Qco
     let bad = |e: std::io::Error| Qcow2Error::Backing(format!("{}: {e}", path.display()));
     let fmt = match format {
         Some(f) => f.to_string(),
-        None => super::image::probe_format(&std::fs::File::open(path).map_err(bad)?)?.to_string(),
+        None => {
+            let file = crate::targets::file::open_data(path, true, false).map_err(bad)?;
+            super::image::probe_format(&std::fs::File::from(file))?.to_string()
+        }
     };
     match fmt.as_str() {
         "qcow2" => {
@@ -183,5 +194,35 @@ fn probe_backing(path: &Path, format: Option<&str>) -> Result<(u64, String), Qco
         other => Err(Qcow2Error::Invalid(format!(
             "backing format {other:?}: qcow2 and raw are supported"
         ))),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_sizes_are_refused_before_a_file_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.qcow2");
+        for size in [0, 1, 511, u64::MAX] {
+            let e = create(&CreateOptions::new(&path, size)).unwrap_err();
+            assert!(matches!(e, Qcow2Error::Invalid(_)), "{size}: {e:?}");
+            assert!(!path.exists(), "size {size} left {} behind", path.display());
+        }
+        create(&CreateOptions::new(&path, 512)).unwrap();
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn an_existing_file_is_neither_overwritten_nor_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.qcow2");
+        std::fs::write(&path, b"mine").unwrap();
+        let e = create(&CreateOptions::new(&path, 1 << 20)).unwrap_err();
+        // The caller names the path: the error does not repeat it.
+        assert_eq!(e.to_string(), "File exists (os error 17)");
+        assert_eq!(std::fs::read(&path).unwrap(), b"mine");
     }
 }

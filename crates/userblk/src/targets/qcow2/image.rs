@@ -94,7 +94,8 @@ impl Image {
         opts: &OpenOptions,
         seen: &mut HashSet<PathBuf>,
     ) -> Result<Image, Qcow2Error> {
-        let canon = std::fs::canonicalize(path).map_err(io(path.display().to_string()))?;
+        // Both callers name `path` in their errors: the OS errors need not.
+        let canon = std::fs::canonicalize(path).map_err(io(String::new()))?;
         if !seen.insert(canon.clone()) {
             return Err(Qcow2Error::Corrupt(format!(
                 "backing file loop: {} appears twice in the chain",
@@ -106,11 +107,10 @@ impl Image {
                 "backing chain longer than {MAX_CHAIN} images"
             )));
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(io(path.display().to_string()))?;
+        let file = File::from(
+            crate::targets::file::open_data(path, opts.read_only, false)
+                .map_err(io(String::new()))?,
+        );
         if !opts.read_only {
             // One writer per image: a second daemon would corrupt it.
             rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
@@ -118,10 +118,7 @@ impl Image {
                     Qcow2Error::Busy("another process has the image open for writing".into())
                 })?;
         }
-        let file_len = file
-            .metadata()
-            .map_err(io(path.display().to_string()))?
-            .len();
+        let file_len = file.metadata().map_err(io(String::new()))?.len();
         let mut first = vec![0u8; 4096];
         let n = read_prefix(&file, &mut first)?;
         first.truncate(n);
@@ -523,7 +520,7 @@ fn open_backing(
     let path = backing_path(image, name);
     let what =
         |e: std::io::Error| Qcow2Error::Backing(format!("{name} (as {}): {e}", path.display()));
-    let file = File::open(&path).map_err(what)?;
+    let file = File::from(crate::targets::file::open_data(&path, true, false).map_err(what)?);
     let format = match format {
         Some(f) => f.to_string(),
         None => probe_format(&file)?.to_string(),

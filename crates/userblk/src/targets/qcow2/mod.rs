@@ -68,9 +68,18 @@ pub enum Qcow2Error {
     /// Bad options.
     #[error("{0}")]
     Invalid(String),
-    /// A system call failed.
-    #[error("{0}: {1}")]
+    /// A system call failed: what was being done (empty where the caller
+    /// names the file already), and the error.
+    #[error("{}", io_message(.0, .1))]
     Io(String, std::io::Error),
+}
+
+fn io_message(what: &str, e: &std::io::Error) -> String {
+    if what.is_empty() {
+        e.to_string()
+    } else {
+        format!("{what}: {e}")
+    }
 }
 
 /// Default L2 cache: 256 tables, which map 128 GiB with 64 KiB clusters.

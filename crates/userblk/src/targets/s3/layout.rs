@@ -150,16 +150,26 @@ pub struct Geometry {
     chunk_size: u64,
 }
 
+/// Whether `chunk_size` can be a volume's: checkable before anything
+/// connects (`--chunk-size` is refused as it is parsed).
+///
+/// # Errors
+/// [`LayoutError::BadChunkSize`].
+pub fn check_chunk_size(chunk_size: u64) -> Result<(), LayoutError> {
+    if chunk_size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        Ok(())
+    } else {
+        Err(LayoutError::BadChunkSize(chunk_size))
+    }
+}
+
 impl Geometry {
     /// Validates and builds a geometry.
     ///
     /// # Errors
     /// [`LayoutError::BadChunkSize`] / [`LayoutError::BadDeviceSize`].
     pub fn new(size: u64, chunk_size: u64) -> Result<Self, LayoutError> {
-        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
-        {
-            return Err(LayoutError::BadChunkSize(chunk_size));
-        }
+        check_chunk_size(chunk_size)?;
         if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(LayoutError::BadDeviceSize(size));
         }

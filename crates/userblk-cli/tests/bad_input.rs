@@ -1,0 +1,297 @@
+//! Bad input, table-driven: each case exits with its status, says exactly
+//! one line on stderr, panics nowhere, hangs nowhere (a deadline), and
+//! leaves nothing behind: no new file in its scratch directory, nothing in
+//! its state directory. Plus output into a pipe closed early.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Run `userblk args` in `dir` with its own state directory; kill it at
+/// the deadline. Returns (exit code, stdout, stderr).
+fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_userblk"))
+        .args(args)
+        .current_dir(dir)
+        .env("USERBLK_STATE_DIR", dir.join("state"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait(&mut child, args);
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code(), out, err)
+}
+
+/// Wait for `child` up to the deadline; kill it and fail past that.
+fn wait(child: &mut std::process::Child, args: &[&str]) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > DEADLINE {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{args:?} still running after {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = walk(dir);
+    names.sort();
+    names
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        out.push(e.path().display().to_string());
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
+}
+
+/// One case: arguments ({} is the scratch directory), exit code, a phrase
+/// of the one line on stderr.
+struct Case {
+    args: &'static [&'static str],
+    code: i32,
+    phrase: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        args: &["create", "qcow2", "--file", "{}/x.qcow2", "--size", "1"],
+        code: 1,
+        phrase: "size 1 is below one sector",
+    },
+    Case {
+        args: &[
+            "create",
+            "qcow2",
+            "--file",
+            "{}/x.qcow2",
+            "--size",
+            "16383P",
+        ],
+        code: 2,
+        phrase: "larger than the largest device, 8E",
+    },
+    Case {
+        args: &[
+            "create",
+            "qcow2",
+            "--file",
+            "{}/nodir/x.qcow2",
+            "--size",
+            "1M",
+        ],
+        code: 1,
+        phrase: "No such file",
+    },
+    Case {
+        args: &[
+            "create",
+            "qcow2",
+            "--file",
+            "{}/x.qcow2",
+            "--size",
+            "1M",
+            "--backing",
+            "{}/fifo",
+        ],
+        code: 1,
+        phrase: "it is a FIFO",
+    },
+    Case {
+        args: &["add", "--frontend", "fuse", "mem", "--size", "16383P"],
+        code: 2,
+        phrase: "larger than the largest device",
+    },
+    Case {
+        args: &[
+            "add",
+            "s3",
+            "--bucket",
+            "b",
+            "--size",
+            "1G",
+            "--chunk-size",
+            "1000",
+        ],
+        code: 2,
+        phrase: "chunk size 1000 is invalid",
+    },
+    Case {
+        args: &["add", "--frontend", "fuse", "-q", "1000", "null"],
+        code: 1,
+        phrase: "out of range 1..=64",
+    },
+    Case {
+        args: &["add", "--frontend", "fuse", "file", "--file", "{}/fifo"],
+        code: 1,
+        phrase: "it is a FIFO",
+    },
+    Case {
+        args: &["add", "--frontend", "fuse", "qcow2", "--file", "{}/fifo"],
+        code: 1,
+        phrase: "it is a FIFO",
+    },
+    Case {
+        args: &[
+            "add",
+            "--frontend",
+            "fuse",
+            "qcow2",
+            "--file",
+            "{}/nonexistent",
+        ],
+        code: 1,
+        phrase: "No such file",
+    },
+    Case {
+        args: &["copy", "{}/fifo", "{}/dst.img"],
+        code: 1,
+        phrase: "it is a FIFO",
+    },
+    Case {
+        args: &["copy", "{}/src.img", "{}/fifo"],
+        code: 1,
+        phrase: "it is a FIFO",
+    },
+    Case {
+        args: &["copy", "{}/src.img", "qcow2:{}/fifo"],
+        code: 1,
+        phrase: "it is a FIFO",
+    },
+    Case {
+        args: &["copy", "{}/src.img", "{}/nodir/dst.img"],
+        code: 1,
+        phrase: "No such file",
+    },
+    Case {
+        args: &[
+            "copy",
+            "{}/src.img",
+            "{}/dst.img",
+            "--resume",
+            "--checkpoint",
+            "{}/nodir/x",
+        ],
+        code: 1,
+        phrase: "its directory cannot be written",
+    },
+    Case {
+        args: &["copy", "{}/src.img", "s3://b/p?chunk-size=1000"],
+        code: 2,
+        phrase: "chunk size 1000 is invalid",
+    },
+    Case {
+        args: &["ctl", "-n", "0", "powercut", "junk"],
+        code: 2,
+        phrase: "unexpected argument 'junk'",
+    },
+    Case {
+        args: &["ctl", "-n", "0"],
+        code: 1,
+        phrase: "no device with id 0",
+    },
+];
+
+#[test]
+fn bad_input_is_one_line_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(d.join("src.img"), vec![0u8; 4096]).unwrap();
+    let before = listing(d);
+    let dstr = d.display().to_string();
+    for case in CASES {
+        let args: Vec<String> = case.args.iter().map(|a| a.replace("{}", &dstr)).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _out, err) = run(d, &args);
+        assert_eq!(code, Some(case.code), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+        assert!(
+            err.contains(case.phrase),
+            "{args:?}: expected '{}' in: {err}",
+            case.phrase
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        // A path said once: no "X: X: ..." (a name of the scratch
+        // directory's files appears at most once).
+        for name in ["fifo", "x.qcow2", "dst.img", "nonexistent"] {
+            let p = format!("{dstr}/{name}");
+            assert!(
+                err.matches(&p).count() <= 1,
+                "{args:?}: {p} repeated: {err}"
+            );
+        }
+        assert_eq!(listing(d), before, "{args:?} left something behind");
+    }
+}
+
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["completions", "fish"][..],
+        &["completions", "bash"],
+        &["man"],
+        &["--help"],
+        &["add", "--help"],
+        &["list"],
+        &["list", "--json"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_userblk"))
+            .args(args)
+            .env("USERBLK_STATE_DIR", dir.path().join("state"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes before the first byte is written.
+        drop(child.stdout.take());
+        let status = wait(&mut child, args);
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
