@@ -4,12 +4,13 @@
 //! Requests go through `Engine` (one at a time) or `Slots` (many in flight),
 //! the same validate/submit/complete path as the ublk queue loop. Servers
 //! are killed and restarted to check reconnecting. A test whose server
-//! program is missing prints `SKIPPED:` and returns, so the run shows what
+//! program is missing prints `SKIP` (see tests/skip) and returns, so the run shows what
 //! did not run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(dead_code)]
 mod common;
+mod skip;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -37,8 +38,8 @@ fn installed(program: &str) -> bool {
 /// Return from the test, visibly, when `program` is missing.
 macro_rules! require {
     ($program:expr) => {
-        if !installed($program) {
-            eprintln!("SKIPPED: {} is not installed", $program);
+        let why = format!("{} is not installed", $program);
+        if !skip::require(installed($program), skip::Prereq::CiInstalls, &why) {
             return;
         }
     };

@@ -3,13 +3,15 @@
 //!
 //! The binary comes from `tests/s3/server.sh install`; it is looked for at
 //! `$S3S_FS`, then `${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs`. Without it each
-//! test prints a SKIPPED line to stderr and returns.
+//! test reports a skip (see tests/skip) and returns.
 
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::cast_possible_truncation
 )]
+
+mod skip;
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -49,15 +51,11 @@ struct Server {
 }
 
 impl Server {
-    /// `None` (after printing the SKIPPED line) when s3s-fs is not installed.
+    /// `None` (after reporting the skip) when s3s-fs is not installed.
     fn start() -> Option<Self> {
         let Some(bin) = s3s_binary() else {
-            // Straight to stderr: libtest captures eprintln! of passing tests,
-            // and a skip must be visible.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: s3s-fs not installed (run tests/s3/server.sh install)"
-            );
+            let why = "s3s-fs not installed (run tests/s3/server.sh install)";
+            skip::skip(skip::Prereq::CiInstalls, why);
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
