@@ -10,7 +10,6 @@
 
 #[allow(dead_code)]
 mod common;
-mod skip;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,16 +29,13 @@ use userblk::{Extent, Flags, IoResult, Op, Request, Target};
 
 // ---- servers ----
 
-fn installed(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-}
+use common::servers::installed;
 
 /// Return from the test, visibly, when `program` is missing.
 macro_rules! require {
     ($program:expr) => {
         let why = format!("{} is not installed", $program);
-        if !skip::require(installed($program), skip::Prereq::CiInstalls, &why) {
+        if !common::skip::require(installed($program), common::skip::Prereq::CiInstalls, &why) {
             return;
         }
     };
