@@ -384,6 +384,21 @@ fn modifications_follow_read_only(t: &dyn Target, fx: &Fixture) {
     assert_device_is(&mut dev, &model, "after modifications");
 }
 
+/// Data in the first `head` and the last `tail` bytes (patterns `seed`
+/// and `seed + 1`), for zeroing ops to cut into.
+fn write_ends(dev: &mut Dev<'_>, model: &mut common::Model, head: u64, tail: u64, seed: u64) {
+    let size = model.all().len() as u64;
+    for (off, len, seed) in [(0, head, seed), (size - tail, tail, seed + 1)] {
+        let data = pattern(seed, us(len));
+        assert_eq!(
+            dev.write(off, &data),
+            Ok(len32(data.len())),
+            "write {off}+{len}"
+        );
+        model.write(off, &data);
+    }
+}
+
 fn discard_reads_zero(t: &dyn Target, fx: &Fixture) {
     let caps = t.caps();
     let mut dev = Dev::new(t);
@@ -396,12 +411,7 @@ fn discard_reads_zero(t: &dyn Target, fx: &Fixture) {
     let size = caps.size;
     let mut model = fx.model();
 
-    let data = pattern(21, us(16 * g));
-    assert_eq!(dev.write(0, &data), Ok(len32(data.len())));
-    model.write(0, &data);
-    let last = pattern(22, us(2 * g));
-    assert_eq!(dev.write(size - 2 * g, &last), Ok(len32(last.len())));
-    model.write(size - 2 * g, &last);
+    write_ends(&mut dev, &mut model, 16 * g, 2 * g, 21);
 
     // Granularity-aligned discards read back as zeroes; their neighbours keep their data.
     for (off, len) in [
@@ -452,12 +462,7 @@ fn write_zeroes_reads_zero(t: &dyn Target, fx: &Fixture) {
     let size = caps.size;
     let mut model = fx.model();
 
-    let data = pattern(31, us(32 * g));
-    assert_eq!(dev.write(0, &data), Ok(len32(data.len())));
-    model.write(0, &data);
-    let last = pattern(32, us(2 * g));
-    assert_eq!(dev.write(size - 2 * g, &last), Ok(len32(last.len())));
-    model.write(size - 2 * g, &last);
+    write_ends(&mut dev, &mut model, 32 * g, 2 * g, 31);
 
     let ranges = [
         (2 * g, 2 * g, false),

@@ -33,18 +33,21 @@ fn other<K: 'static>(target: Arc<dyn Target>, filter: bool, keep: K, initial: Ve
     }
 }
 
-/// A fresh qcow2 image of `size` bytes, made by the library's `create`.
-pub fn qcow2_sized(size: u64) -> Fixture {
+/// A fresh qcow2 image of `size` bytes and `cluster`-byte clusters, made
+/// by the library's `create`.
+pub fn qcow2_sized(size: u64, cluster: u64) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk.qcow2");
-    create(&CreateOptions::new(&path, size)).expect("create qcow2");
+    let mut o = CreateOptions::new(&path, size);
+    o.cluster_size = cluster;
+    create(&o).expect("create qcow2");
     let t = Qcow2Target::open(&path, false).expect("open qcow2");
     other(Arc::new(t), false, dir, vec![0; us(size)])
 }
 
 /// A fresh qcow2 image.
 pub fn qcow2() -> Fixture {
-    qcow2_sized(DEV_SIZE)
+    qcow2_sized(DEV_SIZE, 64 << 10)
 }
 
 /// A qcow2 image over a raw backing file full of data: every cluster
@@ -62,9 +65,9 @@ pub fn qcow2_backed() -> Fixture {
     other(Arc::new(t), false, dir, base)
 }
 
-/// `cow` (its overlay a named file) over a read-only file target of
-/// `size` bytes, full of data or sparse.
-pub fn cow_sized(size: u64, filled: bool) -> Fixture {
+/// `cow` (its overlay a named file, of `cluster`-byte clusters) over a
+/// read-only file target of `size` bytes, full of data or sparse.
+pub fn cow_sized(size: u64, filled: bool, cluster: u32) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("base.img");
     let initial = if filled {
@@ -79,7 +82,10 @@ pub fn cow_sized(size: u64, filled: bool) -> Fixture {
         ..FileOptions::default()
     })
     .expect("open the base read-only");
-    let spec = format!("cow:file={}/overlay.cow", dir.path().display());
+    let spec = format!(
+        "cow:file={}/overlay.cow,cluster={cluster}",
+        dir.path().display()
+    );
     let specs = [spec.parse().expect("cow spec")];
     let env = userblk::filters::Env::default();
     let stack = userblk::filters::build(Arc::new(base), &specs, &env).expect("cow over the base");
@@ -88,7 +94,7 @@ pub fn cow_sized(size: u64, filled: bool) -> Fixture {
 
 /// `cow` over a read-only file full of data.
 pub fn cow() -> Fixture {
-    cow_sized(DEV_SIZE, true)
+    cow_sized(DEV_SIZE, true, 64 << 10)
 }
 
 /// A write-back layer over mem: what mem holds lags behind the device, so
