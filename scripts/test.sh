@@ -20,7 +20,17 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "host tests (cargo test)"
+# Skipped tests pass in libtest's count; each writes a line here instead
+# (crates/userblk/tests/skip), and the line below the run counts them.
+export USERBLK_SKIP_LOG="$PWD/target/test-skips.log"
+rm -f "$USERBLK_SKIP_LOG"
 cargo test --workspace --locked
+skipped=$(sort -u "$USERBLK_SKIP_LOG" 2>/dev/null | sed 's/^SKIP /  /' || true)
+if [ -n "$skipped" ]; then
+    printf 'cargo test: %s skipped:\n%s\n' "$(wc -l <<<"$skipped")" "$skipped"
+else
+    echo "cargo test: 0 skipped"
+fi
 
 step "release build"
 cargo build --release --locked

@@ -271,6 +271,7 @@ add_plain() {
 
 echo "crash bench: frontend $FRONTEND, file systems $FILESYSTEMS, $ROUNDS rounds each, seed $SEED"
 cleanup_devices
+plan $((1 + 2 * $(wc -w <<<"$FILESYSTEMS")))  # ctl_errors, then two per file system
 case_run "ctl: powercut/powerup, EIO while off, errors" ctl_errors
 for fs in $FILESYSTEMS; do
     case_run "$fs: $ROUNDS power cuts, fsck clean, fsync'd files intact" bench "$fs" "$ROUNDS" pass ""

@@ -325,6 +325,7 @@ cleanup() {
 cleanup_devices() { :; }
 trap 'cleanup; rm -rf "$WORK"' EXIT
 
+plan 9
 case_run "copy: raw -> qcow2 -> raw is byte-identical" case_round_trip_is_identical
 case_run "copy: holes and zero blocks are not allocated" case_holes_are_not_allocated
 case_run "copy: existing destinations get zeroes in holes" case_existing_destination_gets_zeroes

@@ -293,6 +293,7 @@ cleanup_devices() {
 }
 trap 'cleanup_devices; rm -rf "$WORK"' EXIT
 
+plan 8
 case_run "cow: fio verify over a read-only file, base unchanged" case_cow_fio_verify
 case_run "cow: a flushed write survives kill -9" case_cow_flush_survives_kill
 case_run "cow: ext4 on a golden image, image unchanged" case_cow_ext4_golden_image

@@ -205,6 +205,7 @@ cleanup_devices() {
 }
 trap 'cleanup_devices; rm -rf "$WORK"' EXIT
 
+plan 9
 case_run "delay + stats: reads wait, stats counts them" case_delay_and_stats
 case_run "error: EIO in a byte range only" case_error_gives_eio
 case_run "error: a trigger file turns ENOSPC on and off" case_error_trigger_file

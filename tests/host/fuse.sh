@@ -317,6 +317,7 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
+plan 14
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "fio verify on the loop device" case_fio_verify_loop
 case_run "fio verify on the FUSE file, O_DIRECT" case_fio_verify_fuse_file_direct

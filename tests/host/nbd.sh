@@ -312,6 +312,7 @@ trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
 [ "$(id -u)" = 0 ] || { echo "the NBD host suite needs root (loop devices, mounts)"; exit 2; }
 [ -n "${TRACE:-}" ] && set -x
+plan 11
 case_run "nbdinfo: size, flags, block sizes, read-only" case_nbdinfo_size_and_flags
 case_run "nbdsh: data, FUA, trim, zero, block status" case_nbdsh_semantics
 case_run "qemu-img convert/compare, qemu-io" case_qemu_img_convert_compare

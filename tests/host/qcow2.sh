@@ -272,6 +272,7 @@ cleanup_devices() {
 }
 trap 'cleanup_devices; rm -rf "$WORK"' EXIT
 
+plan 8
 case_run "qcow2: qemu-img images (v2/v3, 4K-2M, compressed) read identically" case_qemu_images_read_identically
 case_run "qcow2: backing chains read identically, bases untouched" case_backing_chains_read_identically
 case_run "qcow2: writes, zeroes, discards match a raw copy" case_writes_match_a_raw_copy

@@ -346,6 +346,7 @@ case_ctl_status_and_upload() {
     ub del -n "$id"
 }
 
+plan 9
 case_run "errors: endpoint, credentials, bucket, volume, sizes" case_errors
 case_run "fio verify, ext4, re-add from the bucket alone" case_fio_ext4_and_reopen_from_the_bucket
 case_run "all-zero chunks are not stored, discard deletes" case_zero_chunks_are_not_stored

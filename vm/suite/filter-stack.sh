@@ -159,6 +159,7 @@ no_panics_logged() {
 
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 cleanup_devices
+plan 5
 case_run "cow + stats + delay (above): fio verify, base unchanged" cow_delay_above
 case_run "cow + stats + delay (below): fio verify, base unchanged" cow_delay_below
 case_run "cow: ext4 mkfs/mount/fsck, kill -9 and recover" cow_ext4_recover

@@ -134,6 +134,7 @@ flakey_power_cut() { # held-back writes go, flushed ones stay, EIO while off
 
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 cleanup_devices
+plan 4
 case_run "error filter under ext4: EIO, remount-ro, daemon LIVE, del" error_under_ext4
 case_run "stats + delay under fio verify: counts match the kernel's" stats_delay_fio
 case_run "recover a filtered device: same stack, same data" recover_with_filters

@@ -1,11 +1,14 @@
 # Shared helpers for the real-kernel suites (sourced, inside the VM).
 # Each case prints one line: PASS/FAIL/SKIP, its name, the time it took and,
 # on failure, the output of the failing step. The summary line at the end is
-# "N passed, N failed, N skipped"; the suite exits non-zero if anything failed.
+# "N passed, N failed, N skipped"; the suite exits non-zero if anything failed,
+# or if fewer cases ran than it declared with `plan` (a suite that stopped
+# early, or lost a case, must not pass on the cases it did run).
 
 PASSED=0
 FAILED=0
 SKIPPED=0
+PLANNED=
 FAILED_NAMES=()
 CASE_LOG=$(mktemp /tmp/case.XXXXXX)
 
@@ -14,6 +17,10 @@ CASE_LOG=$(mktemp /tmp/case.XXXXXX)
 export USERBLK
 
 ub() { "$USERBLK" "$@"; }
+
+# `plan N`: the suite defines N cases (every case_run it can reach, a skipped
+# case counting as one); summary fails when fewer ran.
+plan() { PLANNED=$1; }
 
 # Run a case: `case_run NAME FUNCTION [ARGS...]`. The function fails the case
 # by returning non-zero (set -e is on inside it).
@@ -133,6 +140,16 @@ summary() {
     rm -f "$CASE_LOG"
     echo
     [ "${#FAILED_NAMES[@]}" -eq 0 ] || printf 'failed: %s\n' "${FAILED_NAMES[@]}"
+    local ran=$((PASSED + FAILED + SKIPPED)) short=0
+    if [ -z "$PLANNED" ]; then
+        echo "the suite declares no plan (plan N before its cases)"
+        short=1
+    elif [ -n "${ONLY:-}" ]; then
+        echo "ONLY=$ONLY: $ran of the $PLANNED cases ran"
+    elif [ "$ran" -lt "$PLANNED" ]; then
+        echo "only $ran of the $PLANNED cases this suite defines ran"
+        short=1
+    fi
     echo "$PASSED passed, $FAILED failed, $SKIPPED skipped"
-    [ "$FAILED" -eq 0 ]
+    [ "$FAILED" -eq 0 ] && [ "$short" -eq 0 ]
 }

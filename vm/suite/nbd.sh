@@ -520,6 +520,7 @@ no_panics_logged() {
 
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 cleanup_devices
+plan 10
 case_run "kernel nbd on unix export: ext4, fsck, reattach" kernel_nbd_ext4
 case_run "kernel nbd: fio verify, flush, trim, 4 conns" kernel_nbd_fio
 case_run "kernel nbd + ublk nbd device, one TCP export" kernel_nbd_tcp

@@ -287,6 +287,7 @@ no_panics_logged() {
 
 echo "kernel $(uname -r); userblk $("$USERBLK" --version); $(qemu-img --version 2>/dev/null | head -n 1)"
 cleanup_devices
+plan 7
 case_run "qcow2: ext4 on a qemu-img image, clean in qemu" ext4_on_qemu_image
 case_run "qcow2: fio verify over a qcow2 backing file" fio_verify_over_backing
 case_run "qcow2: kill -9 mid-write, no corruption" kill9_mid_write

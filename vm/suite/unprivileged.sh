@@ -202,6 +202,7 @@ command -v setpriv >/dev/null || { echo "no setpriv (util-linux)"; exit 2; }
 cleanup_devices
 start_owner_loop
 trap stop_owner_loop EXIT
+plan 10
 case_run "user: add mem, fio verify, list, del" user_lifecycle
 case_run "user: refused del of root's device, still LIVE" user_cannot_del_roots
 case_run "user: refused del of another user's device" users_cannot_touch_each_other

@@ -6,6 +6,9 @@
 //! suite (vm/suite/ublk.sh).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../userblk/tests/skip/mod.rs"]
+mod skip;
+
 use std::process::{Command, Output};
 
 fn userblk(args: &[&str]) -> Output {
@@ -160,8 +163,9 @@ fn target_errors_exit_1_with_one_clear_line() {
 
 #[test]
 fn without_the_ublk_driver_the_message_says_what_to_do() {
-    if std::path::Path::new("/dev/ublk-control").exists() {
-        eprintln!("SKIPPED: this kernel has /dev/ublk-control; the VM suite covers real devices");
+    let no_ublk = !std::path::Path::new("/dev/ublk-control").exists();
+    let why = "this kernel has /dev/ublk-control; the VM suite covers real devices";
+    if !skip::require(no_ublk, skip::Prereq::Environment, why) {
         return;
     }
     for args in [

@@ -26,6 +26,10 @@ pub mod io;
 pub mod loopdev;
 pub mod nbd;
 pub mod size;
+// Reporting tests that cannot run here (shared with the integration tests).
+#[cfg(test)]
+#[path = "../tests/skip/mod.rs"]
+mod skip;
 pub mod slots;
 pub mod state;
 pub mod sys;

@@ -1,15 +1,20 @@
 //! Differential test: random sequences of requests applied to `MemTarget`,
-//! `FileTarget` (a temp file, O_DIRECT where the filesystem allows it) and a
-//! plain `Vec<u8>` model; every read must return the same bytes from all three.
+//! `FileTarget` (a temp file, O_DIRECT where the filesystem allows it),
+//! qcow2, cow, a write-back cache, flakey, the nbd target on nbdkit (a test
+//! of its own, as it needs nbdkit) and a plain `Vec<u8>` model; every read
+//! must return the same bytes from all of them.
 //!
-//! Discard is a hint in general, but both targets implement it by punching a
-//! hole, so the model zeroes discarded ranges.
+//! Discard is a hint in general, but every target here implements it as
+//! zeroing at block granularity (qcow2 and cow with 4 KiB clusters), so the
+//! model zeroes discarded ranges.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(dead_code)]
 mod common;
 
-use common::pattern;
+use common::servers::installed;
+use common::skip::{self, Prereq};
+use common::{pattern, Fixture};
 use proptest::prelude::*;
 use userblk::slots::Engine;
 use userblk::targets::{FileOptions, FileTarget, MemTarget};
@@ -99,7 +104,20 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
-fn check_sequence(steps: &[Step]) -> Result<(), TestCaseError> {
+/// A fixture of the device's size; `None` if its server is missing.
+type Make = fn(u64) -> Option<Fixture>;
+
+/// Targets beside mem and file in every sequence.
+const LOCAL: &[(&str, Make)] = &[
+    ("qcow2", |s| Some(common::qcow2_sized(s, BLOCK))),
+    ("cow", |s| Some(common::cow_sized(s, false, len32(BLOCK)))),
+    ("cache-writeback", |s| {
+        Some(common::cache_writeback_sized(s))
+    }),
+    ("flakey", |s| Some(common::flakey_sized(s))),
+];
+
+fn check_sequence(steps: &[Step], also: &[(&'static str, Make)]) -> Result<(), TestCaseError> {
     let mem = MemTarget::new(DEV_SIZE).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("differential.img");
@@ -113,7 +131,14 @@ fn check_sequence(steps: &[Step]) -> Result<(), TestCaseError> {
     })
     .unwrap();
     prop_assert_eq!(file.caps().size, DEV_SIZE);
-    let mut targets = [Driven::new("mem", &mem), Driven::new("file", &file)];
+    let fixtures: Vec<(&str, Fixture)> = also
+        .iter()
+        .map(|&(name, make)| (name, make(DEV_SIZE).expect("its prerequisite was checked")))
+        .collect();
+    let mut targets = vec![Driven::new("mem", &mem), Driven::new("file", &file)];
+    for (name, fx) in &fixtures {
+        targets.push(Driven::new(name, fx.target()));
+    }
     let mut model = vec![0u8; us(DEV_SIZE)];
 
     for (i, s) in steps.iter().enumerate() {
@@ -227,8 +252,30 @@ proptest! {
 
     #[test]
     fn mem_file_and_model_agree(steps in proptest::collection::vec(step(), 1..=40)) {
-        check_sequence(&steps)?;
+        check_sequence(&steps, LOCAL)?;
     }
+}
+
+/// The nbd target on `nbdkit memory` (a server per sequence: fewer cases).
+#[test]
+fn nbd_and_model_agree() {
+    if !skip::require(
+        installed("nbdkit"),
+        Prereq::CiInstalls,
+        "nbdkit is not installed",
+    ) {
+        return;
+    }
+    let config = ProptestConfig {
+        cases: 16,
+        ..ProptestConfig::default()
+    };
+    let nbd: &[(&str, Make)] = &[("nbd", common::nbd_sized)];
+    proptest::test_runner::TestRunner::new(config)
+        .run(&proptest::collection::vec(step(), 1..=40), |steps| {
+            check_sequence(&steps, nbd)
+        })
+        .unwrap();
 }
 
 /// A fixed sequence that touches every op, so the comparison itself is
@@ -270,5 +317,5 @@ fn fixed_sequence_agrees() {
         r(0, 64),
         r(192, 64),
     ];
-    check_sequence(&steps).unwrap();
+    check_sequence(&steps, LOCAL).unwrap();
 }

@@ -2,7 +2,7 @@
 //! the right requests, with the right data.
 //!
 //! Needs root (mount) and /dev/fuse; without them every test prints
-//! `SKIPPED:` and returns, so the run shows what did not run.
+//! `SKIP` (see tests/skip) and returns, so the run shows what did not run.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -15,21 +15,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+mod skip;
+
 use rustix::fs::FallocateFlags;
+use skip::Prereq;
 use userblk::fuse::{FuseDisk, FuseOptions, Unmounted};
 use userblk::targets::MemTarget;
 use userblk::{Caps, Ctx, Op, Submit, Target};
 
+/// Whether the test can mount; if not, reports it skipped (CI has both).
 fn can_mount() -> bool {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: FUSE tests mount file systems and need root");
-        return false;
-    }
-    if userblk::fuse::disk::check_fuse_available().is_err() {
-        eprintln!("SKIPPED: no /dev/fuse on this machine");
-        return false;
-    }
-    true
+    let root = rustix::process::geteuid().is_root();
+    skip::require(
+        root,
+        Prereq::CiInstalls,
+        "FUSE tests mount file systems and need root",
+    ) && skip::require(
+        userblk::fuse::disk::check_fuse_available().is_ok(),
+        Prereq::CiInstalls,
+        "no /dev/fuse on this machine",
+    )
 }
 
 /// A mounted export that is unmounted (and waited for) on drop.

@@ -4,7 +4,7 @@
 //! Requests go through `Engine` (one at a time) or `Slots` (many in flight),
 //! the same validate/submit/complete path as the ublk queue loop. Servers
 //! are killed and restarted to check reconnecting. A test whose server
-//! program is missing prints `SKIPPED:` and returns, so the run shows what
+//! program is missing prints `SKIP` (see tests/skip) and returns, so the run shows what
 //! did not run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,16 +29,13 @@ use userblk::{Extent, Flags, IoResult, Op, Request, Target};
 
 // ---- servers ----
 
-fn installed(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-}
+use common::servers::installed;
 
 /// Return from the test, visibly, when `program` is missing.
 macro_rules! require {
     ($program:expr) => {
-        if !installed($program) {
-            eprintln!("SKIPPED: {} is not installed", $program);
+        let why = format!("{} is not installed", $program);
+        if !common::skip::require(installed($program), common::skip::Prereq::CiInstalls, &why) {
             return;
         }
     };

@@ -155,9 +155,8 @@ mod tests {
 
     fn helper() -> Option<std::path::PathBuf> {
         let bin = fusermount();
-        if bin.is_none() {
-            eprintln!("SKIPPED: no fusermount3 on PATH");
-        }
+        let ci = crate::skip::Prereq::CiInstalls;
+        crate::skip::require(bin.is_some(), ci, "no fusermount3 on PATH (fuse3)");
         bin
     }
 
@@ -218,8 +217,9 @@ mod tests {
     #[test]
     fn mounts_and_unmounts() {
         let Some(bin) = helper() else { return };
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("SKIPPED: mounting in a test needs root");
+        let root = rustix::process::geteuid().is_root();
+        let ci = crate::skip::Prereq::CiInstalls;
+        if !crate::skip::require(root, ci, "mounting in a test needs root") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

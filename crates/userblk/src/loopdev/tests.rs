@@ -19,8 +19,10 @@ fn skip_reason() -> Option<&'static str> {
 
 macro_rules! require_loop {
     () => {
-        if let Some(reason) = skip_reason() {
-            eprintln!("SKIPPED: {reason}");
+        // CI runs as root on a kernel with the loop driver.
+        let reason = skip_reason();
+        let ci = crate::skip::Prereq::CiInstalls;
+        if !crate::skip::require(reason.is_none(), ci, reason.unwrap_or_default()) {
             return;
         }
     };
@@ -211,8 +213,9 @@ fn read_only_attach_refuses_writes() {
 #[test]
 fn mounted_device_is_busy_and_names_its_mount_point() {
     require_loop!();
-    if !Path::new("/usr/sbin/mkfs.ext4").exists() && !Path::new("/sbin/mkfs.ext4").exists() {
-        eprintln!("SKIPPED: mkfs.ext4 not found");
+    let mkfs = Path::new("/usr/sbin/mkfs.ext4").exists() || Path::new("/sbin/mkfs.ext4").exists();
+    let ci = crate::skip::Prereq::CiInstalls;
+    if !crate::skip::require(mkfs, ci, "mkfs.ext4 not found (e2fsprogs)") {
         return;
     }
     let file = backing(16 * MIB);

@@ -238,8 +238,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = std::fs::File::create(dir.path().join("img")).unwrap();
         let fd = OwnedFd::from(f);
-        if seek_hole_walks_pages(fd.as_fd()) {
-            eprintln!("SKIP: the test directory is on tmpfs");
+        let env = crate::skip::Prereq::Environment;
+        if !crate::skip::require(
+            !seek_hole_walks_pages(fd.as_fd()),
+            env,
+            "the test directory is on tmpfs",
+        ) {
             return;
         }
         sparse(&fd);

@@ -5,6 +5,12 @@
 //! size it should report, the contents it should start with, whether it
 //! stores data at all, and how to measure the storage it occupies.
 
+pub mod others;
+#[allow(dead_code)] // s3_store.rs reads what conformance does not
+pub mod servers;
+#[path = "../skip/mod.rs"]
+pub mod skip;
+
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +20,10 @@ use userblk::slots::Engine;
 use userblk::target::Errno;
 use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
 use userblk::{Flags, IoResult, Op, Request, Target};
+
+// Not every includer uses them (nbd_client.rs, differential.rs).
+#[allow(unused_imports)]
+pub use others::*;
 
 /// Size of every device in the suite: big enough for 1 MiB requests at several places.
 pub const DEV_SIZE: u64 = 4 << 20;
@@ -90,6 +100,16 @@ pub enum Backing {
         /// Where the filters write.
         _dir: TempDir,
     },
+    /// Any other target (qcow2, nbd, s3, filters over a file), with what
+    /// it lives on (dropped after it: fields drop in order).
+    Other {
+        /// The target.
+        target: Arc<dyn Target>,
+        /// Whether it is a filter (describing its target, not itself).
+        filter: bool,
+        /// Temp dirs, servers, the target beneath.
+        _keep: Box<dyn std::any::Any>,
+    },
 }
 
 /// One target under test, with what the suite expects of it.
@@ -116,6 +136,7 @@ impl Fixture {
             Backing::Mem(t) => t,
             Backing::File(t, _) => t,
             Backing::Filtered { stack, .. } => &**stack,
+            Backing::Other { target, .. } => &**target,
         }
     }
 
@@ -126,6 +147,7 @@ impl Fixture {
             Backing::Mem(t) => Some(t.resident_bytes().expect("resident_bytes")),
             Backing::File(_, f) => Some(f.allocated()),
             Backing::Filtered { mem, .. } => Some(mem.resident_bytes().expect("resident_bytes")),
+            Backing::Other { .. } => None,
         }
     }
 

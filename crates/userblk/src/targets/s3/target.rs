@@ -519,7 +519,13 @@ impl Core {
             _ => Ok(()),
         };
         self.unpin(&mut lock(&self.state), req);
-        Some(r.map(|()| req.len).map_err(|e| {
+        // Bytes moved for reads and writes, 0 for other ops (the IoResult contract).
+        let moved = if matches!(req.op, Op::Read | Op::Write) {
+            req.len
+        } else {
+            0
+        };
+        Some(r.map(|()| moved).map_err(|e| {
             tracing::error!("s3: cache {:?} at {}+{len}: {e}", req.op, req.offset);
             Errno::IO
         }))
