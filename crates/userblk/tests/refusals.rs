@@ -8,7 +8,7 @@
 mod common;
 
 use common::{len32, pattern};
-use userblk::io::Engine;
+use userblk::slots::Engine;
 use userblk::target::Errno;
 use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
 use userblk::{Op, Request, Target};
