@@ -310,7 +310,11 @@ impl Header {
                 return Ok(());
             }
             // `len` is the file's word (up to 4 GiB): every sum is checked.
-            let past = || bad(format!("header extension {kind:#x} runs past the first cluster"));
+            let past = || {
+                bad(format!(
+                    "header extension {kind:#x} runs past the first cluster"
+                ))
+            };
             let start = at + 8;
             let end = start.checked_add(len).ok_or_else(past)?;
             let data = first.get(start..end).ok_or_else(past)?;
