@@ -7,6 +7,7 @@
 #
 #   bench/filters-overhead.sh [--runtime SECS (15)] [--repeat N (3)] [--results DIR (/tmp/userblk-bench)]
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     echo "usage: bench/filters-overhead.sh [--runtime SECS (15)] [--repeat N (3)] [--results DIR (/tmp/userblk-bench)]" >&2
@@ -25,9 +26,8 @@ done
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "bench: --repeat wants a positive integer, not '$REPEAT'" >&2; exit 2; }
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-[[ -x target/release/userblk ]] || { echo "bench: building target/release/userblk" >&2; cargo build --release; }
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
+bench_build
+commit=$(bench_commit)
 stamp=$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RESULTS"
 OUT=$(realpath "$RESULTS")/filters-overhead-$stamp

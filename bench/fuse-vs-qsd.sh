@@ -9,10 +9,10 @@
 #   [RUNTIME=10] [SIZE=1G] [OUT=/tmp/userblk-bench] [UB_THREADS=4] [QSD=qemu-storage-daemon] \
 #       bench/fuse-vs-qsd.sh
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNTIME=${RUNTIME:-10} SIZE=${SIZE:-1G} OUT=${OUT:-/tmp/userblk-bench} UB_THREADS=${UB_THREADS:-4}
 QSD=${QSD:-qemu-storage-daemon}
-die() { echo "bench: $*" >&2; exit 2; }
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "RUNTIME wants seconds, not '$RUNTIME'"
 [[ $UB_THREADS =~ ^[1-9][0-9]*$ ]] || die "UB_THREADS wants a positive integer, not '$UB_THREADS'"
 BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "SIZE wants e.g. 512M or 1G, not '$SIZE'"
@@ -20,16 +20,10 @@ BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "SIZE wants e.g. 512M or 1
 (( EUID == 0 )) || die "run as root (loop devices, mounts)"
 for tool in fio python3 losetup findmnt; do command -v $tool >/dev/null || die "$tool not found"; done
 # Three copies of the data live in RAM at once: userblk's mem target and two tmpfs images.
-avail=$(( $(awk '/^MemAvailable:/ {print $2}' /proc/meminfo) * 1024 ))
-(( avail > 3 * BYTES + (512 << 20) )) || die "needs 3 x SIZE + 512M of free memory, have $(numfmt --to=iec "$avail")"
+need_memory $(( 3 * BYTES + (512 << 20) )) "3 x SIZE + 512M"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-[[ -x target/release/userblk ]] || { echo "bench: building target/release/userblk" >&2; cargo build --release; }
-UB=$PWD/target/release/userblk
-stale=$(find crates/*/src crates/*/Cargo.toml Cargo.toml Cargo.lock -type f -newer "$UB" -print -quit)
-[[ -z $stale ]] || echo "bench: warning: target/release/userblk is older than $stale" >&2
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
+bench_userblk
 
 RES=$OUT/fuse-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RES" && RES=$(realpath "$RES")
@@ -39,9 +33,8 @@ FIO_PID='' UB_ID='' QSD_PID='' QSD_LOOP='' PLAIN_LOOP='' TMPFS_ON=''
 declare -A DEV=() PID=() LABEL=()
 SETUPS=()   # the ones that came up, in order
 
-alive() { [[ -r /proc/$1/status ]] && ! grep -qs '^State:[[:space:]]*Z' "/proc/$1/status"; }
 cleanup() {
-    local rc=$? i
+    local rc=$?
     trap - EXIT INT TERM
     set +e
     [[ -n $FIO_PID ]] && { kill -INT "$FIO_PID"; wait "$FIO_PID"; }
@@ -53,10 +46,7 @@ cleanup() {
     fi
     findmnt -rn --mountpoint "$UB_MNT" >/dev/null && umount -l "$UB_MNT"
     if [[ -n $QSD_PID ]]; then
-        kill "$QSD_PID" 2>/dev/null
-        for i in {1..50}; do alive "$QSD_PID" || break; sleep 0.1; done
-        alive "$QSD_PID" && kill -9 "$QSD_PID"
-        wait "$QSD_PID" 2>/dev/null
+        stop_child "$QSD_PID"
     fi
     findmnt -rn --mountpoint "$QSD_FILE" >/dev/null && umount -l "$QSD_FILE"
     [[ -n $TMPFS_ON ]] && umount "$TMPFS"
@@ -88,14 +78,11 @@ setup_userblk() {
 # Runs qsd as our child (so it is reaped, not left a zombie); returns once its
 # FUSE export is mounted, or 1 if qsd exits first (its stderr in $1).
 qsd_start() {
-    local err=$1 i; shift
+    local err=$1; shift
     "$QSD" "$@" 2>"$err" &
     QSD_PID=$!
-    for i in {1..100}; do
-        findmnt -rn --mountpoint "$QSD_FILE" >/dev/null && return 0
-        alive "$QSD_PID" || { wait "$QSD_PID"; QSD_PID=''; return 1; }
-        sleep 0.1
-    done
+    wait_up 100 "$QSD_PID" findmnt -rn --mountpoint "$QSD_FILE" >/dev/null && return 0
+    alive "$QSD_PID" || { wait "$QSD_PID"; QSD_PID=''; return 1; }
     echo "qsd: export not mounted after 10 s" >>"$err"
     kill "$QSD_PID"; wait "$QSD_PID"; QSD_PID=''; return 1
 }
@@ -152,13 +139,7 @@ FIO_COMMON=(--direct=1 --ioengine=io_uring --numjobs=1 --norandommap --randrepea
 failed=0
 run_fio() {  # out-json device args...
     local out=$1 dev=$2; shift 2
-    echo "fio --filename=$dev ${FIO_COMMON[*]} $*" >>"$RES/commands.txt"
-    # In the background and waited for: bash runs no INT trap after a foreground
-    # child that handled SIGINT itself (fio does), so Ctrl-C would only stop one job.
-    fio --output-format=json --output="$out" --filename="$dev" "${FIO_COMMON[@]}" "$@" >/dev/null 2>>"$RES/fio.err" &
-    FIO_PID=$!
-    wait "$FIO_PID" || { echo "bench: fio failed: $out (see fio.err)" >&2; failed=1; }
-    FIO_PID=''
+    fio_json "$out" --filename="$dev" "${FIO_COMMON[@]}" "$@"
 }
 
 # Pre-fill every device once with a sequential write of all of it, so reads hit data.
@@ -167,10 +148,6 @@ for s in "${SETUPS[@]}"; do
     run_fio "$RES/prefill.$s.json" "${DEV[$s]}" --name=prefill --rw=write --bs=1M --iodepth=4
 done
 
-ticks() {  # utime + stime of a process (all its threads), 0 for none
-    if [[ -n $1 && -r /proc/$1/stat ]]; then sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; else echo 0; fi
-}
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 JOBS=("randread randread 4k 32" "randwrite randwrite 4k 32" "seqread read 1M 4" "seqwrite write 1M 4")
 for j in "${!JOBS[@]}"; do
     read -r name rw bs qd <<<"${JOBS[$j]}"

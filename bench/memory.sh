@@ -5,6 +5,7 @@
 #
 #   bench/memory.sh [--results DIR (/tmp/userblk-bench)]
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RESULTS=/tmp/userblk-bench
 while (( $# )); do
@@ -14,7 +15,7 @@ while (( $# )); do
     esac
 done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-[[ -x target/release/userblk ]] || { echo "bench: building target/release/userblk" >&2; cargo build --release; }
+bench_build
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 mkdir -p "$RESULTS"
 OUT=$(realpath "$RESULTS")/memory-$(date +%Y%m%d-%H%M%S)

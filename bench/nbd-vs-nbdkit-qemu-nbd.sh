@@ -12,12 +12,12 @@
 #   [NBDKIT_THREADS=] [QEMU_NBD_OPTS='--cache=writeback --aio=threads --shared=16'] \
 #       bench/nbd-vs-nbdkit-qemu-nbd.sh
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNTIME=${RUNTIME:-10} REPEAT=${REPEAT:-3} SIZE=${SIZE:-1G} OUT=${OUT:-/tmp/userblk-bench}
 QD4K=${QD4K:-32} QD1M=${QD1M:-8} NBDKIT_THREADS=${NBDKIT_THREADS:-}
 QEMU_NBD_OPTS=${QEMU_NBD_OPTS:---cache=writeback --aio=threads --shared=16}
 NBDKIT=${NBDKIT:-nbdkit} QEMU_NBD=${QEMU_NBD:-qemu-nbd}
-die() { echo "bench: $*" >&2; exit 2; }
 for v in RUNTIME REPEAT QD4K QD1M; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v wants a positive integer, not '${!v}'"
 done
@@ -29,16 +29,10 @@ fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (fio >= 3.2
 [[ -d /dev/shm ]] || die "no /dev/shm (qemu-nbd's image goes on tmpfs)"
 # Three copies of the data live in RAM at once: userblk's and nbdkit's RAM
 # disks and qemu-nbd's image on tmpfs.
-avail=$(( $(awk '/^MemAvailable:/ {print $2}' /proc/meminfo) * 1024 ))
-(( avail > 3 * BYTES + (512 << 20) )) || die "needs 3 x SIZE + 512M of free memory, have $(numfmt --to=iec "$avail")"
+need_memory $(( 3 * BYTES + (512 << 20) )) "3 x SIZE + 512M"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-[[ -x target/release/userblk ]] || { echo "bench: building target/release/userblk" >&2; cargo build --release; }
-UB=$PWD/target/release/userblk
-stale=$(find crates/*/src crates/*/Cargo.toml Cargo.toml Cargo.lock -type f -newer "$UB" -print -quit)
-[[ -z $stale ]] || echo "bench: warning: target/release/userblk is older than $stale" >&2
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
+bench_userblk
 
 RES=$OUT/nbd-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RES/raw" && RES=$(realpath "$RES")
@@ -51,13 +45,6 @@ FIO_PID='' SAMPLER='' UB_ID='' KIT_PID='' QEMU_PID=''
 declare -A PID=() URI=() LABEL=() CMD=()
 SERVERS=()   # the ones that came up, in order
 
-alive() { [[ -r /proc/$1/status ]] && ! grep -qs '^State:[[:space:]]*Z' "/proc/$1/status"; }
-stop_child() {  # pid: TERM, up to 5 s, then KILL; reaps it
-    kill "$1" 2>/dev/null
-    local i; for i in {1..50}; do alive "$1" || break; sleep 0.1; done
-    alive "$1" && kill -9 "$1"
-    wait "$1" 2>/dev/null
-}
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -78,15 +65,8 @@ trap 'exit 143' TERM
 
 uri_of() { echo "nbd+unix:///?socket=$1"; }
 # Waits until an NBD server answers on $1 (a URI), or pid $2 dies; 10 s at most.
-wait_nbd() {
-    local i
-    for i in {1..100}; do
-        nbdinfo --size "$1" >/dev/null 2>&1 && return 0
-        alive "$2" || return 1
-        sleep 0.1
-    done
-    return 1
-}
+nbd_up() { nbdinfo --size "$1" >/dev/null 2>&1; }
+wait_nbd() { wait_up 100 "$2" nbd_up "$1"; }
 
 setup_userblk() {
     local sock=$WORK/userblk.sock out
@@ -151,18 +131,8 @@ FIO_COMMON=(--ioengine=nbd --numjobs=1 --norandommap --randrepeat=0 --group_repo
 failed=0
 run_fio() {  # out-json uri args...
     local out=$1 uri=$2; shift 2
-    echo "fio ${FIO_COMMON[*]} --uri=$uri $*" >>"$RES/commands.txt"
-    # In the background and waited for: bash runs no INT trap after a foreground
-    # child that handled SIGINT itself (fio does), so Ctrl-C would only stop one job.
-    fio --output-format=json --output="$out" "${FIO_COMMON[@]}" --uri="$uri" "$@" >/dev/null 2>>"$RES/fio.err" &
-    FIO_PID=$!
-    wait "$FIO_PID" || { echo "bench: fio failed: $out (see fio.err)" >&2; failed=1; }
-    FIO_PID=''
+    fio_json "$out" "${FIO_COMMON[@]}" --uri="$uri" "$@"
 }
-ticks() {  # utime + stime of a process (all its threads)
-    if [[ -n $1 && -r /proc/$1/stat ]]; then sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; else echo 0; fi
-}
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 rss_kb() {  # VmRSS - RssShmem of a process in KiB (tmpfs pages it maps are counted with the data), no fork
     local k v _ rss=0 shmem=0
     while read -r k v _; do

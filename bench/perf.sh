@@ -9,6 +9,7 @@
 #   bench/perf.sh [--quick] [--runtime SECS] [--repeat N] [--results DIR] [--only REGEX]
 #                 [--file-args ARGS] [--publish]
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     cat >&2 <<'EOF'
@@ -25,7 +26,6 @@ environment: RUBLK (rublk binary, default /opt/rublk/bin/rublk, installed with c
 EOF
     exit 2
 }
-die() { echo "bench: $*" >&2; exit 2; }
 
 RUNTIME='' REPEAT='' RESULTS=/tmp/userblk-bench QUICK=0 PUBLISH=0 ONLY='' FILE_ARGS=''
 ARGS=("$@")
@@ -100,15 +100,10 @@ fi
 RUBLK=$(realpath "$RUBLK")
 [[ $RUBLK =~ ^/(run|mnt|dev|proc|sys)/ ]] && die "rublk at $RUBLK is not visible in the VM (the guest has its own /run, /mnt)"
 
-if [[ ! -x target/release/userblk ]]; then
-    echo "bench: building target/release/userblk" >&2
-    cargo build --release
-fi
+bench_build
 # Only a missing binary is built; a stale one is measured as is, but said so.
-stale=$(find crates/*/src crates/*/Cargo.toml Cargo.toml Cargo.lock -type f -newer target/release/userblk -print -quit)
-[[ -z $stale ]] || echo "bench: warning: target/release/userblk is older than $stale" >&2
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
+bench_stale target/release/userblk
+commit=$(bench_commit)
 
 # ---- run ---------------------------------------------------------------------
 
@@ -116,8 +111,6 @@ git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
 # thread on the other), so anything else running skews the figures, against
 # the ublk servers more than the kernel drivers. Host CPU time minus our own
 # children's says how much others took during the run.
-cpu_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-children_cpu() { awk '{print $16 + $17}' "/proc/$$/stat"; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 # (pgrep -x cannot match it: process names are cut to 15 characters.)
 other_vms() { pgrep -f '^(/[^ ]*/)?qemu-system-x86_64 ' | paste -sd ' ' || true; }
@@ -146,8 +139,7 @@ USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout "$TIMEOUT" --out "$OUT" -- \
 wall=$(( SECONDS - start ))
 vms1=$(other_vms)
 # Percent of one core used by others, averaged over the run.
-others=$(( ($(cpu_busy) - busy0 - ($(children_cpu) - ours0)) * 100 / $(getconf CLK_TCK) / (wall > 0 ? wall : 1) ))
-(( others < 0 )) && others=0
+others=$(others_pct "$busy0" "$ours0" "$start")
 if (( others > 10 )); then
     echo "bench: warning: other host processes used ${others}% of a core during the run; figures are skewed" >&2
 fi

@@ -14,6 +14,7 @@
 #       [--part vm|host|both (both)] [--results DIR (/tmp/userblk-bench)]
 #   QEMU_NBD_OPTS='--cache=writeback --aio=threads' (qemu-nbd's defaults, spelled out)
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     echo "usage: bench/qcow2-vs-qemu-nbd.sh [--runtime SECS (10)] [--repeat N (3)] [--size MIB (1024)]" \
@@ -43,20 +44,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 for tool in fio qemu-img qemu-nbd python3; do
     command -v $tool >/dev/null || { echo "bench: $tool not found (apt-get install fio qemu-utils)" >&2; exit 2; }
 done
-[[ -x target/release/userblk ]] || { echo "bench: building target/release/userblk" >&2; cargo build --release; }
-stale=$(find crates/*/src crates/*/Cargo.toml Cargo.toml Cargo.lock -type f -newer target/release/userblk -print -quit)
-[[ -z $stale ]] || echo "bench: warning: target/release/userblk is older than $stale" >&2
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
+bench_build
+bench_stale target/release/userblk
+commit=$(bench_commit)
 
-# Host CPU others used while we ran (our children's time taken out; the
+# Host CPU others used while we ran (others_pct, lib.sh: our children's time taken out; the
 # userblk daemons of the host part are not our children, see the report).
-cpu_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-children_cpu() { awk '{print $16 + $17}' "/proc/$$/stat"; }
-others_pct() { # others_pct BUSY0 OURS0 START
-    local o=$(( ($(cpu_busy) - $1 - ($(children_cpu) - $2)) * 100 / $(getconf CLK_TCK) / ( SECONDS - $3 > 0 ? SECONDS - $3 : 1) ))
-    echo $(( o < 0 ? 0 : o ))
-}
 
 stamp=$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RESULTS"

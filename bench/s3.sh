@@ -22,6 +22,7 @@
 #   --blockCacheWriteDelay), UB_OPTS='...', S3B_OPTS='...' (extra options for
 #   `userblk add s3` / s3backer; all printed in the report)
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     echo "usage: sudo bash bench/s3.sh [--quick] [--size MIB (256)] [--cache-size MIB (512)]" \
@@ -43,7 +44,6 @@ while (( $# )); do
     esac
 done
 SEQ_QD=${SEQ_QD:-1} S3B_WRITE_DELAY=${S3B_WRITE_DELAY:-0} UB_OPTS=${UB_OPTS:-} S3B_OPTS=${S3B_OPTS:-} S3BACKER=${S3BACKER:-s3backer}
-die() { echo "bench: $*" >&2; exit 2; }
 for v in SIZE CACHE CHUNK RUNTIME REPEAT SEQ_QD; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "${v} wants a positive integer, not '${!v}'"
 done
@@ -73,14 +73,12 @@ else
 fi
 
 if [[ -z ${USERBLK:-} ]]; then
-    [[ -x target/release/userblk ]] || { echo "bench: building target/release/userblk" >&2; cargo build --release; }
+    bench_build
     USERBLK=$PWD/target/release/userblk
 fi
 [[ -x $USERBLK ]] || die "no userblk binary at $USERBLK"
-stale=$(find crates/*/src crates/*/Cargo.toml Cargo.toml Cargo.lock -type f -newer "$USERBLK" -print -quit)
-[[ -z $stale ]] || echo "bench: warning: $USERBLK is older than $stale" >&2
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
+bench_stale "$USERBLK"
+commit=$(bench_commit)
 [[ -z $(git ls-files --others --exclude-standard crates 2>/dev/null) ]] || commit+=" (untracked files in crates/)"
 
 RES=$RESULTS/s3-$(date +%Y%m%d-%H%M%S)
@@ -107,14 +105,8 @@ mkdir "$UB_MNT" "$S3B_MNT"
 FIO_PID='' UB_ID='' UB_PID='' S3B_PID=''
 declare -A SRV_PID=() SRV_PORT=()
 
-alive() { [[ -r /proc/$1/status ]] && ! grep -qs '^State:[[:space:]]*Z' "/proc/$1/status"; }
 mounted() { findmnt -rn --mountpoint "$1" >/dev/null; }
-stop_child() {  # pid: TERM, up to 5 s, then KILL; reaps it
-    kill "$1" 2>/dev/null
-    local i; for i in {1..50}; do alive "$1" || break; sleep 0.1; done
-    alive "$1" && kill -9 "$1"
-    wait "$1" 2>/dev/null
-}
+s3b_up() { mounted "$S3B_MNT" && [[ -e $S3B_MNT/file ]]; }
 cleanup() {
     local rc=$? s
     trap - EXIT INT TERM
@@ -176,7 +168,7 @@ ub_del() {
 # --- s3backer: our child in the foreground (-f), so we can wait for it ------
 S3B_ARGS=()
 s3b_mount() {  # prefix log: sets S3B_PID; the file is $S3B_MNT/file
-    local prefix=$1 log=$2 i
+    local prefix=$1 log=$2
     # Same block size and cache bytes as userblk; --listBlocks: userblk lists
     # its chunks at open too. The block cache is s3backer's default, in
     # memory: with --blockCacheFile it fdatasyncs the file on every block
@@ -190,11 +182,7 @@ s3b_mount() {  # prefix log: sets S3B_PID; the file is $S3B_MNT/file
         --blockCacheWriteDelay="$S3B_WRITE_DELAY" --listBlocks $S3B_OPTS "$S3B_BUCKET" "$S3B_MNT")
     "$S3BACKER" "${S3B_ARGS[@]}" >>"$log" 2>&1 &
     S3B_PID=$!
-    for i in {1..300}; do
-        mounted "$S3B_MNT" && [[ -e $S3B_MNT/file ]] && return 0
-        alive "$S3B_PID" || break
-        sleep 0.1
-    done
+    wait_up 300 "$S3B_PID" s3b_up && return 0
     echo "bench: s3backer did not mount; its output ($log):" >&2
     tail -5 "$log" >&2
     stop_child "$S3B_PID"; S3B_PID=''
@@ -206,8 +194,7 @@ s3b_dirty() { awk '$1 == "block_cache_dirty_ratio" {print $2}' "$S3B_MNT/stats";
 s3b_umount() {
     cp "$S3B_MNT/stats" "$1" 2>/dev/null || true
     fusermount -u "$S3B_MNT" || { echo "bench: fusermount -u $S3B_MNT failed" >&2; return 1; }
-    local i; for i in {1..600}; do alive "$S3B_PID" || break; sleep 0.1; done
-    if alive "$S3B_PID"; then echo "bench: s3backer still running 60 s after unmount" >&2; stop_child "$S3B_PID"; fi
+    if ! wait_gone 600 "$S3B_PID"; then echo "bench: s3backer still running 60 s after unmount" >&2; stop_child "$S3B_PID"; fi
     wait "$S3B_PID" 2>/dev/null || true
     S3B_PID=''
 }
@@ -216,18 +203,8 @@ FIO_COMMON=(--direct=1 --ioengine=io_uring --numjobs=1 --group_reporting --randr
 failed=0
 run_fio() {  # out-json file args...
     local out=$1 file=$2; shift 2
-    echo "fio --filename=$file ${FIO_COMMON[*]} $*" >>"$RES/commands.txt"
-    # In the background and waited for: bash runs no INT trap after a
-    # foreground child that handled SIGINT itself (fio does).
-    fio --output-format=json --output="$out" --filename="$file" "${FIO_COMMON[@]}" "$@" >/dev/null 2>>"$RES/fio.err" &
-    FIO_PID=$!
-    wait "$FIO_PID" || { echo "bench: fio failed: $out (see fio.err)" >&2; failed=1; }
-    FIO_PID=''
+    fio_json "$out" --filename="$file" "${FIO_COMMON[@]}" "$@"
 }
-ticks() {  # utime + stime of a process (all its threads), 0 for none
-    if [[ -n $1 && -r /proc/$1/stat ]]; then sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; else echo 0; fi
-}
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 objects() {  # side prefix: chunk objects in the bucket (s3s-fs: a file per object)
     case $1 in
         userblk) find "$WORK/s3-userblk/$UB_BUCKET/$2/chunks" -type f 2>/dev/null | wc -l ;;

@@ -6,6 +6,7 @@
 #
 #   bench/ublk-vs-kernel.sh [--runtime SECS] [--repeat N] [--results DIR]
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     echo "usage: bench/ublk-vs-kernel.sh [--runtime SECS (20)] [--repeat N (3)] [--results DIR (/tmp/userblk-bench)]" >&2
@@ -26,25 +27,18 @@ done
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "bench: --repeat wants a positive integer, not '$REPEAT'" >&2; exit 2; }
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [[ ! -x target/release/userblk ]]; then
-    echo "bench: building target/release/userblk" >&2
-    cargo build --release
-fi
+bench_build
 
 # Only a missing binary is built; a stale one is measured as is, but said so.
 # (Sources of the binary only: tests and benches do not change it.)
-stale=$(find crates/*/src crates/*/Cargo.toml Cargo.toml Cargo.lock -type f -newer target/release/userblk -print -quit)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- crates 2>/dev/null || commit+=" (crates/ modified)"
-[[ -z $stale ]] || echo "bench: warning: target/release/userblk is older than $stale" >&2
+bench_stale target/release/userblk
+commit=$(bench_commit)
 
 # The VM needs both host cores (fio on one vCPU, the userblk daemon on the
 # other), so anything else running skews the figures, against userblk more
 # than against the kernel drivers. Host CPU time (steal included) minus our
 # own children's says how much others took during the run; other sessions'
 # processes may be invisible here, /proc/stat is not.
-cpu_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-children_cpu() { awk '{print $16 + $17}' "/proc/$$/stat"; }
 if pgrep -f "^[^ ]*qemu-system-x86_64 " >/dev/null; then
     echo "bench: warning: another qemu-system-x86_64 is running; figures will be noisy" >&2
 fi
@@ -63,8 +57,7 @@ USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout "$TIMEOUT" --out "$OUT" -- \
     bench/guest/ublk-vs-kernel.sh "$OUT" "$RUNTIME" "$REPEAT" || rc=$?
 wall=$(( SECONDS - start ))
 # Percent of one core used by others, averaged over the run.
-others=$(( ($(cpu_busy) - busy0 - ($(children_cpu) - ours0)) * 100 / $(getconf CLK_TCK) / (wall > 0 ? wall : 1) ))
-(( others < 0 )) && others=0
+others=$(others_pct "$busy0" "$ours0" "$start")
 if (( others > 10 )); then
     echo "bench: warning: other host processes used ${others}% of a core during the run; figures are skewed" >&2
 fi

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Fuzz the NBD handshake, request parser, server and client with cargo-fuzz, on the
-# stable toolchain (docs/fuzzing.md).
+# Fuzz the NBD handshake, request parser, server and client, and qcow2 images,
+# with cargo-fuzz, on the stable toolchain (docs/fuzzing.md).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # Builds the targets in fuzz/, then runs each (default: nbd_handshake,
-# nbd_request, nbd_server, nbd_client) for SECONDS (default 60), one after the other at
+# nbd_request, nbd_server, nbd_client, qcow2_image) for SECONDS (default 60), one after the other at
 # nice 10, and prints per target: runs executed, exec/s, coverage (libFuzzer's
 # cov and ft) and crashes found. Exits 1 if any target crashed or hung.
 #
@@ -19,10 +19,11 @@
 set -euo pipefail
 
 CARGO_FUZZ_VERSION=0.13.2
-ALL_TARGETS=(nbd_handshake nbd_request nbd_server nbd_client)
+ALL_TARGETS=(nbd_handshake nbd_request nbd_server nbd_client qcow2_image)
 # libFuzzer options of one target: nbd_server needs inputs longer than a
-# slot's 4 KiB buffer to send writes that take the grown-buffer path.
-declare -A TARGET_ARGS=([nbd_server]="-max_len=16384")
+# slot's 4 KiB buffer to send writes that take the grown-buffer path;
+# qcow2_image's seeds are images of up to 6 KiB, and mutations may grow them.
+declare -A TARGET_ARGS=([nbd_server]="-max_len=16384" [qcow2_image]="-max_len=16384")
 
 secs=${1:-60}
 if ! [[ $secs =~ ^[1-9][0-9]*$ ]]; then
@@ -56,7 +57,13 @@ fi
 FUZZ_BUILD=(-s none)
 
 for t in "${targets[@]}"; do
-    if [ -z "$(ls -A "corpus/$t" 2>/dev/null)" ]; then
+    if [ "$t" = qcow2_image ] && [ -z "$(ls -A "corpus/$t" 2>/dev/null)" ]; then
+        echo "fuzz.sh: writing the qcow2 seed corpus (needs qemu-img)"
+        ./qcow2_seeds.sh >/dev/null
+    fi
+done
+for t in "${targets[@]}"; do
+    if [ "$t" != qcow2_image ] && [ -z "$(ls -A "corpus/$t" 2>/dev/null)" ]; then
         echo "fuzz.sh: writing the seed corpus (fuzz/corpus/)"
         nice -n 10 cargo run --quiet --example gen_seeds -- corpus
         break
@@ -68,10 +75,19 @@ nice -n 10 cargo fuzz build "${FUZZ_BUILD[@]}"
 
 logs=target/fuzz-logs
 mkdir -p "$logs"
-# The server target puts its socket under TMPDIR; keep that inside target/.
-export TMPDIR="$PWD/target/tmp"
-rm -rf "$TMPDIR"
-mkdir -p "$TMPDIR"
+# The server target puts its socket under TMPDIR, qcow2_image its image
+# files: on tmpfs when there is one (the qcow2 target's flushes sync the
+# file, which on a disk would cost more than the rest of a run), else
+# inside target/. Removed at the end.
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    TMPDIR=$(mktemp -d /dev/shm/userblk-fuzz.XXXXXX)
+else
+    TMPDIR="$PWD/target/tmp"
+    rm -rf "$TMPDIR"
+    mkdir -p "$TMPDIR"
+fi
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
 
 failed=0
 rows=()

@@ -89,7 +89,7 @@ pub struct Header {
 
 fn be32(b: &[u8], at: usize) -> u32 {
     let mut x = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
+    if let Some(s) = at.checked_add(4).and_then(|end| b.get(at..end)) {
         x.copy_from_slice(s);
     }
     u32::from_be_bytes(x)
@@ -97,7 +97,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
 
 fn be64(b: &[u8], at: usize) -> u64 {
     let mut x = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
+    if let Some(s) = at.checked_add(8).and_then(|end| b.get(at..end)) {
         x.copy_from_slice(s);
     }
     u64::from_be_bytes(x)
@@ -279,9 +279,12 @@ impl Header {
                     "backing file name of {backing_len} bytes (at most {MAX_BACKING_NAME})"
                 )));
             }
+            // The offset is the file's word: checked, so a hostile one near
+            // u64::MAX is an error, not an overflow.
             let name = usize::try_from(backing_offset)
                 .ok()
-                .and_then(|o| first.get(o..o + backing_len as usize))
+                .and_then(|o| Some(o..o.checked_add(backing_len as usize)?))
+                .and_then(|r| first.get(r))
                 .ok_or_else(|| bad("the backing file name is outside the first cluster"))?;
             let name =
                 std::str::from_utf8(name).map_err(|_| bad("the backing file name is not UTF-8"))?;
@@ -297,7 +300,7 @@ impl Header {
     fn parse_extensions(&mut self, first: &[u8]) -> Result<(), Qcow2Error> {
         let mut at = self.header_length as usize;
         loop {
-            if at + 8 > first.len() {
+            if first.len().saturating_sub(at) < 8 {
                 // Version 2 images may end the list with the cluster.
                 return Ok(());
             }
@@ -306,11 +309,15 @@ impl Header {
             if kind == EXT_END {
                 return Ok(());
             }
-            let data = first.get(at + 8..at + 8 + len).ok_or_else(|| {
+            // `len` is the file's word (up to 4 GiB): every sum is checked.
+            let past = || {
                 bad(format!(
                     "header extension {kind:#x} runs past the first cluster"
                 ))
-            })?;
+            };
+            let start = at + 8;
+            let end = start.checked_add(len).ok_or_else(past)?;
+            let data = first.get(start..end).ok_or_else(past)?;
             match kind {
                 EXT_BACKING_FORMAT => {
                     let f = std::str::from_utf8(data)
@@ -320,7 +327,8 @@ impl Header {
                 EXT_FEATURE_NAMES => {}
                 _ => {}
             }
-            at += 8 + len.next_multiple_of(8);
+            // Inside `first` (just checked), so rounding up cannot overflow.
+            at = start + len.next_multiple_of(8);
         }
     }
 
@@ -506,6 +514,17 @@ mod tests {
             let mut b = good.clone();
             edit(&mut b);
             assert!(Header::parse(&b, 1 << 20).is_err(), "{what} was accepted");
+        }
+        // Offsets and lengths whose sums overflow: errors, not panics.
+        for (what, at, v) in [
+            ("backing offset u64::MAX", 8, u64::MAX),
+            ("backing offset u64::MAX - 3", 8, u64::MAX - 3),
+            ("backing offset 2^63", 8, 1 << 63),
+        ] {
+            let mut b = good.clone();
+            b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+            let e = Header::parse(&b, 1 << 20).unwrap_err().to_string();
+            assert!(e.contains("backing file name"), "{what}: {e}");
         }
         assert!(Header::parse(&good[..50], 1 << 20).is_err());
         // The same image is fine when the file holds its tables.
