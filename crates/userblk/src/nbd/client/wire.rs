@@ -38,8 +38,6 @@ pub(super) fn read_u64<R: Read + ?Sized>(
     read_array::<8, R>(r, during).map(u64::from_be_bytes)
 }
 
-/// Send an option with its payload.
-
 /// The command and command flags for a request on an export with `flags`.
 pub fn command(req: &Request, export_flags: u16) -> (u16, u16) {
     let info = ExportInfo {

@@ -2,16 +2,19 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
+use rustix::net::sockopt::Timeout;
 use rustix::net::{RecvFlags, SendFlags};
 
+use super::budget::Budget;
 use super::handshake::{self, HandshakeError, Negotiated, Outcome};
+use super::listener::leave_handshake;
 use super::timed::Stream;
 use super::transmission::{self, Command, Header, Limits, MAX_PAYLOAD};
-use super::{Counters, Shared};
+use super::{Counters, Shared, PAYLOAD_WAIT};
 use crate::io::slots::{Event, Slots};
 use crate::nbd::proto::*;
 use crate::target::{IoResult, Op, Request, Target};
@@ -28,22 +31,60 @@ pub(super) enum ConnError {
     Io(Errno),
     #[error(transparent)]
     Ring(#[from] Error),
+    #[error("newer connections pushed this one out during its handshake")]
+    PushedOut,
+    #[error("{0} connections are served already")]
+    Full(usize),
+}
+
+/// A connection counted as in the transmission phase while this lives.
+struct Serving<'a>(&'a AtomicUsize);
+
+impl<'a> Serving<'a> {
+    fn enter(shared: &'a Shared) -> std::result::Result<Self, ConnError> {
+        let max = shared.opts.max_connections;
+        let n = &shared.transmitting;
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            (c < max).then_some(c + 1)
+        })
+        .map_err(|_| ConnError::Full(max))?;
+        Ok(Serving(n))
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub(super) fn serve_connection(
     shared: &Shared,
+    id: u64,
     sock: &OwnedFd,
 ) -> std::result::Result<(), ConnError> {
     let mut stream = Stream {
         sock,
         deadline: Instant::now() + shared.opts.handshake_timeout,
     };
-    let neg = match handshake::negotiate(&mut stream, &shared.export)? {
+    let outcome = handshake::negotiate(&mut stream, &shared.export);
+    let admitted = leave_handshake(shared, id);
+    let neg = match outcome? {
         Outcome::Closed => return Ok(()),
         Outcome::Transmission(n) => n,
     };
+    if !admitted {
+        return Err(ConnError::PushedOut);
+    }
+    let _serving = Serving::enter(shared)?;
+    // A client that stops in the middle of a write's data gives up its
+    // share of the payload budget after this long (an idle client between
+    // requests only wakes its thread up to read again).
+    rustix::net::sockopt::set_socket_timeout(sock, Timeout::Recv, Some(PAYLOAD_STALL))
+        .map_err(ConnError::Io)?;
     tracing::debug!(?neg, "nbd: transmission");
     let slots = Slots::new(shared.limits.caps, shared.opts.depth, shared.opts.buf_bytes)?;
+    let n = slots.len();
     let mut conn = Conn {
         sock,
         target: &*shared.target,
@@ -64,6 +105,8 @@ pub(super) fn serve_connection(
         events: Vec::with_capacity(256),
         extents: Vec::new(),
         status: Vec::new(),
+        granted: vec![0; n],
+        budget: &shared.budget,
         big_bytes: 0,
         need: REQUEST_LEN,
         last_input: Instant::now(),
@@ -93,8 +136,12 @@ const SOCK_TOKEN: u16 = u16::MAX;
 /// Reads at least this long are checked for holes first (see
 /// [`Conn::read_of_zeroes`]): a lookup costs about what sending a few KiB does.
 const HOLE_CHECK_MIN: u32 = 64 * 1024;
-/// Memory all oversized requests of a connection may hold at once.
+/// Memory the oversized requests of one connection may hold at once (all
+/// connections together are bounded by the server's payload budget).
 const BIG_BUDGET: usize = 128 << 20;
+/// A client that sends nothing for this long in the middle of a write's
+/// data is hung up on.
+const PAYLOAD_STALL: Duration = Duration::from_secs(30);
 /// Replies gathered before they are sent anyway.
 const MAX_SEGS: usize = 512;
 /// Read data gathered before it is sent anyway: the client starts
@@ -138,7 +185,10 @@ struct Conn<'a> {
     extents: Vec<crate::target::Extent>,
     /// A block status reply's (length, flags) pairs, reused.
     status: Vec<(u32, u32)>,
-    /// Bytes of buffers grown for oversized requests.
+    /// Bytes of the server's payload budget each slot's buffer holds.
+    granted: Vec<usize>,
+    budget: &'a Budget,
+    /// Bytes of buffers grown for oversized requests (the sum of `granted`).
     big_bytes: usize,
     /// Bytes the next request needs buffered before it is dispatched: a
     /// header, or a small write's header and data (waiting for those on
@@ -284,6 +334,11 @@ impl Conn<'_> {
                 }
                 Ok((n, _)) => done += n,
                 Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => {
+                    return Err(ConnError::Protocol(format!(
+                        "client sent none of a write's data for {PAYLOAD_STALL:?}"
+                    )))
+                }
                 Err(e) => return Err(ConnError::Io(e)),
             }
         }
@@ -375,6 +430,29 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// Get `n` bytes of the server's payload budget before allocating a
+    /// buffer for them; false if they did not come within [`PAYLOAD_WAIT`].
+    ///
+    /// A connection that holds budget itself first finishes and sends its
+    /// own requests, which gives it back: no connection sleeps on budget
+    /// while holding some, so none waits on another that waits on it.
+    fn take_budget(&mut self, n: usize) -> std::result::Result<bool, ConnError> {
+        let deadline = Instant::now() + PAYLOAD_WAIT;
+        loop {
+            if self.budget.try_take(n) {
+                return Ok(true);
+            }
+            if self.big_bytes > 0 {
+                self.send()?;
+            }
+            if self.big_bytes == 0 || self.slots.in_use() == 0 || Instant::now() >= deadline {
+                return Ok(self.budget.take_until(n, deadline));
+            }
+            self.slots.wait(self.target, true, &mut self.events)?;
+            self.on_events();
+        }
+    }
+
     /// Start a read, write, flush, trim or write-zeroes in `slot` (the
     /// last free one), its payload read first.
     fn start_io(
@@ -390,11 +468,20 @@ impl Conn<'_> {
             0
         };
         if need > self.slots.buf(slot).len() {
+            if !self.take_budget(need)? {
+                tracing::debug!(?h, "nbd: no payload budget within {PAYLOAD_WAIT:?}");
+                self.skip(payload as usize)?;
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.reply_now(&h, error_from_errno(Errno::NOMEM));
+                return Ok(());
+            }
             if let Err(e) = self.slots.reserve(slot, need) {
+                self.budget.give(need);
                 self.skip(payload as usize)?;
                 self.reply_now(&h, error_from_errno(e));
                 return Ok(());
             }
+            self.granted[usize::from(slot)] = need;
             self.big_bytes += need;
         }
         if req.op == Op::Write {
@@ -582,9 +669,11 @@ impl Conn<'_> {
         for s in std::mem::take(&mut self.segs) {
             if let Seg::Data(slot, _) | Seg::Release(slot) = s {
                 if self.slots.buf(slot).len() > self.base_bytes {
-                    self.big_bytes = self.big_bytes.saturating_sub(self.slots.buf(slot).len());
                     self.slots.shrink(slot);
                 }
+                let granted = std::mem::take(&mut self.granted[usize::from(slot)]);
+                self.big_bytes = self.big_bytes.saturating_sub(granted);
+                self.budget.give(granted);
                 self.free.push(slot);
             }
         }
@@ -599,6 +688,12 @@ impl Conn<'_> {
             }
             Err(e) => Err(ConnError::Io(e)),
         }
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.granted.iter().sum());
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
@@ -109,35 +109,74 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listeners: &[Listener], wake: &O
                 }
             };
             reap_finished(shared);
-            let open = shared.counters.open.load(Ordering::Relaxed);
-            if open >= shared.opts.max_connections as u64 {
+            let serving = shared.transmitting.load(Ordering::Relaxed);
+            if serving >= shared.opts.max_connections {
                 tracing::warn!(
-                    "nbd: refusing a connection: {open} open, at most {}",
+                    "nbd: refusing a connection: {serving} served, at most {}",
                     shared.opts.max_connections
                 );
                 continue;
             }
             next_id += 1;
-            spawn_connection(shared, next_id, sock);
+            admit_handshake(shared, next_id);
+            if !spawn_connection(shared, next_id, sock) {
+                leave_handshake(shared, next_id);
+            }
         }
     }
 }
 
-/// Forget connections whose threads have ended.
-fn reap_finished(shared: &Shared) {
-    let mut conns = match shared.conns.lock() {
-        Ok(c) => c,
-        Err(p) => p.into_inner(),
-    };
-    conns.retain(|_, (_, t)| !t.is_finished());
+/// Count connection `id` as in its handshake. When `max_handshakes` are
+/// already, the oldest of them is hung up on: a flood of idle sockets then
+/// costs each of them its place after `max_handshakes` newer connections,
+/// while a real client, which finishes in a few round trips, gets through.
+/// (Making new connections wait instead would let the flood hold every place
+/// for the whole handshake timeout.)
+fn admit_handshake(shared: &Shared, id: u64) {
+    let mut pending = lock(&shared.pending);
+    while pending.len() >= shared.opts.max_handshakes {
+        let Some(oldest) = pending.pop_front() else {
+            break;
+        };
+        // Under the lock, so that the connection cannot finish its
+        // handshake between being chosen and being hung up on.
+        if let Some((sock, _)) = lock(&shared.conns).get(&oldest) {
+            let _ = rustix::net::shutdown(sock, rustix::net::Shutdown::Both);
+        }
+        tracing::info!("nbd: connection {oldest}: handshake pushed out by a newer connection");
+    }
+    pending.push_back(id);
 }
 
-fn spawn_connection(shared: &Arc<Shared>, id: u64, sock: OwnedFd) {
+/// Connection `id` finished its handshake (or failed it); false if it had
+/// been pushed out already.
+pub(super) fn leave_handshake(shared: &Shared, id: u64) -> bool {
+    let mut pending = lock(&shared.pending);
+    match pending.iter().position(|&p| p == id) {
+        Some(i) => {
+            pending.remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Forget connections whose threads have ended.
+fn reap_finished(shared: &Shared) {
+    lock(&shared.conns).retain(|_, (_, t)| !t.is_finished());
+}
+
+/// Start connection `id`'s thread; false if it could not be started.
+fn spawn_connection(shared: &Arc<Shared>, id: u64, sock: OwnedFd) -> bool {
     let dup = match rustix::io::fcntl_dupfd_cloexec(&sock, 0) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!("nbd: connection {id}: {e}");
-            return;
+            return false;
         }
     };
     let counters = shared.counters.clone();
@@ -147,7 +186,7 @@ fn spawn_connection(shared: &Arc<Shared>, id: u64, sock: OwnedFd) {
     let spawned = std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
-            match serve_connection(&s, &sock) {
+            match serve_connection(&s, id, &sock) {
                 Ok(()) => tracing::debug!("nbd: connection {id} closed"),
                 Err(e) => tracing::info!("nbd: connection {id}: {e}"),
             }
@@ -159,15 +198,13 @@ fn spawn_connection(shared: &Arc<Shared>, id: u64, sock: OwnedFd) {
         });
     match spawned {
         Ok(t) => {
-            let mut conns = match shared.conns.lock() {
-                Ok(c) => c,
-                Err(p) => p.into_inner(),
-            };
-            conns.insert(id, (dup, t));
+            lock(&shared.conns).insert(id, (dup, t));
+            true
         }
         Err(e) => {
             counters.open.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!("nbd: connection {id}: cannot start its thread: {e}");
+            false
         }
     }
 }

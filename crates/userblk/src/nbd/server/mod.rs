@@ -21,10 +21,10 @@
 //! # Ok::<(), userblk::Error>(())
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -34,10 +34,12 @@ use rustix::event::EventfdFlags;
 use crate::nbd::proto::MAX_STRING;
 use crate::target::{Op, Target};
 use crate::{Error, Result};
+use budget::Budget;
 use handshake::Export;
 use listener::{accept_loop, bind};
-use transmission::Limits;
+use transmission::{Limits, MAX_PAYLOAD};
 
+mod budget;
 mod connection;
 pub mod handshake;
 mod listener;
@@ -104,11 +106,24 @@ pub struct ServerOptions {
     pub depth: u16,
     /// Buffer per request slot; larger requests (up to 32 MiB) get a larger one for their time.
     pub buf_bytes: usize,
-    /// Connections served at once; more are closed at once.
+    /// Connections in the transmission phase at once; more are closed at once.
     pub max_connections: usize,
+    /// Connections still in the handshake at once. Counted apart from
+    /// `max_connections` so that idle sockets cannot lock real clients out:
+    /// when full, a new connection pushes out the oldest one still in its
+    /// handshake.
+    pub max_handshakes: usize,
     /// Time a client has, from connecting, to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Memory for request payloads larger than a slot's buffer, shared by
+    /// every connection; a request waits for its share (at most
+    /// [`PAYLOAD_WAIT`]) before its buffer is allocated or its data read.
+    pub payload_budget: usize,
 }
+
+/// Longest a request waits for its share of the payload budget before it
+/// is answered with `ENOMEM`.
+pub const PAYLOAD_WAIT: Duration = Duration::from_secs(10);
 
 impl ServerOptions {
     /// Defaults for listening on `listen`.
@@ -120,7 +135,9 @@ impl ServerOptions {
             depth: 64,
             buf_bytes: 1 << 20,
             max_connections: 64,
-            handshake_timeout: Duration::from_secs(30),
+            max_handshakes: 64,
+            handshake_timeout: Duration::from_secs(10),
+            payload_budget: 256 << 20,
         }
     }
 }
@@ -178,6 +195,12 @@ struct Shared {
     stopping: AtomicBool,
     /// Open connections, to shut down at stop: id -> a dup of the socket.
     conns: Mutex<HashMap<u64, (OwnedFd, JoinHandle<()>)>>,
+    /// Connections still in their handshake, oldest first.
+    pending: Mutex<VecDeque<u64>>,
+    /// Connections in the transmission phase.
+    transmitting: AtomicUsize,
+    /// Memory for oversized payloads, across all connections.
+    budget: Budget,
 }
 impl Server {
     /// Bind every address and start accepting connections for `target`.
@@ -190,6 +213,18 @@ impl Server {
         if opts.export_name.len() > MAX_STRING {
             return Err(Error::invalid("export name longer than 4096 bytes"));
         }
+        if opts.payload_budget < MAX_PAYLOAD as usize {
+            return Err(Error::invalid(format!(
+                "an NBD payload budget of {} bytes is below the largest request ({MAX_PAYLOAD})",
+                opts.payload_budget
+            )));
+        }
+        if opts.max_handshakes == 0 {
+            return Err(Error::invalid(
+                "the NBD server needs room for at least one handshake",
+            ));
+        }
+        let payload_budget = opts.payload_budget;
         let caps = target.caps();
         caps.check()?;
         let limits = Limits::new(caps);
@@ -227,6 +262,9 @@ impl Server {
             counters: Arc::new(Counters::default()),
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
+            pending: Mutex::new(VecDeque::new()),
+            transmitting: AtomicUsize::new(0),
+            budget: Budget::new(payload_budget),
         });
         let acceptor = {
             let shared = shared.clone();
@@ -258,6 +296,12 @@ impl Server {
     /// What has been served so far.
     pub fn counters(&self) -> Arc<Counters> {
         self.shared.counters.clone()
+    }
+
+    /// Bytes of the payload budget held by requests now, and the most ever
+    /// held at once.
+    pub fn payload_bytes(&self) -> (u64, u64) {
+        (self.shared.budget.taken(), self.shared.budget.peak())
     }
 
     /// Stop: close the listeners, end every connection (requests in flight
