@@ -14,6 +14,7 @@ use rustix::io::Errno;
 
 use super::connection::serve_connection;
 use super::{Listen, Shared};
+use crate::state::SocketId;
 use crate::{Error, Result};
 
 pub(super) enum Listener {
@@ -44,7 +45,9 @@ impl Listener {
     }
 }
 
-pub(super) fn bind(l: &Listen) -> Result<(Listener, Listen)> {
+/// Bind `l`: the listener, the address (a TCP port 0 replaced by the real
+/// one) and, for a Unix socket, the socket file's identity.
+pub(super) fn bind(l: &Listen) -> Result<(Listener, Listen, Option<SocketId>)> {
     match l {
         Listen::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -65,7 +68,8 @@ pub(super) fn bind(l: &Listen) -> Result<(Listener, Listen)> {
                 let _ = std::fs::remove_file(path);
             }
             let lst = UnixListener::bind(path).map_err(|e| Error::path(path, e))?;
-            Ok((Listener::Unix(lst), l.clone()))
+            let id = SocketId::of(path).map_err(|e| Error::path(path, e))?;
+            Ok((Listener::Unix(lst), l.clone(), Some(id)))
         }
         Listen::Tcp(addr) => {
             let lst = TcpListener::bind(addr.as_str())
@@ -73,7 +77,7 @@ pub(super) fn bind(l: &Listen) -> Result<(Listener, Listen)> {
             let real = lst
                 .local_addr()
                 .map_or_else(|_| addr.clone(), |a| a.to_string());
-            Ok((Listener::Tcp(lst), Listen::Tcp(real)))
+            Ok((Listener::Tcp(lst), Listen::Tcp(real), None))
         }
     }
 }

@@ -32,6 +32,7 @@ use std::time::Duration;
 use rustix::event::EventfdFlags;
 
 use crate::nbd::proto::MAX_STRING;
+use crate::state::SocketId;
 use crate::target::{Op, Target};
 use crate::{Error, Result};
 use budget::Budget;
@@ -182,7 +183,8 @@ pub struct Server {
     wake: Arc<OwnedFd>,
     acceptor: Option<JoinHandle<()>>,
     addresses: Vec<Listen>,
-    unix_paths: Vec<PathBuf>,
+    /// The Unix sockets bound, removed at stop while they are still ours.
+    sockets: Vec<SocketId>,
 }
 
 /// What the accept thread and connection threads share.
@@ -237,16 +239,14 @@ impl Server {
         };
         let mut listeners = Vec::new();
         let mut addresses = Vec::new();
-        let mut unix_paths = Vec::new();
+        let mut sockets: Vec<SocketId> = Vec::new();
         for l in &opts.listen {
-            let (lst, real) = bind(l).inspect_err(|_| {
-                unix_paths.iter().for_each(|p| {
-                    let _ = std::fs::remove_file(p);
+            let (lst, real, id) = bind(l).inspect_err(|_| {
+                sockets.iter().for_each(|s| {
+                    s.remove_if_ours();
                 });
             })?;
-            if let Listen::Unix(p) = l {
-                unix_paths.push(p.clone());
-            }
+            sockets.extend(id);
             listeners.push(lst);
             addresses.push(real);
         }
@@ -279,13 +279,19 @@ impl Server {
             wake,
             acceptor: Some(acceptor),
             addresses,
-            unix_paths,
+            sockets,
         })
     }
 
     /// The addresses listened on (a TCP port 0 replaced by the real port).
     pub fn addresses(&self) -> &[Listen] {
         &self.addresses
+    }
+
+    /// The Unix sockets bound, as they were bound (for cleaning up after a
+    /// crash without removing a newer server's socket at the same path).
+    pub fn unix_sockets(&self) -> &[SocketId] {
+        &self.sockets
     }
 
     /// The transmission flags clients get (before `SEND_DF`, which depends on the client).
@@ -329,8 +335,8 @@ impl Server {
             let _ = thread.join();
             drop(sock);
         }
-        for p in &self.unix_paths {
-            let _ = std::fs::remove_file(p);
+        for s in &self.sockets {
+            s.remove_if_ours();
         }
     }
 }
