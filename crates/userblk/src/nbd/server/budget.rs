@@ -10,7 +10,8 @@ use std::time::Instant;
 /// Bytes handed out and bytes left, with waiters for bytes to come back.
 #[derive(Debug)]
 pub(super) struct Budget {
-    left: Mutex<usize>,
+    /// Bytes left, and whether the server is stopping (waiters give up).
+    left: Mutex<(usize, bool)>,
     returned: Condvar,
     total: usize,
     /// Bytes handed out now (also in the server's counters).
@@ -22,7 +23,7 @@ pub(super) struct Budget {
 impl Budget {
     pub(super) fn new(total: usize) -> Self {
         Budget {
-            left: Mutex::new(total),
+            left: Mutex::new((total, false)),
             returned: Condvar::new(),
             total,
             taken: AtomicU64::new(0),
@@ -30,14 +31,14 @@ impl Budget {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, usize> {
+    fn lock(&self) -> MutexGuard<'_, (usize, bool)> {
         self.left.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Take `n` bytes if they are there now.
     pub(super) fn try_take(&self, n: usize) -> bool {
         let mut left = self.lock();
-        self.take_locked(&mut left, n)
+        self.take_locked(&mut left.0, n)
     }
 
     /// Take `n` bytes, waiting for them until `deadline`; false if they did
@@ -48,11 +49,11 @@ impl Budget {
         }
         let mut left = self.lock();
         loop {
-            if self.take_locked(&mut left, n) {
+            if self.take_locked(&mut left.0, n) {
                 return true;
             }
             let wait = deadline.saturating_duration_since(Instant::now());
-            if wait.is_zero() {
+            if wait.is_zero() || left.1 {
                 return false;
             }
             left = match self.returned.wait_timeout(left, wait) {
@@ -79,10 +80,16 @@ impl Budget {
             return;
         }
         let mut left = self.lock();
-        *left = (*left + n).min(self.total);
+        left.0 = (left.0 + n).min(self.total);
         self.taken
-            .store((self.total - *left) as u64, Ordering::Relaxed);
+            .store((self.total - left.0) as u64, Ordering::Relaxed);
         drop(left);
+        self.returned.notify_all();
+    }
+
+    /// The server is stopping: every waiter gives up now, and later ones at once.
+    pub(super) fn close(&self) {
+        self.lock().1 = true;
         self.returned.notify_all();
     }
 
@@ -124,5 +131,17 @@ mod tests {
         giver.join().unwrap();
         assert_eq!(b.taken(), 50);
         assert_eq!(b.peak(), 60);
+        // Closing wakes a waiter at once.
+        let closer = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                b.close();
+            })
+        };
+        let t = Instant::now();
+        assert!(!b.take_until(60, Instant::now() + Duration::from_secs(10)));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        closer.join().unwrap();
     }
 }

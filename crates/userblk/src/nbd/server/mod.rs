@@ -318,6 +318,8 @@ impl Server {
 
     fn stop_inner(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        // Requests waiting for payload memory give up instead of holding stop up.
+        self.shared.budget.close();
         let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
