@@ -209,6 +209,22 @@ case_dead_daemon_cleanup() {
     del_nbd "$id"
 }
 
+# A dead device's socket path taken over by a new device: deleting the dead
+# one must not unlink the live one's socket.
+case_dead_daemon_socket_taken_over() {
+    local id uri pid id2 uri2
+    read -r id uri < <(add_nbd mem --size 32M --listen "unix:$WORK/t.sock")
+    pid=$(list_word "$id" 7)
+    kill -9 "$pid"
+    wait_for 5 sh -c "! kill -0 $pid 2>/dev/null"
+    read -r id2 uri2 < <(add_nbd mem --size 16M --listen "unix:$WORK/t.sock")
+    ub del -n "$id"
+    [ -S "$WORK/t.sock" ] || die "del -n $id removed device $id2's socket"
+    [ "$(nbdinfo --size "$uri2")" = 16777216 ] || die "device $id2 no longer serves"
+    [ ! -e "/run/userblk/$id.json" ] || die "state left behind"
+    del_nbd "$id2"
+}
+
 case_errors_are_clear() {
     expect_fail "expected unix:PATH or tcp:HOST:PORT" ub add mem --size 1M --listen /tmp/x.sock
     expect_fail "tcp:HOST:PORT" ub add mem --size 1M --listen tcp:nohost
@@ -312,13 +328,14 @@ trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
 [ "$(id -u)" = 0 ] || { echo "the NBD host suite needs root (loop devices, mounts)"; exit 2; }
 [ -n "${TRACE:-}" ] && set -x
-plan 11
+plan 12
 case_run "nbdinfo: size, flags, block sizes, read-only" case_nbdinfo_size_and_flags
 case_run "nbdsh: data, FUA, trim, zero, block status" case_nbdsh_semantics
 case_run "qemu-img convert/compare, qemu-io" case_qemu_img_convert_compare
 case_run "fio nbd engine: verify, 4 clients at once" case_fio_nbd_verify_and_many_clients
 case_run "tcp export on a picked port" case_tcp_export
 case_run "dead daemon: list says DEAD, del cleans up" case_dead_daemon_cleanup
+case_run "dead daemon: del leaves a newer device's socket alone" case_dead_daemon_socket_taken_over
 states() { ls /run/userblk/ 2>/dev/null | grep -c json; }
 case_run "bad addresses and options: clear errors" case_errors_are_clear "$(states)"
 case_run "nbd target over nbdkit: fio verify, ext4" case_target_over_nbdkit_ext4

@@ -1,7 +1,6 @@
 //! The NBD frontend in the CLI: serve a target as an NBD export until
 //! stopped, and clean up such a device for `del`.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -89,6 +88,7 @@ pub fn serve(args: AddArgs, daemon: bool) -> anyhow::Result<()> {
         block_size: caps.logical_block_size,
         depth: opts.depth,
         max_payload: limits.max_payload,
+        sockets: server.unix_sockets().to_vec(),
     });
     st.save()?;
     crate::daemon::announce(&st, daemon);
@@ -132,22 +132,14 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
     if st.daemon_alive() {
         crate::daemon::stop(st, timeout)?;
     } else {
-        // A dead daemon's Unix sockets are left behind.
-        for l in &nbd.listen {
-            if let Ok(Listen::Unix(p)) = l.parse::<Listen>() {
-                remove_socket(&p);
-            }
+        // A dead daemon's Unix sockets are left behind; one that another
+        // server has replaced since is that server's now.
+        for s in &nbd.sockets {
+            s.remove_if_ours();
         }
     }
     DeviceState::remove(id);
     Ok(())
-}
-
-fn remove_socket(p: &PathBuf) {
-    use std::os::unix::fs::FileTypeExt;
-    if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(p);
-    }
 }
 
 #[cfg(test)]

@@ -113,13 +113,8 @@ pub enum Error {
         mounts: Vec<PathBuf>,
     },
     /// An NBD URI could not be understood.
-    #[error("invalid NBD URI {uri:?}: {reason}")]
-    NbdUri {
-        /// The URI as given.
-        uri: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    #[error(transparent)]
+    NbdUri(#[from] crate::nbd::client::UriError),
     /// An NBD server could not be reached, refused the export, or broke the protocol.
     #[error("NBD server {uri}: {err}")]
     Nbd {

@@ -111,6 +111,72 @@ pub struct NbdState {
     pub depth: u16,
     /// Largest read or write.
     pub max_payload: u32,
+    /// The Unix sockets as bound, so that `del` after a crash removes a
+    /// path only while it is still this device's socket.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sockets: Vec<SocketId>,
+}
+
+/// A Unix socket file as its creator bound it: the path and the (device,
+/// inode, change time) it had then. Another server may replace a dead
+/// server's socket at the same path; whoever cleans up must not remove the
+/// new one. The change time tells a new socket that got the freed inode
+/// number from the old one (some file systems reuse them at once).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SocketId {
+    /// The socket's path.
+    pub path: PathBuf,
+    /// `st_dev` at bind time.
+    pub dev: u64,
+    /// `st_ino` at bind time.
+    pub ino: u64,
+    /// `st_ctime` at bind time, in nanoseconds.
+    pub ctime_ns: i64,
+}
+
+impl SocketId {
+    /// The identity of the file at `path` now (call right after binding).
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(SocketId {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime_ns: ctime_ns(&m),
+        })
+    }
+
+    /// Remove the socket if the path still names it; see [`remove_socket_if_ours`].
+    pub fn remove_if_ours(&self) -> bool {
+        remove_socket_if_ours(&self.path, self.dev, self.ino, self.ctime_ns)
+    }
+}
+
+fn ctime_ns(m: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    m.ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.ctime_nsec())
+}
+
+/// Remove the socket at `path` only if it is still the one with this
+/// `(dev, ino, ctime_ns)` ([`SocketId`]): true if it was removed. A
+/// different file there (another server's socket bound since), or none, is
+/// left alone.
+pub fn remove_socket_if_ours(path: &Path, dev: u64, ino: u64, ctime: i64) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m)
+            if m.file_type().is_socket()
+                && m.dev() == dev
+                && m.ino() == ino
+                && ctime_ns(&m) == ctime =>
+        {
+            std::fs::remove_file(path).is_ok()
+        }
+        _ => false,
+    }
 }
 
 /// What `list` and `del` need to know about a FUSE-served device.
@@ -353,5 +419,40 @@ mod tests {
         assert_eq!(proc_stat(pid).map(|(_, s)| s), Some('Z'));
         child.wait().unwrap();
         assert_eq!(proc_stat(pid), None);
+    }
+
+    #[test]
+    fn a_replaced_socket_is_not_removed() {
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = UnixListener::bind(&path).unwrap();
+        let old = SocketId::of(&path).unwrap();
+        // Its server dies; another one replaces the stale socket (moved
+        // aside here rather than removed, so that the new socket cannot
+        // get its inode number: that case is told by the change time).
+        drop(first);
+        std::fs::rename(&path, dir.path().join("old.sock")).unwrap();
+        let _second = UnixListener::bind(&path).unwrap();
+        let new = SocketId::of(&path).unwrap();
+        assert_ne!(old, new);
+        assert!(!old.remove_if_ours(), "removed another server's socket");
+        let reused = SocketId {
+            ctime_ns: new.ctime_ns - 1,
+            ..new.clone()
+        };
+        assert!(
+            !reused.remove_if_ours(),
+            "an inode number reused is not the same socket"
+        );
+        assert!(path.exists());
+        assert!(new.remove_if_ours());
+        assert!(!path.exists());
+        // Nothing there, or a regular file with the same name: left alone.
+        assert!(!new.remove_if_ours());
+        std::fs::write(&path, b"x").unwrap();
+        let file = SocketId::of(&path).unwrap();
+        assert!(!file.remove_if_ours());
+        assert!(path.exists());
     }
 }

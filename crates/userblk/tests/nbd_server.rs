@@ -711,3 +711,98 @@ fn listen_addresses_are_checked() {
     c.read_exact(&mut g).unwrap();
     assert_eq!(g, NBDMAGIC.to_be_bytes());
 }
+
+/// Hello and GO on export "disk" of any size: a transmission-phase stream.
+fn go_any_size(sock: &PathBuf) -> UnixStream {
+    let mut s = Client::hello(sock);
+    let mut d = 4u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"disk");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    opt(&mut s, OPT_GO, &d);
+    assert_eq!(until_ack(&mut s).last().unwrap().0, REP_ACK);
+    s
+}
+
+#[test]
+fn idle_connections_do_not_lock_out_a_real_client() {
+    let f = serve();
+    // Far more idle sockets than there are places for handshakes (64) or
+    // for connections (64): none of them sends a byte.
+    let idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&f.sock).unwrap())
+        .collect();
+    let t = Instant::now();
+    let (mut c, _) = Client::connect(&f.sock, false);
+    assert_eq!(c.write(1, 0, &pattern(3, 4096)), 0);
+    assert_eq!(c.read(2, 0, 4096), (0, pattern(3, 4096)));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the real client waited {:?}",
+        t.elapsed()
+    );
+    // The oldest idle sockets were pushed out to make room.
+    let mut first = idle.into_iter().next().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Its greeting, then end of file (a still-open socket would time out).
+    let mut greeting = Vec::new();
+    let got = first.read_to_end(&mut greeting);
+    assert!(
+        matches!(got, Ok(n) if n <= 18),
+        "the oldest idle socket is still open: {got:?}"
+    );
+}
+
+#[test]
+fn stalled_large_writes_stay_within_the_payload_budget() {
+    const BIG: u32 = 32 << 20;
+    const BUDGET: usize = 64 << 20;
+    let f = serve_with(Arc::new(MemTarget::new(64 << 20).unwrap()), |o| {
+        o.payload_budget = BUDGET;
+    });
+    let server = f.server.as_ref().unwrap();
+    // Each announces a 32 MiB write, sends a little of its data, and stops.
+    let stalled: Vec<UnixStream> = (0..16u64)
+        .map(|i| {
+            let mut s = go_any_size(&f.sock);
+            let h = Header {
+                flags: 0,
+                kind: CMD_WRITE,
+                cookie: i,
+                offset: 0,
+                len: BIG,
+            };
+            let mut b = h.encode().to_vec();
+            b.extend_from_slice(&[7u8; 4096]);
+            s.write_all(&b).unwrap();
+            s
+        })
+        .collect();
+    // Two writes fit the budget; the other fourteen must wait for it.
+    let t = Instant::now();
+    while server.payload_bytes().0 < 2 * u64::from(BIG) {
+        assert!(t.elapsed() < Duration::from_secs(10), "budget never used");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (now, peak) = server.payload_bytes();
+    assert!(peak <= BUDGET as u64, "peak {peak} over the budget");
+    assert_eq!(now, 2 * u64::from(BIG));
+    // Small requests need no budget: a normal client is served meanwhile.
+    let mut c = Client {
+        s: go_any_size(&f.sock),
+        structured: false,
+        last_kind: 0,
+    };
+    assert_eq!(c.write(1, 1 << 20, &pattern(5, 65536)), 0);
+    assert_eq!(c.read(2, 1 << 20, 65536), (0, pattern(5, 65536)));
+    // Hanging up gives the budget back.
+    drop(stalled);
+    let t = Instant::now();
+    while server.payload_bytes().0 > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "budget not returned");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.payload_bytes().1 <= BUDGET as u64);
+}

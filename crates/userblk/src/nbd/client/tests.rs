@@ -1,5 +1,9 @@
+use super::handshake::OLDSTYLE_MAGIC;
 use super::*;
+use crate::nbd::proto;
+use crate::target::{Flags, Op, Request};
 use std::io::Cursor;
+use std::io::{self, Read, Write};
 
 // ---- URIs ----
 

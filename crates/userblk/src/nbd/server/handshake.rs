@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 
-use super::proto::*;
+use crate::nbd::proto::*;
 
 /// Longest option payload accepted: the largest legitimate one is a
 /// meta-context request with a handful of 4 KiB strings.

@@ -1,532 +1,28 @@
-//! The NBD server frontend: listening sockets, and one thread with one
-//! ring per connection.
-//!
-//! A connection thread negotiates ([`super::handshake`]), then loops:
-//! read whatever requests have arrived, start each in a free slot of its
-//! [`Slots`] (the target finishes inline or on the ring), and send every
-//! finished reply in one `sendmsg`. Replies go out as requests finish, in
-//! any order, as the protocol allows. When every slot is busy the thread
-//! stops reading, so a client cannot make it queue without bound.
-//!
-//! ```no_run
-//! use std::sync::Arc;
-//! use userblk::nbd::server::{Listen, Server, ServerOptions};
-//! use userblk::targets::MemTarget;
-//!
-//! let target = Arc::new(MemTarget::new(1 << 30)?);
-//! let opts = ServerOptions::new(vec!["unix:/tmp/mem.sock".parse()?]);
-//! let server = Server::start(target, opts)?;
-//! // ... `nbdinfo nbd+unix:///?socket=/tmp/mem.sock` ...
-//! server.stop();
-//! # Ok::<(), userblk::Error>(())
-//! ```
+//! One client's connection: the handshake, then the transmission loop.
 
-use std::collections::HashMap;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use rustix::io::Errno;
+use rustix::net::sockopt::Timeout;
 use rustix::net::{RecvFlags, SendFlags};
 
-use super::handshake::{self, Export, HandshakeError, Negotiated, Outcome};
-use super::proto::*;
+use super::budget::Budget;
+use super::handshake::{self, HandshakeError, Negotiated, Outcome};
+use super::listener::leave_handshake;
+use super::timed::Stream;
 use super::transmission::{self, Command, Header, Limits, MAX_PAYLOAD};
+use super::{Counters, Shared, PAYLOAD_WAIT};
 use crate::slots::{Event, Slots};
+use crate::nbd::proto::*;
 use crate::target::{IoResult, Op, Request, Target};
-use crate::{Error, Result};
-
-/// Where the server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    /// A Unix socket at this path.
-    Unix(PathBuf),
-    /// A TCP address, `HOST:PORT` (port 0 picks a free one).
-    Tcp(String),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err(Error::invalid(
-                    "unix: needs a socket path, e.g. unix:/run/disk.sock",
-                ));
-            }
-            Ok(Listen::Unix(PathBuf::from(p)))
-        } else if let Some(a) = s.strip_prefix("tcp:") {
-            let port_ok = a
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
-            if !port_ok {
-                return Err(Error::invalid(format!(
-                    "tcp:{a}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:10809"
-                )));
-            }
-            Ok(Listen::Tcp(a.to_string()))
-        } else {
-            Err(Error::invalid(format!(
-                "{s}: expected unix:PATH or tcp:HOST:PORT"
-            )))
-        }
-    }
-}
-
-impl std::fmt::Display for Listen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
-            Listen::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}
-
-/// How the server serves.
-#[derive(Debug, Clone)]
-pub struct ServerOptions {
-    /// Sockets to listen on.
-    pub listen: Vec<Listen>,
-    /// Export name (clients may also ask for the default, empty, name).
-    pub export_name: String,
-    /// Description shown by `nbdinfo`.
-    pub description: String,
-    /// Requests in flight per connection.
-    pub depth: u16,
-    /// Buffer per request slot; larger requests (up to 32 MiB) get a larger one for their time.
-    pub buf_bytes: usize,
-    /// Connections served at once; more are closed at once.
-    pub max_connections: usize,
-    /// Time a client has, from connecting, to finish the handshake.
-    pub handshake_timeout: Duration,
-}
-
-impl ServerOptions {
-    /// Defaults for listening on `listen`.
-    pub fn new(listen: Vec<Listen>) -> Self {
-        ServerOptions {
-            listen,
-            export_name: String::new(),
-            description: String::new(),
-            depth: 64,
-            buf_bytes: 1 << 20,
-            max_connections: 64,
-            handshake_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-/// What the server has done, for logs and `list`.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Connections accepted.
-    pub connections: AtomicU64,
-    /// Connections open now.
-    pub open: AtomicU64,
-    /// Reads served.
-    pub reads: AtomicU64,
-    /// Writes served.
-    pub writes: AtomicU64,
-    /// Flushes served.
-    pub flushes: AtomicU64,
-    /// Trims and write-zeroes served.
-    pub zeroes: AtomicU64,
-    /// Requests answered with an error.
-    pub errors: AtomicU64,
-}
-
-impl Counters {
-    fn count(&self, op: Op, ok: bool) {
-        let c = match op {
-            Op::Read => &self.reads,
-            Op::Write => &self.writes,
-            Op::Flush => &self.flushes,
-            Op::Discard | Op::WriteZeroes => &self.zeroes,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// A running server: an accept thread and a thread per connection.
-pub struct Server {
-    shared: Arc<Shared>,
-    wake: Arc<OwnedFd>,
-    acceptor: Option<JoinHandle<()>>,
-    addresses: Vec<Listen>,
-    unix_paths: Vec<PathBuf>,
-}
-
-/// What the accept thread and connection threads share.
-struct Shared {
-    target: Arc<dyn Target>,
-    export: Export,
-    limits: Limits,
-    opts: ServerOptions,
-    counters: Arc<Counters>,
-    stopping: AtomicBool,
-    /// Open connections, to shut down at stop: id -> a dup of the socket.
-    conns: Mutex<HashMap<u64, (OwnedFd, JoinHandle<()>)>>,
-}
-
-enum Listener {
-    Unix(UnixListener),
-    Tcp(TcpListener),
-}
-
-impl AsFd for Listener {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Listener::Unix(l) => l.as_fd(),
-            Listener::Tcp(l) => l.as_fd(),
-        }
-    }
-}
-
-impl Listener {
-    fn accept(&self) -> io::Result<OwnedFd> {
-        match self {
-            Listener::Unix(l) => l.accept().map(|(s, _)| s.into()),
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                // Replies are sent whole; do not let Nagle hold the last one back.
-                let _ = s.set_nodelay(true);
-                Ok(s.into())
-            }
-        }
-    }
-}
-
-fn bind(l: &Listen) -> Result<(Listener, Listen)> {
-    match l {
-        Listen::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt;
-                if !meta.file_type().is_socket() {
-                    return Err(Error::invalid(format!(
-                        "{}: exists and is not a socket",
-                        path.display()
-                    )));
-                }
-                // A socket nobody answers on is left over from a dead server.
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(Error::invalid(format!(
-                        "{}: another server is listening there",
-                        path.display()
-                    )));
-                }
-                let _ = std::fs::remove_file(path);
-            }
-            let lst = UnixListener::bind(path).map_err(|e| Error::path(path, e))?;
-            Ok((Listener::Unix(lst), l.clone()))
-        }
-        Listen::Tcp(addr) => {
-            let lst = TcpListener::bind(addr.as_str())
-                .map_err(|e| Error::io(format!("listening on tcp:{addr}"), e))?;
-            let real = lst
-                .local_addr()
-                .map_or_else(|_| addr.clone(), |a| a.to_string());
-            Ok((Listener::Tcp(lst), Listen::Tcp(real)))
-        }
-    }
-}
-
-impl Server {
-    /// Bind every address and start accepting connections for `target`.
-    pub fn start(target: Arc<dyn Target>, opts: ServerOptions) -> Result<Server> {
-        if opts.listen.is_empty() {
-            return Err(Error::invalid(
-                "the NBD server needs an address to listen on",
-            ));
-        }
-        if opts.export_name.len() > MAX_STRING {
-            return Err(Error::invalid("export name longer than 4096 bytes"));
-        }
-        let caps = target.caps();
-        caps.check()?;
-        let limits = Limits::new(caps);
-        let export = Export {
-            name: opts.export_name.clone(),
-            description: opts.description.clone(),
-            size: caps.size,
-            flags: limits.flags(),
-            block_sizes: limits.block_sizes(),
-        };
-        let mut listeners = Vec::new();
-        let mut addresses = Vec::new();
-        let mut unix_paths = Vec::new();
-        for l in &opts.listen {
-            let (lst, real) = bind(l).inspect_err(|_| {
-                unix_paths.iter().for_each(|p| {
-                    let _ = std::fs::remove_file(p);
-                });
-            })?;
-            if let Listen::Unix(p) = l {
-                unix_paths.push(p.clone());
-            }
-            listeners.push(lst);
-            addresses.push(real);
-        }
-        let wake = Arc::new(
-            rustix::event::eventfd(0, EventfdFlags::CLOEXEC)
-                .map_err(|e| Error::io("eventfd", e))?,
-        );
-        let shared = Arc::new(Shared {
-            target,
-            export,
-            limits,
-            opts,
-            counters: Arc::new(Counters::default()),
-            stopping: AtomicBool::new(false),
-            conns: Mutex::new(HashMap::new()),
-        });
-        let acceptor = {
-            let shared = shared.clone();
-            let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("nbd-accept".into())
-                .spawn(move || accept_loop(&shared, &listeners, &wake))
-                .map_err(|e| Error::io("starting the NBD accept thread", e))?
-        };
-        Ok(Server {
-            shared,
-            wake,
-            acceptor: Some(acceptor),
-            addresses,
-            unix_paths,
-        })
-    }
-
-    /// The addresses listened on (a TCP port 0 replaced by the real port).
-    pub fn addresses(&self) -> &[Listen] {
-        &self.addresses
-    }
-
-    /// The transmission flags clients get (before `SEND_DF`, which depends on the client).
-    pub fn flags(&self) -> u16 {
-        self.shared.export.flags
-    }
-
-    /// What has been served so far.
-    pub fn counters(&self) -> Arc<Counters> {
-        self.shared.counters.clone()
-    }
-
-    /// Stop: close the listeners, end every connection (requests in flight
-    /// finish first), and wait for the threads.
-    pub fn stop(mut self) {
-        self.stop_inner();
-    }
-
-    fn stop_inner(&mut self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
-        }
-        let conns: Vec<_> = match self.shared.conns.lock() {
-            Ok(mut c) => c.drain().collect(),
-            Err(p) => p.into_inner().drain().collect(),
-        };
-        for (_, (sock, _)) in &conns {
-            // Ends a blocked read with EOF: the thread finishes what it
-            // has in flight and leaves.
-            let _ = rustix::net::shutdown(sock, rustix::net::Shutdown::Read);
-        }
-        for (_, (sock, thread)) in conns {
-            let _ = thread.join();
-            drop(sock);
-        }
-        for p in &self.unix_paths {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if self.acceptor.is_some() {
-            self.stop_inner();
-        }
-    }
-}
-
-impl std::fmt::Debug for Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("addresses", &self.addresses)
-            .finish()
-    }
-}
-
-fn accept_loop(shared: &Arc<Shared>, listeners: &[Listener], wake: &OwnedFd) {
-    let mut next_id = 0u64;
-    loop {
-        let mut fds: Vec<PollFd<'_>> = listeners
-            .iter()
-            .map(|l| PollFd::new(l, PollFlags::IN))
-            .collect();
-        fds.push(PollFd::new(wake, PollFlags::IN));
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) | Err(Errno::INTR) => {}
-            Err(e) => {
-                tracing::error!("nbd: poll on listening sockets: {e}");
-                return;
-            }
-        }
-        if shared.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
-        drop(fds);
-        for (l, _) in listeners.iter().zip(ready).filter(|(_, r)| *r) {
-            let sock = match l.accept() {
-                Ok(s) => s,
-                Err(e) => {
-                    // ECONNABORTED, EMFILE...: keep serving the others.
-                    tracing::warn!("nbd: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            reap_finished(shared);
-            let open = shared.counters.open.load(Ordering::Relaxed);
-            if open >= shared.opts.max_connections as u64 {
-                tracing::warn!(
-                    "nbd: refusing a connection: {open} open, at most {}",
-                    shared.opts.max_connections
-                );
-                continue;
-            }
-            next_id += 1;
-            spawn_connection(shared, next_id, sock);
-        }
-    }
-}
-
-/// Forget connections whose threads have ended.
-fn reap_finished(shared: &Shared) {
-    let mut conns = match shared.conns.lock() {
-        Ok(c) => c,
-        Err(p) => p.into_inner(),
-    };
-    conns.retain(|_, (_, t)| !t.is_finished());
-}
-
-fn spawn_connection(shared: &Arc<Shared>, id: u64, sock: OwnedFd) {
-    let dup = match rustix::io::fcntl_dupfd_cloexec(&sock, 0) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!("nbd: connection {id}: {e}");
-            return;
-        }
-    };
-    let counters = shared.counters.clone();
-    counters.connections.fetch_add(1, Ordering::Relaxed);
-    counters.open.fetch_add(1, Ordering::Relaxed);
-    let s = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("nbd-conn-{id}"))
-        .spawn(move || {
-            match serve_connection(&s, &sock) {
-                Ok(()) => tracing::debug!("nbd: connection {id} closed"),
-                Err(e) => tracing::info!("nbd: connection {id}: {e}"),
-            }
-            // Count the connection closed before the client can see it
-            // closed, so it may connect again at once under max_connections.
-            s.counters.open.fetch_sub(1, Ordering::Relaxed);
-            // The stop list holds a duplicate: hang up for both.
-            let _ = rustix::net::shutdown(&sock, rustix::net::Shutdown::Both);
-        });
-    match spawned {
-        Ok(t) => {
-            let mut conns = match shared.conns.lock() {
-                Ok(c) => c,
-                Err(p) => p.into_inner(),
-            };
-            conns.insert(id, (dup, t));
-        }
-        Err(e) => {
-            counters.open.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!("nbd: connection {id}: cannot start its thread: {e}");
-        }
-    }
-}
-
-/// A connected socket as a byte stream for the handshake, which must be
-/// over by `deadline`: a client trickling bytes cannot hold a connection.
-struct Stream<'a> {
-    sock: &'a OwnedFd,
-    deadline: Instant,
-}
-
-impl Stream<'_> {
-    /// Wait until the socket is ready for `events`, or the deadline passes.
-    fn wait(&self, events: PollFlags) -> io::Result<()> {
-        loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the handshake took too long",
-                ));
-            }
-            let ts = rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            });
-            let mut fds = [PollFd::new(self.sock, events)];
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(0) | Err(Errno::INTR) => {}
-                Ok(_) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl Read for Stream<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            self.wait(PollFlags::IN)?;
-            match rustix::net::recv(self.sock, &mut *buf, RecvFlags::DONTWAIT) {
-                Ok((n, _)) => return Ok(n),
-                Err(Errno::INTR | Errno::AGAIN) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl Write for Stream<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        loop {
-            self.wait(PollFlags::OUT)?;
-            match rustix::net::send(self.sock, buf, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
-                Ok(n) => return Ok(n),
-                Err(Errno::INTR | Errno::AGAIN) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use crate::Error;
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(super) enum ConnError {
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
     #[error("client broke the protocol: {0}")]
@@ -535,19 +31,60 @@ enum ConnError {
     Io(Errno),
     #[error(transparent)]
     Ring(#[from] Error),
+    #[error("newer connections pushed this one out during its handshake")]
+    PushedOut,
+    #[error("{0} connections are served already")]
+    Full(usize),
 }
 
-fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), ConnError> {
+/// A connection counted as in the transmission phase while this lives.
+struct Serving<'a>(&'a AtomicUsize);
+
+impl<'a> Serving<'a> {
+    fn enter(shared: &'a Shared) -> std::result::Result<Self, ConnError> {
+        let max = shared.opts.max_connections;
+        let n = &shared.transmitting;
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            (c < max).then_some(c + 1)
+        })
+        .map_err(|_| ConnError::Full(max))?;
+        Ok(Serving(n))
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub(super) fn serve_connection(
+    shared: &Shared,
+    id: u64,
+    sock: &OwnedFd,
+) -> std::result::Result<(), ConnError> {
     let mut stream = Stream {
         sock,
         deadline: Instant::now() + shared.opts.handshake_timeout,
     };
-    let neg = match handshake::negotiate(&mut stream, &shared.export)? {
+    let outcome = handshake::negotiate(&mut stream, &shared.export);
+    let admitted = leave_handshake(shared, id);
+    let neg = match outcome? {
         Outcome::Closed => return Ok(()),
         Outcome::Transmission(n) => n,
     };
+    if !admitted {
+        return Err(ConnError::PushedOut);
+    }
+    let _serving = Serving::enter(shared)?;
+    // A client that stops in the middle of a write's data gives up its
+    // share of the payload budget after this long (an idle client between
+    // requests only wakes its thread up to read again).
+    rustix::net::sockopt::set_socket_timeout(sock, Timeout::Recv, Some(PAYLOAD_STALL))
+        .map_err(ConnError::Io)?;
     tracing::debug!(?neg, "nbd: transmission");
     let slots = Slots::new(shared.limits.caps, shared.opts.depth, shared.opts.buf_bytes)?;
+    let n = slots.len();
     let mut conn = Conn {
         sock,
         target: &*shared.target,
@@ -568,6 +105,8 @@ fn serve_connection(shared: &Shared, sock: &OwnedFd) -> std::result::Result<(), 
         events: Vec::with_capacity(256),
         extents: Vec::new(),
         status: Vec::new(),
+        granted: vec![0; n],
+        budget: &shared.budget,
         big_bytes: 0,
         need: REQUEST_LEN,
         last_input: Instant::now(),
@@ -597,8 +136,12 @@ const SOCK_TOKEN: u16 = u16::MAX;
 /// Reads at least this long are checked for holes first (see
 /// [`Conn::read_of_zeroes`]): a lookup costs about what sending a few KiB does.
 const HOLE_CHECK_MIN: u32 = 64 * 1024;
-/// Memory all oversized requests of a connection may hold at once.
+/// Memory the oversized requests of one connection may hold at once (all
+/// connections together are bounded by the server's payload budget).
 const BIG_BUDGET: usize = 128 << 20;
+/// A client that sends nothing for this long in the middle of a write's
+/// data is hung up on.
+const PAYLOAD_STALL: Duration = Duration::from_secs(30);
 /// Replies gathered before they are sent anyway.
 const MAX_SEGS: usize = 512;
 /// Read data gathered before it is sent anyway: the client starts
@@ -642,7 +185,10 @@ struct Conn<'a> {
     extents: Vec<crate::target::Extent>,
     /// A block status reply's (length, flags) pairs, reused.
     status: Vec<(u32, u32)>,
-    /// Bytes of buffers grown for oversized requests.
+    /// Bytes of the server's payload budget each slot's buffer holds.
+    granted: Vec<usize>,
+    budget: &'a Budget,
+    /// Bytes of buffers grown for oversized requests (the sum of `granted`).
     big_bytes: usize,
     /// Bytes the next request needs buffered before it is dispatched: a
     /// header, or a small write's header and data (waiting for those on
@@ -788,6 +334,11 @@ impl Conn<'_> {
                 }
                 Ok((n, _)) => done += n,
                 Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => {
+                    return Err(ConnError::Protocol(format!(
+                        "client sent none of a write's data for {PAYLOAD_STALL:?}"
+                    )))
+                }
                 Err(e) => return Err(ConnError::Io(e)),
             }
         }
@@ -879,6 +430,29 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// Get `n` bytes of the server's payload budget before allocating a
+    /// buffer for them; false if they did not come within [`PAYLOAD_WAIT`].
+    ///
+    /// A connection that holds budget itself first finishes and sends its
+    /// own requests, which gives it back: no connection sleeps on budget
+    /// while holding some, so none waits on another that waits on it.
+    fn take_budget(&mut self, n: usize) -> std::result::Result<bool, ConnError> {
+        let deadline = Instant::now() + PAYLOAD_WAIT;
+        loop {
+            if self.budget.try_take(n) {
+                return Ok(true);
+            }
+            if self.big_bytes > 0 {
+                self.send()?;
+            }
+            if self.big_bytes == 0 || self.slots.in_use() == 0 || Instant::now() >= deadline {
+                return Ok(self.budget.take_until(n, deadline));
+            }
+            self.slots.wait(self.target, true, &mut self.events)?;
+            self.on_events();
+        }
+    }
+
     /// Start a read, write, flush, trim or write-zeroes in `slot` (the
     /// last free one), its payload read first.
     fn start_io(
@@ -894,11 +468,20 @@ impl Conn<'_> {
             0
         };
         if need > self.slots.buf(slot).len() {
+            if !self.take_budget(need)? {
+                tracing::debug!(?h, "nbd: no payload budget within {PAYLOAD_WAIT:?}");
+                self.skip(payload as usize)?;
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.reply_now(&h, error_from_errno(Errno::NOMEM));
+                return Ok(());
+            }
             if let Err(e) = self.slots.reserve(slot, need) {
+                self.budget.give(need);
                 self.skip(payload as usize)?;
                 self.reply_now(&h, error_from_errno(e));
                 return Ok(());
             }
+            self.granted[usize::from(slot)] = need;
             self.big_bytes += need;
         }
         if req.op == Op::Write {
@@ -1086,9 +669,11 @@ impl Conn<'_> {
         for s in std::mem::take(&mut self.segs) {
             if let Seg::Data(slot, _) | Seg::Release(slot) = s {
                 if self.slots.buf(slot).len() > self.base_bytes {
-                    self.big_bytes = self.big_bytes.saturating_sub(self.slots.buf(slot).len());
                     self.slots.shrink(slot);
                 }
+                let granted = std::mem::take(&mut self.granted[usize::from(slot)]);
+                self.big_bytes = self.big_bytes.saturating_sub(granted);
+                self.budget.give(granted);
                 self.free.push(slot);
             }
         }
@@ -1103,6 +688,12 @@ impl Conn<'_> {
             }
             Err(e) => Err(ConnError::Io(e)),
         }
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.granted.iter().sum());
     }
 }
 
