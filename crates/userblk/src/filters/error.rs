@@ -123,11 +123,11 @@ impl ErrorFilter {
     /// taken from the current directory now.
     pub fn new(inner: Arc<dyn Target>, mut cfg: Config) -> Result<Self, FilterError> {
         if let Some(p) = &cfg.file {
-            cfg.file = Some(std::path::absolute(p).map_err(|err| FilterError::Io {
-                filter: "error",
-                what: format!("trigger file {}", p.display()),
-                err,
-            })?);
+            cfg.file = Some(super::absolute(
+                "error",
+                p,
+                format!("trigger file {}", p.display()),
+            )?);
         }
         if !OPS.iter().any(|&op| cfg.ops[op_index(op)]) {
             return Err(FilterError::Invalid {

@@ -316,16 +316,13 @@ impl Flakey {
         mut cfg: Config,
         control: &Registry,
     ) -> Result<Self, FilterError> {
-        let io = |what: String| {
-            move |err| FilterError::Io {
-                filter: "flakey",
-                what,
-                err,
-            }
-        };
+        let io = |what: String| FilterError::io::<std::io::Error>("flakey", what);
         if let Some(p) = &cfg.trigger {
-            cfg.trigger =
-                Some(std::path::absolute(p).map_err(io(format!("trigger file {}", p.display())))?);
+            cfg.trigger = Some(super::absolute(
+                "flakey",
+                p,
+                format!("trigger file {}", p.display()),
+            )?);
         }
         // Before any thread starts: a stack too deep fails here.
         let caps = inner.caps();

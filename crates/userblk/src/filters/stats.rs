@@ -386,15 +386,9 @@ impl Stats {
     /// Count `inner`'s requests; start the snapshot writer and the
     /// Prometheus server `cfg` asks for.
     pub fn new(inner: Arc<dyn Target>, mut cfg: Config) -> Result<Self, FilterError> {
-        let io = |what: String| {
-            move |err| FilterError::Io {
-                filter: "stats",
-                what,
-                err,
-            }
-        };
+        let io = |what: String| FilterError::io::<std::io::Error>("stats", what);
         if let Some(p) = &cfg.file {
-            cfg.file = Some(std::path::absolute(p).map_err(io(p.display().to_string()))?);
+            cfg.file = Some(super::absolute("stats", p, p.display().to_string())?);
         }
         let counters = Arc::new(Counters::new());
         let stop = Arc::new(AtomicBool::new(false));
@@ -439,7 +433,7 @@ impl Stats {
         }
         Ok(Stats {
             file: cfg.file.clone(),
-            base: Base::new(inner, cfg, DataUse::Untouched)?,
+            base: Base::new(inner, cfg, DataUse::Untouched)?.timed(),
             counters,
             prometheus,
             stop,
@@ -456,16 +450,6 @@ impl Stats {
     /// The address the Prometheus server listens on (useful with port 0).
     pub fn prometheus_addr(&self) -> Option<SocketAddr> {
         self.prometheus
-    }
-
-    fn record(&self, ctx: &Ctx<'_>, s: Submit) -> Submit {
-        if let Submit::Done(result) = s {
-            let latency = ctx
-                .marked(self.base.layer())
-                .map_or(Duration::ZERO, |t| t.elapsed());
-            self.counters.record(ctx.req().op, result, latency);
-        }
-        s
     }
 }
 
@@ -515,14 +499,11 @@ impl Filter for Stats {
         &self.base
     }
 
-    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-        ctx.mark(self.base.layer());
-        let s = self.base.inner().submit(ctx);
-        self.record(ctx, s)
-    }
-
     fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
-        self.record(ctx, s)
+        if let Some((result, latency)) = self.base.finished(ctx, s) {
+            self.counters.record(ctx.req().op, result, latency);
+        }
+        s
     }
 }
 

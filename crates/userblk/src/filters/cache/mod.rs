@@ -190,11 +190,7 @@ impl Cache {
         }
         let file = match &cfg.file {
             Some(p) => {
-                let abs = std::path::absolute(p).map_err(|err| FilterError::Io {
-                    filter: "cache",
-                    what: p.display().to_string(),
-                    err,
-                })?;
+                let abs = super::absolute("cache", p, p.display().to_string())?;
                 let f = open_file(&abs, cfg.block)?;
                 cfg.file = Some(abs);
                 Some(f)
@@ -336,13 +332,7 @@ impl Cache {
 /// earlier cache left (its contents are not used); never anything else.
 fn open_file(path: &std::path::Path, block: u32) -> Result<FileStore, FilterError> {
     let shown = path.display();
-    let io = |what: String| {
-        move |e: Errno| FilterError::Io {
-            filter: "cache",
-            what,
-            err: e.into(),
-        }
-    };
+    let io = |what: String| FilterError::io::<Errno>("cache", what);
     let fd = rustix::fs::open(
         path,
         OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
