@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::rng::Rng;
-use super::spec::{self, DurationRange, Options, Spec};
+use super::spec::{self, DurationRange, Options, Printer, Spec};
 use super::{op_index, Base, DataUse, Filter, FilterError, OP_KEYS};
 use crate::target::{Ctx, Op, Submit, Target};
 
@@ -51,21 +51,12 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("delay")?;
-        let mut sep = ":";
-        let all = self.all.map(|d| ("all", d));
-        let ops = OP_KEYS
-            .iter()
-            .zip(self.ops)
-            .filter_map(|(k, d)| Some((*k, d?)));
-        for (k, d) in all.into_iter().chain(ops) {
-            write!(f, "{sep}{k}={d}")?;
-            sep = ",";
+        let mut p = Printer::new(f, "delay")?;
+        p.opt_some("all", self.all)?;
+        for (k, d) in OP_KEYS.iter().zip(self.ops) {
+            p.opt_some(k, d)?;
         }
-        if let Some(seed) = self.seed {
-            write!(f, "{sep}seed={seed}")?;
-        }
-        Ok(())
+        p.opt_some("seed", self.seed)
     }
 }
 

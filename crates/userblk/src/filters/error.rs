@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::rng::Rng;
-use super::spec::{self, errno_name, Options, Spec};
+use super::spec::{self, errno_name, Options, Printer, Spec};
 use super::{op_index, Base, DataUse, Filter, FilterError, OPS, OP_KEYS};
 use crate::target::{Ctx, Request, Submit, Target};
 
@@ -86,27 +86,24 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("error:")?;
+        let mut p = Printer::new(f, "error")?;
         if self.ops != [true; 5] {
             let names: Vec<&str> = OP_KEYS
                 .iter()
                 .zip(self.ops)
                 .filter_map(|(k, on)| on.then_some(*k))
                 .collect();
-            write!(f, "ops={},", names.join(","))?;
+            p.opt("ops", names.join(","))?;
         }
-        write!(f, "errno={},rate={}", errno_name(self.errno), self.rate)?;
-        if let Some((a, b)) = self.range {
-            let fmt = crate::size::format;
-            write!(f, ",range={}-{}", fmt(a), fmt(b))?;
-        }
-        if let Some(p) = &self.file {
-            write!(f, ",file={}", p.display())?;
-        }
-        if let Some(seed) = self.seed {
-            write!(f, ",seed={seed}")?;
-        }
-        Ok(())
+        p.opt("errno", errno_name(self.errno))?;
+        p.opt("rate", self.rate)?;
+        let fmt = crate::size::format;
+        p.opt_some(
+            "range",
+            self.range.map(|(a, b)| format!("{}-{}", fmt(a), fmt(b))),
+        )?;
+        p.opt_some("file", self.file.as_ref().map(|path| path.display()))?;
+        p.opt_some("seed", self.seed)
     }
 }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
-use super::spec::{self, Options, Spec};
+use super::spec::{self, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
 use crate::control::{Registration, Registry};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, Submit, Target};
@@ -99,16 +99,10 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(p) = &self.trigger {
-            write!(f, "flakey:trigger={},", p.display())?;
-        } else {
-            f.write_str("flakey:")?;
-        }
-        write!(f, "max_dirty={}", crate::size::format(self.max_dirty))?;
-        if let Some(Broken::AckFlush) = self.broken {
-            f.write_str(",broken=ack-flush")?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "flakey")?;
+        p.opt_some("trigger", self.trigger.as_ref().map(|t| t.display()))?;
+        p.opt("max_dirty", crate::size::format(self.max_dirty))?;
+        p.opt_some("broken", self.broken.map(|Broken::AckFlush| "ack-flush"))
     }
 }
 

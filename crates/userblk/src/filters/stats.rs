@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
-use super::spec::{Options, Spec};
+use super::spec::{Options, Printer, Spec};
 use super::{op_index, op_name, Base, DataUse, Filter, FilterError, OPS};
 use crate::target::{Ctx, IoResult, Op, Submit, Target};
 
@@ -68,16 +68,9 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("stats")?;
-        let mut sep = ":";
-        if let Some(p) = &self.file {
-            write!(f, "{sep}file={}", p.display())?;
-            sep = ",";
-        }
-        if let Some(a) = &self.prometheus {
-            write!(f, "{sep}prometheus={a}")?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "stats")?;
+        p.opt_some("file", self.file.as_ref().map(|path| path.display()))?;
+        p.opt_some("prometheus", self.prometheus.as_ref())
     }
 }
 

@@ -40,7 +40,7 @@ use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::side::{read_exact, write_all, SideIo};
-use super::spec::{self, Options, Spec};
+use super::spec::{self, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Flags, Op, Submit, Target};
 use store::{FileStore, Store};
@@ -131,19 +131,11 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cache:size={},block={}",
-            crate::size::format(self.size),
-            crate::size::format(self.block.into())
-        )?;
-        if let Some(p) = &self.file {
-            write!(f, ",file={}", p.display())?;
-        }
-        if self.writeback {
-            f.write_str(",mode=writeback")?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "cache")?;
+        p.opt("size", crate::size::format(self.size))?;
+        p.opt("block", crate::size::format(self.block.into()))?;
+        p.opt_some("file", self.file.as_ref().map(|path| path.display()))?;
+        p.opt_some("mode", self.writeback.then_some("writeback"))
     }
 }
 
