@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 
+use super::{FilterError, Spec};
 use crate::slots::Engine;
 use crate::target::{Caps, Ctx, Extent, IoResult, Op, RangeOpCaps, Request, Submit, Target};
 
@@ -124,6 +125,17 @@ impl Target for Probe {
             pos = end;
         }
         Ok(())
+    }
+}
+
+/// Check that `parse` refuses each `(spec, why)` of `cases` with an error
+/// saying `why`.
+pub fn assert_refused<T>(parse: impl Fn(&Spec) -> Result<T, FilterError>, cases: &[(&str, &str)]) {
+    for (bad, why) in cases {
+        match parse(&bad.parse().unwrap()) {
+            Err(e) => assert!(e.to_string().contains(why), "{bad}: {e}"),
+            Ok(_) => panic!("{bad} was accepted"),
+        }
     }
 }
 
