@@ -198,7 +198,7 @@ impl Filter for Rate {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::filters::testing::{assert_refused, probe, ring_probe, run_on};
+    use crate::filters::testing::{assert_refused, ms, probe, ring_probe, timed};
     use crate::slots::Engine;
     use crate::slots::Slots;
 
@@ -206,18 +206,9 @@ mod tests {
         Rate::new(inner, Config::parse(&spec.parse().unwrap()).unwrap()).unwrap()
     }
 
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    /// Run `n` requests one after the other; how long they took.
+    /// Run `n` requests one after the other on a fresh engine; how long they took.
     fn sequential(t: &dyn Target, req: Request, n: usize) -> Duration {
-        let mut e = Engine::new(t, 1 << 20).unwrap();
-        let start = Instant::now();
-        for _ in 0..n {
-            assert!(run_on(&mut e, t, req).0.is_ok(), "a request failed");
-        }
-        start.elapsed()
+        timed(&mut Engine::new(t, 1 << 20).unwrap(), t, req, n)
     }
 
     #[test]

@@ -128,6 +128,20 @@ impl Target for Probe {
     }
 }
 
+/// `n` milliseconds.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Run `req` `n` times in turn on `e` (each must succeed); how long they took.
+pub fn timed(e: &mut Engine, t: &dyn Target, req: Request, n: usize) -> Duration {
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        assert!(run_on(e, t, req).0.is_ok(), "a request failed");
+    }
+    start.elapsed()
+}
+
 /// Check that `parse` refuses each `(spec, why)` of `cases` with an error
 /// saying `why`.
 pub fn assert_refused<T>(parse: impl Fn(&Spec) -> Result<T, FilterError>, cases: &[(&str, &str)]) {
