@@ -9,7 +9,7 @@ use rustix::io::Errno;
 
 use super::{FilterError, Spec};
 use crate::slots::Engine;
-use crate::target::{Caps, Ctx, Extent, IoResult, Op, RangeOpCaps, Request, Submit, Target};
+use crate::target::{Caps, Ctx, Extent, IoResult, Op, Request, Submit, Target};
 
 /// The step the ring-native probe finishes its requests on.
 const PROBE_STEP: u16 = 7;
@@ -76,12 +76,10 @@ impl Probe {
 
 impl Target for Probe {
     fn caps(&self) -> Caps {
-        let range = RangeOpCaps::with_granularity(4096);
+        // A RAM disk's, plus a volatile write cache.
         Caps {
-            discard: Some(range),
-            write_zeroes: Some(range),
             volatile_cache: true,
-            ..Caps::new(self.data.lock().unwrap().len() as u64)
+            ..crate::targets::mem::ram_caps(self.data.lock().unwrap().len() as u64)
         }
     }
 
