@@ -25,11 +25,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{Options, Printer, Spec};
 use super::{op_index, op_name, Base, DataUse, Filter, FilterError, OPS};
+use crate::control::serve_until;
 use crate::target::{Ctx, IoResult, Op, Submit, Target};
 
 /// Number of latency buckets: the last holds everything from 2^30 µs (18 minutes) up.
@@ -502,30 +502,12 @@ impl Filter for Stats {
 
 /// Serve `GET /metrics` on `listener` until `stop`, one connection at a time.
 fn serve_metrics(listener: &TcpListener, counters: &Counters, stop: &AtomicBool) {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let tick = Timespec {
-        tv_sec: 0,
-        tv_nsec: 200_000_000,
-    };
-    while !stop.load(Ordering::SeqCst) {
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
-        match poll(&mut fds, Some(&tick)) {
-            Ok(0) | Err(Errno::INTR) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!("stats: metrics server: {e}");
-                return;
-            }
+    let accept = || listener.accept().map(|(conn, _)| conn);
+    serve_until(listener, accept, stop, "stats: metrics server", |conn| {
+        if let Err(e) = answer(conn, counters) {
+            tracing::debug!("stats: metrics request: {e}");
         }
-        match listener.accept() {
-            Ok((conn, _)) => {
-                if let Err(e) = answer(conn, counters) {
-                    tracing::debug!("stats: metrics request: {e}");
-                }
-            }
-            Err(e) => tracing::debug!("stats: accept: {e}"),
-        }
-    }
+    });
 }
 
 /// Read one HTTP request from `conn` and answer it.
