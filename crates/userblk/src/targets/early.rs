@@ -10,7 +10,7 @@
 //! would store another request's data or let a read overtake the write,
 //! and `fio --verify` on the device would see it.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,7 +18,8 @@ use std::time::Duration;
 use rustix::io::Errno;
 use serde_json::json;
 
-use super::mem::{pread_exact, pwrite_all, sized_memfd};
+use super::mem::sized_memfd;
+use crate::io::fd::{read_exact, write_all};
 use crate::io::Deferred;
 use crate::target::{Caps, Ctx, Op, Submit, Target};
 use crate::{Error, Result};
@@ -51,7 +52,7 @@ impl EarlyTarget {
                     seed ^= seed >> 17;
                     seed ^= seed << 5;
                     std::thread::sleep(Duration::from_micros(u64::from(seed % 500)));
-                    let res = match pwrite_all(&store, job.data(), offset) {
+                    let res = match write_all(store.as_fd(), job.data(), offset) {
                         Ok(()) => i32::try_from(job.data().len()).unwrap_or(0),
                         Err(e) => -e.raw_os_error(),
                     };
@@ -76,7 +77,7 @@ impl Target for EarlyTarget {
         let req = *ctx.req();
         match req.op {
             Op::Read => Submit::Done(
-                pread_exact(&self.fd, ctx.data_mut(), req.offset).map(|()| ctx.done_bytes()),
+                read_exact(self.fd.as_fd(), ctx.data_mut(), req.offset).map(|()| ctx.done_bytes()),
             ),
             Op::Write => {
                 let job = match ctx.defer(STEP_STORE) {

@@ -19,6 +19,7 @@ use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde_json::json;
 
+use crate::io::fd::{read_exact, write_all};
 use crate::io::SharedMapping;
 use crate::target::{Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
@@ -45,35 +46,6 @@ pub(crate) fn sized_memfd(name: &str, size: u64) -> Result<OwnedFd> {
     rustix::fs::ftruncate(&fd, size)
         .map_err(|e| Error::io(format!("{name}: cannot size the memfd to {size} bytes"), e))?;
     Ok(fd)
-}
-
-/// Fill `buf` from `fd` at `at`, retrying short reads; EIO at the end of the file.
-pub(crate) fn pread_exact(fd: &OwnedFd, buf: &mut [u8], at: u64) -> Result<(), Errno> {
-    let mut done = 0;
-    while done < buf.len() {
-        match rustix::io::pread(fd, &mut buf[done..], at + done as u64) {
-            Ok(0) => return Err(Errno::IO),
-            Ok(n) => done += n,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Write all of `data` to `fd` at `at`, retrying short writes; ENOSPC if
-/// nothing more fits.
-pub(crate) fn pwrite_all(fd: &OwnedFd, data: &[u8], at: u64) -> Result<(), Errno> {
-    let mut done = 0;
-    while done < data.len() {
-        match rustix::io::pwrite(fd, &data[done..], at + done as u64) {
-            Ok(0) => return Err(Errno::NOSPC),
-            Ok(n) => done += n,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// The mem target.
@@ -177,7 +149,7 @@ impl MemTarget {
                 return Ok(ctx.done_bytes());
             }
         }
-        pread_exact(&self.fd, buf, off)?;
+        read_exact(self.fd.as_fd(), buf, off)?;
         Ok(ctx.done_bytes())
     }
 
@@ -188,7 +160,7 @@ impl MemTarget {
             map.write(off, buf)?;
             return Ok(ctx.done_bytes());
         }
-        pwrite_all(&self.fd, buf, off)?;
+        write_all(self.fd.as_fd(), buf, off)?;
         Ok(ctx.done_bytes())
     }
 

@@ -39,9 +39,10 @@ use std::sync::Arc;
 use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::side::{read_exact, write_all, SideIo};
+use super::side::SideIo;
 use super::spec::{self, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
+use crate::io::fd::{read_exact, write_all};
 use crate::target::{Caps, Ctx, Extent, Flags, Op, Submit, Target};
 use store::{FileStore, Store};
 
