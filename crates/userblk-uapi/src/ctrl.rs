@@ -56,43 +56,34 @@ pub struct UblksrvCtrlDevInfo {
     pub reserved2: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<UblksrvCtrlCmd>() == 32);
-const _: () = assert!(core::mem::size_of::<UblksrvCtrlDevInfo>() == 64);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use core::mem::offset_of;
-
-    #[test]
-    fn ctrl_cmd_layout() {
-        assert_eq!(core::mem::size_of::<UblksrvCtrlCmd>(), 32);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, dev_id), 0);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, queue_id), 4);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, len), 6);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, addr), 8);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, data), 16);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, dev_path_len), 24);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, pad), 26);
-        assert_eq!(offset_of!(UblksrvCtrlCmd, reserved), 28);
+layout! {
+    UblksrvCtrlCmd: 32 bytes, test ctrl_cmd_layout {
+        dev_id: 0,
+        queue_id: 4,
+        len: 6,
+        addr: 8,
+        data: 16,
+        dev_path_len: 24,
+        pad: 26,
+        reserved: 28,
     }
+}
 
-    #[test]
-    fn dev_info_layout() {
-        assert_eq!(core::mem::size_of::<UblksrvCtrlDevInfo>(), 64);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, nr_hw_queues), 0);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, queue_depth), 2);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, state), 4);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, pad0), 6);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, max_io_buf_bytes), 8);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, dev_id), 12);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, ublksrv_pid), 16);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, pad1), 20);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, flags), 24);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, ublksrv_flags), 32);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, owner_uid), 40);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, owner_gid), 44);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, reserved1), 48);
-        assert_eq!(offset_of!(UblksrvCtrlDevInfo, reserved2), 56);
+layout! {
+    UblksrvCtrlDevInfo: 64 bytes, test dev_info_layout {
+        nr_hw_queues: 0,
+        queue_depth: 2,
+        state: 4,
+        pad0: 6,
+        max_io_buf_bytes: 8,
+        dev_id: 12,
+        ublksrv_pid: 16,
+        pad1: 20,
+        flags: 24,
+        ublksrv_flags: 32,
+        owner_uid: 40,
+        owner_gid: 44,
+        reserved1: 48,
+        reserved2: 56,
     }
 }

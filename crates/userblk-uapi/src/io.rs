@@ -139,22 +139,27 @@ impl AutoBufReg {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<UblksrvIoCmd>() == 16);
-const _: () = assert!(core::mem::size_of::<UblksrvIoDesc>() == 24);
+layout! {
+    UblksrvIoCmd: 16 bytes, test io_cmd_layout {
+        q_id: 0,
+        tag: 2,
+        result: 4,
+        addr: 8,
+    }
+}
+
+layout! {
+    UblksrvIoDesc: 24 bytes, test io_desc_layout {
+        op_flags: 0,
+        nr_sectors: 4,
+        start_sector: 8,
+        addr: 16,
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::offset_of;
-
-    #[test]
-    fn io_cmd_layout() {
-        assert_eq!(core::mem::size_of::<UblksrvIoCmd>(), 16);
-        assert_eq!(offset_of!(UblksrvIoCmd, q_id), 0);
-        assert_eq!(offset_of!(UblksrvIoCmd, tag), 2);
-        assert_eq!(offset_of!(UblksrvIoCmd, result), 4);
-        assert_eq!(offset_of!(UblksrvIoCmd, addr), 8);
-    }
 
     #[test]
     fn auto_buf_reg_packs_into_sqe_addr() {
@@ -177,15 +182,6 @@ mod tests {
                 ..AutoBufReg::default()
             }
         );
-    }
-
-    #[test]
-    fn io_desc_layout() {
-        assert_eq!(core::mem::size_of::<UblksrvIoDesc>(), 24);
-        assert_eq!(offset_of!(UblksrvIoDesc, op_flags), 0);
-        assert_eq!(offset_of!(UblksrvIoDesc, nr_sectors), 4);
-        assert_eq!(offset_of!(UblksrvIoDesc, start_sector), 8);
-        assert_eq!(offset_of!(UblksrvIoDesc, addr), 16);
     }
 
     #[test]

@@ -103,40 +103,41 @@ pub const LOOP_CONFIGURE: u32 = 0x4C0A;
 /// On `/dev/loop-control`: return the number of a free device, creating one if needed.
 pub const LOOP_CTL_GET_FREE: u32 = 0x4C82;
 
-const _: () = assert!(core::mem::size_of::<LoopInfo64>() == 232);
-const _: () = assert!(core::mem::size_of::<LoopConfig>() == 304);
+layout! {
+    LoopInfo64: 232 bytes, test info64_layout {
+        lo_device: 0,
+        lo_inode: 8,
+        lo_rdevice: 16,
+        lo_offset: 24,
+        lo_sizelimit: 32,
+        lo_number: 40,
+        lo_encrypt_type: 44,
+        lo_encrypt_key_size: 48,
+        lo_flags: 52,
+        lo_file_name: 56,
+        lo_crypt_name: 120,
+        lo_encrypt_key: 184,
+        lo_init: 216,
+    }
+}
+
+layout! {
+    LoopConfig: 304 bytes, test config_layout {
+        fd: 0,
+        block_size: 4,
+        info: 8,
+        reserved: 240,
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::{align_of, offset_of, size_of};
+    use core::mem::align_of;
 
     #[test]
-    fn info64_layout() {
-        assert_eq!(size_of::<LoopInfo64>(), 232);
+    fn info64_alignment() {
         assert_eq!(align_of::<LoopInfo64>(), 8);
-        assert_eq!(offset_of!(LoopInfo64, lo_device), 0);
-        assert_eq!(offset_of!(LoopInfo64, lo_inode), 8);
-        assert_eq!(offset_of!(LoopInfo64, lo_rdevice), 16);
-        assert_eq!(offset_of!(LoopInfo64, lo_offset), 24);
-        assert_eq!(offset_of!(LoopInfo64, lo_sizelimit), 32);
-        assert_eq!(offset_of!(LoopInfo64, lo_number), 40);
-        assert_eq!(offset_of!(LoopInfo64, lo_encrypt_type), 44);
-        assert_eq!(offset_of!(LoopInfo64, lo_encrypt_key_size), 48);
-        assert_eq!(offset_of!(LoopInfo64, lo_flags), 52);
-        assert_eq!(offset_of!(LoopInfo64, lo_file_name), 56);
-        assert_eq!(offset_of!(LoopInfo64, lo_crypt_name), 120);
-        assert_eq!(offset_of!(LoopInfo64, lo_encrypt_key), 184);
-        assert_eq!(offset_of!(LoopInfo64, lo_init), 216);
-    }
-
-    #[test]
-    fn config_layout() {
-        assert_eq!(size_of::<LoopConfig>(), 304);
-        assert_eq!(offset_of!(LoopConfig, fd), 0);
-        assert_eq!(offset_of!(LoopConfig, block_size), 4);
-        assert_eq!(offset_of!(LoopConfig, info), 8);
-        assert_eq!(offset_of!(LoopConfig, reserved), 240);
     }
 
     #[test]

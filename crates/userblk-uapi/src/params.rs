@@ -167,82 +167,94 @@ pub struct UblkParams {
     pub integrity: UblkParamIntegrity,
 }
 
-const _: () = assert!(core::mem::size_of::<UblkParamBasic>() == 32);
-const _: () = assert!(core::mem::size_of::<UblkParamDiscard>() == 20);
-const _: () = assert!(core::mem::size_of::<UblkParamDevt>() == 16);
-const _: () = assert!(core::mem::size_of::<UblkParamZoned>() == 32);
-const _: () = assert!(core::mem::size_of::<UblkParamDmaAlign>() == 8);
-const _: () = assert!(core::mem::size_of::<UblkParamSegment>() == 16);
-const _: () = assert!(core::mem::size_of::<UblkParamIntegrity>() == 16);
-const _: () = assert!(core::mem::size_of::<UblkParams>() == 152);
+layout! {
+    UblkParams: 152 bytes, test params_layout {
+        len: 0,
+        types: 4,
+        basic: 8,
+        discard: 40,
+        devt: 60,
+        zoned: 76,
+        dma: 108,
+        seg: 120,
+        integrity: 136,
+    }
+}
+
+layout! {
+    UblkParamBasic: 32 bytes, test basic_layout {
+        attrs: 0,
+        logical_bs_shift: 4,
+        physical_bs_shift: 5,
+        io_opt_shift: 6,
+        io_min_shift: 7,
+        max_sectors: 8,
+        chunk_sectors: 12,
+        dev_sectors: 16,
+        virt_boundary_mask: 24,
+    }
+}
+
+layout! {
+    UblkParamDiscard: 20 bytes, test discard_layout {
+        discard_alignment: 0,
+        discard_granularity: 4,
+        max_discard_sectors: 8,
+        max_write_zeroes_sectors: 12,
+        max_discard_segments: 16,
+        reserved0: 18,
+    }
+}
+
+layout! {
+    UblkParamDevt: 16 bytes, test devt_layout {
+        char_major: 0,
+        char_minor: 4,
+        disk_major: 8,
+        disk_minor: 12,
+    }
+}
+
+layout! {
+    UblkParamZoned: 32 bytes, test zoned_layout {
+        max_open_zones: 0,
+        max_active_zones: 4,
+        max_zone_append_sectors: 8,
+        reserved: 12,
+    }
+}
+
+layout! {
+    UblkParamDmaAlign: 8 bytes, test dma_align_layout {
+        alignment: 0,
+    }
+}
+
+layout! {
+    UblkParamSegment: 16 bytes, test segment_layout {
+        seg_boundary_mask: 0,
+        max_segment_size: 8,
+        max_segments: 12,
+    }
+}
+
+layout! {
+    UblkParamIntegrity: 16 bytes, test integrity_layout {
+        flags: 0,
+        max_integrity_segments: 4,
+        interval_exp: 6,
+        metadata_size: 7,
+        pi_offset: 8,
+        csum_type: 9,
+        tag_size: 10,
+        pad: 11,
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
-
-    #[test]
-    fn params_layout() {
-        assert_eq!(size_of::<UblkParams>(), 152);
-        assert_eq!(offset_of!(UblkParams, len), 0);
-        assert_eq!(offset_of!(UblkParams, types), 4);
-        assert_eq!(offset_of!(UblkParams, basic), 8);
-        assert_eq!(offset_of!(UblkParams, discard), 40);
-        assert_eq!(offset_of!(UblkParams, devt), 60);
-        assert_eq!(offset_of!(UblkParams, zoned), 76);
-        assert_eq!(offset_of!(UblkParams, dma), 108);
-        assert_eq!(offset_of!(UblkParams, seg), 120);
-        assert_eq!(offset_of!(UblkParams, integrity), 136);
-    }
-
-    #[test]
-    fn basic_layout() {
-        assert_eq!(size_of::<UblkParamBasic>(), 32);
-        assert_eq!(offset_of!(UblkParamBasic, attrs), 0);
-        assert_eq!(offset_of!(UblkParamBasic, logical_bs_shift), 4);
-        assert_eq!(offset_of!(UblkParamBasic, physical_bs_shift), 5);
-        assert_eq!(offset_of!(UblkParamBasic, io_opt_shift), 6);
-        assert_eq!(offset_of!(UblkParamBasic, io_min_shift), 7);
-        assert_eq!(offset_of!(UblkParamBasic, max_sectors), 8);
-        assert_eq!(offset_of!(UblkParamBasic, chunk_sectors), 12);
-        assert_eq!(offset_of!(UblkParamBasic, dev_sectors), 16);
-        assert_eq!(offset_of!(UblkParamBasic, virt_boundary_mask), 24);
-    }
-
-    #[test]
-    fn discard_layout() {
-        assert_eq!(size_of::<UblkParamDiscard>(), 20);
-        assert_eq!(offset_of!(UblkParamDiscard, discard_alignment), 0);
-        assert_eq!(offset_of!(UblkParamDiscard, discard_granularity), 4);
-        assert_eq!(offset_of!(UblkParamDiscard, max_discard_sectors), 8);
-        assert_eq!(offset_of!(UblkParamDiscard, max_write_zeroes_sectors), 12);
-        assert_eq!(offset_of!(UblkParamDiscard, max_discard_segments), 16);
-        assert_eq!(offset_of!(UblkParamDiscard, reserved0), 18);
-    }
-
-    #[test]
-    fn devt_zoned_dma_segment_integrity_layout() {
-        assert_eq!(offset_of!(UblkParamDevt, char_major), 0);
-        assert_eq!(offset_of!(UblkParamDevt, char_minor), 4);
-        assert_eq!(offset_of!(UblkParamDevt, disk_major), 8);
-        assert_eq!(offset_of!(UblkParamDevt, disk_minor), 12);
-        assert_eq!(offset_of!(UblkParamZoned, max_open_zones), 0);
-        assert_eq!(offset_of!(UblkParamZoned, max_active_zones), 4);
-        assert_eq!(offset_of!(UblkParamZoned, max_zone_append_sectors), 8);
-        assert_eq!(offset_of!(UblkParamZoned, reserved), 12);
-        assert_eq!(offset_of!(UblkParamDmaAlign, alignment), 0);
-        assert_eq!(offset_of!(UblkParamSegment, seg_boundary_mask), 0);
-        assert_eq!(offset_of!(UblkParamSegment, max_segment_size), 8);
-        assert_eq!(offset_of!(UblkParamSegment, max_segments), 12);
-        assert_eq!(offset_of!(UblkParamIntegrity, flags), 0);
-        assert_eq!(offset_of!(UblkParamIntegrity, max_integrity_segments), 4);
-        assert_eq!(offset_of!(UblkParamIntegrity, interval_exp), 6);
-        assert_eq!(offset_of!(UblkParamIntegrity, metadata_size), 7);
-        assert_eq!(offset_of!(UblkParamIntegrity, pi_offset), 8);
-        assert_eq!(offset_of!(UblkParamIntegrity, csum_type), 9);
-        assert_eq!(offset_of!(UblkParamIntegrity, tag_size), 10);
-        assert_eq!(offset_of!(UblkParamIntegrity, pad), 11);
-    }
 
     #[test]
     fn the_612_prefix_is_112_bytes() {

@@ -349,28 +349,43 @@ impl Drop for Server {
 }
 
 fn serve(listener: &UnixListener, registry: &Registry, stop: &AtomicBool) {
+    let accept = || listener.accept().map(|(conn, _)| conn);
+    serve_until(listener, accept, stop, "control socket", |conn| {
+        if let Err(e) = answer(conn, registry) {
+            tracing::debug!("control request: {e}");
+        }
+    });
+}
+
+/// Accept connections on `listener` (through `accept`) and hand them to
+/// `handle` one at a time, until `stop` is set: the wait for a connection
+/// wakes every [`TICK`] to look. `what` names the server in logs. For
+/// small servers on threads of their own (this one, `stats`' metrics).
+pub(crate) fn serve_until<C>(
+    listener: impl std::os::fd::AsFd,
+    accept: impl Fn() -> std::io::Result<C>,
+    stop: &AtomicBool,
+    what: &str,
+    mut handle: impl FnMut(C),
+) {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let tick = Timespec {
         tv_sec: 0,
         tv_nsec: i64::from(TICK.subsec_nanos()),
     };
     while !stop.load(Ordering::SeqCst) {
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
+        let mut fds = [PollFd::new(&listener, PollFlags::IN)];
         match poll(&mut fds, Some(&tick)) {
             Ok(0) | Err(rustix::io::Errno::INTR) => continue,
             Ok(_) => {}
             Err(e) => {
-                tracing::error!("control socket: {e}");
+                tracing::error!("{what}: {e}");
                 return;
             }
         }
-        match listener.accept() {
-            Ok((conn, _)) => {
-                if let Err(e) = answer(conn, registry) {
-                    tracing::debug!("control request: {e}");
-                }
-            }
-            Err(e) => tracing::debug!("control socket: accept: {e}"),
+        match accept() {
+            Ok(conn) => handle(conn),
+            Err(e) => tracing::debug!("{what}: accept: {e}"),
         }
     }
 }

@@ -8,7 +8,7 @@ use rustix::io::Errno;
 
 use super::FilterError;
 use crate::target::{
-    filter_step, filter_step_owner, Caps, Ctx, Extent, Submit, Target, MAX_FILTER_LAYERS,
+    filter_step, filter_step_owner, Caps, Ctx, Extent, IoResult, Submit, Target, MAX_FILTER_LAYERS,
 };
 
 /// The step of [`Base::hold`]'s timer.
@@ -48,6 +48,7 @@ pub struct Base {
     spec: String,
     data: DataUse,
     caps: Caps,
+    timed: bool,
 }
 
 /// What a filter does with request data: the one thing every filter must
@@ -88,6 +89,7 @@ impl Base {
             layer,
             spec: spec.to_string(),
             data,
+            timed: false,
         })
     }
 
@@ -97,6 +99,33 @@ impl Base {
     pub fn with_caps(mut self, caps: Caps) -> Self {
         self.caps = caps;
         self
+    }
+
+    /// The same, for a filter that measures how long its requests take
+    /// (log, stats): the default [`Filter::filter_submit`](super::Filter::filter_submit)
+    /// marks when each request reaches it, and [`Base::finished`] reads
+    /// the time since.
+    #[must_use]
+    pub fn timed(mut self) -> Self {
+        self.timed = true;
+        self
+    }
+
+    /// Whether requests are marked on arrival ([`Base::timed`]).
+    pub fn is_timed(&self) -> bool {
+        self.timed
+    }
+
+    /// For a [`Base::timed`] filter: `s`'s result and the time since the
+    /// request reached the filter, once `s` is finished.
+    pub fn finished(&self, ctx: &Ctx<'_>, s: Submit) -> Option<(IoResult, Duration)> {
+        let Submit::Done(result) = s else {
+            return None;
+        };
+        let since = ctx
+            .marked(self.layer)
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        Some((result, since))
     }
 
     /// What the filter advertises: the inner target's capabilities, or
@@ -203,6 +232,7 @@ impl std::fmt::Debug for Base {
             .field("layer", &self.layer)
             .field("spec", &self.spec)
             .field("data", &self.data)
+            .field("timed", &self.timed)
             .finish()
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::rng::Rng;
-use super::spec::{self, DurationRange, Options, Spec};
+use super::spec::{self, DurationRange, Options, Printer, Spec};
 use super::{op_index, Base, DataUse, Filter, FilterError, OP_KEYS};
 use crate::target::{Ctx, Op, Submit, Target};
 
@@ -51,21 +51,12 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("delay")?;
-        let mut sep = ":";
-        let all = self.all.map(|d| ("all", d));
-        let ops = OP_KEYS
-            .iter()
-            .zip(self.ops)
-            .filter_map(|(k, d)| Some((*k, d?)));
-        for (k, d) in all.into_iter().chain(ops) {
-            write!(f, "{sep}{k}={d}")?;
-            sep = ",";
+        let mut p = Printer::new(f, "delay")?;
+        p.opt_some("all", self.all)?;
+        for (k, d) in OP_KEYS.iter().zip(self.ops) {
+            p.opt_some(k, d)?;
         }
-        if let Some(seed) = self.seed {
-            write!(f, "{sep}seed={seed}")?;
-        }
-        Ok(())
+        p.opt_some("seed", self.seed)
     }
 }
 
@@ -118,24 +109,13 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::filters::testing::{probe, ring_probe, run, run_on};
+    use crate::filters::testing::{ms, probe, ring_probe, run, timed};
     use crate::slots::Engine;
     use crate::slots::{Event, Slots};
     use crate::target::Request;
 
     fn delay(inner: Arc<dyn Target>, spec: &str) -> Delay {
         Delay::new(inner, Config::parse(&spec.parse().unwrap()).unwrap()).unwrap()
-    }
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    /// How long one request takes through `t`.
-    fn timed(e: &mut Engine, t: &dyn Target, req: Request) -> Duration {
-        let start = Instant::now();
-        assert!(run_on(e, t, req).0.is_ok());
-        start.elapsed()
     }
 
     #[test]
@@ -164,7 +144,7 @@ mod tests {
                 (Request::new(Op::Write, 0, 4096), ms(10)),
                 (Request::new(Op::Flush, 0, 0), ms(0)),
             ] {
-                let took = timed(&mut e, &d, req);
+                let took = timed(&mut e, &d, req, 1);
                 assert!(took >= want, "{req:?} took {took:?}, less than {want:?}");
                 assert!(
                     took < want + ms(40),
@@ -181,7 +161,7 @@ mod tests {
         let d = delay(inner, "delay:read=2ms-12ms,seed=42");
         let mut e = Engine::new(&d, 4096).unwrap();
         let took: Vec<Duration> = (0..30)
-            .map(|_| timed(&mut e, &d, Request::new(Op::Read, 0, 4096)))
+            .map(|_| timed(&mut e, &d, Request::new(Op::Read, 0, 4096), 1))
             .collect();
         let (min, max) = (took.iter().min().unwrap(), took.iter().max().unwrap());
         assert!(*min >= ms(2), "shortest {min:?}");

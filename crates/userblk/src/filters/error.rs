@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::rng::Rng;
-use super::spec::{self, errno_name, Options, Spec};
+use super::spec::{self, errno_name, Options, Printer, Spec};
 use super::{op_index, Base, DataUse, Filter, FilterError, OPS, OP_KEYS};
 use crate::target::{Ctx, Request, Submit, Target};
 
@@ -86,27 +86,24 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("error:")?;
+        let mut p = Printer::new(f, "error")?;
         if self.ops != [true; 5] {
             let names: Vec<&str> = OP_KEYS
                 .iter()
                 .zip(self.ops)
                 .filter_map(|(k, on)| on.then_some(*k))
                 .collect();
-            write!(f, "ops={},", names.join(","))?;
+            p.opt("ops", names.join(","))?;
         }
-        write!(f, "errno={},rate={}", errno_name(self.errno), self.rate)?;
-        if let Some((a, b)) = self.range {
-            let fmt = crate::size::format;
-            write!(f, ",range={}-{}", fmt(a), fmt(b))?;
-        }
-        if let Some(p) = &self.file {
-            write!(f, ",file={}", p.display())?;
-        }
-        if let Some(seed) = self.seed {
-            write!(f, ",seed={seed}")?;
-        }
-        Ok(())
+        p.opt("errno", errno_name(self.errno))?;
+        p.opt("rate", self.rate)?;
+        let fmt = crate::size::format;
+        p.opt_some(
+            "range",
+            self.range.map(|(a, b)| format!("{}-{}", fmt(a), fmt(b))),
+        )?;
+        p.opt_some("file", self.file.as_ref().map(|path| path.display()))?;
+        p.opt_some("seed", self.seed)
     }
 }
 
@@ -123,11 +120,11 @@ impl ErrorFilter {
     /// taken from the current directory now.
     pub fn new(inner: Arc<dyn Target>, mut cfg: Config) -> Result<Self, FilterError> {
         if let Some(p) = &cfg.file {
-            cfg.file = Some(std::path::absolute(p).map_err(|err| FilterError::Io {
-                filter: "error",
-                what: format!("trigger file {}", p.display()),
-                err,
-            })?);
+            cfg.file = Some(super::absolute(
+                "error",
+                p,
+                format!("trigger file {}", p.display()),
+            )?);
         }
         if !OPS.iter().any(|&op| cfg.ops[op_index(op)]) {
             return Err(FilterError::Invalid {
@@ -180,7 +177,7 @@ impl Filter for ErrorFilter {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::filters::testing::{probe, run, run_on};
+    use crate::filters::testing::{assert_refused, probe, run, run_on};
     use crate::slots::Engine;
     use crate::target::Op;
 
@@ -206,18 +203,15 @@ mod tests {
             "error:ops=read,flush,errno=ENOSPC,rate=0.25,range=0-1M"
         );
         assert_eq!(Config::parse(&c.to_string().parse().unwrap()).unwrap(), c);
-        for (bad, why) in [
-            ("error:ops=read,wirte", "unknown op 'wirte'"),
-            ("error:errno=EWHAT", "unknown errno"),
-            ("error:rate=2", "not between 0 and 1"),
-            ("error:range=5-1", "empty"),
-        ] {
-            let e = Config::parse(&bad.parse().unwrap())
-                .err()
-                .unwrap()
-                .to_string();
-            assert!(e.contains(why), "{bad}: {e}");
-        }
+        assert_refused(
+            Config::parse,
+            &[
+                ("error:ops=read,wirte", "unknown op 'wirte'"),
+                ("error:errno=EWHAT", "unknown errno"),
+                ("error:rate=2", "not between 0 and 1"),
+                ("error:range=5-1", "empty"),
+            ],
+        );
     }
 
     #[test]

@@ -75,9 +75,13 @@ pub trait Filter: Send + Sync {
         self.base().caps()
     }
 
-    /// [`Target::submit`]: down to the inner target by default, its
+    /// [`Target::submit`]: down to the inner target by default (marking
+    /// when the request got here, for a [`Base::timed`] filter), its
     /// result through [`Filter::filter_result`].
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
+        if self.base().is_timed() {
+            ctx.mark(self.base().layer());
+        }
         let s = self.base().inner().submit(ctx);
         self.filter_result(ctx, s)
     }

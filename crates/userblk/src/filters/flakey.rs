@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
-use super::spec::{self, Options, Spec};
+use super::spec::{self, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
 use crate::control::{Registration, Registry};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, Submit, Target};
@@ -99,16 +99,10 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(p) = &self.trigger {
-            write!(f, "flakey:trigger={},", p.display())?;
-        } else {
-            f.write_str("flakey:")?;
-        }
-        write!(f, "max_dirty={}", crate::size::format(self.max_dirty))?;
-        if let Some(Broken::AckFlush) = self.broken {
-            f.write_str(",broken=ack-flush")?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "flakey")?;
+        p.opt_some("trigger", self.trigger.as_ref().map(|t| t.display()))?;
+        p.opt("max_dirty", crate::size::format(self.max_dirty))?;
+        p.opt_some("broken", self.broken.map(|Broken::AckFlush| "ack-flush"))
     }
 }
 
@@ -316,16 +310,13 @@ impl Flakey {
         mut cfg: Config,
         control: &Registry,
     ) -> Result<Self, FilterError> {
-        let io = |what: String| {
-            move |err| FilterError::Io {
-                filter: "flakey",
-                what,
-                err,
-            }
-        };
+        let io = |what: String| FilterError::io::<std::io::Error>("flakey", what);
         if let Some(p) = &cfg.trigger {
-            cfg.trigger =
-                Some(std::path::absolute(p).map_err(io(format!("trigger file {}", p.display())))?);
+            cfg.trigger = Some(super::absolute(
+                "flakey",
+                p,
+                format!("trigger file {}", p.display()),
+            )?);
         }
         // Before any thread starts: a stack too deep fails here.
         let caps = inner.caps();
@@ -663,53 +654,51 @@ fn register_actions(
     shared: &Arc<Shared>,
     tx: &mpsc::Sender<Job>,
 ) -> Vec<Registration> {
-    let s = Arc::clone(shared);
-    let cut = control.register(
-        "powercut",
-        "flakey",
-        "cut the power: lose every write no flush covered; requests fail with EIO",
-        move |_| {
-            Ok(match s.power_cut("userblk ctl") {
-                Some(l) => format!(
-                    "power cut: {} held-back pieces ({} bytes of data) lost; requests fail with EIO until powerup",
-                    l.pieces, l.bytes
-                ),
-                None => "the power was already off".into(),
-            })
-        },
-    );
-    let s = Arc::clone(shared);
-    let up = control.register(
-        "powerup",
-        "flakey",
-        "restore the power: serve what reached the disk",
-        move |_| {
-            Ok(if s.power_up("userblk ctl") {
-                "power restored".into()
-            } else {
-                "the power was already on".into()
-            })
-        },
-    );
-    let (s, tx) = (Arc::clone(shared), tx.clone());
-    let wb = control.register(
-        "writeback",
-        "flakey",
-        "write everything held back down now, as a cache draining by itself",
-        move |_| match write_back(&s, &tx) {
-            Ok(()) => Ok("written back".into()),
-            Err(Errno::IO) if s.off.load(Ordering::SeqCst) => Err("the power is off".into()),
-            Err(e) => Err(format!("writing back: {e}")),
-        },
-    );
-    let s = Arc::clone(shared);
-    let status = control.register(
-        "status",
-        "flakey",
-        "power state, data held back, counters (JSON)",
-        move |_| serde_json::to_string(&s.status()).map_err(|e| e.to_string()),
-    );
-    vec![cut, up, wb, status]
+    // Each action gets its own handle on the shared state.
+    let action = |name, help, run: fn(&Shared, &mpsc::Sender<Job>) -> Result<String, String>| {
+        let (s, tx) = (Arc::clone(shared), tx.clone());
+        control.register(name, "flakey", help, move |_| run(&s, &tx))
+    };
+    vec![
+        action(
+            "powercut",
+            "cut the power: lose every write no flush covered; requests fail with EIO",
+            |s, _| {
+                Ok(match s.power_cut("userblk ctl") {
+                    Some(l) => format!(
+                        "power cut: {} held-back pieces ({} bytes of data) lost; requests fail with EIO until powerup",
+                        l.pieces, l.bytes
+                    ),
+                    None => "the power was already off".into(),
+                })
+            },
+        ),
+        action(
+            "powerup",
+            "restore the power: serve what reached the disk",
+            |s, _| {
+                Ok(if s.power_up("userblk ctl") {
+                    "power restored".into()
+                } else {
+                    "the power was already on".into()
+                })
+            },
+        ),
+        action(
+            "writeback",
+            "write everything held back down now, as a cache draining by itself",
+            |s, tx| match write_back(s, tx) {
+                Ok(()) => Ok("written back".into()),
+                Err(Errno::IO) if s.off.load(Ordering::SeqCst) => Err("the power is off".into()),
+                Err(e) => Err(format!("writing back: {e}")),
+            },
+        ),
+        action(
+            "status",
+            "power state, data held back, counters (JSON)",
+            |s, _| serde_json::to_string(&s.status()).map_err(|e| e.to_string()),
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -92,14 +92,8 @@ impl Log {
     /// Log `inner`'s requests to `cfg.file` (a relative path is taken from
     /// the current directory now).
     pub fn new(inner: Arc<dyn Target>, cfg: Config) -> Result<Self, FilterError> {
-        let io = |what: String| {
-            move |err| FilterError::Io {
-                filter: "log",
-                what,
-                err,
-            }
-        };
-        let path = std::path::absolute(&cfg.file).map_err(io(cfg.file.display().to_string()))?;
+        let io = |what: String| FilterError::io::<std::io::Error>("log", what);
+        let path = super::absolute("log", &cfg.file, cfg.file.display().to_string())?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,26 +117,11 @@ impl Log {
                 .map_err(io("starting its flushing thread".into()))?
         };
         Ok(Log {
-            base: Base::new(inner, Config { file: path }, DataUse::Untouched)?,
+            base: Base::new(inner, Config { file: path }, DataUse::Untouched)?.timed(),
             out,
             stop: Some(stop),
             flusher: Some(flusher),
         })
-    }
-
-    /// Write `req`'s line, if its result is in.
-    fn record(&self, ctx: &Ctx<'_>, s: Submit) -> Submit {
-        let Submit::Done(result) = s else {
-            return s;
-        };
-        let latency = ctx
-            .marked(self.base.layer())
-            .map_or(Duration::ZERO, |t| t.elapsed());
-        let mut out = lock(&self.out);
-        if let Err(e) = write_line(&mut out.w, ctx.req(), result, latency, SystemTime::now()) {
-            out.failed(&e);
-        }
-        s
     }
 }
 
@@ -206,14 +185,15 @@ impl Filter for Log {
         &self.base
     }
 
-    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-        ctx.mark(self.base.layer());
-        let s = self.base.inner().submit(ctx);
-        self.record(ctx, s)
-    }
-
+    /// Write the request's line, once its result is in.
     fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
-        self.record(ctx, s)
+        if let Some((result, latency)) = self.base.finished(ctx, s) {
+            let mut out = lock(&self.out);
+            if let Err(e) = write_line(&mut out.w, ctx.req(), result, latency, SystemTime::now()) {
+                out.failed(&e);
+            }
+        }
+        s
     }
 }
 

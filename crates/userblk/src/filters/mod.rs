@@ -112,6 +112,33 @@ pub enum FilterError {
     TooDeep,
 }
 
+impl FilterError {
+    /// For `map_err`: `filter` failed at `what` with an OS error (a
+    /// `std::io::Error` or an `Errno`).
+    pub(crate) fn io<E: Into<std::io::Error>>(
+        filter: &'static str,
+        what: impl Into<String>,
+    ) -> impl FnOnce(E) -> FilterError {
+        let what = what.into();
+        move |err| FilterError::Io {
+            filter,
+            what,
+            err: err.into(),
+        }
+    }
+}
+
+/// `path` made absolute from the current directory now (a filter's files
+/// must not move when the daemon changes directory); `what` names it in
+/// the error.
+pub(crate) fn absolute(
+    filter: &'static str,
+    path: &std::path::Path,
+    what: impl Into<String>,
+) -> Result<std::path::PathBuf, FilterError> {
+    std::path::absolute(path).map_err(FilterError::io(filter, what))
+}
+
 impl From<FilterError> for crate::Error {
     fn from(e: FilterError) -> Self {
         match e {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::spec::{self, Options, Spec};
+use super::spec::{self, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Caps, Ctx, Extent, Op, Request, Submit, Target};
 
@@ -39,11 +39,9 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "offset:offset={}", crate::size::format(self.offset))?;
-        if let Some(s) = self.size {
-            write!(f, ",size={}", crate::size::format(s))?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "offset")?;
+        p.opt("offset", crate::size::format(self.offset))?;
+        p.opt_some("size", self.size.map(crate::size::format))
     }
 }
 

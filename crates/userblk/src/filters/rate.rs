@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::spec::{self, format_duration, Options, Spec};
+use super::spec::{self, format_duration, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{Ctx, Op, Request, Submit, Target};
 
@@ -39,18 +39,11 @@ pub struct Config {
     pub burst: Duration,
 }
 
-/// A bandwidth, `10M` or `10M/s`.
-fn bandwidth(s: &str) -> Result<u64, String> {
-    let v = spec::size(s.strip_suffix("/s").unwrap_or(s))?;
-    if v == 0 {
-        return Err("a limit of 0 would stop all I/O".into());
-    }
-    Ok(v)
-}
-
-/// A request rate, `1000` or `1000/s`.
-fn per_second(s: &str) -> Result<u64, String> {
-    let v = spec::number(s.strip_suffix("/s").unwrap_or(s))?;
+/// A limit a second, with or without `/s`, its number read by `parse`:
+/// [`spec::size`] for a bandwidth (`10M`, `10M/s`), [`spec::number`] for
+/// a request rate (`1000`, `1000/s`).
+fn limit(s: &str, parse: fn(&str) -> Result<u64, String>) -> Result<u64, String> {
+    let v = parse(s.strip_suffix("/s").unwrap_or(s))?;
     if v == 0 {
         return Err("a limit of 0 would stop all I/O".into());
     }
@@ -63,8 +56,8 @@ impl Config {
         let mut o = Options::new("rate", s);
         let mut c = Config::default();
         for (i, key) in KEYS.iter().enumerate() {
-            let parse = if i % 2 == 0 { bandwidth } else { per_second };
-            c.limits[i] = o.get(key, parse)?;
+            let number = if i % 2 == 0 { spec::size } else { spec::number };
+            c.limits[i] = o.get(key, |s| limit(s, number))?;
         }
         c.burst = o.get("burst", spec::duration)?.unwrap_or(Duration::ZERO);
         o.finish()?;
@@ -80,23 +73,24 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("rate")?;
-        let mut sep = ":";
+        let mut p = Printer::new(f, "rate")?;
         for (i, (key, v)) in KEYS.iter().zip(self.limits).enumerate() {
-            if let Some(v) = v {
-                let v = if i % 2 == 0 {
-                    crate::size::format(v)
-                } else {
-                    v.to_string()
-                };
-                write!(f, "{sep}{key}={v}")?;
-                sep = ",";
-            }
+            // Bandwidths (even places) as sizes, rates as plain numbers.
+            p.opt_some(
+                key,
+                v.map(|v| {
+                    if i % 2 == 0 {
+                        crate::size::format(v)
+                    } else {
+                        v.to_string()
+                    }
+                }),
+            )?;
         }
-        if !self.burst.is_zero() {
-            write!(f, "{sep}burst={}", format_duration(self.burst))?;
-        }
-        Ok(())
+        p.opt_some(
+            "burst",
+            (!self.burst.is_zero()).then(|| format_duration(self.burst)),
+        )
     }
 }
 
@@ -204,7 +198,7 @@ impl Filter for Rate {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::filters::testing::{probe, ring_probe, run_on};
+    use crate::filters::testing::{assert_refused, ms, probe, ring_probe, timed};
     use crate::slots::Engine;
     use crate::slots::Slots;
 
@@ -212,18 +206,9 @@ mod tests {
         Rate::new(inner, Config::parse(&spec.parse().unwrap()).unwrap()).unwrap()
     }
 
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    /// Run `n` requests one after the other; how long they took.
+    /// Run `n` requests one after the other on a fresh engine; how long they took.
     fn sequential(t: &dyn Target, req: Request, n: usize) -> Duration {
-        let mut e = Engine::new(t, 1 << 20).unwrap();
-        let start = Instant::now();
-        for _ in 0..n {
-            assert!(run_on(&mut e, t, req).0.is_ok(), "a request failed");
-        }
-        start.elapsed()
+        timed(&mut Engine::new(t, 1 << 20).unwrap(), t, req, n)
     }
 
     #[test]
@@ -231,18 +216,15 @@ mod tests {
         let c = Config::parse(&"rate:bw=10M/s,write_iops=50,burst=100ms".parse().unwrap()).unwrap();
         assert_eq!(c.limits, [Some(10 << 20), None, None, None, None, Some(50)]);
         assert_eq!(c.to_string(), "rate:bw=10M,write_iops=50,burst=100ms");
-        for (bad, why) in [
-            ("rate", "no limit"),
-            ("rate:iops=0", "stop all I/O"),
-            ("rate:bw=fast", "invalid size"),
-            ("rate:iops=1.5", "whole number"),
-        ] {
-            let e = Config::parse(&bad.parse().unwrap())
-                .err()
-                .unwrap()
-                .to_string();
-            assert!(e.contains(why), "{bad}: {e}");
-        }
+        assert_refused(
+            Config::parse,
+            &[
+                ("rate", "no limit"),
+                ("rate:iops=0", "stop all I/O"),
+                ("rate:bw=fast", "invalid size"),
+                ("rate:iops=1.5", "whole number"),
+            ],
+        );
     }
 
     #[test]

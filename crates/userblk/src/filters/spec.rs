@@ -120,12 +120,41 @@ impl FromStr for Spec {
 
 impl fmt::Display for Spec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name)?;
-        for (i, (k, v)) in self.options.iter().enumerate() {
-            f.write_str(if i == 0 { ":" } else { "," })?;
-            write!(f, "{k}={v}")?;
+        let mut p = Printer::new(f, &self.name)?;
+        for (k, v) in &self.options {
+            p.opt(k, v)?;
         }
         Ok(())
+    }
+}
+
+/// Writes a spec as `NAME[:key=value,...]`, the form [`Spec`] parses: the
+/// one place that knows the separators, for every filter's `Display`.
+pub(crate) struct Printer<'a, 'b> {
+    f: &'a mut fmt::Formatter<'b>,
+    sep: &'static str,
+}
+
+impl<'a, 'b> Printer<'a, 'b> {
+    /// Start with the filter's name.
+    pub(crate) fn new(f: &'a mut fmt::Formatter<'b>, name: &str) -> Result<Self, fmt::Error> {
+        f.write_str(name)?;
+        Ok(Printer { f, sep: ":" })
+    }
+
+    /// Add `key=value`.
+    pub(crate) fn opt(&mut self, key: &str, value: impl fmt::Display) -> fmt::Result {
+        write!(self.f, "{}{key}={value}", self.sep)?;
+        self.sep = ",";
+        Ok(())
+    }
+
+    /// Add `key=value` if there is a value.
+    pub(crate) fn opt_some(&mut self, key: &str, value: Option<impl fmt::Display>) -> fmt::Result {
+        match value {
+            Some(v) => self.opt(key, v),
+            None => Ok(()),
+        }
     }
 }
 

@@ -25,11 +25,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
-use super::spec::{Options, Spec};
+use super::spec::{Options, Printer, Spec};
 use super::{op_index, op_name, Base, DataUse, Filter, FilterError, OPS};
+use crate::control::serve_until;
 use crate::target::{Ctx, IoResult, Op, Submit, Target};
 
 /// Number of latency buckets: the last holds everything from 2^30 µs (18 minutes) up.
@@ -68,16 +68,9 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("stats")?;
-        let mut sep = ":";
-        if let Some(p) = &self.file {
-            write!(f, "{sep}file={}", p.display())?;
-            sep = ",";
-        }
-        if let Some(a) = &self.prometheus {
-            write!(f, "{sep}prometheus={a}")?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "stats")?;
+        p.opt_some("file", self.file.as_ref().map(|path| path.display()))?;
+        p.opt_some("prometheus", self.prometheus.as_ref())
     }
 }
 
@@ -386,15 +379,9 @@ impl Stats {
     /// Count `inner`'s requests; start the snapshot writer and the
     /// Prometheus server `cfg` asks for.
     pub fn new(inner: Arc<dyn Target>, mut cfg: Config) -> Result<Self, FilterError> {
-        let io = |what: String| {
-            move |err| FilterError::Io {
-                filter: "stats",
-                what,
-                err,
-            }
-        };
+        let io = |what: String| FilterError::io::<std::io::Error>("stats", what);
         if let Some(p) = &cfg.file {
-            cfg.file = Some(std::path::absolute(p).map_err(io(p.display().to_string()))?);
+            cfg.file = Some(super::absolute("stats", p, p.display().to_string())?);
         }
         let counters = Arc::new(Counters::new());
         let stop = Arc::new(AtomicBool::new(false));
@@ -439,7 +426,7 @@ impl Stats {
         }
         Ok(Stats {
             file: cfg.file.clone(),
-            base: Base::new(inner, cfg, DataUse::Untouched)?,
+            base: Base::new(inner, cfg, DataUse::Untouched)?.timed(),
             counters,
             prometheus,
             stop,
@@ -456,16 +443,6 @@ impl Stats {
     /// The address the Prometheus server listens on (useful with port 0).
     pub fn prometheus_addr(&self) -> Option<SocketAddr> {
         self.prometheus
-    }
-
-    fn record(&self, ctx: &Ctx<'_>, s: Submit) -> Submit {
-        if let Submit::Done(result) = s {
-            let latency = ctx
-                .marked(self.base.layer())
-                .map_or(Duration::ZERO, |t| t.elapsed());
-            self.counters.record(ctx.req().op, result, latency);
-        }
-        s
     }
 }
 
@@ -515,43 +492,22 @@ impl Filter for Stats {
         &self.base
     }
 
-    fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-        ctx.mark(self.base.layer());
-        let s = self.base.inner().submit(ctx);
-        self.record(ctx, s)
-    }
-
     fn filter_result(&self, ctx: &mut Ctx<'_>, s: Submit) -> Submit {
-        self.record(ctx, s)
+        if let Some((result, latency)) = self.base.finished(ctx, s) {
+            self.counters.record(ctx.req().op, result, latency);
+        }
+        s
     }
 }
 
 /// Serve `GET /metrics` on `listener` until `stop`, one connection at a time.
 fn serve_metrics(listener: &TcpListener, counters: &Counters, stop: &AtomicBool) {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let tick = Timespec {
-        tv_sec: 0,
-        tv_nsec: 200_000_000,
-    };
-    while !stop.load(Ordering::SeqCst) {
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
-        match poll(&mut fds, Some(&tick)) {
-            Ok(0) | Err(Errno::INTR) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!("stats: metrics server: {e}");
-                return;
-            }
+    let accept = || listener.accept().map(|(conn, _)| conn);
+    serve_until(listener, accept, stop, "stats: metrics server", |conn| {
+        if let Err(e) = answer(conn, counters) {
+            tracing::debug!("stats: metrics request: {e}");
         }
-        match listener.accept() {
-            Ok((conn, _)) => {
-                if let Err(e) = answer(conn, counters) {
-                    tracing::debug!("stats: metrics request: {e}");
-                }
-            }
-            Err(e) => tracing::debug!("stats: accept: {e}"),
-        }
-    }
+    });
 }
 
 /// Read one HTTP request from `conn` and answer it.

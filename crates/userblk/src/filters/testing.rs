@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 
+use super::{FilterError, Spec};
 use crate::slots::Engine;
-use crate::target::{Caps, Ctx, Extent, IoResult, Op, RangeOpCaps, Request, Submit, Target};
+use crate::target::{Caps, Ctx, Extent, IoResult, Op, Request, Submit, Target};
 
 /// The step the ring-native probe finishes its requests on.
 const PROBE_STEP: u16 = 7;
@@ -75,12 +76,10 @@ impl Probe {
 
 impl Target for Probe {
     fn caps(&self) -> Caps {
-        let range = RangeOpCaps::with_granularity(4096);
+        // A RAM disk's, plus a volatile write cache.
         Caps {
-            discard: Some(range),
-            write_zeroes: Some(range),
             volatile_cache: true,
-            ..Caps::new(self.data.lock().unwrap().len() as u64)
+            ..crate::targets::mem::ram_caps(self.data.lock().unwrap().len() as u64)
         }
     }
 
@@ -124,6 +123,31 @@ impl Target for Probe {
             pos = end;
         }
         Ok(())
+    }
+}
+
+/// `n` milliseconds.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Run `req` `n` times in turn on `e` (each must succeed); how long they took.
+pub fn timed(e: &mut Engine, t: &dyn Target, req: Request, n: usize) -> Duration {
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        assert!(run_on(e, t, req).0.is_ok(), "a request failed");
+    }
+    start.elapsed()
+}
+
+/// Check that `parse` refuses each `(spec, why)` of `cases` with an error
+/// saying `why`.
+pub fn assert_refused<T>(parse: impl Fn(&Spec) -> Result<T, FilterError>, cases: &[(&str, &str)]) {
+    for (bad, why) in cases {
+        match parse(&bad.parse().unwrap()) {
+            Err(e) => assert!(e.to_string().contains(why), "{bad}: {e}"),
+            Ok(_) => panic!("{bad} was accepted"),
+        }
     }
 }
 

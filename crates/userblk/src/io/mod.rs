@@ -1,10 +1,12 @@
 //! io_uring plumbing shared by every frontend: page-aligned buffers, the
 //! ring (with the mailbox other threads complete deferred work through),
-//! and shared mappings. Knows nothing of block requests: those are the
+//! shared mappings, and whole-buffer positioned reads and writes
+//! ([`fd`]). Knows nothing of block requests: those are the
 //! [`target`](crate::target) layer's, and the request slots that drive
 //! targets over a ring are [`slots`](crate::slots).
 
 pub mod buf;
+pub mod fd;
 pub mod mapping;
 pub mod ring;
 

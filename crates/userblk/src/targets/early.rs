@@ -10,15 +10,16 @@
 //! would store another request's data or let a read overtake the write,
 //! and `fio --verify` on the device would see it.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rustix::fs::MemfdFlags;
 use rustix::io::Errno;
 use serde_json::json;
 
+use super::mem::sized_memfd;
+use crate::io::fd::{read_exact, write_all};
 use crate::io::Deferred;
 use crate::target::{Caps, Ctx, Op, Submit, Target};
 use crate::{Error, Result};
@@ -38,14 +39,7 @@ pub struct EarlyTarget {
 impl EarlyTarget {
     /// A zero-filled device of `size` bytes.
     pub fn new(size: u64) -> Result<Self> {
-        if size == 0 {
-            return Err(Error::invalid("size must be greater than 0"));
-        }
-        let fd = rustix::fs::memfd_create("userblk-early", MemfdFlags::CLOEXEC)
-            .map_err(|e| Error::io("memfd_create", e))?;
-        rustix::fs::ftruncate(&fd, size)
-            .map_err(|e| Error::io(format!("early: cannot size the memfd to {size} bytes"), e))?;
-        let fd = std::sync::Arc::new(fd);
+        let fd = std::sync::Arc::new(sized_memfd("early", size)?);
         let (tx, rx) = mpsc::channel::<(Deferred, u64)>();
         let store = fd.clone();
         std::thread::Builder::new()
@@ -58,7 +52,7 @@ impl EarlyTarget {
                     seed ^= seed >> 17;
                     seed ^= seed << 5;
                     std::thread::sleep(Duration::from_micros(u64::from(seed % 500)));
-                    let res = match pwrite_all(&store, job.data(), offset) {
+                    let res = match write_all(store.as_fd(), job.data(), offset) {
                         Ok(()) => i32::try_from(job.data().len()).unwrap_or(0),
                         Err(e) => -e.raw_os_error(),
                     };
@@ -74,26 +68,6 @@ impl EarlyTarget {
     }
 }
 
-fn pwrite_all(fd: &OwnedFd, mut data: &[u8], mut at: u64) -> std::result::Result<(), Errno> {
-    while !data.is_empty() {
-        let n = rustix::io::pwrite(fd, data, at)?;
-        data = &data[n..];
-        at += n as u64;
-    }
-    Ok(())
-}
-
-fn pread_all(fd: &OwnedFd, buf: &mut [u8], at: u64) -> std::result::Result<(), Errno> {
-    let mut done = 0;
-    while done < buf.len() {
-        match rustix::io::pread(fd, &mut buf[done..], at + done as u64)? {
-            0 => return Err(Errno::IO),
-            n => done += n,
-        }
-    }
-    Ok(())
-}
-
 impl Target for EarlyTarget {
     fn caps(&self) -> Caps {
         Caps::new(self.size)
@@ -103,7 +77,7 @@ impl Target for EarlyTarget {
         let req = *ctx.req();
         match req.op {
             Op::Read => Submit::Done(
-                pread_all(&self.fd, ctx.data_mut(), req.offset).map(|()| ctx.done_bytes()),
+                read_exact(self.fd.as_fd(), ctx.data_mut(), req.offset).map(|()| ctx.done_bytes()),
             ),
             Op::Write => {
                 let job = match ctx.defer(STEP_STORE) {

@@ -19,9 +19,34 @@ use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde_json::json;
 
+use crate::io::fd::{read_exact, write_all};
 use crate::io::SharedMapping;
 use crate::target::{Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
+
+/// What a device kept in memory advertises (`mem`, and `null`, which
+/// keeps nothing): discard and write-zeroes in 4 KiB pages, and no volatile
+/// cache (a completed write is as durable as it will ever be).
+pub(crate) fn ram_caps(size: u64) -> Caps {
+    let range = RangeOpCaps::with_granularity(4096);
+    Caps {
+        discard: Some(range),
+        write_zeroes: Some(range),
+        ..Caps::new(size)
+    }
+}
+
+/// A new memfd of `size` bytes (all holes) for target `name`.
+pub(crate) fn sized_memfd(name: &str, size: u64) -> Result<OwnedFd> {
+    if size == 0 {
+        return Err(Error::invalid("size must be greater than 0"));
+    }
+    let fd = rustix::fs::memfd_create(format!("userblk-{name}"), MemfdFlags::CLOEXEC)
+        .map_err(|e| Error::io("memfd_create", e))?;
+    rustix::fs::ftruncate(&fd, size)
+        .map_err(|e| Error::io(format!("{name}: cannot size the memfd to {size} bytes"), e))?;
+    Ok(fd)
+}
 
 /// The mem target.
 ///
@@ -48,13 +73,7 @@ pub struct MemTarget {
 impl MemTarget {
     /// A zero-filled RAM disk of `size` bytes; memory is used only as it is written.
     pub fn new(size: u64) -> Result<Self> {
-        if size == 0 {
-            return Err(Error::invalid("size must be greater than 0"));
-        }
-        let fd = rustix::fs::memfd_create("userblk-mem", MemfdFlags::CLOEXEC)
-            .map_err(|e| Error::io("memfd_create", e))?;
-        rustix::fs::ftruncate(&fd, size)
-            .map_err(|e| Error::io(format!("mem: cannot size the memfd to {size} bytes"), e))?;
+        let fd = sized_memfd("mem", size)?;
         // Without the mapping (no address space for it) writes use pwrite.
         let map = SharedMapping::new(fd.as_fd(), size).ok();
         Ok(MemTarget {
@@ -130,15 +149,7 @@ impl MemTarget {
                 return Ok(ctx.done_bytes());
             }
         }
-        let mut done = 0;
-        while done < buf.len() {
-            match rustix::io::pread(&self.fd, &mut buf[done..], off + done as u64) {
-                Ok(0) => return Err(Errno::IO),
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        read_exact(self.fd.as_fd(), buf, off)?;
         Ok(ctx.done_bytes())
     }
 
@@ -149,15 +160,7 @@ impl MemTarget {
             map.write(off, buf)?;
             return Ok(ctx.done_bytes());
         }
-        let mut done = 0;
-        while done < buf.len() {
-            match rustix::io::pwrite(&self.fd, &buf[done..], off + done as u64) {
-                Ok(0) => return Err(Errno::NOSPC),
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(self.fd.as_fd(), buf, off)?;
         Ok(ctx.done_bytes())
     }
 
@@ -177,13 +180,7 @@ impl MemTarget {
 
 impl Target for MemTarget {
     fn caps(&self) -> Caps {
-        let range = RangeOpCaps::with_granularity(4096);
-        // Memory has no cache to flush: a completed write is as durable as it will ever be.
-        Caps {
-            discard: Some(range),
-            write_zeroes: Some(range),
-            ..Caps::new(self.size)
-        }
+        ram_caps(self.size)
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {

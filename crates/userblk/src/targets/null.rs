@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use crate::target::{Caps, Ctx, Extent, Op, RangeOpCaps, Submit, Target};
+use crate::target::{Caps, Ctx, Extent, Op, Submit, Target};
 
 /// Default size of a null device: 250 GiB.
 pub const DEFAULT_SIZE: u64 = 250 << 30;
@@ -34,12 +34,7 @@ impl NullTarget {
 
 impl Target for NullTarget {
     fn caps(&self) -> Caps {
-        let range = RangeOpCaps::with_granularity(4096);
-        Caps {
-            discard: Some(range),
-            write_zeroes: Some(range),
-            ..Caps::new(self.size)
-        }
+        super::mem::ram_caps(self.size)
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {

@@ -39,9 +39,10 @@ use std::sync::Arc;
 use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::side::{read_exact, write_all, SideIo};
-use super::spec::{self, Options, Spec};
+use super::side::SideIo;
+use super::spec::{self, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
+use crate::io::fd::{read_exact, write_all};
 use crate::target::{Caps, Ctx, Extent, Flags, Op, Submit, Target};
 use store::{FileStore, Store};
 
@@ -131,19 +132,11 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cache:size={},block={}",
-            crate::size::format(self.size),
-            crate::size::format(self.block.into())
-        )?;
-        if let Some(p) = &self.file {
-            write!(f, ",file={}", p.display())?;
-        }
-        if self.writeback {
-            f.write_str(",mode=writeback")?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "cache")?;
+        p.opt("size", crate::size::format(self.size))?;
+        p.opt("block", crate::size::format(self.block.into()))?;
+        p.opt_some("file", self.file.as_ref().map(|path| path.display()))?;
+        p.opt_some("mode", self.writeback.then_some("writeback"))
     }
 }
 
@@ -190,11 +183,7 @@ impl Cache {
         }
         let file = match &cfg.file {
             Some(p) => {
-                let abs = std::path::absolute(p).map_err(|err| FilterError::Io {
-                    filter: "cache",
-                    what: p.display().to_string(),
-                    err,
-                })?;
+                let abs = super::absolute("cache", p, p.display().to_string())?;
                 let f = open_file(&abs, cfg.block)?;
                 cfg.file = Some(abs);
                 Some(f)
@@ -336,13 +325,7 @@ impl Cache {
 /// earlier cache left (its contents are not used); never anything else.
 fn open_file(path: &std::path::Path, block: u32) -> Result<FileStore, FilterError> {
     let shown = path.display();
-    let io = |what: String| {
-        move |e: Errno| FilterError::Io {
-            filter: "cache",
-            what,
-            err: e.into(),
-        }
-    };
+    let io = |what: String| FilterError::io::<Errno>("cache", what);
     let fd = rustix::fs::open(
         path,
         OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,

@@ -21,7 +21,7 @@ use std::time::Instant;
 use rustix::io::Errno;
 
 use super::lru::Lru;
-use crate::filters::side::{read_exact, write_all};
+use crate::io::fd::{read_exact, write_all};
 
 /// Sectors of one block.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use std::sync::{Mutex, PoisonError};
 
 use rustix::io::Errno;
 
-pub(super) use crate::filters::side::{read_exact, write_all};
+pub(super) use crate::io::fd::{read_exact, write_all};
 
 const MAGIC: &[u8; 8] = b"UBLKCOW\0";
 const VERSION: u32 = 1;

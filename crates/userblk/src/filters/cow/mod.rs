@@ -47,7 +47,7 @@ use rustix::fs::FallocateFlags;
 use rustix::io::{Errno, ReadWriteFlags};
 
 use super::side::SideIo;
-use super::spec::{self, Options, Spec};
+use super::spec::{self, Options, Printer, Spec};
 use super::{Base, DataUse, Filter, FilterError};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use overlay::Overlay;
@@ -114,20 +114,13 @@ impl Config {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("cow")?;
-        let mut sep = ":";
-        if let Some(p) = &self.file {
-            write!(f, "{sep}file={}", p.display())?;
-            sep = ",";
-        }
-        if let Some(c) = self.cluster {
-            write!(f, "{sep}cluster={}", crate::size::format(c.into()))?;
-            sep = ",";
-        }
-        if let Some(k) = self.keep {
-            write!(f, "{sep}keep={}", if k { "yes" } else { "no" })?;
-        }
-        Ok(())
+        let mut p = Printer::new(f, "cow")?;
+        p.opt_some("file", self.file.as_ref().map(|path| path.display()))?;
+        p.opt_some(
+            "cluster",
+            self.cluster.map(|c| crate::size::format(c.into())),
+        )?;
+        p.opt_some("keep", self.keep.map(|k| if k { "yes" } else { "no" }))
     }
 }
 

@@ -26,11 +26,7 @@ pub(super) struct Overlay {
 }
 
 fn io(what: String) -> impl FnOnce(Errno) -> FilterError {
-    move |e| FilterError::Io {
-        filter: "cow",
-        what,
-        err: e.into(),
-    }
+    FilterError::io("cow", what)
 }
 
 fn invalid(msg: String) -> FilterError {
@@ -69,11 +65,7 @@ impl Overlay {
             return Self::create(fd, layout, None);
         };
         let shown = path.display().to_string();
-        let path = std::path::absolute(path).map_err(|e| FilterError::Io {
-            filter: "cow",
-            what: shown.clone(),
-            err: e,
-        })?;
+        let path = crate::filters::absolute("cow", path, shown.clone())?;
         let existed = path.exists();
         let fd = rustix::fs::open(
             &path,

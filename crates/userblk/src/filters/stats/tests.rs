@@ -1,6 +1,8 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
+use rustix::io::Errno;
+
 use super::*;
 use crate::filters::testing::{probe, ring_probe, run_on};
 use crate::filters::{build, Env};

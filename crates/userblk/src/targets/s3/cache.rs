@@ -286,14 +286,31 @@ mod tests {
         Geometry::new(4 << 20, 1 << 20).unwrap()
     }
 
+    /// The cache in `dir` of the volume most tests use.
+    fn open(dir: &Path) -> Result<(CacheDir, Vec<u8>, Opened), S3Error> {
+        CacheDir::open(dir, "o", VolumeId([7; 16]), geometry())
+    }
+
+    /// Make the meta file at `meta` look written on another boot,
+    /// `boot_id`; what it held before.
+    fn as_if_from_boot(meta: &Path, boot_id: &str) -> Meta {
+        let text = std::fs::read_to_string(meta).unwrap();
+        let m: Meta = serde_json::from_str(&text).unwrap();
+        let other = Meta {
+            boot_id: boot_id.into(),
+            ..m.clone()
+        };
+        std::fs::write(meta, serde_json::to_vec(&other).unwrap()).unwrap();
+        m
+    }
+
     #[test]
     fn new_directory_is_empty_and_locked() {
         let dir = tempfile::tempdir().unwrap();
-        let vol = VolumeId([7; 16]);
-        let (c, states, opened) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
+        let (c, states, opened) = open(dir.path()).unwrap();
         assert_eq!(opened, Opened::Empty);
         assert_eq!(states, vec![ABSENT; 4]);
-        let again = CacheDir::open(dir.path(), "o", vol, geometry());
+        let again = open(dir.path());
         assert!(matches!(again, Err(S3Error::CacheInUse(_))), "{again:?}");
         drop(c);
     }
@@ -301,15 +318,14 @@ mod tests {
     #[test]
     fn states_and_bytes_survive_an_unclean_stop_on_the_same_boot() {
         let dir = tempfile::tempdir().unwrap();
-        let vol = VolumeId([7; 16]);
         {
-            let (c, _, _) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
+            let (c, _, _) = open(dir.path()).unwrap();
             c.set_state(1, DIRTY).unwrap();
             c.set_state(2, CLEAN).unwrap();
             c.write(1 << 20, b"hello").unwrap();
             // Dropped without close_clean: as after kill -9.
         }
-        let (c, states, opened) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
+        let (c, states, opened) = open(dir.path()).unwrap();
         assert_eq!(opened, Opened::Kept { dirty: 1, clean: 1 });
         assert_eq!(states, vec![ABSENT, DIRTY, CLEAN, ABSENT]);
         let mut b = [0u8; 5];
@@ -320,36 +336,22 @@ mod tests {
     #[test]
     fn a_reboot_after_an_unclean_stop_empties_it_a_clean_close_does_not() {
         let dir = tempfile::tempdir().unwrap();
-        let vol = VolumeId([7; 16]);
         {
-            let (c, _, _) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
+            let (c, _, _) = open(dir.path()).unwrap();
             c.set_state(3, DIRTY).unwrap();
         }
         // Pretend the machine rebooted.
         let meta = dir.path().join("meta.json");
-        let text = std::fs::read_to_string(&meta).unwrap();
-        let m: Meta = serde_json::from_str(&text).unwrap();
-        let other = Meta {
-            boot_id: "another-boot".into(),
-            ..m
-        };
-        std::fs::write(&meta, serde_json::to_vec(&other).unwrap()).unwrap();
+        as_if_from_boot(&meta, "another-boot");
         {
-            let (c, states, opened) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
+            let (c, states, opened) = open(dir.path()).unwrap();
             assert_eq!(opened, Opened::DroppedAfterReboot { dirty: 1 });
             assert_eq!(states, vec![ABSENT; 4]);
             c.set_state(0, DIRTY).unwrap();
             c.close_clean().unwrap();
         }
-        let text = std::fs::read_to_string(&meta).unwrap();
-        let m: Meta = serde_json::from_str(&text).unwrap();
-        assert!(m.clean);
-        let other = Meta {
-            boot_id: "yet-another-boot".into(),
-            ..m
-        };
-        std::fs::write(&meta, serde_json::to_vec(&other).unwrap()).unwrap();
-        let (_, states, opened) = CacheDir::open(dir.path(), "o", vol, geometry()).unwrap();
+        assert!(as_if_from_boot(&meta, "yet-another-boot").clean);
+        let (_, states, opened) = open(dir.path()).unwrap();
         assert_eq!(opened, Opened::Kept { dirty: 1, clean: 0 });
         assert_eq!(states[0], DIRTY);
     }
