@@ -14,7 +14,7 @@ use userblk::fuse::{FuseDisk, FuseOptions, Unmounted};
 use userblk::loopdev::{LoopDevice, LoopOptions};
 use userblk::state::{self, DeviceState, FuseState};
 
-use super::lifecycle::{Frontend, Host, Stop};
+use super::lifecycle::{self, Frontend, Host, Stop};
 use crate::cli::DevArgs;
 use crate::targets::Opened;
 
@@ -81,15 +81,10 @@ impl Frontend for Fuse {
     }
 
     fn stopper(&self) -> Stop {
-        let tx = self.tx.clone();
-        Box::new(move |sig| {
-            let _ = tx.send(Event::Signal(sig));
-        })
+        lifecycle::send_to(&self.tx, Event::Signal)
     }
 
     fn claim(&mut self) -> anyhow::Result<()> {
-        // Ids are shared with ublk devices, so `list` and `del -n` mean one device.
-        let kernel_ids = userblk::ublk::ctrl::device_ids();
         // A default mount point still mounted (its daemon's state lost) is not reused.
         let default_busy = |id: u32| {
             self.mountpoint.is_none()
@@ -97,7 +92,7 @@ impl Frontend for Fuse {
                     &state::state_dir().join(format!("fuse-{id}")),
                 )
         };
-        let st = DeviceState::claim(self.dev.id, &kernel_ids, "fuse", default_busy)?;
+        let st = lifecycle::claim_id(self.dev.id, "fuse", default_busy)?;
         let cleanup = Cleanup::new(st.id);
         self.claimed = Some((st, cleanup));
         Ok(())
@@ -335,7 +330,7 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
         );
     }
     if st.daemon_alive() {
-        super::lifecycle::stop(st, timeout)?;
+        lifecycle::stop(st, timeout)?;
     } else {
         // The daemon died: its loop device may still be bound and its mount dead.
         if let Some(lo) = our_loop {

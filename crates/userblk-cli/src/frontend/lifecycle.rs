@@ -69,6 +69,27 @@ pub trait Frontend {
     fn serve(&mut self, target: Opened, host: &Host) -> anyhow::Result<()>;
 }
 
+/// A [`Stop`] that sends `wrap(signal)` to the serving thread's channel.
+pub fn send_to<T: Send + 'static>(tx: &mpsc::Sender<T>, wrap: fn(i32) -> T) -> Stop {
+    let tx = tx.clone();
+    Box::new(move |sig| {
+        let _ = tx.send(wrap(sig));
+    })
+}
+
+/// Claim an id for a device of `frontend` that has no kernel object (its
+/// state file holds the claim): `wanted`, or the lowest free one where
+/// `busy` says no. Ids are shared with ublk devices, so `list` and
+/// `del -n` mean one device.
+pub fn claim_id(
+    wanted: Option<u32>,
+    frontend: &str,
+    busy: impl Fn(u32) -> bool,
+) -> anyhow::Result<DeviceState> {
+    let kernel_ids = userblk::ublk::ctrl::device_ids();
+    Ok(DeviceState::claim(wanted, &kernel_ids, frontend, busy)?)
+}
+
 /// What the lifecycle offers a serving frontend.
 pub struct Host {
     daemon: bool,

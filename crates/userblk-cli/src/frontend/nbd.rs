@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use userblk::nbd::server::{Listen, Server, ServerOptions};
 use userblk::state::{DeviceState, NbdState};
 
-use super::lifecycle::{Frontend, Host, Stop};
+use super::lifecycle::{self, Frontend, Host, Stop};
 use crate::cli::DevArgs;
 use crate::targets::Opened;
 
@@ -85,15 +85,11 @@ impl Frontend for Nbd {
     }
 
     fn stopper(&self) -> Stop {
-        let tx = self.tx.clone();
-        Box::new(move |sig| {
-            let _ = tx.send(sig);
-        })
+        lifecycle::send_to(&self.tx, |sig| sig)
     }
 
     fn claim(&mut self) -> anyhow::Result<()> {
-        let kernel_ids = userblk::ublk::ctrl::device_ids();
-        let st = DeviceState::claim(self.dev.id, &kernel_ids, "nbd", |_| false)?;
+        let st = lifecycle::claim_id(self.dev.id, "nbd", |_| false)?;
         let guard = RemoveState(st.id);
         self.claimed = Some((st, guard));
         Ok(())
@@ -171,7 +167,7 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
         bail!("device {id}: saved state has no NBD details");
     };
     if st.daemon_alive() {
-        super::lifecycle::stop(st, timeout)?;
+        lifecycle::stop(st, timeout)?;
     } else {
         // A dead daemon's Unix sockets are left behind.
         for l in &nbd.listen {
