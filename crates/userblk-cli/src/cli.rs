@@ -224,12 +224,12 @@ pub struct DevArgs {
     #[arg(long, global = true)]
     pub adopt: bool,
     /// ublk: move request data with pread/pwrite on /dev/ublkcN
-    /// (UBLK_F_USER_COPY, Linux 6.5+) instead of the kernel copying it into
+    /// (the kernel's user copy, Linux 6.5+) instead of the kernel copying it into
     /// the daemon's buffers; falls back, with a warning, where refused.
     #[arg(long, global = true, conflicts_with = "zero_copy")]
     pub user_copy: bool,
     /// ublk: zero copy. The kernel registers each request's own pages in the
-    /// queue's io_uring (UBLK_F_AUTO_BUF_REG, Linux 6.16+) and the file
+    /// queue's io_uring (automatic buffer registration, Linux 6.16+) and the file
     /// target reads and writes them in place: no copy, no request buffers.
     /// Only for `file` without filters, which use it by default where the
     /// kernel offers it; with this flag, a warning says why where it cannot.

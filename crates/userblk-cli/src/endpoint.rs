@@ -8,10 +8,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use userblk::filters::Env;
 use userblk::nbd::client::NbdUri;
-use userblk::targets::nbd::{NbdOptions, NbdTarget};
-use userblk::targets::qcow2::{self, Qcow2Target};
-use userblk::targets::{FileOptions, FileTarget, NullTarget};
+use userblk::targets::nbd::NbdOptions;
+use userblk::targets::qcow2;
+use userblk::targets::{spec, FileOptions, TargetSpec};
 use userblk::Target;
 
 /// The forms an endpoint may take, for error messages and help.
@@ -184,22 +185,15 @@ impl Endpoint {
 /// created with the source's size (a sparse raw file, or an empty qcow2
 /// image), and reported as `created`.
 pub fn open(ep: &Endpoint, role: Role) -> anyhow::Result<Opened> {
-    let existing = |target: Arc<dyn Target>| Opened {
-        target,
-        created: false,
-    };
-    match ep {
-        Endpoint::Raw(p) => open_file(p, Format::Raw, role),
-        Endpoint::Qcow2(p) => open_file(p, Format::Qcow2, role),
+    let spec = match ep {
+        Endpoint::Raw(p) => return open_file(p, Format::Raw, role),
+        Endpoint::Qcow2(p) => return open_file(p, Format::Qcow2, role),
         Endpoint::Path(p) => {
             let format = Format::probe(p, role)?;
-            open_file(p, format, role)
+            return open_file(p, format, role);
         }
-        Endpoint::Nbd(uri) => {
-            let t = NbdTarget::connect(NbdOptions::new(uri.clone()))?;
-            Ok(existing(Arc::new(t)))
-        }
-        Endpoint::Null(size) => Ok(existing(Arc::new(NullTarget::new(*size)))),
+        Endpoint::Nbd(uri) => TargetSpec::Nbd(NbdOptions::new(uri.clone())),
+        Endpoint::Null(size) => TargetSpec::Null { size: *size },
         Endpoint::S3 {
             bucket,
             prefix,
@@ -209,14 +203,15 @@ pub fn open(ep: &Endpoint, role: Role) -> anyhow::Result<Opened> {
                 Role::Source => None,
                 Role::Destination { size } => Some(size),
             };
-            let t = crate::s3::open_for_copy(bucket, prefix, options, size)?;
-            let created = t.created();
-            Ok(Opened {
-                target: Arc::new(t),
-                created,
-            })
+            let opts = crate::s3::copy_options_for(bucket, prefix, options, size)?;
+            TargetSpec::S3(Box::new(opts))
         }
-    }
+    };
+    let o = spec::open(spec, &[], &Env::default())?;
+    Ok(Opened {
+        target: o.target,
+        created: o.created,
+    })
 }
 
 /// How a file holds the device's bytes.
@@ -283,20 +278,22 @@ fn open_file(path: &Path, format: Format, role: Role) -> anyhow::Result<Opened> 
         }
         _ => false,
     };
-    let opened = match format {
-        Format::Raw => FileTarget::open(FileOptions {
-            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
-            offset: 0,
+    let spec = match format {
+        Format::Raw => TargetSpec::File(FileOptions {
             // The page cache: any size and alignment, and the copy's
             // flush at the end makes it durable.
             buffered: true,
             read_only,
-        })
-        .map(|t| Arc::new(t) as Arc<dyn Target>),
-        Format::Qcow2 => Qcow2Target::open(path, read_only).map(|t| Arc::new(t) as Arc<dyn Target>),
+            path: path.to_path_buf(),
+            offset: 0,
+        }),
+        Format::Qcow2 => TargetSpec::qcow2(path).read_only(read_only),
     };
-    match opened {
-        Ok(target) => Ok(Opened { target, created }),
+    match spec::open(spec, &[], &Env::default()) {
+        Ok(o) => Ok(Opened {
+            target: o.target,
+            created,
+        }),
         Err(e) => {
             if created {
                 let _ = std::fs::remove_file(path);

@@ -1,18 +1,21 @@
 //! `userblk`: add, list and delete userspace block devices.
+//!
+//! Modules use only those before them in this order (no module uses one
+//! that uses it back):
+//! `progress`, `s3` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
+//! `list` → `targets` → `copy` → `frontend::lifecycle` →
+//! `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
 // Output goes through `out`, which survives a closed pipe; `print!` panics.
 #![deny(clippy::print_stdout)]
 
-mod add;
 mod checkpoint;
 mod cli;
 mod copy;
 mod ctl;
-mod daemon;
 mod endpoint;
-mod fuse;
+mod frontend;
 mod list;
-mod nbd;
 mod out;
 mod progress;
 mod s3;
@@ -23,10 +26,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use userblk::state::DeviceState;
-use userblk::ublk::{device, Control};
+use userblk::ublk::Control;
 
-use crate::cli::{Cli, Command, DelArgs, JsonArgs};
+use crate::cli::{Cli, Command, JsonArgs};
 use crate::out::outln;
 
 fn init_logging(verbose: u8, default: &str) {
@@ -62,10 +64,10 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose, default_level);
     let result = match cli.command {
-        Command::Add(args) => add::run(*args),
-        Command::Del(args) => del(&args),
+        Command::Add(args) => frontend::add(*args),
+        Command::Del(args) => frontend::del(&args),
         Command::List(args) => list::run(&args),
-        Command::Recover(args) => add::recover(&args),
+        Command::Recover(args) => frontend::recover(&args),
         Command::Stats(args) => stats::run(&args),
         Command::Ctl(args) => ctl::run(&args),
         Command::Create(args) => create(&args),
@@ -118,74 +120,6 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
     eprintln!("userblk: {msg} (see --help)");
     ExitCode::from(2)
-}
-
-fn del(args: &DelArgs) -> anyhow::Result<()> {
-    let list::Devices {
-        mut ctrl,
-        kernel_ids,
-        ids: all,
-    } = list::Devices::find()?;
-    let ids = match args.id {
-        Some(id) => vec![id],
-        None => all,
-    };
-    let timeout = std::time::Duration::from_secs(10);
-    let mut failed = 0;
-    for id in ids {
-        // Read before deleting: the daemon removes its state as it exits.
-        let saved = DeviceState::load(id).ok().flatten();
-        let result = match (&saved, ctrl.as_mut()) {
-            (Some(st), _) if st.frontend == "nbd" && !kernel_ids.contains(&id) => {
-                nbd::delete(st, timeout)
-            }
-            (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
-                fuse::delete(st, timeout)
-            }
-            (_, Some(ctrl)) => delete_ublk(ctrl, id, saved.as_ref(), timeout),
-            (_, None) => Err(Control::open().err().map_or_else(
-                || anyhow::anyhow!("no device with id {id}"),
-                |e| anyhow::anyhow!("no FUSE device with id {id}, and {e}"),
-            )),
-        };
-        if result.is_ok() {
-            if let Some(st) = &saved {
-                stats::remove_snapshot(st);
-                ctl::remove_socket(st);
-            }
-        }
-        match result {
-            Ok(()) => {}
-            // `del -a` as a user: other users' devices are not ours to delete.
-            Err(e)
-                if args.all
-                    && matches!(
-                        e.downcast_ref::<userblk::Error>(),
-                        Some(userblk::Error::DeviceAccess { .. })
-                    ) => {}
-            Err(e) if args.all => {
-                eprintln!("userblk: {e:#}");
-                failed += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    anyhow::ensure!(failed == 0, "{failed} device(s) could not be deleted");
-    Ok(())
-}
-
-fn delete_ublk(
-    ctrl: &mut Control,
-    id: u32,
-    saved: Option<&DeviceState>,
-    timeout: std::time::Duration,
-) -> anyhow::Result<()> {
-    device::delete(ctrl, id, timeout)?;
-    DeviceState::remove(id);
-    if let Some(path) = saved.and_then(targets::shared_path) {
-        targets::remove_shared(&path);
-    }
-    Ok(())
 }
 
 fn man() -> anyhow::Result<()> {

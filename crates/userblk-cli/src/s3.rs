@@ -1,12 +1,11 @@
-//! `add s3`: from the command line to [`S3Options`].
+//! S3 volumes in the CLI: where `add s3` keeps a volume's cache, and the
+//! options of an `s3://` copy endpoint.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use userblk::targets::s3::{RetryPolicy, S3Config, S3Options, S3Target};
-
-use crate::cli::S3Args;
+use userblk::targets::s3::{S3Config, S3Options};
 
 /// `/`-free, `%`-escaped, so every prefix gets its own directory name.
 fn escape(s: &str) -> String {
@@ -28,8 +27,8 @@ fn endpoint_host(endpoint: Option<&str>, region: &str) -> String {
     }
 }
 
-/// Where a volume's cache goes when `--cache-dir` is not given.
-pub fn default_cache_dir(a: &S3Args) -> anyhow::Result<PathBuf> {
+/// Where the cache of the volume `store` names goes when `--cache-dir` is not given.
+pub fn default_cache_dir(store: &S3Config) -> anyhow::Result<PathBuf> {
     let base = if rustix::process::geteuid().is_root() {
         PathBuf::from("/var/cache/userblk")
     } else if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
@@ -41,35 +40,9 @@ pub fn default_cache_dir(a: &S3Args) -> anyhow::Result<PathBuf> {
     };
     Ok(base
         .join("s3")
-        .join(endpoint_host(a.endpoint.as_deref(), &a.region))
-        .join(escape(&a.bucket))
-        .join(escape(&a.prefix)))
-}
-
-/// Open the volume the arguments name.
-pub fn open(a: &S3Args) -> anyhow::Result<S3Target> {
-    if !(a.writeback_delay.is_finite() && a.writeback_delay >= 0.0) {
-        bail!("--writeback-delay must be a number of seconds, 0 or more");
-    }
-    let mut store = S3Config::new(a.bucket.clone(), a.prefix.clone());
-    store.endpoint.clone_from(&a.endpoint);
-    store.region.clone_from(&a.region);
-    store.retry = RetryPolicy {
-        budget: Duration::from_secs(a.retry_budget),
-        ..RetryPolicy::default()
-    };
-    let cache_dir = match &a.cache_dir {
-        Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.clone()),
-        None => default_cache_dir(a)?,
-    };
-    let mut opts = S3Options::new(store, cache_dir);
-    opts.size = a.size;
-    opts.chunk_size = a.chunk_size;
-    opts.cache_size = a.cache_size;
-    opts.upload_jobs = a.upload_jobs;
-    opts.writeback_delay = Duration::from_secs_f64(a.writeback_delay);
-    opts.break_lease = a.break_lease;
-    S3Target::open(opts).with_context(|| format!("s3 target (bucket {:?})", a.bucket))
+        .join(endpoint_host(store.endpoint.as_deref(), &store.region))
+        .join(escape(&store.bucket))
+        .join(escape(&store.prefix)))
 }
 
 /// Options an `s3://` copy endpoint takes after `?`.
@@ -100,15 +73,15 @@ pub fn copy_options(query: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// Open an `s3://` end of `userblk copy`, through a cache of its own that
-/// goes when the copy is done. A destination (`size`) is created with that
-/// size when the prefix holds no volume; an existing one keeps its size.
-pub fn open_for_copy(
+/// The options of an `s3://` end of `userblk copy`: a cache of its own
+/// that goes when the copy is done. A destination (`size`) is created with
+/// that size when the prefix holds no volume; an existing one keeps its size.
+pub fn copy_options_for(
     bucket: &str,
     prefix: &str,
     options: &[(String, String)],
     size: Option<u64>,
-) -> anyhow::Result<S3Target> {
+) -> anyhow::Result<S3Options> {
     let get = |k: &str| {
         options
             .iter()
@@ -139,7 +112,7 @@ pub fn open_for_copy(
     // Upload as soon as a chunk is written whole: a copy never comes back.
     opts.writeback_delay = Duration::ZERO;
     opts.ephemeral_cache = true;
-    S3Target::open(opts).with_context(|| format!("s3://{bucket}/{prefix}"))
+    Ok(opts)
 }
 
 #[cfg(test)]

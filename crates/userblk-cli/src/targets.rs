@@ -1,17 +1,20 @@
-//! Building a target from its command-line arguments, with the filter
-//! stack `--filter` asked for on top.
+//! From a target's command-line arguments to the library's [`TargetSpec`],
+//! opened through its one factory ([`userblk::targets::spec::open`]) with
+//! the daemon's surroundings: the stats file and the `userblk ctl` socket.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::bail;
 use userblk::filters::{self, Spec};
-use userblk::targets::nbd::{NbdOptions, NbdTarget};
-use userblk::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
+use userblk::targets::nbd::NbdOptions;
+use userblk::targets::s3::{RetryPolicy, S3Config, S3Options};
+use userblk::targets::{spec, FileOptions, MemData, TargetSpec};
 use userblk::ublk::DeviceState;
 use userblk::Target;
 
-use crate::cli::TargetArgs;
+use crate::cli::{S3Args, TargetArgs};
 
 /// An opened target, and the tmpfs file its data lives in if it must outlive the daemon.
 pub struct Opened {
@@ -26,7 +29,7 @@ pub struct Opened {
 }
 
 /// Where a recoverable mem device keeps its data (tmpfs, so still RAM).
-fn new_shared_path() -> PathBuf {
+pub fn new_shared_path() -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -47,114 +50,92 @@ pub fn shared_path(state: &DeviceState) -> Option<PathBuf> {
         .filter(|_| state.target.get("type").and_then(|t| t.as_str()) == Some("mem"))
 }
 
-/// Open the target the arguments describe, under the filter stack `specs`
-/// (outermost first). With `recoverable`, a mem target keeps its data in a
-/// tmpfs file; with `previous` (recovery), the data of the dead daemon is
-/// reopened.
-pub fn open(
-    args: &TargetArgs,
-    specs: &[Spec],
-    recoverable: bool,
-    previous: Option<&DeviceState>,
-) -> anyhow::Result<Opened> {
+/// The target the arguments describe; a mem target keeps its data as `mem` says.
+pub fn spec(args: &TargetArgs, mem: MemData) -> anyhow::Result<TargetSpec> {
+    Ok(match args {
+        TargetArgs::Null(a) => TargetSpec::Null { size: a.size },
+        TargetArgs::Mem(a) => TargetSpec::Mem {
+            size: a.size,
+            data: mem,
+        },
+        TargetArgs::File(a) => TargetSpec::File(FileOptions {
+            path: a.path.clone(),
+            offset: a.offset,
+            buffered: a.buffered,
+            read_only: a.read_only,
+        }),
+        TargetArgs::Qcow2(a) => TargetSpec::Qcow2 {
+            path: a.path.clone(),
+            read_only: a.read_only,
+            l2_cache: a.l2_cache,
+        },
+        TargetArgs::S3(a) => TargetSpec::S3(Box::new(s3_options(a)?)),
+        TargetArgs::Nbd(a) => TargetSpec::Nbd(NbdOptions {
+            reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+            ..NbdOptions::new(a.uri.clone())
+        }),
+    })
+}
+
+/// `add s3`'s options.
+fn s3_options(a: &S3Args) -> anyhow::Result<S3Options> {
+    if !(a.writeback_delay.is_finite() && a.writeback_delay >= 0.0) {
+        bail!("--writeback-delay must be a number of seconds, 0 or more");
+    }
+    let mut store = S3Config::new(a.bucket.clone(), a.prefix.clone());
+    store.endpoint.clone_from(&a.endpoint);
+    store.region.clone_from(&a.region);
+    store.retry = RetryPolicy {
+        budget: Duration::from_secs(a.retry_budget),
+        ..RetryPolicy::default()
+    };
+    let cache_dir = match &a.cache_dir {
+        Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.clone()),
+        None => crate::s3::default_cache_dir(&store)?,
+    };
+    let mut opts = S3Options::new(store, cache_dir);
+    opts.size = a.size;
+    opts.chunk_size = a.chunk_size;
+    opts.cache_size = a.cache_size;
+    opts.upload_jobs = a.upload_jobs;
+    opts.writeback_delay = Duration::from_secs_f64(a.writeback_delay);
+    opts.break_lease = a.break_lease;
+    Ok(opts)
+}
+
+/// Open the target the arguments describe under the filter stack `specs`
+/// (outermost first), and serve its control actions; a mem target keeps
+/// its data as `mem` says.
+pub fn open(args: &TargetArgs, specs: &[Spec], mem: MemData) -> anyhow::Result<Opened> {
+    let shared = match &mem {
+        MemData::NewFile(p) | MemData::Reopen(p) => Some(p.clone()),
+        MemData::Private => None,
+    };
+    let spec = spec(args, mem)?;
     // Targets and filters offer their `userblk ctl` actions here.
     let control = userblk::control::Registry::new();
-    let (target, shared): (Arc<dyn Target>, Option<PathBuf>) = match args {
-        TargetArgs::Null(a) => (Arc::new(NullTarget::new(a.size)), None),
-        TargetArgs::Mem(a) => match (previous.and_then(shared_path), recoverable) {
-            (Some(path), _) => {
-                let t = MemTarget::open_shared(&path, a.size)
-                    .context("reopening the mem device's data")?;
-                (Arc::new(t), Some(path))
-            }
-            (None, true) => {
-                let path = new_shared_path();
-                (
-                    Arc::new(MemTarget::create_shared(a.size, &path).context("mem target")?),
-                    Some(path),
-                )
-            }
-            (None, false) => (
-                Arc::new(MemTarget::new(a.size).context("mem target")?),
-                None,
-            ),
-        },
-        TargetArgs::File(a) => (
-            Arc::new(
-                FileTarget::open(FileOptions {
-                    path: std::path::absolute(&a.path).unwrap_or_else(|_| a.path.clone()),
-                    offset: a.offset,
-                    buffered: a.buffered,
-                    read_only: a.read_only,
-                })
-                .context("file target")?,
-            ),
-            None,
-        ),
-        TargetArgs::Qcow2(a) => {
-            let path = std::path::absolute(&a.path).unwrap_or_else(|_| a.path.clone());
-            let opts = userblk::targets::qcow2::OpenOptions {
-                read_only: a.read_only,
-                caches: userblk::targets::qcow2::CacheSizes {
-                    l2: a.l2_cache.max(2),
-                    refblocks: 64,
-                },
-            };
-            (
-                Arc::new(
-                    userblk::targets::qcow2::Qcow2Target::open_with(&path, &opts)
-                        .context("qcow2 target")?,
-                ),
-                None,
-            )
+    let stats_file = if specs.is_empty() {
+        None
+    } else {
+        if specs.iter().any(|s| s.name() == "stats") {
+            crate::stats::prune_stale();
         }
-        TargetArgs::S3(a) => {
-            let t = crate::s3::open(a)?;
-            t.register_actions(&control);
-            (Arc::new(t), None)
-        }
-        TargetArgs::Nbd(a) => {
-            let mut opts = NbdOptions::new(a.uri.clone());
-            opts.reconnect_timeout = std::time::Duration::from_secs(a.reconnect_timeout);
-            (
-                Arc::new(NbdTarget::connect(opts).context("nbd target")?),
-                None,
-            )
-        }
+        Some(crate::stats::own_snapshot_path()?)
     };
-    let built = (|| -> anyhow::Result<_> {
-        let target = if specs.is_empty() {
-            target
-        } else {
-            if specs.iter().any(|s| s.name() == "stats") {
-                crate::stats::prune_stale();
-            }
-            let env = filters::Env {
-                stats_file: Some(crate::stats::own_snapshot_path()?),
-                control: control.clone(),
-            };
-            filters::build(target, specs, &env)?
-        };
-        // A device without its control socket still works: `ctl` says why not.
-        let server = crate::ctl::serve(control)
-            .inspect_err(|e| tracing::warn!("no control socket for `userblk ctl`: {e:#}"))
-            .ok();
-        Ok((target, server))
-    })();
-    match built {
-        Ok((target, control)) => Ok(Opened {
-            target,
-            shared,
-            control,
-        }),
-        Err(e) => {
-            // A mem device's data file made just now goes with the failure.
-            if let (Some(path), None) = (&shared, previous) {
-                remove_shared(path);
-            }
-            Err(e)
-        }
-    }
+    let env = filters::Env {
+        stats_file,
+        control: control.clone(),
+    };
+    let opened = spec::open(spec, specs, &env)?;
+    // A device without its control socket still works: `ctl` says why not.
+    let control = crate::ctl::serve(control)
+        .inspect_err(|e| tracing::warn!("no control socket for `userblk ctl`: {e:#}"))
+        .ok();
+    Ok(Opened {
+        target: opened.target,
+        shared: shared.filter(|_| matches!(args, TargetArgs::Mem(_))),
+        control,
+    })
 }
 
 /// Remove a mem device's data file; missing is fine.
@@ -163,5 +144,47 @@ pub fn remove_shared(path: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("removing {}: {e}", path.display());
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn target(args: &[&str]) -> TargetArgs {
+        let argv = ["userblk", "add"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Add(a) => a.target,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn arguments_become_specs_with_the_library_defaults() {
+        let s = spec(&target(&["file", "-f", "rel.img"]), MemData::Private).unwrap();
+        match s {
+            TargetSpec::File(o) => {
+                assert_eq!((o.offset, o.buffered, o.read_only), (0, false, false));
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = spec(&target(&["qcow2", "-f", "a.qcow2"]), MemData::Private).unwrap();
+        assert!(matches!(
+            s,
+            TargetSpec::Qcow2 { l2_cache, .. } if l2_cache == userblk::targets::qcow2::DEFAULT_L2_CACHE
+        ));
+        let s = spec(
+            &target(&["nbd", "--uri", "nbd://127.0.0.1/x"]),
+            MemData::Private,
+        )
+        .unwrap();
+        assert!(matches!(s, TargetSpec::Nbd(o) if o.reconnect_timeout == Duration::from_secs(60)));
+        let keep = MemData::NewFile("/dev/shm/x".into());
+        let s = spec(&target(&["mem", "-s", "1M"]), keep.clone()).unwrap();
+        assert!(matches!(s, TargetSpec::Mem { size: 1048576, data } if data == keep));
     }
 }

@@ -52,6 +52,70 @@ pub struct DeviceConfig {
     pub zero_copy_if_offered: bool,
 }
 
+/// Whether a device outlives its daemon (`UBLK_F_USER_RECOVERY`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Recovery {
+    /// The device goes when its daemon does.
+    #[default]
+    Off,
+    /// The device waits (QUIESCED) for a new daemon; requests in flight when
+    /// the old one died fail.
+    On,
+    /// As `On`, and the requests in flight are re-issued to the new daemon
+    /// (`UBLK_F_USER_RECOVERY_REISSUE`).
+    Reissue,
+}
+
+/// Zero copy (`UBLK_F_AUTO_BUF_REG`): only for targets whose
+/// [`data_on_ring_only`](crate::Target::data_on_ring_only) is true.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Request data goes through the daemon's buffers.
+    #[default]
+    Off,
+    /// Where the kernel offers it to this device, quietly copying where not
+    /// ([`DeviceConfig::zero_copy_if_offered`]).
+    IfOffered,
+    /// Asked for: a warning says why where the kernel refuses it.
+    On,
+}
+
+/// The typed form of the `UBLK_F_*` flags a program chooses; the library
+/// turns them into flags ([`DeviceOptions::flags`], [`DeviceConfig::with_options`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// Keep the device across the daemon's death.
+    pub recovery: Recovery,
+    /// An unprivileged device, owned by the calling user (`UBLK_F_UNPRIVILEGED_DEV`;
+    /// needed when not root, and cleared by the kernel for root).
+    pub unprivileged: bool,
+    /// Move request data with pread/pwrite on `/dev/ublkcN` (`UBLK_F_USER_COPY`).
+    pub user_copy: bool,
+    /// Zero copy.
+    pub zero_copy: ZeroCopy,
+}
+
+impl DeviceOptions {
+    /// The `UBLK_F_*` flags these options ask for.
+    pub fn flags(&self) -> u64 {
+        let mut flags = match self.recovery {
+            Recovery::Off => 0,
+            Recovery::On => UBLK_F_USER_RECOVERY,
+            Recovery::Reissue => UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE,
+        };
+        if self.unprivileged {
+            flags |= UBLK_F_UNPRIVILEGED_DEV;
+        }
+        if self.user_copy {
+            flags |= UBLK_F_USER_COPY;
+        }
+        if self.zero_copy == ZeroCopy::On {
+            flags |= UBLK_F_AUTO_BUF_REG;
+        }
+        flags
+    }
+}
+
 impl Default for DeviceConfig {
     fn default() -> Self {
         DeviceConfig {
@@ -71,6 +135,14 @@ impl DeviceConfig {
     #[must_use]
     pub fn unprivileged(mut self) -> Self {
         self.flags |= UBLK_F_UNPRIVILEGED_DEV;
+        self
+    }
+
+    /// Add the flags `opts` ask for, and take zero copy where offered if they say so.
+    #[must_use]
+    pub fn with_options(mut self, opts: &DeviceOptions) -> Self {
+        self.flags |= opts.flags();
+        self.zero_copy_if_offered = opts.zero_copy == ZeroCopy::IfOffered;
         self
     }
 
@@ -673,6 +745,34 @@ pub fn delete(ctrl: &mut Control, id: u32, wait: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_options_become_flags() {
+        let none = DeviceOptions::default();
+        assert_eq!(none.flags(), 0);
+        let o = DeviceOptions {
+            recovery: Recovery::Reissue,
+            unprivileged: true,
+            user_copy: true,
+            zero_copy: ZeroCopy::On,
+        };
+        assert_eq!(
+            o.flags(),
+            UBLK_F_USER_RECOVERY
+                | UBLK_F_USER_RECOVERY_REISSUE
+                | UBLK_F_UNPRIVILEGED_DEV
+                | UBLK_F_USER_COPY
+                | UBLK_F_AUTO_BUF_REG
+        );
+        let on = DeviceOptions {
+            recovery: Recovery::On,
+            zero_copy: ZeroCopy::IfOffered,
+            ..none
+        };
+        let cfg = DeviceConfig::default().with_options(&on);
+        assert_eq!(cfg.flags, UBLK_F_USER_RECOVERY);
+        assert!(cfg.zero_copy_if_offered);
+    }
 
     #[test]
     fn user_copy_falls_back_where_refused() {

@@ -14,8 +14,9 @@ use userblk::fuse::{FuseDisk, FuseOptions, Unmounted};
 use userblk::loopdev::{LoopDevice, LoopOptions};
 use userblk::state::{self, DeviceState, FuseState};
 
-use crate::add::saved_args;
-use crate::cli::AddArgs;
+use super::lifecycle::{self, Frontend, Host, Stop};
+use crate::cli::DevArgs;
+use crate::targets::Opened;
 
 /// Largest `--io-buf-size`: the most FUSE passes in one write.
 const MAX_IO_BUF_BYTES: u32 = 16 << 20;
@@ -31,124 +32,151 @@ enum Event {
     Ended,
 }
 
-/// Serve `args.target` over FUSE until a signal or an unmount.
-pub fn serve(args: AddArgs, daemon: bool, want_loop: bool) -> anyhow::Result<()> {
-    let root = rustix::process::geteuid().is_root();
-    if want_loop && !root {
-        bail!(
-            "attaching a loop device needs root; run without --loop to use the FUSE file directly"
-        );
-    }
-    let page = u32::try_from(rustix::param::page_size()).unwrap_or(4096);
-    let buf = args.dev.io_buf_size;
-    if buf < page || buf > MAX_IO_BUF_BYTES || !buf.is_multiple_of(page) {
-        bail!(
-            "io buffer size {buf} must be a multiple of {page} from {page} to {MAX_IO_BUF_BYTES}"
-        );
-    }
-    userblk::fuse::disk::check_fuse_available()?;
-    let opened = crate::targets::open(&args.target, &args.filters(), false, None)?;
-    let target = opened.target;
-    let caps = target.caps();
-    caps.check().context("target")?;
+/// A FUSE device being served: a file, and a loop device on it if asked.
+pub struct Fuse {
+    dev: DevArgs,
+    want_loop: bool,
+    /// The mount point asked for, made absolute (the daemon leaves for `/`).
+    mountpoint: Option<PathBuf>,
+    tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    /// The claimed id's state, and what to undo if serving fails.
+    claimed: Option<(DeviceState, Cleanup)>,
+}
 
-    // Ids are shared with ublk devices, so `list` and `del -n` mean one device.
-    let kernel_ids = userblk::ublk::ctrl::device_ids();
-    // A default mount point still mounted (its daemon's state lost) is not reused.
-    let default_busy = |id: u32| {
-        args.dev.mountpoint.is_none()
-            && userblk::fuse::disk::is_mount_root(&state::state_dir().join(format!("fuse-{id}")))
-    };
-    let mut st = DeviceState::claim(args.dev.id, &kernel_ids, "fuse", default_busy)?;
-    let id = st.id;
-    let mut cleanup = Cleanup::new(id);
-
-    let (mountpoint, own) = match &args.dev.mountpoint {
-        Some(dir) => (dir.clone(), false),
-        None => {
-            let dir = state::state_dir().join(format!("fuse-{id}"));
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating mount point {}", dir.display()))?;
-            cleanup.dir = Some(dir.clone());
-            (dir, true)
-        }
-    };
-    if root {
-        if let Err(e) = userblk::sys::lock_memory() {
-            tracing::warn!("{e}; memory is not locked");
-        }
-    }
-    // The serving threads inherit it: reclaim must not wait on our own device.
-    if let Err(e) = userblk::sys::set_io_flusher() {
-        tracing::debug!("{e}");
-    }
-    let (tx, events) = mpsc::channel();
-    let signals = crate::daemon::watch_signals(tx.clone(), Event::Signal)?;
-
-    let threads = args.dev.queues.unwrap_or(DEFAULT_THREADS);
-    let opts = FuseOptions {
-        mountpoint,
-        threads: usize::from(threads),
-        buf_bytes: args.dev.io_buf_size,
-        allow_other: args.dev.allow_other,
-    };
-    let ended = tx.clone();
-    let disk = FuseDisk::mount(target.clone(), &opts, move |r| {
-        if let Err(e) = r {
-            tracing::error!("FUSE session: {e}");
-        }
-        let _ = ended.send(Event::Ended);
-    })?;
-    cleanup.mount = Some(disk.mountpoint().to_path_buf());
-
-    let lo = if want_loop {
-        let lo = LoopDevice::attach(
-            disk.file(),
-            &LoopOptions {
-                block_size: caps.logical_block_size,
-                direct_io: true,
-                read_only: caps.read_only,
-            },
-        )
-        .context("attaching a loop device to the FUSE file")?;
-        if !lo.direct_io() {
-            tracing::warn!(
-                "{}: the kernel refused direct I/O; data passes through the page cache twice",
-                lo.path().display()
+impl Fuse {
+    /// Check what `dev` asks for, and that this kernel has FUSE.
+    pub fn new(dev: &DevArgs, want_loop: bool) -> anyhow::Result<Self> {
+        if want_loop && !rustix::process::geteuid().is_root() {
+            bail!(
+                "attaching a loop device needs root; run without --loop to use the FUSE file directly"
             );
         }
-        Some(lo)
-    } else {
-        None
-    };
+        let page = u32::try_from(rustix::param::page_size()).unwrap_or(4096);
+        let buf = dev.io_buf_size;
+        if buf < page || buf > MAX_IO_BUF_BYTES || !buf.is_multiple_of(page) {
+            bail!(
+                "io buffer size {buf} must be a multiple of {page} from {page} to {MAX_IO_BUF_BYTES}"
+            );
+        }
+        userblk::fuse::disk::check_fuse_available()?;
+        let (tx, events) = mpsc::channel();
+        Ok(Fuse {
+            dev: dev.clone(),
+            want_loop,
+            mountpoint: dev
+                .mountpoint
+                .as_ref()
+                .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
+            tx,
+            events,
+            claimed: None,
+        })
+    }
+}
 
-    st.block_device = lo.as_ref().map_or_else(
-        || disk.file().display().to_string(),
-        |l| l.path().display().to_string(),
-    );
-    st.target = target.describe();
-    st.args = saved_args();
-    st.log = daemon.then(|| state::state_dir().join(format!("{id}.log")));
-    st.fuse = Some(FuseState {
-        mountpoint: disk.mountpoint().to_path_buf(),
-        file: disk.file().to_path_buf(),
-        own_mountpoint: own,
-        loop_device: lo.as_ref().map(LoopDevice::path),
-        size: caps.size,
-        block_size: caps.logical_block_size,
-        threads,
-        max_io_buf_bytes: args.dev.io_buf_size,
-    });
-    st.save()?;
-    crate::daemon::announce(&st, daemon);
-    tracing::info!("device {id} live at {}", st.block_device);
+impl Frontend for Fuse {
+    fn serves_this_kernel(&self) -> bool {
+        true
+    }
 
-    let result = run_until_stopped(&events, &disk, lo);
-    signals.close();
-    // The session is over or detached: nothing is mounted any more.
-    cleanup.mount = None;
-    drop(cleanup);
-    result
+    fn stopper(&self) -> Stop {
+        lifecycle::send_to(&self.tx, Event::Signal)
+    }
+
+    fn claim(&mut self) -> anyhow::Result<()> {
+        // A default mount point still mounted (its daemon's state lost) is not reused.
+        let default_busy = |id: u32| {
+            self.mountpoint.is_none()
+                && userblk::fuse::disk::is_mount_root(
+                    &state::state_dir().join(format!("fuse-{id}")),
+                )
+        };
+        let st = lifecycle::claim_id(self.dev.id, "fuse", default_busy)?;
+        let cleanup = Cleanup::new(st.id);
+        self.claimed = Some((st, cleanup));
+        Ok(())
+    }
+
+    fn serve(&mut self, opened: Opened, host: &Host) -> anyhow::Result<()> {
+        let (mut st, mut cleanup) = self.claimed.take().context("no device id claimed")?;
+        let target = opened.target;
+        let caps = target.caps();
+        let id = st.id;
+        let (mountpoint, own) = match &self.mountpoint {
+            Some(dir) => (dir.clone(), false),
+            None => {
+                let dir = state::state_dir().join(format!("fuse-{id}"));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating mount point {}", dir.display()))?;
+                cleanup.dir = Some(dir.clone());
+                (dir, true)
+            }
+        };
+        let threads = self.dev.queues.unwrap_or(DEFAULT_THREADS);
+        let opts = FuseOptions {
+            mountpoint,
+            threads: usize::from(threads),
+            buf_bytes: self.dev.io_buf_size,
+            allow_other: self.dev.allow_other,
+        };
+        let ended = self.tx.clone();
+        let disk = FuseDisk::mount(target.clone(), &opts, move |r| {
+            if let Err(e) = r {
+                tracing::error!("FUSE session: {e}");
+            }
+            let _ = ended.send(Event::Ended);
+        })?;
+        cleanup.mount = Some(disk.mountpoint().to_path_buf());
+
+        let lo = if self.want_loop {
+            let lo = LoopDevice::attach(
+                disk.file(),
+                &LoopOptions {
+                    block_size: caps.logical_block_size,
+                    direct_io: true,
+                    read_only: caps.read_only,
+                },
+            )
+            .context("attaching a loop device to the FUSE file")?;
+            if !lo.direct_io() {
+                tracing::warn!(
+                    "{}: the kernel refused direct I/O; data passes through the page cache twice",
+                    lo.path().display()
+                );
+            }
+            Some(lo)
+        } else {
+            None
+        };
+
+        st.block_device = lo.as_ref().map_or_else(
+            || disk.file().display().to_string(),
+            |l| l.path().display().to_string(),
+        );
+        st.target = target.describe();
+        st.args = host.args();
+        st.log = host.log(id);
+        st.fuse = Some(FuseState {
+            mountpoint: disk.mountpoint().to_path_buf(),
+            file: disk.file().to_path_buf(),
+            own_mountpoint: own,
+            loop_device: lo.as_ref().map(LoopDevice::path),
+            size: caps.size,
+            block_size: caps.logical_block_size,
+            threads,
+            max_io_buf_bytes: self.dev.io_buf_size,
+        });
+        st.save()?;
+        host.announce(id, &crate::list::Entry::Saved(Box::new(st.clone())).text());
+        tracing::info!("device {id} live at {}", st.block_device);
+
+        let result = run_until_stopped(&self.events, &disk, lo);
+        // The session is over or detached: nothing is mounted any more.
+        cleanup.mount = None;
+        drop(cleanup);
+        result
+    }
 }
 
 /// Serve until asked to stop, then take the device down in order.
@@ -302,7 +330,7 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
         );
     }
     if st.daemon_alive() {
-        crate::daemon::stop(st, timeout)?;
+        lifecycle::stop(st, timeout)?;
     } else {
         // The daemon died: its loop device may still be bound and its mount dead.
         if let Some(lo) = our_loop {

@@ -1,0 +1,349 @@
+//! The one daemon lifecycle every frontend goes through.
+//!
+//! Outside the daemon: `add` re-runs itself as a detached daemon
+//! ([`spawn`]) and waits, up to [`READY_DEADLINE`], on the daemon's stdout:
+//! the daemon prints the device's details and [`READY_MARKER`] once the
+//! device is live, then moves its output to its log file. If the daemon
+//! dies first, the pipe closes and `add` reports the daemon's own error as
+//! one line. `del` stops a daemon with SIGTERM ([`stop`]).
+//!
+//! Inside the daemon ([`serve`]), in this order: leave the caller's
+//! session; catch signals (from before anything exists, so none can kill
+//! the daemon half-way and leave a stray device); open the target; claim
+//! the device id; lock memory and become an IO_FLUSHER where the daemon
+//! serves this host's kernel; leave the caller's working directory; serve
+//! until stopped, announcing the device once live ([`Host::announce`]).
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use userblk::state::{self, DeviceState};
+use userblk::targets::MemData;
+
+use crate::cli::AddArgs;
+use crate::targets::Opened;
+
+/// Set in the daemon's environment by the `add` that spawned it.
+pub const DAEMON_ENV: &str = "USERBLK_DAEMON";
+/// Printed by the daemon after the device details, once the device is live.
+const READY_MARKER: &str = "--userblk-device-live--";
+/// How long `add` waits for the device to go live. Opening a target may
+/// wait on a network (an s3 bucket's retries, an NBD server's handshake);
+/// a daemon not live after this is stuck.
+const READY_DEADLINE: Duration = Duration::from_secs(300);
+/// How long a stuck daemon has to stop on SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the lifecycle calls on a signal: ask the serving thread to stop.
+/// Runs on the signal thread, from before the device exists.
+pub type Stop = Box<dyn Fn(i32) + Send>;
+
+/// A frontend: how a device is claimed, served and stopped. The lifecycle
+/// ([`serve`]) calls these in order; `del` goes through the frontend's own
+/// `delete`, from the device's saved state. Verbs to come (upgrade,
+/// resize) become methods here, with a default for frontends without them.
+pub trait Frontend {
+    /// How a `mem` target keeps its data (in a file only where a new daemon
+    /// may take the device over).
+    fn mem_data(&self) -> MemData {
+        MemData::Private
+    }
+
+    /// Whether this host's kernel sends its own I/O through the daemon
+    /// (ublk, FUSE): then its memory is locked, as root, and its threads are
+    /// IO_FLUSHERs, so reclaim never waits on the device it is cleaning.
+    fn serves_this_kernel(&self) -> bool;
+
+    /// The action on SIGTERM, SIGINT and SIGHUP.
+    fn stopper(&self) -> Stop;
+
+    /// Claim the device's id before serving (and undo the claim when dropped).
+    fn claim(&mut self) -> anyhow::Result<()>;
+
+    /// Serve `target` until stopped, calling [`Host::announce`] once live.
+    fn serve(&mut self, target: Opened, host: &Host) -> anyhow::Result<()>;
+}
+
+/// A [`Stop`] that sends `wrap(signal)` to the serving thread's channel.
+pub fn send_to<T: Send + 'static>(tx: &mpsc::Sender<T>, wrap: fn(i32) -> T) -> Stop {
+    let tx = tx.clone();
+    Box::new(move |sig| {
+        let _ = tx.send(wrap(sig));
+    })
+}
+
+/// Claim an id for a device of `frontend` that has no kernel object (its
+/// state file holds the claim): `wanted`, or the lowest free one where
+/// `busy` says no. Ids are shared with ublk devices, so `list` and
+/// `del -n` mean one device.
+pub fn claim_id(
+    wanted: Option<u32>,
+    frontend: &str,
+    busy: impl Fn(u32) -> bool,
+) -> anyhow::Result<DeviceState> {
+    let kernel_ids = userblk::ublk::ctrl::device_ids();
+    Ok(DeviceState::claim(wanted, &kernel_ids, frontend, busy)?)
+}
+
+/// What the lifecycle offers a serving frontend.
+pub struct Host {
+    daemon: bool,
+}
+
+impl Host {
+    /// Where the daemon of device `id` logs; none in the foreground.
+    pub fn log(&self, id: u32) -> Option<PathBuf> {
+        self.daemon
+            .then(|| state::state_dir().join(format!("{id}.log")))
+    }
+
+    /// The arguments of this `add`, as saved for `list` and `recover`.
+    pub fn args(&self) -> Vec<String> {
+        std::env::args()
+            .skip(1)
+            .filter(|a| a != "--foreground")
+            .collect()
+    }
+
+    /// Device `id` is live: print its `details` and, in a daemon, the ready
+    /// marker for the waiting `add`, then move our output to the log.
+    /// Best effort: a closed pipe must not take the device down.
+    pub fn announce(&self, id: u32, details: &str) {
+        crate::out::announce(details);
+        if let Some(log) = self.log(id) {
+            crate::out::announce(&format!("{READY_MARKER}\n"));
+            redirect_output(&log);
+        }
+    }
+}
+
+/// Serve a device with `fe` in this process, through the whole lifecycle.
+pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, daemon: bool) -> anyhow::Result<()> {
+    if daemon {
+        // Leave the caller's session so its terminal's signals do not reach us.
+        let _ = rustix::process::setsid();
+    }
+    let signals = watch_signals(fe.stopper())?;
+    let result = (|| {
+        let target = crate::targets::open(&args.target, &args.filters(), fe.mem_data())?;
+        target.target.caps().check().context("target")?;
+        fe.claim()?;
+        settle(daemon, fe.serves_this_kernel());
+        fe.serve(target, &Host { daemon })
+    })();
+    signals.close();
+    result
+}
+
+/// Lock memory and mark the threads to come as IO_FLUSHERs where the
+/// daemon serves this kernel; leave the caller's working directory.
+fn settle(daemon: bool, serves_this_kernel: bool) {
+    if serves_this_kernel {
+        // A user has no mlockall: with MCL_FUTURE under RLIMIT_MEMLOCK the
+        // target's and the queues' allocations would fail instead.
+        if rustix::process::geteuid().is_root() {
+            if let Err(e) = userblk::sys::lock_memory() {
+                tracing::warn!("{e}; memory is not locked");
+            }
+        }
+        // The serving threads inherit it: reclaim must not wait on our own device.
+        if let Err(e) = userblk::sys::set_io_flusher() {
+            tracing::debug!("{e}");
+        }
+    }
+    // The daemon stays in the caller's mount namespace. A private one would
+    // copy every mount that exists now and keep those file systems alive
+    // after the user unmounts them: for `recover`, the one on this very
+    // device, which then never gets a clean unmount. It only must not pin
+    // the caller's working directory (every path it uses is absolute by now).
+    if daemon {
+        let _ = std::env::set_current_dir("/");
+    }
+}
+
+/// Signals handed to `stop` on a thread of their own, until closed.
+struct Signals {
+    handle: signal_hook::iterator::Handle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Signals {
+    fn close(mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn watch_signals(stop: Stop) -> anyhow::Result<Signals> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let handle = signals.handle();
+    let thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                stop(sig);
+            }
+        })?;
+    Ok(Signals {
+        handle,
+        thread: Some(thread),
+    })
+}
+
+fn redirect_output(log: &Path) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log);
+    match file {
+        Ok(f) => {
+            let _ = rustix::stdio::dup2_stdout(&f);
+            let _ = rustix::stdio::dup2_stderr(&f);
+        }
+        Err(e) => {
+            tracing::warn!("{}: {e}; logging to /dev/null", log.display());
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                let _ = rustix::stdio::dup2_stdout(&null);
+                let _ = rustix::stdio::dup2_stderr(&null);
+            }
+        }
+    }
+}
+
+/// Run `userblk ARGV` as a detached daemon and wait until it reports the
+/// device live (passing on its details), or report its error.
+pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the userblk executable")?;
+    let mut child = Command::new(exe)
+        .args(argv)
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the daemon")?;
+    // What the daemon says on stderr before it is live (its errors, or
+    // warnings such as a feature the kernel refused): the pipe ends when
+    // the daemon moves its output to its log file, right after going live.
+    let mut stderr = child.stderr.take().context("daemon stderr")?;
+    let (said_tx, said) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        let _ = said_tx.send(s);
+    });
+    // Its stdout, a line at a time, so the wait can have a deadline.
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let (line_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + READY_DEADLINE;
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let line = line.context("reading from the daemon")?;
+                if line == READY_MARKER {
+                    pass_on_warnings(&said);
+                    return Ok(());
+                }
+                // Best effort: a reader that went (`add ... | head -1`)
+                // must not stop us reading until the daemon is ready.
+                crate::out::announce(&format!("{line}\n"));
+            }
+            // The pipe closed without the marker: the daemon is gone.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let how = stop_child(&mut child);
+                bail!(
+                    "the daemon (pid {}) did not report the device live within {}s; {how}",
+                    child.id(),
+                    READY_DEADLINE.as_secs()
+                );
+            }
+        }
+    }
+    let status = child.wait().context("waiting for the daemon")?;
+    let text = said.recv().unwrap_or_default();
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines.pop().unwrap_or("");
+    for l in lines {
+        eprintln!("{l}");
+    }
+    match last.strip_prefix("userblk: ") {
+        Some(msg) => bail!("{msg}"),
+        None if !last.is_empty() => {
+            bail!("the daemon exited ({status}) before the device was live: {last}")
+        }
+        None => bail!("the daemon exited ({status}) before the device was live"),
+    }
+}
+
+/// The daemon's warnings matter to whoever ran `add`; its info lines are in the log.
+fn pass_on_warnings(said: &mpsc::Receiver<String>) {
+    if let Ok(text) = said.recv_timeout(Duration::from_millis(500)) {
+        let loud = |l: &&str| l.contains(" WARN ") || l.contains(" ERROR ");
+        for l in text.lines().filter(loud) {
+            eprintln!("{l}");
+        }
+    }
+}
+
+/// Stop a daemon that never went live: SIGTERM (it undoes what it made),
+/// then SIGKILL after [`STOP_GRACE`]. Says what happened.
+fn stop_child(child: &mut Child) -> &'static str {
+    let pid = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return "stopped it";
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    "killed it"
+}
+
+/// Send the daemon of a saved device SIGTERM and wait up to `timeout` for it to exit.
+pub fn stop(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
+    let id = st.id;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(st.pid).context("bad pid in saved state")?,
+        rustix::process::Signal::TERM,
+    )
+    .with_context(|| format!("device {id}: signalling daemon {}", st.pid))?;
+    let deadline = Instant::now() + timeout;
+    while st.daemon_alive() {
+        if Instant::now() >= deadline {
+            bail!(
+                "device {id}: daemon {} did not stop within {}s; see {}",
+                st.pid,
+                timeout.as_secs(),
+                st.log
+                    .as_deref()
+                    .map_or("its log".into(), |l| l.display().to_string())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

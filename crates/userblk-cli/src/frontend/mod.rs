@@ -1,0 +1,183 @@
+//! The frontends (ublk, FUSE, NBD) and the verbs that go through them:
+//! `add` (choose a frontend, then run the one [`lifecycle`]), `recover`
+//! and `del`.
+//!
+//! Each frontend implements [`lifecycle::Frontend`] (claim an id, serve
+//! until stopped, what a signal does) and has a `delete` for `del`, from
+//! the device's saved state. This module picks one; the lifecycle runs it
+//! and knows none of them.
+
+mod fuse;
+mod lifecycle;
+mod nbd;
+mod ublk;
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use anyhow::bail;
+use userblk::state::DeviceState;
+use userblk::ublk::ctrl::running_as_root;
+use userblk::ublk::Control;
+
+use crate::cli::{AddArgs, DelArgs, DevArgs, RecoverArgs};
+use lifecycle::Frontend;
+
+/// How long `del` waits for a device's daemon to stop.
+const DEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `userblk add`.
+pub fn add(args: AddArgs) -> anyhow::Result<()> {
+    if !running_as_root() && (args.dev.recovery || args.dev.reissue) {
+        bail!(
+            "-r/--recovery and --reissue need root: the kernel clears user recovery for unprivileged devices (see docs/unprivileged.md)"
+        );
+    }
+    let daemon = std::env::var_os(lifecycle::DAEMON_ENV).is_some();
+    if args.dev.foreground || daemon {
+        let fe: Box<dyn Frontend> = match Kind::choose(&args.dev)? {
+            Kind::Ublk => Box::new(ublk::Ublk::new(&args.dev)?),
+            Kind::Fuse { with_loop } => Box::new(fuse::Fuse::new(&args.dev, with_loop)?),
+            Kind::Nbd => Box::new(nbd::Nbd::new(&args.dev)?),
+        };
+        lifecycle::serve(fe, &args, daemon)
+    } else {
+        let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+        argv.push("--foreground".into());
+        lifecycle::spawn(argv)
+    }
+}
+
+/// `userblk recover -n ID`: check the device can be recovered, then start a
+/// daemon with the arguments saved when it was added.
+pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
+    lifecycle::spawn(ublk::recover_argv(args.id)?)
+}
+
+/// Which frontend serves the device, after `auto` is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ublk,
+    Fuse { with_loop: bool },
+    Nbd,
+}
+
+impl Kind {
+    /// Resolve `--frontend` and check the options fit the frontend.
+    fn choose(dev: &DevArgs) -> anyhow::Result<Kind> {
+        use crate::cli::Frontend as Asked;
+        let needs_ublk = dev.recovery || dev.reissue || dev.adopt || dev.recover_id.is_some();
+        let fuse_only = dev.mountpoint.is_some() || dev.loop_dev || dev.no_loop || dev.allow_other;
+        let nbd_only = !dev.listen.is_empty();
+        let chosen = match dev.frontend {
+            Asked::Ublk => Kind::Ublk,
+            Asked::Fuse => Kind::Fuse {
+                with_loop: dev.loop_dev,
+            },
+            Asked::Nbd => Kind::Nbd,
+            Asked::Auto if nbd_only => Kind::Nbd,
+            Asked::Auto if needs_ublk => Kind::Ublk,
+            Asked::Auto => match Control::open() {
+                Ok(_) if !fuse_only => Kind::Ublk,
+                Ok(_) => Kind::Fuse {
+                    with_loop: dev.loop_dev,
+                },
+                Err(e @ (userblk::Error::NoUblk | userblk::Error::NoControlAccess)) => {
+                    let root = running_as_root();
+                    let with_loop = dev.loop_dev || (root && !dev.no_loop);
+                    tracing::info!(
+                        "ublk is not usable ({e}); using the FUSE frontend{}",
+                        if with_loop { " with a loop device" } else { "" }
+                    );
+                    Kind::Fuse { with_loop }
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        match chosen {
+            Kind::Nbd if dev.listen.is_empty() => bail!(
+                "the NBD frontend needs an address: add --listen unix:PATH or --listen tcp:HOST:PORT"
+            ),
+            Kind::Nbd if needs_ublk => bail!(
+                "recovery (-r, --reissue, --adopt) needs the ublk frontend: NBD clients reconnect to a restarted server instead"
+            ),
+            Kind::Nbd if fuse_only => bail!(
+                "--mountpoint, --loop, --no-loop and --allow-other are FUSE options, not NBD ones"
+            ),
+            Kind::Nbd if dev.unprivileged => {
+                bail!("--unprivileged is a ublk option: an NBD server runs as whoever starts it")
+            }
+            Kind::Ublk | Kind::Fuse { .. } if nbd_only => {
+                bail!("--listen is an NBD option: use --frontend nbd")
+            }
+            Kind::Fuse { .. } if needs_ublk => bail!(
+                "recovery (-r, --reissue, --adopt) needs the ublk frontend: the FUSE frontend cannot keep a device across a daemon's death"
+            ),
+            Kind::Fuse { .. } if dev.unprivileged => {
+                bail!("--unprivileged is a ublk option: a FUSE device always belongs to the user who adds it")
+            }
+            Kind::Fuse { .. } if dev.queues.is_some() => {
+                userblk::fuse::disk::check_threads(dev.queues.map_or(0, usize::from))?;
+                Ok(chosen)
+            }
+            Kind::Ublk if fuse_only => bail!(
+                "--mountpoint, --loop, --no-loop and --allow-other are FUSE options: add --frontend fuse"
+            ),
+            c => Ok(c),
+        }
+    }
+}
+
+/// `userblk del`.
+pub fn del(args: &DelArgs) -> anyhow::Result<()> {
+    let crate::list::Devices {
+        mut ctrl,
+        kernel_ids,
+        ids: all,
+    } = crate::list::Devices::find()?;
+    let ids = match args.id {
+        Some(id) => vec![id],
+        None => all,
+    };
+    let mut failed = 0;
+    for id in ids {
+        // Read before deleting: the daemon removes its state as it exits.
+        let saved = DeviceState::load(id).ok().flatten();
+        let result = match (&saved, ctrl.as_mut()) {
+            (Some(st), _) if st.frontend == "nbd" && !kernel_ids.contains(&id) => {
+                nbd::delete(st, DEL_TIMEOUT)
+            }
+            (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
+                fuse::delete(st, DEL_TIMEOUT)
+            }
+            (_, Some(ctrl)) => ublk::delete(ctrl, id, saved.as_ref(), DEL_TIMEOUT),
+            (_, None) => Err(Control::open().err().map_or_else(
+                || anyhow::anyhow!("no device with id {id}"),
+                |e| anyhow::anyhow!("no FUSE device with id {id}, and {e}"),
+            )),
+        };
+        if result.is_ok() {
+            if let Some(st) = &saved {
+                crate::stats::remove_snapshot(st);
+                crate::ctl::remove_socket(st);
+            }
+        }
+        match result {
+            Ok(()) => {}
+            // `del -a` as a user: other users' devices are not ours to delete.
+            Err(e)
+                if args.all
+                    && matches!(
+                        e.downcast_ref::<userblk::Error>(),
+                        Some(userblk::Error::DeviceAccess { .. })
+                    ) => {}
+            Err(e) if args.all => {
+                eprintln!("userblk: {e:#}");
+                failed += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} device(s) could not be deleted");
+    Ok(())
+}
