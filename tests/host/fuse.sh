@@ -127,6 +127,18 @@ case_fio_verify_fuse_file_direct() {
     del_fuse "$id"
 }
 
+# The early target answers writes before a worker stores them: the FUSE
+# threads' slot machine must hold each answer until the store is done.
+case_early_answers_held() {
+    needs_host
+    local id blk
+    read -r id blk < <(add_fuse early --size 128M --frontend fuse --loop -q 2)
+    "${FIO[@]}" --name=early --filename="$blk" --ioengine=io_uring --direct=1 --rw=randwrite \
+        --bsrange=4k-128k --iodepth=32 --numjobs=2 --size=64M --offset_increment=64M --io_size=64M \
+        --verify=crc32c --verify_fatal=1 --verify_backlog=32 --do_verify=1
+    del_fuse "$id"
+}
+
 case_blkdiscard_frees_memory() {
     needs_host
     local id blk pid before after
@@ -317,10 +329,11 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 14
+plan 15
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "fio verify on the loop device" case_fio_verify_loop
 case_run "fio verify on the FUSE file, O_DIRECT" case_fio_verify_fuse_file_direct
+case_run "early-answering target: answers held until stored (fio verify)" case_early_answers_held
 case_run "blkdiscard frees mem and reads zeroes" case_blkdiscard_frees_memory
 case_run "file target: backing file byte for byte" case_file_target_byte_for_byte
 case_run "fio --fsync=1 reaches the daemon" case_fsync_reaches_daemon

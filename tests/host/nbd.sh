@@ -185,6 +185,18 @@ case_fio_nbd_verify_and_many_clients() {
     echo "note: the daemon served $n connections"
 }
 
+# The early target answers writes before a worker stores them: the NBD
+# server's slot machine must hold each reply until the store is done.
+case_early_answers_held() {
+    needs fio
+    fio --enghelp 2>/dev/null | grep -qw nbd || skip "this fio has no nbd engine"
+    local id uri
+    read -r id uri < <(add_nbd early --size 64M --listen "unix:$WORK/early.sock")
+    "${FIO[@]}" --name=early --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-128k \
+        --iodepth=32 --size=64M --verify=crc32c --verify_fatal=1 --verify_backlog=32 --do_verify=1
+    del_nbd "$id"
+}
+
 case_tcp_export() {
     needs nbdinfo
     local id uri
@@ -328,11 +340,12 @@ trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
 [ "$(id -u)" = 0 ] || { echo "the NBD host suite needs root (loop devices, mounts)"; exit 2; }
 [ -n "${TRACE:-}" ] && set -x
-plan 12
+plan 13
 case_run "nbdinfo: size, flags, block sizes, read-only" case_nbdinfo_size_and_flags
 case_run "nbdsh: data, FUA, trim, zero, block status" case_nbdsh_semantics
 case_run "qemu-img convert/compare, qemu-io" case_qemu_img_convert_compare
 case_run "fio nbd engine: verify, 4 clients at once" case_fio_nbd_verify_and_many_clients
+case_run "early-answering target: replies held until stored (fio verify)" case_early_answers_held
 case_run "tcp export on a picked port" case_tcp_export
 case_run "dead daemon: list says DEAD, del cleans up" case_dead_daemon_cleanup
 case_run "dead daemon: del leaves a newer device's socket alone" case_dead_daemon_socket_taken_over

@@ -371,6 +371,35 @@ zero_copy_granted() {
     del_dev "$id"
 }
 
+# Filters that never touch request data keep zero copy: a file device under
+# a stats filter is granted AUTO_BUF_REG and its data verifies.
+zero_copy_through_stats() {
+    has_auto_buf_reg || skip "this kernel lacks UBLK_F_AUTO_BUF_REG (Linux 6.16+): the VM suite on a 7.x kernel runs it"
+    local img id flags
+    img=$(backing zcs.img 64M)
+    id=$(add_dev file -f "$img" --filter "stats:file=$WORK/zcs.json")
+    flags=$(dev_flags "$id")
+    [ -n "$flags" ] && [ $((flags & 0x800)) -ne 0 ] || die "file --filter stats: flags ${flags:-?} lack AUTO_BUF_REG (0x800)"
+    "${FIO[@]}" --name=zc-stats --filename="/dev/ublkb$id" --rw=randrw --bs=64k --iodepth=32 \
+        --size=100% --io_size=128M --verify=crc32c --verify_fatal=1
+    del_dev "$id"
+}
+
+# The early target answers every write before a worker stores it: the slot
+# state machine must hold each answer (and the tag's buffer) until the
+# store is done, or fio's verify reads see old data. One and two queues.
+early_answers_held() {
+    local q id
+    for q in 1 2; do
+        id=$(add_dev early --size 64M -q "$q")
+        # verify_backlog reads blocks back soon after their writes complete.
+        "${FIO[@]}" --name="early-q$q" --filename="/dev/ublkb$id" --rw=randwrite --bsrange=4k-128k \
+            --iodepth=64 --numjobs="$q" --offset_increment=32M --size=32M --io_size=64M \
+            --verify=crc32c --verify_fatal=1 --verify_backlog=32
+        del_dev "$id"
+    done
+}
+
 # The cases target_cases LABEL CACHE DISCARD FS would run, each skipped for
 # REASON, so that a kernel without a feature runs the plan's count too
 # (keep in step with target_cases).
@@ -399,7 +428,7 @@ no_panics_logged() {
 
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 cleanup_devices
-plan 67  # 19 case_run below, and target_cases: 7 each (6 without ext4)
+plan 69  # 21 case_run below, and target_cases: 7 each (6 without ext4)
 case_run "main job: add mem --size 1G is /dev/ublkb0, ext4 survives remount" main_job
 case_run "features lists the kernel's flags" features_case
 case_run "FUSE frontend beside ublk: own ids, one list" fuse_beside_ublk
@@ -412,6 +441,8 @@ target_cases "mem --user-copy" "write through" yes yes mem --size 64M --user-cop
 target_cases "file --user-copy (O_DIRECT)" "write back" yes no file -f "$(backing uc.img 64M)" --user-copy
 case_run "--zero-copy: falls back with a warning where unsupported" zero_copy_falls_back
 case_run "zero copy: file's default, no data through the daemon" zero_copy_granted
+case_run "zero copy through a stats filter: granted, fio verify" zero_copy_through_stats
+case_run "early-answering target: answers held until stored (fio verify, -q 1 and 2)" early_answers_held
 zero_copy_target_cases "file --zero-copy (O_DIRECT)" "write back" yes yes file -f "$(backing zc2.img 64M)" --zero-copy
 zero_copy_target_cases "file --zero-copy -q 2 (buffered)" "write back" yes yes file -f "$(backing zc3.img 64M)" --buffered -q 2 --zero-copy
 case_run "file with --offset" sh -c "f=\$(mktemp -p $WORK); truncate -s 33M \$f; id=\$($USERBLK add file -f \$f --offset 1M | sed -n 's/^dev id \\([0-9]*\\):.*/\\1/p'); [ \$(cat /sys/block/ublkb\$id/size) = 65536 ] && $USERBLK del -n \$id"

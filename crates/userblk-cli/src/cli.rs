@@ -133,7 +133,7 @@ impl AddArgs {
     /// Every `--filter`, in command-line order: those before the target name, then those after.
     pub fn filters(&self) -> Vec<userblk::filters::Spec> {
         let after = match &self.target {
-            TargetArgs::Null(a) => &a.filters,
+            TargetArgs::Null(a) | TargetArgs::Early(a) => &a.filters,
             TargetArgs::Mem(a) => &a.filters,
             TargetArgs::File(a) => &a.filters,
             TargetArgs::Nbd(a) => &a.filters,
@@ -277,6 +277,11 @@ pub enum TargetArgs {
     Qcow2(Qcow2Args),
     /// A volume in an S3 bucket (AWS, MinIO, Ceph RGW, Garage, R2...), through a local cache.
     S3(S3Args),
+    /// A test target, not for data: a RAM disk that answers each write before a
+    /// worker stores it, to check that frontends hold answers until then
+    /// (docs/testing.md).
+    #[command(hide = true)]
+    Early(NullArgs),
 }
 
 /// `add s3`.

@@ -12,7 +12,8 @@ use userblk::filters::Env;
 use userblk::nbd::client::NbdUri;
 use userblk::targets::nbd::NbdOptions;
 use userblk::targets::qcow2;
-use userblk::targets::{spec, FileOptions, TargetSpec};
+use userblk::spec::{self, TargetSpec};
+use userblk::targets::FileOptions;
 use userblk::Target;
 
 /// The forms an endpoint may take, for error messages and help.

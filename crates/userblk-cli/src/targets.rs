@@ -1,5 +1,5 @@
 //! From a target's command-line arguments to the library's [`TargetSpec`],
-//! opened through its one factory ([`userblk::targets::spec::open`]) with
+//! opened through its one factory ([`userblk::spec::open`]) with
 //! the daemon's surroundings: the stats file and the `userblk ctl` socket.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,8 @@ use anyhow::bail;
 use userblk::filters::{self, Spec};
 use userblk::targets::nbd::NbdOptions;
 use userblk::targets::s3::{RetryPolicy, S3Config, S3Options};
-use userblk::targets::{spec, FileOptions, MemData, TargetSpec};
+use userblk::spec::{self, MemData, TargetSpec};
+use userblk::targets::FileOptions;
 use userblk::ublk::DeviceState;
 use userblk::Target;
 
@@ -54,6 +55,7 @@ pub fn shared_path(state: &DeviceState) -> Option<PathBuf> {
 pub fn spec(args: &TargetArgs, mem: MemData) -> anyhow::Result<TargetSpec> {
     Ok(match args {
         TargetArgs::Null(a) => TargetSpec::Null { size: a.size },
+        TargetArgs::Early(a) => TargetSpec::Early { size: a.size },
         TargetArgs::Mem(a) => TargetSpec::Mem {
             size: a.size,
             data: mem,

@@ -8,6 +8,7 @@
 //! - [`targets`]: null, mem and file.
 //! - [`control`]: named actions a running device offers (a filter's `powercut`) and the socket serving them.
 //! - [`filters`]: targets that wrap a target (readonly, offset, delay, error, stats, ...), stacked.
+//! - [`spec`]: one typed description of a target and its filters, and the one factory that opens it.
 //! - [`state`]: saved per-device state, shared by the frontends.
 //! - [`copy`]: copying one target onto another, skipping holes (`userblk copy`).
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
@@ -26,6 +27,7 @@ pub mod io;
 pub mod loopdev;
 pub mod nbd;
 pub mod size;
+pub mod spec;
 // Reporting tests that cannot run here (shared with the integration tests).
 #[cfg(test)]
 #[path = "../tests/skip/mod.rs"]

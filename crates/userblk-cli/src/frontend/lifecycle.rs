@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use userblk::state::{self, DeviceState};
-use userblk::targets::MemData;
+use userblk::spec::MemData;
 
 use crate::cli::AddArgs;
 use crate::targets::Opened;

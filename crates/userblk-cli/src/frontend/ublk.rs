@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use userblk::targets::MemData;
+use userblk::spec::MemData;
 use userblk::ublk::ctrl::{running_as_root, state_name};
 use userblk::ublk::ctrl::block_path;
 use userblk::ublk::device::{DeviceOptions, Recovery, ZeroCopy};

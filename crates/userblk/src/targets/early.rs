@@ -102,7 +102,7 @@ impl Target for EarlyTarget {
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({ "target": "early", "size": self.size })
+        json!({ "type": "early", "size": self.size })
     }
 }
 

@@ -7,10 +7,8 @@ pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod s3;
-pub mod spec;
 
 pub use file::{FileOptions, FileTarget};
-pub use spec::{MemData, TargetSpec};
 
 use std::os::fd::{AsFd, BorrowedFd};
 

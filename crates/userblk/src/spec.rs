@@ -2,13 +2,14 @@
 //! opens it under its filter stack ([`open`]), so every program that opens
 //! targets (the CLI's `add` and `copy`) gets the same defaults.
 //!
-//! This is the one file of `targets/` that uses `filters/`: it sits above
-//! both, and only wraps what they offer.
+//! It sits above `targets/` and `filters/` (neither imports it) and only
+//! wraps what they offer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::filters::{self, Env, FilterError, Spec};
+use crate::targets::early::EarlyTarget;
 use crate::targets::nbd::{NbdOptions, NbdTarget};
 use crate::targets::qcow2::{self, Qcow2Target};
 use crate::targets::s3::{S3Error, S3Options, S3Target};
@@ -35,6 +36,11 @@ pub enum MemData {
 pub enum TargetSpec {
     /// [`NullTarget`] of this size.
     Null {
+        /// Device size in bytes.
+        size: u64,
+    },
+    /// [`EarlyTarget`]: answers writes before storing them (for testing frontends).
+    Early {
         /// Device size in bytes.
         size: u64,
     },
@@ -96,6 +102,7 @@ impl TargetSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             TargetSpec::Null { .. } => "null",
+            TargetSpec::Early { .. } => "early",
             TargetSpec::Mem { .. } => "mem",
             TargetSpec::File(_) => "file",
             TargetSpec::Qcow2 { .. } => "qcow2",
@@ -180,6 +187,7 @@ fn open_bare(spec: TargetSpec, env: &Env) -> Result<(Arc<dyn Target>, bool), Ope
     let target: Arc<dyn Target> =
         match spec {
             TargetSpec::Null { size } => Arc::new(NullTarget::new(size)),
+            TargetSpec::Early { size } => Arc::new(EarlyTarget::new(size).map_err(wrap)?),
             TargetSpec::Mem { size, data } => match data {
                 MemData::Private => Arc::new(MemTarget::new(size).map_err(wrap)?),
                 MemData::NewFile(p) => Arc::new(MemTarget::create_shared(size, &p).map_err(wrap)?),
