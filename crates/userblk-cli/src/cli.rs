@@ -231,7 +231,8 @@ pub struct DevArgs {
     /// ublk: zero copy. The kernel registers each request's own pages in the
     /// queue's io_uring (automatic buffer registration, Linux 6.16+) and the file
     /// target reads and writes them in place: no copy, no request buffers.
-    /// Only for `file` without filters, which use it by default where the
+    /// Only for `file`, alone or under filters that never touch data (such as
+    /// stats), which use it by default where the
     /// kernel offers it; with this flag, a warning says why where it cannot.
     #[arg(long, global = true)]
     pub zero_copy: bool,

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use userblk::filters::Env;
 use userblk::nbd::client::NbdUri;
+use userblk::spec::{self, TargetSpec};
 use userblk::targets::nbd::NbdOptions;
 use userblk::targets::qcow2;
-use userblk::spec::{self, TargetSpec};
 use userblk::targets::FileOptions;
 use userblk::Target;
 

@@ -7,9 +7,10 @@
 
 use anyhow::Context;
 use serde_json::json;
+use userblk::state::DeviceState;
 use userblk::ublk::ctrl::{block_path, char_path};
 use userblk::ublk::ctrl::{device_ids, state_name};
-use userblk::ublk::{Control, DevInfo, DeviceState, Features};
+use userblk::ublk::{Control, DevInfo, Features};
 use userblk_uapi::UblkParams;
 
 use crate::cli::ListArgs;

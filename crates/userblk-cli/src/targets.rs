@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::bail;
 use userblk::filters::{self, Spec};
+use userblk::spec::{self, MemData, TargetSpec};
+use userblk::state::DeviceState;
 use userblk::targets::nbd::NbdOptions;
 use userblk::targets::s3::{RetryPolicy, S3Config, S3Options};
-use userblk::spec::{self, MemData, TargetSpec};
 use userblk::targets::FileOptions;
-use userblk::ublk::DeviceState;
 use userblk::Target;
 
 use crate::cli::{S3Args, TargetArgs};

@@ -22,8 +22,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use userblk::state::{self, DeviceState};
 use userblk::spec::MemData;
+use userblk::state::{self, DeviceState};
 
 use crate::cli::AddArgs;
 use crate::targets::Opened;

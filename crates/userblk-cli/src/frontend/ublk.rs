@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use userblk::spec::MemData;
-use userblk::ublk::ctrl::{running_as_root, state_name};
+use userblk::state::{self, DeviceState};
 use userblk::ublk::ctrl::block_path;
+use userblk::ublk::ctrl::{running_as_root, state_name};
 use userblk::ublk::device::{DeviceOptions, Recovery, ZeroCopy};
-use userblk::ublk::{state, Control, Device, DeviceConfig, DeviceState, Features, Live, Stopper};
+use userblk::ublk::{Control, Device, DeviceConfig, Features, Live, Stopper};
 use userblk_uapi::{UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED};
 
 use super::lifecycle::{Frontend, Host, Stop};
@@ -76,7 +77,7 @@ impl Ublk {
         let zero_copy = if self.dev.zero_copy {
             if !on_ring {
                 tracing::warn!(
-                    "zero copy: only the file target without filters moves data on the ring; \
+                    "zero copy: only the file target, under filters that never touch data (such as stats), moves data on the ring; \
                      request data is copied through the daemon's buffers instead"
                 );
             }

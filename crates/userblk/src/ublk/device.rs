@@ -493,7 +493,7 @@ impl Device {
         let data_mode = DataMode::of(self.info.flags);
         if data_mode == DataMode::ZeroCopy && !target.data_on_ring_only() {
             return Err(Error::invalid(
-                "zero copy needs a target that moves data only on the ring (file, without filters)",
+                "zero copy needs a target that moves data only on the ring (file, under filters that never touch data)",
             ));
         }
         let (tx, rx) = mpsc::channel();

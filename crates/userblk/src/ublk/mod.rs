@@ -5,7 +5,6 @@
 //! - [`queue`]: the one per-queue loop.
 //! - [`device`]: lifecycle (add, serve, stop, delete).
 //! - [`params`], [`features`]: what is advertised and what the kernel offers.
-//! - [`state`]: saved per-device state for `list` and `recover` (shared by all frontends).
 
 pub mod ctrl;
 pub mod desc;
@@ -14,9 +13,6 @@ pub mod features;
 pub mod params;
 pub(crate) mod queue;
 
-pub use crate::state;
-
 pub use ctrl::{Control, DevInfo};
 pub use device::{Device, DeviceConfig, Live, Stopper};
 pub use features::Features;
-pub use state::DeviceState;

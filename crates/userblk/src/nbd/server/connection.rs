@@ -15,8 +15,8 @@ use super::listener::leave_handshake;
 use super::timed::Stream;
 use super::transmission::{self, Command, Header, Limits, MAX_PAYLOAD};
 use super::{Counters, Shared, PAYLOAD_WAIT};
-use crate::slots::{Event, Slots};
 use crate::nbd::proto::*;
+use crate::slots::{Event, Slots};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::Error;
 
