@@ -19,7 +19,7 @@ use std::io::{sink, Cursor};
 
 use libfuzzer_sys::fuzz_target;
 use userblk::nbd::client::{self, status};
-use userblk::nbd::handshake::Duplex;
+use userblk::nbd::server::handshake::Duplex;
 use userblk::Extent;
 
 fuzz_target!(|data: &[u8]| {

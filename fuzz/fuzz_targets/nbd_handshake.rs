@@ -24,7 +24,7 @@
 use std::io::{self, Cursor};
 
 use libfuzzer_sys::fuzz_target;
-use userblk::nbd::handshake::{
+use userblk::nbd::server::handshake::{
     negotiate, Duplex, Export, HandshakeError, Negotiated, Outcome, BASE_ALLOCATION_ID,
     MAX_OPTIONS, MAX_OPTION_LEN,
 };

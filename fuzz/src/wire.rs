@@ -3,7 +3,7 @@
 //! speak exactly the protocol the server implements.
 
 use userblk::nbd::proto::*;
-use userblk::nbd::transmission::Header;
+use userblk::nbd::server::transmission::Header;
 
 /// Name of the export every harness serves.
 pub const EXPORT_NAME: &str = "disk";

@@ -49,7 +49,7 @@ del_dev() {
     local id=$1 pid
     pid=$(list_word "$id" 7)
     ub del -n "$id"
-    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
     [ ! -e "$USERBLK_STATE_DIR/$id.json" ] || die "state file left behind"
 }
 
@@ -127,7 +127,7 @@ case_cow_flush_survives_kill() {
     dd if="$data" of="$blk" bs=512 seek=2049 oflag=direct conv=notrunc,fsync status=none
     pid=$(list_word "$id" 7)
     kill -KILL "$pid"
-    wait_for 5 sh -c "! kill -0 $pid 2>/dev/null" || die "daemon survived kill -9"
+    wait_for 5 exited "$pid" || die "daemon survived kill -9"
     ub del -n "$id"
     read -r id blk < <(add_loop file -f "$img" --read-only --filter "cow:file=$ov")
     cmp -n $((4 << 20)) -i $((2049 * 512)):0 "$blk" "$data" || die "flushed data lost across kill -9"

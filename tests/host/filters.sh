@@ -41,7 +41,7 @@ del_filtered() {
     local id=$1 pid
     pid=$(list_word "$id" 7)
     ub del -n "$id"
-    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
     [ ! -e "$USERBLK_STATE_DIR/$id.json" ] || die "state file left behind"
     [ ! -e "$USERBLK_STATE_DIR/stats-$pid.json" ] || die "stats snapshot left behind"
 }

@@ -54,7 +54,7 @@ del_fuse() {
     mnt=$(mnt_of "$id")
     lo=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["loop_device"] or "")')
     ub del -n "$id"
-    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
     ! findmnt "$mnt" >/dev/null || die "$mnt still mounted"
     if [ -n "$lo" ]; then
         ! losetup -a | grep -q "^$lo:.*$mnt" || die "$lo still attached to $mnt"
@@ -209,7 +209,7 @@ case_dead_daemon_cleanup() {
     pid=$(fuse_word "$id" 7)
     mnt=$(mnt_of "$id")
     kill -KILL "$pid"
-    wait_for 5 sh -c "! kill -0 $pid 2>/dev/null"
+    wait_for 5 exited "$pid"
     [ "$(fuse_word "$id" 11)" = DEAD ] || die "list does not show the dead daemon"
     ub del -n "$id"
     ! findmnt "$mnt" >/dev/null || die "$mnt still mounted after del"

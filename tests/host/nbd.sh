@@ -40,7 +40,7 @@ del_nbd() {
     pid=$(list_word "$id" 7)
     socks=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(" ".join(l[5:] for l in json.load(sys.stdin)[0]["listen"] if l.startswith("unix:")))')
     ub del -n "$id"
-    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
     for s in $socks; do [ ! -e "$s" ] || die "socket $s left behind"; done
     [ ! -e "/run/userblk/$id.json" ] || die "state file left behind"
 }
@@ -211,7 +211,7 @@ case_dead_daemon_cleanup() {
     read -r id uri < <(add_nbd mem --size 32M --listen "unix:$WORK/e.sock")
     pid=$(list_word "$id" 7)
     kill -9 "$pid"
-    wait_for 5 sh -c "! kill -0 $pid 2>/dev/null"
+    wait_for 5 exited "$pid"
     [ "$(list_word "$id" 11)" = DEAD ] || die "list should say DEAD"
     ub del -n "$id"
     [ ! -e "$WORK/e.sock" ] || die "socket left behind"
@@ -228,7 +228,7 @@ case_dead_daemon_socket_taken_over() {
     read -r id uri < <(add_nbd mem --size 32M --listen "unix:$WORK/t.sock")
     pid=$(list_word "$id" 7)
     kill -9 "$pid"
-    wait_for 5 sh -c "! kill -0 $pid 2>/dev/null"
+    wait_for 5 exited "$pid"
     read -r id2 uri2 < <(add_nbd mem --size 16M --listen "unix:$WORK/t.sock")
     ub del -n "$id"
     [ -S "$WORK/t.sock" ] || die "del -n $id removed device $id2's socket"

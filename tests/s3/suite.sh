@@ -207,7 +207,7 @@ case_kill9_dirty_chunks_upload_after_restart() {
     wait_for 20 sh -c "[ \$(wc -l <'$WORK/fsynced') -ge 20 ]" || die "the writer made no progress"
     pid=$(daemon_pid "$id")
     kill -9 "$pid"
-    wait_for 10 sh -c "! kill -0 $pid 2>/dev/null"
+    wait_for 10 exited "$pid"
     # Same cache, same boot: the dirty chunks are uploaded at once, no flush needed.
     if [ "$FRONTEND" = ublk ]; then
         # The device stayed (QUIESCED); a new daemon takes over its queues.

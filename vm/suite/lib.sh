@@ -109,6 +109,10 @@ add_dev() {
     echo "$id"
 }
 
+# Whether process PID has exited: gone, or a zombie (a daemon's parent is
+# init, which may reap it a moment after `del` has seen it exit).
+exited() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*[ZX]' "/proc/$1/status" 2>/dev/null; }
+
 # Delete a device and check everything is gone.
 del_dev() {
     local id=$1 pid
@@ -116,7 +120,7 @@ del_dev() {
     ub del -n "$id"
     wait_for 10 test ! -e "/dev/ublkb$id" || die "/dev/ublkb$id still exists"
     wait_for 10 test ! -e "/dev/ublkc$id" || die "/dev/ublkc$id still exists"
-    wait_for 10 sh -c "! kill -0 $pid 2>/dev/null || grep -q '^State:.*Z' /proc/$pid/status" || die "daemon $pid still running"
+    wait_for 10 exited "$pid" || die "daemon $pid still running"
     [ ! -e "/run/userblk/$id.json" ] || die "state file left behind"
 }
 

@@ -122,12 +122,13 @@ fn refuse_same_file(src: &Endpoint, dst: &Endpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ROLE ENDPOINT: error`, or `ROLE: error` where the error (a target's)
-/// starts with the endpoint's file already: a path said once.
+/// `ROLE ENDPOINT: error`, or `ROLE: error` where the error (a target's,
+/// such as `qcow2 target: PATH: ...`) names the endpoint's file already: a
+/// path said once.
 fn naming(e: anyhow::Error, role: &str, ep: &Endpoint) -> anyhow::Error {
     let named = ep
         .path()
-        .is_some_and(|p| format!("{e:#}").starts_with(&p.display().to_string()));
+        .is_some_and(|p| format!("{e:#}").contains(&p.display().to_string()));
     if named {
         e.context(role.to_string())
     } else {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use userblk::nbd::proto::*;
 use userblk::nbd::server::{Listen, Server, ServerOptions};
-use userblk::nbd::transmission::Header;
+use userblk::nbd::server::transmission::Header;
 use userblk::targets::{FileOptions, FileTarget, MemTarget};
 use userblk::Target;
 

@@ -117,7 +117,7 @@ impl Frontend for Nbd {
         st.target = target.describe();
         st.args = host.args();
         st.log = host.log(id);
-        let limits = userblk::nbd::transmission::Limits::new(caps);
+        let limits = userblk::nbd::server::transmission::Limits::new(caps);
         st.nbd = Some(NbdState {
             listen: server.addresses().iter().map(ToString::to_string).collect(),
             uris,

@@ -15,8 +15,3 @@ pub mod client;
 pub mod proto;
 pub mod server;
 pub mod wire;
-
-/// The server's handshake, at its old path.
-pub use server::handshake;
-/// The server's transmission parsing, at its old path.
-pub use server::transmission;

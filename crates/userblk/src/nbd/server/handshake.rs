@@ -183,7 +183,7 @@ fn closed(e: &io::Error) -> bool {
 /// Run the handshake for `export` on `stream` (already connected).
 ///
 /// ```
-/// use userblk::nbd::handshake::{negotiate, Export, Outcome};
+/// use userblk::nbd::server::handshake::{negotiate, Export, Outcome};
 /// use userblk::nbd::proto::*;
 ///
 /// // A client that only says hello and aborts.
@@ -201,7 +201,7 @@ fn closed(e: &io::Error) -> bool {
 ///     flags: FLAG_HAS_FLAGS,
 ///     block_sizes: (512, 4096, 1 << 20),
 /// };
-/// let mut io = userblk::nbd::handshake::Duplex::new(&mut stream, &mut out);
+/// let mut io = userblk::nbd::server::handshake::Duplex::new(&mut stream, &mut out);
 /// assert_eq!(negotiate(&mut io, &export).unwrap(), Outcome::Closed);
 /// ```
 pub fn negotiate<S: Read + Write>(
