@@ -103,6 +103,26 @@ case_auto_mem_ext4() {
     del_fuse "$id"
 }
 
+case_auto_says_fallback_and_show_prints_the_path() {
+    needs_fallback
+    local out id
+    # --show: stdout is the device's path alone; the fallback is one line on stderr.
+    out=$(ub add --show mem --size 16M 2>"$WORK/said") || die "add failed: $(cat "$WORK/said")"
+    [[ "$out" =~ ^/dev/loop[0-9]+$ ]] || die "--show printed '$out'"
+    [ -b "$out" ] || die "$out is not a block device"
+    [ "$(wc -l <"$WORK/said")" = 1 ] || die "not one line on stderr: $(cat "$WORK/said")"
+    grep -q "^userblk: no ublk driver (modprobe ublk_drv); serving $out through FUSE + loop$" "$WORK/said" \
+        || die "no fallback note: $(cat "$WORK/said")"
+    id=$(ub list --json | python3 -c "import json,sys; print([d['id'] for d in json.load(sys.stdin) if d['block_device'] == '$out'][0])")
+    del_fuse "$id"
+    # Asked for FUSE: no note; --show prints the file.
+    out=$(ub add --show --frontend fuse mem --size 16M 2>"$WORK/said") || die "add failed: $(cat "$WORK/said")"
+    [[ "$out" == */disk ]] && [ -f "$out" ] || die "--show printed '$out'"
+    [ ! -s "$WORK/said" ] || die "stderr not empty: $(cat "$WORK/said")"
+    id=$(ub list --json | python3 -c "import json,sys; print([d['id'] for d in json.load(sys.stdin) if d['block_device'] == '$out'][0])")
+    del_fuse "$id"
+}
+
 case_fio_verify_loop() {
     needs_host
     local id blk
@@ -329,8 +349,9 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 15
+plan 16
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
+case_run "auto: the fallback said in one line; --show prints only the path" case_auto_says_fallback_and_show_prints_the_path
 case_run "fio verify on the loop device" case_fio_verify_loop
 case_run "fio verify on the FUSE file, O_DIRECT" case_fio_verify_fuse_file_direct
 case_run "early-answering target: answers held until stored (fio verify)" case_early_answers_held

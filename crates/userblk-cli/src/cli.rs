@@ -211,6 +211,10 @@ pub struct DevArgs {
     /// Serve in the foreground instead of detaching a daemon.
     #[arg(long, global = true)]
     pub foreground: bool,
+    /// Print only the device's path (/dev/ublkbN, /dev/loopN, the FUSE
+    /// file or the NBD URI) on stdout, for scripts (as `losetup --show`).
+    #[arg(long, global = true)]
+    pub show: bool,
     /// Keep the device if the daemon dies: I/O waits until `userblk recover -n ID`.
     #[arg(short = 'r', long = "recovery", global = true)]
     pub recovery: bool,
