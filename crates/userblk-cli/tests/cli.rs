@@ -55,6 +55,32 @@ fn help_and_version() {
 }
 
 #[test]
+fn add_help_is_grouped_and_h_is_short() {
+    let short = text(&userblk(&["add", "-h"]));
+    let long = text(&userblk(&["add", "--help"]));
+    for heading in ["Device:", "ublk:", "FUSE:", "NBD:", "Filters:"] {
+        assert!(
+            short.contains(&format!("\n{heading}\n")),
+            "-h lacks {heading}: {short}"
+        );
+        assert!(
+            long.contains(&format!("\n{heading}\n")),
+            "--help lacks {heading}"
+        );
+    }
+    // -h: one line an option; --help: the whole text.
+    assert!(
+        short.lines().count() < 60,
+        "-h is {} lines",
+        short.lines().count()
+    );
+    assert!(long.lines().count() > short.lines().count() * 2);
+    assert!(long.contains("automatic buffer registration") && !short.contains("automatic buffer"));
+    // FUSE and NBD ids are not the kernel's choice.
+    assert!(!long.contains("kernel picks"), "{long}");
+}
+
+#[test]
 fn completions_and_man_page() {
     for shell in ["bash", "zsh", "fish"] {
         let o = userblk(&["completions", shell]);
