@@ -69,8 +69,23 @@ pub enum Command {
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
-    /// Print the man page (roff), e.g. `userblk man > /usr/local/share/man/man8/userblk.8`.
-    Man,
+    /// Print a manual page (roff), or write them all with --dir.
+    ///
+    /// `userblk man` is userblk(8); `userblk man add` is userblk-add(8), and
+    /// so on for every command (`add-file`, `create-qcow2`).
+    Man(ManArgs),
+}
+
+/// `man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The command whose page to print (`add`, `add-file`, ...; default: userblk(8)).
+    #[arg(value_name = "COMMAND", conflicts_with = "dir")]
+    pub page: Option<String>,
+    /// Write every page (userblk.8, userblk-add.8, ...) into this directory,
+    /// e.g. /usr/local/share/man/man8, and list the files written.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// `completions`.

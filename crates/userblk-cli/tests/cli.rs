@@ -103,6 +103,43 @@ fn completions_and_man_page() {
 }
 
 #[test]
+fn man_pages_for_every_command() {
+    // One page per command, each with the sections clap does not write.
+    let t = text(&userblk(&["man", "add"]));
+    assert!(
+        t.contains(".TH userblk-add 8"),
+        "{}",
+        &t[..t.len().min(300)]
+    );
+    for section in [
+        ".SH EXAMPLES",
+        ".SH \"EXIT STATUS\"",
+        ".SH FILES",
+        "ublk\\-control",
+    ] {
+        assert!(t.contains(section), "userblk-add.8 lacks {section}");
+    }
+    assert!(text(&userblk(&["man", "add-file"])).contains(".TH userblk-add-file 8"));
+    fails(&["man", "nosuch"], 1, "no manual page 'userblk-nosuch'");
+    fails(&["man", "add", "--dir", "/tmp"], 2, "cannot be used with");
+    let dir = tempfile::tempdir().unwrap();
+    let o = userblk(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    for page in [
+        "userblk.8",
+        "userblk-add.8",
+        "userblk-del.8",
+        "userblk-create-qcow2.8",
+    ] {
+        let roff = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(roff.contains(".SH \"EXIT STATUS\""), "{page}");
+    }
+    // Hidden commands (the test target `early`) get no page.
+    assert!(!dir.path().join("userblk-add-early.8").exists());
+    fails(&["man", "--dir", "/nonexistent/man8"], 1, "not a directory");
+}
+
+#[test]
 fn argument_errors_exit_2() {
     fails(&["add", "mem"], 2, "--size");
     fails(&["add", "-q", "0", "mem", "--size", "1M"], 2, "1..=4096");
