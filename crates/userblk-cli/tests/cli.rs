@@ -225,6 +225,43 @@ fn target_errors_exit_1_with_one_clear_line() {
 }
 
 #[test]
+fn a_failed_add_says_one_line_even_after_the_daemon_logged() {
+    // The cow filter logs an INFO line as it opens; the NBD server then fails
+    // in the daemon. Only the error reaches the user.
+    let o = userblk(&[
+        "add",
+        "--listen",
+        "unix:/nonexistent/x.sock",
+        "mem",
+        "-s",
+        "16M",
+        "--filter",
+        "cow",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("userblk: starting the NBD server: /nonexistent/x.sock"),
+        "{err}"
+    );
+    // With -v, what the daemon logged too.
+    let o = userblk(&[
+        "-v",
+        "add",
+        "--listen",
+        "unix:/nonexistent/x.sock",
+        "mem",
+        "-s",
+        "16M",
+        "--filter",
+        "cow",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("INFO cow"), "{err}");
+}
+
+#[test]
 fn without_the_ublk_driver_the_message_says_what_to_do() {
     let no_ublk = !std::path::Path::new("/dev/ublk-control").exists();
     let why = "this kernel has /dev/ublk-control; the VM suite covers real devices";

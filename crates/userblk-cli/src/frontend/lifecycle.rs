@@ -311,8 +311,12 @@ pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
     let text = said.recv().unwrap_or_default();
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let last = lines.pop().unwrap_or("");
-    for l in lines {
-        eprintln!("{l}");
+    // A failed add says one line: the daemon's error. What it logged on the
+    // way (a filter's INFO line as it opened) only with -v.
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for l in lines {
+            eprintln!("{l}");
+        }
     }
     match last.strip_prefix("userblk: ") {
         Some(msg) => bail!("{msg}"),
