@@ -44,6 +44,8 @@ add_fuse() {
     echo "$id $blk"
 }
 
+# The id of the device whose block device (or FUSE file) is $1.
+id_of_block() { ub list --json | python3 -c "import json,sys; print([d['id'] for d in json.load(sys.stdin) if d['block_device'] == sys.argv[1]][0])" "$1"; }
 file_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["file"])'; }
 mnt_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["mountpoint"])'; }
 
@@ -113,13 +115,13 @@ case_auto_says_fallback_and_show_prints_the_path() {
     [ "$(wc -l <"$WORK/said")" = 1 ] || die "not one line on stderr: $(cat "$WORK/said")"
     grep -q "^userblk: no ublk driver (modprobe ublk_drv); serving $out through FUSE + loop$" "$WORK/said" \
         || die "no fallback note: $(cat "$WORK/said")"
-    id=$(ub list --json | python3 -c "import json,sys; print([d['id'] for d in json.load(sys.stdin) if d['block_device'] == '$out'][0])")
+    id=$(id_of_block "$out")
     del_fuse "$id"
     # Asked for FUSE: no note; --show prints the file.
     out=$(ub add --show --frontend fuse mem --size 16M 2>"$WORK/said") || die "add failed: $(cat "$WORK/said")"
     [[ "$out" == */disk ]] && [ -f "$out" ] || die "--show printed '$out'"
     [ ! -s "$WORK/said" ] || die "stderr not empty: $(cat "$WORK/said")"
-    id=$(ub list --json | python3 -c "import json,sys; print([d['id'] for d in json.load(sys.stdin) if d['block_device'] == '$out'][0])")
+    id=$(id_of_block "$out")
     del_fuse "$id"
 }
 

@@ -228,7 +228,7 @@ fn target_errors_exit_1_with_one_clear_line() {
 fn a_failed_add_says_one_line_even_after_the_daemon_logged() {
     // The cow filter logs an INFO line as it opens; the NBD server then fails
     // in the daemon. Only the error reaches the user.
-    let o = userblk(&[
+    let add = [
         "add",
         "--listen",
         "unix:/nonexistent/x.sock",
@@ -237,7 +237,8 @@ fn a_failed_add_says_one_line_even_after_the_daemon_logged() {
         "16M",
         "--filter",
         "cow",
-    ]);
+    ];
+    let o = userblk(&add);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -246,17 +247,7 @@ fn a_failed_add_says_one_line_even_after_the_daemon_logged() {
         "{err}"
     );
     // With -v, what the daemon logged too.
-    let o = userblk(&[
-        "-v",
-        "add",
-        "--listen",
-        "unix:/nonexistent/x.sock",
-        "mem",
-        "-s",
-        "16M",
-        "--filter",
-        "cow",
-    ]);
+    let o = userblk(&[&["-v"][..], &add].concat());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("INFO cow"), "{err}");
 }
