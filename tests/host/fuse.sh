@@ -44,6 +44,8 @@ add_fuse() {
     echo "$id $blk"
 }
 
+# The id of the device whose block device (or FUSE file) is $1.
+id_of_block() { ub list --json | python3 -c "import json,sys; print([d['id'] for d in json.load(sys.stdin) if d['block_device'] == sys.argv[1]][0])" "$1"; }
 file_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["file"])'; }
 mnt_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["mountpoint"])'; }
 
@@ -100,6 +102,26 @@ case_auto_mem_ext4() {
     [ "$(sha256sum <"$MNT/blob")" = "$sum" ] || die "blob changed across umount/mount"
     [ "$(cat "$MNT/dir/f77")" = "file 77" ] || die "small file lost"
     umount "$MNT"
+    del_fuse "$id"
+}
+
+case_auto_says_fallback_and_show_prints_the_path() {
+    needs_fallback
+    local out id
+    # --show: stdout is the device's path alone; the fallback is one line on stderr.
+    out=$(ub add --show mem --size 16M 2>"$WORK/said") || die "add failed: $(cat "$WORK/said")"
+    [[ "$out" =~ ^/dev/loop[0-9]+$ ]] || die "--show printed '$out'"
+    [ -b "$out" ] || die "$out is not a block device"
+    [ "$(wc -l <"$WORK/said")" = 1 ] || die "not one line on stderr: $(cat "$WORK/said")"
+    grep -q "^userblk: no ublk driver (modprobe ublk_drv); serving $out through FUSE + loop$" "$WORK/said" \
+        || die "no fallback note: $(cat "$WORK/said")"
+    id=$(id_of_block "$out")
+    del_fuse "$id"
+    # Asked for FUSE: no note; --show prints the file.
+    out=$(ub add --show --frontend fuse mem --size 16M 2>"$WORK/said") || die "add failed: $(cat "$WORK/said")"
+    [[ "$out" == */disk ]] && [ -f "$out" ] || die "--show printed '$out'"
+    [ ! -s "$WORK/said" ] || die "stderr not empty: $(cat "$WORK/said")"
+    id=$(id_of_block "$out")
     del_fuse "$id"
 }
 
@@ -329,8 +351,9 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 15
+plan 16
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
+case_run "auto: the fallback said in one line; --show prints only the path" case_auto_says_fallback_and_show_prints_the_path
 case_run "fio verify on the loop device" case_fio_verify_loop
 case_run "fio verify on the FUSE file, O_DIRECT" case_fio_verify_fuse_file_direct
 case_run "early-answering target: answers held until stored (fio verify)" case_early_answers_held

@@ -69,8 +69,23 @@ pub enum Command {
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
-    /// Print the man page (roff), e.g. `userblk man > /usr/local/share/man/man8/userblk.8`.
-    Man,
+    /// Print a manual page (roff), or write them all with --dir.
+    ///
+    /// `userblk man` is userblk(8); `userblk man add` is userblk-add(8), and
+    /// so on for every command (`add-file`, `create-qcow2`).
+    Man(ManArgs),
+}
+
+/// `man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The command whose page to print (`add`, `add-file`, ...; default: userblk(8)).
+    #[arg(value_name = "COMMAND", conflicts_with = "dir")]
+    pub page: Option<String>,
+    /// Write every page (userblk.8, userblk-add.8, ...) into this directory,
+    /// e.g. /usr/local/share/man/man8, and list the files written.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// `completions`.
@@ -153,6 +168,7 @@ pub struct FilterArgs {
     #[arg(
         long = "filter",
         value_name = "SPEC",
+        help_heading = "Filters",
         value_parser = filter_spec,
         help = userblk::filters::short_help(),
         long_help = userblk::filters::help()
@@ -160,90 +176,141 @@ pub struct FilterArgs {
     pub filters: Vec<userblk::filters::Spec>,
 }
 
-/// Options of the device itself, whatever the target.
+/// Options of the device itself, whatever the target, grouped in `--help`
+/// by what they apply to. `-h` shows each one's first paragraph.
 #[derive(Debug, Clone, Args)]
 pub struct DevArgs {
-    /// Device id (default: the kernel picks the lowest free one).
-    #[arg(short = 'n', long = "number", global = true, value_name = "ID")]
+    /// Device id (default: the lowest id no device uses).
+    ///
+    /// ublk: the device is /dev/ublkbID. FUSE and NBD devices take ids from
+    /// the same range, so that `list` and `del -n` mean one device.
+    #[arg(
+        short = 'n',
+        long = "number",
+        global = true,
+        value_name = "ID",
+        help_heading = "Device"
+    )]
     pub id: Option<u32>,
-    /// Which interface serves the device: ublk, FUSE (a file, plus a loop
-    /// device with --loop) or NBD (a network export, with --listen); auto
-    /// picks NBD with --listen, else ublk when the kernel has it, else FUSE.
-    #[arg(long, global = true, value_enum, default_value_t = Frontend::Auto)]
+    /// Which interface serves the device.
+    ///
+    /// ublk, FUSE (a file, plus a loop device with --loop) or NBD (a network
+    /// export, with --listen); auto picks NBD with --listen, else ublk when
+    /// the kernel has it, else FUSE.
+    #[arg(long, global = true, value_enum, default_value_t = Frontend::Auto, help_heading = "Device")]
     pub frontend: Frontend,
-    /// NBD: serve the device as an NBD export on this address, `unix:PATH`
-    /// or `tcp:HOST:PORT` (repeatable; implies --frontend nbd).
-    #[arg(long, global = true, value_name = "ADDR")]
-    pub listen: Vec<String>,
-    /// NBD: the export's name (clients asking for the default, empty name get it too).
-    #[arg(long, global = true, value_name = "NAME", default_value = "")]
-    pub export_name: String,
-    /// NBD: connections served at once.
-    #[arg(long, global = true, value_name = "N", default_value_t = 64,
-          value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub max_connections: u32,
-    /// FUSE: the directory to mount on; the device is the file `disk` in it
-    /// (default: a new directory under the state directory).
-    #[arg(long, global = true, value_name = "DIR")]
-    pub mountpoint: Option<PathBuf>,
-    /// FUSE: attach a loop device to the file (root only). Implied when
-    /// `auto` falls back to FUSE as root.
-    #[arg(long = "loop", global = true)]
-    pub loop_dev: bool,
-    /// FUSE: no loop device, even when `auto` falls back to FUSE as root.
-    #[arg(long = "no-loop", global = true, conflicts_with = "loop_dev")]
-    pub no_loop: bool,
-    /// FUSE: let other users open the file (users need `user_allow_other` in /etc/fuse.conf).
-    #[arg(long, global = true)]
-    pub allow_other: bool,
-    /// Hardware queues, one serving thread each (the kernel caps it at the
-    /// CPU count); for FUSE, the serving threads [default: 1 for ublk, 4 for FUSE].
+    /// Print only the device's path on stdout, for scripts.
+    ///
+    /// /dev/ublkbN, /dev/loopN, the FUSE file or the NBD URI, as `losetup --show`.
+    #[arg(long, global = true, help_heading = "Device")]
+    pub show: bool,
+    /// Serve in the foreground instead of detaching a daemon.
+    #[arg(long, global = true, help_heading = "Device")]
+    pub foreground: bool,
+    /// Serving queues [default: 1 for ublk, 4 for FUSE].
+    ///
+    /// ublk: hardware queues, one serving thread each (the kernel caps it at
+    /// the CPU count); FUSE: the serving threads.
     #[arg(short = 'q', long = "queues", global = true, value_name = "N",
-          value_parser = clap::value_parser!(u16).range(1..=4096))]
+          value_parser = clap::value_parser!(u16).range(1..=4096), help_heading = "Device")]
     pub queues: Option<u16>,
     /// Requests in flight per queue (NBD: per connection).
     #[arg(short = 'd', long = "depth", global = true, default_value_t = 128, value_name = "N",
-          value_parser = clap::value_parser!(u16).range(1..=4096))]
+          value_parser = clap::value_parser!(u16).range(1..=4096), help_heading = "Device")]
     pub depth: u16,
     /// Largest request (bytes, or with K/M suffix); a multiple of the page size.
-    #[arg(long = "io-buf-size", global = true, default_value = "512K", value_parser = size_u32, value_name = "SIZE")]
+    #[arg(long = "io-buf-size", global = true, default_value = "512K", value_parser = size_u32,
+          value_name = "SIZE", help_heading = "Device")]
     pub io_buf_size: u32,
-    /// Serve in the foreground instead of detaching a daemon.
-    #[arg(long, global = true)]
-    pub foreground: bool,
     /// Keep the device if the daemon dies: I/O waits until `userblk recover -n ID`.
-    #[arg(short = 'r', long = "recovery", global = true)]
+    #[arg(short = 'r', long = "recovery", global = true, help_heading = "ublk")]
     pub recovery: bool,
-    /// With recovery, requests in flight when the daemon died are re-issued
-    /// to the new daemon instead of failing (implies -r).
-    #[arg(long, global = true)]
+    /// With recovery, re-issue requests in flight at the daemon's death (implies -r).
+    ///
+    /// They go to the new daemon instead of failing.
+    #[arg(long, global = true, help_heading = "ublk")]
     pub reissue: bool,
-    /// If device -n ID already exists and waits for a daemon (QUIESCED), recover
-    /// it instead of failing; otherwise add it. For service managers that
-    /// restart a crashed daemon with the same command.
-    #[arg(long, global = true)]
+    /// Recover device -n ID if it waits for a daemon, else add it.
+    ///
+    /// If device -n ID already exists and waits for a daemon (QUIESCED),
+    /// recover it instead of failing; otherwise add it. For service managers
+    /// that restart a crashed daemon with the same command.
+    #[arg(long, global = true, help_heading = "ublk")]
     pub adopt: bool,
-    /// ublk: move request data with pread/pwrite on /dev/ublkcN
-    /// (the kernel's user copy, Linux 6.5+) instead of the kernel copying it into
-    /// the daemon's buffers; falls back, with a warning, where refused.
-    #[arg(long, global = true, conflicts_with = "zero_copy")]
+    /// Move request data with pread/pwrite on /dev/ublkcN (Linux 6.5+).
+    ///
+    /// The kernel's user copy, instead of the kernel copying request data
+    /// into the daemon's buffers; falls back, with a warning, where refused.
+    #[arg(
+        long,
+        global = true,
+        conflicts_with = "zero_copy",
+        help_heading = "ublk"
+    )]
     pub user_copy: bool,
-    /// ublk: zero copy. The kernel registers each request's own pages in the
-    /// queue's io_uring (automatic buffer registration, Linux 6.16+) and the file
-    /// target reads and writes them in place: no copy, no request buffers.
-    /// Only for `file`, alone or under filters that never touch data (such as
-    /// stats), which use it by default where the
-    /// kernel offers it; with this flag, a warning says why where it cannot.
-    #[arg(long, global = true)]
+    /// Zero copy (Linux 6.16+; default where offered; says why where it cannot).
+    ///
+    /// The kernel registers each request's own pages in the queue's io_uring
+    /// (automatic buffer registration) and the file target reads and writes
+    /// them in place: no copy, no request buffers. Only for `file`, alone or
+    /// under filters that never touch data (such as stats), which use it by
+    /// default where the kernel offers it; with this flag, a warning says
+    /// why where it cannot.
+    #[arg(long, global = true, help_heading = "ublk")]
     pub zero_copy: bool,
-    /// ublk: never zero copy; request data goes through the daemon's buffers.
-    #[arg(long, global = true, conflicts_with = "zero_copy")]
+    /// Never zero copy; request data goes through the daemon's buffers.
+    #[arg(
+        long,
+        global = true,
+        conflicts_with = "zero_copy",
+        help_heading = "ublk"
+    )]
     pub no_zero_copy: bool,
-    /// Create an unprivileged device, owned by the calling user (implied when
-    /// not root; for root the kernel makes it privileged anyway). Needs the
-    /// udev rule from contrib/udev; see docs/unprivileged.md.
-    #[arg(long, global = true)]
+    /// An unprivileged device, owned by the calling user (implied when not root).
+    ///
+    /// For root the kernel makes it privileged anyway. Needs the udev rule
+    /// from contrib/udev; see docs/unprivileged.md.
+    #[arg(long, global = true, help_heading = "ublk")]
     pub unprivileged: bool,
+    /// The directory to mount on [default: a new one under the state directory].
+    ///
+    /// The device is the file `disk` in it.
+    #[arg(long, global = true, value_name = "DIR", help_heading = "FUSE")]
+    pub mountpoint: Option<PathBuf>,
+    /// Attach a loop device to the file (root only).
+    ///
+    /// Implied when `auto` falls back to FUSE as root.
+    #[arg(long = "loop", global = true, help_heading = "FUSE")]
+    pub loop_dev: bool,
+    /// No loop device, even when `auto` falls back to FUSE as root.
+    #[arg(
+        long = "no-loop",
+        global = true,
+        conflicts_with = "loop_dev",
+        help_heading = "FUSE"
+    )]
+    pub no_loop: bool,
+    /// Let other users open the file (users need `user_allow_other` in /etc/fuse.conf).
+    #[arg(long, global = true, help_heading = "FUSE")]
+    pub allow_other: bool,
+    /// Serve an NBD export on `unix:PATH` or `tcp:HOST:PORT` (repeatable).
+    ///
+    /// Implies --frontend nbd.
+    #[arg(long, global = true, value_name = "ADDR", help_heading = "NBD")]
+    pub listen: Vec<String>,
+    /// The export's name (clients asking for the default, empty name get it too).
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        default_value = "",
+        help_heading = "NBD"
+    )]
+    pub export_name: String,
+    /// Connections served at once.
+    #[arg(long, global = true, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096), help_heading = "NBD")]
+    pub max_connections: u32,
     /// Internal: serve device ID as its recovering daemon (used by `recover`).
     #[arg(long, global = true, hide = true, value_name = "ID")]
     pub recover_id: Option<u32>,

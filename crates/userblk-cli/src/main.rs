@@ -3,7 +3,7 @@
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
 //! `progress`, `s3` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
-//! `list` → `targets` → `copy` → `frontend::lifecycle` →
+//! `list`, `man` → `targets` → `copy` → `frontend::lifecycle` →
 //! `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
 // Output goes through `out`, which survives a closed pipe; `print!` panics.
@@ -16,6 +16,7 @@ mod ctl;
 mod endpoint;
 mod frontend;
 mod list;
+mod man;
 mod out;
 mod progress;
 mod s3;
@@ -81,7 +82,7 @@ fn main() -> ExitCode {
             out::bytes(&buf);
             Ok(())
         }
-        Command::Man => man(),
+        Command::Man(args) => man::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,14 +121,6 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
     eprintln!("userblk: {msg} (see --help)");
     ExitCode::from(2)
-}
-
-fn man() -> anyhow::Result<()> {
-    let cmd = <Cli as clap::CommandFactory>::command();
-    let mut buf = Vec::new();
-    clap_mangen::Man::new(cmd).section("8").render(&mut buf)?;
-    out::bytes(&buf);
-    Ok(())
 }
 
 fn create(args: &cli::CreateArgs) -> anyhow::Result<()> {

@@ -55,6 +55,32 @@ fn help_and_version() {
 }
 
 #[test]
+fn add_help_is_grouped_and_h_is_short() {
+    let short = text(&userblk(&["add", "-h"]));
+    let long = text(&userblk(&["add", "--help"]));
+    for heading in ["Device:", "ublk:", "FUSE:", "NBD:", "Filters:"] {
+        assert!(
+            short.contains(&format!("\n{heading}\n")),
+            "-h lacks {heading}: {short}"
+        );
+        assert!(
+            long.contains(&format!("\n{heading}\n")),
+            "--help lacks {heading}"
+        );
+    }
+    // -h: one line an option; --help: the whole text.
+    assert!(
+        short.lines().count() < 60,
+        "-h is {} lines",
+        short.lines().count()
+    );
+    assert!(long.lines().count() > short.lines().count() * 2);
+    assert!(long.contains("automatic buffer registration") && !short.contains("automatic buffer"));
+    // FUSE and NBD ids are not the kernel's choice.
+    assert!(!long.contains("kernel picks"), "{long}");
+}
+
+#[test]
 fn completions_and_man_page() {
     for shell in ["bash", "zsh", "fish"] {
         let o = userblk(&["completions", shell]);
@@ -74,6 +100,43 @@ fn completions_and_man_page() {
         &t[..t.len().min(200)]
     );
     fails(&["completions", "tcsh"], 2, "invalid value");
+}
+
+#[test]
+fn man_pages_for_every_command() {
+    // One page per command, each with the sections clap does not write.
+    let t = text(&userblk(&["man", "add"]));
+    assert!(
+        t.contains(".TH userblk-add 8"),
+        "{}",
+        &t[..t.len().min(300)]
+    );
+    for section in [
+        ".SH EXAMPLES",
+        ".SH \"EXIT STATUS\"",
+        ".SH FILES",
+        "ublk\\-control",
+    ] {
+        assert!(t.contains(section), "userblk-add.8 lacks {section}");
+    }
+    assert!(text(&userblk(&["man", "add-file"])).contains(".TH userblk-add-file 8"));
+    fails(&["man", "nosuch"], 1, "no manual page 'userblk-nosuch'");
+    fails(&["man", "add", "--dir", "/tmp"], 2, "cannot be used with");
+    let dir = tempfile::tempdir().unwrap();
+    let o = userblk(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    for page in [
+        "userblk.8",
+        "userblk-add.8",
+        "userblk-del.8",
+        "userblk-create-qcow2.8",
+    ] {
+        let roff = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(roff.contains(".SH \"EXIT STATUS\""), "{page}");
+    }
+    // Hidden commands (the test target `early`) get no page.
+    assert!(!dir.path().join("userblk-add-early.8").exists());
+    fails(&["man", "--dir", "/nonexistent/man8"], 1, "not a directory");
 }
 
 #[test]
@@ -159,6 +222,34 @@ fn target_errors_exit_1_with_one_clear_line() {
     let o = userblk(&["add", "file", "-f", "/nonexistent/disk.img"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
+#[test]
+fn a_failed_add_says_one_line_even_after_the_daemon_logged() {
+    // The cow filter logs an INFO line as it opens; the NBD server then fails
+    // in the daemon. Only the error reaches the user.
+    let add = [
+        "add",
+        "--listen",
+        "unix:/nonexistent/x.sock",
+        "mem",
+        "-s",
+        "16M",
+        "--filter",
+        "cow",
+    ];
+    let o = userblk(&add);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("userblk: starting the NBD server: /nonexistent/x.sock"),
+        "{err}"
+    );
+    // With -v, what the daemon logged too.
+    let o = userblk(&[&["-v"][..], &add].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("INFO cow"), "{err}");
 }
 
 #[test]

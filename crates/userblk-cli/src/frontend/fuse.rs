@@ -168,7 +168,11 @@ impl Frontend for Fuse {
             max_io_buf_bytes: self.dev.io_buf_size,
         });
         st.save()?;
-        host.announce(id, &crate::list::Entry::Saved(Box::new(st.clone())).text());
+        host.announce(
+            id,
+            &st.block_device,
+            &crate::list::Entry::Saved(Box::new(st.clone())).text(),
+        );
         tracing::info!("device {id} live at {}", st.block_device);
 
         let result = run_until_stopped(&self.events, &disk, lo);

@@ -90,12 +90,32 @@ pub fn claim_id(
     Ok(DeviceState::claim(wanted, &kernel_ids, frontend, busy)?)
 }
 
+/// Why `--frontend auto` chose FUSE, and how the device is served.
+pub struct Fallback {
+    /// What is missing, and what would fix it.
+    pub why: &'static str,
+    /// "FUSE" or "FUSE + loop".
+    pub how: &'static str,
+}
+
 /// What the lifecycle offers a serving frontend.
 pub struct Host {
     daemon: bool,
+    /// `--show`: announce only the device's path.
+    show: bool,
+    fallback: Option<Fallback>,
 }
 
 impl Host {
+    /// For a daemon (else the foreground); `show` and `fallback` shape the announcement.
+    pub fn new(daemon: bool, show: bool, fallback: Option<Fallback>) -> Host {
+        Host {
+            daemon,
+            show,
+            fallback,
+        }
+    }
+
     /// Where the daemon of device `id` logs; none in the foreground.
     pub fn log(&self, id: u32) -> Option<PathBuf> {
         self.daemon
@@ -110,11 +130,21 @@ impl Host {
             .collect()
     }
 
-    /// Device `id` is live: print its `details` and, in a daemon, the ready
-    /// marker for the waiting `add`, then move our output to the log.
-    /// Best effort: a closed pipe must not take the device down.
-    pub fn announce(&self, id: u32, details: &str) {
-        crate::out::announce(details);
+    /// Device `id` is live at `path` (a device node, file or NBD URI):
+    /// print its `details` (with `--show`, only `path`) and, in a daemon,
+    /// the ready marker for the waiting `add`, then move our output to the
+    /// log. A fallback to FUSE is said in one line on stderr, which the
+    /// waiting `add` passes on. Best effort: a closed pipe must not take
+    /// the device down.
+    pub fn announce(&self, id: u32, path: &str, details: &str) {
+        if let Some(f) = &self.fallback {
+            eprintln!("userblk: {}; serving {path} through {}", f.why, f.how);
+        }
+        if self.show {
+            crate::out::announce(&format!("{path}\n"));
+        } else {
+            crate::out::announce(details);
+        }
         if let Some(log) = self.log(id) {
             crate::out::announce(&format!("{READY_MARKER}\n"));
             redirect_output(&log);
@@ -123,7 +153,8 @@ impl Host {
 }
 
 /// Serve a device with `fe` in this process, through the whole lifecycle.
-pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, daemon: bool) -> anyhow::Result<()> {
+pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, host: &Host) -> anyhow::Result<()> {
+    let daemon = host.daemon;
     if daemon {
         // Leave the caller's session so its terminal's signals do not reach us.
         let _ = rustix::process::setsid();
@@ -134,7 +165,7 @@ pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, daemon: bool) -> anyhow:
         target.target.caps().check().context("target")?;
         fe.claim()?;
         settle(daemon, fe.serves_this_kernel());
-        fe.serve(target, &Host { daemon })
+        fe.serve(target, host)
     })();
     signals.close();
     result
@@ -280,8 +311,12 @@ pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
     let text = said.recv().unwrap_or_default();
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let last = lines.pop().unwrap_or("");
-    for l in lines {
-        eprintln!("{l}");
+    // A failed add says one line: the daemon's error. What it logged on the
+    // way (a filter's INFO line as it opened) only with -v.
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for l in lines {
+            eprintln!("{l}");
+        }
     }
     match last.strip_prefix("userblk: ") {
         Some(msg) => bail!("{msg}"),
@@ -292,10 +327,12 @@ pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
     }
 }
 
-/// The daemon's warnings matter to whoever ran `add`; its info lines are in the log.
+/// The daemon's warnings and notes (`userblk: ...`) matter to whoever ran
+/// `add`; its info lines are in the log.
 fn pass_on_warnings(said: &mpsc::Receiver<String>) {
     if let Ok(text) = said.recv_timeout(Duration::from_millis(500)) {
-        let loud = |l: &&str| l.contains(" WARN ") || l.contains(" ERROR ");
+        let loud =
+            |l: &&str| l.contains(" WARN ") || l.contains(" ERROR ") || l.starts_with("userblk: ");
         for l in text.lines().filter(loud) {
             eprintln!("{l}");
         }

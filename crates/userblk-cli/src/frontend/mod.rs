@@ -35,12 +35,14 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
     }
     let daemon = std::env::var_os(lifecycle::DAEMON_ENV).is_some();
     if args.dev.foreground || daemon {
-        let fe: Box<dyn Frontend> = match Kind::choose(&args.dev)? {
+        let (kind, fallback) = Kind::choose(&args.dev)?;
+        let fe: Box<dyn Frontend> = match kind {
             Kind::Ublk => Box::new(ublk::Ublk::new(&args.dev)?),
             Kind::Fuse { with_loop } => Box::new(fuse::Fuse::new(&args.dev, with_loop)?),
             Kind::Nbd => Box::new(nbd::Nbd::new(&args.dev)?),
         };
-        lifecycle::serve(fe, &args, daemon)
+        let host = lifecycle::Host::new(daemon, args.dev.show, fallback);
+        lifecycle::serve(fe, &args, &host)
     } else {
         let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
         argv.push("--foreground".into());
@@ -63,8 +65,11 @@ enum Kind {
 }
 
 impl Kind {
-    /// Resolve `--frontend` and check the options fit the frontend.
-    fn choose(dev: &DevArgs) -> anyhow::Result<Kind> {
+    /// Resolve `--frontend` and check the options fit the frontend. With
+    /// the kind, why `auto` fell back to FUSE and how it serves, for the
+    /// user to be told once the device is live.
+    fn choose(dev: &DevArgs) -> anyhow::Result<(Kind, Option<lifecycle::Fallback>)> {
+        let mut fallback = None;
         use crate::cli::Frontend as Asked;
         let needs_ublk = dev.recovery || dev.reissue || dev.adopt || dev.recover_id.is_some();
         let fuse_only = dev.mountpoint.is_some() || dev.loop_dev || dev.no_loop || dev.allow_other;
@@ -85,10 +90,14 @@ impl Kind {
                 Err(e @ (userblk::Error::NoUblk | userblk::Error::NoControlAccess)) => {
                     let root = running_as_root();
                     let with_loop = dev.loop_dev || (root && !dev.no_loop);
-                    tracing::info!(
-                        "ublk is not usable ({e}); using the FUSE frontend{}",
-                        if with_loop { " with a loop device" } else { "" }
-                    );
+                    tracing::debug!("ublk is not usable: {e}");
+                    fallback = Some(lifecycle::Fallback {
+                        why: match e {
+                            userblk::Error::NoUblk => "no ublk driver (modprobe ublk_drv)",
+                            _ => "no access to /dev/ublk-control (see docs/unprivileged.md)",
+                        },
+                        how: if with_loop { "FUSE + loop" } else { "FUSE" },
+                    });
                     Kind::Fuse { with_loop }
                 }
                 Err(e) => return Err(e.into()),
@@ -118,12 +127,12 @@ impl Kind {
             }
             Kind::Fuse { .. } if dev.queues.is_some() => {
                 userblk::fuse::disk::check_threads(dev.queues.map_or(0, usize::from))?;
-                Ok(chosen)
+                Ok((chosen, fallback))
             }
             Kind::Ublk if fuse_only => bail!(
                 "--mountpoint, --loop, --no-loop and --allow-other are FUSE options: add --frontend fuse"
             ),
-            c => Ok(c),
+            c => Ok((c, fallback)),
         }
     }
 }

@@ -129,7 +129,11 @@ impl Frontend for Nbd {
             sockets: server.unix_sockets().to_vec(),
         });
         st.save()?;
-        host.announce(id, &crate::list::Entry::Saved(Box::new(st.clone())).text());
+        host.announce(
+            id,
+            &st.block_device,
+            &crate::list::Entry::Saved(Box::new(st.clone())).text(),
+        );
         tracing::info!("device {id} serving NBD at {}", st.block_device);
 
         if let Ok(sig) = self.signals.recv() {

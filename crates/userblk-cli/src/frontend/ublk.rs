@@ -265,7 +265,7 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, host: &Hos
         Ok(entry) => entry.text(),
         Err(e) => format!("dev id {id}: live ({e})\n"),
     };
-    host.announce(id, &details);
+    host.announce(id, &block_path(id).display().to_string(), &details);
     tracing::info!("device {id} live at {}", block_path(id).display());
 }
 

@@ -1,0 +1,171 @@
+//! `userblk man`: manual pages (roff, section 8), one for `userblk` and one
+//! for each command (`userblk-add.8`, `userblk-add-file.8`, ...), from the
+//! clap definitions plus the sections clap knows nothing of: EXAMPLES,
+//! EXIT STATUS, FILES and SEE ALSO.
+
+use anyhow::{bail, Context};
+use clap::CommandFactory;
+
+use crate::cli::{Cli, ManArgs};
+use crate::out::outln;
+
+const SECTION: &str = "8";
+
+/// `userblk man [PAGE]` prints one page; `userblk man --dir DIR` writes them all.
+pub fn run(args: &ManArgs) -> anyhow::Result<()> {
+    let pages = pages();
+    if let Some(dir) = &args.dir {
+        if !dir.is_dir() {
+            bail!("{}: not a directory", dir.display());
+        }
+        for (name, cmd) in &pages {
+            let file = dir.join(format!("{name}.{SECTION}"));
+            std::fs::write(&file, render(name, cmd)?)
+                .with_context(|| format!("writing {}", file.display()))?;
+            outln!("{}", file.display());
+        }
+        return Ok(());
+    }
+    // `add`, `userblk-add` and `add-file` all name a page.
+    let wanted = match args.page.as_deref() {
+        None => "userblk".to_owned(),
+        Some(p) if p.starts_with("userblk") => p.to_owned(),
+        Some(p) => format!("userblk-{}", p.replace(' ', "-")),
+    };
+    match pages.iter().find(|(name, _)| *name == wanted) {
+        Some((name, cmd)) => crate::out::bytes(&render(name, cmd)?),
+        None => bail!(
+            "no manual page '{wanted}'; there are: {}",
+            pages
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+    Ok(())
+}
+
+/// Every page's name and command: `userblk`, then each visible command, depth first.
+fn pages() -> Vec<(String, clap::Command)> {
+    fn walk(cmd: &clap::Command, name: &str, out: &mut Vec<(String, clap::Command)>) {
+        out.push((name.to_owned(), cmd.clone()));
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, &format!("{name}-{}", sub.get_name()), out);
+        }
+    }
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    // Builds the subcommands too, with their usage as `userblk add ...`.
+    cmd.build();
+    let mut out = Vec::new();
+    walk(&cmd, "userblk", &mut out);
+    out
+}
+
+fn render(name: &str, cmd: &clap::Command) -> anyhow::Result<Vec<u8>> {
+    let man = clap_mangen::Man::new(cmd.clone())
+        .title(name)
+        .section(SECTION)
+        .source(concat!("userblk ", env!("CARGO_PKG_VERSION")))
+        .manual("userblk");
+    let mut buf = Vec::new();
+    man.render(&mut buf)?;
+    buf.extend_from_slice(extra(name).as_bytes());
+    Ok(buf)
+}
+
+/// The sections clap does not write, in roff.
+fn extra(name: &str) -> String {
+    let mut s = String::new();
+    let examples = examples(name);
+    if !examples.is_empty() {
+        s += ".SH EXAMPLES\n";
+        for (what, cmd) in examples {
+            s += &format!(".TP\n{}\n.nf\n{}\n.fi\n", escape(what), escape(cmd));
+        }
+    }
+    s += ".SH \"EXIT STATUS\"\n\
+         .TP\n0\nSuccess (for \\fBadd\\fR: the device is live).\n\
+         .TP\n1\nFailure, said in one line on standard error.\n\
+         .TP\n2\nA usage error: a bad option or value.\n";
+    s += ".SH FILES\n\
+         .TP\n/run/userblk/ID.json\nA device's saved state: its daemon, target and arguments \
+         (a user's devices: $XDG_RUNTIME_DIR/userblk/ or /tmp/userblk\\-UID/; \
+         USERBLK_STATE_DIR overrides).\n\
+         .TP\n/run/userblk/ID.log\nThe log of a device's daemon.\n\
+         .TP\n/run/userblk/fuse\\-ID/disk\nA FUSE device's file, on its default mount point.\n\
+         .TP\n/dev/ublk\\-control\nThe ublk driver's control device (modprobe ublk_drv).\n\
+         .TP\n/dev/ublkbID, /dev/ublkcID\nA ublk device's block device and the daemon's character device.\n";
+    let see = if name == "userblk" {
+        "losetup(8), nbd\\-client(8), fusermount3(1)".to_owned()
+    } else {
+        "userblk(8)".to_owned()
+    };
+    s += &format!(".SH \"SEE ALSO\"\n{see}\n");
+    s
+}
+
+/// Examples of page `name`: what each does, and the command.
+fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
+    match name {
+        "userblk" | "userblk-add" => &[
+            (
+                "A 1 GiB RAM disk; its path alone, for a script",
+                "dev=$(sudo userblk add --show mem --size 1G)",
+            ),
+            (
+                "A file as a device, with a stats filter",
+                "sudo userblk add file -f /var/tmp/disk.img --filter stats",
+            ),
+            (
+                "A qcow2 image through FUSE and a loop device",
+                "sudo userblk add --frontend fuse --loop qcow2 -f disk.qcow2",
+            ),
+            (
+                "A RAM disk as an NBD export",
+                "userblk add --listen unix:/tmp/ub.sock mem --size 1G",
+            ),
+            (
+                "Show and delete devices",
+                "userblk list\nsudo userblk del -n 0",
+            ),
+        ],
+        "userblk-del" => &[
+            ("Delete device 0", "sudo userblk del -n 0"),
+            ("Delete every device", "sudo userblk del -a"),
+        ],
+        "userblk-list" => &[("Device 0, as JSON", "userblk list -n 0 --json")],
+        "userblk-recover" => &[(
+            "A new daemon for device 0, added with -r, whose daemon died",
+            "sudo userblk recover -n 0",
+        )],
+        "userblk-create" | "userblk-create-qcow2" => &[(
+            "A 10 GiB qcow2 image",
+            "userblk create qcow2 -f disk.qcow2 --size 10G",
+        )],
+        "userblk-copy" => &[(
+            "A raw image into a qcow2 one, skipping holes",
+            "userblk copy disk.raw disk.qcow2",
+        )],
+        "userblk-man" => &[(
+            "Install every page",
+            "sudo userblk man --dir /usr/local/share/man/man8",
+        )],
+        _ => &[],
+    }
+}
+
+/// Text as roff shows it: backslashes and hyphens escaped, no line starting with a control character.
+fn escape(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let l = l.replace('\\', "\\e").replace('-', "\\-");
+            if l.starts_with('.') || l.starts_with('\'') {
+                format!("\\&{l}")
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
