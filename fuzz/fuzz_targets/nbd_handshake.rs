@@ -24,11 +24,11 @@
 use std::io::{self, Cursor};
 
 use libfuzzer_sys::fuzz_target;
+use userblk::nbd::proto::*;
 use userblk::nbd::server::handshake::{
     negotiate, Duplex, Export, HandshakeError, Negotiated, Outcome, BASE_ALLOCATION_ID,
     MAX_OPTIONS, MAX_OPTION_LEN,
 };
-use userblk::nbd::proto::*;
 use userblk_fuzz::replies::{self, OptReply};
 
 fuzz_target!(|data: &[u8]| {

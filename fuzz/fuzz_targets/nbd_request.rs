@@ -23,9 +23,11 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use userblk::nbd::server::handshake::Negotiated;
 use userblk::nbd::proto::*;
-use userblk::nbd::server::transmission::{command, range_piece, Command, Header, Limits, MAX_PAYLOAD};
+use userblk::nbd::server::handshake::Negotiated;
+use userblk::nbd::server::transmission::{
+    command, range_piece, Command, Header, Limits, MAX_PAYLOAD,
+};
 use userblk::target::{validate, Caps, Flags, Op, RangeOpCaps};
 use userblk_fuzz::caps::{self, CONFIG_LEN};
 

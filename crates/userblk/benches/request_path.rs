@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use userblk::filters::{build, Env, Spec};
-use userblk::nbd::server::handshake::Negotiated;
 use userblk::nbd::proto::{CMD_READ, CMD_WRITE};
+use userblk::nbd::server::handshake::Negotiated;
 use userblk::nbd::server::transmission::{command, Header, Limits};
 use userblk::slots::Engine;
 use userblk::targets::{MemTarget, NullTarget};

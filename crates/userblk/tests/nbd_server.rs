@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use userblk::nbd::proto::*;
-use userblk::nbd::server::{Listen, Server, ServerOptions};
 use userblk::nbd::server::transmission::Header;
+use userblk::nbd::server::{Listen, Server, ServerOptions};
 use userblk::targets::{FileOptions, FileTarget, MemTarget};
 use userblk::Target;
 
