@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use userblk::io::Engine;
+use userblk::slots::Engine;
 use userblk::targets::qcow2::header::Header;
 use userblk::targets::qcow2::{create, CreateOptions, Qcow2Target};
 use userblk::{Op, Request, Target};
