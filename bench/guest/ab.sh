@@ -6,12 +6,11 @@
 #
 #   bash bench/guest/ab.sh OUT RUNTIME REPEAT BIN_A BIN_B
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-(( $# == 5 )) || { echo "usage: $0 OUT RUNTIME REPEAT BIN_A BIN_B" >&2; exit 2; }
+(( $# == 5 )) || die "usage: $0 OUT RUNTIME REPEAT BIN_A BIN_B"
 OUT=$1 RUNTIME=$2 REPEAT=$3
-[[ $RUNTIME =~ ^[1-9][0-9]*$ && $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "RUNTIME and REPEAT must be positive integers" >&2; exit 2; }
-cd "$(dirname "$0")/../.."
-mkdir -p "$OUT/raw"
+guest_init "$OUT" "$RUNTIME" "$REPEAT"
 
 WORK=/run/userblk-ab
 mkdir -p "$WORK"
@@ -19,22 +18,14 @@ declare -A BIN=()
 # Private copies: a rebuild on the host must not swap a binary mid-run.
 for side in a b; do
     src=$4; [[ $side == b ]] && src=$5
-    [[ -x $src ]] || { echo "no binary at $src" >&2; exit 2; }
+    [[ -x $src ]] || die "no binary at $src"
     cp -p "$src" "$WORK/userblk-$side"
     BIN[$side]=$WORK/userblk-$side
 done
 export USERBLK_STATE_DIR=$WORK/state
 
 IDS=()
-cleanup() {
-    local rc=$? id
-    for id in "${IDS[@]}"; do
-        "${BIN[a]}" del -n "$id" || { echo "cleanup: del -n $id failed" >&2; (( rc )) || rc=1; }
-    done
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
+trap 'guest_cleanup "${BIN[a]}" "${IDS[@]}"' EXIT
 
 declare -A DEV=()
 add() { # side kind args...

@@ -7,32 +7,18 @@
 #
 # USERBLK overrides the binary (default: this checkout's release build).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-(( $# == 3 )) || { echo "usage: $0 OUT RUNTIME REPEAT" >&2; exit 2; }
+(( $# == 3 )) || die "usage: $0 OUT RUNTIME REPEAT"
 OUT=$1 RUNTIME=$2 REPEAT=$3
-[[ $RUNTIME =~ ^[1-9][0-9]*$ && $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "RUNTIME and REPEAT must be positive integers" >&2; exit 2; }
-cd "$(dirname "$0")/../.."
-: "${USERBLK:=$PWD/target/release/userblk}"
-[[ -x $USERBLK ]] || { echo "no binary at $USERBLK (cargo build --release first)" >&2; exit 2; }
-mkdir -p "$OUT/raw"
+guest_init "$OUT" "$RUNTIME" "$REPEAT" userblk
 
 WORK=/run/userblk-filters-bench
-mkdir -p "$WORK"
-# A private copy: a rebuild on the host must not swap the binary mid-run.
-cp -p "$USERBLK" "$WORK/userblk"
-USERBLK=$WORK/userblk
+guest_private_userblk "$WORK"
 export USERBLK_STATE_DIR=$WORK/state
 
 UB_IDS=()
-cleanup() {
-    local rc=$? id
-    for id in "${UB_IDS[@]}"; do
-        "$USERBLK" del -n "$id" || { echo "cleanup: userblk del -n $id failed" >&2; (( rc )) || rc=1; }
-    done
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
+trap 'guest_cleanup "$USERBLK" "${UB_IDS[@]}"' EXIT
 
 # The stacks, by name. "five" is five filters that let every request through
 # unchanged, so what it measures is the cost of the layers themselves.

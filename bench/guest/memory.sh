@@ -10,19 +10,17 @@
 # USERBLK overrides the binary (default: this checkout's release build),
 # RUBLK the baseline (default: /opt/rublk/bin/rublk; skipped if missing).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-(( $# == 1 )) || { echo "usage: $0 OUT" >&2; exit 2; }
+(( $# == 1 )) || die "usage: $0 OUT"
 OUT=$1
 cd "$(dirname "$0")/../.."
-: "${USERBLK:=$PWD/target/release/userblk}"
+guest_userblk
 : "${RUBLK:=/opt/rublk/bin/rublk}"
-[[ -x $USERBLK ]] || { echo "no binary at $USERBLK (cargo build --release first)" >&2; exit 2; }
 mkdir -p "$OUT"
 
 WORK=/run/userblk-memory-bench
-mkdir -p "$WORK"
-cp -p "$USERBLK" "$WORK/userblk"
-USERBLK=$WORK/userblk
+guest_private_userblk "$WORK"
 export USERBLK_STATE_DIR=$WORK/state
 modprobe ublk_drv
 

@@ -7,14 +7,11 @@
 #
 # USERBLK overrides the binary (default: this checkout's release build).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-(( $# == 3 )) || { echo "usage: $0 OUT RUNTIME REPEAT" >&2; exit 2; }
+(( $# == 3 )) || die "usage: $0 OUT RUNTIME REPEAT"
 OUT=$1 RUNTIME=$2 REPEAT=$3
-[[ $RUNTIME =~ ^[1-9][0-9]*$ && $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "RUNTIME and REPEAT must be positive integers" >&2; exit 2; }
-cd "$(dirname "$0")/../.."
-: "${USERBLK:=$PWD/target/release/userblk}"
-[[ -x $USERBLK ]] || { echo "no binary at $USERBLK (cargo build --release first)" >&2; exit 2; }
-mkdir -p "$OUT/raw"
+guest_init "$OUT" "$RUNTIME" "$REPEAT" userblk
 
 # /run is a plain tmpfs in the VM (/tmp is an overlay), so the backing file
 # lives in RAM and neither side pays for a real disk.
@@ -23,16 +20,11 @@ BACKING=$WORK/backing.img
 BACKING_MIB=1024
 
 UB_IDS=() LOOPDEV='' NULLBLK=''
-# Serve from a private copy: a rebuild on the host mid-run must not swap the
-# binary under the later `add`s, and env.txt names exactly what was measured.
-mkdir -p "$WORK"
-cp -p "$USERBLK" "$WORK/userblk"
-USERBLK=$WORK/userblk
+# Serve from a private copy (env.txt names exactly what was measured).
+guest_private_userblk "$WORK"
 cleanup() {
     local rc=$? bad=0 id
-    for id in "${UB_IDS[@]}"; do
-        "$USERBLK" del -n "$id" || { echo "cleanup: userblk del -n $id failed" >&2; bad=1; }
-    done
+    guest_del "$USERBLK" "${UB_IDS[@]}" || bad=1
     if [[ -n $LOOPDEV ]]; then losetup -d "$LOOPDEV" || { echo "cleanup: losetup -d $LOOPDEV failed" >&2; bad=1; }; fi
     if [[ -n $NULLBLK ]]; then rmmod null_blk || { echo "cleanup: rmmod null_blk failed" >&2; bad=1; }; fi
     rm -rf "$WORK"

@@ -11,10 +11,7 @@ set -u
 cd "$(dirname "$0")/../.."
 . vm/suite/lib.sh
 
-[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
-
-WORK=$(mktemp -d /var/tmp/userblk-cow.XXXXXX)
-export USERBLK_STATE_DIR=$WORK/state
+host_suite cow
 MNT=$WORK/mnt
 mkdir -p "$MNT"
 FIO=(fio --output-format=terse --minimal --verify_state_save=0 --ioengine=io_uring --direct=1)
@@ -22,8 +19,6 @@ FIO=(fio --output-format=terse --minimal --verify_state_save=0 --ioengine=io_uri
 SERVERS=$WORK/servers
 
 # ---- helpers ------------------------------------------------------------------
-
-needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 
 needs_loop() {
     [ "$(id -u)" = 0 ] || skip "needs root"
@@ -34,24 +29,14 @@ needs_loop() {
 
 # `add` a device on a loop device; print "ID BLOCKDEV".
 add_loop() {
-    local out id blk
-    out=$(ub add "$@" --frontend fuse --loop) || { echo "$out" >&2; return 1; }
-    echo "$out" >&2
-    id=$(dev_id_of "$out")
-    [ -n "$id" ] || die "no id in add output"
-    blk=$(sed -n 's/.*frontend fuse block \([^ ]*\).*/\1/p' <<<"$out")
-    [ -b "$blk" ] || die "no loop device in: $out"
-    [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE"
-    echo "$id $blk"
+    local r
+    r=$(add_served "$@" --frontend fuse --loop) || return 1
+    [ -b "${r#* }" ] || die "no loop device in: $r"
+    echo "$r"
 }
 
-del_dev() {
-    local id=$1 pid
-    pid=$(list_word "$id" 7)
-    ub del -n "$id"
-    wait_for 5 exited "$pid" || die "daemon $pid still running"
-    [ ! -e "$USERBLK_STATE_DIR/$id.json" ] || die "state file left behind"
-}
+# Not lib.sh's del_dev: these devices are not ublk ones.
+del_dev() { del_served "$@"; }
 
 # A base image of SIZE with random data in its first MiBs.
 make_base() { # make_base PATH SIZE RANDOM_MIB

@@ -8,14 +8,9 @@ set -u
 cd "$(dirname "$0")/../.."
 . vm/suite/lib.sh
 
-[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
-
-WORK=$(mktemp -d /var/tmp/userblk-filters.XXXXXX)
-export USERBLK_STATE_DIR=$WORK/state
+host_suite filters
 
 # ---- helpers ------------------------------------------------------------------
-
-needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 
 needs_fuse() {
     [ "$(id -u)" = 0 ] || skip "needs root"
@@ -23,26 +18,11 @@ needs_fuse() {
     needs python3 dd
 }
 
-# `add` a device; print "ID PATH" (PATH: the FUSE file, the loop device or the NBD URI).
-add_filtered() {
-    local out id path
-    out=$(ub add "$@") || { echo "$out" >&2; return 1; }
-    echo "$out" >&2
-    id=$(dev_id_of "$out")
-    [ -n "$id" ] || die "no id in add output"
-    path=$(sed -n 's/.*frontend [a-z]* block \([^ ]*\).*/\1/p' <<<"$out")
-    [ -n "$path" ] || die "add did not print the block device"
-    [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE"
-    echo "$id $path"
-}
-
 # Delete one device of ours and check its daemon and stats snapshot are gone.
 del_filtered() {
     local id=$1 pid
     pid=$(list_word "$id" 7)
-    ub del -n "$id"
-    wait_for 5 exited "$pid" || die "daemon $pid still running"
-    [ ! -e "$USERBLK_STATE_DIR/$id.json" ] || die "state file left behind"
+    del_served "$id"
     [ ! -e "$USERBLK_STATE_DIR/stats-$pid.json" ] || die "stats snapshot left behind"
 }
 
@@ -64,7 +44,7 @@ now_ms() { echo $(( ${EPOCHREALTIME/./} / 1000 )); }
 case_delay_and_stats() {
     needs_fuse
     local id file t0 took
-    read -r id file < <(add_filtered mem --size 64M --frontend fuse --filter stats --filter delay:read=20ms)
+    read -r id file < <(add_served mem --size 64M --frontend fuse --filter stats --filter delay:read=20ms)
     ub list -n "$id" | grep -q "filters stats:file=.* delay:read=20ms" || die "list does not show the stack"
     t0=$(now_ms)
     dd if="$file" of=/dev/null bs=4k count=10 iflag=direct status=none
@@ -86,7 +66,7 @@ case_delay_and_stats() {
 case_error_gives_eio() {
     needs_fuse
     local id file
-    read -r id file < <(add_filtered mem --size 64M --frontend fuse --filter error:ops=read,range=1M-2M)
+    read -r id file < <(add_served mem --size 64M --frontend fuse --filter error:ops=read,range=1M-2M)
     dd if="$file" of=/dev/null bs=4k count=1 skip=255 iflag=direct status=none || die "read before the range failed"
     expect_fail "Input/output error" dd if="$file" of=/dev/null bs=4k count=1 skip=256 iflag=direct
     expect_fail "Input/output error" dd if="$file" of=/dev/null bs=4k count=1 skip=511 iflag=direct
@@ -100,7 +80,7 @@ case_error_trigger_file() {
     needs_fuse
     local id file trigger=$WORK/fail-now
     rm -f "$trigger"
-    read -r id file < <(add_filtered mem --size 16M --frontend fuse --filter "error:errno=ENOSPC,file=$trigger")
+    read -r id file < <(add_served mem --size 16M --frontend fuse --filter "error:errno=ENOSPC,file=$trigger")
     dd if=/dev/zero of="$file" bs=4k count=1 oflag=direct conv=notrunc status=none || die "write failed with no trigger"
     touch "$trigger"
     expect_fail "No space left on device" dd if=/dev/zero of="$file" bs=4k count=1 oflag=direct conv=notrunc
@@ -113,7 +93,7 @@ case_readonly() {
     needs_fuse
     needs blockdev losetup
     local id blk
-    read -r id blk < <(add_filtered mem --size 16M --frontend fuse --loop --filter readonly)
+    read -r id blk < <(add_served mem --size 16M --frontend fuse --loop --filter readonly)
     [ -b "$blk" ] || die "$blk is not a block device"
     [ "$(blockdev --getro "$blk")" = 1 ] || die "$blk is not read-only"
     dd if="$blk" of=/dev/null bs=4k count=4 iflag=direct status=none || die "reading a read-only device failed"
@@ -127,7 +107,7 @@ case_log_lines() {
     needs_fuse
     local id file log=$WORK/requests.jsonl
     rm -f "$log"
-    read -r id file < <(add_filtered null --size 16M --frontend fuse --filter "log:file=$log")
+    read -r id file < <(add_served null --size 16M --frontend fuse --filter "log:file=$log")
     dd if=/dev/zero of="$file" bs=4k count=3 seek=2 oflag=direct conv=notrunc status=none
     dd if="$file" of=/dev/null bs=8k count=1 iflag=direct status=none
     del_filtered "$id"  # the log is flushed when the daemon exits
@@ -148,7 +128,7 @@ case_prometheus() {
     needs curl
     local id file port metrics
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    read -r id file < <(add_filtered mem --size 16M --frontend fuse --filter "stats:prometheus=127.0.0.1:$port")
+    read -r id file < <(add_served mem --size 16M --frontend fuse --filter "stats:prometheus=127.0.0.1:$port")
     dd if="$file" of=/dev/null bs=4k count=7 iflag=direct status=none
     metrics=$(curl -sf "http://127.0.0.1:$port/metrics") || die "no metrics on port $port"
     grep -q '^userblk_requests_total{op="read"} 7$' <<<"$metrics" || die "read count: $(grep requests_total <<<"$metrics")"
@@ -162,7 +142,7 @@ case_prometheus() {
 case_rate_limit() {
     needs_fuse
     local id file t0 took
-    read -r id file < <(add_filtered mem --size 16M --frontend fuse --filter rate:iops=50)
+    read -r id file < <(add_served mem --size 16M --frontend fuse --filter rate:iops=50)
     t0=$(now_ms)
     dd if="$file" of=/dev/null bs=4k count=26 iflag=direct status=none
     took=$(( $(now_ms) - t0 ))
@@ -174,10 +154,10 @@ case_rate_limit() {
 case_nbd_offset_truncate() {
     needs nbdinfo python3
     local id uri sock=$WORK/t.sock
-    read -r id uri < <(add_filtered null --size 64M --listen "unix:$sock" --filter truncate:size=100M)
+    read -r id uri < <(add_served null --size 64M --listen "unix:$sock" --filter truncate:size=100M)
     [ "$(nbdinfo --size "$uri")" = $((100 << 20)) ] || die "truncate: size $(nbdinfo --size "$uri")"
     del_filtered "$id"
-    read -r id uri < <(add_filtered null --size 64M --listen "unix:$sock" --filter offset:offset=1M,size=16M --filter readonly)
+    read -r id uri < <(add_served null --size 64M --listen "unix:$sock" --filter offset:offset=1M,size=16M --filter readonly)
     [ "$(nbdinfo --size "$uri")" = $((16 << 20)) ] || die "offset: size $(nbdinfo --size "$uri")"
     nbdinfo --json "$uri" | python3 -c 'import json,sys; e=json.load(sys.stdin)["exports"][0]; assert e["is_read_only"], e' \
         || die "readonly not advertised over NBD"

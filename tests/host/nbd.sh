@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/../.."
 . vm/suite/lib.sh
 
-[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
+need_userblk
 
 WORK=$(mktemp -d /var/tmp/userblk-nbd.XXXXXX)
 MNT=/mnt/ub-nbd
@@ -19,31 +19,25 @@ NBDSH=(env PATH=/usr/bin:$PATH nbdsh)
 
 # ---- helpers ------------------------------------------------------------------
 
-needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
-
 # `add` an NBD export; print "ID URI".
-add_nbd() {
-    local out id uri
-    out=$(ub add "$@") || { echo "$out" >&2; return 1; }
-    echo "$out" >&2
-    id=$(dev_id_of "$out")
-    [ -n "$id" ] || die "no id in add output"
-    uri=$(sed -n 's/.*frontend nbd block \([^ ]*\).*/\1/p' <<<"$out")
-    [ -n "$uri" ] || die "add did not print the URI"
-    [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE"
-    echo "$id $uri"
-}
+add_nbd() { add_served "$@"; }
 
 # Delete and check nothing is left: no daemon, no socket, no state.
 del_nbd() {
-    local id=$1 pid socks
-    pid=$(list_word "$id" 7)
+    local id=$1 socks
     socks=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(" ".join(l[5:] for l in json.load(sys.stdin)[0]["listen"] if l.startswith("unix:")))')
-    ub del -n "$id"
-    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    del_served "$id"
     for s in $socks; do [ ! -e "$s" ] || die "socket $s left behind"; done
-    [ ! -e "/run/userblk/$id.json" ] || die "state file left behind"
 }
+
+# Skip the case unless fio has its nbd engine (libnbd).
+needs_fio_nbd() {
+    needs fio
+    fio --enghelp 2>/dev/null | grep -qw nbd || skip "this fio has no nbd engine"
+}
+
+# fio with its nbd engine on URI: fio_nbd URI FIO_ARGS...
+fio_nbd() { local uri=$1; shift; "${FIO[@]}" --ioengine=nbd --uri="$uri" "$@"; }
 
 info_json() { nbdinfo --json "$1"; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); e=d['exports'][0]; print(e$1)"; }
@@ -169,14 +163,13 @@ case_qemu_img_convert_compare() {
 }
 
 case_fio_nbd_verify_and_many_clients() {
-    needs fio
-    fio --enghelp 2>/dev/null | grep -qw nbd || skip "this fio has no nbd engine"
+    needs_fio_nbd
     local id uri
     read -r id uri < <(add_nbd mem --size 256M --listen "unix:$WORK/d.sock")
-    "${FIO[@]}" --name=v --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-256k \
+    fio_nbd "$uri" --name=v --rw=randwrite --bsrange=4k-256k \
         --iodepth=32 --size=256M --verify=crc32c --verify_fatal=1 --do_verify=1
     # Four clients at once, each on its own quarter, writing and verifying.
-    "${FIO[@]}" --name=par --ioengine=nbd --uri="$uri" --numjobs=4 --rw=randrw --bs=4k \
+    fio_nbd "$uri" --name=par --numjobs=4 --rw=randrw --bs=4k \
         --iodepth=16 --size=64M --offset_increment=64M --io_size=16M --verify=crc32c --verify_fatal=1
     local n
     del_nbd "$id"
@@ -188,11 +181,10 @@ case_fio_nbd_verify_and_many_clients() {
 # The early target answers writes before a worker stores them: the NBD
 # server's slot machine must hold each reply until the store is done.
 case_early_answers_held() {
-    needs fio
-    fio --enghelp 2>/dev/null | grep -qw nbd || skip "this fio has no nbd engine"
+    needs_fio_nbd
     local id uri
     read -r id uri < <(add_nbd early --size 64M --listen "unix:$WORK/early.sock")
-    "${FIO[@]}" --name=early --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-128k \
+    fio_nbd "$uri" --name=early --rw=randwrite --bsrange=4k-128k \
         --iodepth=32 --size=64M --verify=crc32c --verify_fatal=1 --verify_backlog=32 --do_verify=1
     del_nbd "$id"
 }

@@ -18,16 +18,11 @@ set -u
 cd "$(dirname "$0")/../.."
 . vm/suite/lib.sh
 
-[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
-
-WORK=$(mktemp -d /var/tmp/userblk-qcow2.XXXXXX)
-export USERBLK_STATE_DIR=$WORK/state
+host_suite qcow2
 MNT=$WORK/mnt
 mkdir -p "$MNT"
 SOCK=$WORK/nbd.sock
 URI="nbd+unix:///?socket=$SOCK"
-
-needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 
 # Export IMAGE over NBD (extra add options after it); print the id.
 export_nbd() { # export_nbd IMAGE [OPTIONS...]

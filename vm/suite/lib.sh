@@ -135,6 +135,48 @@ del_own_devices() { # del_own_devices [DIR]
     done
 }
 
+# ---- for the host suites (tests/host/, on this machine) -------------------------
+
+# The binary under test must exist: without it the suite cannot start.
+need_userblk() {
+    [ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
+}
+
+# Start a host suite NAME: WORK is a new private directory, and the state
+# directory in it holds this suite's devices only (deleted by id).
+host_suite() { # host_suite NAME
+    need_userblk
+    WORK=$(mktemp -d "/var/tmp/userblk-$1.XXXXXX")
+    export USERBLK_STATE_DIR=$WORK/state
+}
+
+# Skip the case unless every TOOL is installed.
+needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
+
+# `add` a device whose frontend names what it serves ("frontend F block
+# PATH": a FUSE file, a loop device or an NBD URI); print "ID PATH".
+add_served() {
+    local out id path
+    out=$(ub add "$@") || { echo "$out" >&2; return 1; }
+    echo "$out" >&2
+    id=$(dev_id_of "$out")
+    [ -n "$id" ] || die "no id in add output"
+    path=$(sed -n 's/.*frontend [a-z]* block \([^ ]*\).*/\1/p' <<<"$out")
+    [ -n "$path" ] || die "add did not print what it serves: $out"
+    [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE"
+    echo "$id $path"
+}
+
+# Delete a device served without ublk and check its daemon and state file
+# are gone (state in $USERBLK_STATE_DIR, /run/userblk by default).
+del_served() { # del_served ID
+    local id=$1 pid
+    pid=$(list_word "$id" 7)
+    ub del -n "$id"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    [ ! -e "${USERBLK_STATE_DIR:-/run/userblk}/$id.json" ] || die "state file left behind"
+}
+
 cleanup_devices() {
     ub del -a >/dev/null 2>&1 || true
     umount /mnt/ub* 2>/dev/null || true

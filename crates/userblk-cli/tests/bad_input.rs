@@ -25,20 +25,16 @@ fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
         .spawn()
         .unwrap();
     let status = wait(&mut child, args);
-    let (mut out, mut err) = (String::new(), String::new());
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let out = read_all(child.stdout.take());
+    let err = read_all(child.stderr.take());
     (status.code(), out, err)
+}
+
+/// All of a piped output of a child that has exited.
+fn read_all(pipe: Option<impl Read>) -> String {
+    let mut s = String::new();
+    pipe.expect("piped").read_to_string(&mut s).unwrap();
+    s
 }
 
 /// Wait for `child` up to the deadline; kill it and fail past that.
@@ -77,151 +73,31 @@ fn walk(dir: &Path) -> Vec<String> {
     out
 }
 
-/// One case: arguments ({} is the scratch directory), exit code, a phrase
-/// of the one line on stderr.
-struct Case {
-    args: &'static [&'static str],
-    code: i32,
-    phrase: &'static str,
-}
+/// One case: arguments split at spaces ({} is the scratch directory), exit
+/// code, a phrase of the one line on stderr.
+type Case = (&'static str, i32, &'static str);
 
+// A table: one case a line.
+#[rustfmt::skip]
 const CASES: &[Case] = &[
-    Case {
-        args: &["create", "qcow2", "--file", "{}/x.qcow2", "--size", "1"],
-        code: 1,
-        phrase: "size 1 is below one sector",
-    },
-    Case {
-        args: &[
-            "create",
-            "qcow2",
-            "--file",
-            "{}/x.qcow2",
-            "--size",
-            "16383P",
-        ],
-        code: 2,
-        phrase: "larger than the largest device, 8E",
-    },
-    Case {
-        args: &[
-            "create",
-            "qcow2",
-            "--file",
-            "{}/nodir/x.qcow2",
-            "--size",
-            "1M",
-        ],
-        code: 1,
-        phrase: "No such file",
-    },
-    Case {
-        args: &[
-            "create",
-            "qcow2",
-            "--file",
-            "{}/x.qcow2",
-            "--size",
-            "1M",
-            "--backing",
-            "{}/fifo",
-        ],
-        code: 1,
-        phrase: "it is a FIFO",
-    },
-    Case {
-        args: &["add", "--frontend", "fuse", "mem", "--size", "16383P"],
-        code: 2,
-        phrase: "larger than the largest device",
-    },
-    Case {
-        args: &[
-            "add",
-            "s3",
-            "--bucket",
-            "b",
-            "--size",
-            "1G",
-            "--chunk-size",
-            "1000",
-        ],
-        code: 2,
-        phrase: "chunk size 1000 is invalid",
-    },
-    Case {
-        args: &["add", "--frontend", "fuse", "-q", "1000", "null"],
-        code: 1,
-        phrase: "out of range 1..=64",
-    },
-    Case {
-        args: &["add", "--frontend", "fuse", "file", "--file", "{}/fifo"],
-        code: 1,
-        phrase: "it is a FIFO",
-    },
-    Case {
-        args: &["add", "--frontend", "fuse", "qcow2", "--file", "{}/fifo"],
-        code: 1,
-        phrase: "it is a FIFO",
-    },
-    Case {
-        args: &[
-            "add",
-            "--frontend",
-            "fuse",
-            "qcow2",
-            "--file",
-            "{}/nonexistent",
-        ],
-        code: 1,
-        phrase: "No such file",
-    },
-    Case {
-        args: &["copy", "{}/fifo", "{}/dst.img"],
-        code: 1,
-        phrase: "it is a FIFO",
-    },
-    Case {
-        args: &["copy", "{}/src.img", "{}/fifo"],
-        code: 1,
-        phrase: "it is a FIFO",
-    },
-    Case {
-        args: &["copy", "{}/src.img", "qcow2:{}/fifo"],
-        code: 1,
-        phrase: "it is a FIFO",
-    },
-    Case {
-        args: &["copy", "{}/src.img", "{}/nodir/dst.img"],
-        code: 1,
-        phrase: "No such file",
-    },
-    Case {
-        args: &[
-            "copy",
-            "{}/src.img",
-            "{}/dst.img",
-            "--resume",
-            "--checkpoint",
-            "{}/nodir/x",
-        ],
-        code: 1,
-        phrase: "its directory cannot be written",
-    },
-    Case {
-        args: &["copy", "{}/src.img", "s3://b/p?chunk-size=1000"],
-        code: 2,
-        phrase: "chunk size 1000 is invalid",
-    },
-    Case {
-        args: &["ctl", "-n", "0", "powercut", "junk"],
-        code: 2,
-        phrase: "unexpected argument 'junk'",
-    },
-    Case {
-        args: &["ctl", "-n", "0"],
-        code: 1,
-        phrase: "no device with id 0",
-    },
+    ("create qcow2 --file {}/x.qcow2 --size 1", 1, "size 1 is below one sector"),
+    ("create qcow2 --file {}/x.qcow2 --size 16383P", 2, "larger than the largest device, 8E"),
+    ("create qcow2 --file {}/nodir/x.qcow2 --size 1M", 1, "No such file"),
+    ("create qcow2 --file {}/x.qcow2 --size 1M --backing {}/fifo", 1, "it is a FIFO"),
+    ("add --frontend fuse mem --size 16383P", 2, "larger than the largest device"),
+    ("add s3 --bucket b --size 1G --chunk-size 1000", 2, "chunk size 1000 is invalid"),
+    ("add --frontend fuse -q 1000 null", 1, "out of range 1..=64"),
+    ("add --frontend fuse file --file {}/fifo", 1, "it is a FIFO"),
+    ("add --frontend fuse qcow2 --file {}/fifo", 1, "it is a FIFO"),
+    ("add --frontend fuse qcow2 --file {}/nonexistent", 1, "No such file"),
+    ("copy {}/fifo {}/dst.img", 1, "it is a FIFO"),
+    ("copy {}/src.img {}/fifo", 1, "it is a FIFO"),
+    ("copy {}/src.img qcow2:{}/fifo", 1, "it is a FIFO"),
+    ("copy {}/src.img {}/nodir/dst.img", 1, "No such file"),
+    ("copy {}/src.img {}/dst.img --resume --checkpoint {}/nodir/x", 1, "its directory cannot be written"),
+    ("copy {}/src.img s3://b/p?chunk-size=1000", 2, "chunk size 1000 is invalid"),
+    ("ctl -n 0 powercut junk", 2, "unexpected argument 'junk'"),
+    ("ctl -n 0", 1, "no device with id 0"),
 ];
 
 #[test]
@@ -237,16 +113,15 @@ fn bad_input_is_one_line_and_leaves_nothing() {
     std::fs::write(d.join("src.img"), vec![0u8; 4096]).unwrap();
     let before = listing(d);
     let dstr = d.display().to_string();
-    for case in CASES {
-        let args: Vec<String> = case.args.iter().map(|a| a.replace("{}", &dstr)).collect();
+    for &(args, want_code, phrase) in CASES {
+        let args: Vec<String> = args.split(' ').map(|a| a.replace("{}", &dstr)).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, _out, err) = run(d, &args);
-        assert_eq!(code, Some(case.code), "{args:?}: {err}");
+        assert_eq!(code, Some(want_code), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
         assert!(
-            err.contains(case.phrase),
-            "{args:?}: expected '{}' in: {err}",
-            case.phrase
+            err.contains(phrase),
+            "{args:?}: expected '{phrase}' in: {err}"
         );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         // A path said once: no "X: X: ..." (a name of the scratch
@@ -284,13 +159,7 @@ fn a_closed_pipe_is_not_a_panic() {
         // The reader goes before the first byte is written.
         drop(child.stdout.take());
         let status = wait(&mut child, args);
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = read_all(child.stderr.take());
         assert_eq!(status.code(), Some(0), "{args:?}: {err}");
         assert!(err.is_empty(), "{args:?}: {err}");
     }

@@ -112,6 +112,14 @@ fn nbdkit(sock: &Path, args: &[&str]) -> Server {
     Server::spawn(cmd, sock)
 }
 
+/// `nbdkit` with `args`, listening on a socket in a new temp dir.
+fn nbdkit_in_temp(args: &[&str]) -> (TempDir, PathBuf, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let srv = nbdkit(&sock, args);
+    (dir, sock, srv)
+}
+
 fn qemu_nbd(sock: &Path, file: &Path, args: &[&str]) -> Server {
     let mut cmd = Command::new("qemu-nbd");
     cmd.args(["-f", "raw", "--persistent", "--shared=4", "-k"])
@@ -133,6 +141,12 @@ fn connect_with_timeout(sock: &Path, reconnect: Duration) -> NbdTarget {
     let mut o = NbdOptions::new(unix_uri(sock, ""));
     o.reconnect_timeout = reconnect;
     NbdTarget::connect(o).unwrap()
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on (for the moment).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 /// A temp dir with a socket path and a zero-filled `size`-byte disk image.
@@ -242,9 +256,7 @@ fn flush_and_fua(t: &NbdTarget) {
 #[test]
 fn nbdkit_memory_caps_follow_the_server() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["memory", "64M"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["memory", "64M"]);
     let t = connect(&sock);
     let caps = t.caps();
     let ex = t.export();
@@ -269,27 +281,21 @@ fn nbdkit_memory_caps_follow_the_server() {
 #[test]
 fn nbdkit_memory_patterns() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["memory", "64M"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["memory", "64M"]);
     patterns_round_trip(&connect(&sock));
 }
 
 #[test]
 fn nbdkit_memory_trim_and_write_zeroes() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["memory", "64M"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["memory", "64M"]);
     zeroing_reads_zero(&connect(&sock));
 }
 
 #[test]
 fn nbdkit_memory_flush_and_fua() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["memory", "64M"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["memory", "64M"]);
     let t = connect(&sock);
     let mut dev = Dev::new(&t);
     // Whatever nbdkit advertises, flush and FUA writes succeed.
@@ -302,9 +308,7 @@ fn nbdkit_memory_flush_and_fua() {
 #[test]
 fn nbdkit_readonly_is_a_read_only_device() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["--readonly", "pattern", "1M"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["--readonly", "pattern", "1M"]);
     let t = connect(&sock);
     assert!(t.caps().read_only);
     let mut dev = Dev::new(&t);
@@ -320,9 +324,7 @@ fn nbdkit_readonly_is_a_read_only_device() {
 #[test]
 fn odd_export_size_is_rounded_down_to_blocks() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["memory", "1048676"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["memory", "1048676"]);
     let t = connect(&sock);
     assert_eq!(t.export().size, 1_048_676);
     assert_eq!(t.caps().size, 1 << 20);
@@ -334,10 +336,7 @@ fn odd_export_size_is_rounded_down_to_blocks() {
 #[test]
 fn tcp_uri() {
     require!("nbdkit");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut cmd = Command::new("nbdkit");
     cmd.args([
         "--foreground",
@@ -472,9 +471,7 @@ fn holes_read_zero(t: &NbdTarget, extents: &[Extent], len: u64) {
 #[test]
 fn nbdkit_block_status_finds_holes() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["memory", "64M"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["memory", "64M"]);
     let t = connect(&sock);
     let mut out = Vec::new();
     t.extents(0, 64 << 20, &mut out).unwrap();
@@ -504,18 +501,13 @@ fn nbdkit_block_status_finds_holes() {
 #[test]
 fn no_block_status_without_multi_conn() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
     // A server for one client may never answer a second connection.
-    let _srv = nbdkit(
-        &sock,
-        &[
-            "--filter=multi-conn",
-            "memory",
-            "8M",
-            "multi-conn-mode=disable",
-        ],
-    );
+    let (_dir, sock, _srv) = nbdkit_in_temp(&[
+        "--filter=multi-conn",
+        "memory",
+        "8M",
+        "multi-conn-mode=disable",
+    ]);
     let t = connect(&sock);
     assert!(!t.export().has(proto::FLAG_CAN_MULTI_CONN));
     let mut out = Vec::new();
@@ -575,6 +567,13 @@ impl Driver {
         assert_eq!(r, None, "{req:?} finished at once");
     }
 
+    /// Start a write of `pattern(slot)` over the whole of `slot`'s region.
+    fn start_write_whole(&mut self, t: &NbdTarget, slot: u16) {
+        let data = pattern(u64::from(slot), REGION);
+        let req = Request::new(Op::Write, Self::region(slot), len32(REGION));
+        self.start(t, slot, req, Some(&data));
+    }
+
     /// Results that arrived, waiting for at least one if `block`.
     fn collect(&mut self, t: &NbdTarget, block: bool) -> Vec<(u16, Request, IoResult)> {
         self.events.clear();
@@ -602,9 +601,7 @@ impl Driver {
 fn many_requests_in_flight() {
     let _w = watchdog("many_requests_in_flight", Duration::from_secs(120));
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("s");
-    let _srv = nbdkit(&sock, &["memory", "64M"]);
+    let (_dir, sock, _srv) = nbdkit_in_temp(&["memory", "64M"]);
     let t = connect(&sock);
     let mut d = Driver::new(&t);
     // Each slot owns a region, so results do not depend on ordering between slots.
@@ -684,6 +681,15 @@ fn warm_up(t: &NbdTarget) {
     assert_eq!(Dev::new(t).read(0, 512).map(|v| v.len()), Ok(512));
 }
 
+/// A qemu-nbd over a new `size`-byte image, and a target connected to it
+/// that waits up to `reconnect` for a server that went away.
+fn reconnecting(size: u64, reconnect: Duration) -> (TempDir, PathBuf, PathBuf, Server, NbdTarget) {
+    let (dir, sock, file) = image(size);
+    let srv = qemu_nbd(&sock, &file, &[]);
+    let t = connect_with_timeout(&sock, reconnect);
+    (dir, sock, file, srv, t)
+}
+
 #[test]
 fn reconnect_resends_queued_and_in_flight_requests() {
     let _w = watchdog(
@@ -691,23 +697,17 @@ fn reconnect_resends_queued_and_in_flight_requests() {
         Duration::from_secs(120),
     );
     require!("qemu-nbd");
-    let (_dir, sock, file) = image(8 << 20);
-    let srv = qemu_nbd(&sock, &file, &[]);
-    let t = connect_with_timeout(&sock, Duration::from_secs(30));
+    let (_dir, sock, file, srv, t) = reconnecting(8 << 20, Duration::from_secs(30));
     warm_up(&t);
     let mut d = Driver::new(&t);
 
     // Writes in flight as the server dies, then more while it is gone.
     for slot in 0..SLOTS / 2 {
-        let data = pattern(u64::from(slot), REGION);
-        let req = Request::new(Op::Write, Driver::region(slot), len32(REGION));
-        d.start(&t, slot, req, Some(&data));
+        d.start_write_whole(&t, slot);
     }
     srv.kill();
     for slot in SLOTS / 2..SLOTS {
-        let data = pattern(u64::from(slot), REGION);
-        let req = Request::new(Op::Write, Driver::region(slot), len32(REGION));
-        d.start(&t, slot, req, Some(&data));
+        d.start_write_whole(&t, slot);
     }
     std::thread::sleep(Duration::from_secs(1));
     let mut results = d.collect(&t, false);
@@ -761,9 +761,7 @@ fn reconnect_timeout_fails_waiting_requests_with_eio() {
         Duration::from_secs(120),
     );
     require!("qemu-nbd");
-    let (_dir, sock, file) = image(1 << 20);
-    let srv = qemu_nbd(&sock, &file, &[]);
-    let t = connect_with_timeout(&sock, Duration::from_secs(1));
+    let (_dir, sock, file, srv, t) = reconnecting(1 << 20, Duration::from_secs(1));
     let mut dev = Dev::new(&t);
     let data = pattern(5, 4096);
     assert_eq!(dev.write(0, &data), Ok(4096));
@@ -787,14 +785,12 @@ fn reconnect_refuses_an_export_of_another_size() {
         Duration::from_secs(120),
     );
     require!("qemu-nbd");
-    let (dir, sock, file) = image(1 << 20);
+    let (dir, sock, file, srv, t) = reconnecting(1 << 20, Duration::from_secs(2));
     let other = dir.path().join("other.img");
     std::fs::File::create(&other)
         .unwrap()
         .set_len(2 << 20)
         .unwrap();
-    let srv = qemu_nbd(&sock, &file, &[]);
-    let t = connect_with_timeout(&sock, Duration::from_secs(2));
     let mut dev = Dev::new(&t);
     let data = pattern(6, 4096);
     assert_eq!(dev.write(8192, &data), Ok(4096));
@@ -808,6 +804,14 @@ fn reconnect_refuses_an_export_of_another_size() {
 }
 
 // ---- misbehaving servers ----
+
+/// The 16-byte header of a simple reply with `error` for `cookie`.
+fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
+    let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+    r.extend_from_slice(&error.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r
+}
 
 /// A minimal NBD server on a Unix socket: it negotiates a 1 MiB export with
 /// `NBD_OPT_GO`, then answers each request on the first connection with
@@ -861,9 +865,7 @@ fn fake_server(sock: &Path, bad: fn(&mut UnixStream, u64)) -> std::thread::JoinH
                     bad(&mut c, cookie);
                     continue;
                 }
-                let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-                r.extend_from_slice(&0u32.to_be_bytes());
-                r.extend_from_slice(&cookie.to_be_bytes());
+                let mut r = simple_reply(0, cookie);
                 r.resize(r.len() + len as usize, 0xAB);
                 c.write_all(&r).unwrap();
             }
@@ -897,10 +899,7 @@ fn reply_with_bad_magic_reconnects() {
 #[test]
 fn reply_for_unknown_cookie_reconnects() {
     survives(|c, cookie| {
-        let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-        r.extend_from_slice(&0u32.to_be_bytes());
-        r.extend_from_slice(&(cookie + 1000).to_be_bytes());
-        c.write_all(&r).unwrap();
+        c.write_all(&simple_reply(0, cookie + 1000)).unwrap();
     });
 }
 
@@ -918,19 +917,15 @@ fn structured_reply_reconnects() {
 #[test]
 fn eshutdown_reconnects_and_retries() {
     survives(|c, cookie| {
-        let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-        r.extend_from_slice(&proto::ESHUTDOWN.to_be_bytes());
-        r.extend_from_slice(&cookie.to_be_bytes());
-        c.write_all(&r).unwrap();
+        c.write_all(&simple_reply(proto::ESHUTDOWN, cookie))
+            .unwrap();
     });
 }
 
 #[test]
 fn truncated_read_data_reconnects() {
     survives(|c, cookie| {
-        let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-        r.extend_from_slice(&0u32.to_be_bytes());
-        r.extend_from_slice(&cookie.to_be_bytes());
+        let mut r = simple_reply(0, cookie);
         r.extend_from_slice(&[0xCD; 100]);
         c.write_all(&r).unwrap();
         c.shutdown(std::net::Shutdown::Write).unwrap();
@@ -943,10 +938,7 @@ fn server_errors_become_errnos() {
     let sock = dir.path().join("s");
     // Only the first connection is used: every read fails with ENOSPC.
     let server = fake_server(&sock, |c, cookie| {
-        let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-        r.extend_from_slice(&proto::ENOSPC.to_be_bytes());
-        r.extend_from_slice(&cookie.to_be_bytes());
-        c.write_all(&r).unwrap();
+        c.write_all(&simple_reply(proto::ENOSPC, cookie)).unwrap();
     });
     let t = connect(&sock);
     let mut dev = Dev::new(&t);
@@ -972,10 +964,7 @@ fn missing_socket_is_a_clear_error() {
 
 #[test]
 fn refused_tcp_connection_is_a_clear_error() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let uri = NbdUri::parse(&format!("nbd://127.0.0.1:{port}/x")).unwrap();
     let msg = NbdTarget::connect(NbdOptions::new(uri))
         .unwrap_err()
@@ -1038,6 +1027,14 @@ fn silent_server_times_out() {
 
 // ---- shutdown ----
 
+/// Dropping `t` returns within 2 s.
+fn drops_promptly(t: NbdTarget) {
+    let start = Instant::now();
+    drop(t);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
 #[test]
 fn drop_ends_the_threads_promptly() {
     let _w = watchdog("drop_ends_the_threads_promptly", Duration::from_secs(120));
@@ -1047,13 +1044,7 @@ fn drop_ends_the_threads_promptly() {
     // Connected and idle.
     let t = connect(&sock);
     warm_up(&t);
-    let start = Instant::now();
-    drop(t);
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
-    );
+    drops_promptly(t);
     // Never started.
     drop(connect(&sock));
     // Reconnecting to a dead server.
@@ -1061,11 +1052,5 @@ fn drop_ends_the_threads_promptly() {
     warm_up(&t);
     srv.kill();
     std::thread::sleep(Duration::from_millis(300));
-    let start = Instant::now();
-    drop(t);
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
-    );
+    drops_promptly(t);
 }
