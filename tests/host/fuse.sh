@@ -321,6 +321,64 @@ case_user_mounts_with_fusermount() {
         ! grep -q ' $dir/mnt ' /proc/self/mounts"
 }
 
+# Nothing of a failed add is left, and the loop subsystem still answers.
+nothing_left() {
+    local i
+    for i in $(seq 50); do  # the attacher lets go of its device within moments
+        losetup -a | grep -q "/fuse-[0-9]*/" || break
+        sleep 0.2
+    done
+    timeout 10 losetup -f >/dev/null || die "losetup -f hangs or fails: the loop subsystem is stuck"
+    ! losetup -a | grep "/fuse-[0-9]*/" || die "a loop device is still bound to a userblk file"
+    no_fuse_mounts
+    [ -z "$(ub list | sed -n 2p)" ] || die "add left a list entry: $(ub list)"
+    ! ls /run/userblk/*.json 2>/dev/null || die "a state file is left"
+}
+
+case_kill_during_loop_attach() {
+    needs_fallback
+    local out rc pid
+    ub del -a >/dev/null 2>&1
+    timeout 60 "$USERBLK" add mem --size 64M --filter delay:flush=10s >"$WORK/add.out" 2>&1 &
+    local add=$!
+    for _ in $(seq 50); do
+        pid=$(pgrep -f -- "--filter delay:flush=10s --foreground" | head -1)
+        [ -n "$pid" ] && pgrep -P "$pid" >/dev/null && break
+        sleep 0.1
+    done
+    [ -n "$pid" ] || die "no daemon"
+    sleep 1
+    kill -9 "$pid"
+    wait "$add"; rc=$?
+    [ "$rc" != 0 ] && [ "$rc" != 124 ] || die "add returned $rc: $(cat "$WORK/add.out")"
+    grep -q "signal: 9" "$WORK/add.out" || die "add did not say the daemon was killed: $(cat "$WORK/add.out")"
+    nothing_left
+}
+
+case_stuck_flush_add_fails() {
+    needs_fallback
+    local rc
+    timeout 60 "$USERBLK" add mem --size 64M --filter delay:all=1000000s >"$WORK/add.out" 2>&1; rc=$?
+    [ "$rc" != 0 ] && [ "$rc" != 124 ] || die "add returned $rc: $(cat "$WORK/add.out")"
+    grep -q "did not answer the flush" "$WORK/add.out" || die "unclear error: $(cat "$WORK/add.out")"
+    nothing_left
+}
+
+case_del_force_stopped_daemon() {
+    needs_fallback
+    local r id pid out
+    r=$(add_fuse mem --size 64M) || die "add failed"
+    id=${r%% *}
+    pid=$(fuse_word "$id" 7)
+    kill -STOP "$pid"
+    out=$(timeout 30 "$USERBLK" del -n "$id" 2>&1) && die "del of a stopped daemon succeeded"
+    [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
+    grep -q -- "--force" <<<"$out" || die "del did not name --force: $out"
+    timeout 30 "$USERBLK" del -n "$id" --force || die "del --force failed"
+    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
+    nothing_left
+}
+
 # ---- run ----------------------------------------------------------------------
 
 cleanup_all() {
@@ -329,7 +387,7 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 15
+plan 18
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "fio verify on the loop device" case_fio_verify_loop
 case_run "fio verify on the FUSE file, O_DIRECT" case_fio_verify_fuse_file_direct
@@ -345,4 +403,7 @@ case_run "bad mount points and options: clear errors" case_errors_are_one_clear_
 case_run "no FUSE / no loop support: clear errors" case_no_fuse_no_loop_support
 case_run "user: no fusermount3, no loop: clear errors" case_user_without_fusermount_or_root
 case_run "user: FUSE mount through fusermount3" case_user_mounts_with_fusermount
+case_run "kill -9 while attaching the loop device: add fails, nothing stuck" case_kill_during_loop_attach
+case_run "a target that never flushes: add fails within its deadline" case_stuck_flush_add_fails
+case_run "del --force on a stopped daemon; plain del names --force" case_del_force_stopped_daemon
 summary

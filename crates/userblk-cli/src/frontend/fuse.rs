@@ -310,9 +310,9 @@ pub fn run_attacher(spec: &str) -> anyhow::Result<()> {
         read_only: ro == "1",
     };
     let lo = LoopDevice::attach(Path::new(file), &opts)?;
-    println!("{}", lo.number());
-    std::io::stdout()
-        .flush()
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", lo.number())
+        .and_then(|()| out.flush())
         .context("reporting the loop device")?;
     let mut byte = [0u8; 1];
     let _ = std::io::stdin().read(&mut byte);

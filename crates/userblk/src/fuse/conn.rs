@@ -47,6 +47,7 @@ fn fuse_minor(mountinfo: &str, mountpoint: &Path) -> Option<u32> {
     let want = mountpoint.to_str()?;
     mountinfo
         .lines()
+        .rev()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let sep = fields.iter().position(|f| *f == "-")?;
@@ -56,7 +57,7 @@ fn fuse_minor(mountinfo: &str, mountpoint: &Path) -> Option<u32> {
                 .then(|| fields.get(2)?.split_once(':')?.1.parse().ok())
                 .flatten()
         })
-        .last()
+        .next()
 }
 
 /// Undo mountinfo's octal escapes (`\040` for a space, and so on).
