@@ -47,6 +47,9 @@ add_fuse() {
 file_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["file"])'; }
 mnt_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["mountpoint"])'; }
 
+# Whether PID runs: a zombie (init here may reap it late) has exited.
+running() { [ -e "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+
 # Delete and check nothing is left: no daemon, no mount, no loop device, no state.
 del_fuse() {
     local id=$1 pid mnt lo
@@ -54,7 +57,7 @@ del_fuse() {
     mnt=$(mnt_of "$id")
     lo=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["loop_device"] or "")')
     ub del -n "$id"
-    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
+    ! running "$pid" || die "daemon $pid still running"
     ! findmnt "$mnt" >/dev/null || die "$mnt still mounted"
     if [ -n "$lo" ]; then
         ! losetup -a | grep -q "^$lo:.*$mnt" || die "$lo still attached to $mnt"
@@ -321,53 +324,56 @@ case_user_mounts_with_fusermount() {
         ! grep -q ' $dir/mnt ' /proc/self/mounts"
 }
 
-# Nothing of a failed add is left, and the loop subsystem still answers.
+# Nothing of a failed add on mount point $1 is left, and the loop subsystem
+# still answers. (Other devices may exist: only this mount point's count.)
 nothing_left() {
-    local i
+    local mnt=$1 i
     for i in $(seq 50); do  # the attacher lets go of its device within moments
-        losetup -a | grep -q "/fuse-[0-9]*/" || break
+        losetup -a | grep -q "$mnt/" || break
         sleep 0.2
     done
     timeout 10 losetup -f >/dev/null || die "losetup -f hangs or fails: the loop subsystem is stuck"
-    ! losetup -a | grep "/fuse-[0-9]*/" || die "a loop device is still bound to a userblk file"
-    no_fuse_mounts
-    [ -z "$(ub list | sed -n 2p)" ] || die "add left a list entry: $(ub list)"
-    ! ls /run/userblk/*.json 2>/dev/null || die "a state file is left"
+    ! losetup -a | grep "$mnt/" || die "a loop device is still bound to $mnt/disk"
+    ! grep -q " $mnt " /proc/self/mounts || die "$mnt is still mounted"
+    ! timeout 10 "$USERBLK" list | grep -q "$mnt/" || die "add left a list entry"
+    ! grep -ls "$mnt" /run/userblk/*.json || die "a state file is left"
 }
 
 case_kill_during_loop_attach() {
     needs_fallback
     local out rc pid
-    ub del -a >/dev/null 2>&1
-    timeout 60 "$USERBLK" add mem --size 64M --filter delay:flush=10s >"$WORK/add.out" 2>&1 &
+    mkdir -p "$WORK/kill"
+    timeout 60 "$USERBLK" add mem --size 64M --mountpoint "$WORK/kill" --filter delay:flush=10s >"$WORK/add.out" 2>&1 &
     local add=$!
     for _ in $(seq 50); do
-        pid=$(pgrep -f -- "--filter delay:flush=10s --foreground" | head -1)
+        pid=$(pgrep -f -- "$WORK/kill --filter delay:flush=10s --foreground" | head -1)
         [ -n "$pid" ] && pgrep -P "$pid" >/dev/null && break
         sleep 0.1
     done
     [ -n "$pid" ] || die "no daemon"
     sleep 1
     kill -9 "$pid"
-    wait "$add"; rc=$?
+    rc=0; wait "$add" || rc=$?
     [ "$rc" != 0 ] && [ "$rc" != 124 ] || die "add returned $rc: $(cat "$WORK/add.out")"
     grep -q "signal: 9" "$WORK/add.out" || die "add did not say the daemon was killed: $(cat "$WORK/add.out")"
-    nothing_left
+    nothing_left "$WORK/kill"
 }
 
 case_stuck_flush_add_fails() {
     needs_fallback
-    local rc
-    timeout 60 "$USERBLK" add mem --size 64M --filter delay:all=1000000s >"$WORK/add.out" 2>&1; rc=$?
+    local rc=0
+    mkdir -p "$WORK/stuck"
+    timeout 60 "$USERBLK" add mem --size 64M --mountpoint "$WORK/stuck" --filter delay:all=1000000s >"$WORK/add.out" 2>&1 || rc=$?
     [ "$rc" != 0 ] && [ "$rc" != 124 ] || die "add returned $rc: $(cat "$WORK/add.out")"
     grep -q "did not answer the flush" "$WORK/add.out" || die "unclear error: $(cat "$WORK/add.out")"
-    nothing_left
+    nothing_left "$WORK/stuck"
 }
 
 case_del_force_stopped_daemon() {
     needs_fallback
     local r id pid out
-    r=$(add_fuse mem --size 64M) || die "add failed"
+    mkdir -p "$WORK/force"
+    r=$(add_fuse mem --size 64M --mountpoint "$WORK/force") || die "add failed"
     id=${r%% *}
     pid=$(fuse_word "$id" 7)
     kill -STOP "$pid"
@@ -375,8 +381,8 @@ case_del_force_stopped_daemon() {
     [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
     grep -q -- "--force" <<<"$out" || die "del did not name --force: $out"
     timeout 30 "$USERBLK" del -n "$id" --force || die "del --force failed"
-    ! kill -0 "$pid" 2>/dev/null || die "daemon $pid still running"
-    nothing_left
+    ! running "$pid" || die "daemon $pid still running"
+    nothing_left "$WORK/force"
 }
 
 # ---- run ----------------------------------------------------------------------
