@@ -343,6 +343,67 @@ case_user_mounts_with_fusermount() {
         ! grep -q ' $dir/mnt ' /proc/self/mounts"
 }
 
+# Nothing of a failed add on mount point $1 is left, and the loop subsystem
+# still answers. (Other devices may exist: only this mount point's count.)
+nothing_left() {
+    local mnt=$1 i
+    for i in $(seq 50); do  # the attacher lets go of its device within moments
+        losetup -a | grep -q "$mnt/" || break
+        sleep 0.2
+    done
+    timeout 10 losetup -f >/dev/null || die "losetup -f hangs or fails: the loop subsystem is stuck"
+    ! losetup -a | grep "$mnt/" || die "a loop device is still bound to $mnt/disk"
+    ! grep -q " $mnt " /proc/self/mounts || die "$mnt is still mounted"
+    ! timeout 10 "$USERBLK" list | grep -q "$mnt/" || die "add left a list entry"
+    ! grep -ls "$mnt" /run/userblk/*.json || die "a state file is left"
+}
+
+case_kill_during_loop_attach() {
+    needs_fallback
+    local out rc pid
+    mkdir -p "$WORK/kill"
+    timeout 60 "$USERBLK" add mem --size 64M --mountpoint "$WORK/kill" --filter delay:flush=10s >"$WORK/add.out" 2>&1 &
+    local add=$!
+    for _ in $(seq 50); do
+        pid=$(pgrep -f -- "$WORK/kill --filter delay:flush=10s --foreground" | head -1)
+        [ -n "$pid" ] && pgrep -P "$pid" >/dev/null && break
+        sleep 0.1
+    done
+    [ -n "$pid" ] || die "no daemon"
+    sleep 1
+    kill -9 "$pid"
+    rc=0; wait "$add" || rc=$?
+    [ "$rc" != 0 ] && [ "$rc" != 124 ] || die "add returned $rc: $(cat "$WORK/add.out")"
+    grep -q "signal: 9" "$WORK/add.out" || die "add did not say the daemon was killed: $(cat "$WORK/add.out")"
+    nothing_left "$WORK/kill"
+}
+
+case_stuck_flush_add_fails() {
+    needs_fallback
+    local rc=0
+    mkdir -p "$WORK/stuck"
+    timeout 60 "$USERBLK" add mem --size 64M --mountpoint "$WORK/stuck" --filter delay:all=1000000s >"$WORK/add.out" 2>&1 || rc=$?
+    [ "$rc" != 0 ] && [ "$rc" != 124 ] || die "add returned $rc: $(cat "$WORK/add.out")"
+    grep -q "did not answer the flush" "$WORK/add.out" || die "unclear error: $(cat "$WORK/add.out")"
+    nothing_left "$WORK/stuck"
+}
+
+case_del_force_stopped_daemon() {
+    needs_fallback
+    local r id pid out
+    mkdir -p "$WORK/force"
+    r=$(add_fuse mem --size 64M --mountpoint "$WORK/force") || die "add failed"
+    id=${r%% *}
+    pid=$(fuse_word "$id" 7)
+    kill -STOP "$pid"
+    out=$(timeout 30 "$USERBLK" del -n "$id" 2>&1) && die "del of a stopped daemon succeeded"
+    [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
+    grep -q -- "--force" <<<"$out" || die "del did not name --force: $out"
+    timeout 30 "$USERBLK" del -n "$id" --force || die "del --force failed"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    nothing_left "$WORK/force"
+}
+
 # ---- run ----------------------------------------------------------------------
 
 cleanup_all() {
@@ -351,7 +412,7 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 16
+plan 19
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "auto: the fallback said in one line; --show prints only the path" case_auto_says_fallback_and_show_prints_the_path
 case_run "fio verify on the loop device" case_fio_verify_loop
@@ -368,4 +429,7 @@ case_run "bad mount points and options: clear errors" case_errors_are_one_clear_
 case_run "no FUSE / no loop support: clear errors" case_no_fuse_no_loop_support
 case_run "user: no fusermount3, no loop: clear errors" case_user_without_fusermount_or_root
 case_run "user: FUSE mount through fusermount3" case_user_mounts_with_fusermount
+case_run "kill -9 while attaching the loop device: add fails, nothing stuck" case_kill_during_loop_attach
+case_run "a target that never flushes: add fails within its deadline" case_stuck_flush_add_fails
+case_run "del --force on a stopped daemon; plain del names --force" case_del_force_stopped_daemon
 summary

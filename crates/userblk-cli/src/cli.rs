@@ -546,6 +546,10 @@ pub struct DelArgs {
     /// Every device.
     #[arg(short = 'a', long)]
     pub all: bool,
+    /// For a FUSE device whose daemon is stopped or stuck: abort its FUSE
+    /// connection, kill the daemon, then detach and unmount.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `list`.

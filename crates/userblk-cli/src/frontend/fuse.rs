@@ -5,7 +5,9 @@
 //! save state, report. Down: refuse while a file system or process still
 //! uses the device, detach the loop device, unmount, remove state.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,13 @@ const MAX_IO_BUF_BYTES: u32 = 16 << 20;
 
 /// Serving threads when `-q` is not given.
 const DEFAULT_THREADS: u16 = 4;
+
+/// Set (to `BS:RO:FILE`) in the environment of the process that attaches the loop device.
+pub const ATTACH_ENV: &str = "USERBLK_LOOP_ATTACH";
+
+/// How long attaching the loop device may take: LOOP_CONFIGURE waits for
+/// the target to flush, which a stuck target never does.
+const ATTACH_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What the main thread of a FUSE daemon waits for.
 enum Event {
@@ -129,9 +138,21 @@ impl Frontend for Fuse {
         })?;
         cleanup.mount = Some(disk.mountpoint().to_path_buf());
 
+        // Saved before the loop device: a daemon killed while attaching
+        // leaves a mount that `del` (or the waiting `add`) can clean up.
+        st.fuse = Some(fuse_state(
+            &disk,
+            own,
+            None,
+            &caps,
+            threads,
+            self.dev.io_buf_size,
+        ));
+        st.save()?;
+
         let lo = if self.want_loop {
-            let lo = LoopDevice::attach(
-                disk.file(),
+            let lo = attach_loop(
+                &disk,
                 &LoopOptions {
                     block_size: caps.logical_block_size,
                     direct_io: true,
@@ -157,16 +178,14 @@ impl Frontend for Fuse {
         st.target = target.describe();
         st.args = host.args();
         st.log = host.log(id);
-        st.fuse = Some(FuseState {
-            mountpoint: disk.mountpoint().to_path_buf(),
-            file: disk.file().to_path_buf(),
-            own_mountpoint: own,
-            loop_device: lo.as_ref().map(LoopDevice::path),
-            size: caps.size,
-            block_size: caps.logical_block_size,
+        st.fuse = Some(fuse_state(
+            &disk,
+            own,
+            lo.as_ref().map(LoopDevice::path),
+            &caps,
             threads,
-            max_io_buf_bytes: self.dev.io_buf_size,
-        });
+            self.dev.io_buf_size,
+        ));
         st.save()?;
         host.announce(
             id,
@@ -181,6 +200,128 @@ impl Frontend for Fuse {
         drop(cleanup);
         result
     }
+}
+
+fn fuse_state(
+    disk: &FuseDisk,
+    own_mountpoint: bool,
+    loop_device: Option<PathBuf>,
+    caps: &userblk::target::Caps,
+    threads: u16,
+    max_io_buf_bytes: u32,
+) -> FuseState {
+    FuseState {
+        mountpoint: disk.mountpoint().to_path_buf(),
+        file: disk.file().to_path_buf(),
+        own_mountpoint,
+        loop_device,
+        size: caps.size,
+        block_size: caps.logical_block_size,
+        threads,
+        max_io_buf_bytes,
+    }
+}
+
+/// Attach a loop device to the FUSE file from a short-lived process and
+/// take it over. LOOP_CONFIGURE fsyncs the file: a FUSE request to this
+/// very daemon. Made from here, a kill -9 of the daemon could not abort
+/// the connection (the thread in the kernel keeps our /dev/fuse open) and
+/// the loop device's lock would be held for good. From another process,
+/// the daemon's death aborts the connection and the attacher gets an error;
+/// a target that does not answer within [`ATTACH_DEADLINE`] gets its
+/// connection aborted and the attacher killed.
+fn attach_loop(disk: &FuseDisk, opts: &LoopOptions) -> anyhow::Result<LoopDevice> {
+    let file = disk.file();
+    let spec = format!(
+        "{}:{}:{}",
+        opts.block_size,
+        u8::from(opts.read_only),
+        file.display()
+    );
+    let exe = std::env::current_exe().context("finding the userblk executable")?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(ATTACH_ENV, spec)
+        .env_remove(lifecycle::DAEMON_ENV)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the loop attacher")?;
+    let said = lifecycle::read_all(child.stderr.take());
+    let mut stdout = child.stdout.take().context("attacher stdout")?;
+    let (tx, answer) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(&mut stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let number = match answer.recv_timeout(ATTACH_DEADLINE) {
+        Ok(line) => line.trim().parse::<u32>().ok(),
+        Err(_) => {
+            // The target has not answered the flush: stop waiting for it.
+            if let Err(e) = userblk::fuse::conn::abort(disk.mountpoint()) {
+                tracing::warn!("{e}");
+            }
+            let _ = child.kill();
+            reap(&mut child);
+            bail!(
+                "no loop device within {}s: the target did not answer the flush LOOP_CONFIGURE sends",
+                ATTACH_DEADLINE.as_secs()
+            );
+        }
+    };
+    let lo = number.map(|n| LoopDevice::adopt(n, file));
+    // Let the attacher go: from now on our fd holds the device (autoclear).
+    drop(child.stdin.take());
+    reap(&mut child);
+    match lo {
+        Some(lo) => Ok(lo?),
+        None => {
+            let text = said
+                .recv_timeout(Duration::from_secs(1))
+                .unwrap_or_default();
+            let last = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+            bail!("{}", last.strip_prefix("userblk: ").unwrap_or(last))
+        }
+    }
+}
+
+/// Wait a little for a child that should be gone; kill it if not.
+fn reap(child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    tracing::warn!("loop attacher (pid {}) did not exit; killed it", child.id());
+}
+
+/// The attacher, in its own process ([`ATTACH_ENV`] set to `BS:RO:FILE`):
+/// attach, print the loop device's number, hold it until the daemon closes
+/// our stdin (it has the device open then, or it died and autoclear frees it).
+pub fn run_attacher(spec: &str) -> anyhow::Result<()> {
+    let mut parts = spec.splitn(3, ':');
+    let (Some(bs), Some(ro), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("bad {ATTACH_ENV}: {spec}");
+    };
+    let opts = LoopOptions {
+        block_size: bs.parse().context("block size")?,
+        direct_io: true,
+        read_only: ro == "1",
+    };
+    let lo = LoopDevice::attach(Path::new(file), &opts)?;
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", lo.number())
+        .and_then(|()| out.flush())
+        .context("reporting the loop device")?;
+    let mut byte = [0u8; 1];
+    let _ = std::io::stdin().read(&mut byte);
+    drop(lo);
+    Ok(())
 }
 
 /// Serve until asked to stop, then take the device down in order.
@@ -303,13 +444,20 @@ impl Drop for Cleanup {
 }
 
 /// `del` of a FUSE device: refuse while it is in use, else stop its daemon
-/// (or, if the daemon is dead, undo what it left behind).
-pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
+/// (or, if the daemon is dead, undo what it left behind). With `force`, a
+/// daemon that is stopped or wedged has its FUSE connection aborted and is
+/// killed instead of asked to stop.
+pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Result<()> {
     let id = st.id;
-    let fuse = st
-        .fuse
-        .as_ref()
-        .with_context(|| format!("device {id}: saved state has no FUSE details"))?;
+    let Some(fuse) = st.fuse.as_ref() else {
+        // Claimed, but the daemon never mounted anything.
+        if st.daemon_alive() {
+            lifecycle::stop(st, timeout)?;
+        }
+        let _ = std::fs::remove_dir(state::state_dir().join(format!("fuse-{id}")));
+        DeviceState::remove(id);
+        return Ok(());
+    };
     // The loop device is ours only while it still has our file behind it.
     let our_loop = fuse.loop_device.as_deref().filter(|lo| {
         loop_number(lo)
@@ -333,19 +481,43 @@ pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
             users.join(", ")
         );
     }
-    if st.daemon_alive() {
-        lifecycle::stop(st, timeout)?;
-    } else {
-        // The daemon died: its loop device may still be bound and its mount dead.
-        if let Some(lo) = our_loop {
-            userblk::loopdev::detach_path(lo).with_context(|| format!("device {id}"))?;
-        }
-        userblk::fuse::disk::unmount(&fuse.mountpoint).with_context(|| format!("device {id}"))?;
+    if st.daemon_alive() && force {
+        force_stop(st, &fuse.mountpoint)?;
+    } else if st.daemon_alive() {
+        lifecycle::stop(st, timeout).map_err(|e| {
+            anyhow::anyhow!("{e:#}; `userblk del -n {id} --force` aborts its FUSE connection")
+        })?;
     }
+    if st.daemon_alive() {
+        bail!("device {id}: daemon {} is still running", st.pid);
+    }
+    // The daemon is gone: its loop device may still be bound and its mount dead.
+    if let Some(lo) = our_loop {
+        userblk::loopdev::detach_path(lo).with_context(|| format!("device {id}"))?;
+    }
+    userblk::fuse::disk::unmount(&fuse.mountpoint).with_context(|| format!("device {id}"))?;
     if fuse.own_mountpoint {
         let _ = std::fs::remove_dir(&fuse.mountpoint);
     }
     DeviceState::remove(id);
+    Ok(())
+}
+
+/// Abort the daemon's FUSE connection (so nothing waits on it any more),
+/// then kill it and wait, with a deadline, for it to be gone.
+fn force_stop(st: &DeviceState, mountpoint: &Path) -> anyhow::Result<()> {
+    let id = st.id;
+    match userblk::fuse::conn::abort(mountpoint) {
+        Ok(true) => tracing::info!("device {id}: FUSE connection aborted"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("device {id}: {e}"),
+    }
+    let pid = rustix::process::Pid::from_raw(st.pid).context("bad pid in saved state")?;
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while st.daemon_alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
 

@@ -251,8 +251,9 @@ fn redirect_output(log: &Path) {
 }
 
 /// Run `userblk ARGV` as a detached daemon and wait until it reports the
-/// device live (passing on its details), or report its error.
-pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
+/// device live (passing on its details), or report its error after undoing
+/// with `clean` what the dead daemon left.
+pub fn spawn(argv: Vec<OsString>, clean: fn(&DeviceState)) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the userblk executable")?;
     let mut child = Command::new(exe)
         .args(argv)
@@ -265,13 +266,7 @@ pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
     // What the daemon says on stderr before it is live (its errors, or
     // warnings such as a feature the kernel refused): the pipe ends when
     // the daemon moves its output to its log file, right after going live.
-    let mut stderr = child.stderr.take().context("daemon stderr")?;
-    let (said_tx, said) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        let _ = said_tx.send(s);
-    });
+    let said = read_all(child.stderr.take());
     // Its stdout, a line at a time, so the wait can have a deadline.
     let stdout = child.stdout.take().context("daemon stdout")?;
     let (line_tx, lines) = mpsc::channel();
@@ -308,6 +303,7 @@ pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
         }
     }
     let status = child.wait().context("waiting for the daemon")?;
+    clean_after(child.id(), clean);
     let text = said.recv().unwrap_or_default();
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let last = lines.pop().unwrap_or("");
@@ -324,6 +320,34 @@ pub fn spawn(argv: Vec<OsString>) -> anyhow::Result<()> {
             bail!("the daemon exited ({status}) before the device was live: {last}")
         }
         None => bail!("the daemon exited ({status}) before the device was live"),
+    }
+}
+
+/// Everything a child writes to `pipe`, sent once it closes.
+pub fn read_all(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<String> {
+    let (tx, said) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut s);
+        }
+        let _ = tx.send(s);
+    });
+    said
+}
+
+/// What a daemon that died before going live left behind (its state, a
+/// dead mount): undone with `clean`, so a failed `add` leaves nothing.
+fn clean_after(pid: u32, clean: fn(&DeviceState)) {
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    for id in DeviceState::ids() {
+        if let Ok(Some(st)) = DeviceState::load(id) {
+            if st.pid == pid && !st.daemon_alive() {
+                clean(&st);
+            }
+        }
     }
 }
 

@@ -33,6 +33,9 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
             "-r/--recovery and --reissue need root: the kernel clears user recovery for unprivileged devices (see docs/unprivileged.md)"
         );
     }
+    if let Some(spec) = std::env::var_os(fuse::ATTACH_ENV) {
+        return fuse::run_attacher(&spec.to_string_lossy());
+    }
     let daemon = std::env::var_os(lifecycle::DAEMON_ENV).is_some();
     if args.dev.foreground || daemon {
         let (kind, fallback) = Kind::choose(&args.dev)?;
@@ -46,14 +49,33 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
     } else {
         let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
         argv.push("--foreground".into());
-        lifecycle::spawn(argv)
+        lifecycle::spawn(argv, clean_up_after)
     }
+}
+
+/// Undo what a daemon that died before its device was live left behind:
+/// a FUSE daemon's mount and state (ublk and NBD leave nothing of their own).
+fn clean_up_after(st: &DeviceState) {
+    if st.frontend != "fuse" {
+        return;
+    }
+    // Its loop attacher may hold the file open for a moment yet.
+    let deadline = std::time::Instant::now() + DEL_TIMEOUT;
+    while let Err(e) = fuse::delete(st, DEL_TIMEOUT, false) {
+        if std::time::Instant::now() >= deadline {
+            eprintln!("userblk: cleaning up: {e:#}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    crate::stats::remove_snapshot(st);
+    crate::ctl::remove_socket(st);
 }
 
 /// `userblk recover -n ID`: check the device can be recovered, then start a
 /// daemon with the arguments saved when it was added.
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
-    lifecycle::spawn(ublk::recover_argv(args.id)?)
+    lifecycle::spawn(ublk::recover_argv(args.id)?, clean_up_after)
 }
 
 /// Which frontend serves the device, after `auto` is resolved.
@@ -157,7 +179,7 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
                 nbd::delete(st, DEL_TIMEOUT)
             }
             (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
-                fuse::delete(st, DEL_TIMEOUT)
+                fuse::delete(st, DEL_TIMEOUT, args.force)
             }
             (_, Some(ctrl)) => ublk::delete(ctrl, id, saved.as_ref(), DEL_TIMEOUT),
             (_, None) => Err(Control::open().err().map_or_else(

@@ -305,7 +305,8 @@ pub fn is_mount_root(path: &Path) -> bool {
     match statx(
         CWD,
         path,
-        AtFlags::SYMLINK_NOFOLLOW,
+        // DONT_SYNC: cached attributes do; a stopped server must not hang the check.
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::STATX_DONT_SYNC,
         StatxFlags::BASIC_STATS,
     ) {
         Ok(st) => st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT),

@@ -207,6 +207,20 @@ impl LoopDevice {
         })
     }
 
+    /// Take over loop device `number`, attached (with autoclear) by another process
+    /// that still holds it: open `/dev/loopN` and check `file` is behind it. Once the
+    /// attacher closes its fd, this one keeps the device bound.
+    pub fn adopt(number: u32, file: &Path) -> Result<LoopDevice> {
+        let fd = open_loop(number)?;
+        if backing_file(number).as_deref() != Some(file) {
+            return Err(Error::invalid(format!(
+                "/dev/loop{number} is not bound to {}",
+                file.display()
+            )));
+        }
+        Ok(LoopDevice { fd, number })
+    }
+
     /// The N of `/dev/loopN`.
     pub fn number(&self) -> u32 {
         self.number
