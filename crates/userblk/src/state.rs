@@ -324,32 +324,14 @@ impl DeviceState {
 /// a zombie: a daemon that has exited but whose parent has not reaped it
 /// yet is gone for every purpose of ours).
 pub fn pid_is_userblk(pid: i32) -> bool {
-    proc_stat(pid).is_some_and(|(comm, state)| comm == "userblk" && !matches!(state, 'Z' | 'X'))
+    crate::sys::proc_stat(pid)
+        .is_some_and(|(comm, state)| comm == "userblk" && !matches!(state, 'Z' | 'X'))
 }
 
 /// Whether `pid` is stopped (`SIGSTOP`, or a debugger): alive, but it
 /// will answer nothing until it is continued.
 pub fn pid_is_stopped(pid: i32) -> bool {
-    proc_stat(pid).is_some_and(|(_, state)| matches!(state, 'T' | 't'))
-}
-
-/// The command name and state letter of `pid`, from `/proc/PID/stat`.
-fn proc_stat(pid: i32) -> Option<(String, char)> {
-    if pid <= 0 {
-        return None;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&stat)
-}
-
-/// `PID (COMM) S ...`: the name may hold spaces and parentheses, so it
-/// ends at the last `)`.
-fn parse_stat(stat: &str) -> Option<(String, char)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?;
-    let state = stat.get(close + 1..)?.trim_start().chars().next()?;
-    Some((comm.to_string(), state))
+    crate::sys::proc_stat(pid).is_some_and(|(_, state)| matches!(state, 'T' | 't'))
 }
 
 /// An exclusive `flock` on the state directory's lock file, for claiming ids.
@@ -378,6 +360,7 @@ impl StateLock {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::sys::{parse_stat, proc_stat};
 
     #[test]
     fn stat_names_and_states_parse() {

@@ -31,3 +31,28 @@ pub fn modprobe(module: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// The command name and state letter of `pid`, from `/proc/PID/stat`.
+pub fn proc_stat(pid: i32) -> Option<(String, char)> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+/// `PID (COMM) S ...`: the name may hold spaces and parentheses, so it
+/// ends at the last `)`.
+pub(crate) fn parse_stat(stat: &str) -> Option<(String, char)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let state = stat.get(close + 1..)?.trim_start().chars().next()?;
+    Some((comm.to_string(), state))
+}
+
+/// Whether process `pid` runs: it exists and is not a zombie (a process
+/// that has exited but whose parent has not reaped it yet holds nothing).
+pub fn process_runs(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(_, state)| !matches!(state, 'Z' | 'X'))
+}

@@ -15,18 +15,10 @@ use bytes::Bytes;
 use super::layout::{Lease, VolumeId, LEASE_KEY};
 use super::{S3Error, S3Store};
 
-/// Whether process `pid` of this host still runs.
+/// Whether process `pid` of this host still runs (a zombie, killed but not
+/// yet reaped, holds no lease).
 fn alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else {
-        return false;
-    };
-    match rustix::process::Pid::from_raw(raw) {
-        Some(p) => !matches!(
-            rustix::process::test_kill_process(p),
-            Err(rustix::io::Errno::SRCH)
-        ),
-        None => false,
-    }
+    i32::try_from(pid).is_ok_and(crate::sys::process_runs)
 }
 
 fn same_holder(a: &Lease, b: &Lease) -> bool {
