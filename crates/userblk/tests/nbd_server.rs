@@ -606,6 +606,11 @@ fn idle_handshakes_time_out_and_connections_are_capped() {
     assert!(t.elapsed() < Duration::from_secs(5));
     let (mut a, _) = Client::connect(&f.sock, false);
     let (mut b, _) = Client::connect(&f.sock, false);
+    // A reply proves the server counts the connection as transmitting (it
+    // does so after sending the handshake's last reply, which is all that
+    // `connect` waits for).
+    assert_eq!(a.read(2, 0, 512).0, 0);
+    assert_eq!(b.read(2, 0, 512).0, 0);
     let third = UnixStream::connect(&f.sock).unwrap();
     third
         .set_read_timeout(Some(Duration::from_secs(10)))
