@@ -699,23 +699,7 @@ fn open_char_device(id: u32) -> Result<OwnedFd> {
 
 /// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
 pub fn process_gone(pid: i32) -> bool {
-    // Pid::from_raw asserts on negative values.
-    let Some(p) = (pid > 0)
-        .then(|| rustix::process::Pid::from_raw(pid))
-        .flatten()
-    else {
-        return true;
-    };
-    if rustix::process::test_kill_process(p).is_err() {
-        return true;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-        })
-        .unwrap_or(true)
+    !crate::sys::process_runs(pid)
 }
 
 /// Stop and delete device `id`: STOP_DEV, wait for its server to exit, DEL_DEV.
