@@ -340,7 +340,7 @@ fn run_until_stopped(
                         // Stopping now would fail every write of whatever has
                         // it mounted: refuse once, give in to a second signal.
                         let mounts = userblk::loopdev::mount_points(&path);
-                        tracing::error!(
+                        tracing::warn!(
                             "signal {sig}: not stopping: {} is in use{}; unmount it first (a second signal forces the stop)",
                             path.display(),
                             if mounts.is_empty() { String::new() } else { format!(" (mounted at {mounts:?})") }
