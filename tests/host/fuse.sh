@@ -451,6 +451,26 @@ case_idle_threads_cost_little() {
     del_fuse "$id"
 }
 
+# `ctl` on a stopped daemon: no acknowledgement comes, so it fails within
+# seconds (not the 180 s a long action may take), naming the pid and --force.
+case_ctl_stopped_daemon() {
+    needs_host
+    local id file pid out rc=0 t0
+    read -r id file < <(add_fuse null --size 16M --frontend fuse --filter flakey)
+    pid=$(fuse_word "$id" 7)
+    ub ctl -n "$id" | grep -q powercut || die "ctl lists no powercut"
+    kill -STOP "$pid"
+    t0=$SECONDS
+    out=$(timeout 60 "$USERBLK" ctl -n "$id" powercut 2>&1) || rc=$?
+    kill -CONT "$pid"
+    echo "ctl said (after $((SECONDS - t0)) s): $out"
+    [ "$rc" = 1 ] || die "ctl exited $rc"
+    [ $((SECONDS - t0)) -lt 10 ] || die "ctl took $((SECONDS - t0)) s"
+    [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
+    grep -q "pid $pid" <<<"$out" && grep -q -- "del -n $id --force" <<<"$out" || die "unclear: $out"
+    del_fuse "$id"
+}
+
 # ---- run ----------------------------------------------------------------------
 
 cleanup_all() {
@@ -459,7 +479,7 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 21
+plan 22
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "auto: the fallback said in one line; --show prints only the path" case_auto_says_fallback_and_show_prints_the_path
 case_run "fio verify on the loop device" case_fio_verify_loop
@@ -481,4 +501,5 @@ case_run "a target that never flushes: add fails within its deadline" case_stuck
 case_run "del --force on a stopped daemon; plain del names --force" case_del_force_stopped_daemon
 case_run "a signal while waiting on the FUSE file: no ERROR in the log" case_signal_while_waiting_no_error
 case_run "64 idle FUSE threads cost little memory" case_idle_threads_cost_little
+case_run "ctl on a stopped daemon fails within seconds, naming del --force" case_ctl_stopped_daemon
 summary
