@@ -471,6 +471,41 @@ case_ctl_stopped_daemon() {
     del_fuse "$id"
 }
 
+# del --force unmounts lazily what is mounted on the loop device, one line
+# each, then deletes as usual; plain del refuses, naming the mount point.
+case_del_force_unmounts_the_loop_device() {
+    needs_host
+    local id blk pid out holder file
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
+    pid=$(fuse_word "$id" 7)
+    file=$(file_of "$id")
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$MNT"
+    expect_fail "$MNT" ub del -n "$id"
+    out=$(ub del -n "$id" --force 2>&1) || die "del --force failed: $out"
+    [ "$out" = "userblk: device $id: unmounted $MNT from $blk lazily (--force)" ] || die "said: $out"
+    ! findmnt "$MNT" >/dev/null || die "$MNT still mounted"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    wait_for 5 not_bound "$blk" "$file" || die "$blk still bound"
+    [ ! -e "$STATE/$id.json" ] || die "state file left behind"
+    # A file still open on it: the device goes when that file is closed.
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
+    file=$(file_of "$id")
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$MNT"
+    touch "$MNT/f"; sleep 60 <"$MNT/f" &
+    holder=$!
+    wait_for 5 stdin_is "$holder" "$MNT/f" || die "the holder did not open $MNT/f"
+    out=$(ub del -n "$id" --force 2>&1) || die "del --force failed: $out"
+    grep -q "unmounted $MNT from $blk lazily" <<<"$out" || die "said: $out"
+    grep -q "detaches at its last close" <<<"$out" || die "said: $out"
+    [ ! -e "$STATE/$id.json" ] || die "state file left behind"
+    kill "$holder"; wait "$holder" 2>/dev/null || true
+    wait_for 10 not_bound "$blk" "$file" || die "$blk still bound after its last user went"
+}
+# Whether loop device $1 no longer has file $2 behind it (others may reuse the number).
+not_bound() { ! losetup "$1" 2>/dev/null | grep -qF "$2"; }
+
 # ---- run ----------------------------------------------------------------------
 
 cleanup_all() {
@@ -479,7 +514,7 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 22
+plan 23
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "auto: the fallback said in one line; --show prints only the path" case_auto_says_fallback_and_show_prints_the_path
 case_run "fio verify on the loop device" case_fio_verify_loop
@@ -502,4 +537,5 @@ case_run "del --force on a stopped daemon; plain del names --force" case_del_for
 case_run "a signal while waiting on the FUSE file: no ERROR in the log" case_signal_while_waiting_no_error
 case_run "64 idle FUSE threads cost little memory" case_idle_threads_cost_little
 case_run "ctl on a stopped daemon fails within seconds, naming del --force" case_ctl_stopped_daemon
+case_run "del --force unmounts the loop device's file systems lazily" case_del_force_unmounts_the_loop_device
 summary
