@@ -71,6 +71,7 @@ pub fn open_checked(
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
