@@ -2,6 +2,7 @@
 # Host suite for the FUSE frontend and `--frontend auto`: runs on this
 # machine directly (any kernel with FUSE and loop devices), as root.
 # Usage: bash tests/host/fuse.sh   (from the repository root; USERBLK overrides the binary)
+# Beside other runs: USERBLK_STATE_DIR=DIR unshare -m --propagation private bash tests/host/fuse.sh
 set -u
 cd "$(dirname "$0")/../.."
 . vm/suite/lib.sh
@@ -11,6 +12,9 @@ cd "$(dirname "$0")/../.."
 WORK=$(mktemp -d /var/tmp/userblk-fuse.XXXXXX)
 chmod 755 "$WORK"  # the user cases need to reach their directories
 MNT=/mnt/ub-fuse
+# Where this run's devices are recorded (USERBLK_STATE_DIR runs the suite
+# beside other runs on the same machine, in its own mount namespace).
+STATE=${USERBLK_STATE_DIR:-/run/userblk}
 mkdir -p "$MNT"
 FIO=(fio --output-format=terse --minimal --verify_state_save=0)
 
@@ -34,8 +38,10 @@ fuse_word() { ub list -n "$1" | sed -n 2p | awk -v w="$2" '{print $w}'; }
 # `add` a device; print "ID BLOCKDEV" (BLOCKDEV is the loop device, or the file).
 add_fuse() {
     local out id blk
-    out=$(ub add "$@") || { echo "$out" >&2; return 1; }
+    out=$(ub add "$@" 2>"$WORK/add.err") || { echo "$out" >&2; cat "$WORK/add.err" >&2; return 1; }
     echo "$out" >&2
+    cat "$WORK/add.err" >&2
+    ! grep ERROR "$WORK/add.err" || die "add passed on an error of its daemon"
     id=$(dev_id_of "$out")
     [ -n "$id" ] || die "no id in add output"
     blk=$(sed -n 's/.*frontend fuse block \([^ ]*\).*/\1/p' <<<"$out")
@@ -47,22 +53,30 @@ add_fuse() {
 # The id of the device whose block device (or FUSE file) is $1.
 id_of_block() { ub list --json | python3 -c "import json,sys; print([d['id'] for d in json.load(sys.stdin) if d['block_device'] == sys.argv[1]][0])" "$1"; }
 file_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["file"])'; }
+log_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["log"])'; }
 mnt_of() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["mountpoint"])'; }
 
 # Delete and check nothing is left: no daemon, no mount, no loop device, no state.
 del_fuse() {
-    local id=$1 pid mnt lo
+    local id=$1 pid mnt lo log
     pid=$(fuse_word "$id" 7)
     mnt=$(mnt_of "$id")
     lo=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["loop_device"] or "")')
+    log=$(log_of "$id")
     ub del -n "$id"
     wait_for 5 exited "$pid" || die "daemon $pid still running"
+    # A device that worked logs no error, from the first request to the last.
+    ! since_live "$id" "$log" | grep ERROR || die "daemon $pid logged an error ($log)"
     ! findmnt "$mnt" >/dev/null || die "$mnt still mounted"
     if [ -n "$lo" ]; then
         ! losetup -a | grep -q "^$lo:.*$mnt" || die "$lo still attached to $mnt"
     fi
-    [ ! -e "/run/userblk/$id.json" ] || die "state file left behind"
+    [ ! -e "$STATE/$id.json" ] || die "state file left behind"
 }
+
+# The lines of log file $2 from device $1's last start on (the log of an id
+# is appended to by every daemon that had it).
+since_live() { awk -v m="device $1 live at" 'index($0, m) { buf = "" } { buf = buf $0 "\n" } END { printf "%s", buf }' "$2"; }
 
 # userblk's FUSE mounts have source "userblk" and type fuse or fuse.userblk.
 no_fuse_mounts() { ! grep -E '^userblk [^ ]+ fuse(\.userblk)? ' /proc/self/mounts || die "a userblk FUSE mount is left"; }
@@ -213,12 +227,15 @@ case_del_refuses_while_mounted() {
     del_fuse "$id"
 }
 
+stdin_is() { [ "$(readlink "/proc/$1/fd/0" 2>/dev/null)" = "$2" ]; }
+
 case_del_refuses_while_file_open() {
     needs_host
     local id file holder
     read -r id file < <(add_fuse mem --size 64M --frontend fuse)
     sleep 60 <"$file" &
     holder=$!
+    wait_for 5 stdin_is "$holder" "$file" || die "the holder did not open $file"
     expect_fail "open by pid $holder" ub del -n "$id"
     kill "$holder"; wait "$holder" 2>/dev/null || true
     del_fuse "$id"
@@ -236,7 +253,7 @@ case_dead_daemon_cleanup() {
     ub del -n "$id"
     ! findmnt "$mnt" >/dev/null || die "$mnt still mounted after del"
     ! losetup -a | grep -q "$mnt" || die "loop device still attached"
-    [ ! -e "/run/userblk/$id.json" ] || die "state left behind"
+    [ ! -e "$STATE/$id.json" ] || die "state left behind"
 }
 
 case_fsync_reaches_daemon() {
@@ -247,7 +264,7 @@ case_fsync_reaches_daemon() {
     needs_host
     local id blk log
     read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
-    log=$(ub list -n "$id" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["log"])')
+    log=$(log_of "$id")
     "${FIO[@]}" --name=fsync --filename="$blk" --ioengine=psync --rw=randwrite --bs=4k --size=4M \
         --fsync=1 --io_size=1M
     del_fuse "$id"
@@ -291,7 +308,7 @@ case_errors_are_one_clear_line() {
     expect_fail "FUSE options" ub add mem --size 16M --frontend ublk --loop
     expect_fail "needs the ublk frontend" ub add mem --size 16M --frontend fuse -r
     no_fuse_mounts
-    [ -z "$(ls /run/userblk/*.json 2>/dev/null)" ] || die "state left behind: $(ls /run/userblk)"
+    [ -z "$(ls $STATE/*.json 2>/dev/null)" ] || die "state left behind: $(ls "$STATE")"
 }
 
 case_no_fuse_no_loop_support() {
@@ -355,7 +372,7 @@ nothing_left() {
     ! losetup -a | grep "$mnt/" || die "a loop device is still bound to $mnt/disk"
     ! grep -q " $mnt " /proc/self/mounts || die "$mnt is still mounted"
     ! timeout 10 "$USERBLK" list | grep -q "$mnt/" || die "add left a list entry"
-    ! grep -ls "$mnt" /run/userblk/*.json || die "a state file is left"
+    ! grep -ls "$mnt" $STATE/*.json || die "a state file is left"
 }
 
 case_kill_during_loop_attach() {
@@ -404,6 +421,91 @@ case_del_force_stopped_daemon() {
     nothing_left "$WORK/force"
 }
 
+# A process waiting on the file gets a signal: the kernel sends FUSE_INTERRUPT,
+# which another thread (another /dev/fuse clone) reads and answers after the
+# request itself was answered. That harmless refused reply is no ERROR.
+case_signal_while_waiting_no_error() {
+    needs_host
+    local id file p log
+    read -r id file < <(add_fuse mem --size 16M --frontend fuse -q 2 --filter delay:flush=500ms)
+    log=$(log_of "$id")
+    dd if=/dev/zero of="$file" bs=4k count=1 conv=notrunc,fsync status=none &
+    p=$!
+    sleep 0.2
+    kill -USR1 "$p"  # dd reports progress on SIGUSR1 and goes on
+    wait "$p" || die "dd failed"
+    del_fuse "$id"
+    since_live "$id" "$log" | grep -q "1 writes, 1 flushes" || die "the fsync did not reach the daemon: $(cat "$log")"
+}
+
+# Idle serving threads cost little: their receive buffers are touched only
+# as requests fill them (64 threads took 208 MB when glibc's heap zeroed them).
+case_idle_threads_cost_little() {
+    needs_host
+    local id file pid rss
+    read -r id file < <(add_fuse null --size 16M --frontend fuse -q 64)
+    pid=$(fuse_word "$id" 7)
+    rss=$(ps -o rss= -p "$pid")
+    echo "note: a FUSE daemon with 64 idle threads has ${rss} KiB resident"
+    [ "$rss" -lt $((48 * 1024)) ] || die "64 idle threads hold ${rss} KiB"
+    del_fuse "$id"
+}
+
+# `ctl` on a stopped daemon: no acknowledgement comes, so it fails within
+# seconds (not the 180 s a long action may take), naming the pid and --force.
+case_ctl_stopped_daemon() {
+    needs_host
+    local id file pid out rc=0 t0
+    read -r id file < <(add_fuse null --size 16M --frontend fuse --filter flakey)
+    pid=$(fuse_word "$id" 7)
+    ub ctl -n "$id" | grep -q powercut || die "ctl lists no powercut"
+    kill -STOP "$pid"
+    t0=$SECONDS
+    out=$(timeout 60 "$USERBLK" ctl -n "$id" powercut 2>&1) || rc=$?
+    kill -CONT "$pid"
+    echo "ctl said (after $((SECONDS - t0)) s): $out"
+    [ "$rc" = 1 ] || die "ctl exited $rc"
+    [ $((SECONDS - t0)) -lt 10 ] || die "ctl took $((SECONDS - t0)) s"
+    [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
+    grep -q "pid $pid" <<<"$out" && grep -q -- "del -n $id --force" <<<"$out" || die "unclear: $out"
+    del_fuse "$id"
+}
+
+# del --force unmounts lazily what is mounted on the loop device, one line
+# each, then deletes as usual; plain del refuses, naming the mount point.
+case_del_force_unmounts_the_loop_device() {
+    needs_host
+    local id blk pid out holder file
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
+    pid=$(fuse_word "$id" 7)
+    file=$(file_of "$id")
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$MNT"
+    expect_fail "$MNT" ub del -n "$id"
+    out=$(ub del -n "$id" --force 2>&1) || die "del --force failed: $out"
+    [ "$out" = "userblk: device $id: unmounted $MNT from $blk lazily (--force)" ] || die "said: $out"
+    ! findmnt "$MNT" >/dev/null || die "$MNT still mounted"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    wait_for 5 not_bound "$blk" "$file" || die "$blk still bound"
+    [ ! -e "$STATE/$id.json" ] || die "state file left behind"
+    # A file still open on it: the device goes when that file is closed.
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop)
+    file=$(file_of "$id")
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$MNT"
+    touch "$MNT/f"; sleep 60 <"$MNT/f" &
+    holder=$!
+    wait_for 5 stdin_is "$holder" "$MNT/f" || die "the holder did not open $MNT/f"
+    out=$(ub del -n "$id" --force 2>&1) || die "del --force failed: $out"
+    grep -q "unmounted $MNT from $blk lazily" <<<"$out" || die "said: $out"
+    grep -q "detaches at its last close" <<<"$out" || die "said: $out"
+    [ ! -e "$STATE/$id.json" ] || die "state file left behind"
+    kill "$holder"; wait "$holder" 2>/dev/null || true
+    wait_for 10 not_bound "$blk" "$file" || die "$blk still bound after its last user went"
+}
+# Whether loop device $1 no longer has file $2 behind it (others may reuse the number).
+not_bound() { ! losetup "$1" 2>/dev/null | grep -qF "$2"; }
+
 # ---- run ----------------------------------------------------------------------
 
 cleanup_all() {
@@ -412,7 +514,7 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 19
+plan 23
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "auto: the fallback said in one line; --show prints only the path" case_auto_says_fallback_and_show_prints_the_path
 case_run "fio verify on the loop device" case_fio_verify_loop
@@ -432,4 +534,8 @@ case_run "user: FUSE mount through fusermount3" case_user_mounts_with_fusermount
 case_run "kill -9 while attaching the loop device: add fails, nothing stuck" case_kill_during_loop_attach
 case_run "a target that never flushes: add fails within its deadline" case_stuck_flush_add_fails
 case_run "del --force on a stopped daemon; plain del names --force" case_del_force_stopped_daemon
+case_run "a signal while waiting on the FUSE file: no ERROR in the log" case_signal_while_waiting_no_error
+case_run "64 idle FUSE threads cost little memory" case_idle_threads_cost_little
+case_run "ctl on a stopped daemon fails within seconds, naming del --force" case_ctl_stopped_daemon
+case_run "del --force unmounts the loop device's file systems lazily" case_del_force_unmounts_the_loop_device
 summary

@@ -547,7 +547,8 @@ pub struct DelArgs {
     #[arg(short = 'a', long)]
     pub all: bool,
     /// For a FUSE device whose daemon is stopped or stuck: abort its FUSE
-    /// connection, kill the daemon, then detach and unmount.
+    /// connection, kill the daemon, then detach and unmount. File systems
+    /// mounted on its loop device are unmounted lazily first.
     #[arg(long)]
     pub force: bool,
 }

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use userblk::control::{self, Registry, Request, Server};
+use userblk::control::{self, ControlError, Registry, Request, Server};
 use userblk::state::{self, DeviceState};
 
 use crate::cli::CtlArgs;
 use crate::out::outln;
 
-/// How long `ctl` waits for the daemon's answer (a `writeback` may write a lot).
+/// How long `ctl` waits for the daemon's answer once it has acknowledged
+/// the request (a `writeback` may write a lot).
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Where daemon `pid` serves its control actions.
@@ -76,8 +77,14 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
             args: Vec::new(),
         },
     };
-    let reply = control::request(&path, &req, TIMEOUT)
-        .with_context(|| format!("device {id}: asking its daemon"))?;
+    let reply = match control::request(&path, &req, TIMEOUT) {
+        Ok(reply) => reply,
+        // Not even acknowledged: the daemon is stuck or stopped.
+        Err(e @ ControlError::NoAnswer { acked: false, .. }) => {
+            bail!("device {id}: {e}; `userblk del -n {id} --force` stops it")
+        }
+        Err(e) => return Err(e).with_context(|| format!("device {id}: asking its daemon")),
+    };
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&reply)?);
     }

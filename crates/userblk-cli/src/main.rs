@@ -2,7 +2,7 @@
 //!
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
-//! `progress`, `s3` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
+//! `progress`, `s3`, `stale_replies` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
 //! `list`, `man` → `targets` → `copy` → `frontend::lifecycle` →
 //! `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
@@ -20,6 +20,7 @@ mod man;
 mod out;
 mod progress;
 mod s3;
+mod stale_replies;
 mod stats;
 mod targets;
 
@@ -31,6 +32,9 @@ use userblk::ublk::Control;
 
 use crate::cli::{Cli, Command, JsonArgs};
 use crate::out::outln;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{filter::FilterExt as _, Layer as _};
 
 fn init_logging(verbose: u8, default: &str) {
     let level = match verbose {
@@ -44,12 +48,14 @@ fn init_logging(verbose: u8, default: &str) {
         .unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("{level},fuser=error,object_store=warn"))
         });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour only on a terminal: daemon output goes to a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
+        .with_target(false);
+    let stale = stale_replies::StaleReplies { keep: verbose > 0 };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter.and(stale)))
         .try_init();
 }
 

@@ -3,8 +3,11 @@
 //!
 //! Parts of a device stack [`Registry::register`] actions while they are
 //! built and lose them when dropped ([`Registration`]). A daemon serves its
-//! registry with [`Server`]: one JSON line in, one JSON line out per
-//! connection. [`request`] is the client side (`userblk ctl`).
+//! registry with [`Server`]: one JSON line in per connection; out, at once
+//! an acknowledgement line ([`Ack`]), then, once the request has run (an
+//! s3 `writeback` may take minutes), one JSON line with the [`Reply`]. A
+//! client so tells a stuck daemon from a busy one within seconds.
+//! [`request`] is the client side (`userblk ctl`).
 //!
 //! ```
 //! use userblk::control::Registry;
@@ -18,7 +21,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -57,7 +60,7 @@ pub enum ControlError {
         err: std::io::Error,
     },
     /// The server did not answer in time.
-    #[error("{}", no_answer(*pid, *waited, *stopped))]
+    #[error("{}", no_answer(*pid, *waited, *stopped, *acked))]
     NoAnswer {
         /// The server's process, when the socket tells.
         pid: Option<i32>,
@@ -65,13 +68,15 @@ pub enum ControlError {
         waited: Duration,
         /// Whether the server's process is stopped (`SIGSTOP`).
         stopped: bool,
+        /// Whether the server acknowledged the request (it is running it).
+        acked: bool,
     },
     /// The other side said something that is not this protocol.
     #[error("control protocol: {0}")]
     Protocol(String),
 }
 
-fn no_answer(pid: Option<i32>, waited: Duration, stopped: bool) -> String {
+fn no_answer(pid: Option<i32>, waited: Duration, stopped: bool, acked: bool) -> String {
     let who = pid.map_or_else(
         || "the daemon".to_string(),
         |p| format!("the daemon (pid {p})"),
@@ -80,6 +85,10 @@ fn no_answer(pid: Option<i32>, waited: Duration, stopped: bool) -> String {
         (true, Some(p)) => {
             format!("{who} is stopped and cannot answer (`kill -CONT {p}` resumes it)")
         }
+        _ if !acked => format!(
+            "{who} did not take the request within {} s: it is stuck",
+            waited.as_secs_f64().round()
+        ),
         _ => format!(
             "{who} did not answer within {} s",
             waited.as_secs_f64().round()
@@ -243,6 +252,13 @@ pub enum Request {
     },
 }
 
+/// The line a server sends as soon as it has read a request, before running it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Always true.
+    pub ack: bool,
+}
+
 /// The answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
@@ -263,6 +279,16 @@ pub struct Reply {
 }
 
 impl Reply {
+    fn failed(error: String) -> Reply {
+        Reply {
+            ok: false,
+            output: Vec::new(),
+            actions: Vec::new(),
+            error: Some(error),
+            known: None,
+        }
+    }
+
     fn answer(registry: &Registry, req: Request) -> Reply {
         let mut r = Reply {
             ok: true,
@@ -290,6 +316,9 @@ impl Reply {
 
 /// How long a connection may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests run at once (each on a thread of its own, so that one long
+/// action does not keep the others from being acknowledged).
+const MAX_IN_FLIGHT: usize = 8;
 /// How often the server looks at its stop flag (under a second).
 const TICK: Duration = Duration::from_millis(200);
 
@@ -350,9 +379,28 @@ impl Drop for Server {
 
 fn serve(listener: &UnixListener, registry: &Registry, stop: &AtomicBool) {
     let accept = || listener.accept().map(|(conn, _)| conn);
+    let in_flight = Arc::new(AtomicUsize::new(0));
     serve_until(listener, accept, stop, "control socket", |conn| {
-        if let Err(e) = answer(conn, registry) {
-            tracing::debug!("control request: {e}");
+        if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            let busy = format!("busy: {MAX_IN_FLIGHT} requests are running");
+            let _ = send(&conn, &Reply::failed(busy));
+            return;
+        }
+        let (registry, left) = (registry.clone(), Arc::clone(&in_flight));
+        let run = move || {
+            if let Err(e) = answer(conn, &registry) {
+                tracing::debug!("control request: {e}");
+            }
+            left.fetch_sub(1, Ordering::SeqCst);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("control-req".into())
+            .spawn(run)
+        {
+            // The closure (and its connection) is gone: the client sees it closed.
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("control request: no thread for it: {e}");
         }
     });
 }
@@ -400,30 +448,34 @@ fn answer(conn: UnixStream, registry: &Registry) -> std::io::Result<()> {
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => {
             tracing::info!("control: {}", line.trim());
+            send(&conn, &Ack { ack: true })?;
             Reply::answer(registry, req)
         }
-        Err(e) => Reply {
-            ok: false,
-            output: Vec::new(),
-            actions: Vec::new(),
-            error: Some(format!("bad request: {e}")),
-            known: None,
-        },
+        Err(e) => Reply::failed(format!("bad request: {e}")),
     };
-    let mut body = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    send(&conn, &reply)
+}
+
+/// Write `msg` as one JSON line.
+fn send(conn: &UnixStream, msg: &impl Serialize) -> std::io::Result<()> {
+    let mut body = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     body.push(b'\n');
-    (&conn).write_all(&body)
+    let mut w = conn;
+    w.write_all(&body)
 }
 
 /// How long connecting and sending a request may take, and how long a
 /// stopped server is given to answer before it is reported as stopped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a server may take to acknowledge a request it was sent.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a waiting client looks at whether its server was stopped.
 const POLL: Duration = Duration::from_millis(250);
 
 /// Send `req` to the server at `path` and wait up to `timeout` for its
-/// reply. Connecting and sending have [`CONNECT_TIMEOUT`]; a server that is
-/// stopped (`SIGSTOP`) is reported as such after that long, not waited for.
+/// reply. Connecting and sending have [`CONNECT_TIMEOUT`], the server's
+/// acknowledgement [`ACK_TIMEOUT`]: a stuck server is reported within
+/// seconds, and one that is stopped (`SIGSTOP`) is named as such.
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ControlError> {
     let io = |what: &str| {
         let what = format!("{what} {}", path.display());
@@ -435,10 +487,12 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
     let pid = rustix::net::sockopt::socket_peercred(&conn)
         .ok()
         .map(|c| c.pid.as_raw_nonzero().get());
-    let no_answer = |waited: Duration, stopped: bool| ControlError::NoAnswer {
+    let mut acked = false;
+    let no_answer = |waited: Duration, stopped: bool, acked: bool| ControlError::NoAnswer {
         pid,
         waited,
         stopped,
+        acked,
     };
     conn.set_write_timeout(Some(CONNECT_TIMEOUT))
         .map_err(io("setting a timeout on"))?;
@@ -447,24 +501,33 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
     let mut body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     body.push(b'\n');
     match (&conn).write_all(&body) {
-        Err(e) if is_timeout(&e) => return Err(no_answer(CONNECT_TIMEOUT, false)),
+        Err(e) if is_timeout(&e) => return Err(no_answer(CONNECT_TIMEOUT, false, false)),
         r => r.map_err(io("writing to"))?,
     }
     let start = std::time::Instant::now();
     let mut line = Vec::new();
     let mut buf = [0u8; 4096];
-    while !line.contains(&b'\n') {
+    loop {
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            // The acknowledgement comes first (not from an older daemon).
+            if serde_json::from_slice::<Ack>(&line[..end]).is_ok_and(|a| a.ack) {
+                acked = true;
+                line.drain(..=end);
+                continue;
+            }
+            break;
+        }
         match (&conn).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => line.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if is_timeout(&e) => {
                 let waited = start.elapsed();
-                if waited >= timeout {
-                    return Err(no_answer(waited, false));
-                }
                 if waited >= CONNECT_TIMEOUT && pid.is_some_and(crate::state::pid_is_stopped) {
-                    return Err(no_answer(waited, true));
+                    return Err(no_answer(waited, true, acked));
+                }
+                if waited >= timeout || (!acked && waited >= ACK_TIMEOUT) {
+                    return Err(no_answer(waited, false, acked));
                 }
             }
             Err(e) => return Err(io("reading from")(e)),
@@ -521,6 +584,7 @@ fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ControlError> {
                     pid,
                     waited: start.elapsed(),
                     stopped: false,
+                    acked: false,
                 });
             }
             Err(e) => return Err(io("connecting to")(e.into())),
@@ -598,6 +662,38 @@ mod tests {
     }
 
     #[test]
+    fn a_long_action_is_waited_for_and_others_are_answered_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let reg = Registry::new();
+        let slow = ACK_TIMEOUT + Duration::from_secs(1);
+        let _on = reg.register("slow", "test", "takes a while", move |_| {
+            std::thread::sleep(slow);
+            Ok("done".into())
+        });
+        let _server = Server::start(reg, &path).unwrap();
+        let long = {
+            let path = path.clone();
+            let slow = Request::Run {
+                action: "slow".into(),
+                args: Vec::new(),
+            };
+            std::thread::spawn(move || request(&path, &slow, Duration::from_secs(60)))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let start = std::time::Instant::now();
+        let listed = request(&path, &Request::List, Duration::from_secs(60)).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(listed.actions.len(), 1);
+        let reply = long.join().unwrap().unwrap();
+        assert_eq!(reply.output, ["test: done"]);
+    }
+
+    #[test]
     fn a_server_that_never_answers_is_an_error_in_time() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
@@ -618,7 +714,7 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            format!("the daemon (pid {pid}) did not answer within 1 s")
+            format!("the daemon (pid {pid}) did not take the request within 1 s: it is stuck")
         );
     }
 

@@ -340,7 +340,7 @@ fn run_until_stopped(
                         // Stopping now would fail every write of whatever has
                         // it mounted: refuse once, give in to a second signal.
                         let mounts = userblk::loopdev::mount_points(&path);
-                        tracing::error!(
+                        tracing::warn!(
                             "signal {sig}: not stopping: {} is in use{}; unmount it first (a second signal forces the stop)",
                             path.display(),
                             if mounts.is_empty() { String::new() } else { format!(" (mounted at {mounts:?})") }
@@ -465,7 +465,10 @@ pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Resul
             .is_some_and(|f| f == fuse.file)
     });
     if let Some(lo) = our_loop {
-        if userblk::loopdev::in_use(lo).unwrap_or(false) {
+        if force && userblk::loopdev::in_use(lo).unwrap_or(false) {
+            unmount_lazily(id, lo)?;
+        }
+        if userblk::loopdev::in_use(lo).unwrap_or(false) && !force {
             return Err(userblk::Error::LoopBusy {
                 path: lo.to_path_buf(),
                 mounts: userblk::loopdev::mount_points(lo),
@@ -493,13 +496,54 @@ pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Resul
     }
     // The daemon is gone: its loop device may still be bound and its mount dead.
     if let Some(lo) = our_loop {
-        userblk::loopdev::detach_path(lo).with_context(|| format!("device {id}"))?;
+        match userblk::loopdev::detach_path(lo) {
+            // A lazily unmounted file system still in use: autoclear
+            // detaches the device once its last user lets go.
+            Err(userblk::Error::LoopBusy { .. }) if force => eprintln!(
+                "userblk: device {id}: {} is still open (files on a lazily unmounted file system?); it detaches at its last close",
+                lo.display()
+            ),
+            r => r.with_context(|| format!("device {id}"))?,
+        }
     }
     userblk::fuse::disk::unmount(&fuse.mountpoint).with_context(|| format!("device {id}"))?;
     if fuse.own_mountpoint {
         let _ = std::fs::remove_dir(&fuse.mountpoint);
     }
     DeviceState::remove(id);
+    Ok(())
+}
+
+/// For `del --force`: detach every file system mounted on loop device `lo`
+/// or its partitions (`umount -l`), saying so in one line each.
+fn unmount_lazily(id: u32, lo: &Path) -> anyhow::Result<()> {
+    let name = lo.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let mut devices = vec![lo.to_path_buf()];
+    if let Ok(dir) = std::fs::read_dir(Path::new("/sys/block").join(name)) {
+        let part = format!("{name}p");
+        devices.extend(dir.flatten().filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            n.starts_with(&part).then(|| Path::new("/dev").join(n))
+        }));
+    }
+    for dev in devices {
+        for mp in userblk::loopdev::mount_points(&dev) {
+            rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH).with_context(
+                || {
+                    format!(
+                        "device {id}: unmounting {} from {}",
+                        mp.display(),
+                        dev.display()
+                    )
+                },
+            )?;
+            eprintln!(
+                "userblk: device {id}: unmounted {} from {} lazily (--force)",
+                mp.display(),
+                dev.display()
+            );
+        }
+    }
     Ok(())
 }
 

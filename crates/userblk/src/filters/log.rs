@@ -22,6 +22,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use rustix::fs::{Mode, OFlags};
+
 use super::spec::{self, errno_name, Options, Spec};
 use super::{op_name, Base, DataUse, Filter, FilterError};
 use crate::target::{Ctx, Flags, IoResult, Request, Submit, Target};
@@ -94,11 +96,14 @@ impl Log {
     pub fn new(inner: Arc<dyn Target>, cfg: Config) -> Result<Self, FilterError> {
         let io = |what: String| FilterError::io::<std::io::Error>("log", what);
         let path = super::absolute("log", &cfg.file, cfg.file.display().to_string())?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(format!("opening {}", path.display())))?;
+        let file = crate::io::open::open_checked(
+            &path,
+            OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
+            Mode::from_raw_mode(0o666),
+            crate::io::open::Kinds::Regular,
+        )
+        .map(std::fs::File::from)
+        .map_err(io(format!("opening {}", path.display())))?;
         let out = Arc::new(Mutex::new(Out {
             w: BufWriter::with_capacity(64 << 10, file),
             failed: false,

@@ -26,9 +26,10 @@ use crate::target::Target;
 use crate::{Error, Result};
 
 /// The most serving threads a FUSE disk takes. Each has its own
-/// `/dev/fuse` clone, ring and request buffers (a few MiB): past a few per
-/// CPU they only cost memory, as the kernel hands requests to whichever is
-/// free; 1,000 threads took 3.9 GB.
+/// `/dev/fuse` clone, ring and request buffers (the buffers cost memory as
+/// requests fill them, up to about twice the largest request): past a few
+/// per CPU they only cost memory, as the kernel hands requests to whichever
+/// is free.
 pub const MAX_THREADS: usize = 64;
 
 /// How to export a target over FUSE.
@@ -87,6 +88,9 @@ impl FuseDisk {
     ) -> Result<FuseDisk> {
         check_threads(opts.threads)?;
         check_fuse_available()?;
+        // Each serving thread's receive buffer (fuser's, 16 MiB) must cost
+        // only what the kernel writes into it, not all of it.
+        crate::sys::map_large_allocations(1 << 20);
         let mountpoint = check_mountpoint(&opts.mountpoint)?;
         let counters = Arc::new(Counters::default());
         let fs = DiskFs::new(target, opts.buf_bytes, Arc::clone(&counters))?;

@@ -13,6 +13,7 @@ use rustix::fs::{FallocateFlags, FileType, Mode, OFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 use serde_json::json;
 
+use crate::io::open::{open_checked, Kinds};
 use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
 
@@ -53,15 +54,9 @@ pub struct FileTarget {
 /// Open `path` as a device's data: a regular file or a block device and
 /// nothing else. The one place every target and `copy` opens such a file,
 /// so that none of them can hang in `open()` on a FIFO (which waits for a
-/// peer): the type is checked by name first, for the clear message, and
-/// again on the descriptor, which is opened non-blocking so that a file
-/// swapped in between cannot block either. The error names no path: the
-/// caller's does.
+/// peer; see [`open_checked`]). The error names no path: the caller's does.
 pub fn open_data(path: &Path, read_only: bool, direct: bool) -> std::io::Result<OwnedFd> {
-    let st = rustix::fs::stat(path)?;
-    check_type(FileType::from_raw_mode(st.st_mode))?;
-    let mut flags = OFlags::CLOEXEC | OFlags::NONBLOCK;
-    flags |= if read_only {
+    let mut flags = if read_only {
         OFlags::RDONLY
     } else {
         OFlags::RDWR
@@ -69,12 +64,7 @@ pub fn open_data(path: &Path, read_only: bool, direct: bool) -> std::io::Result<
     if direct {
         flags |= OFlags::DIRECT;
     }
-    let fd = rustix::fs::open(path, flags, Mode::empty())
-        .map_err(|e| writable_hint(e.into(), read_only))?;
-    check_type(FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode))?;
-    // Blocking again: the ring and the page cache expect ordinary I/O.
-    rustix::fs::fcntl_setfl(&fd, rustix::fs::fcntl_getfl(&fd)? - OFlags::NONBLOCK)?;
-    Ok(fd)
+    open_checked(path, flags, Mode::empty(), Kinds::Data).map_err(|e| writable_hint(e, read_only))
 }
 
 /// A file that cannot be written can still be served read-only: say how.
@@ -85,21 +75,6 @@ fn writable_hint(e: std::io::Error, read_only: bool) -> std::io::Error {
         }
         _ => e,
     }
-}
-
-fn check_type(t: FileType) -> std::io::Result<()> {
-    let what = match t {
-        FileType::RegularFile | FileType::BlockDevice => return Ok(()),
-        FileType::Fifo => "a FIFO",
-        FileType::Directory => "a directory",
-        FileType::CharacterDevice => "a character device",
-        FileType::Socket => "a socket",
-        _ => "of another type",
-    };
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!("not a regular file or block device: it is {what}"),
-    ))
 }
 
 fn pow2_in(v: u32, lo: u32, hi: u32) -> Option<u32> {

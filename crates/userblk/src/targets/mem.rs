@@ -20,6 +20,7 @@ use rustix::io::Errno;
 use serde_json::json;
 
 use crate::io::fd::{read_exact, write_all};
+use crate::io::open::{open_checked, Kinds};
 use crate::io::SharedMapping;
 use crate::target::{Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
@@ -92,8 +93,8 @@ impl MemTarget {
         if size == 0 {
             return Err(Error::invalid("size must be greater than 0"));
         }
-        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
-        let fd = rustix::fs::open(path, flags, Mode::RUSR | Mode::WUSR)
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
+        let fd = open_checked(path, flags, Mode::RUSR | Mode::WUSR, Kinds::Regular)
             .map_err(|e| Error::path(path, e))?;
         if let Err(e) = rustix::fs::ftruncate(&fd, size) {
             let _ = std::fs::remove_file(path);
@@ -112,7 +113,7 @@ impl MemTarget {
 
     /// Reopen the data of an earlier [`MemTarget::create_shared`].
     pub fn open_shared(path: &Path, size: u64) -> Result<Self> {
-        let fd = rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        let fd = open_checked(path, OFlags::RDWR, Mode::empty(), Kinds::Regular)
             .map_err(|e| Error::path(path, e))?;
         let st = rustix::fs::fstat(&fd).map_err(|e| Error::path(path, e))?;
         if u64::try_from(st.st_size).ok() != Some(size) {

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
+use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::side::SideIo;
@@ -326,16 +326,14 @@ impl Cache {
 fn open_file(path: &std::path::Path, block: u32) -> Result<FileStore, FilterError> {
     let shown = path.display();
     let io = |what: String| FilterError::io::<Errno>("cache", what);
-    let fd = rustix::fs::open(
+    let fd = crate::io::open::open_checked(
         path,
-        OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+        OFlags::RDWR | OFlags::CREATE,
         Mode::RUSR | Mode::WUSR,
+        crate::io::open::Kinds::Regular,
     )
-    .map_err(io(format!("opening {shown}")))?;
+    .map_err(FilterError::io("cache", format!("opening {shown}")))?;
     let st = rustix::fs::fstat(&fd).map_err(io(format!("stat {shown}")))?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err(invalid(format!("{shown}: not a regular file")));
-    }
     if st.st_size > 0 {
         let mut head = [0u8; 16];
         if read_exact(fd.as_fd(), &mut head, 0).is_err() || &head != MAGIC {

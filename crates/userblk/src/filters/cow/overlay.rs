@@ -4,11 +4,12 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{FallocateFlags, FileType, FlockOperation, Mode, OFlags};
+use rustix::fs::{FallocateFlags, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::map::{self, Layout, Map, HEADER};
 use crate::filters::FilterError;
+use crate::io::open::{open_checked, Kinds};
 use crate::target::Caps;
 
 /// An open overlay.
@@ -67,12 +68,13 @@ impl Overlay {
         let shown = path.display().to_string();
         let path = crate::filters::absolute("cow", path, shown.clone())?;
         let existed = path.exists();
-        let fd = rustix::fs::open(
+        let fd = open_checked(
             &path,
-            OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE,
             Mode::RUSR | Mode::WUSR,
+            Kinds::Regular,
         )
-        .map_err(io(format!("opening {shown}")))?;
+        .map_err(FilterError::io("cow", format!("opening {shown}")))?;
         let fail = |e: FilterError| {
             if !existed {
                 let _ = std::fs::remove_file(&path);
@@ -80,9 +82,6 @@ impl Overlay {
             e
         };
         let st = rustix::fs::fstat(&fd).map_err(io(format!("stat {shown}")))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(fail(invalid(format!("{shown}: not a regular file"))));
-        }
         match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => {
