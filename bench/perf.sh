@@ -19,15 +19,18 @@ usage: bench/perf.sh [--quick] [--runtime SECS (6)] [--repeat N (3)] [--results 
   --only      run only the workloads whose key matches REGEX (grep -E), e.g. 'null-.*qd64'
   --file-args more arguments for userblk's file devices, e.g. '--zero-copy' (on a 6.16+
               kernel: USERBLK_VM_CACHE of a vm/setup.sh run with USERBLK_VM_KSUITE)
+  --null-args more arguments for userblk's null devices, e.g. '--zero-copy'
+  --rublk-args more arguments for every rublk device, e.g. '-z'
   --publish   copy summary.txt, summary.csv, runs.csv and perf.png into docs/perf/
               (refused with --quick, --only or fewer than 3 repeats)
 environment: RUBLK (rublk binary, default /opt/rublk/bin/rublk, installed with cargo if
-             missing), RUBLK_VERSION (what to install, default 0.2.15)
+             missing), RUBLK_VERSION (what to install, default 0.2.15),
+             USERBLK_BENCH_SCHED (I/O scheduler of every device, default none; kernel: each default)
 EOF
     exit 2
 }
 
-RUNTIME='' REPEAT='' RESULTS=/tmp/userblk-bench QUICK=0 PUBLISH=0 ONLY='' FILE_ARGS=''
+RUNTIME='' REPEAT='' RESULTS=/tmp/userblk-bench QUICK=0 PUBLISH=0 ONLY='' FILE_ARGS='' NULL_ARGS='' RUBLK_ARGS=''
 ARGS=("$@")
 while (( $# )); do
     case $1 in
@@ -37,6 +40,8 @@ while (( $# )); do
         --results) (( $# >= 2 )) || usage; RESULTS=$2; shift 2 ;;
         --only) (( $# >= 2 )) || usage; ONLY=$2; shift 2 ;;
         --file-args) (( $# >= 2 )) || usage; FILE_ARGS=$2; shift 2 ;;
+        --null-args) (( $# >= 2 )) || usage; NULL_ARGS=$2; shift 2 ;;
+        --rublk-args) (( $# >= 2 )) || usage; RUBLK_ARGS=$2; shift 2 ;;
         --publish) PUBLISH=1; shift ;;
         -h|--help) usage ;;
         *) echo "bench: unknown argument $1" >&2; usage ;;
@@ -54,6 +59,7 @@ if (( PUBLISH )); then
     (( QUICK == 0 )) || die "--publish wants a full run, not --quick"
     [[ -z $ONLY ]] || die "--publish wants every workload, not --only"
     [[ -z $FILE_ARGS ]] || die "--publish wants the default devices, not --file-args"
+    [[ -z $NULL_ARGS$RUBLK_ARGS ]] || die "--publish wants the default devices, not --null-args or --rublk-args"
     (( REPEAT >= 3 )) || die "--publish wants at least 3 repeats"
 fi
 
@@ -133,7 +139,8 @@ TIMEOUT=$(( RUNS * (3 * (RUNTIME + 30) + 60) + 900 ))
 
 start=$SECONDS busy0=$(cpu_busy) ours0=$(children_cpu) load0=$(loadavg)
 rc=0
-USERBLK_BENCH_FILE_ARGS=$FILE_ARGS USERBLK_VM_PASSENV="${USERBLK_VM_PASSENV:-CI RUST_BACKTRACE RUST_LOG} USERBLK_BENCH_FILE_ARGS" \
+USERBLK_BENCH_FILE_ARGS=$FILE_ARGS USERBLK_BENCH_NULL_ARGS=$NULL_ARGS USERBLK_BENCH_RUBLK_ARGS=$RUBLK_ARGS \
+USERBLK_VM_PASSENV="${USERBLK_VM_PASSENV:-CI RUST_BACKTRACE RUST_LOG} USERBLK_BENCH_FILE_ARGS USERBLK_BENCH_NULL_ARGS USERBLK_BENCH_RUBLK_ARGS USERBLK_BENCH_SCHED" \
 USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout "$TIMEOUT" --out "$OUT" -- \
     bench/guest/perf.sh "$OUT" "$RUNTIME" "$REPEAT" "$RUBLK" "$ONLY" || rc=$?
 wall=$(( SECONDS - start ))

@@ -120,10 +120,15 @@ nullb_add() {
 phase "setting up devices"
 
 # null: userblk, rublk and null_blk, each with 1 and with 2 queues of depth 128.
-ublk_add userblk UB_NULL1 null -q 1 -d 128
-ublk_add userblk UB_NULL2 null -q 2 -d 128
-ublk_add rublk RB_NULL1 null -q 1 -d 128
-ublk_add rublk RB_NULL2 null -q 2 -d 128
+# USERBLK_BENCH_NULL_ARGS / USERBLK_BENCH_RUBLK_ARGS (bench/perf.sh
+# --null-args / --rublk-args): more arguments for userblk's null devices
+# and for every rublk device, e.g. --zero-copy and -z.
+read -r -a NULL_ARGS <<<"${USERBLK_BENCH_NULL_ARGS:-}"
+read -r -a RUBLK_ARGS <<<"${USERBLK_BENCH_RUBLK_ARGS:-}"
+ublk_add userblk UB_NULL1 null -q 1 -d 128 "${NULL_ARGS[@]}"
+ublk_add userblk UB_NULL2 null -q 2 -d 128 "${NULL_ARGS[@]}"
+ublk_add rublk RB_NULL1 null -q 1 -d 128 "${RUBLK_ARGS[@]}"
+ublk_add rublk RB_NULL2 null -q 2 -d 128 "${RUBLK_ARGS[@]}"
 
 record "modprobe null_blk nr_devices=0"
 modprobe null_blk nr_devices=0
@@ -162,8 +167,8 @@ fi
 # rublk loop takes its logical block size from the file (4096 on tmpfs);
 # userblk's file target and loop use 512, so rublk is told 512 too. rublk
 # uses direct I/O by default, like the other two.
-ublk_add rublk RB_FILE1 loop -f "$BACKING" -q 1 -d 128 --logical-block-size 512
-ublk_add rublk RB_FILE2 loop -f "$BACKING" -q 2 -d 128 --logical-block-size 512
+ublk_add rublk RB_FILE1 loop -f "$BACKING" -q 1 -d 128 --logical-block-size 512 "${RUBLK_ARGS[@]}"
+ublk_add rublk RB_FILE2 loop -f "$BACKING" -q 2 -d 128 --logical-block-size 512 "${RUBLK_ARGS[@]}"
 # loop with direct I/O over the same file (one hw queue of depth 128; loop
 # has no multi-queue mode, so the 2-job runs use the same device).
 record "losetup --direct-io=on -f --show $BACKING"
@@ -181,8 +186,8 @@ declare -A DEV=(
     [file:1:kernel]=$K_FILE [file:2:kernel]=$K_FILE
 )
 declare -A LABEL=(
-    [null:userblk]="userblk null" [null:rublk]="rublk null" [null:kernel]="null_blk"
-    [file:userblk]="userblk file${FILE_ARGS[*]:+ ${FILE_ARGS[*]}}" [file:rublk]="rublk loop" [file:kernel]="loop dio"
+    [null:userblk]="userblk null${NULL_ARGS[*]:+ ${NULL_ARGS[*]}}" [null:rublk]="rublk null${RUBLK_ARGS[*]:+ ${RUBLK_ARGS[*]}}" [null:kernel]="null_blk"
+    [file:userblk]="userblk file${FILE_ARGS[*]:+ ${FILE_ARGS[*]}}" [file:rublk]="rublk loop${RUBLK_ARGS[*]:+ ${RUBLK_ARGS[*]}}" [file:kernel]="loop dio"
 )
 SIDES=(userblk rublk kernel)
 DISKS=()
@@ -190,6 +195,17 @@ for key in null:1:userblk null:1:rublk null:1:kernel null:2:userblk null:2:rublk
     file:1:userblk file:1:rublk file:1:kernel file:2:userblk file:2:rublk; do
     DISKS+=("${DEV[$key]}")
 done
+# Every device gets the same I/O scheduler (USERBLK_BENCH_SCHED, default
+# none, as userblk sets it; `kernel` keeps each device's default): the
+# kernel gives one-queue devices mq-deadline, which on 7.x dispatches through
+# kblockd and would measure the scheduler, not the device.
+SCHED=${USERBLK_BENCH_SCHED:-none}
+if [[ $SCHED != kernel ]]; then
+    for d in "${DISKS[@]}"; do
+        record "echo $SCHED >/sys/block/$d/queue/scheduler"
+        echo "$SCHED" >"/sys/block/$d/queue/scheduler"
+    done
+fi
 {
     printf 'class\tqueues\tside\tdisk\tlabel\n'
     for key in "${!DEV[@]}"; do
@@ -262,6 +278,7 @@ check_fair max_sectors_kb 512 || FAIR=1
     echo "fairness, what differs: userblk's null target zero-fills each read buffer, rublk's null and null_blk (memory_backed=0) do not touch data;"
     echo "  loop has one hw queue, so its 2-job runs use the 1-queue device; write_cache differs (userblk null: write through; rublk null: write back) but no job flushes;"
     echo "  physical block 4096 on ublk devices, 512 on null_blk and loop (no job issues I/O below 4 KiB)."
+    echo "I/O scheduler of every device: $SCHED (USERBLK_BENCH_SCHED)"
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"
 phase "devices ready"

@@ -312,6 +312,28 @@ user_copy_granted() { # --user-copy: the kernel grants USER_COPY; null reads zer
     del_dev "$id"
 }
 
+# The I/O scheduler: none by default (the kernel would give a 1-queue
+# device mq-deadline), --scheduler NAME as given, `kernel` keeps the
+# kernel's choice, an unknown name warns and the device works.
+sched_of() { sed -n 's/.*\[\(.*\)\].*/\1/p' "/sys/block/ublkb$1/queue/scheduler"; }
+scheduler_choice() {
+    local id err
+    id=$(add_dev null --size 1G)
+    [ "$(sched_of "$id")" = none ] || die "default scheduler $(sched_of "$id"), not none"
+    del_dev "$id"
+    id=$(add_dev null --size 1G --scheduler mq-deadline)
+    [ "$(sched_of "$id")" = mq-deadline ] || die "--scheduler mq-deadline gave $(sched_of "$id")"
+    del_dev "$id"
+    id=$(add_dev null --size 1G --scheduler kernel)
+    [ "$(sched_of "$id")" = mq-deadline ] || die "--scheduler kernel gave $(sched_of "$id"), not the kernel's mq-deadline"
+    del_dev "$id"
+    err=$(mktemp -p "$WORK")
+    id=$(add_dev null --size 1G --scheduler nosuch 2>"$err")
+    grep -q -- "--scheduler nosuch" "$err" || die "no warning for an unknown scheduler: $(cat "$err")"
+    dd if="/dev/ublkb$id" of=/dev/null bs=4k count=1 iflag=direct status=none
+    del_dev "$id"
+}
+
 # --zero-copy on a kernel without UBLK_F_AUTO_BUF_REG (6.12): a warning that
 # says why, then a working device that copies; a target that touches data
 # in memory gets its own warning; --user-copy with it is refused.
@@ -428,7 +450,7 @@ no_panics_logged() {
 
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 cleanup_devices
-plan 69  # 21 case_run below, and target_cases: 7 each (6 without ext4)
+plan 70  # 22 case_run below, and target_cases: 7 each (6 without ext4)
 case_run "main job: add mem --size 1G is /dev/ublkb0, ext4 survives remount" main_job
 case_run "features lists the kernel's flags" features_case
 case_run "FUSE frontend beside ublk: own ids, one list" fuse_beside_ublk
@@ -439,6 +461,7 @@ target_cases "loop alias (buffered)" "write back" yes yes loop -f "$(backing buf
 case_run "--user-copy: USER_COPY granted, null reads zero" user_copy_granted
 target_cases "mem --user-copy" "write through" yes yes mem --size 64M --user-copy
 target_cases "file --user-copy (O_DIRECT)" "write back" yes no file -f "$(backing uc.img 64M)" --user-copy
+case_run "I/O scheduler: none by default, --scheduler NAME, kernel" scheduler_choice
 case_run "--zero-copy: falls back with a warning where unsupported" zero_copy_falls_back
 case_run "zero copy: file's default, no data through the daemon" zero_copy_granted
 case_run "zero copy through a stats filter: granted, fio verify" zero_copy_through_stats

@@ -33,6 +33,21 @@ fn size_u32(s: &str) -> Result<u32, String> {
     u32::try_from(v).map_err(|_| format!("{s} is too large"))
 }
 
+/// An I/O scheduler's name as sysfs spells them, or `kernel`.
+fn scheduler_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not an I/O scheduler name (none, mq-deadline, bfq, kyber, or kernel)"
+        ))
+    }
+}
+
 /// userblk: Linux block devices served by a userspace process.
 #[derive(Debug, Parser)]
 #[command(name = "userblk", version, about, propagate_version = true)]
@@ -266,6 +281,17 @@ pub struct DevArgs {
         help_heading = "ublk"
     )]
     pub no_zero_copy: bool,
+    /// The block layer's I/O scheduler for the device [default: none].
+    ///
+    /// `none` hands requests to the daemon as they come, as loop and
+    /// multi-queue devices get by default; the kernel would otherwise give a
+    /// one-queue ublk device mq-deadline, which on Linux 7.x dispatches
+    /// through a kernel worker and costs 4k random reads about two thirds of
+    /// their rate (docs/perf/ublk-7x.md). `kernel` keeps the kernel's
+    /// choice; any other name (mq-deadline, bfq, kyber) is set as given.
+    #[arg(long, global = true, value_name = "NAME", value_parser = scheduler_name,
+          help_heading = "ublk")]
+    pub scheduler: Option<String>,
     /// An unprivileged device, owned by the calling user (implied when not root).
     ///
     /// For root the kernel makes it privileged anyway. Needs the udev rule

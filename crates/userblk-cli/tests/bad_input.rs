@@ -89,6 +89,7 @@ const CASES: &[Case] = &[
     ("create qcow2 --file {}/x.qcow2 --size 1M --backing {}/fifo", 1, "it is a FIFO"),
     ("add --frontend fuse mem --size 16383P", 2, "larger than the largest device"),
     ("add s3 --bucket b --size 1G --chunk-size 1000", 2, "chunk size 1000 is invalid"),
+    ("add null --scheduler Deadline/x", 2, "is not an I/O scheduler name"),
     ("add --frontend fuse -q 1000 null", 1, "out of range 1..=64"),
     ("add --frontend fuse file --file {}/fifo", 1, "it is a FIFO"),
     ("add --frontend fuse qcow2 --file {}/fifo", 1, "it is a FIFO"),

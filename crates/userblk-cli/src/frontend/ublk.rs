@@ -172,7 +172,7 @@ impl Frontend for Ublk {
             }
             let describe = target.describe();
             let served = dev.serve(Arc::clone(&target), |live| {
-                on_live(live, describe, saved, host);
+                on_live(live, describe, saved, self.dev.scheduler.as_deref(), host);
             });
             // A recoverable device left behind by a failure needs its state for `recover`.
             let waits_for_recovery = served.is_err()
@@ -233,7 +233,13 @@ fn ublk_id(wanted: Option<u32>) -> Option<u32> {
 }
 
 /// The device is live: record its state and announce it with the kernel's view of it.
-fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, host: &Host) {
+fn on_live(
+    live: &Live,
+    target: serde_json::Value,
+    args: Vec<String>,
+    scheduler: Option<&str>,
+    host: &Host,
+) {
     let id = live.info.dev_id;
     let st = DeviceState {
         id,
@@ -251,6 +257,7 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, host: &Hos
     if let Err(e) = st.save() {
         tracing::warn!("{e}");
     }
+    set_scheduler(id, scheduler);
     let mut details = String::new();
     if Features(live.info.flags).has_unprivileged() && !wait_for_block_access(id) {
         let msg = format!(
@@ -267,6 +274,21 @@ fn on_live(live: &Live, target: serde_json::Value, args: Vec<String>, host: &Hos
     };
     host.announce(id, &block_path(id).display().to_string(), &details);
     tracing::info!("device {id} live at {}", block_path(id).display());
+}
+
+/// Gives the device the I/O scheduler asked for (`none` unless said); a
+/// failure is said only when the user named one (an unprivileged daemon
+/// cannot write sysfs, and the device works either way).
+fn set_scheduler(id: u32, asked: Option<&str>) {
+    let name = asked.unwrap_or("none");
+    if name == "kernel" {
+        return;
+    }
+    match userblk::ublk::ctrl::set_scheduler(id, name) {
+        Ok(()) => tracing::debug!("device {id}: I/O scheduler {name}"),
+        Err(e) if asked.is_some() => tracing::warn!("--scheduler {name}: {e}"),
+        Err(e) => tracing::debug!("device {id}: keeping the kernel's I/O scheduler: {e}"),
+    }
 }
 
 /// An unprivileged device's `/dev/ublkbN` is root's until udev hands it to

@@ -520,6 +520,13 @@ pub fn block_path(id: u32) -> PathBuf {
     PathBuf::from(format!("/dev/ublkb{id}"))
 }
 
+/// Sets the block layer's I/O scheduler of `/dev/ublkbN` (its sysfs
+/// `queue/scheduler`, which names what this kernel offers).
+pub fn set_scheduler(id: u32, name: &str) -> Result<()> {
+    let path = PathBuf::from(format!("/sys/block/ublkb{id}/queue/scheduler"));
+    std::fs::write(&path, name).map_err(|e| Error::path(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
