@@ -82,6 +82,9 @@ as_root vm/run.sh -- vm/suite/qcow2.sh
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
 
+step "real-kernel suite: resize refused without UPDATE_SIZE, nothing changed (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/resize.sh
+
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
 
@@ -97,3 +100,6 @@ as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
 
 step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
+
+step "newer-kernel suite: resize with UPDATE_SIZE, ext4 grown online on mem/file/qcow2 (Debian trixie-backports in qemu/TCG)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/resize.sh
