@@ -74,7 +74,7 @@ fn a_shared_mem_file_follows_the_size() {
 fn a_file_is_extended_and_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    std::fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
     let open = || {
         FileTarget::open(FileOptions {
             path: path.clone(),
