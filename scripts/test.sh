@@ -38,6 +38,9 @@ cargo build --release --locked
 step "host suite: FUSE frontend and loop devices (this kernel)"
 as_root bash tests/host/fuse.sh
 
+step "host suite: resize over FUSE + loop (mem, file, qcow2 with ext4 and resize2fs) and NBD's refusal"
+as_root bash tests/host/resize.sh
+
 step "host suite: NBD server and nbd target (libnbd, qemu, nbdkit clients)"
 as_root bash tests/host/nbd.sh
 
@@ -79,6 +82,9 @@ as_root vm/run.sh -- vm/suite/qcow2.sh
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
 
+step "real-kernel suite: resize refused without UPDATE_SIZE, nothing changed (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/resize.sh
+
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
 
@@ -94,3 +100,6 @@ as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
 
 step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
+
+step "newer-kernel suite: resize with UPDATE_SIZE, ext4 grown online on mem/file/qcow2 (Debian trixie-backports in qemu/TCG)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/resize.sh

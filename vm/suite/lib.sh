@@ -177,6 +177,46 @@ del_served() { # del_served ID
     [ ! -e "${USERBLK_STATE_DIR:-/run/userblk}/$id.json" ] || die "state file left behind"
 }
 
+# ---- for the resize suites (tests/host/resize.sh, vm/suite/resize.sh) ------------
+
+# Whether this process may resize a mounted ext4 (CAP_SYS_RESOURCE, bit 24).
+has_sys_resource() { (( 0x$(awk '/^CapEff/ {print $2}' /proc/self/status) >> 24 & 1 )); }
+
+# ext4 on block device BLK of device ID, mounted on MNT, grown from 64M to
+# 192M with `userblk resize` and resize2fs while mounted (offline, said in a
+# note, where CAP_SYS_RESOURCE is withheld), then checked clean; the data
+# written before the resize intact, and the new space usable.
+grow_ext4() { # grow_ext4 ID BLK MNT
+    local id=$1 blk=$2 mnt=$3 sum before after m=$((1 << 20))
+    [ "$(blockdev --getsize64 "$blk")" = $((64 * m)) ] || die "not 64M before"
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$mnt"
+    dd if=/dev/urandom of="$mnt/blob" bs=1M count=16 status=none
+    sum=$(sha256sum <"$mnt/blob")
+    before=$(df -k --output=size "$mnt" | tail -n 1 | tr -d ' ')
+    ub resize -n "$id" --size 192M
+    [ "$(blockdev --getsize64 "$blk")" = $((192 * m)) ] || die "blockdev --getsize64 says $(blockdev --getsize64 "$blk")"
+    ub list -n "$id" --json | python3 -c 'import json,sys; assert json.load(sys.stdin)[0]["target"]["size"] == 192 << 20' \
+        || die "list does not show the new size"
+    if has_sys_resource; then
+        resize2fs "$blk"
+    else
+        echo "note: no CAP_SYS_RESOURCE here: resize2fs ran offline"
+        umount "$mnt"
+        e2fsck -f -y "$blk" >/dev/null
+        resize2fs "$blk"
+        mount "$blk" "$mnt"
+    fi
+    after=$(df -k --output=size "$mnt" | tail -n 1 | tr -d ' ')
+    echo "note: df $before KiB -> $after KiB"
+    [ "$after" -gt $((before * 2)) ] || die "the file system did not grow ($before -> $after KiB)"
+    dd if=/dev/urandom of="$mnt/tail" bs=1M count=100 status=none
+    sync
+    [ "$(sha256sum <"$mnt/blob")" = "$sum" ] || die "data written before the resize changed"
+    umount "$mnt"
+    fsck.ext4 -n -f "$blk"
+}
+
 cleanup_devices() {
     ub del -a >/dev/null 2>&1 || true
     umount /mnt/ub* 2>/dev/null || true

@@ -76,6 +76,9 @@ pub enum Command {
     /// Run a control action in a device's daemon: `powercut`, `powerup`
     /// (--filter flakey); with no action, list what the device offers.
     Ctl(CtlArgs),
+    /// Change a live device's size: its target's, then the device's
+    /// (`userblk resize -n 0 --size 20G`); shrinking needs --allow-shrink.
+    Resize(ResizeArgs),
     /// Create an image file (`userblk create qcow2 -f IMAGE --size 10G`).
     Create(CreateArgs),
     /// Copy any target to any target, skipping holes (`userblk copy disk.raw disk.qcow2`).
@@ -135,6 +138,20 @@ pub struct CtlArgs {
     /// No action takes arguments, so anything after it is a usage error
     /// rather than silently dropped.
     pub action: Option<String>,
+}
+
+/// `resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: u32,
+    /// The new size (`20G`, `512M`, bytes): a multiple of the device's block size.
+    #[arg(short = 's', long, value_name = "SIZE", value_parser = size)]
+    pub size: u64,
+    /// Allow a size below the current one: the data past the new end is lost.
+    #[arg(long)]
+    pub allow_shrink: bool,
 }
 
 /// `recover`.

@@ -19,6 +19,7 @@ mod list;
 mod man;
 mod out;
 mod progress;
+mod resize;
 mod s3;
 mod stale_replies;
 mod stats;
@@ -77,6 +78,7 @@ fn main() -> ExitCode {
         Command::Recover(args) => frontend::recover(&args),
         Command::Stats(args) => stats::run(&args),
         Command::Ctl(args) => ctl::run(&args),
+        Command::Resize(args) => resize::run(&args),
         Command::Create(args) => create(&args),
         Command::Copy(args) => copy::run(&args),
         Command::Features(args) => features(&args),

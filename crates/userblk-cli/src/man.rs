@@ -135,6 +135,16 @@ fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
             ("Delete every device", "sudo userblk del -a"),
         ],
         "userblk-list" => &[("Device 0, as JSON", "userblk list -n 0 --json")],
+        "userblk-resize" => &[
+            (
+                "Grow device 0 to 20 GiB, then its mounted ext4",
+                "sudo userblk resize -n 0 --size 20G\nsudo resize2fs /dev/ublkb0",
+            ),
+            (
+                "Shrink a RAM disk (the data past 1 GiB is lost)",
+                "sudo userblk resize -n 0 --size 1G --allow-shrink",
+            ),
+        ],
         "userblk-recover" => &[(
             "A new daemon for device 0, added with -r, whose daemon died",
             "sudo userblk recover -n 0",

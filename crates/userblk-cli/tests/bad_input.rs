@@ -109,6 +109,11 @@ const CASES: &[Case] = &[
     ("copy {}/src.img s3://b/p?chunk-size=1000", 2, "chunk size 1000 is invalid"),
     ("ctl -n 0 powercut junk", 2, "unexpected argument 'junk'"),
     ("ctl -n 0", 1, "no device with id 0"),
+    ("resize -n 0 --size 1G", 1, "no device with id 0"),
+    ("resize -n 0 --size 0", 1, "the new size must be greater than 0"),
+    ("resize -n 0 --size lots", 2, "invalid size 'lots'"),
+    ("resize -n 0 --size 16383P", 2, "larger than the largest device"),
+    ("resize -n 0", 2, "--size <SIZE>"),
 ];
 
 #[test]

@@ -90,6 +90,8 @@ pub struct LoopConfig {
 pub const LOOP_SET_FD: u32 = 0x4C00;
 /// Unbind the backing file; on current kernels the unbinding completes at the last close.
 pub const LOOP_CLR_FD: u32 = 0x4C01;
+/// Re-read the backing file's size (after it changed).
+pub const LOOP_SET_CAPACITY: u32 = 0x4C07;
 /// Set offset, size limit, name and the AUTOCLEAR/PARTSCAN flags from a [`LoopInfo64`].
 pub const LOOP_SET_STATUS64: u32 = 0x4C04;
 /// Read a bound device's [`LoopInfo64`]; `ENXIO` when unbound.

@@ -30,6 +30,11 @@ use serde::{Deserialize, Serialize};
 /// What an action does when run: its arguments in, a line of output or an error message out.
 pub type Handler = Arc<dyn Fn(&[String]) -> Result<String, String> + Send + Sync>;
 
+/// What a frontend does on [`Request::Resize`]: the new size in bytes and
+/// whether shrinking is allowed in, a line saying what happened or the
+/// reason it refused out.
+pub type ResizeHandler = Arc<dyn Fn(u64, bool) -> Result<String, String> + Send + Sync>;
+
 /// Why a control request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -128,6 +133,8 @@ struct Entry {
 struct Table {
     next_id: u64,
     entries: Vec<Entry>,
+    /// The frontend's resize, with its registration's id.
+    resize: Option<(u64, ResizeHandler)>,
 }
 
 /// The actions a device offers. Cheap to clone: clones share one table.
@@ -157,6 +164,9 @@ impl Drop for Registration {
         if let Some(t) = self.table.upgrade() {
             let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
             t.entries.retain(|e| e.id != self.id);
+            if t.resize.as_ref().is_some_and(|(id, _)| *id == self.id) {
+                t.resize = None;
+            }
         }
     }
 }
@@ -192,6 +202,36 @@ impl Registry {
         Registration {
             table: Arc::downgrade(&self.table),
             id,
+        }
+    }
+
+    /// Answer [`Request::Resize`] with `handler` until the returned
+    /// [`Registration`] is dropped (the frontend serving the device offers
+    /// it, once the device is live).
+    pub fn on_resize(
+        &self,
+        handler: impl Fn(u64, bool) -> Result<String, String> + Send + Sync + 'static,
+    ) -> Registration {
+        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        t.next_id += 1;
+        let id = t.next_id;
+        t.resize = Some((id, Arc::new(handler)));
+        Registration {
+            table: Arc::downgrade(&self.table),
+            id,
+        }
+    }
+
+    /// Resize the device to `size` bytes through the frontend's handler.
+    pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<String, String> {
+        let handler = {
+            let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+            t.resize.as_ref().map(|(_, h)| Arc::clone(h))
+        };
+        match handler {
+            // Without the lock: a resize takes a while and must not block registrations.
+            Some(h) => h(size, allow_shrink),
+            None => Err("the device is not live yet, or its daemon cannot resize it".into()),
         }
     }
 
@@ -250,6 +290,15 @@ pub enum Request {
         #[serde(default)]
         args: Vec<String>,
     },
+    /// Change the device's size (`userblk resize`): the target's, then the
+    /// frontend's. Answered once both are done, or with why not.
+    Resize {
+        /// The new size in bytes.
+        size: u64,
+        /// Whether it may be smaller than now.
+        #[serde(default)]
+        allow_shrink: bool,
+    },
 }
 
 /// The line a server sends as soon as it has read a request, before running it.
@@ -299,6 +348,13 @@ impl Reply {
         };
         match req {
             Request::List => r.actions = registry.actions(),
+            Request::Resize { size, allow_shrink } => match registry.resize(size, allow_shrink) {
+                Ok(line) => r.output = vec![line],
+                Err(e) => {
+                    r.ok = false;
+                    r.error = Some(e);
+                }
+            },
             Request::Run { action, args } => match registry.run(&action, &args) {
                 Ok(out) => r.output = out,
                 Err(e) => {
@@ -656,6 +712,21 @@ mod tests {
         let mut line = String::new();
         BufReader::new(&c).read_line(&mut line).unwrap();
         assert!(line.contains("bad request"), "{line}");
+        // Resize goes to the frontend's handler, only while it is registered.
+        let resize = Request::Resize {
+            size: 4096,
+            allow_shrink: false,
+        };
+        let r = request(&path, &resize, t).unwrap();
+        assert!(!r.ok && r.error.unwrap().contains("cannot resize"));
+        let on = reg.on_resize(|size, shrink| match shrink {
+            false => Ok(format!("now {size}")),
+            true => Err("no".into()),
+        });
+        let r = request(&path, &resize, t).unwrap();
+        assert_eq!((r.ok, r.output), (true, vec!["now 4096".to_string()]));
+        drop(on);
+        assert!(!request(&path, &resize, t).unwrap().ok);
         drop(server);
         assert!(!path.exists());
         assert!(request(&path, &run("ping"), t).is_err());

@@ -112,6 +112,14 @@ pub enum Error {
         /// Where it is mounted in this mount namespace; empty if it is held some other way.
         mounts: Vec<PathBuf>,
     },
+    /// A device's size cannot be changed (by this target, filter or frontend, or to that size).
+    #[error("{what} cannot be resized: {why}")]
+    CannotResize {
+        /// Who refuses (a target, filter or frontend).
+        what: String,
+        /// Why.
+        why: String,
+    },
     /// An NBD URI could not be understood.
     #[error(transparent)]
     NbdUri(#[from] crate::nbd::client::UriError),
@@ -161,6 +169,14 @@ impl Error {
         Error::Path {
             path: path.into(),
             err: source.into(),
+        }
+    }
+
+    /// `what` refuses a resize because `why`.
+    pub fn cannot_resize(what: impl Into<String>, why: impl Into<String>) -> Self {
+        Error::CannotResize {
+            what: what.into(),
+            why: why.into(),
         }
     }
 

@@ -26,6 +26,7 @@ pub mod fuse;
 pub mod io;
 pub mod loopdev;
 pub mod nbd;
+pub mod resize;
 pub mod size;
 pub mod spec;
 // Reporting tests that cannot run here (shared with the integration tests).

@@ -137,6 +137,14 @@ impl Frontend for Fuse {
             let _ = ended.send(Event::Ended);
         })?;
         cleanup.mount = Some(disk.mountpoint().to_path_buf());
+        // The kernel learns a new size from the file's attributes; a loop
+        // device on the file is refreshed by `userblk resize` itself.
+        let size_changed = disk.size_changed();
+        let _resize = opened.registry.on_resize(super::resize::handler(
+            id,
+            target.clone(),
+            Box::new(move |_| Ok(size_changed()?)),
+        ));
 
         // Saved before the loop device: a daemon killed while attaching
         // leaves a mount that `del` (or the waiting `add`) can clean up.

@@ -10,6 +10,7 @@
 mod fuse;
 mod lifecycle;
 mod nbd;
+mod resize;
 mod ublk;
 
 use std::ffi::OsString;

@@ -107,6 +107,9 @@ impl Frontend for Nbd {
         opts.max_connections = self.dev.max_connections as usize;
         let server =
             Server::start(target.clone(), opts.clone()).context("starting the NBD server")?;
+        let _resize = opened.registry.on_resize(super::resize::refuse(format!(
+            "device {id} is served over NBD, which cannot resize it: NBD has no way to tell a connected client of a new size (delete the device, resize its image, add it again)"
+        )));
 
         let uris: Vec<String> = server
             .addresses()

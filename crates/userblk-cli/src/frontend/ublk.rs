@@ -161,6 +161,11 @@ impl Frontend for Ublk {
             };
             let id = dev.info().dev_id;
             device_id = Some(id);
+            let _resize = opened.registry.on_resize(super::resize::ublk(
+                id,
+                dev.info().flags,
+                Arc::clone(&target),
+            ));
             {
                 let mut guard = self.stopper.lock().unwrap_or_else(PoisonError::into_inner);
                 *guard = Some(dev.stopper());

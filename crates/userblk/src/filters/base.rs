@@ -1,6 +1,7 @@
 //! What every filter shares: its inner target, its layer (which picks its
 //! ring steps and per-request marks) and its description.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub struct Base {
     spec: String,
     data: DataUse,
     caps: Caps,
+    /// What `caps().size` says: changed by a resize.
+    size: AtomicU64,
     timed: bool,
 }
 
@@ -83,8 +86,10 @@ impl Base {
         if layer >= MAX_FILTER_LAYERS {
             return Err(FilterError::TooDeep);
         }
+        let caps = inner.caps();
         Ok(Base {
-            caps: inner.caps(),
+            size: AtomicU64::new(caps.size),
+            caps,
             inner,
             layer,
             spec: spec.to_string(),
@@ -98,6 +103,7 @@ impl Base {
     #[must_use]
     pub fn with_caps(mut self, caps: Caps) -> Self {
         self.caps = caps;
+        self.size = AtomicU64::new(caps.size);
         self
     }
 
@@ -131,7 +137,29 @@ impl Base {
     /// What the filter advertises: the inner target's capabilities, or
     /// those given to [`Base::with_caps`].
     pub fn caps(&self) -> Caps {
-        self.caps
+        Caps {
+            size: self.size(),
+            ..self.caps
+        }
+    }
+
+    /// The size advertised now.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Resize the inner target to `new_size` and advertise what it then
+    /// has: [`Filter::filter_resize`](super::Filter::filter_resize) of a
+    /// filter whose size is its inner target's.
+    pub fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        let now = self.inner.resize(new_size)?;
+        self.size.store(now, Ordering::Release);
+        Ok(now)
+    }
+
+    /// A refusal to resize, naming this filter (for filters whose size is their own).
+    pub fn cannot_resize(&self, why: &str) -> crate::Error {
+        crate::Error::cannot_resize(format!("the {} filter", self.spec), why)
     }
 
     /// How the filter uses request data.

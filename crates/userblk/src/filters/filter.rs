@@ -75,6 +75,14 @@ pub trait Filter: Send + Sync {
         self.base().caps()
     }
 
+    /// [`Target::resize`]: the inner target resized by default
+    /// ([`Base::resize`]). A filter whose size, or anything it keeps per
+    /// block, is its own overrides this (usually to refuse with
+    /// [`Base::cannot_resize`]).
+    fn filter_resize(&self, new_size: u64) -> crate::Result<u64> {
+        self.base().resize(new_size)
+    }
+
     /// [`Target::submit`]: down to the inner target by default (marking
     /// when the request got here, for a [`Base::timed`] filter), its
     /// result through [`Filter::filter_result`].
@@ -131,6 +139,14 @@ pub trait Filter: Send + Sync {
 impl<F: Filter> Target for F {
     fn caps(&self) -> Caps {
         self.filter_caps()
+    }
+
+    fn size(&self) -> u64 {
+        self.base().size()
+    }
+
+    fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        self.filter_resize(new_size)
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {

@@ -139,6 +139,12 @@ impl Filter for Offset {
         &self.base
     }
 
+    fn filter_resize(&self, _new_size: u64) -> crate::Result<u64> {
+        Err(self
+            .base
+            .cannot_resize("it serves a window of fixed length; resize a device without it"))
+    }
+
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = self.inner_req(ctx.req());
         ctx.with_request(req, |ctx| self.base.inner().submit(ctx))

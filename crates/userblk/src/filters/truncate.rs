@@ -133,6 +133,12 @@ impl Filter for Truncate {
         &self.base
     }
 
+    fn filter_resize(&self, _new_size: u64) -> crate::Result<u64> {
+        Err(self
+            .base
+            .cannot_resize("the size is its own (`size=`); change it with a new device"))
+    }
+
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         match self.split(ctx.req()) {
             Split::Inside => self.base.inner().submit(ctx),

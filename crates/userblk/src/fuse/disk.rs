@@ -75,6 +75,8 @@ pub struct FuseDisk {
     mountpoint: PathBuf,
     file: PathBuf,
     counters: Arc<Counters>,
+    /// Tells the kernel what changed behind its back (a resize).
+    notifier: fuser::Notifier,
 }
 
 impl FuseDisk {
@@ -151,6 +153,7 @@ impl FuseDisk {
                 return Err(e);
             }
         };
+        let notifier = bg.notifier();
         std::thread::Builder::new()
             .name("fuse-watch".into())
             .spawn(move || on_end(bg.join()))
@@ -159,7 +162,25 @@ impl FuseDisk {
             file: mountpoint.join(DISK_NAME),
             mountpoint,
             counters,
+            notifier,
         })
+    }
+
+    /// What to call once the target's size changed: it makes the kernel
+    /// forget the file's attributes, so that the next `stat` (and a loop
+    /// device's LOOP_SET_CAPACITY after it) sees the new size.
+    pub fn size_changed(&self) -> impl Fn() -> Result<()> + Send + Sync + 'static {
+        let notifier = self.notifier.clone();
+        let file = self.file.clone();
+        // A negative offset: the attributes only, no page cache.
+        move || {
+            notifier
+                .inval_inode(fuser::INodeNo(super::export::DISK_INODE), -1, 0)
+                .map_err(|err| Error::Fuse {
+                    what: format!("telling the kernel the new size of {}", file.display()),
+                    err,
+                })
+        }
     }
 
     /// The file that is the device.

@@ -76,6 +76,9 @@ impl Counters {
     }
 }
 
+/// The inode of the file that is the device (for invalidations after a resize).
+pub const DISK_INODE: u64 = DISK_INO;
+
 /// The FUSE file system: one file backed by a target.
 pub struct DiskFs {
     target: std::sync::Arc<dyn Target>,
@@ -118,7 +121,8 @@ impl DiskFs {
         })
     }
 
-    /// The capabilities the file is served with.
+    /// The capabilities the file is served with (its size as at mount:
+    /// the file's size is the target's now, which a resize changes).
     pub fn caps(&self) -> &Caps {
         &self.caps
     }
@@ -183,7 +187,7 @@ impl DiskFs {
 
     /// Bytes of the file that `[offset, offset + len)` covers, clipped at its end.
     fn clip(&self, offset: u64, len: u64) -> u64 {
-        len.min(self.caps.size.saturating_sub(offset))
+        len.min(self.target.size().saturating_sub(offset))
     }
 
     fn do_read(&self, offset: u64, size: u32, reply: ReplyData) {
@@ -356,7 +360,7 @@ impl DiskFs {
             DISK_INO => (
                 FileType::RegularFile,
                 if self.caps.read_only { 0o444 } else { 0o644 },
-                self.caps.size,
+                self.target.size(),
                 1,
             ),
             _ => return None,
@@ -599,7 +603,7 @@ impl Filesystem for DiskFs {
             .map_or(self.caps.physical_block_size, |w| {
                 w.granularity.max(self.caps.logical_block_size)
             });
-        let blocks = self.caps.size / u64::from(bsize);
+        let blocks = self.target.size() / u64::from(bsize);
         reply.statfs(blocks, 0, 0, 2, 0, bsize, 255, bsize);
     }
 
@@ -671,12 +675,12 @@ impl Filesystem for DiskFs {
                 self.zero(offset, length, false)
             }
         } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
-            if end.is_none_or(|e| e > self.caps.size) && mode & FALLOC_FL_KEEP_SIZE == 0 {
+            if end.is_none_or(|e| e > self.target.size()) && mode & FALLOC_FL_KEEP_SIZE == 0 {
                 Err(Errno::NOSPC)
             } else {
                 self.zero(offset, length, true)
             }
-        } else if end.is_none_or(|e| e > self.caps.size) && mode & FALLOC_FL_KEEP_SIZE == 0 {
+        } else if end.is_none_or(|e| e > self.target.size()) && mode & FALLOC_FL_KEEP_SIZE == 0 {
             // Plain allocation past the end would grow the file.
             Err(Errno::NOSPC)
         } else {

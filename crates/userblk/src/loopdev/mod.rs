@@ -19,8 +19,8 @@ use rustix::io::Errno;
 use rustix::ioctl::{ioctl, IntegerSetter, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
 use userblk_uapi::loop_dev::{
     LoopConfig, LoopInfo64, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_SET_BLOCK_SIZE,
-    LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO,
-    LO_FLAGS_READ_ONLY, LO_NAME_SIZE,
+    LOOP_SET_CAPACITY, LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64, LO_FLAGS_AUTOCLEAR,
+    LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY, LO_NAME_SIZE,
 };
 
 use crate::{Error, Result};
@@ -598,6 +598,24 @@ fn set_direct_io(dev: &OwnedFd, on: bool) -> rustix::io::Result<()> {
             IntegerSetter::<{ LOOP_SET_DIRECT_IO as Opcode }>::new_usize(usize::from(on)),
         )
     }
+}
+
+/// Make loop device `path` take its backing file's size now (after the
+/// file grew or shrank): `LOOP_SET_CAPACITY`. Returns the device's size.
+pub fn refresh_capacity(path: &Path) -> Result<u64> {
+    let dev = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::path(path, e))?;
+    let st = rustix::fs::fstat(&dev).map_err(|e| Error::path(path, e))?;
+    if rustix::fs::major(st.st_rdev) != LOOP_MAJOR {
+        return Err(Error::invalid(format!(
+            "{} is not a loop device",
+            path.display()
+        )));
+    }
+    // SAFETY: LOOP_SET_CAPACITY takes no argument and touches no user memory.
+    unsafe { ioctl(&dev, NoArg::<{ LOOP_SET_CAPACITY as Opcode }>::new()) }
+        .map_err(|e| Error::io(format!("LOOP_SET_CAPACITY on {}", path.display()), e))?;
+    rustix::fs::seek(&dev, rustix::fs::SeekFrom::End(0)).map_err(|e| Error::path(path, e))
 }
 
 fn clr_fd(dev: &OwnedFd) -> rustix::io::Result<()> {

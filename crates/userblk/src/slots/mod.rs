@@ -280,6 +280,8 @@ impl Slots {
         if req.op.has_data() && req.len as usize > self.room(slot) {
             return Some(Err(Errno::INVAL));
         }
+        // A live resize changes the size (only): check against today's.
+        self.caps.size = target.size();
         if let Err(e) = target::validate(&self.caps, &req) {
             return Some(Err(e));
         }

@@ -380,8 +380,37 @@ pub const fn filter_step_owner(step: u16) -> Option<(u8, u8)> {
 /// state a queue needs for itself belongs in the [`Ctx`] or in per-queue
 /// structures inside the target.
 pub trait Target: Send + Sync {
-    /// What the target can do. Called when the device is set up; must not change afterwards.
+    /// What the target can do. Called when the device is set up; nothing
+    /// but `size` may change afterwards, and `size` only by [`Target::resize`].
     fn caps(&self) -> Caps;
+
+    /// The size now, in bytes: [`Caps::size`], which only a
+    /// [`Target::resize`] changes. Asked for every request (the slots check
+    /// requests against it), so a target that can be resized answers from
+    /// an atomic rather than working out all its caps.
+    fn size(&self) -> u64 {
+        self.caps().size
+    }
+
+    /// Change the size to `new_size` bytes (a multiple of the logical block
+    /// size, not 0; checked by [`crate::resize::check`] before this is
+    /// called), while requests are served. Returns the size now. A grown
+    /// range reads as zeroes. Shrinking drops the data past the new end,
+    /// which the caller allowed; a target that cannot shrink refuses.
+    ///
+    /// The default refuses: most targets cannot change their size.
+    fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        let _ = new_size;
+        let what = self
+            .describe()
+            .get("type")
+            .and_then(|t| t.as_str())
+            .map_or_else(|| "this target".to_string(), |t| format!("the {t} target"));
+        Err(crate::Error::cannot_resize(
+            what,
+            "it has no way to change its size",
+        ))
+    }
 
     /// Start serving one request. Called only for requests [`validate`] accepted.
     ///

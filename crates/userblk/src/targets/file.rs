@@ -7,7 +7,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, FileType, Mode, OFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -43,7 +43,8 @@ pub struct FileTarget {
     opts: FileOptions,
     direct: bool,
     block_device: bool,
-    size: u64,
+    /// Bytes served, from `opts.offset`; changed only by a resize.
+    size: AtomicU64,
     logical_block_size: u32,
     physical_block_size: u32,
     can_punch: bool,
@@ -161,7 +162,7 @@ impl FileTarget {
             opts,
             direct,
             block_device,
-            size,
+            size: AtomicU64::new(size),
             logical_block_size: lbs,
             physical_block_size: pbs,
             can_punch,
@@ -258,8 +259,32 @@ impl Target for FileTarget {
             discard: self.can_punch.then_some(range),
             write_zeroes: (!self.opts.read_only && (self.can_punch || self.block_device))
                 .then_some(range),
-            ..Caps::new(self.size)
+            ..Caps::new(self.size())
         }
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// A regular file is truncated or extended (sparse) to the new size; a
+    /// block device has the size its disk has.
+    fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        let path = &self.opts.path;
+        if self.block_device {
+            return Err(crate::Error::cannot_resize(
+                format!("the file target on block device {}", path.display()),
+                "a block device's size is its disk's",
+            ));
+        }
+        let len = self
+            .opts
+            .offset
+            .checked_add(new_size)
+            .ok_or_else(|| crate::Error::invalid("the new size and the offset overflow"))?;
+        rustix::fs::ftruncate(&self.fd, len).map_err(|e| crate::Error::path(path, e))?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(new_size)
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
@@ -338,7 +363,7 @@ impl Target for FileTarget {
             "direct": self.direct,
             "read_only": self.opts.read_only,
             "block_device": self.block_device,
-            "size": self.size,
+            "size": self.size(),
         })
     }
 }

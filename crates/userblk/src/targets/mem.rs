@@ -14,6 +14,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
 use rustix::io::Errno;
@@ -66,7 +67,8 @@ pub struct MemTarget {
     fd: OwnedFd,
     /// The memfd mapped, for writes (not for a named file: see the module docs).
     map: Option<SharedMapping>,
-    size: u64,
+    /// Bytes served; changed only by a resize (see [`MemTarget::resize`]).
+    size: AtomicU64,
     /// The tmpfs file holding the data when it must outlive the daemon.
     path: Option<PathBuf>,
 }
@@ -80,7 +82,7 @@ impl MemTarget {
         Ok(MemTarget {
             fd,
             map,
-            size,
+            size: AtomicU64::new(size),
             path: None,
         })
     }
@@ -106,7 +108,7 @@ impl MemTarget {
         Ok(MemTarget {
             fd,
             map: None,
-            size,
+            size: AtomicU64::new(size),
             path: Some(path.to_path_buf()),
         })
     }
@@ -126,7 +128,7 @@ impl MemTarget {
         Ok(MemTarget {
             fd,
             map: None,
-            size,
+            size: AtomicU64::new(size),
             path: Some(path.to_path_buf()),
         })
     }
@@ -145,7 +147,7 @@ impl MemTarget {
     fn read(&self, ctx: &mut Ctx<'_>) -> Result<u32, Errno> {
         let off = ctx.req().offset;
         let buf = ctx.data_mut();
-        if let Some(map) = &self.map {
+        if let Some(map) = self.mapped(off, buf.len()) {
             if map.read(off, buf)? {
                 return Ok(ctx.done_bytes());
             }
@@ -157,12 +159,26 @@ impl MemTarget {
     fn write(&self, ctx: &Ctx<'_>) -> Result<u32, Errno> {
         let off = ctx.req().offset;
         let buf = ctx.data();
-        if let Some(map) = &self.map {
+        if let Some(map) = self.mapped(off, buf.len()) {
             map.write(off, buf)?;
             return Ok(ctx.done_bytes());
         }
         write_all(self.fd.as_fd(), buf, off)?;
         Ok(ctx.done_bytes())
+    }
+
+    /// The mapping, if it covers `[offset, offset + len)`: a device grown
+    /// past it is read and written with `pread`/`pwrite` there.
+    fn mapped(&self, offset: u64, len: usize) -> Option<&SharedMapping> {
+        let map = self.map.as_ref()?;
+        let end = offset.checked_add(len as u64)?;
+        (end <= map.len() as u64).then_some(map)
+    }
+
+    /// The memfd's length now.
+    fn file_len(&self) -> Result<u64> {
+        let st = rustix::fs::fstat(&self.fd).map_err(|e| Error::io("fstat memfd", e))?;
+        Ok(u64::try_from(st.st_size).unwrap_or(0))
     }
 
     fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<u32, Errno> {
@@ -181,7 +197,34 @@ impl MemTarget {
 
 impl Target for MemTarget {
     fn caps(&self) -> Caps {
-        ram_caps(self.size)
+        ram_caps(self.size())
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Growing extends the memfd (holes: no memory until written).
+    /// Shrinking gives the memory past the new end back; a memfd that is
+    /// mapped keeps its length, since a mapped page past the end of a file
+    /// faults with SIGBUS, and a request in flight may still touch it.
+    fn resize(&self, new_size: u64) -> Result<u64> {
+        let old = self.size();
+        let what = || format!("mem: resizing from {old} to {new_size} bytes");
+        if self.map.is_none() || new_size > self.file_len()? {
+            rustix::fs::ftruncate(&self.fd, new_size).map_err(|e| Error::io(what(), e))?;
+        }
+        if new_size < old {
+            // Past the end now: it must read as zeroes if the device grows again.
+            if let Some(map) = &self.map {
+                map.forget(new_size, old - new_size);
+                let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                rustix::fs::fallocate(&self.fd, punch, new_size, old - new_size)
+                    .map_err(|e| Error::io(what(), e))?;
+            }
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(new_size)
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
@@ -209,8 +252,8 @@ impl Target for MemTarget {
 
     fn describe(&self) -> serde_json::Value {
         match &self.path {
-            Some(p) => json!({ "type": "mem", "size": self.size, "path": p }),
-            None => json!({ "type": "mem", "size": self.size }),
+            Some(p) => json!({ "type": "mem", "size": self.size(), "path": p }),
+            None => json!({ "type": "mem", "size": self.size() }),
         }
     }
 }

@@ -6,6 +6,8 @@ pub mod mem;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;
+#[cfg(test)]
+mod resize_tests;
 pub mod s3;
 
 pub use file::{FileOptions, FileTarget};

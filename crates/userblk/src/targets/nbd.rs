@@ -673,6 +673,13 @@ impl Target for NbdTarget {
         self.shared.caps
     }
 
+    fn resize(&self, _new_size: u64) -> crate::Result<u64> {
+        Err(crate::Error::cannot_resize(
+            "the nbd target",
+            "the export's size is the NBD server's (resize it there, then add the device again)",
+        ))
+    }
+
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         if req.op == Op::Flush && !self.shared.caps.volatile_cache {

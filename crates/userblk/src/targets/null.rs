@@ -3,6 +3,8 @@
 //! Useful to measure the frontend alone. Reads and zeroing agree with each
 //! other (everything reads as zero), so the device is consistent, just empty.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde_json::json;
 
 use crate::target::{Caps, Ctx, Extent, Op, Submit, Target};
@@ -20,21 +22,32 @@ pub const DEFAULT_SIZE: u64 = 250 << 30;
 /// assert_eq!(e.run(&t, Request::new(Op::Read, 0, 4096), &mut buf), Ok(4096));
 /// assert!(buf.iter().all(|&b| b == 0));
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NullTarget {
-    size: u64,
+    size: AtomicU64,
 }
 
 impl NullTarget {
     /// A null device of `size` bytes.
     pub fn new(size: u64) -> Self {
-        NullTarget { size }
+        NullTarget {
+            size: AtomicU64::new(size),
+        }
     }
 }
 
 impl Target for NullTarget {
     fn caps(&self) -> Caps {
-        super::mem::ram_caps(self.size)
+        super::mem::ram_caps(self.size())
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        self.size.store(new_size, Ordering::Release);
+        Ok(new_size)
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
@@ -57,6 +70,6 @@ impl Target for NullTarget {
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({ "type": "null", "size": self.size })
+        json!({ "type": "null", "size": self.size() })
     }
 }

@@ -429,6 +429,19 @@ impl Control {
             .collect())
     }
 
+    /// UPDATE_SIZE (6.16+, devices added with `UBLK_F_UPDATE_SIZE`): the
+    /// live device's capacity becomes `sectors` 512-byte sectors.
+    pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> Result<()> {
+        self.dev_cmd(
+            "UPDATE_SIZE",
+            UBLK_U_CMD_UPDATE_SIZE,
+            dev_id,
+            &mut [],
+            sectors,
+        )
+        .map(drop)
+    }
+
     /// START_USER_RECOVERY.
     pub fn start_recovery(&mut self, dev_id: u32) -> Result<()> {
         self.dev_cmd(

@@ -317,6 +317,8 @@ impl Device {
             ));
         }
         let mut flags = copy_mode_fallback(cfg.flags, features, root);
+        // Live resize (`userblk resize`) where the kernel has it (6.16+); it costs nothing.
+        flags |= features.0 & UBLK_F_UPDATE_SIZE;
         if zero_copy_offered(cfg, flags, features, root) {
             tracing::info!("zero copy: the file target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
             flags |= UBLK_F_AUTO_BUF_REG;

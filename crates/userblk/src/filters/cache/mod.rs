@@ -404,6 +404,12 @@ impl Filter for Cache {
         &self.base
     }
 
+    fn filter_resize(&self, _new_size: u64) -> crate::Result<u64> {
+        Err(self
+            .base
+            .cannot_resize("its cache file is laid out for the size it was made with"))
+    }
+
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         let len = u64::from(req.len);

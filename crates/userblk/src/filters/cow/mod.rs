@@ -540,6 +540,12 @@ impl Filter for Cow {
         &self.base
     }
 
+    fn filter_resize(&self, _new_size: u64) -> crate::Result<u64> {
+        Err(self
+            .base
+            .cannot_resize("its overlay is laid out for the size of the base it was made on"))
+    }
+
     fn filter_submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         self.submit_op(ctx)
     }

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use rustix::io::Errno;
@@ -68,6 +69,8 @@ pub struct Image {
     pub(super) meta: Mutex<Meta>,
     backing: Option<Box<dyn Backing>>,
     header: Header,
+    /// The virtual size: the header's, until [`Image::grow`].
+    size: AtomicU64,
     read_only: bool,
     cluster_size: u64,
     /// The last compressed cluster read, decompressed: sequential reads
@@ -165,6 +168,7 @@ impl Image {
             path: path.to_path_buf(),
             meta: Mutex::new(meta),
             backing,
+            size: AtomicU64::new(h.size),
             header: h,
             read_only: opts.read_only,
             inflated: Mutex::new(None),
@@ -179,7 +183,24 @@ impl Image {
 
     /// The virtual size.
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grow the virtual size to `new_size` bytes, durably (see `grow.rs`).
+    pub fn grow(&self, new_size: u64) -> Result<(), Errno> {
+        if new_size < self.size() {
+            return Err(Errno::INVAL);
+        }
+        // No write between its lookup and its last byte while the tables move.
+        let _writes = self.writes.write().unwrap_or_else(PoisonError::into_inner);
+        self.meta().grow(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Where the image is.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Whether there is a backing file.
@@ -462,7 +483,7 @@ impl Image {
 
 impl Backing for Image {
     fn size(&self) -> u64 {
-        self.header.size
+        self.size()
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), Errno> {
         self.read(off, buf)

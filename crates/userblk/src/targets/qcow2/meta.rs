@@ -230,7 +230,7 @@ fn set_be64_at(b: &mut [u8], i: usize, v: u64) {
 }
 
 /// Write a table of 64-bit entries (L1, refcount table) at `off`, big-endian.
-fn write_entries(file: &File, entries: &[u64], off: u64) -> Result<(), Errno> {
+pub(super) fn write_entries(file: &File, entries: &[u64], off: u64) -> Result<(), Errno> {
     let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
     file.write_all_at(&raw, off).map_err(|e| io_err(&e))
 }
@@ -297,11 +297,11 @@ impl Kind {
 /// Everything about an open image's metadata, behind the image's lock.
 #[derive(Debug)]
 pub struct Meta {
-    file: Arc<File>,
+    pub(super) file: Arc<File>,
     /// Sizes.
     pub g: Geometry,
-    l1: Vec<u64>,
-    l1_offset: u64,
+    pub(super) l1: Vec<u64>,
+    pub(super) l1_offset: u64,
     l1_dirty: bool,
     l2: Cache,
     reftable: Vec<u64>,
@@ -312,7 +312,7 @@ pub struct Meta {
     reftable_moved: bool,
     refblocks: Cache,
     /// Clusters to release once no durable entry points at them.
-    pending_free: Vec<u64>,
+    pub(super) pending_free: Vec<u64>,
     /// Where the search for a free cluster starts (a cluster index).
     free_hint: u64,
     /// The file's length in clusters, counting clusters allocated past it.
@@ -331,7 +331,7 @@ pub struct CacheSizes {
     pub refblocks: usize,
 }
 
-fn io_err(e: &std::io::Error) -> Errno {
+pub(super) fn io_err(e: &std::io::Error) -> Errno {
     Errno::from_io_error(e).unwrap_or(Errno::IO)
 }
 
@@ -420,7 +420,7 @@ impl Meta {
         Errno::IO
     }
 
-    fn writable(&self) -> Result<(), Errno> {
+    pub(super) fn writable(&self) -> Result<(), Errno> {
         if self.read_only {
             return Err(Errno::ROFS);
         }
@@ -777,7 +777,7 @@ impl Meta {
 
     // ---- write-back ------------------------------------------------------------
 
-    fn sync(&self) -> Result<(), Errno> {
+    pub(super) fn sync(&self) -> Result<(), Errno> {
         self.file.sync_data().map_err(|e| io_err(&e))
     }
 

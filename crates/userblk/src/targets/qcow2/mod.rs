@@ -31,6 +31,7 @@
 
 mod compress;
 mod create;
+mod grow;
 pub mod header;
 mod image;
 pub mod meta;
@@ -141,7 +142,30 @@ impl Qcow2Target {
 
 impl Target for Qcow2Target {
     fn caps(&self) -> Caps {
-        self.caps
+        Caps {
+            size: self.size(),
+            ..self.caps
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.image.size() / 512 * 512
+    }
+
+    /// Grows the virtual size (a larger L1 table where needed); shrinking
+    /// is refused, as `qemu-img resize` refuses it without `--shrink`.
+    fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        let path = self.image.path().display();
+        if new_size < self.size() {
+            return Err(crate::Error::cannot_resize(
+                format!("the qcow2 image {path}"),
+                "a qcow2 image only grows (shrink it offline with `qemu-img resize --shrink`)",
+            ));
+        }
+        self.image.grow(new_size).map_err(|e| {
+            crate::Error::io(format!("{path}: growing the virtual size to {new_size}"), e)
+        })?;
+        Ok(self.size())
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
@@ -175,7 +199,7 @@ impl Target for Qcow2Target {
         let mut d = self.image.describe();
         d["type"] = "qcow2".into();
         d["read_only"] = self.caps.read_only.into();
-        d["size"] = self.caps.size.into();
+        d["size"] = self.size().into();
         d
     }
 }

@@ -470,3 +470,68 @@ fn the_target_advertises_and_serves() {
 fn t_describe_type(t: &Qcow2Target) -> String {
     t.describe()["type"].as_str().unwrap_or("").to_string()
 }
+
+/// Growing the virtual size past what the L1 table maps (512-byte
+/// clusters: one L1 cluster maps 2 MiB) moves the table; data written
+/// before and after survives a reopen, the image checks clean (ours, and
+/// qemu-img's where installed), and shrinking is refused.
+#[test]
+fn growing_moves_the_l1_table_and_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = new_image(dir.path(), "grow.qcow2", 1 << 20, 512);
+    let t = Qcow2Target::open(&p, false).unwrap();
+    let mut e = crate::slots::Engine::new(&t, 4096).unwrap();
+    let mut w = |t: &Qcow2Target, off: u64, b: u8| {
+        e.run(t, crate::Request::new(Op::Write, off, 4096), &mut [b; 4096])
+            .unwrap();
+    };
+    w(&t, 0, 1);
+    w(&t, (1 << 20) - 4096, 2);
+    let l1_before = Header::parse(&std::fs::read(&p).unwrap(), 1 << 30)
+        .unwrap()
+        .l1_table_offset;
+    assert_eq!(crate::resize::apply(&t, 8 << 20, false).unwrap(), 8 << 20);
+    w(&t, (8 << 20) - 4096, 3);
+    w(&t, 4 << 20, 4);
+    assert!(crate::resize::apply(&t, 4 << 20, true).is_err(), "shrink");
+    assert_eq!(t.size(), 8 << 20);
+    drop(t);
+    let raw = std::fs::read(&p).unwrap();
+    let h = Header::parse(&raw, raw.len() as u64).unwrap();
+    assert_eq!(h.size, 8 << 20);
+    assert_ne!(h.l1_table_offset, l1_before, "the L1 table moved");
+    assert_eq!(check(&p), (vec![], 0));
+    let img = Image::open(&p, &opts(true, 4, 4)).unwrap();
+    for (off, b) in [
+        (0, 1u8),
+        ((1 << 20) - 4096, 2),
+        ((8 << 20) - 4096, 3),
+        (4 << 20, 4),
+        (2 << 20, 0),
+    ] {
+        let mut buf = vec![9u8; 4096];
+        img.read(off, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == b), "at {off}");
+    }
+    // Within the table it has: the header's size only.
+    drop(img);
+    let t = Qcow2Target::open(&p, false).unwrap();
+    crate::resize::apply(&t, (8 << 20) + 4096, false).unwrap();
+    drop(t);
+    assert_eq!(check(&p), (vec![], 0));
+    match std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&p)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "qemu-img check: {}",
+            String::from_utf8_lossy(&out.stdout)
+        ),
+        Err(_) => crate::skip::skip(
+            crate::skip::Prereq::Environment,
+            "no qemu-img to check the grown image",
+        ),
+    }
+}

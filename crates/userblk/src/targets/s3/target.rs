@@ -602,6 +602,13 @@ fn queue(st: &mut State, t: Task) -> bool {
 }
 
 impl Target for S3Target {
+    fn resize(&self, _new_size: u64) -> crate::Result<u64> {
+        Err(crate::Error::cannot_resize(
+            "the s3 target",
+            "a volume keeps the size its manifest was made with (resizing s3 volumes is not implemented yet)",
+        ))
+    }
+
     fn caps(&self) -> Caps {
         let range = RangeOpCaps {
             granularity: 4096,

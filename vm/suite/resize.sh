@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Real-kernel suite for `userblk resize` on ublk: with UBLK_F_UPDATE_SIZE
+# (Linux 6.16+) a mounted ext4 on mem, file and qcow2 devices grows online
+# (resize2fs) and checks clean; a recovered device keeps its new size.
+# Without it (6.12) resize refuses in one line and changes nothing.
+# Runs inside the VM (vm/run.sh), as root, from the repository root.
+set -u
+cd "$(dirname "$0")/../.."
+. vm/suite/lib.sh
+
+[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
+WORK=/run/resize-suite
+MNT=/mnt/ub-resize
+mkdir -p "$WORK" "$MNT"
+M=$((1 << 20))
+
+modprobe ublk_drv 2>/dev/null || true
+update_size() { ub features --json | grep -q '"UPDATE_SIZE"'; }
+needs_update_size() { update_size || skip "this kernel has no UBLK_F_UPDATE_SIZE (the refusal case covers it)"; }
+size_of() { blockdev --getsize64 "$1"; }
+state_is() { [ "$(list_word "$1" 11)" = "$2" ]; }
+
+case_mem() {
+    needs_update_size
+    local id
+    id=$(add_dev mem --size 64M)
+    grow_ext4 "$id" "/dev/ublkb$id" "$MNT"
+    ub list -n "$id" | grep -q "dev_capacity $((192 * M / 512))" || die "the kernel's parameters keep the old size"
+    # Shrinking: only when allowed, and then the device follows.
+    expect_fail "add --allow-shrink" ub resize -n "$id" --size 96M
+    ub resize -n "$id" --size 96M --allow-shrink
+    [ "$(size_of "/dev/ublkb$id")" = $((96 * M)) ] || die "did not shrink"
+    del_dev "$id"
+}
+
+case_file() {
+    needs_update_size
+    local id img=$WORK/disk.img
+    truncate -s 64M "$img"
+    id=$(add_dev file --file "$img")
+    grow_ext4 "$id" "/dev/ublkb$id" "$MNT"
+    [ "$(stat -c %s "$img")" = $((192 * M)) ] || die "the image file was not extended"
+    del_dev "$id"
+    rm -f "$img"
+}
+
+case_qcow2() {
+    needs_update_size
+    local id img=$WORK/disk.qcow2
+    rm -f "$img"
+    ub create qcow2 --file "$img" --size 64M --cluster-size 4K
+    id=$(add_dev qcow2 --file "$img")
+    grow_ext4 "$id" "/dev/ublkb$id" "$MNT"
+    expect_fail "only grows" ub resize -n "$id" --size 128M --allow-shrink
+    del_dev "$id"
+    if command -v qemu-img >/dev/null; then qemu-img check "$img"; fi
+    rm -f "$img"
+}
+
+case_recover_keeps_the_size() {
+    needs_update_size
+    local id pid
+    id=$(add_dev -r mem --size 32M)
+    printf 'after the old end' | dd of="/dev/ublkb$id" bs=512 seek=$((48 * M / 512)) conv=sync oflag=direct status=none 2>/dev/null \
+        && die "wrote past the end before the resize"
+    ub resize -n "$id" --size 64M
+    printf 'after the old end' | dd of="/dev/ublkb$id" bs=512 seek=$((48 * M / 512)) conv=sync oflag=direct status=none
+    pid=$(list_word "$id" 7)
+    kill -KILL "$pid"
+    wait_for 30 state_is "$id" QUIESCED || die "not QUIESCED after kill -9"
+    ub recover -n "$id"
+    wait_for 10 state_is "$id" LIVE || die "not LIVE after recover"
+    [ "$(size_of "/dev/ublkb$id")" = $((64 * M)) ] || die "recovered at $(size_of "/dev/ublkb$id") bytes"
+    dd if="/dev/ublkb$id" bs=512 skip=$((48 * M / 512)) count=1 iflag=direct status=none | grep -q 'after the old end' \
+        || die "data past the old end lost across recovery"
+    del_dev "$id"
+}
+
+case_refused_without_update_size() {
+    ! update_size || skip "this kernel has UBLK_F_UPDATE_SIZE (the other cases cover it)"
+    local id out
+    id=$(add_dev mem --size 64M)
+    expect_fail "needs Linux 6.16 or later" ub resize -n "$id" --size 128M
+    out=$(ub resize -n "$id" --size 128M 2>&1) || true
+    [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
+    [ "$(size_of "/dev/ublkb$id")" = $((64 * M)) ] || die "the device changed"
+    ub list -n "$id" | grep -q '"size":67108864' || die "the target changed before the refusal"
+    del_dev "$id"
+}
+
+trap 'umount "$MNT" 2>/dev/null; cleanup_devices' EXIT
+echo "kernel $(uname -r); UPDATE_SIZE: $(update_size && echo offered || echo not offered)"
+plan 5
+case_run "mem: ext4 grows online, then shrinks (--allow-shrink)" case_mem
+case_run "file: ext4 grows online" case_file
+case_run "qcow2: ext4 grows online, shrink refused" case_qcow2
+case_run "recover keeps the new size and its data" case_recover_keeps_the_size
+case_run "no UPDATE_SIZE: one line, nothing changed" case_refused_without_update_size
+summary
