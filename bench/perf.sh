@@ -22,6 +22,7 @@ usage: bench/perf.sh [--quick] [--runtime SECS (6)] [--repeat N (3)] [--results 
   --null-args more arguments for userblk's null devices, e.g. '--zero-copy'
   --rublk-args more arguments for every rublk device, e.g. '-z'
   --publish   copy summary.txt, summary.csv, runs.csv and perf.png into docs/perf/
+              (docs/perf/linux-X.Y/ for a kernel other than the default 6.12)
               (refused with --quick, --only or fewer than 3 repeats)
 environment: RUBLK (rublk binary, default /opt/rublk/bin/rublk, installed with cargo if
              missing), RUBLK_VERSION (what to install, default 0.2.15),
@@ -175,9 +176,14 @@ if (( PUBLISH )); then
     if (( rc )); then
         echo "bench: not publishing: the run had failures (status $rc)" >&2
     else
-        mkdir -p "$REPO/docs/perf"
-        cp "$OUT/summary.txt" "$OUT/summary.csv" "$OUT/runs.csv" "$OUT/perf.png" "$REPO/docs/perf/"
-        echo "bench: published summary.txt, summary.csv, runs.csv, perf.png to docs/perf/" >&2
+        # The default kernel's figures are docs/perf/'s own; another
+        # kernel's (USERBLK_VM_CACHE of a newer one) go to docs/perf/linux-X.Y/.
+        kver=$(cat "${USERBLK_VM_CACHE:-/var/cache/userblk-vm}/kver" 2>/dev/null || echo 6.12)
+        pub=docs/perf
+        [[ $kver == 6.12* ]] || pub=docs/perf/linux-$(cut -d. -f1,2 <<<"$kver")
+        mkdir -p "$REPO/$pub"
+        cp "$OUT/summary.txt" "$OUT/summary.csv" "$OUT/runs.csv" "$OUT/perf.png" "$REPO/$pub/"
+        echo "bench: published summary.txt, summary.csv, runs.csv, perf.png to $pub/" >&2
     fi
 fi
 echo "bench: saved $OUT/summary.txt, summary.csv, runs.csv, perf.png" >&2
