@@ -148,7 +148,8 @@ impl AddArgs {
     /// Every `--filter`, in command-line order: those before the target name, then those after.
     pub fn filters(&self) -> Vec<userblk::filters::Spec> {
         let after = match &self.target {
-            TargetArgs::Null(a) | TargetArgs::Early(a) => &a.filters,
+            TargetArgs::Null(a) => &a.filters,
+            TargetArgs::Early(a) => &a.filters,
             TargetArgs::Mem(a) => &a.filters,
             TargetArgs::File(a) => &a.filters,
             TargetArgs::Nbd(a) => &a.filters,
@@ -349,7 +350,7 @@ pub enum TargetArgs {
     /// worker stores it, to check that frontends hold answers until then
     /// (docs/testing.md).
     #[command(hide = true)]
-    Early(NullArgs),
+    Early(EarlyArgs),
 }
 
 /// `add s3`.
@@ -497,6 +498,26 @@ pub struct CreateQcow2Args {
 /// `add null`.
 #[derive(Debug, Clone, Args)]
 pub struct NullArgs {
+    /// Device size.
+    #[arg(short = 's', long, default_value = "250G", value_parser = size)]
+    pub size: u64,
+    /// Reads leave the data as they find it instead of zeroing it, as
+    /// null_blk does: for benchmarks only.
+    ///
+    /// A read then returns whatever its buffer held: an earlier request's
+    /// data, or under zero copy the old contents of the reader's own page
+    /// (freed kernel memory, possibly anyone's). Only readers of the device
+    /// see it. See docs/targets/null.md.
+    #[arg(long)]
+    pub no_zero_fill: bool,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
+}
+
+/// `add early` (a test target).
+#[derive(Debug, Clone, Args)]
+pub struct EarlyArgs {
     /// Device size.
     #[arg(short = 's', long, default_value = "250G", value_parser = size)]
     pub size: u64,

@@ -160,6 +160,9 @@ pub use mem::MemTarget;
 pub use null::NullTarget;
 
 #[cfg(test)]
+mod zero_copy_tests;
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
