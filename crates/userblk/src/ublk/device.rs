@@ -318,7 +318,7 @@ impl Device {
         }
         let mut flags = copy_mode_fallback(cfg.flags, features, root);
         if zero_copy_offered(cfg, flags, features, root) {
-            tracing::info!("zero copy: the file target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
+            tracing::info!("zero copy: the target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
             flags |= UBLK_F_AUTO_BUF_REG;
         }
         let mut info = DevInfo {
@@ -493,7 +493,7 @@ impl Device {
         let data_mode = DataMode::of(self.info.flags);
         if data_mode == DataMode::ZeroCopy && !target.data_on_ring_only() {
             return Err(Error::invalid(
-                "zero copy needs a target that moves data only on the ring (file, under filters that never touch data)",
+                "zero copy needs a target that moves data only on the ring (null, mem, file, under filters that never touch data)",
             ));
         }
         let (tx, rx) = mpsc::channel();
