@@ -1,6 +1,7 @@
 //! The targets that serve ublk zero copy (null, mem), run on the host with
 //! an ordinary buffer registered where the kernel would put a request's
 //! pages: the same fixed-buffer ring operations, without ublk.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use crate::{Op, Request, Target};
 const LEN: usize = 16384;
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..LEN).map(|i| (i % 251) as u8 ^ seed).collect()
+    (0..LEN).map(|i| u8::try_from(i % 251).unwrap() ^ seed).collect()
 }
 
 #[test]
