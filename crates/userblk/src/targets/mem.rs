@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::io::fd::{read_exact, write_all};
 use crate::io::SharedMapping;
-use crate::target::{ring_result, Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
+use crate::target::{Caps, Ctx, Extent, Flags, Op, RangeOpCaps, Submit, Target};
 use crate::{Error, Result};
 
 /// What a device kept in memory advertises (`mem`, and `null`, which
@@ -224,13 +224,7 @@ impl Target for MemTarget {
     }
 
     fn complete(&self, ctx: &mut Ctx<'_>, _step: u16, res: i32) -> Submit {
-        // tmpfs reads and writes whole ranges inside the file; a short one
-        // would leave part of the request undone.
-        Submit::Done(match ring_result(res) {
-            Ok(n) if n == ctx.done_bytes() => Ok(n),
-            Ok(_) => Err(Errno::IO),
-            Err(e) => Err(e),
-        })
+        Submit::Done(super::whole_transfer(ctx, res))
     }
 
     fn data_on_ring_only(&self) -> bool {

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use rustix::fs::{Mode, OFlags};
 use serde_json::json;
 
-use crate::target::{ring_result, Caps, Ctx, Extent, Op, Submit, Target};
+use crate::target::{Caps, Ctx, Extent, Op, Submit, Target};
 
 /// Default size of a null device: 250 GiB.
 pub const DEFAULT_SIZE: u64 = 250 << 30;
@@ -92,12 +92,7 @@ impl Target for NullTarget {
     }
 
     fn complete(&self, ctx: &mut Ctx<'_>, _step: u16, res: i32) -> Submit {
-        // A short read from /dev/zero would leave old data in the request.
-        Submit::Done(match ring_result(res) {
-            Ok(n) if n == ctx.done_bytes() => Ok(n),
-            Ok(_) => Err(rustix::io::Errno::IO),
-            Err(e) => Err(e),
-        })
+        Submit::Done(super::whole_transfer(ctx, res))
     }
 
     fn data_on_ring_only(&self) -> bool {

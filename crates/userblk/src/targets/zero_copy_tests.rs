@@ -14,7 +14,9 @@ use crate::{Op, Request, Target};
 const LEN: usize = 16384;
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..LEN).map(|i| u8::try_from(i % 251).unwrap() ^ seed).collect()
+    (0..LEN)
+        .map(|i| u8::try_from(i % 251).unwrap() ^ seed)
+        .collect()
 }
 
 #[test]
