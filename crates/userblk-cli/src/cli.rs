@@ -180,7 +180,8 @@ impl AddArgs {
     /// Every `--filter`, in command-line order: those before the target name, then those after.
     pub fn filters(&self) -> Vec<userblk::filters::Spec> {
         let after = match &self.target {
-            TargetArgs::Null(a) | TargetArgs::Early(a) => &a.filters,
+            TargetArgs::Null(a) => &a.filters,
+            TargetArgs::Early(a) => &a.filters,
             TargetArgs::Mem(a) => &a.filters,
             TargetArgs::File(a) => &a.filters,
             TargetArgs::Nbd(a) => &a.filters,
@@ -283,11 +284,11 @@ pub struct DevArgs {
     /// Zero copy (Linux 6.16+; default where offered; says why where it cannot).
     ///
     /// The kernel registers each request's own pages in the queue's io_uring
-    /// (automatic buffer registration) and the file target reads and writes
-    /// them in place: no copy, no request buffers. Only for `file`, alone or
-    /// under filters that never touch data (such as stats), which use it by
-    /// default where the kernel offers it; with this flag, a warning says
-    /// why where it cannot.
+    /// (automatic buffer registration) and the target reads and writes them
+    /// in place: no copy, no request buffers. For `null`, `mem` and `file`,
+    /// alone or under filters that never touch data (such as stats), which
+    /// use it by default where the kernel offers it; with this flag, a
+    /// warning says why where it cannot (qcow2, nbd and s3 copy).
     #[arg(long, global = true, help_heading = "ublk")]
     pub zero_copy: bool,
     /// Never zero copy; request data goes through the daemon's buffers.
@@ -392,7 +393,7 @@ pub enum TargetArgs {
     /// worker stores it, to check that frontends hold answers until then
     /// (docs/testing.md).
     #[command(hide = true)]
-    Early(NullArgs),
+    Early(EarlyArgs),
 }
 
 /// `add s3`.
@@ -540,6 +541,26 @@ pub struct CreateQcow2Args {
 /// `add null`.
 #[derive(Debug, Clone, Args)]
 pub struct NullArgs {
+    /// Device size.
+    #[arg(short = 's', long, default_value = "250G", value_parser = size)]
+    pub size: u64,
+    /// Reads leave the data as they find it instead of zeroing it, as
+    /// null_blk does: for benchmarks only.
+    ///
+    /// A read then returns whatever its buffer held: an earlier request's
+    /// data, or under zero copy the old contents of the reader's own page
+    /// (freed kernel memory, possibly anyone's). Only readers of the device
+    /// see it. See docs/targets/null.md.
+    #[arg(long)]
+    pub no_zero_fill: bool,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
+}
+
+/// `add early` (a test target).
+#[derive(Debug, Clone, Args)]
+pub struct EarlyArgs {
     /// Device size.
     #[arg(short = 's', long, default_value = "250G", value_parser = size)]
     pub size: u64,

@@ -194,7 +194,10 @@ pub fn open(ep: &Endpoint, role: Role) -> anyhow::Result<Opened> {
             return open_file(p, format, role);
         }
         Endpoint::Nbd(uri) => TargetSpec::Nbd(NbdOptions::new(uri.clone())),
-        Endpoint::Null(size) => TargetSpec::Null { size: *size },
+        Endpoint::Null(size) => TargetSpec::Null {
+            size: *size,
+            zero_fill: true,
+        },
         Endpoint::S3 {
             bucket,
             prefix,

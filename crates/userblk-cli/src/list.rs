@@ -11,7 +11,7 @@ use userblk::state::DeviceState;
 use userblk::ublk::ctrl::{block_path, char_path};
 use userblk::ublk::ctrl::{device_ids, state_name};
 use userblk::ublk::{Control, DevInfo, Features};
-use userblk_uapi::UblkParams;
+use userblk_uapi::{UblkParams, UBLK_F_AUTO_BUF_REG, UBLK_F_USER_COPY};
 
 use crate::cli::ListArgs;
 
@@ -155,6 +155,18 @@ fn saved_json(st: &DeviceState) -> serde_json::Value {
     })
 }
 
+/// How a ublk device with `flags` (as the kernel granted them) moves
+/// request data: in the kernel's own pages, or copied.
+fn data_mode(flags: u64) -> &'static str {
+    if flags & UBLK_F_AUTO_BUF_REG != 0 {
+        "zero copy"
+    } else if flags & UBLK_F_USER_COPY != 0 {
+        "user copy"
+    } else {
+        "copied"
+    }
+}
+
 impl UblkEntry {
     fn block_size(&self) -> u32 {
         self.params
@@ -183,6 +195,7 @@ impl UblkEntry {
             i.flags,
             state_name(i.state)
         );
+        s += &format!("\tdata {}\n", data_mode(i.flags));
         if let Some(st) = &self.state {
             for (q, tid) in st.queue_tids.iter().enumerate() {
                 let cpus = st
@@ -214,6 +227,8 @@ impl UblkEntry {
             "max_io_buf_bytes": i.max_io_buf_bytes,
             "flags": i.flags,
             "flag_names": Features(i.flags).names(),
+            "data": data_mode(i.flags),
+            "zero_copy": i.flags & UBLK_F_AUTO_BUF_REG != 0,
             "block_size": self.block_size(),
             "dev_sectors": self.sectors(),
             "size": self.sectors() * 512,
@@ -315,4 +330,16 @@ pub fn run(args: &ListArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_mode_follows_the_granted_flags() {
+        assert_eq!(data_mode(0), "copied");
+        assert_eq!(data_mode(UBLK_F_USER_COPY), "user copy");
+        assert_eq!(data_mode(UBLK_F_AUTO_BUF_REG | 1), "zero copy");
+    }
 }

@@ -56,7 +56,10 @@ pub fn shared_path(state: &DeviceState) -> Option<PathBuf> {
 /// The target the arguments describe; a mem target keeps its data as `mem` says.
 pub fn spec(args: &TargetArgs, mem: MemData) -> anyhow::Result<TargetSpec> {
     Ok(match args {
-        TargetArgs::Null(a) => TargetSpec::Null { size: a.size },
+        TargetArgs::Null(a) => TargetSpec::Null {
+            size: a.size,
+            zero_fill: !a.no_zero_fill,
+        },
         TargetArgs::Early(a) => TargetSpec::Early { size: a.size },
         TargetArgs::Mem(a) => TargetSpec::Mem {
             size: a.size,

@@ -38,6 +38,9 @@ pub enum TargetSpec {
     Null {
         /// Device size in bytes.
         size: u64,
+        /// Reads return zeroes (false: null_blk's way, reads leave the data
+        /// as they find it; for benchmarks).
+        zero_fill: bool,
     },
     /// [`EarlyTarget`]: answers writes before storing them (for testing frontends).
     Early {
@@ -186,7 +189,14 @@ fn open_bare(spec: TargetSpec, env: &Env) -> Result<(Arc<dyn Target>, bool), Ope
     };
     let target: Arc<dyn Target> =
         match spec {
-            TargetSpec::Null { size } => Arc::new(NullTarget::new(size)),
+            TargetSpec::Null {
+                size,
+                zero_fill: true,
+            } => Arc::new(NullTarget::new(size)),
+            TargetSpec::Null {
+                size,
+                zero_fill: false,
+            } => Arc::new(NullTarget::without_zero_fill(size)),
             TargetSpec::Early { size } => Arc::new(EarlyTarget::new(size).map_err(wrap)?),
             TargetSpec::Mem { size, data } => match data {
                 MemData::Private => Arc::new(MemTarget::new(size).map_err(wrap)?),
@@ -239,7 +249,15 @@ mod tests {
     #[test]
     fn filters_go_on_top_and_a_new_mem_file_goes_with_a_failure() {
         let specs: Vec<Spec> = ["readonly"].iter().map(|s| s.parse().unwrap()).collect();
-        let o = open(TargetSpec::Null { size: 1 << 20 }, &specs, &Env::default()).unwrap();
+        let o = open(
+            TargetSpec::Null {
+                size: 1 << 20,
+                zero_fill: true,
+            },
+            &specs,
+            &Env::default(),
+        )
+        .unwrap();
         assert!(o.target.caps().read_only);
         assert!(!o.created);
         assert_eq!(o.target.describe()["type"], "null");

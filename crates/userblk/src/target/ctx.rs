@@ -329,8 +329,51 @@ impl<'a> Ctx<'a> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A ring whose registered-buffer entry [`FixedEntry::INDEX`] is
+    /// ordinary memory: how host tests run a target as ublk zero copy would
+    /// (the kernel registering a request's pages there), without ublk.
+    pub(crate) struct FixedEntry {
+        // Dropped first: the ring's registration points into `buf`.
+        ring: Ring,
+        buf: AlignedBuf,
+        len: usize,
+    }
+
+    impl FixedEntry {
+        pub(crate) const INDEX: u16 = 2;
+
+        /// An entry of `len` bytes.
+        pub(crate) fn new(len: usize) -> Self {
+            let mut ring = Ring::new(8).unwrap();
+            ring.register_buffer_table(4).unwrap();
+            let mut buf = AlignedBuf::new(len).unwrap();
+            // SAFETY: `buf` lives in the same struct as the ring and is
+            // dropped after it (field order); its memory never moves.
+            unsafe { ring.register_buffer(Self::INDEX, buf.prefix_mut(len)) }.unwrap();
+            FixedEntry { ring, buf, len }
+        }
+
+        /// The entry's memory (what the "kernel pages" hold).
+        pub(crate) fn bytes(&mut self) -> &mut [u8] {
+            self.buf.prefix_mut(self.len)
+        }
+
+        /// Run `req` on `target` with its data in the entry, as under zero copy.
+        pub(crate) fn run(
+            &mut self,
+            target: &dyn crate::Target,
+            req: Request,
+        ) -> crate::target::IoResult {
+            let base = self.buf.as_ptr() as u64;
+            let len = u32::try_from(self.len).unwrap();
+            let r = run_fixed(target, &mut self.ring, req, (Self::INDEX, base, len));
+            assert_eq!(self.ring.in_flight(), 0, "{req:?} left operations behind");
+            r
+        }
+    }
 
     #[test]
     fn timers_marks_and_rewritten_requests() {

@@ -39,6 +39,8 @@
 
 mod ctx;
 
+#[cfg(test)]
+pub(crate) use ctx::tests::FixedEntry;
 pub use ctx::Ctx;
 pub use rustix::io::Errno;
 
@@ -468,11 +470,13 @@ pub trait Target: Send + Sync {
         Ok(zeroes >= len)
     }
 
-    /// Whether the target moves request data only with [`Ctx::read_at`] and
-    /// [`Ctx::write_at`], never touching it in memory ([`Ctx::data`],
-    /// [`Ctx::data_mut`], [`Ctx::zero_data`], [`Ctx::defer`]). Only then
-    /// may a frontend give it requests whose data stays in the kernel's
-    /// pages (ublk zero copy, `Ctx::new_fixed`).
+    /// Whether the target can serve requests whose data it cannot touch in
+    /// memory (no [`Ctx::data`], [`Ctx::data_mut`], [`Ctx::zero_data`],
+    /// [`Ctx::defer`]), moving it only with [`Ctx::read_at`] and
+    /// [`Ctx::write_at`] whenever [`Ctx::has_data_buffer`] is false. Only
+    /// then may a frontend give it requests whose data stays in the
+    /// kernel's pages (ublk zero copy, `Ctx::new_fixed`). A target may still
+    /// use the data in memory when the context has a buffer (mem, null).
     ///
     /// The default is false, which is always safe: a filter that wraps such
     /// a target keeps the default unless it, too, never looks at the data.

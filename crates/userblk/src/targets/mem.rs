@@ -8,6 +8,10 @@
 //! [`SharedMapping`]). All inline on the queue thread: tmpfs never blocks
 //! on a disk.
 //!
+//! Under ublk zero copy the data never passes through the daemon's
+//! memory: reads and writes are fixed-buffer operations between the
+//! memfd and the request's own pages, on the queue's ring.
+//!
 //! A RAM disk in a named tmpfs file (for recovery) writes with `pwrite`
 //! instead: that tmpfs has a size limit, and a write fault past it would
 //! kill the daemon with SIGBUS, where `pwrite` returns ENOSPC.
@@ -17,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
-use rustix::io::Errno;
+use rustix::io::{Errno, ReadWriteFlags};
 use serde_json::json;
 
 use crate::io::fd::{read_exact, write_all};
@@ -181,6 +185,24 @@ impl MemTarget {
         Ok(u64::try_from(st.st_size).unwrap_or(0))
     }
 
+    /// A read or write under zero copy: the kernel moves the data between
+    /// the memfd and the request's pages. Reads of holes give zeroes
+    /// without allocating them, as `pread` does; the mapping is left out
+    /// (it serves only requests whose data is in the daemon's memory, and
+    /// reads it only where it wrote every page itself).
+    fn submit_fixed(&self, ctx: &mut Ctx<'_>) -> Submit {
+        let off = ctx.req().offset;
+        let queued = if ctx.req().op == Op::Read {
+            ctx.read_at(self.fd.as_fd(), off, 0)
+        } else {
+            ctx.write_at(self.fd.as_fd(), off, ReadWriteFlags::empty(), 0)
+        };
+        match queued {
+            Ok(()) => Submit::Pending,
+            Err(e) => Submit::Done(Err(e)),
+        }
+    }
+
     fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<u32, Errno> {
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         if let Some(map) = &self.map {
@@ -229,6 +251,9 @@ impl Target for MemTarget {
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
+        if req.op.has_data() && !ctx.has_data_buffer() {
+            return self.submit_fixed(ctx);
+        }
         Submit::Done(match req.op {
             Op::Read => self.read(ctx),
             Op::Write => self.write(ctx),
@@ -240,6 +265,14 @@ impl Target for MemTarget {
                 req.flags.contains(Flags::NOUNMAP),
             ),
         })
+    }
+
+    fn complete(&self, ctx: &mut Ctx<'_>, _step: u16, res: i32) -> Submit {
+        Submit::Done(super::whole_transfer(ctx, res))
+    }
+
+    fn data_on_ring_only(&self) -> bool {
+        true
     }
 
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {

@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
-use crate::target::Extent;
+use crate::target::{ring_result, Ctx, Extent, IoResult};
 
 /// Most extents one call reports: enough for any client, bounded for a
 /// hostile one (a fragmented file could otherwise need millions).
@@ -36,6 +36,17 @@ fn seek_data(fd: BorrowedFd<'_>, at: u64) -> Result<Option<u64>, Errno> {
 /// Whether the file's `[base + offset, base + offset + len)` lies wholly in
 /// a hole: one `SEEK_DATA`, which skips holes quickly everywhere (unlike
 /// `SEEK_HOLE`, which on tmpfs visits every page of the data it crosses).
+/// The result of a ring read or write that must move all of `ctx`'s
+/// request: a short one (which tmpfs and /dev/zero never give inside the
+/// device) would leave part of the data undone, so it is an error.
+pub(crate) fn whole_transfer(ctx: &Ctx<'_>, res: i32) -> IoResult {
+    match ring_result(res) {
+        Ok(n) if n == ctx.done_bytes() => Ok(n),
+        Ok(_) => Err(rustix::io::Errno::IO),
+        Err(e) => Err(e),
+    }
+}
+
 pub(crate) fn file_reads_zeroes(
     fd: impl AsFd,
     base: u64,
@@ -160,6 +171,9 @@ pub(crate) fn file_extents(
 
 pub use mem::MemTarget;
 pub use null::NullTarget;
+
+#[cfg(test)]
+mod zero_copy_tests;
 
 #[cfg(test)]
 mod tests {

@@ -2,9 +2,16 @@
 //!
 //! Useful to measure the frontend alone. Reads and zeroing agree with each
 //! other (everything reads as zero), so the device is consistent, just empty.
+//!
+//! Under ublk zero copy a write moves no data at all, and a read is one
+//! fixed-buffer read from `/dev/zero` into the request's own pages (the
+//! kernel zeroes them in place). Without zero fill ([`NullTarget::without_zero_fill`],
+//! null_blk's behaviour) reads leave the data as it is: for benchmarks only.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rustix::fs::{Mode, OFlags};
 use serde_json::json;
 
 use crate::target::{Caps, Ctx, Extent, Op, Submit, Target};
@@ -25,13 +32,36 @@ pub const DEFAULT_SIZE: u64 = 250 << 30;
 #[derive(Debug)]
 pub struct NullTarget {
     size: AtomicU64,
+    zero_fill: bool,
+    /// `/dev/zero`, where zero-copy reads get their zeroes; without it
+    /// (no such device here) a zero-filling null target cannot zero copy.
+    zeroes: Option<OwnedFd>,
 }
 
 impl NullTarget {
     /// A null device of `size` bytes.
     pub fn new(size: u64) -> Self {
+        let zeroes = rustix::fs::open("/dev/zero", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| tracing::debug!("null: /dev/zero: {e}; no zero copy"))
+            .ok();
         NullTarget {
             size: AtomicU64::new(size),
+            zero_fill: true,
+            zeroes,
+        }
+    }
+
+    /// A null device of `size` bytes whose reads leave the data as they
+    /// find it, as null_blk's do: no zeroing, no data movement at all.
+    /// What a read returns is then whatever the buffer held: an earlier
+    /// request's data, or under ublk zero copy the old contents of the
+    /// kernel pages the reader gave, which may be anyone's freed memory.
+    /// Only readers of the device see it; for benchmarks only.
+    pub fn without_zero_fill(size: u64) -> Self {
+        NullTarget {
+            size: AtomicU64::new(size),
+            zero_fill: false,
+            zeroes: None,
         }
     }
 }
@@ -51,12 +81,32 @@ impl Target for NullTarget {
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
-        if ctx.req().op == Op::Read {
+        if ctx.req().op != Op::Read || !self.zero_fill {
+            return Submit::Done(Ok(ctx.done_bytes()));
+        }
+        if ctx.has_data_buffer() {
             // The buffer may hold an earlier write's data; zero_data
             // writes only what may not be zero already.
             ctx.zero_data();
+            return Submit::Done(Ok(ctx.done_bytes()));
         }
-        Submit::Done(Ok(ctx.done_bytes()))
+        // Zero copy: the kernel zeroes the request's pages from /dev/zero.
+        let Some(zeroes) = &self.zeroes else {
+            tracing::error!("null: a zero-copy read without /dev/zero");
+            return Submit::Done(Err(rustix::io::Errno::IO));
+        };
+        match ctx.read_at(zeroes.as_fd(), 0, 0) {
+            Ok(()) => Submit::Pending,
+            Err(e) => Submit::Done(Err(e)),
+        }
+    }
+
+    fn complete(&self, ctx: &mut Ctx<'_>, _step: u16, res: i32) -> Submit {
+        Submit::Done(super::whole_transfer(ctx, res))
+    }
+
+    fn data_on_ring_only(&self) -> bool {
+        !self.zero_fill || self.zeroes.is_some()
     }
 
     fn extents(
@@ -65,11 +115,20 @@ impl Target for NullTarget {
         len: u64,
         out: &mut Vec<Extent>,
     ) -> Result<(), rustix::io::Errno> {
-        out.push(Extent::hole(len));
+        // Without zero fill nothing is known to read as zero.
+        out.push(if self.zero_fill {
+            Extent::hole(len)
+        } else {
+            Extent::data(len)
+        });
         Ok(())
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({ "type": "null", "size": self.size() })
+        if self.zero_fill {
+            json!({ "type": "null", "size": self.size() })
+        } else {
+            json!({ "type": "null", "size": self.size(), "zero_fill": false })
+        }
     }
 }

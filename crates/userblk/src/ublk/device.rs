@@ -320,7 +320,7 @@ impl Device {
         // Live resize (`userblk resize`) where the kernel has it (6.16+); it costs nothing.
         flags |= features.0 & UBLK_F_UPDATE_SIZE;
         if zero_copy_offered(cfg, flags, features, root) {
-            tracing::info!("zero copy: the file target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
+            tracing::info!("zero copy: the target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
             flags |= UBLK_F_AUTO_BUF_REG;
         }
         let mut info = DevInfo {
@@ -495,7 +495,7 @@ impl Device {
         let data_mode = DataMode::of(self.info.flags);
         if data_mode == DataMode::ZeroCopy && !target.data_on_ring_only() {
             return Err(Error::invalid(
-                "zero copy needs a target that moves data only on the ring (file, under filters that never touch data)",
+                "zero copy needs a target that moves data only on the ring (null, mem, file, under filters that never touch data)",
             ));
         }
         let (tx, rx) = mpsc::channel();

@@ -168,6 +168,9 @@ impl Target for Qcow2Target {
         Ok(self.size())
     }
 
+    // No `data_on_ring_only` (so no ublk zero copy): every request is served
+    // in memory (decompression, backing reads, copy on write), and a per-request
+    // way back to memory under zero copy is not built yet (docs/frontends/ublk.md).
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         let r = match req.op {

@@ -624,6 +624,9 @@ impl Target for S3Target {
         }
     }
 
+    // No `data_on_ring_only` (so no ublk zero copy): cached chunks are read
+    // in memory and misses go to worker threads, which cannot reach a
+    // registered buffer (docs/frontends/ublk.md).
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         match req.op {
