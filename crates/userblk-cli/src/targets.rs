@@ -27,6 +27,8 @@ pub struct Opened {
     /// kept for as long as the daemon holds this, and removed when dropped.
     #[allow(dead_code)]
     pub control: Option<userblk::control::Server>,
+    /// The actions that socket serves, for a frontend to add its own (ublk's `handover`).
+    pub registry: userblk::control::Registry,
 }
 
 /// Where a recoverable mem device keeps its data (tmpfs, so still RAM).
@@ -130,6 +132,7 @@ pub fn open(args: &TargetArgs, specs: &[Spec], mem: MemData) -> anyhow::Result<O
     };
     let opened = spec::open(spec, specs, &env)?;
     // A device without its control socket still works: `ctl` says why not.
+    let registry = control.clone();
     let control = crate::ctl::serve(control)
         .inspect_err(|e| tracing::warn!("no control socket for `userblk ctl`: {e:#}"))
         .ok();
@@ -137,6 +140,7 @@ pub fn open(args: &TargetArgs, specs: &[Spec], mem: MemData) -> anyhow::Result<O
         target: opened.target,
         shared: shared.filter(|_| matches!(args, TargetArgs::Mem(_))),
         control,
+        registry,
     })
 }
 

@@ -11,6 +11,9 @@ mod fuse;
 mod lifecycle;
 mod nbd;
 mod ublk;
+mod upgrade;
+
+pub use upgrade::run as upgrade;
 
 use std::ffi::OsString;
 use std::time::Duration;
