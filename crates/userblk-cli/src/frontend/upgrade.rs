@@ -106,17 +106,18 @@ pub fn run(args: &UpgradeArgs) -> anyhow::Result<()> {
     };
     let version = check_binary(&exe)?;
     let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
-    let mut ctrl = Control::open()?;
-    let info = ctrl.dev_info(id)?;
-    let st = DeviceState::load(id)?.with_context(|| {
-        format!("device {id} has no saved state: only devices added by userblk can be upgraded")
-    })?;
-    if st.frontend != "ublk" {
+    let saved = DeviceState::load(id)?;
+    if let Some(st) = saved.as_ref().filter(|st| st.frontend != "ublk") {
         bail!(
             "device {id} is served through {}: only ublk devices outlive their daemon, so only they can be upgraded",
             st.frontend
         );
     }
+    let mut ctrl = Control::open()?;
+    let info = ctrl.dev_info(id)?;
+    let st = saved.with_context(|| {
+        format!("device {id} has no saved state: only devices added by userblk can be upgraded")
+    })?;
     if info.state != UBLK_S_DEV_LIVE {
         bail!(
             "device {id} is {}, not LIVE: nothing serves it to hand over{}",
@@ -139,6 +140,9 @@ pub fn run(args: &UpgradeArgs) -> anyhow::Result<()> {
     let how = plan(id, info.flags, kernel).map_err(anyhow::Error::msg)?;
     // Checked before the old daemon goes, so a failure leaves it serving.
     let argv = super::ublk::recover_argv_for_upgrade(&st)?;
+    // Under systemd (`ExecReload=`), this process is the service's main
+    // one while the daemon changes, so the old one's exit does not end it.
+    notify_main_pid(rustix::process::getpid().as_raw_nonzero().get());
     match how {
         Plan::Quiesce => ask_to_quiesce(id, old)?,
         Plan::KillReissue => kill(id, old)?,
@@ -155,23 +159,29 @@ pub fn run(args: &UpgradeArgs) -> anyhow::Result<()> {
                     "{e:#}; device {id} waits for a daemon, its I/O held: `userblk recover -n {id}` serves it"
                 );
             };
-            eprintln!(
-                "userblk: the new daemon ({}) failed: {e:#}; serving device {id} with {} instead",
-                exe.display(),
-                cur.display()
-            );
-            super::lifecycle::spawn_exe(&cur, argv, super::clean_up_after).with_context(|| {
-                format!(
-                    "device {id} waits for a daemon, its I/O held: `userblk recover -n {id}` serves it"
+            let failed = format!("the new daemon ({}) failed: {e:#}", exe.display());
+            match super::lifecycle::spawn_exe(&cur, argv, super::clean_up_after) {
+                Ok(()) => {
+                    if let Some(st) = DeviceState::load(id).ok().flatten() {
+                        notify_main_pid(st.pid);
+                    }
+                    bail!(
+                    "{failed}; device {id} is served by a new daemon of {} instead",
+                    cur.display()
                 )
-            })?;
-            format!("userblk {}", env!("CARGO_PKG_VERSION"))
+                }
+                Err(e2) => bail!(
+                    "{failed}, and so did one of {} ({e2:#}); device {id} waits for a daemon, its I/O held: `userblk recover -n {id}` serves it",
+                    cur.display()
+                ),
+            }
         }
     };
-    let new = DeviceState::load(id)
-        .ok()
-        .flatten()
-        .map_or_else(|| "?".into(), |s| s.pid.to_string());
+    let new = DeviceState::load(id).ok().flatten().map(|s| s.pid);
+    if let Some(pid) = new {
+        notify_main_pid(pid);
+    }
+    let new = new.map_or_else(|| "?".into(), |p| p.to_string());
     eprintln!("userblk: device {id}: daemon {old} handed over to daemon {new} ({with})");
     Ok(())
 }
@@ -212,12 +222,35 @@ fn check_binary(exe: &Path) -> anyhow::Result<String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let out = said.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
+    let out = said
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default();
     let line = out.lines().next().unwrap_or("").trim().to_string();
     if !status.success() || !line.starts_with("userblk ") {
         bail!("--binary {shown}: not a userblk binary (`--version` said {line:?})");
     }
     Ok(line)
+}
+
+/// Tell systemd the service's main process is now `pid` (`MAINPID=`), when
+/// run by a unit with `NotifyAccess=all` (`$NOTIFY_SOCKET` set); else nothing.
+fn notify_main_pid(pid: i32) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = UnixDatagram::unbound().and_then(|sock| {
+        addr.and_then(|a| sock.send_to_addr(format!("MAINPID={pid}\n").as_bytes(), &a))
+    });
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd the new main pid {pid}: {e}");
+    }
 }
 
 /// Ask daemon `pid` to quiesce device `id` and exit.
@@ -234,7 +267,9 @@ fn ask_to_quiesce(id: u32, pid: i32) -> anyhow::Result<()> {
         args: vec![QUIESCE_TIMEOUT.as_millis().to_string()],
     };
     let reply = control::request(&path, &req, ASK_TIMEOUT).with_context(|| {
-        format!("device {id}: asking its daemon (pid {pid}) to hand over; it still serves the device")
+        format!(
+            "device {id}: asking its daemon (pid {pid}) to hand over; it still serves the device"
+        )
     })?;
     if !reply.ok {
         let why = reply.error.unwrap_or_else(|| "refused".into());
@@ -294,6 +329,7 @@ fn wait_quiesced(ctrl: &mut Control, id: u32) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

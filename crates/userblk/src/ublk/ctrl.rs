@@ -462,7 +462,9 @@ impl Control {
     /// queues stay quiesced either way). The server then finishes what it
     /// holds and exits, leaving the device for a new one to recover.
     pub fn quiesce(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let prefix = self.needs_path_prefix(dev_id)?;
         // The kernel's own wait is `timeout`; ours is a little longer.
         let wait = Some(timeout + Duration::from_secs(5));
