@@ -71,6 +71,11 @@ pub enum Command {
     List(ListArgs),
     /// Start a new daemon for a device whose daemon died (added with -r).
     Recover(RecoverArgs),
+    /// Hand a live ublk device to a new daemon (a newer userblk) without an I/O error.
+    ///
+    /// Linux 6.16+: the device must have been added with -r; older kernels:
+    /// with --reissue. The new daemon serves the same target, filters and options.
+    Upgrade(UpgradeArgs),
     /// Show what a device's `stats` filter counted (added with --filter stats).
     Stats(StatsArgs),
     /// Run a control action in a device's daemon: `powercut`, `powerup`
@@ -160,6 +165,18 @@ pub struct RecoverArgs {
     /// Device id.
     #[arg(short = 'n', long = "number", value_name = "ID")]
     pub id: u32,
+}
+
+/// `upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: u32,
+    /// The userblk binary the new daemon runs (default: this one). It must
+    /// be named userblk and answer --version.
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
 }
 
 /// `add`.

@@ -76,6 +76,7 @@ fn main() -> ExitCode {
         Command::Del(args) => frontend::del(&args),
         Command::List(args) => list::run(&args),
         Command::Recover(args) => frontend::recover(&args),
+        Command::Upgrade(args) => frontend::upgrade(&args),
         Command::Stats(args) => stats::run(&args),
         Command::Ctl(args) => ctl::run(&args),
         Command::Resize(args) => resize::run(&args),

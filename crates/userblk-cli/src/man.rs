@@ -149,6 +149,16 @@ fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
             "A new daemon for device 0, added with -r, whose daemon died",
             "sudo userblk recover -n 0",
         )],
+        "userblk-upgrade" => &[
+            (
+                "A new daemon for device 0 (added with -r), of this binary",
+                "sudo userblk upgrade -n 0",
+            ),
+            (
+                "A new daemon of a newly installed binary",
+                "sudo userblk upgrade -n 0 --binary /usr/local/bin/userblk",
+            ),
+        ],
         "userblk-create" | "userblk-create-qcow2" => &[(
             "A 10 GiB qcow2 image",
             "userblk create qcow2 -f disk.qcow2 --size 10G",

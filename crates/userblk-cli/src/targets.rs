@@ -27,7 +27,8 @@ pub struct Opened {
     /// kept for as long as the daemon holds this, and removed when dropped.
     #[allow(dead_code)]
     pub control: Option<userblk::control::Server>,
-    /// What the control socket serves: the frontend adds its resize here.
+    /// What the control socket serves: the frontend adds its own actions here
+    /// (ublk's `handover`, every frontend's resize).
     pub registry: userblk::control::Registry,
 }
 

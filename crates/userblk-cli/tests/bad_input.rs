@@ -114,6 +114,12 @@ const CASES: &[Case] = &[
     ("resize -n 0 --size lots", 2, "invalid size 'lots'"),
     ("resize -n 0 --size 16383P", 2, "larger than the largest device"),
     ("resize -n 0", 2, "--size <SIZE>"),
+    ("upgrade -n x", 2, "invalid value 'x'"),
+    ("upgrade -n 0 --binary {}/nonexistent", 1, "No such file"),
+    ("upgrade -n 0 --binary {}/src.img", 1, "not an executable file"),
+    ("upgrade -n 0 --binary {}/fifo", 1, "not an executable file"),
+    ("upgrade -n 0 --binary /bin/sh", 1, "must be named userblk"),
+    ("upgrade -n 0 --binary {}/fake/userblk", 1, "not a userblk binary"),
 ];
 
 #[test]
@@ -127,6 +133,11 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         .unwrap()
         .success());
     std::fs::write(d.join("src.img"), vec![0u8; 4096]).unwrap();
+    // An executable named userblk that is not one (`upgrade --binary`).
+    std::fs::create_dir(d.join("fake")).unwrap();
+    std::fs::write(d.join("fake/userblk"), "#!/bin/sh\necho hello\n").unwrap();
+    let exec = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(d.join("fake/userblk"), exec).unwrap();
     let before = listing(d);
     let dstr = d.display().to_string();
     for &(args, want_code, phrase) in CASES {

@@ -255,6 +255,11 @@ fn redirect_output(log: &Path) {
 /// with `clean` what the dead daemon left.
 pub fn spawn(argv: Vec<OsString>, clean: fn(&DeviceState)) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the userblk executable")?;
+    spawn_exe(&exe, argv, clean)
+}
+
+/// As [`spawn`], running the userblk binary at `exe` (`upgrade --binary`).
+pub fn spawn_exe(exe: &Path, argv: Vec<OsString>, clean: fn(&DeviceState)) -> anyhow::Result<()> {
     let mut child = Command::new(exe)
         .args(argv)
         .env(DAEMON_ENV, "1")

@@ -12,6 +12,9 @@ mod lifecycle;
 mod nbd;
 mod resize;
 mod ublk;
+mod upgrade;
+
+pub use upgrade::run as upgrade;
 
 use std::ffi::OsString;
 use std::time::Duration;

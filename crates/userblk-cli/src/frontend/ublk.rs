@@ -176,6 +176,8 @@ impl Frontend for Ublk {
                     }
                 }
             }
+            let quiescer = dev.quiescer();
+            let _handover = super::upgrade::offer_handover(&opened.registry, &quiescer);
             let describe = target.describe();
             let served = dev.serve(Arc::clone(&target), |live| {
                 on_live(live, describe, saved, self.dev.scheduler.as_deref(), host);
@@ -185,7 +187,8 @@ impl Frontend for Ublk {
                 && Control::open()
                     .and_then(|mut c| c.dev_info(id))
                     .is_ok_and(|i| Features(i.flags).has_user_recovery());
-            if !waits_for_recovery {
+            // Handed to a new daemon: it reads the state to take over.
+            if !waits_for_recovery && !quiescer.handed_over() {
                 DeviceState::remove(id);
             }
             served.with_context(|| format!("device {id}"))
@@ -338,6 +341,13 @@ pub fn recover_argv(id: u32) -> anyhow::Result<Vec<OsString>> {
             state::state_dir().display()
         )
     })?;
+    recover_argv_for_upgrade(&saved)
+}
+
+/// The arguments of a daemon that recovers the device `saved` describes
+/// (its `add` command line, run again with `--recover-id`).
+pub fn recover_argv_for_upgrade(saved: &DeviceState) -> anyhow::Result<Vec<OsString>> {
+    let id = saved.id;
     if saved.args.first().map(String::as_str) != Some("add") {
         bail!(
             "saved state of device {id} has no add command line: {:?}",

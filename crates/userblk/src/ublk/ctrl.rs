@@ -468,6 +468,32 @@ impl Control {
     }
 }
 
+impl Control {
+    /// QUIESCE_DEV (Linux 6.16+, devices added with `UBLK_F_QUIESCE`): new
+    /// requests wait in the kernel and the idle fetches are aborted, once
+    /// every queue has one idle tag or after `timeout` (then `EBUSY`; the
+    /// queues stay quiesced either way). The server then finishes what it
+    /// holds and exits, leaving the device for a new one to recover.
+    pub fn quiesce(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let prefix = self.needs_path_prefix(dev_id)?;
+        // The kernel's own wait is `timeout`; ours is a little longer.
+        let wait = Some(timeout + Duration::from_secs(5));
+        self.raw_dev_cmd(
+            "QUIESCE_DEV",
+            UBLK_U_CMD_QUIESCE_DEV,
+            dev_id,
+            &mut [],
+            ms,
+            prefix,
+            wait,
+        )
+        .map(drop)
+    }
+}
+
 fn control_error(cmd: &'static str, dev_id: u32, errno: Errno) -> Error {
     if errno == Errno::NODEV && dev_id != UBLK_DEV_ID_AUTO && cmd != "ADD_DEV" {
         return Error::NoSuchDevice(dev_id);

@@ -17,6 +17,7 @@ use userblk_uapi::*;
 use crate::target::{Caps, Target};
 use crate::ublk::ctrl::{char_path, Control, DevInfo};
 use crate::ublk::features::Features;
+use crate::ublk::handover::{Handover, Quiescer};
 use crate::ublk::params;
 use crate::ublk::queue::{self, DataMode, QueueEvent, QueueSetup, Shutdown};
 use crate::{Error, Result};
@@ -208,6 +209,8 @@ pub struct Device {
     armed: bool,
     /// A recovered device ends its bring-up with END_USER_RECOVERY, not START_DEV.
     recovering: bool,
+    /// Shared with [`Quiescer`]s, for `userblk upgrade`.
+    handover: Arc<Handover>,
 }
 
 impl std::fmt::Debug for Device {
@@ -319,6 +322,8 @@ impl Device {
         let mut flags = copy_mode_fallback(cfg.flags, features, root);
         // Live resize (`userblk resize`) where the kernel has it (6.16+); it costs nothing.
         flags |= features.0 & UBLK_F_UPDATE_SIZE;
+        // Recoverable devices can be handed to a new daemon where the kernel allows.
+        flags |= crate::ublk::handover::quiesce_flag(flags, features);
         if zero_copy_offered(cfg, flags, features, root) {
             tracing::info!("zero copy: the target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
             flags |= UBLK_F_AUTO_BUF_REG;
@@ -450,6 +455,7 @@ impl Device {
             // were asked to recover is never deleted because recovery failed.
             armed: !recovering,
             recovering,
+            handover: Arc::default(),
         }
     }
 
@@ -461,6 +467,16 @@ impl Device {
     /// What the kernel supports.
     pub fn kernel_features(&self) -> Features {
         self.features
+    }
+
+    /// A handle that quiesces this device for a new daemon from another
+    /// thread (`userblk upgrade`), once it serves.
+    pub fn quiescer(&self) -> Quiescer {
+        Quiescer {
+            id: self.info.dev_id,
+            flags: self.info.flags,
+            shared: Arc::clone(&self.handover),
+        }
     }
 
     /// A handle that stops this device from another thread.
@@ -487,6 +503,7 @@ impl Device {
         let id = self.info.dev_id;
         let queues = self.info.nr_hw_queues;
         let shutdown = Shutdown::new()?;
+        self.handover.attach(&shutdown);
         let cdev = self
             .cdev
             .clone()

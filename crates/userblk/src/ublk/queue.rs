@@ -32,6 +32,9 @@ use crate::{Error, Result};
 
 /// Slot number reserved for the shutdown eventfd's poll (tags are < 4096).
 const WAKE_SLOT: u16 = u16::MAX;
+/// Slot number of the no-op a draining queue sends to flush the kernel's
+/// pending completions into its ring (see [`Queue::drained`]).
+const FLUSH_SLOT: u16 = u16::MAX - 1;
 
 /// A way to make queue threads leave their loop without STOP_DEV, for a
 /// device that never started (its fetches would otherwise wait forever).
@@ -39,6 +42,8 @@ const WAKE_SLOT: u16 = u16::MAX;
 pub(crate) struct Shutdown {
     fd: OwnedFd,
     now: AtomicBool,
+    /// Leave once no request is being served (a handover: see `handover.rs`).
+    drain: AtomicBool,
 }
 
 impl Shutdown {
@@ -48,6 +53,7 @@ impl Shutdown {
         Ok(Arc::new(Shutdown {
             fd,
             now: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
         }))
     }
 
@@ -55,6 +61,18 @@ impl Shutdown {
     /// then cancels the tags' commands.
     pub(crate) fn trigger(&self) {
         self.now.store(true, Ordering::SeqCst);
+        if let Err(e) = rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+            tracing::warn!("waking queue threads: {e}");
+        }
+    }
+}
+
+impl Shutdown {
+    /// Ask every queue thread to leave once it serves no request: after
+    /// QUIESCE_DEV no new request reaches it, and what it holds is
+    /// committed first, so nothing fails when the process then exits.
+    pub(crate) fn drain(&self) {
+        self.drain.store(true, Ordering::SeqCst);
         if let Err(e) = rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
             tracing::warn!("waking queue threads: {e}");
         }
@@ -162,6 +180,12 @@ struct Queue {
     buf_bytes: u32,
     /// `/dev/ublkcN` is the ring's fixed file 0 (no descriptor lookup per command).
     fixed_cdev: bool,
+    /// Handing over: leave once no tag is serving (see [`Queue::drained`]).
+    draining: bool,
+    /// The flush no-op is in the ring.
+    flush_armed: bool,
+    /// A flush completed since the last request arrived.
+    flushed: bool,
 }
 
 /// Run queue `setup.q` until every tag is aborted; reports through `events`.
@@ -235,6 +259,9 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         data: setup.data,
         buf_bytes: setup.buf_bytes,
         fixed_cdev,
+        draining: false,
+        flush_armed: false,
+        flushed: false,
     };
     queue.watch_shutdown(&setup.shutdown)?;
     for tag in 0..setup.depth {
@@ -399,10 +426,20 @@ impl Queue {
                                 msg: "shut down".into(),
                             });
                         }
+                        self.draining |= shutdown.drain.load(Ordering::SeqCst);
+                    }
+                    Event::Frontend {
+                        token: FLUSH_SLOT, ..
+                    } => {
+                        self.flush_armed = false;
+                        self.flushed = true;
                     }
                     Event::Frontend { token, res } => self.on_fetch(token, res)?,
                     Event::Done { slot, req, result } => self.commit(slot, req, result)?,
                 }
+            }
+            if self.draining && self.drained()? {
+                break;
             }
         }
         match self.failure.take() {
@@ -528,6 +565,35 @@ impl Queue {
             }
         }
         Ok(())
+    }
+
+    /// Whether a draining queue may leave: no tag serving, and a flush has
+    /// completed since the last request came. The flush is a no-op waited
+    /// for: the wait first runs the kernel's pending work for this thread,
+    /// so a request dispatched before QUIESCE_DEV shows up in the same batch
+    /// rather than after we left (it would then fail). Armed tags stay in
+    /// the kernel; closing the ring cancels them.
+    fn drained(&mut self) -> Result<bool> {
+        if self.tags.contains(&Tag::Serving) {
+            self.flushed = false;
+            return Ok(false);
+        }
+        if self.flushed {
+            self.slots.submit()?;
+            return Ok(true);
+        }
+        if !self.flush_armed {
+            let e = opcode::Nop::new()
+                .build()
+                .user_data(UserData::Frontend { slot: FLUSH_SLOT }.pack());
+            // SAFETY: a no-op points at no memory.
+            unsafe { self.slots.push(&e) }.map_err(|e| Error::Queue {
+                queue: self.q,
+                msg: format!("queueing a flush: {e}"),
+            })?;
+            self.flush_armed = true;
+        }
+        Ok(false)
     }
 
     fn retire(&mut self, tag: u16) {

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Real-kernel suite for `userblk upgrade`: a live device handed to a new
+# daemon with no I/O error. QUIESCE (Linux 6.16+) where the kernel has it;
+# kill + recover with --reissue on older kernels, and refusals elsewhere.
+# Runs inside the VM (vm/run.sh), as root, from the repository root.
+set -u
+cd "$(dirname "$0")/../.."
+. vm/suite/lib.sh
+
+[ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
+WORK=/run/upgrade-suite
+mkdir -p "$WORK"
+MNT=/mnt/ub-upgrade
+
+state_is() { [ "$(list_word "$1" 11)" = "$2" ]; }
+has_quiesce() { ub features | grep -qw QUIESCE; }
+# What makes a device upgradable on this kernel: -r with QUIESCE, else --reissue.
+if has_quiesce; then UPG=-r; else UPG=--reissue; fi
+
+# Upgrade device ID (extra args to `upgrade` after it) and check the
+# handover: a new pid, the old one gone, LIVE. Prints the milliseconds taken.
+upgrade_once() { # upgrade_once ID [ARGS...]
+    local id=$1 old new start end quiesced; shift
+    old=$(list_word "$id" 7)
+    quiesced=$(grep -c "quiesced for a new daemon" "/run/userblk/$id.log" || true)
+    start=$(date +%s%N)
+    ub upgrade -n "$id" "$@" >"$WORK/upgrade.out" 2>&1 || { cat "$WORK/upgrade.out"; die "upgrade of device $id failed"; }
+    end=$(date +%s%N)
+    grep -q "daemon $old handed over to daemon" "$WORK/upgrade.out" || { cat "$WORK/upgrade.out"; die "upgrade did not say it handed over"; }
+    state_is "$id" LIVE || die "device $id not LIVE after upgrade"
+    new=$(list_word "$id" 7)
+    [ "$new" != "$old" ] || die "upgrade kept daemon $old"
+    exited "$old" || die "old daemon $old still runs"
+    # Where the kernel has QUIESCE the old daemon quiesced (its log says so), not killed.
+    if has_quiesce; then
+        [ "$(grep -c "quiesced for a new daemon" "/run/userblk/$id.log")" -gt "$quiesced" ] || die "the old daemon did not log a quiesce"
+    fi
+    echo $(((end - start) / 1000000))
+}
+
+# fio verify on a file of ext4 on the device, time based, in the background.
+start_fio() { # start_fio RUNTIME
+    fio --ioengine=io_uring --direct=1 --name=upgrade --filename="$MNT/fio.dat" --size=32M \
+        --rw=randwrite --bs=4k --iodepth=8 --time_based --runtime="$1" \
+        --verify=crc32c --verify_backlog=256 --verify_fatal=1 --verify_state_save=0 --randrepeat=0 \
+        --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 &
+    FIO=$!
+}
+
+# fio's exit status and its JSON: no error, writes done, verified.
+check_fio() {
+    local rc=0
+    wait "$FIO" || rc=$?
+    [ "$rc" = 0 ] || { tail -n 30 "$WORK/fio.json"; die "fio failed (exit $rc) across the upgrades"; }
+    python3 - "$WORK/fio.json" <<'EOF'
+import json, sys
+job = json.load(open(sys.argv[1]))["jobs"][0]
+assert job["error"] == 0, f"fio error {job['error']}"
+w = job["write"]
+assert w["total_ios"] > 0, "no writes"
+print(f"note: fio: {w['total_ios']} writes, 0 errors, max write latency {w['clat_ns']['max'] / 1e6:.0f} ms")
+EOF
+}
+
+# ROUNDS upgrades of a mem device (ADD-ARGS) carrying a mounted ext4 under
+# fio verify; fsck clean at the end.
+upgrades_under_fio() { # upgrades_under_fio ROUNDS ADD-ARGS...
+    local rounds=$1 id times=() ms; shift
+    id=$(add_dev "$@" mem --size 256M)
+    mkfs.ext4 -q -F "/dev/ublkb$id"
+    mkdir -p "$MNT"
+    mount "/dev/ublkb$id" "$MNT"
+    start_fio $((rounds * 12 + 20))
+    sleep 3
+    for _ in $(seq 1 "$rounds"); do
+        kill -0 "$FIO" 2>/dev/null || die "fio ended before the upgrades did"
+        ms=$(upgrade_once "$id")
+        times+=("$ms")
+        mountpoint -q "$MNT" || die "$MNT no longer mounted"
+        sleep 1
+    done
+    kill -0 "$FIO" 2>/dev/null || die "fio ended before the upgrades did"
+    check_fio
+    echo "note: $rounds upgrades took ${times[*]} ms"
+    umount "$MNT"
+    fsck.ext4 -n -f "/dev/ublkb$id"
+    del_dev "$id"
+}
+
+with_binary_copy() {
+    local id new
+    mkdir -p "$WORK/bin"
+    cp "$USERBLK" "$WORK/bin/userblk"
+    id=$(add_dev $UPG mem --size 16M)
+    printf 'kept' | dd of="/dev/ublkb$id" oflag=direct,sync bs=512 conv=sync status=none
+    upgrade_once "$id" --binary "$WORK/bin/userblk" >/dev/null
+    new=$(list_word "$id" 7)
+    [ "$(readlink "/proc/$new/exe")" = "$WORK/bin/userblk" ] || die "the new daemon runs $(readlink "/proc/$new/exe"), not the copy"
+    [ "$(head -c 4 "/dev/ublkb$id")" = kept ] || die "data lost across the upgrade"
+    # And back to the binary under test.
+    upgrade_once "$id" >/dev/null
+    del_dev "$id"
+}
+
+# Refusals say one line, exit non-zero and leave the device served by its daemon.
+still_served_by() { # still_served_by ID PID
+    state_is "$1" LIVE || die "device $1 not LIVE after a refused upgrade"
+    [ "$(list_word "$1" 7)" = "$2" ] || die "device $1 changed daemon on a refused upgrade"
+    dd if="/dev/ublkb$1" of=/dev/null bs=4k count=1 iflag=direct status=none || die "device $1 does not serve I/O"
+}
+
+one_line_fail() { # one_line_fail PHRASE CMD...
+    local phrase=$1 out rc=0; shift
+    # stderr only: a daemon started after all prints its device on stdout.
+    out=$("$@" 2>&1 >/dev/null) || rc=$?
+    echo "\$ $* -> exit $rc: $out"
+    [ "$rc" -ne 0 ] || die "expected failure from: $*"
+    [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
+    grep -qi -- "$phrase" <<<"$out" || die "'$*' does not mention '$phrase': $out"
+}
+
+bad_input() {
+    local id pid nbd
+    one_line_fail "no ublk device with id 77" ub upgrade -n 77
+    id=$(add_dev $UPG mem --size 16M)
+    pid=$(list_word "$id" 7)
+    one_line_fail "must be named userblk" ub upgrade -n "$id" --binary /bin/true
+    one_line_fail "No such file" ub upgrade -n "$id" --binary "$WORK/nothing/userblk"
+    mkdir -p "$WORK/fake"
+    printf '#!/bin/sh\necho hello\n' >"$WORK/fake/userblk"
+    chmod 755 "$WORK/fake/userblk"
+    one_line_fail "not a userblk binary" ub upgrade -n "$id" --binary "$WORK/fake/userblk"
+    still_served_by "$id" "$pid"
+    # Not a ublk device: an NBD export has no kernel device to hand over.
+    nbd=$(dev_id_of "$(ub add --listen "unix:$WORK/nbd.sock" null --size 16M)")
+    [ -n "$nbd" ] || die "no NBD device"
+    one_line_fail "only ublk devices" ub upgrade -n "$nbd"
+    ub del -n "$nbd"
+    still_served_by "$id" "$pid"
+    del_dev "$id"
+}
+
+without_r_refused() {
+    local id pid
+    id=$(add_dev mem --size 16M)
+    pid=$(list_word "$id" 7)
+    one_line_fail "added without -r" ub upgrade -n "$id"
+    still_served_by "$id" "$pid"
+    del_dev "$id"
+}
+
+r_without_reissue_refused() {
+    has_quiesce && skip "this kernel has QUIESCE: a -r device upgrades (the 6.12 VM runs this case)"
+    local id pid
+    id=$(add_dev -r mem --size 16M)
+    pid=$(list_word "$id" 7)
+    one_line_fail "add it with --reissue" ub upgrade -n "$id"
+    still_served_by "$id" "$pid"
+    del_dev "$id"
+}
+
+# The new binary fails to serve: the device is served again (by this
+# binary), the command fails saying so, and the file system never noticed.
+broken_new_binary() {
+    local id old new
+    mkdir -p "$WORK/broken"
+    printf '#!/bin/sh\n[ "$1" = --version ] && { echo "userblk 99.0.0"; exit 0; }\necho "userblk: broken on purpose" >&2\nexit 1\n' >"$WORK/broken/userblk"
+    chmod 755 "$WORK/broken/userblk"
+    id=$(add_dev $UPG mem --size 64M)
+    mkfs.ext4 -q -F "/dev/ublkb$id"
+    mkdir -p "$MNT"
+    mount "/dev/ublkb$id" "$MNT"
+    echo data >"$MNT/f" && sync
+    old=$(list_word "$id" 7)
+    one_line_fail "broken on purpose" ub upgrade -n "$id" --binary "$WORK/broken/userblk" >"$WORK/broken.out"
+    cat "$WORK/broken.out"
+    grep -q "served by a new daemon of" "$WORK/broken.out" || die "a failed upgrade did not say who serves the device"
+    state_is "$id" LIVE || die "device $id not LIVE after a failed upgrade"
+    new=$(list_word "$id" 7)
+    [ "$new" != "$old" ] && exited "$old" || die "no new daemon after the failed upgrade"
+    [ "$(readlink "/proc/$new/exe")" = "$(readlink -f "$USERBLK")" ] || die "the device is served by $(readlink "/proc/$new/exe")"
+    [ "$(cat "$MNT/f")" = data ] || die "file lost"
+    umount "$MNT"
+    fsck.ext4 -n -f "/dev/ublkb$id"
+    del_dev "$id"
+}
+
+echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
+ub features | grep -q USER_RECOVERY || { echo "SKIP all: kernel lacks USER_RECOVERY"; exit 1; }
+cleanup_devices
+plan 7
+if has_quiesce; then
+    case_run "ext4 + fio verify on mem -r: 10 upgrades (QUIESCE)" upgrades_under_fio 10 -r
+else
+    case_run "ext4 + fio verify on mem --reissue: 3 upgrades (kill + reissue)" upgrades_under_fio 3 --reissue
+fi
+case_run "broken --binary: served again by this binary, said" broken_new_binary
+case_run "upgrade --binary a copy, and back" with_binary_copy
+case_run "bad input: one line, device still served" bad_input
+case_run "a device without -r: refused with the reason" without_r_refused
+case_run "6.12: -r without --reissue: refused with the reason" r_without_reissue_refused
+if has_quiesce; then
+    case_run "mem --reissue on a QUIESCE kernel: 2 upgrades under fio" upgrades_under_fio 2 --reissue
+else
+    case_run "mem --reissue on a QUIESCE kernel" skip "this kernel lacks QUIESCE: the reissue case above covered kill + recover"
+fi
+summary
