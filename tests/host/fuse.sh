@@ -219,6 +219,7 @@ case_del_refuses_while_file_open() {
     read -r id file < <(add_fuse mem --size 64M --frontend fuse)
     sleep 60 <"$file" &
     holder=$!
+    wait_for 5 has_stdin "$holder" "$file" || die "the holder did not open $file"
     expect_fail "open by pid $holder" ub del -n "$id"
     kill "$holder"; wait "$holder" 2>/dev/null || true
     del_fuse "$id"
@@ -404,6 +405,44 @@ case_del_force_stopped_daemon() {
     nothing_left "$WORK/force"
 }
 
+# Safe stop: a loop device a process has open (not mounted, not O_EXCL) is
+# refused naming the pid; --force stops it anyway and leaves nothing behind.
+case_del_refuses_open_loop_device_force_works() {
+    needs_host
+    local id blk pid holder mnt lo
+    mkdir -p "$WORK/open-lo"
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop --mountpoint "$WORK/open-lo")
+    pid=$(fuse_word "$id" 7)
+    lo=${blk#/dev/}
+    sleep 60 <"$blk" &
+    holder=$!
+    wait_for 5 has_stdin "$holder" "$blk" || die "the holder did not open $blk"
+    expect_fail "$lo is open by pid $holder (sleep)" ub del -n "$id"
+    kill -0 "$pid" || die "a refused del stopped the daemon"
+    dd if="$blk" of=/dev/null bs=4k count=1 iflag=direct status=none || die "a refused del broke the device"
+    ub del -n "$id" --force || die "del --force failed"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    kill "$holder"; wait "$holder" 2>/dev/null || true
+    nothing_left "$WORK/open-lo"
+}
+
+# Safe stop: del --force of a mounted loop device stops the daemon; the
+# loop device detaches itself once the file system on it is unmounted.
+case_del_force_mounted_loop_device() {
+    needs_host
+    local id blk pid mnt=$WORK/mnt-force
+    mkdir -p "$WORK/mounted-lo" "$mnt"
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop --mountpoint "$WORK/mounted-lo")
+    pid=$(fuse_word "$id" 7)
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$mnt"
+    expect_fail "${blk#/dev/} is mounted on $mnt" ub del -n "$id"
+    ub del -n "$id" --force || die "del --force failed"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    umount -l "$mnt" 2>/dev/null || true
+    nothing_left "$WORK/mounted-lo"
+}
+
 # ---- run ----------------------------------------------------------------------
 
 cleanup_all() {
@@ -412,7 +451,7 @@ cleanup_all() {
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 19
+plan 21
 case_run "auto: mem 1G is FUSE + loop, ext4 survives remount" case_auto_mem_ext4
 case_run "auto: the fallback said in one line; --show prints only the path" case_auto_says_fallback_and_show_prints_the_path
 case_run "fio verify on the loop device" case_fio_verify_loop
@@ -432,4 +471,6 @@ case_run "user: FUSE mount through fusermount3" case_user_mounts_with_fusermount
 case_run "kill -9 while attaching the loop device: add fails, nothing stuck" case_kill_during_loop_attach
 case_run "a target that never flushes: add fails within its deadline" case_stuck_flush_add_fails
 case_run "del --force on a stopped daemon; plain del names --force" case_del_force_stopped_daemon
+case_run "del refuses an open loop device naming the pid; --force works" case_del_refuses_open_loop_device_force_works
+case_run "del --force of a mounted loop device; nothing left after umount" case_del_force_mounted_loop_device
 summary

@@ -230,6 +230,18 @@ pub struct DevArgs {
     /// They go to the new daemon instead of failing.
     #[arg(long, global = true, help_heading = "ublk")]
     pub reissue: bool,
+    /// With recovery, fail I/O at once while no daemon runs (implies -r; Linux 6.13+).
+    ///
+    /// Instead of waiting for `userblk recover`, requests fail with EIO
+    /// until a new daemon serves the device again.
+    #[arg(long, global = true, conflicts_with = "reissue", help_heading = "ublk")]
+    pub fail_io: bool,
+    /// Do not scan the device for partitions when it starts (Linux 7.0+).
+    ///
+    /// A partition table on the target then makes no /dev/ublkbNpM; older
+    /// kernels scan as usual, with a warning.
+    #[arg(long, global = true, help_heading = "ublk")]
+    pub no_partitions: bool,
     /// Recover device -n ID if it waits for a daemon, else add it.
     ///
     /// If device -n ID already exists and waits for a daemon (QUIESCED),
@@ -546,8 +558,10 @@ pub struct DelArgs {
     /// Every device.
     #[arg(short = 'a', long)]
     pub all: bool,
-    /// For a FUSE device whose daemon is stopped or stuck: abort its FUSE
-    /// connection, kill the daemon, then detach and unmount.
+    /// Stop the device even if it is mounted or open (by default `del`
+    /// refuses and names the holder); for a FUSE device whose daemon is
+    /// stopped or stuck: abort its FUSE connection, kill the daemon, then
+    /// detach and unmount.
     #[arg(long)]
     pub force: bool,
 }

@@ -398,6 +398,14 @@ impl Control {
             .map(drop)
     }
 
+    /// TRY_STOP_DEV (7.0, `UBLK_F_SAFE_STOP_DEV`): STOP_DEV only if nobody has
+    /// `/dev/ublkbN` open, checked and done under the disk's open lock;
+    /// `Error::Control` with `EBUSY` if someone has.
+    pub fn try_stop(&mut self, dev_id: u32) -> Result<()> {
+        self.dev_cmd("TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV, dev_id, &mut [], 0)
+            .map(drop)
+    }
+
     /// DEL_DEV; waits until every reference to `/dev/ublkcN` is gone, at most `timeout`.
     pub fn del(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
         let prefix = self.needs_path_prefix(dev_id)?;

@@ -64,6 +64,10 @@ pub enum Recovery {
     /// As `On`, and the requests in flight are re-issued to the new daemon
     /// (`UBLK_F_USER_RECOVERY_REISSUE`).
     Reissue,
+    /// The device waits (FAIL_IO) for a new daemon, but meanwhile every
+    /// request fails at once with EIO instead of waiting
+    /// (`UBLK_F_USER_RECOVERY_FAIL_IO`, Linux 6.13+).
+    FailIo,
 }
 
 /// Zero copy (`UBLK_F_AUTO_BUF_REG`): only for targets whose
@@ -93,6 +97,9 @@ pub struct DeviceOptions {
     pub user_copy: bool,
     /// Zero copy.
     pub zero_copy: ZeroCopy,
+    /// No partition scan when the device starts (`UBLK_F_NO_AUTO_PART_SCAN`,
+    /// Linux 7.0+; dropped with a warning where the kernel lacks it).
+    pub no_partitions: bool,
 }
 
 impl DeviceOptions {
@@ -102,7 +109,11 @@ impl DeviceOptions {
             Recovery::Off => 0,
             Recovery::On => UBLK_F_USER_RECOVERY,
             Recovery::Reissue => UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE,
+            Recovery::FailIo => UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO,
         };
+        if self.no_partitions {
+            flags |= UBLK_F_NO_AUTO_PART_SCAN;
+        }
         if self.unprivileged {
             flags |= UBLK_F_UNPRIVILEGED_DEV;
         }
@@ -285,7 +296,8 @@ impl Device {
         caps.check()?;
         let mut ctrl = Control::open()?;
         let features = Features(ctrl.features()?);
-        let wanted = cfg.flags & (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE);
+        let wanted = cfg.flags
+            & (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_USER_RECOVERY_FAIL_IO);
         let root = crate::ublk::ctrl::running_as_root();
         if !root {
             if cfg.flags & UBLK_F_UNPRIVILEGED_DEV == 0 {
@@ -304,6 +316,9 @@ impl Device {
                 ));
             }
         }
+        if let Some(e) = crate::ublk::add_flags::fail_io_missing(cfg.flags, features) {
+            return Err(e);
+        }
         let missing = Features(wanted & !features.0);
         if missing.0 != 0 {
             return Err(Error::invalid(format!(
@@ -317,6 +332,7 @@ impl Device {
             ));
         }
         let mut flags = copy_mode_fallback(cfg.flags, features, root);
+        flags = crate::ublk::add_flags::fall_back(flags, features);
         if zero_copy_offered(cfg, flags, features, root) {
             tracing::info!("zero copy: the file target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
             flags |= UBLK_F_AUTO_BUF_REG;
@@ -401,7 +417,7 @@ impl Device {
         loop {
             let state = ctrl.dev_info(id)?.state;
             match state {
-                UBLK_S_DEV_QUIESCED => {}
+                UBLK_S_DEV_QUIESCED | UBLK_S_DEV_FAIL_IO => {}
                 UBLK_S_DEV_LIVE => {
                     return Err(Error::invalid(format!(
                         "device {id} is LIVE: its server is running, nothing to recover"
@@ -739,6 +755,7 @@ mod tests {
             unprivileged: true,
             user_copy: true,
             zero_copy: ZeroCopy::On,
+            ..none
         };
         assert_eq!(
             o.flags(),
@@ -756,6 +773,19 @@ mod tests {
         let cfg = DeviceConfig::default().with_options(&on);
         assert_eq!(cfg.flags, UBLK_F_USER_RECOVERY);
         assert!(cfg.zero_copy_if_offered);
+    }
+
+    #[test]
+    fn fail_io_and_no_partitions_become_flags() {
+        let o = DeviceOptions {
+            recovery: Recovery::FailIo,
+            no_partitions: true,
+            ..DeviceOptions::default()
+        };
+        assert_eq!(
+            o.flags(),
+            UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO | UBLK_F_NO_AUTO_PART_SCAN
+        );
     }
 
     #[test]
