@@ -181,9 +181,10 @@ del_served() { # del_served ID
     [ ! -e "${USERBLK_STATE_DIR:-/run/userblk}/$id.json" ] || die "state file left behind"
 }
 
+# After a failed case: unmount first, then force (del refuses held devices).
 cleanup_devices() {
-    ub del -a >/dev/null 2>&1 || true
     umount /mnt/ub* 2>/dev/null || true
+    ub del -a --force >/dev/null 2>&1 || true
 }
 
 summary() {

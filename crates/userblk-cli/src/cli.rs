@@ -65,7 +65,7 @@ pub enum Command {
     Create(CreateArgs),
     /// Copy any target to any target, skipping holes (`userblk copy disk.raw disk.qcow2`).
     Copy(CopyArgs),
-    /// Show the ublk features this kernel supports.
+    /// Show the ublk features this kernel supports, and what each lets userblk do.
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),

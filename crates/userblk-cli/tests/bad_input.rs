@@ -98,6 +98,9 @@ const CASES: &[Case] = &[
     ("copy {}/src.img s3://b/p?chunk-size=1000", 2, "chunk size 1000 is invalid"),
     ("ctl -n 0 powercut junk", 2, "unexpected argument 'junk'"),
     ("ctl -n 0", 1, "no device with id 0"),
+    ("add --frontend fuse --fail-io null", 1, "--fail-io"),
+    ("add --frontend nbd --listen unix:{}/s --fail-io null", 1, "--fail-io"),
+    ("add --fail-io --reissue null", 2, "cannot be used with"),
 ];
 
 #[test]

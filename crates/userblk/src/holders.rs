@@ -239,6 +239,7 @@ pub fn describe(holders: &[Holder]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
