@@ -337,7 +337,7 @@ pub fn delete(
     force: bool,
 ) -> anyhow::Result<()> {
     if force {
-        userblk::ublk::device::delete(ctrl, id, timeout)?;
+        userblk::ublk::stop::force_delete(ctrl, id, timeout)?;
     } else {
         userblk::ublk::stop::delete_unless_held(ctrl, id, timeout).map_err(|e| match e {
             e @ userblk::Error::Held { .. } => anyhow::anyhow!(

@@ -422,6 +422,24 @@ impl Control {
         Ok(())
     }
 
+    /// DEL_DEV_ASYNC (6.9): stop and remove the device without waiting for
+    /// its last reference (a file system still mounted on it keeps the
+    /// kernel's device until unmounted; the id is free only then).
+    pub fn del_async(&mut self, dev_id: u32) -> Result<()> {
+        let prefix = self.needs_path_prefix(dev_id)?;
+        self.raw_dev_cmd(
+            "DEL_DEV_ASYNC",
+            UBLK_U_CMD_DEL_DEV_ASYNC,
+            dev_id,
+            &mut [],
+            0,
+            prefix,
+            None,
+        )?;
+        self.prefixed.remove(&dev_id);
+        Ok(())
+    }
+
     /// GET_QUEUE_AFFINITY: the CPUs the kernel maps to queue `q`.
     pub fn queue_affinity(&mut self, dev_id: u32, q: u16) -> Result<Vec<usize>> {
         let mut mask = [0u64; 64]; // 4096 CPUs

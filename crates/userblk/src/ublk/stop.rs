@@ -39,6 +39,32 @@ pub fn delete_unless_held(ctrl: &mut Control, id: u32, wait: Duration) -> Result
     device::delete(ctrl, id, wait)
 }
 
+/// `del --force`: [`device::delete`], except that a device still held (a
+/// file system mounted on it) is removed with DEL_DEV_ASYNC, since DEL_DEV
+/// would wait for the holder to let go. The daemon sees its fetches aborted
+/// and exits; it is given `wait` to.
+pub fn force_delete(ctrl: &mut Control, id: u32, wait: Duration) -> Result<()> {
+    if holders::of_block_device(&block_path(id), None).is_empty() {
+        return device::delete(ctrl, id, wait);
+    }
+    let pid = ctrl.dev_info(id)?.ublksrv_pid;
+    match ctrl.del_async(id) {
+        Ok(()) => {}
+        // Unprivileged devices cannot use it (the kernel's permission table
+        // lacks it): wait for the holder after all.
+        Err(Error::Control {
+            errno: Errno::INVAL | Errno::OPNOTSUPP,
+            ..
+        }) => return device::delete(ctrl, id, wait),
+        Err(e) => return Err(e),
+    }
+    let deadline = Instant::now() + wait;
+    while pid > 0 && !device::process_gone(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// TRY_STOP_DEV, retried for a moment while the kernel sees an opener that
 /// userspace cannot (udev, a mount in another namespace).
 fn try_stop(ctrl: &mut Control, id: u32) -> Result<()> {
