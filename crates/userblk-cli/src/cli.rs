@@ -232,7 +232,7 @@ pub struct DevArgs {
     pub reissue: bool,
     /// With recovery, fail I/O at once while no daemon runs (implies -r; Linux 6.13+).
     ///
-    /// Instead of waiting for `userblk recover`, requests fail with EIO
+    /// Instead of waiting for `userblk recover`, requests fail (EREMOTEIO)
     /// until a new daemon serves the device again.
     #[arg(long, global = true, conflicts_with = "reissue", help_heading = "ublk")]
     pub fail_io: bool,

@@ -65,7 +65,7 @@ pub enum Recovery {
     /// (`UBLK_F_USER_RECOVERY_REISSUE`).
     Reissue,
     /// The device waits (FAIL_IO) for a new daemon, but meanwhile every
-    /// request fails at once with EIO instead of waiting
+    /// request fails at once (a target error, EREMOTEIO) instead of waiting
     /// (`UBLK_F_USER_RECOVERY_FAIL_IO`, Linux 6.13+).
     FailIo,
 }
