@@ -183,9 +183,18 @@ fn features(args: &JsonArgs) -> anyhow::Result<()> {
         for name in f.names().iter().filter(|n| n.starts_with("0x")) {
             outln!("\t{name:<24}unknown to this userblk");
         }
-        outln!("not offered by this kernel:");
-        for c in table.iter().filter(|c| !c.offered) {
-            outln!("\t{:<24}{}", c.flag, c.enables);
+        // Without the flags' names: scripts test for a flag with `grep -q NAME`.
+        let mut missing: Vec<&str> = table
+            .iter()
+            .filter(|c| !c.offered)
+            .map(|c| c.enables)
+            .collect();
+        missing.dedup();
+        if !missing.is_empty() {
+            outln!("not offered by this kernel (see --json for the flags):");
+            for what in missing {
+                outln!("\t{what}");
+            }
         }
     }
     Ok(())

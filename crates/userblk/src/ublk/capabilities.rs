@@ -9,7 +9,7 @@ use super::Features;
 pub const CAPABILITIES: &[(u64, &str)] = &[
     (
         UBLK_F_SUPPORT_ZERO_COPY,
-        "not used (the older zero copy; userblk uses AUTO_BUF_REG)",
+        "not used (the older zero copy; userblk uses automatic buffer registration)",
     ),
     (
         UBLK_F_URING_CMD_COMP_IN_TASK,
@@ -91,6 +91,17 @@ pub fn table(features: Features) -> Vec<Capability> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scripts test a kernel with `userblk features | grep -q NAME`: no
+    /// line may name a flag other than its own.
+    #[test]
+    fn no_capability_names_a_flag() {
+        for (_, what) in CAPABILITIES {
+            for (_, name) in UBLK_F_NAMES {
+                assert!(!what.contains(name), "'{what}' names {name}");
+            }
+        }
+    }
 
     #[test]
     fn every_known_flag_says_what_it_enables() {
