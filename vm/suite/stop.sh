@@ -181,5 +181,5 @@ case_run "del --force stops a mounted device" force_stops_mounted
 case_run "del -a reports each refusal, deletes the rest" del_all_reports_each
 case_run "kernel check: a mount in another namespace" kernel_check_sees_other_namespaces
 case_run "--no-partitions" no_partitions
-case_run "--fail-io: EIO while no daemon, recover serves again" fail_io
+case_run "--fail-io: I/O fails at once while no daemon, recover serves again" fail_io
 summary
