@@ -90,6 +90,10 @@ wait_for() { # wait_for SECONDS COMMAND...
     done
 }
 
+# Whether process PID has FILE open as its stdin (`sleep 60 <FILE &` has
+# opened it only once the background shell got that far).
+has_stdin() { [ "$(readlink "/proc/$1/fd/0" 2>/dev/null)" = "$2" ]; }
+
 # Fail unless nothing holds block device DEV exclusively: a file system
 # still alive on it (mounted anywhere, in any namespace) makes O_EXCL fail.
 not_held() { # not_held DEV WHAT
@@ -217,9 +221,10 @@ grow_ext4() { # grow_ext4 ID BLK MNT
     fsck.ext4 -n -f "$blk"
 }
 
+# After a failed case: unmount first, then force (del refuses held devices).
 cleanup_devices() {
-    ub del -a >/dev/null 2>&1 || true
     umount /mnt/ub* 2>/dev/null || true
+    ub del -a --force >/dev/null 2>&1 || true
 }
 
 summary() {

@@ -182,7 +182,9 @@ del_under_load() {
     pid=$!
     sleep 3
     kill -0 $pid || die "fio did not start"
-    timeout 60 "$USERBLK" del -n "$id" || die "del under load failed or hung"
+    # fio has the device open: plain del refuses naming it, --force stops it.
+    expect_fail "open by pid" timeout 60 "$USERBLK" del -n "$id"
+    timeout 60 "$USERBLK" del -n "$id" --force || die "del --force under load failed or hung"
     # fio must see errors and end, not hang.
     timeout 60 sh -c "while kill -0 $pid 2>/dev/null; do sleep 0.2; done" || die "fio hung after del"
     wait $pid || rc=$?
@@ -473,7 +475,7 @@ case_run "file on a block device (loop)" file_on_block_device
 case_run "file on ext4: zero-range, discard frees space" file_on_ext4
 case_run "two devices at once" two_devices
 case_run "-q 2 with two fio jobs" two_queues
-case_run "del while fio runs: returns 0, fio errors" del_under_load
+case_run "del while fio runs: refused; --force returns 0, fio errors" del_under_load
 case_run "SIGTERM stops and deletes cleanly" sigterm_stops
 case_run "kill -9 without recovery: DEAD, del removes" kill9_no_recovery
 case_run "read-only file: writes refused, daemon stays" read_only_file

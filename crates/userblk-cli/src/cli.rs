@@ -88,7 +88,7 @@ pub enum Command {
     Create(CreateArgs),
     /// Copy any target to any target, skipping holes (`userblk copy disk.raw disk.qcow2`).
     Copy(CopyArgs),
-    /// Show the ublk features this kernel supports.
+    /// Show the ublk features this kernel supports, and what each lets userblk do.
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
@@ -280,6 +280,18 @@ pub struct DevArgs {
     /// They go to the new daemon instead of failing.
     #[arg(long, global = true, help_heading = "ublk")]
     pub reissue: bool,
+    /// With recovery, fail I/O at once while no daemon runs (implies -r; Linux 6.13+).
+    ///
+    /// Instead of waiting for `userblk recover`, requests fail (EREMOTEIO)
+    /// until a new daemon serves the device again.
+    #[arg(long, global = true, conflicts_with = "reissue", help_heading = "ublk")]
+    pub fail_io: bool,
+    /// Do not scan the device for partitions when it starts (Linux 7.0+).
+    ///
+    /// A partition table on the target then makes no /dev/ublkbNpM; older
+    /// kernels scan as usual, with a warning.
+    #[arg(long, global = true, help_heading = "ublk")]
+    pub no_partitions: bool,
     /// Recover device -n ID if it waits for a daemon, else add it.
     ///
     /// If device -n ID already exists and waits for a daemon (QUIESCED),
@@ -627,9 +639,11 @@ pub struct DelArgs {
     /// Every device.
     #[arg(short = 'a', long)]
     pub all: bool,
-    /// For a FUSE device whose daemon is stopped or stuck: abort its FUSE
-    /// connection, kill the daemon, then detach and unmount. File systems
-    /// mounted on its loop device are unmounted lazily first.
+    /// Stop the device even if it is mounted or open (by default `del`
+    /// refuses and names the holder); for a FUSE device whose daemon is
+    /// stopped or stuck: abort its FUSE connection, kill the daemon, then
+    /// detach and unmount. File systems mounted on its loop device are
+    /// unmounted lazily first.
     #[arg(long)]
     pub force: bool,
 }

@@ -177,15 +177,33 @@ fn create(args: &cli::CreateArgs) -> anyhow::Result<()> {
 fn features(args: &JsonArgs) -> anyhow::Result<()> {
     let mut ctrl = Control::open()?;
     let f = userblk::ublk::Features(ctrl.features().context("reading kernel features")?);
+    let table = userblk::ublk::capabilities::table(f);
     if args.json {
         outln!(
             "{}",
-            serde_json::json!({ "features": f.0, "names": f.names() })
+            serde_json::json!({ "features": f.0, "names": f.names(), "capabilities": table })
         );
     } else {
         outln!("ublk features {:#x}", f.0);
-        for name in f.names() {
-            outln!("\t{name}");
+        for c in table.iter().filter(|c| c.offered) {
+            outln!("\t{:<24}{}", c.flag, c.enables);
+        }
+        // Bits newer than this userblk: named as hex, with no capability.
+        for name in f.names().iter().filter(|n| n.starts_with("0x")) {
+            outln!("\t{name:<24}unknown to this userblk");
+        }
+        // Without the flags' names: scripts test for a flag with `grep -q NAME`.
+        let mut missing: Vec<&str> = table
+            .iter()
+            .filter(|c| !c.offered)
+            .map(|c| c.enables)
+            .collect();
+        missing.dedup();
+        if !missing.is_empty() {
+            outln!("not offered by this kernel (see --json for the flags):");
+            for what in missing {
+                outln!("\t{what}");
+            }
         }
     }
     Ok(())

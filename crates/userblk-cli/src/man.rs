@@ -133,7 +133,15 @@ fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
         "userblk-del" => &[
             ("Delete device 0", "sudo userblk del -n 0"),
             ("Delete every device", "sudo userblk del -a"),
+            (
+                "Stop device 0 even though it is mounted or open (plain del refuses and names the holder)",
+                "sudo userblk del -n 0 --force",
+            ),
         ],
+        "userblk-features" => &[(
+            "What this kernel's ublk flags let userblk do",
+            "sudo userblk features",
+        )],
         "userblk-list" => &[("Device 0, as JSON", "userblk list -n 0 --json")],
         "userblk-resize" => &[
             (
@@ -145,10 +153,16 @@ fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
                 "sudo userblk resize -n 0 --size 1G --allow-shrink",
             ),
         ],
-        "userblk-recover" => &[(
-            "A new daemon for device 0, added with -r, whose daemon died",
-            "sudo userblk recover -n 0",
-        )],
+        "userblk-recover" => &[
+            (
+                "A new daemon for device 0, added with -r, whose daemon died",
+                "sudo userblk recover -n 0",
+            ),
+            (
+                "A device whose I/O fails at once while no daemon runs (Linux 6.13+)",
+                "sudo userblk add --fail-io mem --size 1G",
+            ),
+        ],
         "userblk-upgrade" => &[
             (
                 "A new daemon for device 0 (added with -r), of this binary",

@@ -120,6 +120,9 @@ const CASES: &[Case] = &[
     ("upgrade -n 0 --binary {}/fifo", 1, "not an executable file"),
     ("upgrade -n 0 --binary /bin/sh", 1, "must be named userblk"),
     ("upgrade -n 0 --binary {}/fake/userblk", 1, "not a userblk binary"),
+    ("add --frontend fuse --fail-io null", 1, "--fail-io"),
+    ("add --frontend nbd --listen unix:{}/s --fail-io null", 1, "--fail-io"),
+    ("add --fail-io --reissue null", 2, "cannot be used with"),
 ];
 
 #[test]

@@ -68,6 +68,9 @@ pub const UBLK_U_CMD_DEL_DEV_ASYNC: u32 = ior(0x14, CTRL);
 pub const UBLK_U_CMD_UPDATE_SIZE: u32 = iowr(0x15, CTRL);
 /// Quiesce for a planned server hand-off (6.16).
 pub const UBLK_U_CMD_QUIESCE_DEV: u32 = iowr(0x16, CTRL);
+/// STOP_DEV only if nobody has `/dev/ublkbN` open, else `EBUSY`; later opens
+/// fail while it stops (7.0, `UBLK_F_SAFE_STOP_DEV`).
+pub const UBLK_U_CMD_TRY_STOP_DEV: u32 = iowr(0x17, CTRL);
 
 // I/O commands, sent to /dev/ublkcN with a 64-byte-SQE URING_CMD.
 /// Arm a tag for its first request.
@@ -123,6 +126,8 @@ pub const UBLK_F_INTEGRITY: u64 = 1 << 16;
 pub const UBLK_F_SAFE_STOP_DEV: u64 = 1 << 17;
 /// No partition scan at START_DEV (7.0).
 pub const UBLK_F_NO_AUTO_PART_SCAN: u64 = 1 << 18;
+/// Zero copy through shared memory the server registers (7.1).
+pub const UBLK_F_SHMEM_ZC: u64 = 1 << 19;
 
 /// Every feature flag this crate knows, with its name, in bit order.
 pub const UBLK_F_NAMES: &[(u64, &str)] = &[
@@ -145,6 +150,7 @@ pub const UBLK_F_NAMES: &[(u64, &str)] = &[
     (UBLK_F_INTEGRITY, "INTEGRITY"),
     (UBLK_F_SAFE_STOP_DEV, "SAFE_STOP_DEV"),
     (UBLK_F_NO_AUTO_PART_SCAN, "NO_AUTO_PART_SCAN"),
+    (UBLK_F_SHMEM_ZC, "SHMEM_ZC"),
 ];
 
 // Device states (`ublksrv_ctrl_dev_info.state`).
@@ -225,6 +231,7 @@ mod tests {
         assert_eq!(UBLK_U_CMD_DEL_DEV_ASYNC, 0x8020_7514);
         assert_eq!(UBLK_U_CMD_UPDATE_SIZE, 0xc020_7515);
         assert_eq!(UBLK_U_CMD_QUIESCE_DEV, 0xc020_7516);
+        assert_eq!(UBLK_U_CMD_TRY_STOP_DEV, 0xc020_7517);
         assert_eq!(UBLK_U_IO_FETCH_REQ, 0xc010_7520);
         assert_eq!(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
         assert_eq!(UBLK_U_IO_NEED_GET_DATA, 0xc010_7522);

@@ -120,6 +120,14 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A block device is mounted or open, so it was not stopped (`del` without `--force`).
+    #[error("{}", held_message(path, holders))]
+    Held {
+        /// The device, e.g. `/dev/ublkb0`.
+        path: PathBuf,
+        /// Who holds it; empty when only the kernel knows (it refused to stop it).
+        holders: Vec<crate::holders::Holder>,
+    },
     /// An NBD URI could not be understood.
     #[error(transparent)]
     NbdUri(#[from] crate::nbd::client::UriError),
@@ -131,6 +139,17 @@ pub enum Error {
         /// What happened (part of the message, so not a separate `source`).
         err: crate::nbd::client::ClientError,
     },
+}
+
+fn held_message(path: &std::path::Path, holders: &[crate::holders::Holder]) -> String {
+    if holders.is_empty() {
+        format!(
+            "{} is open (the kernel refused to stop it: someone has it open)",
+            path.display()
+        )
+    } else {
+        crate::holders::describe(holders)
+    }
 }
 
 fn device_access_message(id: u32, owner: Option<u32>) -> String {

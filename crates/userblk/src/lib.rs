@@ -13,6 +13,7 @@
 //! - [`copy`]: copying one target onto another, skipping holes (`userblk copy`).
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
+//! - [`holders`]: who has a block device open or mounted (`del` refuses held devices).
 //! - [`nbd`]: the NBD protocol: a server frontend, and the client the nbd target uses.
 //!
 //! A target is a few dozen lines; see [`targets::null`] for the smallest one.
@@ -23,6 +24,7 @@ pub mod copy;
 pub mod error;
 pub mod filters;
 pub mod fuse;
+pub mod holders;
 pub mod io;
 pub mod loopdev;
 pub mod nbd;

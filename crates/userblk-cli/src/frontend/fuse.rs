@@ -472,25 +472,12 @@ pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Resul
             .and_then(userblk::loopdev::backing_file)
             .is_some_and(|f| f == fuse.file)
     });
-    if let Some(lo) = our_loop {
-        if force && userblk::loopdev::in_use(lo).unwrap_or(false) {
+    if !force {
+        refuse_if_held(st, &fuse.file, our_loop)?;
+    } else if let Some(lo) = our_loop {
+        if userblk::loopdev::in_use(lo).unwrap_or(false) {
             unmount_lazily(id, lo)?;
         }
-        if userblk::loopdev::in_use(lo).unwrap_or(false) && !force {
-            return Err(userblk::Error::LoopBusy {
-                path: lo.to_path_buf(),
-                mounts: userblk::loopdev::mount_points(lo),
-            })
-            .with_context(|| format!("device {id}"));
-        }
-    }
-    let users = open_by(&fuse.file, st.pid);
-    if !users.is_empty() {
-        bail!(
-            "device {id}: {} is open by {}; close it first",
-            fuse.file.display(),
-            users.join(", ")
-        );
     }
     if st.daemon_alive() && force {
         force_stop(st, &fuse.mountpoint)?;
@@ -505,10 +492,9 @@ pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Resul
     // The daemon is gone: its loop device may still be bound and its mount dead.
     if let Some(lo) = our_loop {
         match userblk::loopdev::detach_path(lo) {
-            // A lazily unmounted file system still in use: autoclear
-            // detaches the device once its last user lets go.
+            // Attached with AUTOCLEAR: it detaches itself at its last close.
             Err(userblk::Error::LoopBusy { .. }) if force => eprintln!(
-                "userblk: device {id}: {} is still open (files on a lazily unmounted file system?); it detaches at its last close",
+                "userblk: device {id}: {} is still open (by a process, or files on a lazily unmounted file system); it detaches itself at its last close",
                 lo.display()
             ),
             r => r.with_context(|| format!("device {id}"))?,
@@ -581,29 +567,34 @@ fn loop_number(path: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Processes other than `daemon` holding `file` open, as `pid (comm)`.
-fn open_by(file: &Path, daemon: i32) -> Vec<String> {
-    let mut users = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return users;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == daemon {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        if fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == file))
-        {
-            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            users.push(format!("pid {pid} ({})", comm.trim_end()));
+/// `del` without `--force`: refuse while the loop device is mounted or
+/// open, or the FUSE file is open, other than by the daemon itself.
+fn refuse_if_held(st: &DeviceState, file: &Path, our_loop: Option<&Path>) -> anyhow::Result<()> {
+    let id = st.id;
+    let mut held = Vec::new();
+    if let Some(lo) = our_loop {
+        held = userblk::holders::of_block_device(lo, Some(st.pid));
+    }
+    held.extend(userblk::holders::of_file(
+        file,
+        &file.display().to_string(),
+        Some(st.pid),
+    ));
+    if !held.is_empty() {
+        bail!(
+            "device {id}: {}; close or unmount it first, or `userblk del -n {id} --force` stops it anyway",
+            userblk::holders::describe(&held)
+        );
+    }
+    // An exclusive claim no process shows (a mount in another namespace).
+    if let Some(lo) = our_loop {
+        if userblk::loopdev::in_use(lo).unwrap_or(false) {
+            return Err(userblk::Error::LoopBusy {
+                path: lo.to_path_buf(),
+                mounts: userblk::loopdev::mount_points(lo),
+            })
+            .with_context(|| format!("device {id}"));
         }
     }
-    users
+    Ok(())
 }

@@ -32,9 +32,9 @@ const DEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `userblk add`.
 pub fn add(args: AddArgs) -> anyhow::Result<()> {
-    if !running_as_root() && (args.dev.recovery || args.dev.reissue) {
+    if !running_as_root() && (args.dev.recovery || args.dev.reissue || args.dev.fail_io) {
         bail!(
-            "-r/--recovery and --reissue need root: the kernel clears user recovery for unprivileged devices (see docs/unprivileged.md)"
+            "-r/--recovery, --reissue and --fail-io need root: the kernel clears user recovery for unprivileged devices (see docs/unprivileged.md)"
         );
     }
     if let Some(spec) = std::env::var_os(fuse::ATTACH_ENV) {
@@ -97,7 +97,9 @@ impl Kind {
     fn choose(dev: &DevArgs) -> anyhow::Result<(Kind, Option<lifecycle::Fallback>)> {
         let mut fallback = None;
         use crate::cli::Frontend as Asked;
-        let needs_ublk = dev.recovery || dev.reissue || dev.adopt || dev.recover_id.is_some();
+        // --no-partitions is what the FUSE loop device (no LO_FLAGS_PARTSCAN) always does.
+        let needs_ublk =
+            dev.recovery || dev.reissue || dev.fail_io || dev.adopt || dev.recover_id.is_some();
         let fuse_only = dev.mountpoint.is_some() || dev.loop_dev || dev.no_loop || dev.allow_other;
         let nbd_only = !dev.listen.is_empty();
         let chosen = match dev.frontend {
@@ -134,7 +136,7 @@ impl Kind {
                 "the NBD frontend needs an address: add --listen unix:PATH or --listen tcp:HOST:PORT"
             ),
             Kind::Nbd if needs_ublk => bail!(
-                "recovery (-r, --reissue, --adopt) needs the ublk frontend: NBD clients reconnect to a restarted server instead"
+                "recovery (-r, --reissue, --fail-io, --adopt) needs the ublk frontend: NBD clients reconnect to a restarted server instead"
             ),
             Kind::Nbd if fuse_only => bail!(
                 "--mountpoint, --loop, --no-loop and --allow-other are FUSE options, not NBD ones"
@@ -146,7 +148,7 @@ impl Kind {
                 bail!("--listen is an NBD option: use --frontend nbd")
             }
             Kind::Fuse { .. } if needs_ublk => bail!(
-                "recovery (-r, --reissue, --adopt) needs the ublk frontend: the FUSE frontend cannot keep a device across a daemon's death"
+                "recovery (-r, --reissue, --fail-io, --adopt) needs the ublk frontend: the FUSE frontend cannot keep a device across a daemon's death"
             ),
             Kind::Fuse { .. } if dev.unprivileged => {
                 bail!("--unprivileged is a ublk option: a FUSE device always belongs to the user who adds it")
@@ -185,7 +187,7 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
             (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
                 fuse::delete(st, DEL_TIMEOUT, args.force)
             }
-            (_, Some(ctrl)) => ublk::delete(ctrl, id, saved.as_ref(), DEL_TIMEOUT),
+            (_, Some(ctrl)) => ublk::delete(ctrl, id, saved.as_ref(), DEL_TIMEOUT, args.force),
             (_, None) => Err(Control::open().err().map_or_else(
                 || anyhow::anyhow!("no device with id {id}"),
                 |e| anyhow::anyhow!("no FUSE device with id {id}, and {e}"),

@@ -13,7 +13,7 @@ use userblk::ublk::ctrl::block_path;
 use userblk::ublk::ctrl::{running_as_root, state_name};
 use userblk::ublk::device::{DeviceOptions, Recovery, ZeroCopy};
 use userblk::ublk::{Control, Device, DeviceConfig, Features, Live, Stopper};
-use userblk_uapi::{UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED};
+use userblk_uapi::{UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED};
 
 use super::lifecycle::{Frontend, Host, Stop};
 use crate::cli::DevArgs;
@@ -61,6 +61,7 @@ impl Ublk {
 
     fn recovery(&self) -> Recovery {
         match (self.dev.recovery, self.dev.reissue) {
+            _ if self.dev.fail_io => Recovery::FailIo,
             (_, true) => Recovery::Reissue,
             (true, false) => Recovery::On,
             (false, false) => Recovery::Off,
@@ -98,6 +99,7 @@ impl Ublk {
             unprivileged: self.dev.unprivileged || !root,
             user_copy: self.dev.user_copy,
             zero_copy,
+            no_partitions: self.dev.no_partitions,
         }
     }
 }
@@ -215,7 +217,7 @@ impl Frontend for Ublk {
 fn adoptable(id: Option<u32>) -> anyhow::Result<Option<u32>> {
     let id = id.context("--adopt needs a device id (-n ID)")?;
     match Control::open()?.dev_info(id) {
-        Ok(info) if info.state == UBLK_S_DEV_QUIESCED => {
+        Ok(info) if matches!(info.state, UBLK_S_DEV_QUIESCED | UBLK_S_DEV_FAIL_IO) => {
             tracing::info!("device {id} is waiting for a daemon: recovering it");
             Ok(Some(id))
         }
@@ -325,7 +327,7 @@ pub fn recover_argv(id: u32) -> anyhow::Result<Vec<OsString>> {
         bail!("device {id} was created without recovery (add -r); delete it with `userblk del -n {id}`");
     }
     match info.state {
-        UBLK_S_DEV_QUIESCED => {}
+        UBLK_S_DEV_QUIESCED | UBLK_S_DEV_FAIL_IO => {}
         UBLK_S_DEV_LIVE => bail!(
             "device {id} is LIVE: its daemon (pid {}) is running, nothing to recover",
             info.ublksrv_pid
@@ -370,8 +372,18 @@ pub fn delete(
     id: u32,
     saved: Option<&DeviceState>,
     timeout: Duration,
+    force: bool,
 ) -> anyhow::Result<()> {
-    userblk::ublk::device::delete(ctrl, id, timeout)?;
+    if force {
+        userblk::ublk::stop::force_delete(ctrl, id, timeout)?;
+    } else {
+        userblk::ublk::stop::delete_unless_held(ctrl, id, timeout).map_err(|e| match e {
+            e @ userblk::Error::Held { .. } => anyhow::anyhow!(
+                "device {id}: {e}; close or unmount it first, or `userblk del -n {id} --force` stops it anyway"
+            ),
+            e => e.into(),
+        })?;
+    }
     DeviceState::remove(id);
     if let Some(path) = saved.and_then(targets::shared_path) {
         targets::remove_shared(path.as_path());

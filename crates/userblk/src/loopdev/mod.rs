@@ -486,7 +486,7 @@ fn kernel_before(release: &str, (major, minor): (u32, u32)) -> bool {
 
 /// The mount points of `major:minor` in a `/proc/*/mountinfo` text (field 3 is the device,
 /// field 5 the mount point, with space, tab, newline and backslash escaped as `\ooo`).
-fn parse_mount_points(mountinfo: &str, major: u32, minor: u32) -> Vec<PathBuf> {
+pub(crate) fn parse_mount_points(mountinfo: &str, major: u32, minor: u32) -> Vec<PathBuf> {
     let device = format!("{major}:{minor}");
     mountinfo
         .lines()

@@ -398,6 +398,14 @@ impl Control {
             .map(drop)
     }
 
+    /// TRY_STOP_DEV (7.0, `UBLK_F_SAFE_STOP_DEV`): STOP_DEV only if nobody has
+    /// `/dev/ublkbN` open, checked and done under the disk's open lock;
+    /// `Error::Control` with `EBUSY` if someone has.
+    pub fn try_stop(&mut self, dev_id: u32) -> Result<()> {
+        self.dev_cmd("TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV, dev_id, &mut [], 0)
+            .map(drop)
+    }
+
     /// DEL_DEV; waits until every reference to `/dev/ublkcN` is gone, at most `timeout`.
     pub fn del(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
         let prefix = self.needs_path_prefix(dev_id)?;
@@ -409,6 +417,24 @@ impl Control {
             0,
             prefix,
             Some(timeout),
+        )?;
+        self.prefixed.remove(&dev_id);
+        Ok(())
+    }
+
+    /// DEL_DEV_ASYNC (6.9): stop and remove the device without waiting for
+    /// its last reference (a file system still mounted on it keeps the
+    /// kernel's device until unmounted; the id is free only then).
+    pub fn del_async(&mut self, dev_id: u32) -> Result<()> {
+        let prefix = self.needs_path_prefix(dev_id)?;
+        self.raw_dev_cmd(
+            "DEL_DEV_ASYNC",
+            UBLK_U_CMD_DEL_DEV_ASYNC,
+            dev_id,
+            &mut [],
+            0,
+            prefix,
+            None,
         )?;
         self.prefixed.remove(&dev_id);
         Ok(())

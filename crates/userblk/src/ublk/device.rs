@@ -65,6 +65,10 @@ pub enum Recovery {
     /// As `On`, and the requests in flight are re-issued to the new daemon
     /// (`UBLK_F_USER_RECOVERY_REISSUE`).
     Reissue,
+    /// The device waits (FAIL_IO) for a new daemon, but meanwhile every
+    /// request fails at once (a target error, EREMOTEIO) instead of waiting
+    /// (`UBLK_F_USER_RECOVERY_FAIL_IO`, Linux 6.13+).
+    FailIo,
 }
 
 /// Zero copy (`UBLK_F_AUTO_BUF_REG`): only for targets whose
@@ -94,6 +98,9 @@ pub struct DeviceOptions {
     pub user_copy: bool,
     /// Zero copy.
     pub zero_copy: ZeroCopy,
+    /// No partition scan when the device starts (`UBLK_F_NO_AUTO_PART_SCAN`,
+    /// Linux 7.0+; dropped with a warning where the kernel lacks it).
+    pub no_partitions: bool,
 }
 
 impl DeviceOptions {
@@ -103,7 +110,11 @@ impl DeviceOptions {
             Recovery::Off => 0,
             Recovery::On => UBLK_F_USER_RECOVERY,
             Recovery::Reissue => UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE,
+            Recovery::FailIo => UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO,
         };
+        if self.no_partitions {
+            flags |= UBLK_F_NO_AUTO_PART_SCAN;
+        }
         if self.unprivileged {
             flags |= UBLK_F_UNPRIVILEGED_DEV;
         }
@@ -288,7 +299,8 @@ impl Device {
         caps.check()?;
         let mut ctrl = Control::open()?;
         let features = Features(ctrl.features()?);
-        let wanted = cfg.flags & (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE);
+        let wanted = cfg.flags
+            & (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_USER_RECOVERY_FAIL_IO);
         let root = crate::ublk::ctrl::running_as_root();
         if !root {
             if cfg.flags & UBLK_F_UNPRIVILEGED_DEV == 0 {
@@ -307,6 +319,9 @@ impl Device {
                 ));
             }
         }
+        if let Some(e) = crate::ublk::add_flags::fail_io_missing(cfg.flags, features) {
+            return Err(e);
+        }
         let missing = Features(wanted & !features.0);
         if missing.0 != 0 {
             return Err(Error::invalid(format!(
@@ -320,6 +335,7 @@ impl Device {
             ));
         }
         let mut flags = copy_mode_fallback(cfg.flags, features, root);
+        flags = crate::ublk::add_flags::fall_back(flags, features);
         // Live resize (`userblk resize`) where the kernel has it (6.16+); it costs nothing.
         flags |= features.0 & UBLK_F_UPDATE_SIZE;
         // Recoverable devices can be handed to a new daemon where the kernel allows.
@@ -408,7 +424,7 @@ impl Device {
         loop {
             let state = ctrl.dev_info(id)?.state;
             match state {
-                UBLK_S_DEV_QUIESCED => {}
+                UBLK_S_DEV_QUIESCED | UBLK_S_DEV_FAIL_IO => {}
                 UBLK_S_DEV_LIVE => {
                     return Err(Error::invalid(format!(
                         "device {id} is LIVE: its server is running, nothing to recover"
@@ -758,6 +774,7 @@ mod tests {
             unprivileged: true,
             user_copy: true,
             zero_copy: ZeroCopy::On,
+            ..none
         };
         assert_eq!(
             o.flags(),
@@ -775,6 +792,19 @@ mod tests {
         let cfg = DeviceConfig::default().with_options(&on);
         assert_eq!(cfg.flags, UBLK_F_USER_RECOVERY);
         assert!(cfg.zero_copy_if_offered);
+    }
+
+    #[test]
+    fn fail_io_and_no_partitions_become_flags() {
+        let o = DeviceOptions {
+            recovery: Recovery::FailIo,
+            no_partitions: true,
+            ..DeviceOptions::default()
+        };
+        assert_eq!(
+            o.flags(),
+            UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO | UBLK_F_NO_AUTO_PART_SCAN
+        );
     }
 
     #[test]

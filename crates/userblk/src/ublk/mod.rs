@@ -1,12 +1,17 @@
 //! The ublk frontend: the kernel's `ublk_drv` driving our queue threads.
 //!
+//! - `add_flags`: ADD_DEV flags of newer kernels and their fallbacks.
 //! - [`ctrl`]: `/dev/ublk-control` commands.
 //! - [`desc`]: the mmap'd request descriptors of a queue.
 //! - [`queue`]: the one per-queue loop.
 //! - [`device`]: lifecycle (add, serve, stop, delete).
 //! - [`handover`]: quiescing a device for a new daemon (`userblk upgrade`).
+//! - [`stop`]: `del` that refuses a device someone holds.
+//! - [`capabilities`]: what each kernel flag lets userblk do (`userblk features`).
 //! - [`params`], [`features`]: what is advertised and what the kernel offers.
 
+pub(crate) mod add_flags;
+pub mod capabilities;
 pub mod ctrl;
 pub mod desc;
 pub mod device;
@@ -14,6 +19,7 @@ pub mod features;
 pub mod handover;
 pub mod params;
 pub(crate) mod queue;
+pub mod stop;
 
 pub use ctrl::{Control, DevInfo};
 pub use device::{Device, DeviceConfig, Live, Stopper};
