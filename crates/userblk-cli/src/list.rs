@@ -10,6 +10,7 @@ use serde_json::json;
 use userblk::state::DeviceState;
 use userblk::ublk::ctrl::{block_path, char_path};
 use userblk::ublk::ctrl::{device_ids, state_name};
+use userblk::ublk::io_mode::IoMode;
 use userblk::ublk::{Control, DevInfo, Features};
 use userblk_uapi::UblkParams;
 
@@ -183,6 +184,7 @@ impl UblkEntry {
             i.flags,
             state_name(i.state)
         );
+        s += &format!("\tio mode {}\n", IoMode::of(i.flags).name());
         if let Some(st) = &self.state {
             for (q, tid) in st.queue_tids.iter().enumerate() {
                 let cpus = st
@@ -214,6 +216,7 @@ impl UblkEntry {
             "max_io_buf_bytes": i.max_io_buf_bytes,
             "flags": i.flags,
             "flag_names": Features(i.flags).names(),
+            "io_mode": IoMode::of(i.flags).name(),
             "block_size": self.block_size(),
             "dev_sectors": self.sectors(),
             "size": self.sectors() * 512,

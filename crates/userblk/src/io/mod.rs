@@ -8,6 +8,7 @@
 pub mod buf;
 pub mod fd;
 pub mod mapping;
+pub mod provided;
 pub mod ring;
 
 pub use buf::AlignedBuf;
