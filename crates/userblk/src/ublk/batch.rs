@@ -27,8 +27,8 @@ use crate::slots::{Event, Slots};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::ublk::desc::DescArray;
 use crate::ublk::queue::{
-    commit_result, prepare, request_from, uring_cmd, user_copy_in, user_copy_out, watch_shutdown,
-    DataMode, Prepared, QueueEvent, QueueSetup, Shutdown, FAILPOINT_ENV, WAKE_SLOT,
+    commit_result, exited, prepare, ready, request_from, uring_cmd, user_copy_in, user_copy_out,
+    watch_shutdown, DataMode, Prepared, QueueEvent, QueueSetup, Shutdown, FAILPOINT_ENV, WAKE_SLOT,
 };
 use crate::{Error, Result};
 
@@ -166,11 +166,7 @@ struct Batch {
 /// and every request it handed over is committed.
 pub(crate) fn run(setup: QueueSetup, events: &Sender<QueueEvent>) {
     let q = setup.q;
-    let result = serve(setup, events);
-    if let Err(e) = &result {
-        tracing::error!("queue {q}: {e}");
-    }
-    let _ = events.send(QueueEvent::Exited { q, result });
+    exited(q, serve(setup, events), events);
 }
 
 fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
@@ -221,10 +217,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
             Errno::from_raw_os_error(-prepared)
         )));
     }
-    let _ = events.send(QueueEvent::Ready {
-        q,
-        tid: rustix::thread::gettid().as_raw_nonzero().get(),
-    });
+    ready(q, events);
     let result = b.run(&setup.shutdown, early);
     if result.is_err() && !setup.shutdown.requested() {
         // As for the per-tag driver (see queue::serve): a failed queue keeps

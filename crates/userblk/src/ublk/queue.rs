@@ -172,7 +172,19 @@ struct Queue {
 /// Run queue `setup.q` until every tag is aborted; reports through `events`.
 pub(crate) fn run(setup: QueueSetup, events: &Sender<QueueEvent>) {
     let q = setup.q;
-    let result = serve(setup, events);
+    exited(q, serve(setup, events), events);
+}
+
+/// Tell the device queue `q` serves (from its own thread).
+pub(crate) fn ready(q: u16, events: &Sender<QueueEvent>) {
+    let _ = events.send(QueueEvent::Ready {
+        q,
+        tid: rustix::thread::gettid().as_raw_nonzero().get(),
+    });
+}
+
+/// Tell the device queue `q` left its loop with `result` (logged if an error).
+pub(crate) fn exited(q: u16, result: Result<()>, events: &Sender<QueueEvent>) {
     if let Err(e) = &result {
         tracing::error!("queue {q}: {e}");
     }
@@ -271,10 +283,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         queue.push_cmd(UBLK_U_IO_FETCH_REQ, tag, 0)?;
     }
     queue.slots.submit()?;
-    let _ = events.send(QueueEvent::Ready {
-        q,
-        tid: rustix::thread::gettid().as_raw_nonzero().get(),
-    });
+    ready(q, events);
     let result = queue.run(&setup.shutdown);
     if result.is_err() && !setup.shutdown.now.load(Ordering::SeqCst) {
         // A failed queue keeps its ring open until the process exits: on
