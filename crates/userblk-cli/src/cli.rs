@@ -266,7 +266,7 @@ pub struct DevArgs {
         help_heading = "ublk"
     )]
     pub no_zero_copy: bool,
-    /// How the queues take requests from the kernel [default: auto].
+    /// How the queues take requests from the kernel.
     ///
     /// `batch` (Linux 7.0+) fetches and commits many requests per command;
     /// `per-tag` uses a command per request; `auto` takes the one measured
