@@ -143,15 +143,18 @@ user_copy_batch() {
     del_dev "$id"
 }
 
-auto_and_per_tag() { # per-tag on request; auto serves whichever the build prefers
-    local id
+auto_and_per_tag() { # per-tag on request; auto: batch where offered, quietly per-tag elsewhere
+    local id out want=per-tag
     id=$(add_dev --io-mode per-tag mem --size 16M)
     [ "$(io_mode "$id")" = per-tag ] || die "--io-mode per-tag gave '$(io_mode "$id")'"
     verify "/dev/ublkb$id" 1
     del_dev "$id"
-    id=$(add_dev mem --size 16M)
-    case "$(io_mode "$id")" in batch|per-tag) ;; *) die "auto gave '$(io_mode "$id")'" ;; esac
-    echo "note: auto serves $(io_mode "$id") on $(uname -r)"
+    out=$(ub add mem --size 16M 2>&1) || { echo "$out"; die "add failed"; }
+    id=$(dev_id_of "$out")
+    ! grep -qi 'batch I/O' <<<"$out" || die "auto is not quiet: $out"
+    ! ub features | grep -q BATCH_IO || want=batch
+    [ "$(io_mode "$id")" = "$want" ] || die "auto gave '$(io_mode "$id")', not $want"
+    echo "note: auto serves $want on $(uname -r)"
     del_dev "$id"
 }
 
