@@ -128,7 +128,8 @@ pub(crate) fn commit_outcome(res: i32, n: usize, elem_bytes: u8) -> CommitOutcom
 /// A COMMIT_IO_CMDS in the kernel: its element buffer must live until its
 /// completion.
 struct Commit {
-    bytes: Vec<u8>,
+    /// Read by the kernel only; held here until the completion.
+    _bytes: Vec<u8>,
     elems: Vec<Elem>,
 }
 
@@ -260,21 +261,30 @@ impl Batch {
         h
     }
 
-    /// Queue a PREP or COMMIT over `bytes` (`nr_elem` elements).
-    fn push_elems(&mut self, cmd_op: u32, token: u16, bytes: &[u8], nr_elem: u16) -> Result<()> {
-        let len = u32::try_from(bytes.len()).map_err(|_| self.err("batch too large".into()))?;
+    /// Queue a PREP or COMMIT of `nr_elem` elements, whose `len` bytes are at `addr`.
+    ///
+    /// # Safety
+    /// `addr` must be the heap buffer of `self.prep` or of a commit in
+    /// `self.commits`, kept there, unmoved, until this command's completion
+    /// is reaped (or leaked with the queue on an error path).
+    unsafe fn push_elems(
+        &mut self,
+        cmd_op: u32,
+        token: u16,
+        (addr, len): (u64, usize),
+        nr_elem: u16,
+    ) -> Result<()> {
+        let len = u32::try_from(len).map_err(|_| self.err("batch too large".into()))?;
         let e = uring_cmd(self.fixed_cdev, &self.cdev, cmd_op)
             .cmd(self.header(nr_elem, self.fmt.flags, self.fmt.bytes))
-            .addr(Some(bytes.as_ptr() as u64))
+            .addr(Some(addr))
             .build()
             .user_data(UserData::Frontend { slot: token }.pack());
         let e = with_len(e, len);
-        // SAFETY: `bytes` is the heap buffer of `self.prep` or of a commit
-        // kept in `self.commits` until this command's completion is reaped
-        // (or, on an error path, leaked with the queue); the kernel only
-        // reads it. The buffers its elements name are free slots' buffers,
-        // lent to the kernel as under the per-tag driver, and live in
-        // `self.slots` as long as the ring.
+        // SAFETY: the kernel only reads the element buffer, which the
+        // caller keeps (see above). The buffers the elements name are free
+        // slots' buffers, lent to the kernel as under the per-tag driver,
+        // and live in `self.slots` as long as the ring.
         unsafe { self.slots.push(&e) }.map_err(|e| self.err(format!("queueing a batch: {e}")))
     }
 
@@ -283,10 +293,9 @@ impl Batch {
         let mut bytes = Vec::with_capacity(elems.len() * usize::from(self.fmt.bytes));
         encode(self.fmt, &elems, &mut bytes);
         self.prep = bytes;
-        let prep = std::mem::take(&mut self.prep);
-        let r = self.push_elems(UBLK_U_IO_PREP_IO_CMDS, PREP, &prep, self.depth);
-        self.prep = prep;
-        r
+        let buf = (self.prep.as_ptr() as u64, self.prep.len());
+        // SAFETY: `self.prep` is never touched again while the queue lives.
+        unsafe { self.push_elems(UBLK_U_IO_PREP_IO_CMDS, PREP, buf, self.depth) }
     }
 
     /// Wait for the PREP's completion; anything else that completes
@@ -485,17 +494,17 @@ impl Batch {
             let mut bytes = Vec::with_capacity(take * usize::from(self.fmt.bytes));
             encode(self.fmt, &elems, &mut bytes);
             let nr = u16::try_from(take).map_err(|_| self.err("batch too large".into()))?;
-            // In `self.commits` before the push, so the heap buffer stays put.
-            self.commits[k] = Some(Commit { bytes, elems });
+            let buf = (bytes.as_ptr() as u64, bytes.len());
+            self.commits[k] = Some(Commit {
+                _bytes: bytes,
+                elems,
+            });
             let token = COMMIT_BASE + u16::try_from(k).unwrap_or(0);
-            let bytes_ptr = match &self.commits[k] {
-                Some(c) => c.bytes.as_slice() as *const [u8],
-                None => continue,
-            };
-            // SAFETY: `bytes_ptr` points at the commit's heap buffer, which
-            // stays in `self.commits[k]`, unmoved, until its completion.
-            let bytes = unsafe { &*bytes_ptr };
-            if let Err(e) = self.push_elems(UBLK_U_IO_COMMIT_IO_CMDS, token, bytes, nr) {
+            // SAFETY: `buf` is the heap buffer of the commit now in
+            // `self.commits[k]` (moving the Vec did not move it), which
+            // stays there until this command's completion is reaped.
+            let pushed = unsafe { self.push_elems(UBLK_U_IO_COMMIT_IO_CMDS, token, buf, nr) };
+            if let Err(e) = pushed {
                 // Not queued: give the results back for the next try.
                 if let Some(c) = self.commits[k].take() {
                     self.pending.extend(c.elems);
