@@ -339,6 +339,16 @@ pub struct DevArgs {
     #[arg(long, global = true, value_name = "NAME", value_parser = scheduler_name,
           help_heading = "ublk")]
     pub scheduler: Option<String>,
+    /// How the queues take requests from the kernel.
+    ///
+    /// `batch` (Linux 7.0+) fetches and commits many requests per command;
+    /// `per-tag` uses a command per request; `auto` takes the one measured
+    /// faster where the kernel offers both (see docs/frontends/ublk.md).
+    /// `batch` on an older kernel warns once and serves per-tag. A
+    /// recovered device keeps the mode it was added with.
+    #[arg(long = "io-mode", global = true, value_enum, default_value_t = IoModeArg::Auto,
+          value_name = "MODE", help_heading = "ublk")]
+    pub io_mode: IoModeArg,
     /// An unprivileged device, owned by the calling user (implied when not root).
     ///
     /// For root the kernel makes it privileged anyway. Needs the udev rule
@@ -387,6 +397,17 @@ pub struct DevArgs {
     /// Internal: serve device ID as its recovering daemon (used by `recover`).
     #[arg(long, global = true, hide = true, value_name = "ID")]
     pub recover_id: Option<u32>,
+}
+
+/// How ublk queues take requests from the kernel (`--io-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoModeArg {
+    /// Whichever is faster where the kernel offers both.
+    Auto,
+    /// Batch commands (UBLK_F_BATCH_IO, Linux 7.0+).
+    Batch,
+    /// One command per request.
+    PerTag,
 }
 
 /// The kernel interface that serves a device.

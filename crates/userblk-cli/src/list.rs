@@ -10,6 +10,7 @@ use serde_json::json;
 use userblk::state::DeviceState;
 use userblk::ublk::ctrl::{block_path, char_path};
 use userblk::ublk::ctrl::{device_ids, state_name};
+use userblk::ublk::io_mode::IoMode;
 use userblk::ublk::{Control, DevInfo, Features};
 use userblk_uapi::{UblkParams, UBLK_F_AUTO_BUF_REG, UBLK_F_USER_COPY};
 
@@ -196,6 +197,7 @@ impl UblkEntry {
             state_name(i.state)
         );
         s += &format!("\tdata {}\n", data_mode(i.flags));
+        s += &format!("\tio mode {}\n", IoMode::of(i.flags).name());
         if let Some(st) = &self.state {
             for (q, tid) in st.queue_tids.iter().enumerate() {
                 let cpus = st
@@ -229,6 +231,7 @@ impl UblkEntry {
             "flag_names": Features(i.flags).names(),
             "data": data_mode(i.flags),
             "zero_copy": i.flags & UBLK_F_AUTO_BUF_REG != 0,
+            "io_mode": IoMode::of(i.flags).name(),
             "block_size": self.block_size(),
             "dev_sectors": self.sectors(),
             "size": self.sectors() * 512,

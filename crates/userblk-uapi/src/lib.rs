@@ -38,12 +38,14 @@ macro_rules! layout {
     };
 }
 
+mod batch;
 mod cmd;
 mod ctrl;
 mod io;
 pub mod loop_dev;
 mod params;
 
+pub use batch::*;
 pub use cmd::*;
 pub use ctrl::*;
 pub use io::*;

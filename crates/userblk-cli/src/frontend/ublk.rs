@@ -12,11 +12,12 @@ use userblk::state::{self, DeviceState};
 use userblk::ublk::ctrl::block_path;
 use userblk::ublk::ctrl::{running_as_root, state_name};
 use userblk::ublk::device::{DeviceOptions, Recovery, ZeroCopy};
+use userblk::ublk::io_mode::IoMode;
 use userblk::ublk::{Control, Device, DeviceConfig, Features, Live, Stopper};
 use userblk_uapi::{UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED};
 
 use super::lifecycle::{Frontend, Host, Stop};
-use crate::cli::DevArgs;
+use crate::cli::{DevArgs, IoModeArg};
 use crate::targets::{self, Opened};
 
 /// A ublk device being served.
@@ -147,6 +148,11 @@ impl Frontend for Ublk {
             queues: self.dev.queues.unwrap_or(1),
             depth: self.dev.depth,
             io_buf_bytes: self.dev.io_buf_size,
+            io_mode: match self.dev.io_mode {
+                IoModeArg::Auto => IoMode::Auto,
+                IoModeArg::Batch => IoMode::Batch,
+                IoModeArg::PerTag => IoMode::PerTag,
+            },
             ..DeviceConfig::default()
         }
         .with_options(&self.options(target.data_on_ring_only()));

@@ -9,6 +9,7 @@ pub mod buf;
 pub mod fd;
 pub mod mapping;
 pub mod open;
+pub mod provided;
 pub mod ring;
 
 pub use buf::AlignedBuf;

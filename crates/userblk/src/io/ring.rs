@@ -283,6 +283,37 @@ impl Ring {
         .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::INVAL))
     }
 
+    /// Register the provided-buffer ring at `ring_addr` (`entries` entries
+    /// of 16 bytes, page-aligned) as buffer group `bgid`, with
+    /// `IOU_PBUF_RING_*` `flags`.
+    ///
+    /// # Safety
+    /// The ring memory and every buffer put in it must stay allocated until
+    /// the group is unregistered or the ring dropped.
+    pub unsafe fn register_buf_ring(
+        &mut self,
+        ring_addr: u64,
+        entries: u16,
+        bgid: u16,
+        flags: u16,
+    ) -> Result<(), Errno> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buf_ring_with_flags(ring_addr, entries, bgid, flags)
+        }
+        .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::INVAL))
+    }
+
+    /// Unregister buffer group `bgid`; the kernel no longer touches its memory.
+    pub fn unregister_buf_ring(&mut self, bgid: u16) -> Result<(), Errno> {
+        self.ring
+            .submitter()
+            .unregister_buf_ring(bgid)
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::INVAL))
+    }
+
     /// Queue an entry, submitting first if the submission queue is full.
     ///
     /// # Safety
@@ -329,7 +360,11 @@ impl Ring {
                 mail = true;
                 continue;
             }
-            self.in_flight = self.in_flight.saturating_sub(1);
+            // A multishot operation (ublk's batch fetch) stays in flight
+            // until its last completion, the one without F_MORE.
+            if !io_uring::cqueue::more(cqe.flags()) {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
             out.push((UserData::unpack(cqe.user_data()), cqe.result()));
         }
         if mail {
@@ -511,6 +546,19 @@ impl Ring {
     }
 }
 
+/// `entry` with `sqe->len` set to `len`, a field the io-uring crate sets
+/// only for the opcodes it knows a length for (ublk's batch commands carry
+/// their element buffer's length there).
+pub fn with_len(entry: squeue::Entry, len: u32) -> squeue::Entry {
+    let mut entry = entry;
+    let sqe: *mut u8 = std::ptr::addr_of_mut!(entry).cast();
+    // SAFETY: `Entry` is `#[repr(C)]` around the kernel's 64-byte
+    // `struct io_uring_sqe`, whose `len` (u32) is at byte 24, naturally
+    // aligned in the 8-byte aligned entry.
+    unsafe { sqe.add(24).cast::<u32>().write(len) };
+    entry
+}
+
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ring")
@@ -523,6 +571,14 @@ impl std::fmt::Debug for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_length_is_where_the_kernel_reads_it() {
+        let e = with_len(opcode::Nop::new().build(), 0x1234_5678);
+        // SAFETY: Entry is a 64-byte repr(C) struct of plain integers.
+        let b: [u8; 64] = unsafe { std::mem::transmute(e) };
+        assert_eq!(b[24..28], 0x1234_5678u32.to_ne_bytes());
+    }
 
     #[test]
     fn user_data_round_trips() {

@@ -223,6 +223,13 @@ impl Slots {
         unsafe { self.ring.push(entry) }
     }
 
+    /// (Re)register `buf` as a provided buffer on the slots' ring, for the
+    /// frontend's own multishot commands. The frontend keeps `buf` alive
+    /// as long as these slots.
+    pub fn provide(&mut self, buf: &mut crate::io::provided::ProvidedBuf) -> Result<(), Errno> {
+        buf.reset(&mut self.ring)
+    }
+
     /// Submit queued work without waiting.
     pub fn submit(&mut self) -> crate::Result<()> {
         self.ring.submit()

@@ -15,9 +15,11 @@ use rustix::io::Errno;
 use userblk_uapi::*;
 
 use crate::target::{Caps, Target};
+use crate::ublk::batch;
 use crate::ublk::ctrl::{char_path, Control, DevInfo};
 use crate::ublk::features::Features;
 use crate::ublk::handover::{Handover, Quiescer};
+use crate::ublk::io_mode::IoMode;
 use crate::ublk::params;
 use crate::ublk::queue::{self, DataMode, QueueEvent, QueueSetup, Shutdown};
 use crate::{Error, Result};
@@ -51,6 +53,10 @@ pub struct DeviceConfig {
     /// [`data_on_ring_only`](crate::Target::data_on_ring_only) is true; the
     /// `file` target gains 1.4-2x from it (see docs/perf).
     pub zero_copy_if_offered: bool,
+    /// Per-tag or batch commands ([`IoMode`]); the default, `Auto`,
+    /// takes whichever measured faster where the kernel offers both.
+    #[serde(default)]
+    pub io_mode: IoMode,
 }
 
 /// Whether a device outlives its daemon (`UBLK_F_USER_RECOVERY`).
@@ -137,6 +143,7 @@ impl Default for DeviceConfig {
             io_buf_bytes: 512 << 10,
             flags: 0,
             zero_copy_if_offered: false,
+            io_mode: IoMode::Auto,
         }
     }
 }
@@ -344,6 +351,7 @@ impl Device {
             tracing::info!("zero copy: the target moves request data in the kernel's own pages (UBLK_F_AUTO_BUF_REG)");
             flags |= UBLK_F_AUTO_BUF_REG;
         }
+        flags |= cfg.io_mode.flag(features);
         let mut info = DevInfo {
             nr_hw_queues: cfg.queues,
             queue_depth: cfg.depth,
@@ -369,6 +377,10 @@ impl Device {
             if flags & flag != 0 && info.flags & flag == 0 {
                 tracing::warn!("{name}: the kernel did not grant it; {instead}");
             }
+        }
+        if flags & UBLK_F_BATCH_IO != 0 && info.flags & UBLK_F_BATCH_IO == 0 {
+            // Auto asks only where offered, so a refusal is worth a word either way.
+            tracing::warn!("batch I/O: the kernel did not grant it; serving per-tag instead");
         }
         if info.nr_hw_queues != cfg.queues {
             tracing::info!(
@@ -531,6 +543,11 @@ impl Device {
                 "zero copy needs a target that moves data only on the ring (null, mem, file, under filters that never touch data)",
             ));
         }
+        // The driver follows the device's flags: a recovered device keeps its own.
+        let run: fn(QueueSetup, &mpsc::Sender<QueueEvent>) = match IoMode::of(self.info.flags) {
+            IoMode::Batch => batch::run,
+            IoMode::PerTag | IoMode::Auto => queue::run,
+        };
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(queues));
         let mut queue_cpus = Vec::with_capacity(usize::from(queues));
@@ -557,7 +574,7 @@ impl Device {
             let tx = tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("ublk{id}-q{q}"))
-                .spawn(move || queue::run(setup, &tx));
+                .spawn(move || run(setup, &tx));
             match spawned {
                 Ok(h) => threads.push(h),
                 Err(e) => {

@@ -3,20 +3,24 @@
 //! - `add_flags`: ADD_DEV flags of newer kernels and their fallbacks.
 //! - [`ctrl`]: `/dev/ublk-control` commands.
 //! - [`desc`]: the mmap'd request descriptors of a queue.
-//! - [`queue`]: the one per-queue loop.
+//! - [`queue`]: the per-tag queue driver (and what both drivers share).
+//! - [`batch`]: the batch queue driver (`UBLK_F_BATCH_IO`).
 //! - [`device`]: lifecycle (add, serve, stop, delete).
 //! - [`handover`]: quiescing a device for a new daemon (`userblk upgrade`).
 //! - [`stop`]: `del` that refuses a device someone holds.
 //! - [`capabilities`]: what each kernel flag lets userblk do (`userblk features`).
 //! - [`params`], [`features`]: what is advertised and what the kernel offers.
+//! - [`io_mode`]: which of the two queue drivers a device uses.
 
 pub(crate) mod add_flags;
 pub mod capabilities;
+pub(crate) mod batch;
 pub mod ctrl;
 pub mod desc;
 pub mod device;
 pub mod features;
 pub mod handover;
+pub mod io_mode;
 pub mod params;
 pub(crate) mod queue;
 pub mod stop;

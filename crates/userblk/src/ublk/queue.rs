@@ -31,7 +31,7 @@ use crate::ublk::desc::DescArray;
 use crate::{Error, Result};
 
 /// Slot number reserved for the shutdown eventfd's poll (tags are < 4096).
-const WAKE_SLOT: u16 = u16::MAX;
+pub(crate) const WAKE_SLOT: u16 = u16::MAX;
 /// Slot number of the no-op a draining queue sends to flush the kernel's
 /// pending completions into its ring (see [`Queue::drained`]).
 const FLUSH_SLOT: u16 = u16::MAX - 1;
@@ -55,6 +55,11 @@ impl Shutdown {
             now: AtomicBool::new(false),
             drain: AtomicBool::new(false),
         }))
+    }
+
+    /// Whether [`trigger`](Self::trigger) was called.
+    pub(crate) fn requested(&self) -> bool {
+        self.now.load(Ordering::SeqCst)
     }
 
     /// Ask every queue thread to exit at once, closing its ring; the kernel
@@ -191,14 +196,37 @@ struct Queue {
 /// Run queue `setup.q` until every tag is aborted; reports through `events`.
 pub(crate) fn run(setup: QueueSetup, events: &Sender<QueueEvent>) {
     let q = setup.q;
-    let result = serve(setup, events);
+    exited(q, serve(setup, events), events);
+}
+
+/// Tell the device queue `q` serves (from its own thread).
+pub(crate) fn ready(q: u16, events: &Sender<QueueEvent>) {
+    let _ = events.send(QueueEvent::Ready {
+        q,
+        tid: rustix::thread::gettid().as_raw_nonzero().get(),
+    });
+}
+
+/// Tell the device queue `q` left its loop with `result` (logged if an error).
+pub(crate) fn exited(q: u16, result: Result<()>, events: &Sender<QueueEvent>) {
     if let Err(e) = &result {
         tracing::error!("queue {q}: {e}");
     }
     let _ = events.send(QueueEvent::Exited { q, result });
 }
 
-fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
+/// What every queue driver sets up the same way (see [`prepare`]).
+pub(crate) struct Prepared {
+    pub descs: DescArray,
+    pub slots: Slots,
+    /// `/dev/ublkcN` is the ring's fixed file 0.
+    pub fixed_cdev: bool,
+}
+
+/// Set up queue `setup.q`'s thread (I/O flusher, CPU), its descriptors, its
+/// ring (`ring_entries` entries; under zero copy a buffer table of one entry
+/// per tag; `/dev/ublkcN` as fixed file 0 where it can) and its slots.
+pub(crate) fn prepare(setup: &QueueSetup, ring_entries: u32) -> Result<Prepared> {
     let q = setup.q;
     if let Err(e) = crate::sys::set_io_flusher() {
         // Users' daemons lack CAP_SYS_RESOURCE for it; that is expected there.
@@ -216,8 +244,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         }
     }
     let descs = DescArray::map(std::os::fd::AsFd::as_fd(&*setup.cdev), q, setup.depth)?;
-    // Room for one command per tag plus target operations.
-    let mut ring = Ring::new(u32::from(setup.depth) * 2)?;
+    let mut ring = Ring::new(ring_entries)?;
     if setup.data == DataMode::ZeroCopy {
         // The kernel registers tag t's request pages at entry t.
         ring.register_buffer_table(u32::from(setup.depth))
@@ -245,8 +272,23 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
             setup.buf_bytes as usize,
         )?),
     };
-    let mut queue = Queue {
+    Ok(Prepared {
+        descs,
         slots: Slots::with_ring(ring, setup.caps, setup.depth, data)?,
+        fixed_cdev,
+    })
+}
+
+fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
+    let q = setup.q;
+    // Room for one command per tag plus target operations.
+    let Prepared {
+        descs,
+        slots,
+        fixed_cdev,
+    } = prepare(&setup, u32::from(setup.depth) * 2)?;
+    let mut queue = Queue {
+        slots,
         q,
         cdev: setup.cdev,
         descs,
@@ -268,10 +310,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         queue.push_cmd(UBLK_U_IO_FETCH_REQ, tag, 0)?;
     }
     queue.slots.submit()?;
-    let _ = events.send(QueueEvent::Ready {
-        q,
-        tid: rustix::thread::gettid().as_raw_nonzero().get(),
-    });
+    ready(q, events);
     let result = queue.run(&setup.shutdown);
     if result.is_err() && !setup.shutdown.now.load(Ordering::SeqCst) {
         // A failed queue keeps its ring open until the process exits: on
@@ -343,6 +382,63 @@ pub(crate) fn auto_buf_sqe_addr(tag: u16) -> u64 {
     AutoBufReg::at(tag).to_sqe_addr()
 }
 
+/// User copy: read write request `req`'s payload of `(q, tag)` from
+/// `/dev/ublkcN` into the tag's (free) slot buffer.
+pub(crate) fn user_copy_in(
+    cdev: &OwnedFd,
+    slots: &mut Slots,
+    q: u16,
+    tag: u16,
+    req: Request,
+) -> std::result::Result<(), Errno> {
+    let len = usize::try_from(req.len).map_err(|_| Errno::IO)?;
+    let at = user_copy_offset(q, tag);
+    let buf = slots.buf_prefix_mut(tag, len);
+    if buf.len() < len {
+        return Err(Errno::IO);
+    }
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(cdev, &mut buf[done..], at + done as u64) {
+            Ok(0) => return Err(Errno::IO),
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => {
+                tracing::warn!("queue {q}: tag {tag}: user copy in: {e}");
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// User copy: write the first `n` bytes of `(q, tag)`'s (free) slot buffer,
+/// a read's data, to `/dev/ublkcN`.
+pub(crate) fn user_copy_out(
+    cdev: &OwnedFd,
+    slots: &Slots,
+    q: u16,
+    tag: u16,
+    n: u32,
+) -> std::result::Result<(), Errno> {
+    let n = usize::try_from(n).map_err(|_| Errno::IO)?;
+    let at = user_copy_offset(q, tag);
+    let data = slots.buf(tag).get(..n).ok_or(Errno::IO)?;
+    let mut done = 0;
+    while done < data.len() {
+        match rustix::io::pwrite(cdev, &data[done..], at + done as u64) {
+            Ok(0) => return Err(Errno::IO),
+            Ok(k) => done += k,
+            Err(Errno::INTR) => {}
+            Err(e) => {
+                tracing::warn!("queue {q}: tag {tag}: user copy out: {e}");
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn io_cmd_bytes(c: &UblksrvIoCmd) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[0..2].copy_from_slice(&c.q_id.to_ne_bytes());
@@ -352,20 +448,36 @@ fn io_cmd_bytes(c: &UblksrvIoCmd) -> [u8; 16] {
     b
 }
 
+/// Queue a poll for `shutdown`'s eventfd; it completes as
+/// [`Event::Frontend`] with token [`WAKE_SLOT`].
+pub(crate) fn watch_shutdown(slots: &mut Slots, shutdown: &Shutdown, q: u16) -> Result<()> {
+    let e = opcode::PollAdd::new(
+        types::Fd(shutdown.fd.as_raw_fd()),
+        PollFlags::IN.bits().into(),
+    )
+    .build()
+    .user_data(UserData::Frontend { slot: WAKE_SLOT }.pack());
+    // SAFETY: the eventfd is kept open by the Arc<Shutdown> the caller
+    // holds for the whole life of its queue; no buffer is involved.
+    unsafe { slots.push(&e) }.map_err(|e| Error::Queue {
+        queue: q,
+        msg: format!("poll on eventfd: {e}"),
+    })
+}
+
+/// A ublk I/O command `cmd_op` on `/dev/ublkcN`: the ring's fixed file 0
+/// if `fixed`, else `cdev`'s descriptor.
+pub(crate) fn uring_cmd(fixed: bool, cdev: &OwnedFd, cmd_op: u32) -> opcode::UringCmd16 {
+    if fixed {
+        opcode::UringCmd16::new(types::Fixed(0), cmd_op)
+    } else {
+        opcode::UringCmd16::new(types::Fd(cdev.as_raw_fd()), cmd_op)
+    }
+}
+
 impl Queue {
     fn watch_shutdown(&mut self, shutdown: &Shutdown) -> Result<()> {
-        let e = opcode::PollAdd::new(
-            types::Fd(shutdown.fd.as_raw_fd()),
-            PollFlags::IN.bits().into(),
-        )
-        .build()
-        .user_data(UserData::Frontend { slot: WAKE_SLOT }.pack());
-        // SAFETY: the eventfd is kept open by the Arc<Shutdown> the caller
-        // holds for the whole life of this queue; no buffer is involved.
-        unsafe { self.slots.push(&e) }.map_err(|e| Error::Queue {
-            queue: self.q,
-            msg: format!("poll on eventfd: {e}"),
-        })?;
+        watch_shutdown(&mut self.slots, shutdown, self.q)?;
         self.wake_armed = true;
         Ok(())
     }
@@ -383,12 +495,7 @@ impl Queue {
             result,
             addr,
         };
-        let e = if self.fixed_cdev {
-            opcode::UringCmd16::new(types::Fixed(0), cmd_op)
-        } else {
-            opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), cmd_op)
-        }
-        .cmd(io_cmd_bytes(&cmd));
+        let e = uring_cmd(self.fixed_cdev, &self.cdev, cmd_op).cmd(io_cmd_bytes(&cmd));
         let e = match self.data {
             // Where the kernel is to register the next request's pages.
             DataMode::ZeroCopy => e.addr(Some(auto_buf_sqe_addr(tag))),
@@ -526,45 +633,12 @@ impl Queue {
 
     /// User copy: fetch a write's payload from the kernel into the tag's buffer.
     fn copy_in(&mut self, tag: u16, req: Request) -> std::result::Result<(), Errno> {
-        let len = usize::try_from(req.len).map_err(|_| Errno::IO)?;
-        let at = user_copy_offset(self.q, tag);
-        let buf = self.slots.buf_prefix_mut(tag, len);
-        if buf.len() < len {
-            return Err(Errno::IO);
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            match rustix::io::pread(&*self.cdev, &mut buf[done..], at + done as u64) {
-                Ok(0) => return Err(Errno::IO),
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                Err(e) => {
-                    tracing::warn!("queue {}: tag {tag}: user copy in: {e}", self.q);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
+        user_copy_in(&self.cdev, &mut self.slots, self.q, tag, req)
     }
 
     /// User copy: hand a read's `n` bytes of data to the kernel.
     fn copy_out(&mut self, tag: u16, n: u32) -> std::result::Result<(), Errno> {
-        let n = usize::try_from(n).map_err(|_| Errno::IO)?;
-        let at = user_copy_offset(self.q, tag);
-        let data = self.slots.buf(tag).get(..n).ok_or(Errno::IO)?;
-        let mut done = 0;
-        while done < data.len() {
-            match rustix::io::pwrite(&*self.cdev, &data[done..], at + done as u64) {
-                Ok(0) => return Err(Errno::IO),
-                Ok(k) => done += k,
-                Err(Errno::INTR) => {}
-                Err(e) => {
-                    tracing::warn!("queue {}: tag {tag}: user copy out: {e}", self.q);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
+        user_copy_out(&self.cdev, &self.slots, self.q, tag, n)
     }
 
     /// Whether a draining queue may leave: no tag serving, and a flush has
