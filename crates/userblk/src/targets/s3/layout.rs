@@ -314,7 +314,8 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The manifest object: what the volume is. Written once at creation.
+/// The manifest object: what the volume is. Written at creation; a resize
+/// rewrites its size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Layout format version ([`FORMAT_VERSION`]).
