@@ -330,22 +330,29 @@ impl Core {
                 c.resident = true;
                 st.table.resident += 1;
             }
-            let c = st.table.get(i);
-            if !c.dirty() {
-                c.dirty_since_ms = now;
-            }
-            c.last_write_ms = now;
-            c.restored = false;
-            st.table.bump(i);
-            // Dirty on record before the bytes change (see the cache docs).
-            if was != DIRTY {
-                if let Err(e) = self.persist(i, DIRTY) {
-                    self.unpin(st, req);
-                    return Some(Err(e));
-                }
+            if let Err(e) = self.mark_dirty(st, i, was, now) {
+                self.unpin(st, req);
+                return Some(Err(e));
             }
         }
         Some(Ok(()))
+    }
+
+    /// Chunk `i` gets new bytes: a new generation, and dirty on record
+    /// before the bytes change (see the cache docs) unless its state byte
+    /// `was` said so already.
+    fn mark_dirty(&self, st: &mut State, i: u64, was: u8, now: u64) -> Result<(), Errno> {
+        let c = st.table.get(i);
+        if !c.dirty() {
+            c.dirty_since_ms = now;
+        }
+        c.last_write_ms = now;
+        c.restored = false;
+        st.table.bump(i);
+        if was != DIRTY {
+            self.persist(i, DIRTY)?;
+        }
+        Ok(())
     }
 
     fn unpin(&self, st: &mut State, req: &Request) {

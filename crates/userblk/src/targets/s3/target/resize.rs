@@ -21,10 +21,9 @@ use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustix::io::Errno;
 
 use super::{lock, Core, State, Task};
-use crate::targets::s3::cache::{ABSENT, DIRTY};
+use crate::targets::s3::cache::ABSENT;
 use crate::targets::s3::layout::{chunk_key, Geometry, Lease, MANIFEST_KEY};
 use crate::targets::s3::{lease, S3Error};
 
@@ -203,7 +202,9 @@ impl Core {
                 continue;
             }
             // Dirty on record before the bytes change; dirty chunks stay.
-            self.mark_dirty(&mut st, t).map_err(|e| e.to_string())?;
+            let was = st.table.chunk(t).state_byte();
+            self.mark_dirty(&mut st, t, was, self.now_ms())
+                .map_err(|e| e.to_string())?;
             self.cache
                 .zero(new.size(), end - new.size())
                 .map_err(|e| format!("clearing chunk {t} past the new end: {e}"))?;
@@ -211,23 +212,6 @@ impl Core {
         }
         self.flush(Some(t..=t))
             .map_err(|e| format!("uploading chunk {t}: {e}"))
-    }
-
-    /// Chunk `i` changed without a request: dirty, to be uploaded.
-    fn mark_dirty(&self, st: &mut State, i: u64) -> Result<(), Errno> {
-        let now = self.now_ms();
-        let c = st.table.get(i);
-        let was = c.state_byte();
-        if !c.dirty() {
-            c.dirty_since_ms = now;
-        }
-        c.last_write_ms = now;
-        c.restored = false;
-        st.table.bump(i);
-        if was != DIRTY {
-            self.persist(i, DIRTY)?;
-        }
-        Ok(())
     }
 
     /// Wait until no request, fetch, eviction or upload begun before the
