@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Host suite for `userblk resize` on the FUSE and NBD frontends: runs on
 # this machine directly (any kernel with FUSE and loop devices), as root.
-# A mounted ext4 grows online (resize2fs) on mem, file and qcow2 devices
+# A mounted ext4 grows online (resize2fs) on mem, file, qcow2 and s3 devices
 # served through FUSE + loop; bad requests change nothing; NBD refuses.
 # (ublk: vm/suite/resize.sh.)
 # Usage: bash tests/host/resize.sh   (from the repository root; USERBLK overrides the binary)
@@ -101,17 +101,53 @@ case_nbd_refuses() {
     del_served "$id"
 }
 
+# The s3 target over a local s3s-fs (tests/s3/server.sh); its pid in a file.
+s3_up() {
+    [ -x "$(bash tests/s3/server.sh path)" ] || skip "s3s-fs is not installed (tests/s3/server.sh install)"
+    mkdir -p "$WORK/s3/vol"
+    S3_PORT=$((20000 + RANDOM % 20000))
+    S3S_LOG=$WORK/s3s.log bash tests/s3/server.sh start "$WORK/s3" "$S3_PORT" >"$WORK/s3s.pid" \
+        || die "s3s-fs did not start"
+    export AWS_ACCESS_KEY_ID=userblk-test-key AWS_SECRET_ACCESS_KEY=userblk-test-secret
+}
+s3_down() { [ -s "$WORK/s3s.pid" ] && bash tests/s3/server.sh stop "$(cat "$WORK/s3s.pid")"; rm -f "$WORK/s3s.pid"; }
+
+case_s3_ext4_grows_online() {
+    needs_host
+    s3_up
+    local id blk s3=(s3 --endpoint "http://127.0.0.1:$S3_PORT" --bucket vol --prefix r --chunk-size 1M)
+    read -r id blk < <(add_served --frontend fuse --loop "${s3[@]}" --cache-dir "$WORK/c1" --size 64M)
+    grow_ext4 "$id" "$blk" "$MNT"
+    grep -q '"device_size": 201326592' "$WORK/s3/vol/r/manifest.json" || die "the manifest keeps the old size"
+    del_served "$id"
+    # Another cache, no --size: the manifest's size, the file system intact.
+    read -r id blk < <(add_served --frontend fuse --loop "${s3[@]}" --cache-dir "$WORK/c2")
+    [ "$(size_of "$blk")" = $((192 * M)) ] || die "re-opened at $(size_of "$blk") bytes"
+    fsck.ext4 -n -f "$blk"
+    # Shrink below the file system's end, grow back: zeroes there, not the old data.
+    ub resize -n "$id" --size 32M --allow-shrink
+    [ ! -e "$WORK/s3/vol/r/chunks/0000000000000020" ] || die "a chunk past the end is still in the bucket"
+    ub resize -n "$id" --size 64M
+    cmp -n $((32 * M)) -i $((32 * M)) "$blk" /dev/zero || die "data past the cut came back"
+    del_served "$id"
+    expect_fail "volume size mismatch" ub add s3 --endpoint "http://127.0.0.1:$S3_PORT" --bucket vol \
+        --prefix r --chunk-size 1M --cache-dir "$WORK/c3" --size 192M --frontend fuse
+    s3_down
+}
+
 cleanup_all() {
     umount "$MNT" 2>/dev/null || true
     del_own_devices
+    s3_down 2>/dev/null || true
 }
 trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
-plan 6
+plan 7
 case_run "mem over FUSE + loop: ext4 grows (resize2fs)" case_mem_ext4_grows_online
 case_run "file over FUSE + loop: ext4 grows (resize2fs)" case_file_ext4_grows_online
 case_run "qcow2 over FUSE + loop: ext4 grows (resize2fs)" case_qcow2_ext4_grows_online
 case_run "FUSE file without a loop device grows and shrinks" case_fuse_file_without_loop
 case_run "bad requests change nothing, in one line" case_bad_requests_change_nothing
 case_run "NBD frontend refuses" case_nbd_refuses
+case_run "s3 over FUSE + loop: ext4 grows, shrink + grow reads zeroes, reopen follows the manifest" case_s3_ext4_grows_online
 summary

@@ -19,6 +19,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, Mode, OFlags};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -75,6 +76,10 @@ pub struct MemTarget {
     size: AtomicU64,
     /// The tmpfs file holding the data when it must outlive the daemon.
     path: Option<PathBuf>,
+    /// Writes hold it shared, a resize exclusively: a write admitted before
+    /// a shrink must not land past the new end (it would extend a shared
+    /// file again, which `recover` refuses, or come back after a grow).
+    resizing: RwLock<()>,
 }
 
 impl MemTarget {
@@ -88,6 +93,7 @@ impl MemTarget {
             map,
             size: AtomicU64::new(size),
             path: None,
+            resizing: RwLock::new(()),
         })
     }
 
@@ -114,6 +120,7 @@ impl MemTarget {
             map: None,
             size: AtomicU64::new(size),
             path: Some(path.to_path_buf()),
+            resizing: RwLock::new(()),
         })
     }
 
@@ -134,6 +141,7 @@ impl MemTarget {
             map: None,
             size: AtomicU64::new(size),
             path: Some(path.to_path_buf()),
+            resizing: RwLock::new(()),
         })
     }
 
@@ -163,6 +171,10 @@ impl MemTarget {
     fn write(&self, ctx: &Ctx<'_>) -> Result<u32, Errno> {
         let off = ctx.req().offset;
         let buf = ctx.data();
+        let _no_resize = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
+        if off.saturating_add(buf.len() as u64) > self.size() {
+            return Err(Errno::IO);
+        }
         if let Some(map) = self.mapped(off, buf.len()) {
             map.write(off, buf)?;
             return Ok(ctx.done_bytes());
@@ -231,6 +243,10 @@ impl Target for MemTarget {
     /// mapped keeps its length, since a mapped page past the end of a file
     /// faults with SIGBUS, and a request in flight may still touch it.
     fn resize(&self, new_size: u64) -> Result<u64> {
+        let _no_writes = self
+            .resizing
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let old = self.size();
         let what = || format!("mem: resizing from {old} to {new_size} bytes");
         if self.map.is_none() || new_size > self.file_len()? {

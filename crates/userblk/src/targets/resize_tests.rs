@@ -115,3 +115,31 @@ fn bad_sizes_and_unresizable_stacks_change_nothing() {
     let ro = stack("readonly");
     assert!(resize::apply(&*ro, 2 * MIB, false).is_err());
 }
+
+#[test]
+fn writes_racing_a_shrink_never_extend_a_shared_mem_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mem");
+    let t = MemTarget::create_shared(4 * MIB, &path).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (t, stop) = (&t, &stop);
+        s.spawn(move || {
+            let mut e = Engine::new(t, 4096).unwrap();
+            let mut off = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Past the end after a shrink: refused, never written.
+                let _ = write(&mut e, t, off, 7);
+                off = (off + 64 * 4096) % (4 * MIB);
+            }
+        });
+        for _ in 0..200 {
+            resize::apply(t, MIB, true).unwrap();
+            let len = std::fs::metadata(&path).unwrap().len();
+            assert_eq!(len, MIB, "a write in flight extended the file");
+            resize::apply(t, 4 * MIB, false).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(MemTarget::open_shared(&path, 4 * MIB).is_ok());
+}

@@ -79,7 +79,8 @@ pub struct CacheDir {
     _lock: File,
     data: File,
     state: File,
-    meta: Meta,
+    /// What `meta.json` says while in use (a resize changes the size).
+    meta: std::sync::Mutex<Meta>,
 }
 
 fn cache_err(what: &str, path: &Path, err: std::io::Error) -> S3Error {
@@ -145,11 +146,10 @@ impl CacheDir {
         };
         let data = open_rw(&data_path)?;
         let state = open_rw(&state_path)?;
+        // The device size may differ (a resize the daemon did not live to
+        // record here): the files are cut or extended to the manifest's.
         let same_volume = old.as_ref().is_some_and(|m| {
-            m.volume_id == volume
-                && m.origin == origin
-                && m.device_size == geometry.size()
-                && m.chunk_size == geometry.chunk_size()
+            m.volume_id == volume && m.origin == origin && m.chunk_size == geometry.chunk_size()
         });
         let trusted = old
             .as_ref()
@@ -196,10 +196,10 @@ impl CacheDir {
             _lock: lock,
             data,
             state,
-            meta,
+            meta: std::sync::Mutex::new(meta.clone()),
         };
         // From here on the directory is in use: not clean until closed.
-        cache.write_meta(&cache.meta)?;
+        cache.write_meta(&meta)?;
         Ok((cache, states, opened))
     }
 
@@ -271,7 +271,36 @@ impl CacheDir {
             .map_err(|e| cache_err("syncing", &self.dir.join("state"), e))?;
         let meta = Meta {
             clean: true,
-            ..self.meta.clone()
+            ..self.meta_now()
+        };
+        self.write_meta(&meta)
+    }
+
+    fn meta_now(&self) -> Meta {
+        self.meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Follow a resize of the volume to `geometry`: `data` cut or extended
+    /// (what is past the old end reads as zeroes), one state byte per
+    /// chunk (new chunks absent), and the size on record.
+    pub fn resize(&self, geometry: Geometry) -> Result<(), S3Error> {
+        let n = geometry.chunk_count();
+        self.data
+            .set_len(geometry.size())
+            .map_err(|e| cache_err("sizing", &self.dir.join("data"), e))?;
+        self.state
+            .set_len(n)
+            .map_err(|e| cache_err("sizing", &self.dir.join("state"), e))?;
+        let meta = {
+            let mut m = self
+                .meta
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            m.device_size = geometry.size();
+            m.clone()
         };
         self.write_meta(&meta)
     }
@@ -354,6 +383,35 @@ mod tests {
         let (_, states, opened) = open(dir.path()).unwrap();
         assert_eq!(opened, Opened::Kept { dirty: 1, clean: 0 });
         assert_eq!(states[0], DIRTY);
+    }
+
+    #[test]
+    fn another_device_size_keeps_the_chunks_that_remain() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (c, _, _) = open(dir.path()).unwrap();
+            c.set_state(0, DIRTY).unwrap();
+            c.set_state(3, CLEAN).unwrap();
+            c.write(10, b"kept").unwrap();
+            c.write((3 << 20) + 5, b"cut").unwrap();
+        }
+        // The volume shrank to 3 chunks and grew to 5 since.
+        let small = Geometry::new(3 << 20, 1 << 20).unwrap();
+        drop(CacheDir::open(dir.path(), "o", VolumeId([7; 16]), small).unwrap());
+        let big = Geometry::new(5 << 20, 1 << 20).unwrap();
+        let (c, states, opened) = CacheDir::open(dir.path(), "o", VolumeId([7; 16]), big).unwrap();
+        assert_eq!(opened, Opened::Kept { dirty: 1, clean: 0 });
+        assert_eq!(states, vec![DIRTY, ABSENT, ABSENT, ABSENT, ABSENT]);
+        let mut b = [0u8; 4];
+        c.read(10, &mut b).unwrap();
+        assert_eq!(&b, b"kept");
+        c.read((3 << 20) + 5, &mut b).unwrap();
+        assert_eq!(b, [0; 4], "bytes cut by the shrink never come back");
+        // And a live resize records its size for the next open.
+        c.resize(small).unwrap();
+        drop(c);
+        let meta = std::fs::read_to_string(dir.path().join("meta.json")).unwrap();
+        assert!(meta.contains(&format!("{}", 3 << 20)), "{meta}");
     }
 
     #[test]

@@ -131,6 +131,20 @@ impl Table {
         &self.chunks[self.index(i)]
     }
 
+    /// Whether chunk `i` is in the table (a resize changes its length).
+    pub fn has(&self, i: u64) -> bool {
+        usize::try_from(i).is_ok_and(|i| i < self.chunks.len())
+    }
+
+    /// Make the table `n` chunks long: new chunks are holes (not cached,
+    /// not in the bucket); those cut off leave the counts.
+    pub fn resize(&mut self, n: usize) {
+        self.chunks.resize_with(n, Chunk::default);
+        self.dirty
+            .retain(|&i| usize::try_from(i).is_ok_and(|i| i < n));
+        self.resident = self.chunks.iter().filter(|c| c.resident).count() as u64;
+    }
+
     /// Mark chunk `i` used at `now_ms`.
     pub fn touch(&mut self, i: u64, now_ms: u64) {
         self.get(i).last_use = now_ms;

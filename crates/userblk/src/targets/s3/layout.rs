@@ -314,7 +314,8 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The manifest object: what the volume is. Written once at creation.
+/// The manifest object: what the volume is. Written at creation; a resize
+/// rewrites its size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Layout format version ([`FORMAT_VERSION`]).
@@ -430,7 +431,8 @@ impl Manifest {
 //   24     8    chunk index, little endian
 //   32     4    payload length, little endian
 //   36     4    crc32c of bytes 0..36 followed by the payload, little endian
-//   40     n    payload (the chunk's bytes, `Geometry::chunk_len(index)`)
+//   40     n    payload (the chunk's bytes, `Geometry::chunk_len(index)`,
+//                or fewer: zeroes follow)
 //
 // A header (not a trailer) so a truncated or foreign object is rejected
 // from its first bytes and the payload can be handed out as a zero-copy
@@ -492,7 +494,9 @@ fn le_u64(b: &[u8]) -> u64 {
 
 /// Verifies a chunk object fetched for chunk `index` of `volume` and returns
 /// its payload (a slice of `object`, no copy). `expected_len` is
-/// `Geometry::chunk_len(index)`.
+/// `Geometry::chunk_len(index)`, the most the payload may hold: a shorter
+/// payload (uploaded when the chunk was the short last one of a smaller
+/// volume) is the chunk's start, and the rest of the chunk is zeroes.
 ///
 /// # Errors
 /// [`LayoutError::Chunk`] naming what is wrong: truncated, foreign, corrupt,
@@ -537,7 +541,9 @@ pub fn decode_chunk(
     if found != index {
         return Err(fail(ChunkProblem::WrongIndex { found }));
     }
-    if u64::from(len) != expected_len {
+    // Shorter is a chunk uploaded while it was the short tail of a smaller
+    // volume: the bytes past its payload read as zeroes.
+    if u64::from(len) > expected_len {
         return Err(fail(ChunkProblem::WrongLength {
             expected: expected_len,
             found: u64::from(len),
@@ -820,12 +826,14 @@ mod tests {
             ChunkProblem::WrongIndex { found: 5 }
         );
         assert_eq!(
-            problem(good, VOL, 5, 8192),
+            problem(good.clone(), VOL, 5, 2048),
             ChunkProblem::WrongLength {
-                expected: 8192,
+                expected: 2048,
                 found: 4096
             }
         );
+        // The volume grew past a chunk that was its short tail.
+        assert!(decode_chunk(&Bytes::from(good), VOL, 5, 8192).is_ok());
         assert!(LayoutError::Chunk {
             index: 1,
             problem: ChunkProblem::ChecksumMismatch {

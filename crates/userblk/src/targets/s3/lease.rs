@@ -72,6 +72,24 @@ pub fn acquire(store: &S3Store, volume: VolumeId, break_lease: bool) -> Result<L
     }
 }
 
+/// Whether the lease is still `ours`: a change of the volume itself (a
+/// resize) is made only by its holder, and refused once another daemon
+/// took the lease over (`--break-lease` on another host).
+pub fn check(store: &S3Store, ours: &Lease) -> Result<(), S3Error> {
+    match store.get(LEASE_KEY)?.map(|b| Lease::decode(&b)) {
+        Some(Ok(l)) if same_holder(&l, ours) => Ok(()),
+        Some(Ok(l)) => Err(S3Error::LeaseHeld {
+            host: l.host,
+            pid: l.pid,
+            since_unix: l.acquired_unix,
+        }),
+        _ => Err(S3Error::Invalid(
+            "the volume's lease is gone or unreadable: this daemon no longer owns the volume"
+                .into(),
+        )),
+    }
+}
+
 /// Give the lease back, if it is still ours.
 pub fn release(store: &S3Store, ours: &Lease) {
     match store.get(LEASE_KEY) {

@@ -26,7 +26,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use serde_json::json;
 
 use super::cache::{CacheDir, CLEAN, DIRTY};
 use super::chunks::{Busy, Table};
-use super::layout::{chunk_key, decode_chunk, is_all_zero, Geometry, Lease, VolumeId};
+use super::layout::{chunk_key, decode_chunk, is_all_zero, Geometry, Lease, Manifest, VolumeId};
 use super::{lease, S3Config, S3Store};
 use crate::control::{Registration, Registry};
 use crate::io::Deferred;
@@ -45,6 +45,7 @@ use crate::target::{
 };
 
 mod open;
+mod resize;
 mod writeback;
 
 /// Default cache size.
@@ -142,12 +143,19 @@ struct State {
     /// Chunks in a row a sequential reader has moved through: the
     /// read-ahead window grows with it.
     streak: u32,
+    /// Chunk objects the bucket has past the end (listed at open): a grow
+    /// deletes those it takes in, so they never read as data.
+    strays: BTreeSet<u64>,
 }
 
 /// What every thread of the target shares.
 struct Core {
     store: S3Store,
-    geometry: Geometry,
+    /// The size changes only by a resize (`resize.rs`), which takes the
+    /// state lock too: under that lock the geometry and the table agree.
+    geometry: RwLock<Geometry>,
+    /// The manifest as the bucket has it (a resize rewrites its size).
+    manifest: Mutex<Manifest>,
     volume: VolumeId,
     cache: CacheDir,
     state: Mutex<State>,
@@ -174,6 +182,8 @@ pub struct S3Target {
     ephemeral_cache: bool,
     /// `userblk ctl` actions, offered until the target goes.
     actions: Mutex<Vec<Registration>>,
+    /// One resize at a time.
+    resizing: Mutex<()>,
     jobs: Option<mpsc::Sender<(Deferred, Request)>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -244,14 +254,27 @@ impl S3Target {
 }
 
 impl Core {
+    fn geometry(&self) -> Geometry {
+        *self.geometry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn cs(&self) -> u64 {
-        self.geometry.chunk_size()
+        self.geometry().chunk_size()
+    }
+
+    /// Whether `[offset, offset + len)` lies within the device as it is
+    /// now: a request admitted before a shrink may reach past the new end.
+    fn within(&self, offset: u64, len: u64) -> bool {
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.geometry().size())
     }
 
     /// Whether `req` covers chunk `i` whole (a write then needs no fetch).
     fn covers(&self, req: &Request, i: u64) -> bool {
         let start = i * self.cs();
-        req.offset <= start && req.offset + u64::from(req.len) >= start + self.geometry.chunk_len(i)
+        req.offset <= start
+            && req.offset + u64::from(req.len) >= start + self.geometry().chunk_len(i)
     }
 
     /// The chunks `[offset, offset + len)` touches.
@@ -276,6 +299,9 @@ impl Core {
     /// ready: cached, or (for a write) wholly covered. `None`: not ready.
     fn pin(&self, st: &mut State, req: &Request, over: bool) -> Option<Result<(), Errno>> {
         let write = req.op != Op::Read;
+        if !self.within(req.offset, u64::from(req.len)) {
+            return Some(Err(past_end(req)));
+        }
         let span = self.span(req.offset, u64::from(req.len));
         let full = st.table.dirty.len() as u64 >= self.dirty_max;
         for i in span.clone() {
@@ -304,22 +330,29 @@ impl Core {
                 c.resident = true;
                 st.table.resident += 1;
             }
-            let c = st.table.get(i);
-            if !c.dirty() {
-                c.dirty_since_ms = now;
-            }
-            c.last_write_ms = now;
-            c.restored = false;
-            st.table.bump(i);
-            // Dirty on record before the bytes change (see the cache docs).
-            if was != DIRTY {
-                if let Err(e) = self.persist(i, DIRTY) {
-                    self.unpin(st, req);
-                    return Some(Err(e));
-                }
+            if let Err(e) = self.mark_dirty(st, i, was, now) {
+                self.unpin(st, req);
+                return Some(Err(e));
             }
         }
         Some(Ok(()))
+    }
+
+    /// Chunk `i` gets new bytes: a new generation, and dirty on record
+    /// before the bytes change (see the cache docs) unless its state byte
+    /// `was` said so already.
+    fn mark_dirty(&self, st: &mut State, i: u64, was: u8, now: u64) -> Result<(), Errno> {
+        let c = st.table.get(i);
+        if !c.dirty() {
+            c.dirty_since_ms = now;
+        }
+        c.last_write_ms = now;
+        c.restored = false;
+        st.table.bump(i);
+        if was != DIRTY {
+            self.persist(i, DIRTY)?;
+        }
+        Ok(())
     }
 
     fn unpin(&self, st: &mut State, req: &Request) {
@@ -390,7 +423,7 @@ impl Core {
         st.streak = st.streak.saturating_add(1);
         let most = (READ_AHEAD_BYTES / self.cs()).max(2);
         let window = (1u64 << st.streak.min(16)).clamp(2, most);
-        let end = (last + window).min(self.geometry.chunk_count().saturating_sub(1));
+        let end = (last + window).min(self.geometry().chunk_count().saturating_sub(1));
         let mut queued = false;
         for i in (last + 1)..=end {
             let c = st.table.get(i);
@@ -407,6 +440,9 @@ impl Core {
     fn serve(&self, req: Request, data: &mut [u8]) -> Result<u32, Errno> {
         if req.op == Op::Flush {
             return self.flush(None).map(|()| 0);
+        }
+        if !self.within(req.offset, u64::from(req.len)) {
+            return Err(past_end(&req));
         }
         let span = self.span(req.offset, u64::from(req.len));
         if req.op == Op::Read {
@@ -475,6 +511,10 @@ impl Core {
     fn ensure_cached(&self, i: u64) -> Result<(), Errno> {
         let mut st = lock(&self.state);
         loop {
+            // Past the end after a shrink (a read-ahead queued before it).
+            if i >= self.geometry().chunk_count() {
+                return Err(Errno::IO);
+            }
             let c = st.table.get(i);
             if c.busy.is_some() {
                 st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -503,7 +543,7 @@ impl Core {
     /// Bring chunk `i` from the bucket into the cache (the caller holds it busy).
     fn fetch(&self, i: u64, in_bucket: bool) -> Result<(), Errno> {
         let at = i * self.cs();
-        let len = self.geometry.chunk_len(i);
+        let len = self.geometry().chunk_len(i);
         // Whatever a crash left there goes: the chunk is absent.
         let mut r = self.cache.zero(at, len).map_err(|e| {
             tracing::error!("s3: clearing chunk {i} in the cache: {e}");
@@ -511,8 +551,12 @@ impl Core {
         });
         if r.is_ok() && in_bucket {
             r = match self.store.get(&chunk_key(i)) {
-                Ok(Some(obj)) => match decode_chunk(&obj, self.volume, i, len) {
-                    Ok(payload) => {
+                // Up to a whole chunk, cut to the chunk's length now: during a
+                // shrink the last chunk's object is longer until it is
+                // uploaded again (see `resize.rs`).
+                Ok(Some(obj)) => match decode_chunk(&obj, self.volume, i, self.cs()) {
+                    Ok(mut payload) => {
+                        payload.truncate(usize::try_from(len).unwrap_or(usize::MAX));
                         self.counters.fetched.fetch_add(1, Ordering::Relaxed);
                         self.counters
                             .fetched_bytes
@@ -559,7 +603,7 @@ impl Core {
         };
         json!({
             "chunk_size": self.cs(),
-            "chunks": self.geometry.chunk_count(),
+            "chunks": self.geometry().chunk_count(),
             "cached_chunks": cached,
             "dirty_chunks": dirty,
             "uploading": uploading,
@@ -584,6 +628,18 @@ impl Core {
     }
 }
 
+/// A request admitted before a shrink that reaches past the new end: it
+/// fails rather than write (or read) where the device no longer is.
+fn past_end(req: &Request) -> Errno {
+    tracing::warn!(
+        "s3: {:?} at {}+{} is past the end of the resized device",
+        req.op,
+        req.offset,
+        req.len
+    );
+    Errno::IO
+}
+
 /// A request's data, for the cache.
 enum Data<'a> {
     /// Where a read's bytes go.
@@ -602,11 +658,15 @@ fn queue(st: &mut State, t: Task) -> bool {
 }
 
 impl Target for S3Target {
-    fn resize(&self, _new_size: u64) -> crate::Result<u64> {
-        Err(crate::Error::cannot_resize(
-            "the s3 target",
-            "a volume keeps the size its manifest was made with (resizing s3 volumes is not implemented yet)",
-        ))
+    fn size(&self) -> u64 {
+        self.core.geometry().size()
+    }
+
+    /// Grow or shrink the volume; the manifest in the bucket has the new
+    /// size before this returns (see `target/resize.rs`).
+    fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        let _one = lock(&self.resizing);
+        self.core.resize(&self.lease, new_size)
     }
 
     fn caps(&self) -> Caps {
@@ -620,7 +680,7 @@ impl Target for S3Target {
             fua: true,
             discard: Some(range),
             write_zeroes: Some(range),
-            ..Caps::new(self.core.geometry.size())
+            ..Caps::new(self.core.geometry().size())
         }
     }
 
@@ -655,12 +715,12 @@ impl Target for S3Target {
 
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
         let st = lock(&self.core.state);
-        let end = offset + len;
+        let end = (offset + len).min(self.core.geometry().size());
         let mut at = offset;
         let first = out.len();
         while at < end && out.len() - first < MAX_EXTENTS {
             let i = at / self.core.cs();
-            let chunk_end = (i * self.core.cs() + self.core.geometry.chunk_len(i)).min(end);
+            let chunk_end = (i * self.core.cs() + self.core.geometry().chunk_len(i)).min(end);
             let c = st.table.chunk(i);
             let hole = !c.resident && !c.in_bucket;
             let e = if hole {
@@ -680,7 +740,7 @@ impl Target for S3Target {
             "endpoint": self.core.store.endpoint(),
             "bucket": self.core.store.bucket(),
             "prefix": self.core.store.prefix(),
-            "size": self.core.geometry.size(),
+            "size": self.core.geometry().size(),
             "chunk_size": self.core.cs(),
             "cache_dir": self.core.cache.path(),
             "cache_size": self.core.cache_size,

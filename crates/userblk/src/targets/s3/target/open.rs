@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -83,7 +83,7 @@ impl S3Target {
                 CacheDir::open(&opts.cache_dir, &origin, m.volume_id, geometry)?;
             Ok::<_, S3Error>((in_bucket, cache, states, how))
         })();
-        let (in_bucket, cache, states, how) = match opened {
+        let (mut in_bucket, cache, states, how) = match opened {
             Ok(x) => x,
             Err(e) => {
                 lease::release(&store, &lease);
@@ -108,9 +108,11 @@ impl S3Target {
             ),
         }
         let table = Table::new(&states, &in_bucket);
+        let strays = in_bucket.split_off(&geometry.chunk_count());
         let core = Arc::new(Core {
             store,
-            geometry,
+            geometry: RwLock::new(geometry),
+            manifest: Mutex::new(m.clone()),
             volume: m.volume_id,
             cache,
             state: Mutex::new(State {
@@ -119,6 +121,7 @@ impl S3Target {
                 queued: BTreeSet::new(),
                 last_read: None,
                 streak: 0,
+                strays,
             }),
             cv: Condvar::new(),
             work: Condvar::new(),
@@ -135,6 +138,7 @@ impl S3Target {
             created,
             ephemeral_cache: opts.ephemeral_cache,
             actions: Mutex::new(Vec::new()),
+            resizing: Mutex::new(()),
             jobs: None,
             threads: Vec::new(),
         };

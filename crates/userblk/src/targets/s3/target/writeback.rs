@@ -35,6 +35,10 @@ impl Core {
         loop {
             let mut pending = false;
             for &(i, gen) in &want {
+                // Cut off by a shrink: nothing left to upload.
+                if !st.table.has(i) {
+                    continue;
+                }
                 let c = st.table.get(i);
                 if c.uploaded >= gen {
                     continue;
@@ -93,6 +97,10 @@ impl Core {
         let (gen, in_bucket) = {
             let mut st = lock(&self.state);
             loop {
+                // Past the end after a shrink: the resize drops it.
+                if i >= self.geometry().chunk_count() || !st.table.has(i) {
+                    return;
+                }
                 let c = st.table.get(i);
                 if !c.dirty() {
                     return;
@@ -109,7 +117,7 @@ impl Core {
                 break (c.gen, c.in_bucket);
             }
         };
-        let len = usize::try_from(self.geometry.chunk_len(i)).unwrap_or(0);
+        let len = usize::try_from(self.geometry().chunk_len(i)).unwrap_or(0);
         buf.resize(len, 0);
         let r = self
             .cache
@@ -228,6 +236,9 @@ impl Core {
     pub(super) fn evict(&self, i: u64) {
         {
             let mut st = lock(&self.state);
+            if !st.table.has(i) {
+                return;
+            }
             let c = st.table.get(i);
             if !c.resident || c.dirty() || c.pins > 0 || c.busy.is_some() || c.uploading {
                 return;
@@ -239,7 +250,7 @@ impl Core {
         // Absent on record before the bytes go; a crash between re-fetches.
         let r = self.persist(i, ABSENT).and_then(|()| {
             self.cache
-                .zero(i * self.cs(), self.geometry.chunk_len(i))
+                .zero(i * self.cs(), self.geometry().chunk_len(i))
                 .map_err(|_| Errno::IO)
         });
         if r.is_ok() {
