@@ -82,15 +82,15 @@ as_root vm/run.sh -- vm/suite/qcow2.sh
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
 
-step "real-kernel suite: resize refused without UPDATE_SIZE, nothing changed (Debian 6.12 in qemu/TCG)"
-as_root vm/run.sh -- vm/suite/resize.sh
+step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O (Debian 6.12 in qemu/TCG, one boot)"
+as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch
 
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
 
-# Zero copy (UBLK_F_AUTO_BUF_REG) needs 6.16+: the ublk and recovery suites
-# run again on the newest kernel of Debian's trixie-backports, where their
-# zero-copy cases (skipped on 6.12) run for real.
+# Zero copy, resize, QUIESCE, batch I/O and safe stop need 6.16+/7.0+: the
+# ublk, recovery and current-kernel suites run again on the newest kernel of
+# Debian's trixie-backports, where their cases skipped on 6.12 run for real.
 NEWER=(env USERBLK_VM_CACHE=/var/cache/userblk-vm-backports USERBLK_VM_KSUITE=trixie-backports)
 step "dependencies: a newer VM kernel (the newest of Debian trixie-backports, 7.x)"
 as_root "${NEWER[@]}" vm/setup.sh
@@ -101,5 +101,5 @@ as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
 step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
 
-step "newer-kernel suite: resize with UPDATE_SIZE, ext4 grown online on mem/file/qcow2 (Debian trixie-backports in qemu/TCG)"
-as_root "${NEWER[@]}" vm/run.sh -- vm/suite/resize.sh
+step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O (Debian trixie-backports in qemu/TCG, one boot)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch

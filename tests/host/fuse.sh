@@ -506,6 +506,44 @@ case_del_force_unmounts_the_loop_device() {
 # Whether loop device $1 no longer has file $2 behind it (others may reuse the number).
 not_bound() { ! losetup "$1" 2>/dev/null | grep -qF "$2"; }
 
+# Safe stop: a loop device a process has open (not mounted, not O_EXCL) is
+# refused naming the pid; --force stops it anyway and leaves nothing behind.
+case_del_refuses_open_loop_device_force_works() {
+    needs_host
+    local id blk pid holder mnt lo
+    mkdir -p "$WORK/open-lo"
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop --mountpoint "$WORK/open-lo")
+    pid=$(fuse_word "$id" 7)
+    lo=${blk#/dev/}
+    sleep 60 <"$blk" &
+    holder=$!
+    wait_for 5 stdin_is "$holder" "$blk" || die "the holder did not open $blk"
+    expect_fail "$lo is open by pid $holder (sleep)" ub del -n "$id"
+    kill -0 "$pid" || die "a refused del stopped the daemon"
+    dd if="$blk" of=/dev/null bs=4k count=1 iflag=direct status=none || die "a refused del broke the device"
+    ub del -n "$id" --force || die "del --force failed"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    kill "$holder"; wait "$holder" 2>/dev/null || true
+    nothing_left "$WORK/open-lo"
+}
+
+# Safe stop: del --force of a mounted loop device stops the daemon; the
+# loop device detaches itself once the file system on it is unmounted.
+case_del_force_mounted_loop_device() {
+    needs_host
+    local id blk pid mnt=$WORK/mnt-force
+    mkdir -p "$WORK/mounted-lo" "$mnt"
+    read -r id blk < <(add_fuse mem --size 64M --frontend fuse --loop --mountpoint "$WORK/mounted-lo")
+    pid=$(fuse_word "$id" 7)
+    mkfs.ext4 -q -F "$blk"
+    mount "$blk" "$mnt"
+    expect_fail "${blk#/dev/} is mounted on $mnt" ub del -n "$id"
+    ub del -n "$id" --force || die "del --force failed"
+    wait_for 5 exited "$pid" || die "daemon $pid still running"
+    umount -l "$mnt" 2>/dev/null || true
+    nothing_left "$WORK/mounted-lo"
+}
+
 # ---- run ----------------------------------------------------------------------
 
 cleanup_all() {
