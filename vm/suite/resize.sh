@@ -16,7 +16,7 @@ mkdir -p "$WORK" "$MNT"
 M=$((1 << 20))
 
 modprobe ublk_drv 2>/dev/null || true
-update_size() { ub features --json | grep -q '"UPDATE_SIZE"'; }
+update_size() { ub features --json | python3 -c 'import json,sys; sys.exit("UPDATE_SIZE" not in json.load(sys.stdin)["names"])'; }
 needs_update_size() { update_size || skip "this kernel has no UBLK_F_UPDATE_SIZE (the refusal case covers it)"; }
 size_of() { blockdev --getsize64 "$1"; }
 state_is() { [ "$(list_word "$1" 11)" = "$2" ]; }

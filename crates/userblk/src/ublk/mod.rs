@@ -13,8 +13,8 @@
 //! - [`io_mode`]: which of the two queue drivers a device uses.
 
 pub(crate) mod add_flags;
-pub mod capabilities;
 pub(crate) mod batch;
+pub mod capabilities;
 pub mod ctrl;
 pub mod desc;
 pub mod device;
