@@ -143,7 +143,7 @@ user_copy_batch() {
     del_dev "$id"
 }
 
-auto_and_per_tag() { # per-tag on request; auto: batch where offered, quietly per-tag elsewhere
+auto_and_per_tag() { # per-tag on request; auto: per-tag for now (AUTO_PREFERS_BATCH in ublk/io_mode.rs), quietly
     local id out want=per-tag
     id=$(add_dev --io-mode per-tag mem --size 16M)
     [ "$(io_mode "$id")" = per-tag ] || die "--io-mode per-tag gave '$(io_mode "$id")'"
@@ -152,7 +152,6 @@ auto_and_per_tag() { # per-tag on request; auto: batch where offered, quietly pe
     out=$(ub add mem --size 16M 2>&1) || { echo "$out"; die "add failed"; }
     id=$(dev_id_of "$out")
     ! grep -qi 'batch I/O' <<<"$out" || die "auto is not quiet: $out"
-    ! ub features | grep -q BATCH_IO || want=batch
     [ "$(io_mode "$id")" = "$want" ] || die "auto gave '$(io_mode "$id")', not $want"
     echo "note: auto serves $want on $(uname -r)"
     del_dev "$id"

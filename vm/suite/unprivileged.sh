@@ -212,7 +212,8 @@ case_run "user: --user-copy falls back to kernel copies, says so" user_copy_fall
 case_run "user: refused recover of root's device" user_cannot_recover_roots
 case_run "root: --unprivileged gives a privileged device" root_unprivileged_is_privileged
 case_run "user: no access to ublk-control points to docs" no_control_access
-case_run "no daemon panicked" sh -c '! grep -l panicked /run/userblk/*.log /tmp/userblk-*/*.log 2>/dev/null'
+# The user's daemons log under /tmp/userblk-UID (not the VM runner's /tmp/userblk-vm.* of the host's /tmp).
+case_run "no daemon panicked" sh -c '! grep -l "panicked at" /run/userblk/*.log /tmp/userblk-[0-9]*/*.log 2>/dev/null'
 cleanup_devices
 stop_owner_loop
 summary

@@ -342,8 +342,9 @@ pub struct DevArgs {
     /// How the queues take requests from the kernel.
     ///
     /// `batch` (Linux 7.0+) fetches and commits many requests per command;
-    /// `per-tag` uses a command per request; `auto` takes the one measured
-    /// faster where the kernel offers both (see docs/frontends/ublk.md).
+    /// `per-tag` uses a command per request; `auto` serves per-tag for now
+    /// (batch devices cannot be upgraded with QUIESCE yet; see
+    /// docs/frontends/ublk.md).
     /// `batch` on an older kernel warns once and serves per-tag. A
     /// recovered device keeps the mode it was added with.
     #[arg(long = "io-mode", global = true, value_enum, default_value_t = IoModeArg::Auto,

@@ -23,11 +23,13 @@ pub enum IoMode {
     Auto,
 }
 
-/// What `Auto` takes where the kernel has batch I/O: batch, which served
-/// null 4k random reads at QD 64 1.16x and 128 KiB sequential reads at QD 8
-/// 1.29x faster (medians) side by side on Linux 7.3.4 (`bench/io-mode.sh`;
-/// docs/frontends/ublk.md#batch-io).
-pub const AUTO_PREFERS_BATCH: bool = true;
+/// What `Auto` takes where the kernel has batch I/O: per-tag for now. Batch
+/// served null 4k random reads at QD 64 1.16x and 128 KiB sequential reads
+/// at QD 8 1.29x faster (medians) side by side on Linux 7.3.4
+/// (`bench/io-mode.sh`), but on a loaded host with overlapping ranges, and
+/// its queues cannot yet be handed over by `upgrade` with QUIESCE
+/// (docs/frontends/ublk.md#batch-io).
+pub const AUTO_PREFERS_BATCH: bool = false;
 
 /// What a kernel lacking batch I/O lacks, for the one warning.
 const LACKS: &str = "this kernel lacks it (UBLK_F_BATCH_IO, Linux 7.0+)";
