@@ -25,8 +25,7 @@ usage: bench/perf.sh [--quick] [--runtime SECS (6)] [--repeat N (3)] [--results 
               (docs/perf/linux-X.Y/ for a kernel other than the default 6.12)
               (refused with --quick, --only or fewer than 3 repeats)
 environment: RUBLK (rublk binary, default /opt/rublk/bin/rublk, installed with cargo if
-             missing), RUBLK_VERSION (what to install, default 0.2.15),
-             USERBLK_BENCH_SCHED (I/O scheduler of every device, default none; kernel: each default)
+             missing), RUBLK_VERSION (what to install, default 0.2.15)
 EOF
     exit 2
 }
@@ -141,7 +140,7 @@ TIMEOUT=$(( RUNS * (3 * (RUNTIME + 30) + 60) + 900 ))
 start=$SECONDS busy0=$(cpu_busy) ours0=$(children_cpu) load0=$(loadavg)
 rc=0
 USERBLK_BENCH_FILE_ARGS=$FILE_ARGS USERBLK_BENCH_NULL_ARGS=$NULL_ARGS USERBLK_BENCH_RUBLK_ARGS=$RUBLK_ARGS \
-USERBLK_VM_PASSENV="${USERBLK_VM_PASSENV:-CI RUST_BACKTRACE RUST_LOG} USERBLK_BENCH_FILE_ARGS USERBLK_BENCH_NULL_ARGS USERBLK_BENCH_RUBLK_ARGS USERBLK_BENCH_SCHED" \
+USERBLK_VM_PASSENV="${USERBLK_VM_PASSENV:-CI RUST_BACKTRACE RUST_LOG} USERBLK_BENCH_FILE_ARGS USERBLK_BENCH_NULL_ARGS USERBLK_BENCH_RUBLK_ARGS" \
 USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout "$TIMEOUT" --out "$OUT" -- \
     bench/guest/perf.sh "$OUT" "$RUNTIME" "$REPEAT" "$RUBLK" "$ONLY" || rc=$?
 wall=$(( SECONDS - start ))

@@ -195,17 +195,6 @@ for key in null:1:userblk null:1:rublk null:1:kernel null:2:userblk null:2:rublk
     file:1:userblk file:1:rublk file:1:kernel file:2:userblk file:2:rublk; do
     DISKS+=("${DEV[$key]}")
 done
-# Every device gets the same I/O scheduler (USERBLK_BENCH_SCHED, default
-# none, as userblk sets it; `kernel` keeps each device's default): the
-# kernel gives one-queue devices mq-deadline, which on 7.x dispatches through
-# kblockd and would measure the scheduler, not the device.
-SCHED=${USERBLK_BENCH_SCHED:-none}
-if [[ $SCHED != kernel ]]; then
-    for d in "${DISKS[@]}"; do
-        record "echo $SCHED >/sys/block/$d/queue/scheduler"
-        echo "$SCHED" >"/sys/block/$d/queue/scheduler"
-    done
-fi
 {
     printf 'class\tqueues\tside\tdisk\tlabel\n'
     for key in "${!DEV[@]}"; do
@@ -278,7 +267,6 @@ check_fair max_sectors_kb 512 || FAIR=1
     echo "fairness, what differs: userblk's null target zero-fills each read buffer, rublk's null and null_blk (memory_backed=0) do not touch data;"
     echo "  loop has one hw queue, so its 2-job runs use the 1-queue device; write_cache differs (userblk null: write through; rublk null: write back) but no job flushes;"
     echo "  physical block 4096 on ublk devices, 512 on null_blk and loop (no job issues I/O below 4 KiB)."
-    echo "I/O scheduler of every device: $SCHED (USERBLK_BENCH_SCHED)"
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"
 phase "devices ready"
