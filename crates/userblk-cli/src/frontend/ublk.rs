@@ -185,7 +185,10 @@ impl Frontend for Ublk {
                 }
             }
             let quiescer = dev.quiescer();
-            let _handover = super::upgrade::offer_handover(&opened.registry, &quiescer);
+            // Only a device that can be quiesced offers `handover` (`ctl` lists it).
+            let _handover = quiescer
+                .can_quiesce()
+                .then(|| super::upgrade::offer_handover(&opened.registry, &quiescer));
             let describe = target.describe();
             let served = dev.serve(Arc::clone(&target), |live| {
                 on_live(live, describe, saved, self.dev.scheduler.as_deref(), host);

@@ -60,6 +60,12 @@ pub struct Quiescer {
 }
 
 impl Quiescer {
+    /// Whether this device can be handed over with QUIESCE: added with the
+    /// flag, and served per-tag (batch queues do not drain for it yet).
+    pub fn can_quiesce(&self) -> bool {
+        self.flags & UBLK_F_QUIESCE != 0 && self.flags & userblk_uapi::UBLK_F_BATCH_IO == 0
+    }
+
     /// QUIESCE_DEV, waiting up to `timeout` for every queue to have an idle
     /// tag, then drain the queues: the device's `serve` returns once they
     /// served what they held, leaving the device for a new daemon. A
