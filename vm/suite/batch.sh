@@ -84,7 +84,7 @@ fs_cycle() { # ext4 mkfs, files, umount, fsck clean, remount, data intact
     del_dev "$id"
 }
 
-del_under_load() { # del while fio runs: fio gets errors, nothing hangs
+del_under_load() { # del while fio runs: refused, --force stops it, fio gets errors, nothing hangs
     local id pid rc=0
     id=$(add_dev --io-mode batch -q 2 file -f "$(backing load.img 128M)")
     is_batch "$id"
@@ -93,7 +93,10 @@ del_under_load() { # del while fio runs: fio gets errors, nothing hangs
     pid=$!
     sleep 3
     kill -0 $pid || die "fio did not start"
-    timeout 60 "$USERBLK" del -n "$id" || die "del under load failed or hung"
+    # Safe stop: plain del refuses a device fio has open; --force stops it.
+    ! timeout 60 "$USERBLK" del -n "$id" 2>"$WORK/del.err" || die "del of a device fio has open did not refuse"
+    grep -q "open by pid" "$WORK/del.err" || die "the refusal names no holder: $(cat "$WORK/del.err")"
+    timeout 60 "$USERBLK" del -n "$id" --force || die "del --force under load failed or hung"
     timeout 60 sh -c "while kill -0 $pid 2>/dev/null; do sleep 0.2; done" || die "fio hung after del"
     wait $pid || rc=$?
     [ "$rc" -ne 0 ] || die "fio reported success after its device vanished"
