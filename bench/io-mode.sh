@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Per-tag against batch I/O (`--io-mode`) on null devices in one VM boot of
+# Per-tag against batch I/O (`--io-mode`) on null and file devices in one VM boot of
 # a kernel with UBLK_F_BATCH_IO (7.0+): fio 4k random reads at QD 64 and
 # 128 KiB sequential reads at QD 8, order rotated, repeated. Prints medians,
 # spread and batch/per-tag. Decides `auto` (ublk/io_mode.rs AUTO_PREFERS_BATCH).
@@ -31,7 +31,7 @@ mkdir -p "$RESULTS"
 OUT=$(realpath "$RESULTS")/io-mode-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 rc=0
-USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout $(( 4 * REPEAT * (RUNTIME + 15) + 600 )) --out "$OUT" -- \
+USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout $(( 8 * REPEAT * (RUNTIME + 15) + 600 )) --out "$OUT" -- \
     bench/guest/io-mode.sh "$OUT" "$RUNTIME" "$REPEAT" "$BIN" || rc=$?
 [[ -s $OUT/summary.txt ]] || { echo "bench: no summary from the guest (status $rc); console log: $OUT/console.log" >&2; exit $(( rc ? rc : 1 )); }
 cat "$OUT/summary.txt"
