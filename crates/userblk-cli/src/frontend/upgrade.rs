@@ -79,7 +79,7 @@ fn plan(id: u32, flags: u64, kernel: Features) -> Result<Plan, String> {
     // writes in flight): such a device is handed over by kill + reissue,
     // or not at all.
     let batch = flags & UBLK_F_BATCH_IO != 0;
-    if flags & UBLK_F_QUIESCE != 0 && !batch {
+    if userblk::ublk::handover::quiescable(flags) {
         return Ok(Plan::Quiesce);
     }
     if batch && flags & UBLK_F_USER_RECOVERY_REISSUE == 0 {

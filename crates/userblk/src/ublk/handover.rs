@@ -59,11 +59,19 @@ pub struct Quiescer {
     pub(crate) shared: Arc<Handover>,
 }
 
+/// Whether a device with these granted `flags` can be handed over with
+/// QUIESCE: added with the flag, and served per-tag (batch queues do not
+/// drain for it yet). `userblk upgrade` plans with it; a serving daemon
+/// asks [`Quiescer::can_quiesce`].
+pub fn quiescable(flags: u64) -> bool {
+    flags & UBLK_F_QUIESCE != 0 && flags & userblk_uapi::UBLK_F_BATCH_IO == 0
+}
+
 impl Quiescer {
     /// Whether this device can be handed over with QUIESCE: added with the
     /// flag, and served per-tag (batch queues do not drain for it yet).
     pub fn can_quiesce(&self) -> bool {
-        self.flags & UBLK_F_QUIESCE != 0 && self.flags & userblk_uapi::UBLK_F_BATCH_IO == 0
+        quiescable(self.flags)
     }
 
     /// QUIESCE_DEV, waiting up to `timeout` for every queue to have an idle
