@@ -229,6 +229,37 @@ case_dead_daemon_socket_taken_over() {
     del_nbd "$id2"
 }
 
+# `del` refuses an export that clients use, naming them (a Unix client by
+# its process, a TCP one by its address); --force stops it anyway.
+case_del_refuses_connected_clients() {
+    needs nbdsh
+    local id uri tid turi holder tholder out
+    read -r id uri < <(add_nbd mem --size 32M --listen "unix:$WORK/busy.sock")
+    "${NBDSH[@]}" -u "$uri" -c 'import time; time.sleep(60)' &
+    holder=$!
+    wait_for 10 clients_connected "$id" || die "the client never connected"
+    out=$(ub del -n "$id" 2>&1) && die "del of a device with a client connected succeeded"
+    grep -q "NBD clients are connected (pid [0-9]* (" <<<"$out" || die "del did not name the client: $out"
+    grep -q -- "--force" <<<"$out" || die "del did not say --force: $out"
+    [ "$(list_word "$id" 11)" = LIVE ] || die "refused del changed the device"
+    ub del -n "$id" --force || die "del --force failed"
+    # The client sleeps on; its connection is gone.
+    kill "$holder" 2>/dev/null; wait "$holder" 2>/dev/null || true
+    [ ! -e "$WORK/busy.sock" ] || die "socket left behind"
+    # Over TCP the client is named by its address; once it goes, del works.
+    read -r tid turi < <(add_nbd mem --size 16M --listen tcp:127.0.0.1:0)
+    "${NBDSH[@]}" -u "$turi" -c 'import time; time.sleep(3)' &
+    tholder=$!
+    wait_for 10 clients_connected "$tid" || die "the tcp client never connected"
+    out=$(ub del -n "$tid" 2>&1) && die "del with a tcp client succeeded"
+    grep -q "(tcp 127.0.0.1:[0-9]*)" <<<"$out" || die "del did not name the tcp client: $out"
+    wait "$tholder" 2>/dev/null || true
+    wait_for 10 no_clients "$tid" || die "the tcp client is still counted after it left"
+    del_nbd "$tid"
+}
+clients_connected() { ub ctl -n "$1" clients 2>/dev/null | grep -q "^nbd: [1-9][0-9]* connected"; }
+no_clients() { ub ctl -n "$1" clients 2>/dev/null | grep -q "^nbd: 0 connected"; }
+
 case_errors_are_clear() {
     expect_fail "expected unix:PATH or tcp:HOST:PORT" ub add mem --size 1M --listen /tmp/x.sock
     expect_fail "tcp:HOST:PORT" ub add mem --size 1M --listen tcp:nohost
@@ -332,7 +363,7 @@ trap 'cleanup_all; rm -rf "$WORK"' EXIT
 
 [ "$(id -u)" = 0 ] || { echo "the NBD host suite needs root (loop devices, mounts)"; exit 2; }
 [ -n "${TRACE:-}" ] && set -x
-plan 13
+plan 14
 case_run "nbdinfo: size, flags, block sizes, read-only" case_nbdinfo_size_and_flags
 case_run "nbdsh: data, FUA, trim, zero, block status" case_nbdsh_semantics
 case_run "qemu-img convert/compare, qemu-io" case_qemu_img_convert_compare
@@ -341,6 +372,7 @@ case_run "early-answering target: replies held until stored (fio verify)" case_e
 case_run "tcp export on a picked port" case_tcp_export
 case_run "dead daemon: list says DEAD, del cleans up" case_dead_daemon_cleanup
 case_run "dead daemon: del leaves a newer device's socket alone" case_dead_daemon_socket_taken_over
+case_run "del refuses an export with clients connected, naming them; --force" case_del_refuses_connected_clients
 states() { ls /run/userblk/ 2>/dev/null | grep -c json; }
 case_run "bad addresses and options: clear errors" case_errors_are_clear "$(states)"
 case_run "nbd target over nbdkit: fio verify, ext4" case_target_over_nbdkit_ext4

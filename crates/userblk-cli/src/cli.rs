@@ -661,8 +661,9 @@ pub struct DelArgs {
     /// Every device.
     #[arg(short = 'a', long)]
     pub all: bool,
-    /// Stop the device even if it is mounted or open (by default `del`
-    /// refuses and names the holder); for a FUSE device whose daemon is
+    /// Stop the device even if it is mounted or open, or for an NBD export
+    /// has clients connected (by default `del` refuses and names the holder
+    /// or the clients); for a FUSE device whose daemon is
     /// stopped or stuck: abort its FUSE connection, kill the daemon, then
     /// detach and unmount. File systems mounted on its loop device are
     /// unmounted lazily first.

@@ -182,7 +182,7 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
         let saved = DeviceState::load(id).ok().flatten();
         let result = match (&saved, ctrl.as_mut()) {
             (Some(st), _) if st.frontend == "nbd" && !kernel_ids.contains(&id) => {
-                nbd::delete(st, DEL_TIMEOUT)
+                nbd::delete(st, DEL_TIMEOUT, args.force)
             }
             (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
                 fuse::delete(st, DEL_TIMEOUT, args.force)

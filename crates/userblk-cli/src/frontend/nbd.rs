@@ -107,6 +107,13 @@ impl Frontend for Nbd {
         opts.max_connections = self.dev.max_connections as usize;
         let server =
             Server::start(target.clone(), opts.clone()).context("starting the NBD server")?;
+        let clients = server.clients();
+        let _clients = opened.registry.register(
+            CLIENTS_ACTION,
+            "nbd",
+            "the clients connected to the export",
+            move |_| Ok(clients_line(&clients.describe())),
+        );
         let _resize = opened.registry.on_resize(super::resize::refuse(format!(
             "device {id} is served over NBD, which cannot resize it: NBD has no way to tell a connected client of a new size (delete the device, resize its image, add it again)"
         )));
@@ -167,13 +174,55 @@ impl Drop for RemoveState {
     }
 }
 
+/// The control action that names an NBD device's clients (for `del`).
+const CLIENTS_ACTION: &str = "clients";
+/// How long `del` asks a daemon for its clients before going on without.
+const CLIENTS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `clients` action's answer: `N connected[: who, who]`.
+fn clients_line(who: &[String]) -> String {
+    if who.is_empty() {
+        "0 connected".into()
+    } else {
+        format!("{} connected: {}", who.len(), who.join(", "))
+    }
+}
+
+/// Who is connected to the NBD device of `st`, as its daemon says
+/// (`clients_line` without the count), or `None` when it cannot say (an
+/// older daemon, or one that does not answer: `del` then stops it as it
+/// always did).
+fn connected(st: &DeviceState) -> Option<String> {
+    use userblk::control::{request, Request};
+    let req = Request::Run {
+        action: CLIENTS_ACTION.into(),
+        args: Vec::new(),
+    };
+    let reply = request(&crate::ctl::socket_path(st.pid), &req, CLIENTS_TIMEOUT).ok()?;
+    let line = reply.output.first()?.strip_prefix("nbd: ")?;
+    let (count, rest) = line.split_once(" connected")?;
+    match count.parse::<usize>().ok()? {
+        0 => Some(String::new()),
+        _ => Some(rest.trim_start_matches(": ").to_string()),
+    }
+}
+
 /// `del` of an NBD device: stop its daemon, or clean up after a dead one.
-pub fn delete(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
+/// A device whose clients are connected is refused, naming them, unless
+/// `force` (the clients then see their connection closed).
+pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Result<()> {
     let id = st.id;
     let Some(nbd) = &st.nbd else {
         bail!("device {id}: saved state has no NBD details");
     };
     if st.daemon_alive() {
+        if !force {
+            if let Some(who) = connected(st).filter(|w| !w.is_empty()) {
+                bail!(
+                    "device {id} is in use: NBD clients are connected ({who}); disconnect them, or `userblk del -n {id} --force` stops it anyway"
+                );
+            }
+        }
         lifecycle::stop(st, timeout)?;
     } else {
         // A dead daemon's Unix sockets are left behind; one that another

@@ -41,6 +41,8 @@ use listener::{accept_loop, bind};
 use transmission::{Limits, MAX_PAYLOAD};
 
 mod budget;
+mod clients;
+pub use clients::Clients;
 mod connection;
 pub mod handshake;
 mod listener;
@@ -302,6 +304,11 @@ impl Server {
     /// What has been served so far.
     pub fn counters(&self) -> Arc<Counters> {
         self.shared.counters.clone()
+    }
+
+    /// Who is connected (`del` refuses a device in use, naming them).
+    pub fn clients(&self) -> Clients {
+        Clients(self.shared.clone())
     }
 
     /// Bytes of the payload budget held by requests now, and the most ever
