@@ -187,7 +187,7 @@ fn summary_line(s: &Summary) -> String {
 }
 
 /// Bytes in binary units: `512 B`, `4.0 KiB`, `312 MiB`.
-fn human(bytes: f64) -> String {
+pub(crate) fn human(bytes: f64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes;
     let mut unit = 0;

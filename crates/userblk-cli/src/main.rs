@@ -2,8 +2,8 @@
 //!
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
-//! `progress`, `s3`, `stale_replies` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
-//! `list`, `man` → `targets` → `copy` → `frontend::lifecycle` →
+//! `progress`, `s3`, `stale_replies`, `exit` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
+//! `list`, `man` → `targets` → `copy` → `notify` → `frontend::lifecycle` →
 //! `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
 // Output goes through `out`, which survives a closed pipe; `print!` panics.
@@ -14,9 +14,11 @@ mod cli;
 mod copy;
 mod ctl;
 mod endpoint;
+mod exit;
 mod frontend;
 mod list;
 mod man;
+mod notify;
 mod out;
 mod progress;
 mod resize;
@@ -97,7 +99,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("userblk: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::status_of(&e))
         }
     }
 }
@@ -129,7 +131,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     let msg = msg.join(" ");
     let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
     eprintln!("userblk: {msg} (see --help)");
-    ExitCode::from(2)
+    ExitCode::from(exit::USAGE)
 }
 
 fn create(args: &cli::CreateArgs) -> anyhow::Result<()> {

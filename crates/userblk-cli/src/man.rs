@@ -87,7 +87,10 @@ fn extra(name: &str) -> String {
     s += ".SH \"EXIT STATUS\"\n\
          .TP\n0\nSuccess (for \\fBadd\\fR: the device is live).\n\
          .TP\n1\nFailure, said in one line on standard error.\n\
-         .TP\n2\nA usage error: a bad option or value.\n";
+         .TP\n2\nA usage error: a bad option or value.\n\
+         .TP\n3\nThe device is in use (mounted, or open by a process): \\fBdel\\fR refused it.\n\
+         .TP\n4\nThis host lacks what the command needs: the ublk driver, access to \
+         /dev/ublk\\-control, FUSE, fusermount3 or loop devices.\n";
     s += ".SH FILES\n\
          .TP\n/run/userblk/ID.json\nA device's saved state: its daemon, target and arguments \
          (a user's devices: $XDG_RUNTIME_DIR/userblk/ or /tmp/userblk\\-UID/; \

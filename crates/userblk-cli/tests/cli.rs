@@ -119,6 +119,13 @@ fn man_pages_for_every_command() {
     ] {
         assert!(t.contains(section), "userblk-add.8 lacks {section}");
     }
+    // Every documented exit status (docs/cli.md "Exit status").
+    for status in 0..=4 {
+        assert!(
+            t.contains(&format!(".TP\n{status}\n")),
+            "no exit status {status}"
+        );
+    }
     assert!(text(&userblk(&["man", "add-file"])).contains(".TH userblk-add-file 8"));
     fails(&["man", "nosuch"], 1, "no manual page 'userblk-nosuch'");
     fails(&["man", "add", "--dir", "/tmp"], 2, "cannot be used with");
@@ -137,6 +144,12 @@ fn man_pages_for_every_command() {
     // Hidden commands (the test target `early`) get no page.
     assert!(!dir.path().join("userblk-add-early.8").exists());
     fails(&["man", "--dir", "/nonexistent/man8"], 1, "not a directory");
+}
+
+#[test]
+fn success_exits_0() {
+    let o = userblk(&["list", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
 #[test]
@@ -259,13 +272,16 @@ fn without_the_ublk_driver_the_message_says_what_to_do() {
     if !skip::require(no_ublk, skip::Prereq::Environment, why) {
         return;
     }
-    for args in [
-        &["features"][..],
-        &["del", "-n", "4000"],
-        &["add", "--frontend", "ublk", "null"],
+    // Exit status 4: this host lacks what the command needs, here or in
+    // the daemon `add` spawned. `del` of an unknown id is a plain failure.
+    for (args, code) in [
+        (&["features"][..], 4),
+        (&["del", "-n", "4000"], 1),
+        (&["add", "--frontend", "ublk", "null"], 4),
+        (&["add", "--frontend", "ublk", "--foreground", "null"], 4),
     ] {
-        fails(args, 1, "needs the ublk driver");
-        fails(args, 1, "modprobe ublk_drv");
+        fails(args, code, "needs the ublk driver");
+        fails(args, code, "modprobe ublk_drv");
     }
     // FUSE devices may still exist: `list` works and shows none here.
     let o = userblk(&["list"]);

@@ -367,6 +367,7 @@ fn run_until_stopped(
             Err(_) => break,
         }
     }
+    crate::notify::stopping();
     if let Some(l) = lo.take() {
         let path = l.path();
         match l.detach() {
@@ -581,10 +582,10 @@ fn refuse_if_held(st: &DeviceState, file: &Path, our_loop: Option<&Path>) -> any
         Some(st.pid),
     ));
     if !held.is_empty() {
-        bail!(
+        return Err(crate::exit::in_use(format!(
             "device {id}: {}; close or unmount it first, or `userblk del -n {id} --force` stops it anyway",
             userblk::holders::describe(&held)
-        );
+        )));
     }
     // An exclusive claim no process shows (a mount in another namespace).
     if let Some(lo) = our_loop {

@@ -145,10 +145,26 @@ impl Host {
         } else {
             crate::out::announce(details);
         }
+        // Before the marker: the waiting `add` exits on it, and a service
+        // manager must hear of the new main process before that exit.
+        self.notify_ready(id, path);
         if let Some(log) = self.log(id) {
             crate::out::announce(&format!("{READY_MARKER}\n"));
             redirect_output(&log);
         }
+    }
+}
+
+impl Host {
+    /// Tell a service manager (`$NOTIFY_SOCKET`) that device `id` is live at
+    /// `path`; a daemon `add` spawned names itself the main process.
+    fn notify_ready(&self, id: u32, path: &str) {
+        let target = DeviceState::load(id)
+            .ok()
+            .flatten()
+            .map(|st| st.target)
+            .unwrap_or_default();
+        crate::notify::ready(&crate::notify::serving(path, &target), self.daemon);
     }
 }
 
@@ -319,13 +335,15 @@ pub fn spawn_exe(exe: &Path, argv: Vec<OsString>, clean: fn(&DeviceState)) -> an
             eprintln!("{l}");
         }
     }
-    match last.strip_prefix("userblk: ") {
-        Some(msg) => bail!("{msg}"),
+    // The daemon's exit status is the add's, where it tells cases apart.
+    let msg = match last.strip_prefix("userblk: ") {
+        Some(msg) => msg.to_owned(),
         None if !last.is_empty() => {
-            bail!("the daemon exited ({status}) before the device was live: {last}")
+            format!("the daemon exited ({status}) before the device was live: {last}")
         }
-        None => bail!("the daemon exited ({status}) before the device was live"),
-    }
+        None => format!("the daemon exited ({status}) before the device was live"),
+    };
+    Err(crate::exit::with_status(status.code(), msg))
 }
 
 /// Everything a child writes to `pipe`, sent once it closes.

@@ -149,6 +149,7 @@ impl Frontend for Nbd {
         if let Ok(sig) = self.signals.recv() {
             tracing::info!("signal {sig}: stopping");
         }
+        crate::notify::stopping();
         let counters = server.counters();
         server.stop();
         let n = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);

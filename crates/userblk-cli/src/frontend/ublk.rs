@@ -125,6 +125,7 @@ impl Frontend for Ublk {
         let stop_early = Arc::clone(&self.stop_early);
         Box::new(move |sig| {
             tracing::info!("signal {sig}: stopping the device");
+            crate::notify::stopping();
             stop_early.store(true, Ordering::SeqCst);
             let guard = stopper.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(s) = guard.as_ref() {
@@ -164,6 +165,7 @@ impl Frontend for Ublk {
         let result = (|| -> anyhow::Result<()> {
             let dev = match self.recover_id {
                 Some(id) => {
+                    crate::notify::status(&format!("recovering device {id}"));
                     Device::recover(id, &caps).with_context(|| format!("recovering device {id}"))?
                 }
                 None => Device::add(&cfg, &caps)?,
@@ -387,9 +389,9 @@ pub fn delete(
         userblk::ublk::stop::force_delete(ctrl, id, timeout)?;
     } else {
         userblk::ublk::stop::delete_unless_held(ctrl, id, timeout).map_err(|e| match e {
-            e @ userblk::Error::Held { .. } => anyhow::anyhow!(
+            e @ userblk::Error::Held { .. } => crate::exit::in_use(format!(
                 "device {id}: {e}; close or unmount it first, or `userblk del -n {id} --force` stops it anyway"
-            ),
+            )),
             e => e.into(),
         })?;
     }

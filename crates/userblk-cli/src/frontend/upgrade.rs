@@ -244,22 +244,7 @@ fn check_binary(exe: &Path) -> anyhow::Result<String> {
 /// Tell systemd the service's main process is now `pid` (`MAINPID=`), when
 /// run by a unit with `NotifyAccess=all` (`$NOTIFY_SOCKET` set); else nothing.
 fn notify_main_pid(pid: i32) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let addr = match path.strip_prefix('@') {
-        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
-        None => SocketAddr::from_pathname(&path),
-    };
-    let sent = UnixDatagram::unbound().and_then(|sock| {
-        addr.and_then(|a| sock.send_to_addr(format!("MAINPID={pid}\n").as_bytes(), &a))
-    });
-    if let Err(e) = sent {
-        tracing::warn!("telling systemd the new main pid {pid}: {e}");
-    }
+    crate::notify::main_pid(pid);
 }
 
 /// Ask daemon `pid` to quiesce device `id` and exit.
