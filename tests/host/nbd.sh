@@ -238,7 +238,9 @@ case_del_refuses_connected_clients() {
     "${NBDSH[@]}" -u "$uri" -c 'import time; time.sleep(60)' &
     holder=$!
     wait_for 10 clients_connected "$id" || die "the client never connected"
-    out=$(ub del -n "$id" 2>&1) && die "del of a device with a client connected succeeded"
+    local rc=0
+    out=$(ub del -n "$id" 2>&1) || rc=$?
+    [ "$rc" = 3 ] || die "del of a device with a client connected: exit $rc, not 3 (in use): $out"
     grep -q "NBD clients are connected (pid [0-9]* (" <<<"$out" || die "del did not name the client: $out"
     grep -q -- "--force" <<<"$out" || die "del did not say --force: $out"
     [ "$(list_word "$id" 11)" = LIVE ] || die "refused del changed the device"

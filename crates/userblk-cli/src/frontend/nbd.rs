@@ -219,9 +219,9 @@ pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Resul
     if st.daemon_alive() {
         if !force {
             if let Some(who) = connected(st).filter(|w| !w.is_empty()) {
-                bail!(
+                return Err(crate::exit::in_use(format!(
                     "device {id} is in use: NBD clients are connected ({who}); disconnect them, or `userblk del -n {id} --force` stops it anyway"
-                );
+                )));
             }
         }
         lifecycle::stop(st, timeout)?;
