@@ -166,7 +166,7 @@ impl Frontend for Ublk {
                 Some(id) => {
                     Device::recover(id, &caps).with_context(|| format!("recovering device {id}"))?
                 }
-                None => Device::add(&cfg, &caps)?,
+                None => Device::add(&cfg, &caps).map_err(super::limits::explain_add)?,
             };
             let id = dev.info().dev_id;
             device_id = Some(id);
