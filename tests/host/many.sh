@@ -42,13 +42,7 @@ case_all_come_up() {
 
 case_list_is_fast() {
     needs_host
-    [ -s "$WORK/list" ] || skip "no devices (the first case failed)"
-    local text json
-    text=$(ms_of ub list)
-    json=$(ms_of ub list --json)
-    echo "note: list $text ms, list --json $json ms for $MANY_DEVICES devices"
-    [ "$text" -lt "$LIST_BOUND_MS" ] || die "list took $text ms"
-    [ "$json" -lt "$LIST_BOUND_MS" ] || die "list --json took $json ms"
+    list_within_bound
 }
 
 case_idle_cost() {

@@ -93,3 +93,15 @@ many_leftovers() { # many_leftovers STATE_DIR DIR PID...
     fi
     return "$left"
 }
+
+# A case: `list` and `list --json` of the MANY_DEVICES devices in
+# $WORK/list each answer within LIST_BOUND_MS; the figures in a note.
+list_within_bound() {
+    [ -s "$WORK/list" ] || skip "no devices (the first case failed)"
+    local text json
+    text=$(ms_of ub list)
+    json=$(ms_of ub list --json)
+    echo "note: list $text ms, list --json $json ms for $MANY_DEVICES devices"
+    [ "$text" -lt "$LIST_BOUND_MS" ] || die "list took $text ms"
+    [ "$json" -lt "$LIST_BOUND_MS" ] || die "list --json took $json ms"
+}
