@@ -25,10 +25,9 @@ WORK=$(mktemp -d /var/tmp/userblk-many-bench.XXXXXX)
 guest_private_userblk "$WORK"
 export USERBLK USERBLK_STATE_DIR=$WORK/state
 case $FRONTEND in
-    ublk) modprobe ublk_drv; FE=(--frontend ublk); EXTRA=2 ;;
-    # The main thread, the service thread and the FUSE session's.
+    ublk) modprobe ublk_drv; FE=(--frontend ublk) ;;
     fuse) [[ ! -e /dev/ublk-control ]] || die "this host has ublk: del -a would reach its devices"
-          FE=(--frontend fuse --loop); EXTRA=3 ;;
+          FE=(--frontend fuse --loop) ;;
 esac
 cleanup() { "$USERBLK" del -a >/dev/null 2>&1 || true; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -49,7 +48,7 @@ echo "up: $N devices in $up ms ($(( up / N )) ms each); $live LIVE" >>"$sum"
 echo "list: $(ms_of "$USERBLK" list) ms; list --json: $(ms_of "$USERBLK" list --json) ms" >>"$sum"
 sleep 2
 read -r ra rm pa pm tm < <(many_cost $(pids))
-echo "idle -q 1: Rss avg $ra KiB (max $rm), Pss avg $pa KiB (max $pm), threads max $tm (queues + $((tm - 1)); extra now $EXTRA)" >>"$sum"
+echo "idle -q 1: Rss avg $ra KiB (max $rm), Pss avg $pa KiB (max $pm), threads max $tm (queues + $((tm - 1)))" >>"$sum"
 t0=$(ms_now)
 "$USERBLK" del -a || echo "del -a failed" >>"$sum"
 echo "del -a: $(( $(ms_now) - t0 )) ms for $N devices" >>"$sum"
