@@ -31,29 +31,9 @@ as_uid() { # as_uid N COMMAND...
 as_user() { as_uid "$TEST_UID" "$@"; }
 ub_user() { as_user "$USERBLK" "$@"; }
 
-# ---- the udev stand-in --------------------------------------------------------
+# ---- the udev stand-in (start_owner_loop, stop_owner_loop) ----------------------
 
-OWNER_LOOP_PID=
-start_owner_loop() {
-    chmod 0666 /dev/ublk-control
-    local seen=$WORK/owner-seen
-    : >"$seen"
-    (
-        while :; do
-            for node in /dev/ublkc[0-9]* /dev/ublkb[0-9]*; do
-                [ -e "$node" ] || continue
-                # A node is new if its name and inode have not been seen (ids are reused).
-                key="$node $(stat -c %i "$node" 2>/dev/null)" || continue
-                grep -qxF -- "$key" "$seen" && continue
-                USERBLK=$USERBLK sh "$HELPER" "${node#/dev/}" >>"$WORK/owner.log" 2>&1 &&
-                    echo "$key" >>"$seen"
-            done
-            sleep 0.05
-        done
-    ) &
-    OWNER_LOOP_PID=$!
-}
-stop_owner_loop() { [ -z "$OWNER_LOOP_PID" ] || kill "$OWNER_LOOP_PID" 2>/dev/null || true; }
+. vm/suite/owner-loop.sh
 
 # ---- helpers ------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use userblk::control::{self, ControlError, Registry, Request, Server};
+use userblk::control::{self, ControlError, Endpoint, Registry, Request};
 use userblk::state::{self, DeviceState};
 
 use crate::cli::CtlArgs;
@@ -21,12 +21,13 @@ pub fn socket_path(pid: i32) -> PathBuf {
     state::state_dir().join(format!("ctl-{pid}.sock"))
 }
 
-/// Serve `registry` for this daemon (the state directory is made if needed).
-pub fn serve(registry: Registry) -> anyhow::Result<Server> {
+/// This daemon's socket for `registry` (the state directory is made if
+/// needed), for the daemon's service thread to answer.
+pub fn serve(registry: Registry) -> anyhow::Result<Endpoint> {
     state::ensure_dir()?;
     prune_stale();
     let path = socket_path(rustix::process::getpid().as_raw_nonzero().get());
-    Ok(Server::start(registry, &path)?)
+    Ok(Endpoint::bind(registry, &path)?)
 }
 
 /// Remove sockets of daemons that are gone (killed before they could).

@@ -3,8 +3,8 @@
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
 //! `progress`, `s3`, `stale_replies`, `exit` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
-//! `list`, `man` → `targets` → `copy` → `notify` → `frontend::lifecycle` →
-//! `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
+//! `list`, `man` → `targets` → `copy` → `notify` → `frontend::{service, del_all, limits}` →
+//! `frontend::lifecycle` → `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
 // Output goes through `out`, which survives a closed pipe; `print!` panics.
 #![deny(clippy::print_stdout)]

@@ -23,10 +23,9 @@ pub struct Opened {
     pub target: Arc<dyn Target>,
     /// A `mem` device's data file, for recovery; removed when the device is deleted.
     pub shared: Option<PathBuf>,
-    /// The control socket serving the filters' actions (`userblk ctl`):
-    /// kept for as long as the daemon holds this, and removed when dropped.
-    #[allow(dead_code)]
-    pub control: Option<userblk::control::Server>,
+    /// The control socket serving the filters' actions (`userblk ctl`),
+    /// for the lifecycle's service thread to answer; removed when dropped.
+    pub control: Option<userblk::control::Endpoint>,
     /// What the control socket serves: the frontend adds its own actions here
     /// (ublk's `handover`, every frontend's resize).
     pub registry: userblk::control::Registry,

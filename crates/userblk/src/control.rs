@@ -378,6 +378,103 @@ const MAX_IN_FLIGHT: usize = 8;
 /// How often the server looks at its stop flag (under a second).
 const TICK: Duration = Duration::from_millis(200);
 
+/// A registry's socket, bound and listening, for a caller's own poll
+/// loop: [`Endpoint::answer_ready`] once its fd is readable. A daemon so
+/// serves it from the thread that also waits for its signals instead of a
+/// thread of its own. Dropping it removes the socket.
+#[derive(Debug)]
+pub struct Endpoint {
+    listener: UnixListener,
+    path: PathBuf,
+    registry: Registry,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Endpoint {
+    /// Listen for `registry`'s requests on a new socket at `path` (mode
+    /// 0600; a stale socket left there is replaced).
+    pub fn bind(registry: Registry, path: &Path) -> Result<Endpoint, ControlError> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let io = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |err| ControlError::Io { what, err }
+        };
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
+        }
+        let listener = UnixListener::bind(path).map_err(io("listening on"))?;
+        let endpoint = Endpoint {
+            listener,
+            path: path.to_path_buf(),
+            registry,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("setting the mode of"))?;
+        // Accepting must not block the caller's loop when a client gave up.
+        endpoint
+            .listener
+            .set_nonblocking(true)
+            .map_err(io("setting up"))?;
+        Ok(endpoint)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accept a waiting connection, if any, and answer it on a thread of
+    /// its own (a few at once; more are told busy).
+    pub fn answer_ready(&self) {
+        match self.listener.accept() {
+            Ok((conn, _)) => self.dispatch(conn),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => tracing::debug!("control socket: accept: {e}"),
+        }
+    }
+
+    fn dispatch(&self, conn: UnixStream) {
+        // Accepted sockets do not inherit the listener's O_NONBLOCK on Linux,
+        // but make sure: the answer uses timeouts, not polling.
+        let _ = conn.set_nonblocking(false);
+        let in_flight = &self.in_flight;
+        if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            let busy = format!("busy: {MAX_IN_FLIGHT} requests are running");
+            let _ = send(&conn, &Reply::failed(busy));
+            return;
+        }
+        let (registry, left) = (self.registry.clone(), Arc::clone(in_flight));
+        let run = move || {
+            if let Err(e) = answer(conn, &registry) {
+                tracing::debug!("control request: {e}");
+            }
+            left.fetch_sub(1, Ordering::SeqCst);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("control-req".into())
+            .spawn(run)
+        {
+            // The closure (and its connection) is gone: the client sees it closed.
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("control request: no thread for it: {e}");
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Endpoint {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// A registry served on a Unix socket by a thread of its own, until dropped
 /// (which removes the socket).
 #[derive(Debug)]
@@ -391,24 +488,27 @@ impl Server {
     /// Serve `registry` on a new socket at `path` (mode 0600; a stale
     /// socket left there is replaced).
     pub fn start(registry: Registry, path: &Path) -> Result<Server, ControlError> {
-        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-        let io = |what: &str| {
-            let what = format!("{what} {}", path.display());
-            move |err| ControlError::Io { what, err }
-        };
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
-        }
-        let listener = UnixListener::bind(path).map_err(io("listening on"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(io("setting the mode of"))?;
+        let endpoint = Endpoint::bind(registry, path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || serve(&listener, &registry, &stop))
-                .map_err(io("starting the server for"))?
+                .spawn(move || {
+                    serve_until(
+                        &endpoint,
+                        || Ok(()),
+                        &stop,
+                        "control socket",
+                        |()| {
+                            endpoint.answer_ready();
+                        },
+                    );
+                })
+                .map_err(|err| ControlError::Io {
+                    what: format!("starting the server for {}", path.display()),
+                    err,
+                })?
         };
         Ok(Server {
             path: path.to_path_buf(),
@@ -426,39 +526,11 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // The thread's endpoint removes the socket as the thread ends.
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
     }
-}
-
-fn serve(listener: &UnixListener, registry: &Registry, stop: &AtomicBool) {
-    let accept = || listener.accept().map(|(conn, _)| conn);
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    serve_until(listener, accept, stop, "control socket", |conn| {
-        if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            let busy = format!("busy: {MAX_IN_FLIGHT} requests are running");
-            let _ = send(&conn, &Reply::failed(busy));
-            return;
-        }
-        let (registry, left) = (registry.clone(), Arc::clone(&in_flight));
-        let run = move || {
-            if let Err(e) = answer(conn, &registry) {
-                tracing::debug!("control request: {e}");
-            }
-            left.fetch_sub(1, Ordering::SeqCst);
-        };
-        if let Err(e) = std::thread::Builder::new()
-            .name("control-req".into())
-            .spawn(run)
-        {
-            // The closure (and its connection) is gone: the client sees it closed.
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!("control request: no thread for it: {e}");
-        }
-    });
 }
 
 /// Accept connections on `listener` (through `accept`) and hand them to

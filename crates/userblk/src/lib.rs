@@ -14,6 +14,7 @@
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
 //! - [`holders`]: who has a block device open or mounted (`del` refuses held devices).
+//! - [`limits`]: the kernel's and the process's limits a new device must fit under.
 //! - [`nbd`]: the NBD protocol: a server frontend, and the client the nbd target uses.
 //!
 //! A target is a few dozen lines; see [`targets::null`] for the smallest one.
@@ -26,6 +27,7 @@ pub mod filters;
 pub mod fuse;
 pub mod holders;
 pub mod io;
+pub mod limits;
 pub mod loopdev;
 pub mod nbd;
 pub mod resize;

@@ -24,7 +24,7 @@ use crate::targets::Opened;
 const MAX_IO_BUF_BYTES: u32 = 16 << 20;
 
 /// Serving threads when `-q` is not given.
-const DEFAULT_THREADS: u16 = 4;
+pub(super) const DEFAULT_THREADS: u16 = 4;
 
 /// Set (to `BS:RO:FILE`) in the environment of the process that attaches the loop device.
 pub const ATTACH_ENV: &str = "USERBLK_LOOP_ATTACH";

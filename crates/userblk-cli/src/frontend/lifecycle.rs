@@ -40,7 +40,7 @@ const READY_DEADLINE: Duration = Duration::from_secs(300);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// What the lifecycle calls on a signal: ask the serving thread to stop.
-/// Runs on the signal thread, from before the device exists.
+/// Runs on the daemon's service thread, from before the device exists.
 pub type Stop = Box<dyn Fn(i32) + Send>;
 
 /// A frontend: how a device is claimed, served and stopped. The lifecycle
@@ -175,15 +175,17 @@ pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, host: &Host) -> anyhow::
         // Leave the caller's session so its terminal's signals do not reach us.
         let _ = rustix::process::setsid();
     }
-    let signals = watch_signals(fe.stopper())?;
+    // One thread hands signals to the frontend's stopper and answers `ctl`.
+    let service = super::service::start(fe.stopper())?;
     let result = (|| {
-        let target = crate::targets::open(&args.target, &args.filters(), fe.mem_data())?;
+        let mut target = crate::targets::open(&args.target, &args.filters(), fe.mem_data())?;
+        service.answer(target.control.take());
         target.target.caps().check().context("target")?;
         fe.claim()?;
         settle(daemon, fe.serves_this_kernel());
         fe.serve(target, host)
     })();
-    signals.close();
+    service.close();
     result
 }
 
@@ -211,39 +213,6 @@ fn settle(daemon: bool, serves_this_kernel: bool) {
     if daemon {
         let _ = std::env::set_current_dir("/");
     }
-}
-
-/// Signals handed to `stop` on a thread of their own, until closed.
-struct Signals {
-    handle: signal_hook::iterator::Handle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Signals {
-    fn close(mut self) {
-        self.handle.close();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn watch_signals(stop: Stop) -> anyhow::Result<Signals> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("installing signal handlers")?;
-    let handle = signals.handle();
-    let thread = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                stop(sig);
-            }
-        })?;
-    Ok(Signals {
-        handle,
-        thread: Some(thread),
-    })
 }
 
 fn redirect_output(log: &Path) {

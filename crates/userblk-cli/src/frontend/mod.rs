@@ -7,10 +7,13 @@
 //! the device's saved state. This module picks one; the lifecycle runs it
 //! and knows none of them.
 
+mod del_all;
 mod fuse;
 mod lifecycle;
+mod limits;
 mod nbd;
 mod resize;
+mod service;
 mod ublk;
 mod upgrade;
 
@@ -43,6 +46,10 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
     let daemon = std::env::var_os(lifecycle::DAEMON_ENV).is_some();
     if args.dev.foreground || daemon {
         let (kind, fallback) = Kind::choose(&args.dev)?;
+        // A daemon's `add` checked them before starting it.
+        if !daemon {
+            kind.check_limits(&args.dev)?;
+        }
         let fe: Box<dyn Frontend> = match kind {
             Kind::Ublk => Box::new(ublk::Ublk::new(&args.dev)?),
             Kind::Fuse { with_loop } => Box::new(fuse::Fuse::new(&args.dev, with_loop)?),
@@ -51,6 +58,8 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
         let host = lifecycle::Host::new(daemon, args.dev.show, fallback);
         lifecycle::serve(fe, &args, &host)
     } else {
+        // Limits first: a device that cannot fit is refused before a daemon exists.
+        Kind::choose(&args.dev)?.0.check_limits(&args.dev)?;
         let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
         argv.push("--foreground".into());
         lifecycle::spawn(argv, clean_up_after)
@@ -91,6 +100,26 @@ enum Kind {
 }
 
 impl Kind {
+    /// Refuse a device that would go past a limit (`ublks_max`, open files, ...).
+    fn check_limits(self, dev: &DevArgs) -> anyhow::Result<()> {
+        let new = dev.recover_id.is_none() && !dev.adopt;
+        let (needs, queues) = match self {
+            Kind::Ublk => (
+                // The kernel makes root's devices privileged, even with --unprivileged.
+                limits::Needs::Ublk {
+                    new_unprivileged: new.then_some(!running_as_root()),
+                },
+                dev.queues.unwrap_or(1),
+            ),
+            Kind::Fuse { with_loop } => (
+                limits::Needs::Fuse { with_loop },
+                dev.queues.unwrap_or(fuse::DEFAULT_THREADS),
+            ),
+            Kind::Nbd => (limits::Needs::Nbd, 1),
+        };
+        limits::check(needs, queues)
+    }
+
     /// Resolve `--frontend` and check the options fit the frontend. With
     /// the kind, why `auto` fell back to FUSE and how it serves, for the
     /// user to be told once the device is live.
@@ -172,49 +201,73 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
         kernel_ids,
         ids: all,
     } = crate::list::Devices::find()?;
-    let ids = match args.id {
-        Some(id) => vec![id],
-        None => all,
-    };
+    if let (Some(id), false) = (args.id, args.all) {
+        return del_one(ctrl.as_mut(), &kernel_ids, id, args.force);
+    }
+    let ids = args.id.map_or(all, |id| vec![id]);
+    let ublk = ctrl.is_some();
+    drop(ctrl);
+    let results = del_all::run(
+        &ids,
+        del_all::WORKERS,
+        std::time::Instant::now() + del_all::DEADLINE,
+        // A control device per worker: each has its own ring.
+        || ublk.then(|| Control::open().ok()).flatten(),
+        |ctrl, id| del_one(ctrl.as_mut(), &kernel_ids, id, args.force),
+        |id| {
+            anyhow::anyhow!(
+                "device {id}: not stopped: `del -a` gives up starting stops after {}s",
+                del_all::DEADLINE.as_secs()
+            )
+        },
+    );
     let mut failed = 0;
-    for id in ids {
-        // Read before deleting: the daemon removes its state as it exits.
-        let saved = DeviceState::load(id).ok().flatten();
-        let result = match (&saved, ctrl.as_mut()) {
-            (Some(st), _) if st.frontend == "nbd" && !kernel_ids.contains(&id) => {
-                nbd::delete(st, DEL_TIMEOUT, args.force)
-            }
-            (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
-                fuse::delete(st, DEL_TIMEOUT, args.force)
-            }
-            (_, Some(ctrl)) => ublk::delete(ctrl, id, saved.as_ref(), DEL_TIMEOUT, args.force),
-            (_, None) => Err(Control::open().err().map_or_else(
-                || anyhow::anyhow!("no device with id {id}"),
-                |e| anyhow::anyhow!("no FUSE device with id {id}, and {e}"),
-            )),
-        };
-        if result.is_ok() {
-            if let Some(st) = &saved {
-                crate::stats::remove_snapshot(st);
-                crate::ctl::remove_socket(st);
-            }
-        }
+    for (_, result) in results {
         match result {
             Ok(()) => {}
             // `del -a` as a user: other users' devices are not ours to delete.
             Err(e)
-                if args.all
-                    && matches!(
-                        e.downcast_ref::<userblk::Error>(),
-                        Some(userblk::Error::DeviceAccess { .. })
-                    ) => {}
-            Err(e) if args.all => {
+                if matches!(
+                    e.downcast_ref::<userblk::Error>(),
+                    Some(userblk::Error::DeviceAccess { .. })
+                ) => {}
+            Err(e) => {
                 eprintln!("userblk: {e:#}");
                 failed += 1;
             }
-            Err(e) => return Err(e),
         }
     }
     anyhow::ensure!(failed == 0, "{failed} device(s) could not be deleted");
     Ok(())
+}
+
+/// Delete device `id`, whichever frontend serves it.
+fn del_one(
+    ctrl: Option<&mut Control>,
+    kernel_ids: &[u32],
+    id: u32,
+    force: bool,
+) -> anyhow::Result<()> {
+    // Read before deleting: the daemon removes its state as it exits.
+    let saved = DeviceState::load(id).ok().flatten();
+    let result = match (&saved, ctrl) {
+        (Some(st), _) if st.frontend == "nbd" && !kernel_ids.contains(&id) => {
+            nbd::delete(st, DEL_TIMEOUT, force)
+        }
+        (Some(st), _) if st.frontend != "ublk" && !kernel_ids.contains(&id) => {
+            fuse::delete(st, DEL_TIMEOUT, force)
+        }
+        (_, Some(ctrl)) => ublk::delete(ctrl, id, saved.as_ref(), DEL_TIMEOUT, force),
+        (_, None) => Err(Control::open().err().map_or_else(
+            || anyhow::anyhow!("no device with id {id}"),
+            |e| anyhow::anyhow!("no FUSE device with id {id}, and {e}"),
+        )),
+    };
+    if result.is_ok() {
+        if let Some(st) = &saved {
+            crate::stats::remove_snapshot(st);
+            crate::ctl::remove_socket(st);
+        }
+    }
+    result
 }

@@ -168,7 +168,7 @@ impl Frontend for Ublk {
                     crate::notify::status(&format!("recovering device {id}"));
                     Device::recover(id, &caps).with_context(|| format!("recovering device {id}"))?
                 }
-                None => Device::add(&cfg, &caps)?,
+                None => Device::add(&cfg, &caps).map_err(super::limits::explain_add)?,
             };
             let id = dev.info().dev_id;
             device_id = Some(id);

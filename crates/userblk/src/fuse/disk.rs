@@ -32,6 +32,10 @@ use crate::{Error, Result};
 /// is free.
 pub const MAX_THREADS: usize = 64;
 
+/// The stack of the thread that runs a session: it only starts the
+/// serving threads and waits for them.
+const SESSION_STACK: usize = 256 << 10;
+
 /// How to export a target over FUSE.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
@@ -142,22 +146,21 @@ impl FuseDisk {
                 mount_err(e)
             })?
         };
-        let bg = session.spawn().map_err(|e| Error::Fuse {
-            what: "starting the FUSE threads".into(),
-            err: e,
-        });
-        let bg = match bg {
-            Ok(bg) => bg,
-            Err(e) => {
-                let _ = unmount(&mountpoint);
-                return Err(e);
-            }
-        };
-        let notifier = bg.notifier();
-        std::thread::Builder::new()
-            .name("fuse-watch".into())
-            .spawn(move || on_end(bg.join()))
-            .map_err(|e| Error::io("spawning the FUSE watcher", e))?;
+        let notifier = session.notifier();
+        // One thread runs the session (it starts the serving threads and
+        // waits for them) and then reports its end: fuser's own `spawn`
+        // would take one thread for each.
+        let spawned = std::thread::Builder::new()
+            .name("fuse-session".into())
+            .stack_size(SESSION_STACK)
+            .spawn(move || on_end(session.run()));
+        if let Err(e) = spawned {
+            let _ = unmount(&mountpoint);
+            return Err(Error::Fuse {
+                what: "starting the FUSE threads".into(),
+                err: e,
+            });
+        }
         Ok(FuseDisk {
             file: mountpoint.join(DISK_NAME),
             mountpoint,
