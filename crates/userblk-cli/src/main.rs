@@ -2,7 +2,7 @@
 //!
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
-//! `progress`, `s3`, `stale_replies` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
+//! `progress`, `s3`, `stale_replies` → `endpoint` → `cli` → `names` → `checkpoint`, `ctl`, `stats`,
 //! `list`, `man` → `targets` → `copy` → `frontend::lifecycle` →
 //! `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
@@ -17,6 +17,7 @@ mod endpoint;
 mod frontend;
 mod list;
 mod man;
+mod names;
 mod out;
 mod progress;
 mod resize;
@@ -92,6 +93,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Man(args) => man::run(&args),
+        Command::UdevName(args) => names::udev_name(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

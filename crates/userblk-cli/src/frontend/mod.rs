@@ -79,7 +79,7 @@ fn clean_up_after(st: &DeviceState) {
 /// `userblk recover -n ID`: check the device can be recovered, then start a
 /// daemon with the arguments saved when it was added.
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
-    lifecycle::spawn(ublk::recover_argv(args.id)?, clean_up_after)
+    lifecycle::spawn(ublk::recover_argv(args.device.id()?)?, clean_up_after)
 }
 
 /// Which frontend serves the device, after `auto` is resolved.
@@ -172,7 +172,7 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
         kernel_ids,
         ids: all,
     } = crate::list::Devices::find()?;
-    let ids = match args.id {
+    let ids = match crate::names::resolve(args.id, args.name.as_deref())? {
         Some(id) => vec![id],
         None => all,
     };
@@ -197,6 +197,7 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
             if let Some(st) = &saved {
                 crate::stats::remove_snapshot(st);
                 crate::ctl::remove_socket(st);
+                crate::names::forget(st);
             }
         }
         match result {
