@@ -44,6 +44,9 @@ as_root bash tests/host/resize.sh
 step "host suite: many devices over FUSE + loop (32 up, list time, idle cost, del -a, limits refused up front)"
 as_root bash tests/host/many.sh
 
+step "host suite: device names (add --name, --name for -n, /dev/userblk/NAME links) over FUSE and NBD"
+as_root bash tests/host/names.sh
+
 step "host suite: NBD server and nbd target (libnbd, qemu, nbdkit clients)"
 as_root bash tests/host/nbd.sh
 
@@ -85,8 +88,8 @@ as_root vm/run.sh -- vm/suite/qcow2.sh
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
 
-step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices (Debian 6.12 in qemu/TCG, one boot)"
-as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many
+step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names (Debian 6.12 in qemu/TCG, one boot)"
+as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names
 
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
@@ -104,5 +107,5 @@ as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
 step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
 
-step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O, many devices (Debian trixie-backports in qemu/TCG, one boot)"
-as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many
+step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O, many devices, names (Debian trixie-backports in qemu/TCG, one boot)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names

@@ -48,6 +48,32 @@ fn scheduler_name(s: &str) -> Result<String, String> {
     }
 }
 
+/// A device name (`add --name`), checked against the library's rule.
+fn device_name(s: &str) -> Result<String, String> {
+    userblk::names::validate(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+/// Which device a command is about: `-n ID` or `--name NAME`, one of them.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct DeviceRef {
+    /// Device id.
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: Option<u32>,
+    /// Device name (given to `add --name`).
+    #[arg(long, value_name = "NAME", value_parser = device_name)]
+    pub name: Option<String>,
+}
+
+/// `udev-name` (internal, for the udev rule in contrib/udev).
+#[derive(Debug, Args)]
+pub struct UdevNameArgs {
+    /// The ublk device id (udev's %n of ublkbN).
+    #[arg(value_name = "ID")]
+    pub id: u32,
+}
+
 /// userblk: Linux block devices served by a userspace process.
 #[derive(Debug, Parser)]
 #[command(name = "userblk", version, about, propagate_version = true)]
@@ -97,6 +123,9 @@ pub enum Command {
     /// `userblk man` is userblk(8); `userblk man add` is userblk-add(8), and
     /// so on for every command (`add-file`, `create-qcow2`).
     Man(ManArgs),
+    /// Print device ID's name, for udev's /dev/userblk/NAME link (contrib/udev).
+    #[command(hide = true)]
+    UdevName(UdevNameArgs),
 }
 
 /// `man`.
@@ -122,9 +151,9 @@ pub struct CompletionsArgs {
 /// `stats`.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Device id.
-    #[arg(short = 'n', long = "number", value_name = "ID")]
-    pub id: u32,
+    /// The device.
+    #[command(flatten)]
+    pub device: DeviceRef,
     /// Machine-readable output (the snapshot as the daemon wrote it, with `id` and `live`).
     #[arg(long)]
     pub json: bool,
@@ -133,9 +162,9 @@ pub struct StatsArgs {
 /// `ctl`.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// Device id.
-    #[arg(short = 'n', long = "number", value_name = "ID")]
-    pub id: u32,
+    /// The device.
+    #[command(flatten)]
+    pub device: DeviceRef,
     /// Machine-readable output (the daemon's answer as it sent it).
     #[arg(long)]
     pub json: bool,
@@ -148,9 +177,9 @@ pub struct CtlArgs {
 /// `resize`.
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
-    /// Device id.
-    #[arg(short = 'n', long = "number", value_name = "ID")]
-    pub id: u32,
+    /// The device.
+    #[command(flatten)]
+    pub device: DeviceRef,
     /// The new size (`20G`, `512M`, bytes): a multiple of the device's block size.
     #[arg(short = 's', long, value_name = "SIZE", value_parser = size)]
     pub size: u64,
@@ -162,17 +191,17 @@ pub struct ResizeArgs {
 /// `recover`.
 #[derive(Debug, Args)]
 pub struct RecoverArgs {
-    /// Device id.
-    #[arg(short = 'n', long = "number", value_name = "ID")]
-    pub id: u32,
+    /// The device.
+    #[command(flatten)]
+    pub device: DeviceRef,
 }
 
 /// `upgrade`.
 #[derive(Debug, Args)]
 pub struct UpgradeArgs {
-    /// Device id.
-    #[arg(short = 'n', long = "number", value_name = "ID")]
-    pub id: u32,
+    /// The device.
+    #[command(flatten)]
+    pub device: DeviceRef,
     /// The userblk binary the new daemon runs (default: this one). It must
     /// be named userblk and answer --version.
     #[arg(long, value_name = "PATH")]
@@ -242,6 +271,16 @@ pub struct DevArgs {
         help_heading = "Device"
     )]
     pub id: Option<u32>,
+    /// A name for the device, unique on this host: other commands take
+    /// `--name NAME` for `-n ID`, and /dev/userblk/NAME links to its node.
+    ///
+    /// 1 to 64 characters of A-Z a-z 0-9 . _ -, not starting with . or -.
+    /// The link leads to /dev/ublkbN, /dev/loopN or the FUSE file (NBD
+    /// devices have no node, so no link); a user's links are under the
+    /// state directory's dev/ (docs/names.md).
+    #[arg(long, global = true, value_name = "NAME", value_parser = device_name,
+          help_heading = "Device")]
+    pub name: Option<String>,
     /// Which interface serves the device.
     ///
     /// ublk, FUSE (a file, plus a loop device with --loop) or NBD (a network
@@ -653,11 +692,14 @@ pub struct FileArgs {
 
 /// `del`.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "name", "all"])))]
 pub struct DelArgs {
     /// Device id.
     #[arg(short = 'n', long = "number", value_name = "ID")]
     pub id: Option<u32>,
+    /// Device name (given to `add --name`).
+    #[arg(long, value_name = "NAME", value_parser = device_name)]
+    pub name: Option<String>,
     /// Every device.
     #[arg(short = 'a', long)]
     pub all: bool,
@@ -677,6 +719,9 @@ pub struct ListArgs {
     /// Only this device.
     #[arg(short = 'n', long = "number", value_name = "ID")]
     pub id: Option<u32>,
+    /// Only the device with this name.
+    #[arg(long, value_name = "NAME", value_parser = device_name, conflicts_with = "id")]
+    pub name: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -757,12 +802,47 @@ mod tests {
             Err(e) => Err(e),
         };
         let c = ctl(&["-n", "3"]).unwrap();
-        assert_eq!((c.id, c.action), (3, None));
+        assert_eq!((c.device.id, c.action), (Some(3), None));
         let c = ctl(&["-n", "3", "powercut"]).unwrap();
         assert_eq!(c.action.as_deref(), Some("powercut"));
         let e = ctl(&["-n", "3", "powercut", "junk"]).unwrap_err();
         assert_eq!(e.exit_code(), 2, "{e}");
         assert!(ctl(&["powercut"]).is_err(), "no device id");
+    }
+
+    #[test]
+    fn a_device_is_named_by_id_or_name_not_both() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["userblk"].iter().chain(args));
+        match parse(&["resize", "--name", "db", "--size", "1G"]).map(|c| c.command) {
+            Ok(Command::Resize(r)) => {
+                assert_eq!((r.device.id, r.device.name.as_deref()), (None, Some("db")));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        for bad in [
+            &["stats", "-n", "1", "--name", "db"][..],
+            &["recover"],
+            &["upgrade", "--name", ".x"],
+            &["ctl", "--name", "a/b"],
+            &["del", "-n", "1", "--name", "x"],
+            &["list", "-n", "1", "--name", "x"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");
+        }
+        assert!(parse(&["del", "--name", "x"]).is_ok());
+        assert!(parse(&["list", "--name", "x"]).is_ok());
+        // Before or after the target name, as every device option.
+        assert_eq!(
+            add(&["--name", "db", "null"]).unwrap().dev.name.as_deref(),
+            Some("db")
+        );
+        assert_eq!(
+            add(&["null", "--name", "db"]).unwrap().dev.name.as_deref(),
+            Some("db")
+        );
+        let e = add(&["--name=-x", "null"]).unwrap_err().to_string();
+        assert!(e.contains("not a valid device name"), "{e}");
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn remove_socket(st: &DeviceState) {
 
 /// `userblk ctl -n ID [ACTION [ARGS...]]`.
 pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
-    let id = args.id;
+    let id = args.device.id()?;
     let st = DeviceState::load(id)?
         .with_context(|| format!("no device with id {id} in {}", state::state_dir().display()))?;
     if !st.daemon_alive() {

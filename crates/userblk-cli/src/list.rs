@@ -79,6 +79,18 @@ fn target_lines(target: &serde_json::Value) -> String {
     s
 }
 
+/// The `name` line of a named device (and its link), else nothing.
+fn name_line(st: &DeviceState) -> String {
+    match &st.name {
+        Some(n) if st.frontend == "nbd" => format!("\tname {n}\n"),
+        Some(n) => format!(
+            "\tname {n} link {}\n",
+            userblk::names::link::path(n).display()
+        ),
+        None => String::new(),
+    }
+}
+
 /// LIVE while the daemon runs; DEAD once it is gone (`del` cleans up).
 fn saved_state_name(st: &DeviceState) -> &'static str {
     if !st.daemon_alive() {
@@ -114,6 +126,7 @@ fn saved_text(st: &DeviceState) -> String {
         saved_state_name(st)
     );
     s += &target_lines(&st.target);
+    s += &name_line(st);
     s += &format!("\tfrontend {} block {}", st.frontend, st.block_device);
     if let Some(f) = &st.fuse {
         if f.loop_device.is_some() {
@@ -134,6 +147,7 @@ fn saved_json(st: &DeviceState) -> serde_json::Value {
     let (threads, size, bs, max_rq) = saved_geometry(st);
     json!({
         "id": st.id,
+        "name": st.name,
         "state": saved_state_name(st),
         "pid": st.pid,
         "frontend": st.frontend,
@@ -210,6 +224,7 @@ impl UblkEntry {
                 );
             }
             s += &target_lines(&st.target);
+            s += &name_line(st);
             s += &format!("\tfrontend {} block {}\n", st.frontend, st.block_device);
         } else {
             s += &format!("\tblock {}\n", block_path(i.dev_id).display());
@@ -222,6 +237,7 @@ impl UblkEntry {
         let i = &self.info;
         json!({
             "id": i.dev_id,
+            "name": self.state.as_ref().and_then(|s| s.name.clone()),
             "state": state_name(i.state),
             "pid": i.ublksrv_pid,
             "nr_hw_queues": i.nr_hw_queues,
@@ -292,7 +308,8 @@ pub fn run(args: &ListArgs) -> anyhow::Result<()> {
         kernel_ids,
         mut ids,
     } = Devices::find()?;
-    if let Some(id) = args.id {
+    let only = crate::names::resolve(args.id, args.name.as_deref())?;
+    if let Some(id) = only {
         ids.retain(|&i| i == id);
         if ids.is_empty() {
             anyhow::bail!("no device with id {id}");
@@ -314,9 +331,9 @@ pub fn run(args: &ListArgs) -> anyhow::Result<()> {
         match entry(ctrl, id) {
             Ok(e) => entries.push(e),
             // A device deleted between listing and asking is simply gone.
-            Err(userblk::Error::NoSuchDevice(_)) if args.id.is_none() => {}
+            Err(userblk::Error::NoSuchDevice(_)) if only.is_none() => {}
             // Someone else's device: not ours to show.
-            Err(userblk::Error::DeviceAccess { .. }) if args.id.is_none() => hidden += 1,
+            Err(userblk::Error::DeviceAccess { .. }) if only.is_none() => hidden += 1,
             Err(e @ userblk::Error::DeviceAccess { .. }) => return Err(e.into()),
             Err(e) => return Err(e).with_context(|| format!("device {id}")),
         }

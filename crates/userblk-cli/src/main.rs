@@ -2,7 +2,7 @@
 //!
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
-//! `progress`, `s3`, `stale_replies`, `exit` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
+//! `progress`, `s3`, `stale_replies`, `exit` → `endpoint` → `cli` → `names` → `checkpoint`, `ctl`, `stats`,
 //! `list`, `man` → `targets` → `copy` → `notify` → `frontend::{service, del_all, limits}` →
 //! `frontend::lifecycle` → `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
@@ -18,6 +18,7 @@ mod exit;
 mod frontend;
 mod list;
 mod man;
+mod names;
 mod notify;
 mod out;
 mod progress;
@@ -94,6 +95,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Man(args) => man::run(&args),
+        Command::UdevName(args) => names::udev_name(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,7 +19,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `userblk resize -n ID --size SIZE [--allow-shrink]`.
 pub fn run(args: &ResizeArgs) -> anyhow::Result<()> {
-    let id = args.id;
+    let id = args.device.id()?;
     if args.size == 0 {
         bail!("the new size must be greater than 0");
     }

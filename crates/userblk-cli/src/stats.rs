@@ -55,7 +55,7 @@ pub fn remove_snapshot(st: &DeviceState) {
 
 /// `userblk stats -n ID [--json]`.
 pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
-    let id = args.id;
+    let id = args.device.id()?;
     let st = DeviceState::load(id)?
         .with_context(|| format!("no device with id {id} in {}", state::state_dir().display()))?;
     let path = st.stats_path();

@@ -10,6 +10,7 @@
 //! - [`filters`]: targets that wrap a target (readonly, offset, delay, error, stats, ...), stacked.
 //! - [`spec`]: one typed description of a target and its filters, and the one factory that opens it.
 //! - [`state`]: saved per-device state, shared by the frontends.
+//! - [`names`]: device names (`add --name`): the rule, the claim, the `/dev/userblk/NAME` links.
 //! - [`copy`]: copying one target onto another, skipping holes (`userblk copy`).
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
@@ -29,6 +30,7 @@ pub mod holders;
 pub mod io;
 pub mod limits;
 pub mod loopdev;
+pub mod names;
 pub mod nbd;
 pub mod resize;
 pub mod size;

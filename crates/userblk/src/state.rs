@@ -70,6 +70,9 @@ fn ensure_state_dir(dir: &Path) -> std::io::Result<()> {
 pub struct DeviceState {
     /// Device id.
     pub id: u32,
+    /// The device's name (`add --name`), unique per state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Daemon pid.
     pub pid: i32,
     /// Frontend serving it (`ublk`).
@@ -205,6 +208,7 @@ impl DeviceState {
     pub fn new(id: u32, frontend: &str) -> Self {
         DeviceState {
             id,
+            name: None,
             pid: rustix::process::getpid().as_raw_nonzero().get(),
             frontend: frontend.into(),
             block_device: String::new(),
@@ -334,11 +338,11 @@ pub fn pid_is_stopped(pid: i32) -> bool {
     crate::sys::proc_stat(pid).is_some_and(|(_, state)| matches!(state, 'T' | 't'))
 }
 
-/// An exclusive `flock` on the state directory's lock file, for claiming ids.
-struct StateLock(#[allow(dead_code)] std::fs::File);
+/// An exclusive `flock` on the state directory's lock file, for claiming ids (and names).
+pub(crate) struct StateLock(#[allow(dead_code)] std::fs::File);
 
 impl StateLock {
-    fn take(dir: &Path) -> Result<Self> {
+    pub(crate) fn take(dir: &Path) -> Result<Self> {
         let path = dir.join(".lock");
         let err = |e: std::io::Error| Error::State {
             path: path.clone(),

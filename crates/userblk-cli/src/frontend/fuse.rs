@@ -109,6 +109,7 @@ impl Frontend for Fuse {
 
     fn serve(&mut self, opened: Opened, host: &Host) -> anyhow::Result<()> {
         let (mut st, mut cleanup) = self.claimed.take().context("no device id claimed")?;
+        st.name = host.name();
         let target = opened.target;
         let caps = target.caps();
         let id = st.id;

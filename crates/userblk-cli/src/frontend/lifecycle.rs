@@ -104,6 +104,8 @@ pub struct Host {
     /// `--show`: announce only the device's path.
     show: bool,
     fallback: Option<Fallback>,
+    /// `--name`: claimed in [`serve`] before anything else is made.
+    name: std::sync::OnceLock<crate::names::DaemonName>,
 }
 
 impl Host {
@@ -113,6 +115,20 @@ impl Host {
             daemon,
             show,
             fallback,
+            name: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The device's name (`--name`), for its saved state.
+    pub fn name(&self) -> Option<String> {
+        self.name.get().map(|n| n.name().to_string())
+    }
+
+    /// The kernel gave the device id `id` (before it is live): for udev,
+    /// which asks for a new device's name as soon as it appears.
+    pub fn device_id(&self, id: u32) {
+        if let Some(n) = self.name.get() {
+            n.set_id(id);
         }
     }
 
@@ -137,6 +153,10 @@ impl Host {
     /// waiting `add` passes on. Best effort: a closed pipe must not take
     /// the device down.
     pub fn announce(&self, id: u32, path: &str, details: &str) {
+        // Linked before `add` returns: its caller may use the link at once.
+        if let Some(n) = self.name.get() {
+            n.live(path);
+        }
         if let Some(f) = &self.fallback {
             eprintln!("userblk: {}; serving {path} through {}", f.why, f.how);
         }
@@ -178,6 +198,16 @@ pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, host: &Host) -> anyhow::
     // One thread hands signals to the frontend's stopper and answers `ctl`.
     let service = super::service::start(fe.stopper())?;
     let result = (|| {
+        if let Some(name) = &args.dev.name {
+            // A recovering daemon takes its device's name over with it.
+            let takeover = args
+                .dev
+                .recover_id
+                .or(args.dev.id.filter(|_| args.dev.adopt));
+            let _ = host
+                .name
+                .set(crate::names::DaemonName::claim(name, takeover)?);
+        }
         let mut target = crate::targets::open(&args.target, &args.filters(), fe.mem_data())?;
         service.answer(target.control.take());
         target.target.caps().check().context("target")?;
@@ -185,6 +215,9 @@ pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, host: &Host) -> anyhow::
         settle(daemon, fe.serves_this_kernel());
         fe.serve(target, host)
     })();
+    if let Some(n) = host.name.get() {
+        n.finish();
+    }
     service.close();
     result
 }

@@ -88,7 +88,7 @@ fn clean_up_after(st: &DeviceState) {
 /// `userblk recover -n ID`: check the device can be recovered, then start a
 /// daemon with the arguments saved when it was added.
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
-    lifecycle::spawn(ublk::recover_argv(args.id)?, clean_up_after)
+    lifecycle::spawn(ublk::recover_argv(args.device.id()?)?, clean_up_after)
 }
 
 /// Which frontend serves the device, after `auto` is resolved.
@@ -201,10 +201,11 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
         kernel_ids,
         ids: all,
     } = crate::list::Devices::find()?;
-    if let (Some(id), false) = (args.id, args.all) {
+    let one = crate::names::resolve(args.id, args.name.as_deref())?;
+    if let (Some(id), false) = (one, args.all) {
         return del_one(ctrl.as_mut(), &kernel_ids, id, args.force);
     }
-    let ids = args.id.map_or(all, |id| vec![id]);
+    let ids = one.map_or(all, |id| vec![id]);
     let ublk = ctrl.is_some();
     drop(ctrl);
     let results = del_all::run(
@@ -267,6 +268,7 @@ fn del_one(
         if let Some(st) = &saved {
             crate::stats::remove_snapshot(st);
             crate::ctl::remove_socket(st);
+            crate::names::forget(st);
         }
     }
     result

@@ -96,6 +96,7 @@ impl Frontend for Nbd {
 
     fn serve(&mut self, opened: Opened, host: &Host) -> anyhow::Result<()> {
         let (mut st, _guard) = self.claimed.take().context("no device id claimed")?;
+        st.name = host.name();
         let target = opened.target;
         let caps = target.caps();
         let id = st.id;

@@ -172,6 +172,7 @@ impl Frontend for Ublk {
             };
             let id = dev.info().dev_id;
             device_id = Some(id);
+            host.device_id(id);
             let _resize = opened.registry.on_resize(super::resize::ublk(
                 id,
                 dev.info().flags,
@@ -265,6 +266,7 @@ fn on_live(
     let id = live.info.dev_id;
     let st = DeviceState {
         id,
+        name: host.name(),
         pid: rustix::process::getpid().as_raw_nonzero().get(),
         frontend: "ublk".into(),
         block_device: block_path(id).display().to_string(),
