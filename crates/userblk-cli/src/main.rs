@@ -2,8 +2,8 @@
 //!
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
-//! `progress`, `s3`, `stale_replies` → `endpoint` → `cli` → `checkpoint`, `ctl`, `stats`,
-//! `list`, `man` → `targets` → `copy` → `frontend::lifecycle` →
+//! `progress`, `s3`, `stale_replies`, `exposition`, `http` → `endpoint` → `cli` →
+//! `checkpoint`, `ctl`, `stats`, `list`, `man`, `metrics` → `targets` → `copy` → `frontend::lifecycle` →
 //! `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
 
 // Output goes through `out`, which survives a closed pipe; `print!` panics.
@@ -14,9 +14,12 @@ mod cli;
 mod copy;
 mod ctl;
 mod endpoint;
+mod exposition;
 mod frontend;
+mod http;
 mod list;
 mod man;
+mod metrics;
 mod out;
 mod progress;
 mod resize;
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Man(args) => man::run(&args),
+        Command::Metrics(args) => metrics::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
