@@ -332,6 +332,22 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n"), None);
     }
 
+    /// A server of "up 1" at /metrics on a free local port, on a thread.
+    fn serving() -> std::net::SocketAddr {
+        let listener = Listener::bind(&Listen::Tcp("127.0.0.1:0".into())).unwrap();
+        let Listener::Tcp(l) = &listener else {
+            panic!("not tcp")
+        };
+        let addr = l.local_addr().unwrap();
+        let res = Resource {
+            path: "/metrics",
+            content_type: "text/plain; version=0.0.4",
+            body: || "up 1\n".into(),
+        };
+        std::thread::spawn(move || listener.serve(res));
+        addr
+    }
+
     /// Send `req` to the server at `addr` and return its answer.
     fn ask(addr: std::net::SocketAddr, req: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -345,17 +361,7 @@ mod tests {
 
     #[test]
     fn bad_and_huge_requests_get_400_and_the_server_goes_on() {
-        let listener = Listener::bind(&Listen::Tcp("127.0.0.1:0".into())).unwrap();
-        let Listener::Tcp(l) = &listener else {
-            panic!("not tcp")
-        };
-        let addr = l.local_addr().unwrap();
-        let res = Resource {
-            path: "/metrics",
-            content_type: "text/plain; version=0.0.4",
-            body: || "up 1\n".into(),
-        };
-        std::thread::spawn(move || listener.serve(res));
+        let addr = serving();
 
         let bad = ask(addr, b"NONSENSE\r\n\r\n");
         assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
@@ -382,17 +388,7 @@ mod tests {
 
     #[test]
     fn a_client_that_sends_nothing_does_not_hold_the_server() {
-        let listener = Listener::bind(&Listen::Tcp("127.0.0.1:0".into())).unwrap();
-        let Listener::Tcp(l) = &listener else {
-            panic!("not tcp")
-        };
-        let addr = l.local_addr().unwrap();
-        let res = Resource {
-            path: "/metrics",
-            content_type: "text/plain",
-            body: || "x\n".into(),
-        };
-        std::thread::spawn(move || listener.serve(res));
+        let addr = serving();
         let _silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
         let good = ask(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
         assert!(good.starts_with("HTTP/1.1 200 OK"), "{good}");
