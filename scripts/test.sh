@@ -38,6 +38,9 @@ cargo build --release --locked
 step "host suite: FUSE frontend and loop devices (this kernel)"
 as_root bash tests/host/fuse.sh
 
+step "host suite: userblk metrics (counters of FUSE devices, --once and --listen, kill -9, del)"
+as_root bash tests/host/metrics.sh
+
 step "host suite: resize over FUSE + loop (mem, file, qcow2 with ext4 and resize2fs) and NBD's refusal"
 as_root bash tests/host/resize.sh
 

@@ -72,7 +72,8 @@ export DEBIAN_FRONTEND=noninteractive
 # tools the guest test scripts use are installed here.
 PKGS=(qemu-system-x86 busybox-static cpio kmod xz-utils gzip coreutils
       util-linux mount fio e2fsprogs xfsprogs procps psmisc python3 fuse3
-      libnbd-bin python3-libnbd nbdkit nbd-client qemu-utils)
+      libnbd-bin python3-libnbd nbdkit nbd-client qemu-utils
+      python3-prometheus-client)
 
 installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]; }
 # (output captured first: grep -q closing the pipe early trips pipefail)

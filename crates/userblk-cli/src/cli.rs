@@ -118,6 +118,9 @@ pub enum Command {
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
+    /// Every device's request counters as Prometheus metrics: served over
+    /// HTTP (`--listen tcp:127.0.0.1:9477`) or printed once (`--once`).
+    Metrics(MetricsArgs),
     /// Print a manual page (roff), or write them all with --dir.
     ///
     /// `userblk man` is userblk(8); `userblk man add` is userblk-add(8), and
@@ -138,6 +141,17 @@ pub struct ManArgs {
     /// e.g. /usr/local/share/man/man8, and list the files written.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+}
+
+/// `metrics`.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Serve the text at http://ADDR/metrics until stopped: tcp:HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR", required_unless_present = "once")]
+    pub listen: Option<userblk::nbd::server::Listen>,
+    /// Print the text once and exit (for node_exporter's textfile collector, or a look).
+    #[arg(long, conflicts_with = "listen")]
+    pub once: bool,
 }
 
 /// `completions`.

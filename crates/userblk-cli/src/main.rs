@@ -2,9 +2,10 @@
 //!
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
-//! `progress`, `s3`, `stale_replies`, `exit` → `endpoint` → `cli` → `names` → `checkpoint`, `ctl`, `stats`,
-//! `list`, `man` → `targets` → `copy` → `notify` → `frontend::{service, del_all, limits}` →
-//! `frontend::lifecycle` → `frontend::{ublk, fuse, nbd}` → `frontend` → `main`.
+//! `progress`, `s3`, `stale_replies`, `exit`, `exposition`, `http` → `endpoint` → `cli` → `names` →
+//! `checkpoint`, `ctl`, `stats`, `list`, `man`, `metrics` → `targets` → `copy` → `notify` →
+//! `frontend::{service, del_all, limits}` → `frontend::lifecycle` → `frontend::{ublk, fuse, nbd}` →
+//! `frontend` → `main`.
 
 // Output goes through `out`, which survives a closed pipe; `print!` panics.
 #![deny(clippy::print_stdout)]
@@ -15,9 +16,12 @@ mod copy;
 mod ctl;
 mod endpoint;
 mod exit;
+mod exposition;
 mod frontend;
+mod http;
 mod list;
 mod man;
+mod metrics;
 mod names;
 mod notify;
 mod out;
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Man(args) => man::run(&args),
+        Command::Metrics(args) => metrics::run(&args),
         Command::UdevName(args) => names::udev_name(&args),
     };
     match result {

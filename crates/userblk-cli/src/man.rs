@@ -96,6 +96,8 @@ fn extra(name: &str) -> String {
          (a user's devices: $XDG_RUNTIME_DIR/userblk/ or /tmp/userblk\\-UID/; \
          USERBLK_STATE_DIR overrides).\n\
          .TP\n/run/userblk/ID.log\nThe log of a device's daemon.\n\
+         .TP\n/run/userblk/ID.metrics\nA device's request counters, kept by its daemon \
+         (read by \\fBuserblk metrics\\fR).\n\
          .TP\n/run/userblk/fuse\\-ID/disk\nA FUSE device's file, on its default mount point.\n\
          .TP\n/dev/ublk\\-control\nThe ublk driver's control device (modprobe ublk_drv).\n\
          .TP\n/dev/ublkbID, /dev/ublkcID\nA ublk device's block device and the daemon's character device.\n";
@@ -184,6 +186,16 @@ fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
             "A raw image into a qcow2 one, skipping holes",
             "userblk copy disk.raw disk.qcow2",
         )],
+        "userblk-metrics" => &[
+            (
+                "Every device's counters, once (node_exporter's textfile collector)",
+                "userblk metrics --once > /var/lib/node_exporter/userblk.prom",
+            ),
+            (
+                "Serve them to Prometheus",
+                "userblk metrics --listen tcp:127.0.0.1:9477\ncurl -s http://127.0.0.1:9477/metrics",
+            ),
+        ],
         "userblk-man" => &[(
             "Install every page",
             "sudo userblk man --dir /usr/local/share/man/man8",

@@ -4,6 +4,7 @@
 //! - [`userblk_uapi`]: the kernel ABI (structs and constants only).
 //! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
 //! - [`target`]: the [`Target`] trait, requests, capabilities, the request context. The centre of the design.
+//! - [`metrics`]: always-on request counters in a shared file per device (`userblk metrics`).
 //! - [`slots`]: the one slot state machine every frontend drives (validate, submit, complete, buffer reuse).
 //! - [`targets`]: null, mem and file.
 //! - [`control`]: named actions a running device offers (a filter's `powercut`) and the socket serving them.
@@ -30,6 +31,7 @@ pub mod holders;
 pub mod io;
 pub mod limits;
 pub mod loopdev;
+pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod resize;

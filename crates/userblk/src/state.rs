@@ -42,6 +42,23 @@ pub fn stats_path(pid: i32) -> PathBuf {
     state_dir().join(format!("stats-{pid}.json"))
 }
 
+/// Where device `id`'s daemon keeps its request counters (read by `userblk metrics`).
+pub fn metrics_path(id: u32) -> PathBuf {
+    state_dir().join(format!("{id}.metrics"))
+}
+
+/// Count the requests of device `id` from now on, in its counter file (a
+/// new one, or with `take_over` the file of the daemon this one takes the
+/// device over from), while the guard lives. Best effort: without the
+/// file the device is served uncounted, said in a warning.
+pub fn count_requests(id: u32, take_over: bool) -> Option<crate::metrics::Installed> {
+    if let Err(e) = ensure_dir() {
+        tracing::warn!("request counters: {e}; the device is served without them");
+        return None;
+    }
+    crate::metrics::install_file(&metrics_path(id), take_over)
+}
+
 /// Create the state directory (mode 0700 when new) and make sure a user's
 /// directory is their own: `/tmp/userblk-<uid>` could have been made by
 /// someone else first.
@@ -316,6 +333,8 @@ impl DeviceState {
 
     /// Remove device `id`'s state; missing is fine.
     pub fn remove(id: u32) {
+        // Its request counters go with it (`userblk metrics` stops showing it).
+        let _ = std::fs::remove_file(metrics_path(id));
         if let Err(e) = std::fs::remove_file(Self::path(id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("removing state of device {id}: {e}");

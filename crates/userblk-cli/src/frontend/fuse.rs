@@ -113,6 +113,7 @@ impl Frontend for Fuse {
         let target = opened.target;
         let caps = target.caps();
         let id = st.id;
+        let _metrics = state::count_requests(id, false);
         let (mountpoint, own) = match &self.mountpoint {
             Some(dir) => (dir.clone(), false),
             None => {

@@ -100,6 +100,7 @@ impl Frontend for Nbd {
         let target = opened.target;
         let caps = target.caps();
         let id = st.id;
+        let _metrics = userblk::state::count_requests(id, false);
         let mut opts = ServerOptions::new(self.listen.clone());
         opts.export_name = self.dev.export_name.clone();
         opts.description = format!("userblk device {id}");

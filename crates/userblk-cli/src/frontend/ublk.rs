@@ -173,6 +173,7 @@ impl Frontend for Ublk {
             let id = dev.info().dev_id;
             device_id = Some(id);
             host.device_id(id);
+            let _metrics = state::count_requests(id, self.recover_id.is_some());
             let _resize = opened.registry.on_resize(super::resize::ublk(
                 id,
                 dev.info().flags,

@@ -84,6 +84,8 @@ pub struct Slots {
     base_bytes: usize,
     caps: Caps,
     cqes: Vec<(UserData, i32)>,
+    /// Counts each request's op, bytes, result and latency (the device's metrics).
+    meter: crate::metrics::Meter,
 }
 
 impl Slots {
@@ -123,6 +125,7 @@ impl Slots {
             answered: Vec::new(),
             caps,
             cqes: Vec::with_capacity(usize::from(n) * 2),
+            meter: crate::metrics::Meter::new(usize::from(n)),
         })
     }
 
@@ -280,6 +283,21 @@ impl Slots {
     /// Returns the result if it finished at once, or `None` if it is in
     /// flight: its [`Event::Done`] comes from [`Slots::wait`].
     pub fn start(&mut self, target: &dyn Target, slot: u16, req: Request) -> Option<IoResult> {
+        let t = self.meter.clock();
+        let r = self.start_uncounted(target, slot, req);
+        match r {
+            Some(result) => self.meter.finished(t, req, result, self.in_use),
+            None => self.meter.began(slot, t, self.in_use),
+        }
+        r
+    }
+
+    fn start_uncounted(
+        &mut self,
+        target: &dyn Target,
+        slot: u16,
+        req: Request,
+    ) -> Option<IoResult> {
         if !self.is_free(slot) {
             return Some(Err(Errno::BUSY));
         }
@@ -366,6 +384,7 @@ impl Slots {
             self.answered.swap_remove(k);
             if let State::Answered(req, result) = self.state[usize::from(slot)] {
                 self.release(slot);
+                self.meter.done(slot, req, result, self.in_use);
                 out.push(Event::Done { slot, req, result });
             }
         }
@@ -396,6 +415,7 @@ impl Slots {
         let outcome = target.complete(&mut ctx, step, res);
         if let Some(result) = self.settle(slot, req, outcome) {
             self.release(slot);
+            self.meter.done(slot, req, result, self.in_use);
             out.push(Event::Done { slot, req, result });
         }
     }
