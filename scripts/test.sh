@@ -38,6 +38,8 @@ cargo build --release --locked
 step "host suite: FUSE frontend and loop devices (this kernel)"
 as_root bash tests/host/fuse.sh
 
+step "host suite: add/del churn over FUSE + loop (null and mem, 1 and 2 threads), nothing leaked" && as_root bash tests/host/churn.sh
+
 step "host suite: resize over FUSE + loop (mem, file, qcow2 with ext4 and resize2fs) and NBD's refusal"
 as_root bash tests/host/resize.sh
 
@@ -83,7 +85,7 @@ step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs o
 as_root vm/run.sh -- vm/suite/crash.sh
 
 step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O (Debian 6.12 in qemu/TCG, one boot)"
-as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch
+as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch churn
 
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
@@ -102,4 +104,4 @@ step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-back
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
 
 step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O (Debian trixie-backports in qemu/TCG, one boot)"
-as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch churn
