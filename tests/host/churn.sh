@@ -36,15 +36,6 @@ needs_fuse() {
     [ -e /dev/fuse ] || skip "no /dev/fuse"
 }
 
-# counts PID: "FDS THREADS". io_uring's workers (iou-wrk-*) are left out:
-# the kernel starts them on demand and ends them when idle; so are rings,
-# which a FUSE serving thread makes at its first request.
-counts() {
-    local threads fds
-    threads=$(cat "/proc/$1"/task/*/comm 2>/dev/null | grep -vc '^iou-' || true)
-    fds=$(find "/proc/$1/fd" -mindepth 1 -maxdepth 1 -printf '%l\n' 2>/dev/null | grep -vc 'io_uring' || true)
-    echo "$fds $threads"
-}
 
 rss_kib() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
 
@@ -84,17 +75,6 @@ state_leftovers() {
 }
 
 # One cycle: add, read through the loop device, del; every step checked.
-# counts PID once two looks 0.3 s apart agree.
-settled_counts() {
-    local a b i
-    b=$(counts "$1")
-    for (( i = 0; i < 20; i++ )); do
-        a=$b; sleep 0.3; b=$(counts "$1")
-        [ "$a" != "$b" ] || break
-    done
-    echo "$b"
-}
-
 cycle() { # cycle CASE N ARGS...
     local case=$1 n=$2 out id blk pid now; shift 2
     out=$(ub add --frontend fuse --loop "$@" 2>&1) || { echo "$out"; die "add failed"; }
@@ -104,14 +84,7 @@ cycle() { # cycle CASE N ARGS...
     pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$id.json" | head -n 1)
     [ -n "$pid" ] || die "no pid in $STATE/$id.json"
     dd if="$blk" of=/dev/null bs=4k count=1 iflag=direct status=none || die "cannot read $blk"
-    # The first and the last cycle's daemons, once settled (serving
-    # threads open their descriptors as they start).
-    if [ "$n" = 1 ]; then
-        settled_counts "$pid" >"$FIRST.$case"
-    elif [ "$n" = "$CYCLES" ]; then
-        now=$(settled_counts "$pid")
-        [ "$now" = "$(cat "$FIRST.$case")" ] || die "daemon $pid of the last cycle has fds/threads $now, the first cycle's had $(cat "$FIRST.$case")"
-    fi
+    same_counts_as_first "$case" "$n" "$pid"
     ub del -n "$id" || die "del -n $id failed"
     wait_for 5 exited "$pid" || die "daemon $pid still running"
     [ ! -e "$STATE/$id.json" ] || die "state file $id.json left behind"
@@ -125,12 +98,7 @@ no_orphan_connections() { [ -z "$(orphan_connections)" ]; }
 
 churn() { # churn CASE ARGS...
     needs_fuse
-    local i start=$SECONDS
-    for (( i = 1; i <= CYCLES; i++ )); do
-        echo "cycle $i of $CYCLES"
-        cycle "$1" "$i" "${@:2}"
-    done
-    echo "note: $CYCLES cycles in $(( SECONDS - start ))s; daemon fds/threads $(cat "$FIRST.$1")"
+    churn_cycles "$@"
 }
 
 nothing_left() {
@@ -153,20 +121,9 @@ nothing_left() {
     echo "note: the long-lived daemon: fds/threads $after; RSS $WITNESS_RSS KiB before, $(rss_kib "$WITNESS") KiB after"
 }
 
-# A descriptor open in `add`'s caller (not close-on-exec) must not reach
-# the daemon, which would hold it for its whole life.
-inherits_nothing() {
+fuse_inherits_nothing() {
     needs_fuse
-    local out id pid
-    out=$(ub add --frontend fuse --loop null --size 16M 2>&1 9>"$WORK/held") || { echo "$out"; die "add failed"; }
-    id=$(dev_id_of "$out")
-    pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$id.json" | head -n 1)
-    [ -n "$pid" ] || die "no pid for device $id"
-    local held
-    held=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 -lname "$WORK/held" 2>/dev/null)
-    # (A udev probe of the new device may hold it for a moment.)
-    wait_for 10 ub del -n "$id" || die "del -n $id failed"
-    [ -z "$held" ] || die "daemon $pid holds its caller's descriptor: $held"
+    inherits_nothing --frontend fuse --loop null --size 16M
 }
 
 cleanup() {
@@ -192,6 +149,6 @@ case_run "churn null -q 1" churn null-q1 null --size 64M -q 1
 case_run "churn null -q 2" churn null-q2 null --size 64M -q 2
 case_run "churn mem -q 1" churn mem-q1 mem --size 16M -q 1
 case_run "churn mem -q 2" churn mem-q2 mem --size 16M -q 2
-case_run "the daemon gets no descriptor of add's caller" inherits_nothing
+case_run "the daemon gets no descriptor of add's caller" fuse_inherits_nothing
 case_run "nothing left after the churn" nothing_left
 summary
