@@ -113,3 +113,32 @@ fio_json() {  # OUT ARGS...
     wait "$FIO_PID" || { echo "bench: fio failed: $out (see fio.err)" >&2; failed=1; }
     FIO_PID=''
 }
+
+# ---- rublk, the baseline ---------------------------------------------------------
+
+# Sets RUBLK to the rublk binary's absolute path: $RUBLK if set, else
+# /opt/rublk/bin/rublk, installed with cargo (RUBLK_VERSION, default
+# 0.2.15; its build needs libclang-dev, installed with apt-get as root)
+# if missing. Dies unless the VM can see it.
+bench_rublk() {
+    local version=${RUBLK_VERSION:-0.2.15}
+    if [[ -n ${RUBLK:-} ]]; then
+        [[ -x $RUBLK ]] || die "RUBLK=$RUBLK is not an executable"
+    else
+        RUBLK=/opt/rublk/bin/rublk
+        if [[ ! -x $RUBLK ]]; then
+            echo "bench: rublk is not installed at $RUBLK; installing rublk $version with cargo" \
+                "(--no-default-features, --root /opt/rublk; its build needs libclang-dev)" >&2
+            command -v cargo >/dev/null || die "cargo is missing: install a Rust toolchain, or set RUBLK=/path/to/rublk"
+            if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+                (( EUID == 0 )) || die "libclang-dev missing and not root: apt-get install libclang-dev"
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 libclang-dev >&2 \
+                    || die "apt-get install libclang-dev failed"
+            fi
+            cargo install rublk --version "$version" --no-default-features --root /opt/rublk \
+                || die "cargo install rublk $version failed"
+        fi
+    fi
+    RUBLK=$(realpath "$RUBLK")
+    [[ ! $RUBLK =~ ^/(run|mnt|dev|proc|sys)/ ]] || die "rublk at $RUBLK is not visible in the VM (the guest has its own /run, /mnt)"
+}

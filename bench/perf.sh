@@ -86,25 +86,7 @@ if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
     "$PY" -c 'import matplotlib' || die "matplotlib still not importable after installing python3-matplotlib"
 fi
 
-RUBLK_VERSION=${RUBLK_VERSION:-0.2.15}
-if [[ -n ${RUBLK:-} ]]; then
-    [[ -x $RUBLK ]] || die "RUBLK=$RUBLK is not an executable"
-else
-    RUBLK=/opt/rublk/bin/rublk
-    if [[ ! -x $RUBLK ]]; then
-        echo "bench: rublk is not installed at $RUBLK; installing rublk $RUBLK_VERSION with cargo" \
-            "(--no-default-features, --root /opt/rublk; its build needs libclang-dev)" >&2
-        command -v cargo >/dev/null || die "cargo is missing: install a Rust toolchain, or set RUBLK=/path/to/rublk"
-        if ! dpkg -s libclang-dev >/dev/null 2>&1; then
-            echo "bench: installing libclang-dev with apt-get (rublk's build uses bindgen)" >&2
-            apt_install libclang-dev
-        fi
-        cargo install rublk --version "$RUBLK_VERSION" --no-default-features --root /opt/rublk \
-            || die "cargo install rublk $RUBLK_VERSION failed"
-    fi
-fi
-RUBLK=$(realpath "$RUBLK")
-[[ $RUBLK =~ ^/(run|mnt|dev|proc|sys)/ ]] && die "rublk at $RUBLK is not visible in the VM (the guest has its own /run, /mnt)"
+bench_rublk
 
 bench_build
 # Only a missing binary is built; a stale one is measured as is, but said so.

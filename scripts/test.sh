@@ -40,6 +40,7 @@ as_root bash tests/host/fuse.sh
 
 step "host suite: userblk metrics (counters of FUSE devices, --once and --listen, kill -9, del)"
 as_root bash tests/host/metrics.sh
+step "host suite: add/del churn over FUSE + loop (null and mem, 1 and 2 threads), nothing leaked" && as_root bash tests/host/churn.sh
 
 step "host suite: resize over FUSE + loop (mem, file, qcow2 with ext4 and resize2fs) and NBD's refusal"
 as_root bash tests/host/resize.sh
@@ -91,8 +92,8 @@ as_root vm/run.sh -- vm/suite/qcow2.sh
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
 
-step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names (Debian 6.12 in qemu/TCG, one boot)"
-as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names
+step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names, add/del churn (Debian 6.12 in qemu/TCG, one boot)"
+as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn
 
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
@@ -110,5 +111,5 @@ as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
 step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
 
-step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O, many devices, names (Debian trixie-backports in qemu/TCG, one boot)"
-as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names
+step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O, many devices, names, add/del churn (Debian trixie-backports in qemu/TCG, one boot)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn

@@ -181,6 +181,67 @@ del_served() { # del_served ID
     [ ! -e "${USERBLK_STATE_DIR:-/run/userblk}/$id.json" ] || die "state file left behind"
 }
 
+# ---- for the churn suites (tests/host/churn.sh, vm/suite/churn.sh) --------------
+
+# counts PID: "FDS THREADS". io_uring's workers (iou-wrk-*) are left out:
+# the kernel starts them on demand and ends them when idle; so are rings,
+# which a FUSE serving thread makes at its first request.
+counts() {
+    local threads fds
+    threads=$(cat "/proc/$1"/task/*/comm 2>/dev/null | grep -vc '^iou-' || true)
+    fds=$(find "/proc/$1/fd" -mindepth 1 -maxdepth 1 -printf '%l\n' 2>/dev/null | grep -vc 'io_uring' || true)
+    echo "$fds $threads"
+}
+
+# counts PID once two looks 0.3 s apart agree.
+settled_counts() {
+    local a b i
+    b=$(counts "$1")
+    for (( i = 0; i < 20; i++ )); do
+        a=$b; sleep 0.3; b=$(counts "$1")
+        [ "$a" != "$b" ] || break
+    done
+    echo "$b"
+}
+
+# CYCLES cycles of the suite's `cycle CASE N ARGS...` (add, check, del).
+churn_cycles() { # churn_cycles CASE ARGS...
+    local i start=$SECONDS
+    for (( i = 1; i <= CYCLES; i++ )); do
+        echo "cycle $i of $CYCLES"
+        cycle "$1" "$i" "${@:2}"
+    done
+    echo "note: $CYCLES cycles in $(( SECONDS - start ))s; daemon fds/threads $(cat "$FIRST.$1")"
+}
+
+# The first and the last cycle's daemons (cycle N of CYCLES), once settled
+# (serving threads open their descriptors as they start), must have as
+# many fds and threads; the first's are kept in FIRST.CASE.
+same_counts_as_first() { # same_counts_as_first CASE N PID
+    local now
+    if [ "$2" = 1 ]; then
+        settled_counts "$3" >"$FIRST.$1"
+    elif [ "$2" = "$CYCLES" ]; then
+        now=$(settled_counts "$3")
+        [ "$now" = "$(cat "$FIRST.$1")" ] || die "daemon $3 of the last cycle has fds/threads $now, the first cycle's had $(cat "$FIRST.$1")"
+    fi
+}
+
+# A descriptor open in `add`'s caller (not close-on-exec) must not reach
+# the daemon, which would hold it for its whole life. STATE: the state
+# directory the daemon records its pid in.
+inherits_nothing() { # inherits_nothing ADD-ARGS...
+    local out id pid held
+    out=$(ub add "$@" 2>&1 9>"$WORK/held") || { echo "$out"; die "add failed"; }
+    id=$(dev_id_of "$out")
+    pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$id.json" | head -n 1)
+    [ -n "$pid" ] || die "no pid for device $id"
+    held=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 -lname "$WORK/held" 2>/dev/null)
+    # (A udev probe of the new device may hold it for a moment.)
+    wait_for 10 ub del -n "$id" || die "del -n $id failed"
+    [ -z "$held" ] || die "daemon $pid holds its caller's descriptor: $held"
+}
+
 # ---- for the resize suites (tests/host/resize.sh, vm/suite/resize.sh) ------------
 
 # Whether this process may resize a mounted ext4 (CAP_SYS_RESOURCE, bit 24).

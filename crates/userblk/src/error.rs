@@ -48,6 +48,21 @@ pub enum Error {
         /// A hint for the user, possibly empty.
         hint: &'static str,
     },
+    /// The kernel did not answer a control command within its deadline
+    /// (`ublk::deadline`); the command was cancelled.
+    #[error("{}", crate::ublk::deadline::message(cmd, dev, kernel, *waited, hint))]
+    NoAnswer {
+        /// Command name, e.g. `START_DEV`.
+        cmd: &'static str,
+        /// Device id, or `-` when there is none yet.
+        dev: String,
+        /// The running kernel's release (`uname -r`).
+        kernel: String,
+        /// How long it was waited for.
+        waited: std::time::Duration,
+        /// A hint for the user, possibly empty.
+        hint: &'static str,
+    },
     /// A requested device id does not exist.
     #[error("no ublk device with id {0}")]
     NoSuchDevice(u32),

@@ -40,6 +40,32 @@ pub fn set_io_flusher() -> Result<()> {
         .map_err(|e| Error::io("prctl(PR_SET_IO_FLUSHER)", e))
 }
 
+/// Keep the descriptors this process inherited, beyond stdin, stdout and
+/// stderr, out of the programs it starts: a daemon started by `add` would
+/// otherwise hold its caller's pipes and sockets for its whole life (a
+/// caller reading through such a pipe would never see it end).
+pub fn close_inherited_on_exec() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    // Listed first, so the directory's own descriptor is closed by now.
+    let fds: Vec<std::os::fd::RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for raw in fds {
+        // SAFETY: only the descriptor's flags are read and set, for the
+        // duration of this call; one closed meanwhile makes fcntl fail
+        // with EBADF, which is ignored.
+        #[allow(unsafe_code)]
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+        if let Ok(flags) = rustix::io::fcntl_getfd(fd) {
+            let _ = rustix::io::fcntl_setfd(fd, flags | rustix::io::FdFlags::CLOEXEC);
+        }
+    }
+}
+
 /// Try to load a kernel module with `modprobe`, quietly. Returns whether modprobe succeeded.
 pub fn modprobe(module: &str) -> bool {
     std::process::Command::new("modprobe")

@@ -278,6 +278,8 @@ pub fn spawn(argv: Vec<OsString>, clean: fn(&DeviceState)) -> anyhow::Result<()>
 
 /// As [`spawn`], running the userblk binary at `exe` (`upgrade --binary`).
 pub fn spawn_exe(exe: &Path, argv: Vec<OsString>, clean: fn(&DeviceState)) -> anyhow::Result<()> {
+    // The daemon gets none of our caller's descriptors beyond 0, 1 and 2.
+    userblk::sys::close_inherited_on_exec();
     let mut child = Command::new(exe)
         .args(argv)
         .env(DAEMON_ENV, "1")

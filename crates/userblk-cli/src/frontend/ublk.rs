@@ -206,7 +206,11 @@ impl Frontend for Ublk {
             if !waits_for_recovery && !quiescer.handed_over() {
                 DeviceState::remove(id);
             }
-            served.with_context(|| format!("device {id}"))
+            match served {
+                // It names its device itself.
+                Err(e @ userblk::Error::NoAnswer { .. }) => Err(e.into()),
+                served => served.with_context(|| format!("device {id}")),
+            }
         })();
         if let Some(path) = &opened.shared {
             // The data must outlive a daemon that dies, not a device that is gone.

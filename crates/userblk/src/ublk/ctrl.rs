@@ -19,6 +19,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use userblk_uapi::*;
 
+use crate::ublk::deadline;
 use crate::{Error, Result};
 
 /// Path of the control device.
@@ -46,6 +47,20 @@ pub struct Control {
     unprivileged_caller: bool,
     /// What we know per device: whether it is unprivileged (needs the prefix).
     prefixed: HashMap<u32, bool>,
+    /// The `user_data` of the last command: a late completion of one given
+    /// up earlier is never taken for the current one's.
+    seq: u64,
+}
+
+/// `user_data` bit of a cancel: the tag of the command it cancels, with this.
+const CANCEL_BIT: u64 = 1 << 63;
+
+/// Whether a command's result says it was interrupted (by our cancel).
+fn interrupted(res: i32) -> bool {
+    // 512..=514: the kernel's internal restart codes, should one leak out.
+    res == -Errno::INTR.raw_os_error()
+        || res == -Errno::CANCELED.raw_os_error()
+        || (-514..=-512).contains(&res)
 }
 
 /// Whether this process runs as root. Without root (strictly: CAP_SYS_ADMIN)
@@ -66,6 +81,8 @@ unsafe impl Pod for DevInfo {}
 unsafe impl Pod for UblkParams {}
 // SAFETY: an array of integers.
 unsafe impl Pod for [u64; 64] {}
+// SAFETY: an integer.
+unsafe impl Pod for u64 {}
 
 /// The bytes of a command payload, for the kernel to read or write.
 fn bytes_of<T: Pod>(v: &mut T) -> &mut [u8] {
@@ -108,12 +125,6 @@ fn encode(c: &UblksrvCtrlCmd) -> [u8; 80] {
     out
 }
 
-/// A user buffer a command reads or writes, as address and length.
-fn buf_of<T>(v: &mut T) -> (u64, u16) {
-    let len = u16::try_from(std::mem::size_of::<T>()).unwrap_or(u16::MAX);
-    (std::ptr::from_mut(v) as u64, len)
-}
-
 impl Control {
     /// Open the control device, loading `ublk_drv` first if it is missing.
     pub fn open() -> Result<Self> {
@@ -146,6 +157,7 @@ impl Control {
             ring,
             unprivileged_caller: !running_as_root(),
             prefixed: HashMap::new(),
+            seq: 0,
         })
     }
 
@@ -163,52 +175,108 @@ impl Control {
         Ok(info.flags & UBLK_F_UNPRIVILEGED_DEV != 0)
     }
 
-    /// Send one command and wait for its result (`cqe.res`, or the errno).
+    /// Send one command with `payload` (may be empty; the kernel's answer
+    /// in it is copied back) and wait for its result (`cqe.res`, or the
+    /// errno), at most `wait`: then it is cancelled and the result is `ETIME`.
     fn cmd(
         &mut self,
         cmd_op: u32,
-        c: UblksrvCtrlCmd,
-        timeout: Option<Duration>,
+        mut c: UblksrvCtrlCmd,
+        payload: &mut [u8],
+        wait: Duration,
     ) -> std::result::Result<i32, Errno> {
+        // The kernel reads and writes a buffer of our own: one it may still
+        // write after we gave up on it is leaked, never a caller's memory.
+        let mut buf = payload.to_vec();
+        if !buf.is_empty() {
+            c.addr = buf.as_mut_ptr() as u64;
+            c.len = u16::try_from(buf.len()).map_err(|_| Errno::OVERFLOW)?;
+        }
+        self.seq = self.seq.wrapping_add(1) & !CANCEL_BIT;
+        let tag = self.seq;
         let entry = opcode::UringCmd80::new(types::Fd(self.fd.as_raw_fd()), cmd_op)
             .cmd(encode(&c))
             .build()
-            .user_data(1);
-        // SAFETY: the buffer at `c.addr` (if any) is borrowed by the caller for
-        // the whole of this call, and this call does not return until the
-        // command's completion has been reaped (or the ring is torn down).
+            // Always run by an io-wq worker (the driver would punt it there
+            // anyway): this thread never blocks in the kernel, so it can give up.
+            .flags(squeue::Flags::ASYNC)
+            .user_data(tag);
+        // SAFETY: `buf`, the only memory the command points at, is freed only
+        // once the command's completion has been reaped; otherwise it is leaked.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| Errno::BUSY)?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            let res = match deadline {
-                None => self.ring.submit_and_wait(1),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    let ts = types::Timespec::from(left);
-                    let args = types::SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
-                }
-            };
-            if let Some(cqe) = self.ring.completion().next() {
-                return if cqe.result() < 0 {
-                    Err(Errno::from_raw_os_error(-cqe.result()))
-                } else {
-                    Ok(cqe.result())
-                };
-            }
-            match res {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => {}
-                Err(e) if e.raw_os_error() == Some(Errno::TIME.raw_os_error()) => {
-                    // Dropping the ring would cancel the command; keep the
-                    // control device usable by replacing the ring.
-                    if let Ok(ring) = IoUring::builder().build(4) {
-                        self.ring = ring;
-                    }
+        let res = match self.reap(tag, Instant::now() + wait) {
+            Ok(Some(res)) => res,
+            Ok(None) => match self.cancel(tag) {
+                Some(res) if interrupted(res) => -Errno::TIME.raw_os_error(),
+                // It ended on its own meanwhile.
+                Some(res) => res,
+                None => {
+                    self.abandon(buf);
                     return Err(Errno::TIME);
                 }
-                Err(e) => return Err(Errno::from_io_error(&e).unwrap_or(Errno::IO)),
+            },
+            Err(errno) => {
+                self.abandon(buf);
+                return Err(errno);
             }
+        };
+        if res < 0 {
+            return Err(Errno::from_raw_os_error(-res));
+        }
+        payload.copy_from_slice(&buf);
+        Ok(res)
+    }
+
+    /// The result of the completion tagged `tag`; `None` if `deadline`
+    /// passes first. Other completions (a cancel's, a late one of a command
+    /// given up earlier) are dropped. Submits what is queued.
+    fn reap(&mut self, tag: u64, deadline: Instant) -> std::result::Result<Option<i32>, Errno> {
+        loop {
+            while let Some(cqe) = self.ring.completion().next() {
+                if cqe.user_data() == tag {
+                    return Ok(Some(cqe.result()));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let ts = types::Timespec::from(left);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.ring.submitter().submit_with_args(1, &args) {
+                match Errno::from_io_error(&e) {
+                    Some(Errno::INTR | Errno::TIME | Errno::BUSY) => {}
+                    other => return Err(other.unwrap_or(Errno::IO)),
+                }
+            }
+        }
+    }
+
+    /// Cancel the command tagged `tag` (an io-wq worker's interruptible wait
+    /// is interrupted) and give it [`deadline::CANCEL_GRACE`] to end: its
+    /// result if it did.
+    fn cancel(&mut self, tag: u64) -> Option<i32> {
+        let entry = squeue::Entry128::from(
+            opcode::AsyncCancel::new(tag)
+                .build()
+                .user_data(tag | CANCEL_BIT),
+        );
+        // SAFETY: a cancel points at no memory.
+        unsafe { self.ring.submission().push(&entry) }.ok()?;
+        self.reap(tag, Instant::now() + deadline::CANCEL_GRACE)
+            .ok()
+            .flatten()
+    }
+
+    /// Give up on a command that may still be in the kernel: its buffer is
+    /// leaked (a few bytes, on a rare path) and the ring replaced, so that
+    /// closing the old one cancels it once the kernel lets it go.
+    fn abandon(&mut self, buf: Vec<u8>) {
+        std::mem::forget(buf);
+        match IoUring::builder().build(4) {
+            Ok(ring) => self.ring = ring,
+            // The tags keep its late completion apart on this ring.
+            Err(e) => tracing::warn!("replacing the control ring: {e}"),
         }
     }
 
@@ -227,6 +295,11 @@ impl Control {
         timeout: Option<Duration>,
     ) -> Result<i32> {
         let too_long = || Error::invalid(format!("{name}: command buffer too long"));
+        let wait = timeout.unwrap_or_else(|| deadline::of(name));
+        let fail = |errno| match errno {
+            Errno::TIME => deadline::no_answer(name, dev_id.to_string(), wait),
+            errno => control_error(name, dev_id, errno),
+        };
         let mut c = UblksrvCtrlCmd {
             dev_id,
             queue_id: UBLK_QUEUE_ID_NONE,
@@ -234,26 +307,17 @@ impl Control {
             ..Default::default()
         };
         if !prefix {
-            if !payload.is_empty() {
-                c.addr = payload.as_mut_ptr() as u64;
-                c.len = u16::try_from(payload.len()).map_err(|_| too_long())?;
+            if u16::try_from(payload.len()).is_err() {
+                return Err(too_long());
             }
-            return self
-                .cmd(cmd_op, c, timeout)
-                .map_err(|errno| control_error(name, dev_id, errno));
+            return self.cmd(cmd_op, c, payload, wait).map_err(fail);
         }
         let (mut buf, path_len) = prefixed_buffer(dev_id, payload);
-        c.addr = buf.as_mut_ptr() as u64;
-        c.len = u16::try_from(buf.len()).map_err(|_| too_long())?;
-        c.dev_path_len = u16::try_from(path_len).map_err(|_| too_long())?;
-        let res = self.cmd(cmd_op, c, timeout);
-        if res == Err(Errno::TIME) {
-            // The command may still be running in the kernel: its buffer
-            // must stay valid, so it is leaked (a few bytes, on a rare path).
-            std::mem::forget(buf);
-            return Err(control_error(name, dev_id, Errno::TIME));
+        if u16::try_from(buf.len()).is_err() {
+            return Err(too_long());
         }
-        let res = res.map_err(|errno| control_error(name, dev_id, errno))?;
+        c.dev_path_len = u16::try_from(path_len).map_err(|_| too_long())?;
+        let res = self.cmd(cmd_op, c, &mut buf, wait).map_err(fail)?;
         if let Some(answer) = buf.get(path_len..) {
             payload.copy_from_slice(answer);
         }
@@ -279,14 +343,14 @@ impl Control {
         let c = UblksrvCtrlCmd {
             dev_id: UBLK_DEV_ID_AUTO,
             queue_id: UBLK_QUEUE_ID_NONE,
-            addr: buf_of(&mut f).0,
-            len: 8,
             ..Default::default()
         };
-        match self.cmd(UBLK_U_CMD_GET_FEATURES, c, None) {
+        let wait = deadline::of("GET_FEATURES");
+        match self.cmd(UBLK_U_CMD_GET_FEATURES, c, bytes_of(&mut f), wait) {
             Ok(_) => Ok(f),
             // Kernels before 6.5 do not know the command.
             Err(Errno::OPNOTSUPP | Errno::INVAL) => Ok(0),
+            Err(Errno::TIME) => Err(deadline::no_answer("GET_FEATURES", "-".into(), wait)),
             Err(errno) => Err(control_error("GET_FEATURES", UBLK_DEV_ID_AUTO, errno)),
         }
     }
@@ -299,8 +363,13 @@ impl Control {
             queue_id: UBLK_QUEUE_ID_NONE,
             ..Default::default()
         };
-        let (addr, len) = buf_of(info);
-        match self.cmd(UBLK_U_CMD_ADD_DEV, UblksrvCtrlCmd { addr, len, ..c }, None) {
+        let wait = deadline::of("ADD_DEV");
+        let asked = if id == UBLK_DEV_ID_AUTO {
+            "-".to_string()
+        } else {
+            id.to_string()
+        };
+        match self.cmd(UBLK_U_CMD_ADD_DEV, c, bytes_of(info), wait) {
             Ok(_) => {
                 // The negotiated flags say it: root asking for an unprivileged
                 // device gets a privileged one.
@@ -309,6 +378,7 @@ impl Control {
                 Ok(())
             }
             Err(Errno::EXIST) => Err(Error::IdInUse(id)),
+            Err(Errno::TIME) => Err(deadline::no_answer("ADD_DEV", asked, wait)),
             Err(errno) => Err(control_error("ADD_DEV", id, errno)),
         }
     }

@@ -545,6 +545,7 @@ impl Device {
         }
         // The driver follows the device's flags: a recovered device keeps its own.
         let run: fn(QueueSetup, &mpsc::Sender<QueueEvent>) = match IoMode::of(self.info.flags) {
+            _ if crate::ublk::no_fetch::asked() => crate::ublk::no_fetch::run,
             IoMode::Batch => batch::run,
             IoMode::PerTag | IoMode::Auto => queue::run,
         };
