@@ -382,7 +382,8 @@ case_kill_during_loop_attach() {
     timeout 60 "$USERBLK" add mem --size 64M --mountpoint "$WORK/kill" --filter delay:flush=10s >"$WORK/add.out" 2>&1 &
     local add=$!
     for _ in $(seq 50); do
-        pid=$(pgrep -f -- "$WORK/kill --filter delay:flush=10s --foreground" | head -1)
+        # No daemon yet is no match: not a failure under pipefail.
+        pid=$(pgrep -f -- "$WORK/kill --filter delay:flush=10s --foreground" | head -1 || true)
         [ -n "$pid" ] && pgrep -P "$pid" >/dev/null && break
         sleep 0.1
     done
