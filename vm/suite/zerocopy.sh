@@ -131,6 +131,9 @@ same_as_qemu() { # same_as_qemu ID IMAGE
     rm -f "$WORK/dev.raw" "$WORK/qemu.raw"
 }
 
+# LEN bytes of TEXT repeated (yes ends on SIGPIPE, which pipefail would count).
+text() { yes "$1" | head -c "$2" || true; }
+
 qcow2_fresh() { # a userblk-created image: zero copy (or not), fio verify, qemu agrees
     local q=$1 id img=$WORK/zc$q.qcow2
     needs qemu-img
@@ -148,7 +151,7 @@ qcow2_backing() { # over a qcow2 backing file: reads through it, copy on write
     local q=$1 id base=$WORK/base$q.qcow2 img=$WORK/top$q.qcow2 sum
     needs qemu-img
     rm -f "$base" "$img"
-    { head -c 8M /dev/urandom; yes "backing $q" | head -c 40M; } >"$WORK/base.raw"
+    { head -c 8M /dev/urandom; text "backing $q" 40M; } >"$WORK/base.raw"
     qemu-img convert -O qcow2 "$WORK/base.raw" "$base"
     qemu-img create -q -f qcow2 -b "$base" -F qcow2 "$img" 64M
     sum=$(sha256sum <"$base")
@@ -165,7 +168,7 @@ qcow2_compressed() { # qemu-img convert -c: compressed reads as qemu's, then rew
     local id img=$WORK/z.qcow2
     needs qemu-img
     rm -f "$img"
-    { yes "compressed cluster" | head -c 24M; head -c 8M /dev/urandom; yes "more" | head -c 32M; } >"$WORK/z.raw"
+    { text "compressed cluster" 24M; head -c 8M /dev/urandom; text more 32M; } >"$WORK/z.raw"
     qemu-img convert -c -O qcow2 "$WORK/z.raw" "$img"
     id=$(add_dev qcow2 -f "$img")
     says "$id" "$WANT"
