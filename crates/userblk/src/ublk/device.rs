@@ -540,7 +540,7 @@ impl Device {
         let data_mode = DataMode::of(self.info.flags);
         if data_mode == DataMode::ZeroCopy && !target.data_on_ring_only() {
             return Err(Error::invalid(
-                "zero copy needs a target that moves data only on the ring (null, mem, file, under filters that never touch data)",
+                "zero copy needs a target that moves data only on the ring (null, mem, file, qcow2, under filters that never touch data)",
             ));
         }
         // The driver follows the device's flags: a recovered device keeps its own.

@@ -80,6 +80,10 @@ pub struct Image {
     /// (exclusive) by flushes, which free clusters: a write outside the
     /// metadata lock never lands in a cluster freed and reused meanwhile.
     writes: RwLock<()>,
+    /// Writes in place whose data is still on its way through the ring
+    /// (zero copy, `map.rs`): while there are any, a flush keeps released
+    /// clusters unreused, since such a write may still land in one.
+    pub(super) in_place: AtomicU64,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Qcow2Error {
@@ -173,6 +177,7 @@ impl Image {
             read_only: opts.read_only,
             inflated: Mutex::new(None),
             writes: RwLock::new(()),
+            in_place: AtomicU64::new(0),
         })
     }
 
@@ -213,7 +218,7 @@ impl Image {
         self.writes.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn meta(&self) -> MutexGuard<'_, Meta> {
+    pub(super) fn meta(&self) -> MutexGuard<'_, Meta> {
         // A panic while holding the lock cannot leave the tables half
         // updated in a way later calls trust more than the disk.
         self.meta.lock().unwrap_or_else(PoisonError::into_inner)
@@ -442,7 +447,16 @@ impl Image {
     pub fn flush(&self) -> Result<(), Errno> {
         // Before the metadata lock, in the order writes take them.
         let _no_writes = self.writes.write().unwrap_or_else(PoisonError::into_inner);
-        self.meta().flush()
+        let mut meta = self.meta();
+        // Read under the metadata lock, where in-place writes are counted.
+        if self.in_place.load(Ordering::Acquire) == 0 {
+            return meta.flush();
+        }
+        // Released clusters stay taken until a flush with none in flight.
+        let keep = std::mem::take(&mut meta.pending_free);
+        let r = meta.flush();
+        meta.pending_free.extend(keep);
+        r
     }
 
     /// Allocation of `[off, off + len)` as extents (see [`crate::Target::extents`]).

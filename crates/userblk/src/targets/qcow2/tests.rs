@@ -27,7 +27,7 @@ impl Rng {
     }
 }
 
-fn opts(read_only: bool, l2: usize, refblocks: usize) -> OpenOptions {
+pub(super) fn opts(read_only: bool, l2: usize, refblocks: usize) -> OpenOptions {
     OpenOptions {
         read_only,
         caches: CacheSizes { l2, refblocks },
@@ -41,7 +41,7 @@ fn be64(b: &[u8], i: usize) -> u64 {
 /// What a qemu-img check would say: (errors, leaks). An error is a
 /// cluster referenced more often than its refcount says (or referenced
 /// while free); a leak a refcount with fewer references.
-fn check(path: &Path) -> (Vec<String>, u64) {
+pub(super) fn check(path: &Path) -> (Vec<String>, u64) {
     let raw = std::fs::read(path).unwrap();
     let h = Header::parse(&raw, raw.len() as u64).unwrap();
     let g = Geometry::new(h.cluster_bits, h.refcount_order, h.version);
@@ -118,7 +118,7 @@ fn check(path: &Path) -> (Vec<String>, u64) {
     (errors, leaks)
 }
 
-fn new_image(dir: &Path, name: &str, size: u64, cs: u64) -> std::path::PathBuf {
+pub(super) fn new_image(dir: &Path, name: &str, size: u64, cs: u64) -> std::path::PathBuf {
     let path = dir.join(name);
     let mut o = CreateOptions::new(&path, size);
     o.cluster_size = cs;
