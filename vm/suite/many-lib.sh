@@ -56,7 +56,10 @@ daemon_cost() { # daemon_cost PID
     local rss pss threads
     rss=$(awk '$1 == "Rss:" {print $2}' "/proc/$1/smaps_rollup")
     pss=$(awk '$1 == "Pss:" {print $2}' "/proc/$1/smaps_rollup")
-    threads=$(ls "/proc/$1/task" | wc -l)
+    # io_uring's own workers (iou-wrk-*, made by the kernel on demand for
+    # async work such as the control commands, and gone when idle) are not
+    # the daemon's threads.
+    threads=$(cat /proc/"$1"/task/*/comm 2>/dev/null | grep -vc '^iou-' || true)
     echo "$rss $pss $threads"
 }
 

@@ -46,7 +46,11 @@ idle_cost() {
     echo "note: idle ublk mem 16M -q 1 ($(uname -r)): Rss avg $rss_avg KiB (max $rss_max), Pss avg $pss_avg KiB (max $pss_max), threads max $threads"
     [ "$pss_max" -le "$COST_RSS_KIB" ] || die "a daemon's Pss is $pss_max KiB (over $COST_RSS_KIB)"
     # The queue's thread, the main thread and the service thread.
-    [ "$threads" -le 3 ] || die "a daemon has $threads threads (over 3 for -q 1)"
+    if [ "$threads" -gt 3 ]; then
+        local p
+        for p in $(awk '{print $2}' "$WORK/list"); do echo "daemon $p threads: $(cat /proc/"$p"/task/*/comm | tr '\n' ' ')"; done | head -3
+        die "a daemon has $threads threads (over 3 for -q 1)"
+    fi
 }
 
 del_all() {
