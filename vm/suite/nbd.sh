@@ -290,7 +290,14 @@ del_with_client() {
     SERVER_PIDS+=("$fiopid")
     sleep 2
     kill -0 "$fiopid" || die "fio did not start"
-    timeout 30 "$USERBLK" del -n "$id" || die "del with a connected client failed or hung"
+    # A plain del refuses a device in use (exit 3), naming the client;
+    # --force stops it at once, without waiting for the client.
+    local out
+    out=$(timeout 30 "$USERBLK" del -n "$id" 2>&1) || rc=$?
+    [ "$rc" = 3 ] || die "del with a connected client: exit $rc, not 3 (in use): $out"
+    grep -q "NBD clients are connected (pid [0-9]*" <<<"$out" || die "del did not name the client: $out"
+    rc=0
+    timeout 30 "$USERBLK" del -n "$id" --force || die "del --force with a connected client failed or hung"
     wait_for 10 sh -c "! kill -0 $pid 2>/dev/null" || die "daemon $pid still running"
     [ ! -e "$sock" ] || die "socket left behind"
     timeout 60 sh -c "while kill -0 $fiopid 2>/dev/null; do sleep 0.2; done" || die "fio on /dev/nbd2 hung after the server stopped"
@@ -524,7 +531,7 @@ plan 10
 case_run "kernel nbd on unix export: ext4, fsck, reattach" kernel_nbd_ext4
 case_run "kernel nbd: fio verify, flush, trim, 4 conns" kernel_nbd_fio
 case_run "kernel nbd + ublk nbd device, one TCP export" kernel_nbd_tcp
-case_run "del while a kernel nbd client is busy" del_with_client
+case_run "del while a kernel nbd client is busy: refused, --force stops it" del_with_client
 case_run "export name with a space: listed URI works" export_name_uri
 case_run "ublk over nbdkit: fio verify, trim, ext4, fsck" ublk_nbdkit
 case_run "ublk over qemu-nbd: fio across kill -9/restart" ublk_qemu_nbd_restart

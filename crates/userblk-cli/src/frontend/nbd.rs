@@ -210,6 +210,22 @@ fn connected(st: &DeviceState) -> Option<String> {
     }
 }
 
+/// How long `del` gives clients that are leaving (a kernel client just
+/// detached, say: its connection ends a moment later) before it refuses.
+const CLIENTS_LEAVING: Duration = Duration::from_secs(2);
+
+/// The clients still connected after [`CLIENTS_LEAVING`], if any.
+fn still_connected(st: &DeviceState) -> Option<String> {
+    let deadline = std::time::Instant::now() + CLIENTS_LEAVING;
+    loop {
+        let who = connected(st).filter(|w| !w.is_empty())?;
+        if std::time::Instant::now() >= deadline {
+            return Some(who);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `del` of an NBD device: stop its daemon, or clean up after a dead one.
 /// A device whose clients are connected is refused, naming them, unless
 /// `force` (the clients then see their connection closed).
@@ -220,7 +236,7 @@ pub fn delete(st: &DeviceState, timeout: Duration, force: bool) -> anyhow::Resul
     };
     if st.daemon_alive() {
         if !force {
-            if let Some(who) = connected(st).filter(|w| !w.is_empty()) {
+            if let Some(who) = still_connected(st) {
                 return Err(crate::exit::in_use(format!(
                     "device {id} is in use: NBD clients are connected ({who}); disconnect them, or `userblk del -n {id} --force` stops it anyway"
                 )));
