@@ -155,13 +155,7 @@ pub(crate) const OP_KEYS: [&str; 5] = ["read", "write", "flush", "discard", "wri
 
 /// An op's place in per-op tables.
 pub(crate) const fn op_index(op: Op) -> usize {
-    match op {
-        Op::Read => 0,
-        Op::Write => 1,
-        Op::Flush => 2,
-        Op::Discard => 3,
-        Op::WriteZeroes => 4,
-    }
+    op.index()
 }
 
 /// The ops, in [`op_index`] order.

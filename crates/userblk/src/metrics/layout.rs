@@ -75,13 +75,7 @@ pub const fn shape() -> u64 {
 
 /// Index of `op` in [`OPS`].
 pub const fn op_index(op: Op) -> usize {
-    match op {
-        Op::Read => 0,
-        Op::Write => 1,
-        Op::Flush => 2,
-        Op::Discard => 3,
-        Op::WriteZeroes => 4,
-    }
+    op.index()
 }
 
 /// The name an op has in the exposition (`op` label).

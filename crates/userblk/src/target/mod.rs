@@ -61,6 +61,18 @@ pub enum Op {
 }
 
 impl Op {
+    /// The op's place in per-op tables (filters' options, metrics' counters):
+    /// read, write, flush, discard, write-zeroes.
+    pub const fn index(self) -> usize {
+        match self {
+            Op::Read => 0,
+            Op::Write => 1,
+            Op::Flush => 2,
+            Op::Discard => 3,
+            Op::WriteZeroes => 4,
+        }
+    }
+
     /// Whether the op moves data through the buffer.
     pub const fn has_data(self) -> bool {
         matches!(self, Op::Read | Op::Write)
