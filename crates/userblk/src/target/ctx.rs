@@ -194,21 +194,8 @@ impl<'a> Ctx<'a> {
         file_offset: u64,
         step: u16,
     ) -> Result<(), Errno> {
-        debug_assert_eq!(self.req.op, Op::Read);
         let len = self.data_len_u32();
-        let fd = types::Fd(fd.as_raw_fd());
-        let e = match &mut self.buf {
-            DataBuf::Mem(b) => opcode::Read::new(fd, b.as_mut_ptr(), len)
-                .offset(file_offset)
-                .build(),
-            // io_uring takes the address as an offset into the entry from `base`.
-            DataBuf::Fixed { index, base, .. } => {
-                opcode::ReadFixed::new(fd, *base as *mut u8, len, *index)
-                    .offset(file_offset)
-                    .build()
-            }
-        };
-        self.push(e, step)
+        self.read_at_part(fd, file_offset, 0, len, step)
     }
 
     /// Queue a write of the request's data to `fd` at `file_offset`; `flags` may add `RWF_DSYNC` for FUA.
@@ -219,23 +206,8 @@ impl<'a> Ctx<'a> {
         flags: ReadWriteFlags,
         step: u16,
     ) -> Result<(), Errno> {
-        debug_assert_eq!(self.req.op, Op::Write);
         let len = self.data_len_u32();
-        let fd = types::Fd(fd.as_raw_fd());
-        let rw_flags = flags.bits().cast_signed();
-        let e = match &self.buf {
-            DataBuf::Mem(b) => opcode::Write::new(fd, b.as_ptr(), len)
-                .offset(file_offset)
-                .rw_flags(rw_flags)
-                .build(),
-            DataBuf::Fixed { index, base, .. } => {
-                opcode::WriteFixed::new(fd, *base as *const u8, len, *index)
-                    .offset(file_offset)
-                    .rw_flags(rw_flags)
-                    .build()
-            }
-        };
-        self.push(e, step)
+        self.write_at_part(fd, file_offset, (0, len), flags, step)
     }
 
     /// Where bytes `[buf_offset, buf_offset + len)` of the request's data
