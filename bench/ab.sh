@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two userblk binaries side by side in one VM boot (A: a baseline, e.g. the
 # last release or main before a change; B: this checkout's release build):
-# fio 4k random reads and writes at QD 64 on null and file devices of each,
+# fio 4k random reads and writes at QD 64 on null and file devices of each
+# (file random writes also with 2 jobs),
 # order rotated, repeated. Prints medians, spread and B/A. For "no
 # regression" checks of refactors.
 #
@@ -38,7 +39,7 @@ A=$(realpath "$A") B=$(realpath "$B")
 stamp=$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RESULTS"
 OUT=$(realpath "$RESULTS")/ab-$stamp
-TIMEOUT=$(( 8 * REPEAT * (RUNTIME + 10) + 600 ))
+TIMEOUT=$(( 10 * REPEAT * (RUNTIME + 10) + 600 ))
 start=$SECONDS rc=0
 USERBLK_VM_LOG=$OUT/console.log vm/run.sh --timeout "$TIMEOUT" --out "$OUT" -- \
     bench/guest/ab.sh "$OUT" "$RUNTIME" "$REPEAT" "$A" "$B" || rc=$?
