@@ -126,3 +126,35 @@ fn slots_count_into_the_installed_file() {
     assert!(s.op(Op::Write).bytes >= 40960, "{s:?}");
     assert!(s.op(Op::Read).errors >= 1, "{s:?}");
 }
+
+#[test]
+fn a_request_answered_later_counts_the_time_until_its_answer() {
+    use std::sync::Arc;
+
+    use crate::filters::delay::{Config, Delay};
+    use crate::slots::Engine;
+    use crate::targets::NullTarget;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("4.metrics");
+    let guard = install_file(&path, false).unwrap();
+    // A timer on the ring: the reads are answered by a later wakeup, whose
+    // clock read is what their latency ends at.
+    let spec = "delay:read=20ms".parse().unwrap();
+    let t = Delay::new(
+        Arc::new(NullTarget::new(1 << 20)),
+        Config::parse(&spec).unwrap(),
+    )
+    .unwrap();
+    let mut e = Engine::new(&t, 4096).unwrap();
+    for i in 0..3u64 {
+        e.run_in_place(&t, Request::new(Op::Read, i * 4096, 4096))
+            .unwrap();
+    }
+    drop(e);
+    drop(guard);
+    // Other tests' slots may add to the file while it is installed: at least ours.
+    let s = Snapshot::read(&path).unwrap().unwrap();
+    assert!(s.op(Op::Read).requests >= 3, "{s:?}");
+    assert!(s.op(Op::Read).sum_ns >= 3 * 20_000_000, "{s:?}");
+}

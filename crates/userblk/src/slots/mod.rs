@@ -364,6 +364,7 @@ impl Slots {
         } else {
             self.ring.submit()?;
         }
+        self.meter.tick();
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(&mut cqes);
         for (ud, res) in cqes.drain(..) {
