@@ -240,6 +240,7 @@ case_kill9_dirty_chunks_upload_after_restart() {
     read -r id dev < <(add_s3 bkt3 k "$WORK/c3" --size 64M --chunk-size 1M --writeback-delay 600 "${rec[@]}")
     head -c $((3 << 20)) /dev/urandom >"$WORK/a"
     head -c $((2 << 20)) /dev/urandom >"$WORK/b"
+    head -c $((1 << 20)) /dev/urandom >"$WORK/c"
     # A: fsync'd (uploaded by the flush). B: written, never flushed.
     dd if="$WORK/a" of="$dev" bs=1M seek=1 oflag=direct conv=fsync status=none
     n0=$(objects bkt3 k)
@@ -252,6 +253,10 @@ case_kill9_dirty_chunks_upload_after_restart() {
     local writer=$!
     wait_for 20 sh -c "[ \$(wc -l <'$WORK/fsynced') -ge 20 ]" || die "the writer made no progress"
     pid=$(daemon_pid "$id")
+    # C: written just before the kill, never flushed. (The writer's fsyncs
+    # flush every dirty chunk, B's too: without C, whether the dead daemon
+    # left anything dirty would depend on where the kill fell.)
+    dd if="$WORK/c" of="$dev" bs=1M seek=12 oflag=direct status=none
     kill -9 "$pid"
     wait_for 10 exited "$pid"
     # Same cache, same boot: the dirty chunks are uploaded at once, no flush needed.
@@ -269,15 +274,17 @@ case_kill9_dirty_chunks_upload_after_restart() {
     wait "$writer" || true
     sed "s/^/note: /" "$WORK/writer.out"
     python3 tests/s3/fsync_writer.py check "$dev" "$WORK/fsynced" || die "fsync'd blocks lost across kill -9"
-    # B's chunks (10 and 11) were never flushed: the write-back sends them.
-    wait_for 20 s3 exists bkt3 k/chunks/000000000000000a && wait_for 20 s3 exists bkt3 k/chunks/000000000000000b \
-        || die "the dead daemon's dirty chunks were not uploaded ($(objects bkt3 k) objects)"
+    # C's chunk (12) was never flushed: the write-back sends it.
+    wait_for 20 s3 exists bkt3 k/chunks/000000000000000c \
+        || die "the dead daemon's dirty chunk was not uploaded ($(objects bkt3 k) objects)"
     cmp -n $((3 << 20)) "$dev" "$WORK/a" -i $((1 << 20)):0 || die "fsync'd data lost"
     cmp -n $((2 << 20)) "$dev" "$WORK/b" -i $((10 << 20)):0 || die "cached data lost"
+    cmp -n $((1 << 20)) "$dev" "$WORK/c" -i $((12 << 20)):0 || die "data written just before the kill lost"
     ub del -n "$id"
     read -r id dev < <(add_s3 bkt3 k "$WORK/c3-fresh")
     cmp -n $((3 << 20)) "$dev" "$WORK/a" -i $((1 << 20)):0 || die "fsync'd data not in the bucket"
     cmp -n $((2 << 20)) "$dev" "$WORK/b" -i $((10 << 20)):0 || die "dirty data not in the bucket"
+    cmp -n $((1 << 20)) "$dev" "$WORK/c" -i $((12 << 20)):0 || die "the dirty chunk left by the kill is not in the bucket"
     python3 tests/s3/fsync_writer.py check "$dev" "$WORK/fsynced" || die "fsync'd blocks not in the bucket"
     ub del -n "$id"
     echo "note: $(wc -l <"$WORK/fsynced") fsync'd 64 KiB writes around the kill, all intact"
