@@ -18,7 +18,7 @@
 #   secret key  userblk-test-secret  (S3S_SECRET_KEY overrides)
 # Ceph clients (ceph, rados, radosgw-admin): CEPH_CONF=DIR/ceph.conf, as
 # client.admin. Logs: DIR/log/. Memory: memstore holds at most
-# CEPH_MEMSTORE_BYTES (default 2 GiB) of objects. Every wait has a deadline
+# CEPH_MEMSTORE_BYTES (default 1 GiB) of objects. Every wait has a deadline
 # (CEPH_TIMEOUT seconds each, default 120; the VM is much slower than this
 # machine); on failure the daemon's last log lines and one error line.
 set -euo pipefail
@@ -27,7 +27,7 @@ PKGS=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common)
 ACCESS_KEY=${S3S_ACCESS_KEY:-userblk-test-key}
 SECRET_KEY=${S3S_SECRET_KEY:-userblk-test-secret}
 TIMEOUT=${CEPH_TIMEOUT:-120}
-MEMSTORE_BYTES=${CEPH_MEMSTORE_BYTES:-$((2 << 30))}
+MEMSTORE_BYTES=${CEPH_MEMSTORE_BYTES:-$((1 << 30))}
 # Names of the daemons (ceph's "$type.$id").
 DAEMONS=(mon.a mgr.x osd.0 client.rgw.a)
 

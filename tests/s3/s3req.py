@@ -214,4 +214,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except OSError as e:
+        print(f"s3req: {os.environ.get('S3_ENDPOINT')}: {e}", file=sys.stderr)
+        sys.exit(2)
