@@ -66,7 +66,7 @@ cmd_install() {
 }
 
 # The ceph CLI, bounded: a monitor that is not there makes it wait forever.
-ceph_() { timeout 30 ceph --connect-timeout 20 "$@"; }
+ceph_() { timeout "$TIMEOUT" ceph --connect-timeout 20 "$@"; }
 
 log_tail() { # log_tail NAME
     local f
@@ -216,7 +216,7 @@ cmd_start() {
     wait_until "OSD up" osd.0 osd_up
     spawn client.rgw.a radosgw -n client.rgw.a
     wait_until "RADOS Gateway on port $rgw_port" client.rgw.a port_open "$rgw_port"
-    timeout 60 radosgw-admin user create --uid userblk-test --display-name "userblk tests" \
+    timeout "$TIMEOUT" radosgw-admin user create --uid userblk-test --display-name "userblk tests" \
         --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" >"$D/log/user.out" 2>&1 \
         || { log_tail user; die "radosgw-admin user create failed"; }
     wait_until "S3 answer with the test user's keys" client.rgw.a s3_answers
