@@ -13,6 +13,9 @@ as_root vm/setup.sh
 step "dependencies: s3s-fs, the local S3 server of the s3 target's tests (built from the Rust crate registry)"
 as_root env CARGO_BUILD_JOBS="$(nproc)" bash tests/s3/server.sh install
 
+step "dependencies: Ceph from Debian (monitor, manager, OSD, RADOS Gateway) for the s3 suite against RGW"
+as_root bash tests/ceph/cluster.sh install
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -66,6 +69,7 @@ as_root bash tests/host/copy.sh
 
 step "host suite: s3 target against s3s-fs over FUSE + loop (fio, ext4, kill -9, server down, lease, eviction)"
 as_root bash tests/s3/suite.sh --frontend fuse
+step "host suite: s3 target against RADOS Gateway of a one-node Ceph cluster over FUSE + loop (the same cases)" && as_root bash tests/s3/suite.sh --frontend fuse --server rgw
 
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
 as_root bash tests/crash/crash.sh --frontend fuse --rounds 40

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Suite of the s3 target, against a real S3 server on loopback (s3s-fs,
-# tests/s3/server.sh), on ublk devices (in the VM: vm/suite/s3.sh) or on a
-# loop device over the FUSE frontend (the host: --frontend fuse):
+# tests/s3/server.sh; or with --server rgw, RADOS Gateway of a one-node Ceph
+# cluster, tests/ceph/cluster.sh), on ublk devices (in the VM:
+# vm/suite/s3.sh) or on a loop device over the FUSE frontend (the host:
+# --frontend fuse). The suite sees the bucket only through the S3 API
+# (tests/s3/s3req.py), so every case runs the same against either server:
 #   - clear errors: endpoint down, wrong credentials, no bucket, no volume
 #     and no --size, size or chunk-size mismatch;
 #   - fio write+verify; ext4 mkfs/files/fsck; after `del`, a new daemon with
@@ -14,24 +17,33 @@
 #   - server down: fsync fails with EIO after the retry budget, data stays
 #     cached, and service resumes when the server is back;
 #   - one writer: a second daemon on the volume is refused; a stale lease of
-#     another host is broken only with --break-lease;
+#     another host is broken only with --break-lease; two daemons started at
+#     the same moment on one volume, round after round: one wins; and the
+#     server's conditional create (If-None-Match: *), which the lease
+#     relies on, raced by two clients;
 #   - a cache smaller than the data: clean chunks are evicted and fetched
 #     again, verified.
 # Runs as root; everything lives in a private state directory and is
-# deleted by id. Usage: bash tests/s3/suite.sh [--frontend fuse|ublk]
-# (USERBLK overrides the binary; ONLY=regex runs matching cases)
+# deleted by id. Usage:
+#   bash tests/s3/suite.sh [--frontend fuse|ublk] [--server s3s-fs|rgw]
+# (USERBLK overrides the binary; ONLY=regex runs matching cases; RACE_ROUNDS
+# the rounds of two daemons racing, 20)
 set -u
 cd "$(dirname "$0")/../.."
 . vm/suite/lib.sh
 
 FRONTEND=fuse
+KIND=s3s-fs
 while [ $# -gt 0 ]; do
     case $1 in
         --frontend) FRONTEND=$2; shift 2 ;;
+        --server) KIND=$2; shift 2 ;;
         *) echo "unknown argument $1"; exit 2 ;;
     esac
 done
 case $FRONTEND in fuse|ublk) ;; *) echo "--frontend fuse or ublk"; exit 2 ;; esac
+case $KIND in s3s-fs|rgw) ;; *) echo "--server s3s-fs or rgw"; exit 2 ;; esac
+RACE_ROUNDS=${RACE_ROUNDS:-20}
 
 [ -x "$USERBLK" ] || { echo "no binary at $USERBLK (cargo build --release first)"; exit 2; }
 
@@ -46,26 +58,55 @@ EP=http://127.0.0.1:$PORT
 export AWS_ACCESS_KEY_ID=userblk-test-key AWS_SECRET_ACCESS_KEY=userblk-test-secret
 unset AWS_ENDPOINT_URL AWS_REGION AWS_SESSION_TOKEN AWS_PROFILE
 
-# One server for the suite (cases run in subshells: its pid lives in a file).
-server_up() { S3S_LOG=$WORK/s3s.log bash "$SERVER" start "$DATA" "$PORT" >"$WORK/s3s.pid"; }
-server_down() {
-    [ -s "$WORK/s3s.pid" ] && bash "$SERVER" stop "$(cat "$WORK/s3s.pid")"
-    rm -f "$WORK/s3s.pid"
-}
+CEPH=tests/ceph/cluster.sh
+CEPH_DIR=$WORK/ceph
+
+# One server for the suite (cases run in subshells: its pid lives in a
+# file; the cluster in CEPH_DIR). server_down/server_up stop and start the
+# S3 server alone (RGW without the rest of the cluster).
+if [ "$KIND" = s3s-fs ]; then
+    server_up() { S3S_LOG=$WORK/s3s.log bash "$SERVER" start "$DATA" "$PORT" >"$WORK/s3s.pid"; }
+    server_down() {
+        [ -s "$WORK/s3s.pid" ] && bash "$SERVER" stop "$(cat "$WORK/s3s.pid")"
+        rm -f "$WORK/s3s.pid"
+    }
+else
+    server_up() { bash "$CEPH" rgw-start "$CEPH_DIR"; }
+    server_down() { bash "$CEPH" rgw-stop "$CEPH_DIR"; }
+fi
 
 cleanup() {
     umount "$MNT" 2>/dev/null || true
     del_own_devices
-    server_down || true
+    if [ "$KIND" = s3s-fs ]; then server_down || true; else bash "$CEPH" stop "$CEPH_DIR" || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 have_server() {
     have_frontend
-    [ -x "$(bash "$SERVER" path)" ] || skip "s3s-fs is not installed (tests/s3/server.sh install)"
-    [ -s "$WORK/s3s.pid" ] || server_up
+    if [ "$KIND" = s3s-fs ]; then
+        [ -x "$(bash "$SERVER" path)" ] || skip "s3s-fs is not installed (tests/s3/server.sh install)"
+        [ -s "$WORK/s3s.pid" ] || server_up
+        return 0
+    fi
+    if ! command -v radosgw >/dev/null; then
+        # CI installs ceph (scripts/test.sh): missing there, it is a failure.
+        [ "${CI:-}" != true ] || die "ceph is not installed, and CI installs it"
+        skip "ceph is not installed (tests/ceph/cluster.sh install)"
+    fi
+    # The first case starts the cluster (the time it took is in its output).
+    [ -d "$CEPH_DIR" ] || CEPH_RGW_PORT=$PORT bash "$CEPH" start "$CEPH_DIR" >/dev/null
 }
+
+# The S3 API, as the test user (tests/s3/s3req.py: mb, ls, get, exists, put, rm, race).
+# The system's python, not a version manager's shim in PATH (one of those
+# takes most of a second to start, which shifts the timing of the kill -9 case).
+S3PY=$(command -v /usr/bin/python3 || command -v python3)
+s3() { S3_ENDPOINT=$EP "$S3PY" tests/s3/s3req.py "$@"; }
+mkbucket() { s3 mb "$1"; }
+# absent BUCKET KEY: no such object (and the server said so).
+absent() { local rc=0; s3 exists "$1" "$2" || rc=$?; [ "$rc" = 1 ]; }
 
 needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 
@@ -85,7 +126,7 @@ have_frontend() {
 # add_s3 BUCKET PREFIX CACHE [OPTIONS...]: a device; prints "ID BLOCKDEV".
 add_s3() {
     local b=$1 p=$2 c=$3 out id dev; shift 3
-    mkdir -p "$DATA/$b"
+    mkbucket "$b"
     # With stderr: what the target logs while opening comes before the daemon's log.
     # shellcheck disable=SC2086
     out=$(ub add s3 --endpoint "$EP" --bucket "$b" --prefix "$p" --cache-dir "$c" "$@" \
@@ -104,13 +145,17 @@ add_s3() {
 
 daemon_pid() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["pid"])'; }
 
-# Chunk objects of a volume, as s3s-fs stores them (a file per object).
-objects() { { find "$DATA/$1/$2/chunks" -type f 2>/dev/null || true; } | wc -l; }
+# Chunk objects of volume PREFIX in BUCKET.
+objects() { # objects BUCKET PREFIX
+    local keys
+    keys=$(s3 ls "$1" "$2/chunks/") || die "listing $1/$2/chunks/ failed"
+    grep -c . <<<"$keys" || true
+}
 
 case_errors() {
     needs mkfs.ext4
     have_server
-    mkdir -p "$DATA/berr"
+    mkbucket berr
     expect_fail "unreachable" ub add s3 --endpoint http://127.0.0.1:1 --bucket berr --size 64M \
         --cache-dir "$WORK/c-err" $FE
     expect_fail "credentials rejected" env AWS_SECRET_ACCESS_KEY=wrong "$USERBLK" add s3 \
@@ -130,8 +175,9 @@ case_errors() {
         --chunk-size 2M --cache-dir "$WORK/c-err" $FE
     expect_fail "--writeback-delay" ub add s3 --endpoint "$EP" --bucket berr --prefix v \
         --writeback-delay=-1 --cache-dir "$WORK/c-err" $FE
-    [ -s "$DATA/berr/v/manifest.json" ] || die "no manifest object"
-    echo "note: manifest: $(tr -d " \n" <"$DATA/berr/v/manifest.json")"
+    s3 get berr v/manifest.json >"$WORK/manifest.json" || die "no manifest object"
+    [ -s "$WORK/manifest.json" ] || die "empty manifest object"
+    echo "note: manifest: $(tr -d " \n" <"$WORK/manifest.json")"
 }
 
 case_fio_ext4_and_reopen_from_the_bucket() {
@@ -194,6 +240,7 @@ case_kill9_dirty_chunks_upload_after_restart() {
     read -r id dev < <(add_s3 bkt3 k "$WORK/c3" --size 64M --chunk-size 1M --writeback-delay 600 "${rec[@]}")
     head -c $((3 << 20)) /dev/urandom >"$WORK/a"
     head -c $((2 << 20)) /dev/urandom >"$WORK/b"
+    head -c $((1 << 20)) /dev/urandom >"$WORK/c"
     # A: fsync'd (uploaded by the flush). B: written, never flushed.
     dd if="$WORK/a" of="$dev" bs=1M seek=1 oflag=direct conv=fsync status=none
     n0=$(objects bkt3 k)
@@ -206,6 +253,10 @@ case_kill9_dirty_chunks_upload_after_restart() {
     local writer=$!
     wait_for 20 sh -c "[ \$(wc -l <'$WORK/fsynced') -ge 20 ]" || die "the writer made no progress"
     pid=$(daemon_pid "$id")
+    # C: written just before the kill, never flushed. (The writer's fsyncs
+    # flush every dirty chunk, B's too: without C, whether the dead daemon
+    # left anything dirty would depend on where the kill fell.)
+    dd if="$WORK/c" of="$dev" bs=1M seek=12 oflag=direct status=none
     kill -9 "$pid"
     wait_for 10 exited "$pid"
     # Same cache, same boot: the dirty chunks are uploaded at once, no flush needed.
@@ -223,15 +274,17 @@ case_kill9_dirty_chunks_upload_after_restart() {
     wait "$writer" || true
     sed "s/^/note: /" "$WORK/writer.out"
     python3 tests/s3/fsync_writer.py check "$dev" "$WORK/fsynced" || die "fsync'd blocks lost across kill -9"
-    # B's chunks (10 and 11) were never flushed: the write-back sends them.
-    wait_for 20 test -e "$DATA/bkt3/k/chunks/000000000000000a" -a -e "$DATA/bkt3/k/chunks/000000000000000b" \
-        || die "the dead daemon's dirty chunks were not uploaded ($(objects bkt3 k) objects)"
+    # C's chunk (12) was never flushed: the write-back sends it.
+    wait_for 20 s3 exists bkt3 k/chunks/000000000000000c \
+        || die "the dead daemon's dirty chunk was not uploaded ($(objects bkt3 k) objects)"
     cmp -n $((3 << 20)) "$dev" "$WORK/a" -i $((1 << 20)):0 || die "fsync'd data lost"
     cmp -n $((2 << 20)) "$dev" "$WORK/b" -i $((10 << 20)):0 || die "cached data lost"
+    cmp -n $((1 << 20)) "$dev" "$WORK/c" -i $((12 << 20)):0 || die "data written just before the kill lost"
     ub del -n "$id"
     read -r id dev < <(add_s3 bkt3 k "$WORK/c3-fresh")
     cmp -n $((3 << 20)) "$dev" "$WORK/a" -i $((1 << 20)):0 || die "fsync'd data not in the bucket"
     cmp -n $((2 << 20)) "$dev" "$WORK/b" -i $((10 << 20)):0 || die "dirty data not in the bucket"
+    cmp -n $((1 << 20)) "$dev" "$WORK/c" -i $((12 << 20)):0 || die "the dirty chunk left by the kill is not in the bucket"
     python3 tests/s3/fsync_writer.py check "$dev" "$WORK/fsynced" || die "fsync'd blocks not in the bucket"
     ub del -n "$id"
     echo "note: $(wc -l <"$WORK/fsynced") fsync'd 64 KiB writes around the kill, all intact"
@@ -273,11 +326,11 @@ case_one_writer() {
     expect_fail "in use by another daemon" ub add s3 --endpoint "$EP" --bucket bkt5 --prefix l2 \
         --size 64M --cache-dir "$WORK/c5" $FE
     ub del -n "$id"
-    [ ! -e "$DATA/bkt5/l/lease.json" ] || die "lease left after del"
+    absent bkt5 l/lease.json || die "lease left after del"
     # A lease of another host: honoured, broken only when asked.
     printf '{"volume_id":"%s","host":"elsewhere","pid":1,"acquired_unix":1}' \
-        "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["volume_id"])' "$DATA/bkt5/l/manifest.json")" \
-        >"$DATA/bkt5/l/lease.json"
+        "$(s3 get bkt5 l/manifest.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volume_id"])')" \
+        | s3 put bkt5 l/lease.json
     expect_fail "elsewhere pid 1 holds its lease" ub add s3 --endpoint "$EP" --bucket bkt5 \
         --prefix l --cache-dir "$WORK/c5" $FE
     read -r id2 dev2 < <(add_s3 bkt5 l "$WORK/c5" --break-lease)
@@ -303,7 +356,7 @@ case_small_cache_evicts_and_refetches() {
 case_copy_round_trip() {
     have_server
     local src=$WORK/src.raw data_chunks n id dev
-    mkdir -p "$DATA/bkt7"
+    mkbucket bkt7
     # 48 MiB, data in chunks 0-2, 10 and 47 (1 MiB chunks), holes elsewhere.
     truncate -s 48M "$src"
     dd if=/dev/urandom of="$src" bs=1M count=3 conv=notrunc status=none
@@ -319,7 +372,7 @@ case_copy_round_trip() {
     [ "$(du -k "$WORK/back.raw" | cut -f1)" -le 8192 ] || die "the copy back is not sparse"
     # The copy's cache is gone, and so is its lease.
     ! ls -d /var/tmp/userblk-copy-s3-* 2>/dev/null | grep -q . || die "copy left its cache behind"
-    [ ! -e "$DATA/bkt7/cp/lease.json" ] || die "copy left its lease"
+    absent bkt7 cp/lease.json || die "copy left its lease"
     # A volume a daemon serves cannot be copied over.
     read -r id dev < <(add_s3 bkt7 cp "$WORK/c7")
     expect_fail "volume is in use" ub copy "$src" "s3://bkt7/cp?endpoint=$EP"
@@ -346,7 +399,57 @@ case_ctl_status_and_upload() {
     ub del -n "$id"
 }
 
-plan 9
+# The lease's first step is a conditional create (If-None-Match: *): two
+# clients race to create one new key, round after round; exactly one may win.
+case_conditional_create_race() {
+    have_server
+    mkbucket bkt9
+    local out rc=0
+    out=$(s3 race bkt9 race 200) || rc=$?
+    echo "note: $KIND: $out"
+    if [ "$KIND" = s3s-fs ]; then
+        # s3s-fs checks, then writes: both creates may win (store.rs says
+        # so), and there the lease's read-back decides. It must still
+        # refuse a create of an existing key, and let one win each round.
+        [ "$rc" -le 1 ] || die "s3s-fs: $out"
+    else
+        [ "$rc" = 0 ] || die "$KIND let both or neither of two concurrent conditional creates win: $out"
+    fi
+}
+
+# Two daemons started at the same moment on one volume (each with its own
+# cache directory): one serves it, the other is refused by the lease.
+# Odd rounds race to create a new volume, even ones open the last one.
+case_two_daemons_race_for_a_volume() {
+    have_server
+    mkbucket bkt10
+    local r i p won id rc
+    for ((r = 1; r <= RACE_ROUNDS; r++)); do
+        p=r$(((r + 1) / 2))
+        for i in a b; do
+            # shellcheck disable=SC2086
+            { rc=0; ub add s3 --endpoint "$EP" --bucket bkt10 --prefix "$p" --size 16M \
+                --chunk-size 1M --cache-dir "$WORK/c10$i-$r" $FE >"$WORK/race.$i" 2>&1 || rc=$?
+              echo "$rc" >"$WORK/race.$i.rc"; } &
+        done
+        wait
+        won=0
+        for i in a b; do
+            if [ "$(cat "$WORK/race.$i.rc")" = 0 ]; then
+                won=$((won + 1))
+                id=$(dev_id_of "$(cat "$WORK/race.$i")")
+                ub del -n "$id"
+            else
+                grep -q "the volume is in use\|lease vanished while it was taken" "$WORK/race.$i" \
+                    || { cat "$WORK/race.$i"; die "round $r: the loser failed for another reason"; }
+            fi
+        done
+        [ "$won" = 1 ] || die "round $r ($p): $won daemons of two took the volume"
+    done
+    echo "note: $KIND: $RACE_ROUNDS rounds of two daemons at once on one volume ($((RACE_ROUNDS / 2)) new): one served it each time"
+}
+
+plan 11
 case_run "errors: endpoint, credentials, bucket, volume, sizes" case_errors
 case_run "fio verify, ext4, re-add from the bucket alone" case_fio_ext4_and_reopen_from_the_bucket
 case_run "all-zero chunks are not stored, discard deletes" case_zero_chunks_are_not_stored
@@ -356,4 +459,6 @@ case_run "one writer: lease, cache lock, --break-lease" case_one_writer
 case_run "small cache: evict and fetch again" case_small_cache_evicts_and_refetches
 case_run "copy: file -> s3 -> file, no objects for holes" case_copy_round_trip
 case_run "ctl: status counts dirty chunks, upload sends them" case_ctl_status_and_upload
+case_run "conditional create raced by two clients: one wins" case_conditional_create_race
+case_run "two daemons race for one volume: one serves it" case_two_daemons_race_for_a_volume
 summary
