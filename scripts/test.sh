@@ -69,7 +69,9 @@ as_root bash tests/host/copy.sh
 
 step "host suite: s3 target against s3s-fs over FUSE + loop (fio, ext4, kill -9, server down, lease, eviction)"
 as_root bash tests/s3/suite.sh --frontend fuse
-step "host suite: s3 target against RADOS Gateway of a one-node Ceph cluster over FUSE + loop (the same cases)" && as_root bash tests/s3/suite.sh --frontend fuse --server rgw
+
+step "host suite: s3 target against RADOS Gateway of a one-node Ceph cluster over FUSE + loop (the same cases)"
+as_root bash tests/s3/suite.sh --frontend fuse --server rgw
 
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
 as_root bash tests/crash/crash.sh --frontend fuse --rounds 40
