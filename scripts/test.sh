@@ -54,6 +54,9 @@ as_root bash tests/host/many.sh
 step "host suite: device names (add --name, --name for -n, /dev/userblk/NAME links) over FUSE and NBD"
 as_root bash tests/host/names.sh
 
+step "host suite: userblk apply (pool files: add, keep, grow, differs/recreate, delete, bad files, kill -9 and rerun) over FUSE"
+as_root bash tests/host/apply.sh
+
 step "host suite: NBD server and nbd target (libnbd, qemu, nbdkit clients)"
 as_root bash tests/host/nbd.sh
 
@@ -99,7 +102,7 @@ step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs o
 as_root vm/run.sh -- vm/suite/crash.sh
 
 step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names, add/del churn (Debian 6.12 in qemu/TCG, one boot)"
-as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn
+as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn apply
 
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh
@@ -118,4 +121,4 @@ step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-back
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
 
 step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O, many devices, names, add/del churn (Debian trixie-backports in qemu/TCG, one boot)"
-as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn apply

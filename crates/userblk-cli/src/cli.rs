@@ -110,6 +110,13 @@ pub enum Command {
     /// Change a live device's size: its target's, then the device's
     /// (`userblk resize -n 0 --size 20G`); shrinking needs --allow-shrink.
     Resize(ResizeArgs),
+    /// Make the running devices match a pool file (`userblk apply pool.toml`):
+    /// add what is missing, delete what it no longer lists, grow sizes.
+    ///
+    /// One [[device]] table per device, with `name`, `target` and `add`'s
+    /// options by their long names. Devices are matched by name; only
+    /// devices an earlier apply added are deleted. See docs/pool.md.
+    Apply(ApplyArgs),
     /// Create an image file (`userblk create qcow2 -f IMAGE --size 10G`).
     Create(CreateArgs),
     /// Copy any target to any target, skipping holes (`userblk copy disk.raw disk.qcow2`).
@@ -200,6 +207,25 @@ pub struct ResizeArgs {
     /// Allow a size below the current one: the data past the new end is lost.
     #[arg(long)]
     pub allow_shrink: bool,
+}
+
+/// `apply`.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The pool file (TOML).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print the plan, one line per device (add, keep, grow, differs,
+    /// recreate, delete), and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the plan and its outcome as one JSON document.
+    #[arg(long)]
+    pub json: bool,
+    /// Delete and add again each device that differs from the file other
+    /// than by a larger size (its data goes, unless its target keeps it).
+    #[arg(long)]
+    pub recreate: bool,
 }
 
 /// `recover`.

@@ -3,13 +3,14 @@
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
 //! `progress`, `s3`, `stale_replies`, `exit`, `exposition`, `http` → `endpoint` → `cli` → `names` →
-//! `checkpoint`, `ctl`, `stats`, `list`, `man`, `metrics` → `targets` → `copy` → `notify` →
+//! `checkpoint`, `ctl`, `stats`, `list`, `man`, `metrics`, `apply` → `targets` → `copy` → `notify` →
 //! `frontend::{service, del_all, limits}` → `frontend::lifecycle` → `frontend::{ublk, fuse, nbd}` →
 //! `frontend` → `main`.
 
 // Output goes through `out`, which survives a closed pipe; `print!` panics.
 #![deny(clippy::print_stdout)]
 
+mod apply;
 mod checkpoint;
 mod cli;
 mod copy;
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
         Command::Stats(args) => stats::run(&args),
         Command::Ctl(args) => ctl::run(&args),
         Command::Resize(args) => resize::run(&args),
+        Command::Apply(args) => apply::run(&args),
         Command::Create(args) => create(&args),
         Command::Copy(args) => copy::run(&args),
         Command::Features(args) => features(&args),

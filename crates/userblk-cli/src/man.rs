@@ -95,6 +95,7 @@ fn extra(name: &str) -> String {
          .TP\n/run/userblk/ID.json\nA device's saved state: its daemon, target and arguments \
          (a user's devices: $XDG_RUNTIME_DIR/userblk/ or /tmp/userblk\\-UID/; \
          USERBLK_STATE_DIR overrides).\n\
+         .TP\n/run/userblk/pool.managed\nThe names of the devices \\fBuserblk apply\\fR manages.\n\
          .TP\n/run/userblk/ID.log\nThe log of a device's daemon.\n\
          .TP\n/run/userblk/ID.metrics\nA device's request counters, kept by its daemon \
          (read by \\fBuserblk metrics\\fR).\n\
@@ -194,6 +195,16 @@ fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
             (
                 "Serve them to Prometheus",
                 "userblk metrics --listen tcp:127.0.0.1:9477\ncurl -s http://127.0.0.1:9477/metrics",
+            ),
+        ],
+        "userblk-apply" => &[
+            (
+                "Make the running devices match a pool file (docs/pool.md)",
+                "sudo userblk apply /etc/userblk/pool.toml",
+            ),
+            (
+                "What it would do, changing nothing",
+                "sudo userblk apply --dry-run /etc/userblk/pool.toml",
             ),
         ],
         "userblk-man" => &[(
