@@ -60,16 +60,31 @@ pub struct Quiescer {
 }
 
 /// Whether a device with these granted `flags` can be handed over with
-/// QUIESCE: added with the flag, and served per-tag (batch queues do not
-/// drain for it yet). `userblk upgrade` plans with it; a serving daemon
-/// asks [`Quiescer::can_quiesce`].
+/// QUIESCE: added with the flag, and served per-tag. `userblk upgrade`
+/// plans with it; a serving daemon asks [`Quiescer::can_quiesce`].
+///
+/// Not a batch device: the kernel's QUIESCE_DEV on a `UBLK_F_BATCH_IO`
+/// queue (7.0 through at least 7.3) cancels its fetch commands through
+/// the path STOP_DEV uses, which also marks the queue force-abort, and a
+/// recoverable device fails every request that arrives on a force-abort
+/// queue (EIO) instead of holding it for the next daemon: whatever the
+/// daemon does, writes issued during the handover fail
+/// (docs/frontends/ublk.md#batch-io). [`BATCH_QUIESCE_ENV`] lifts this,
+/// to test a kernel.
 pub fn quiescable(flags: u64) -> bool {
-    flags & UBLK_F_QUIESCE != 0 && flags & userblk_uapi::UBLK_F_BATCH_IO == 0
+    flags & UBLK_F_QUIESCE != 0
+        && (flags & userblk_uapi::UBLK_F_BATCH_IO == 0
+            || std::env::var_os(BATCH_QUIESCE_ENV).is_some())
 }
+
+/// Environment variable: set (on `add` and `upgrade`), batch devices are
+/// handed over with QUIESCE too, to see whether a kernel still fails the
+/// requests of the handover (see [`quiescable`]). Not for production.
+pub const BATCH_QUIESCE_ENV: &str = "USERBLK_TEST_BATCH_QUIESCE";
 
 impl Quiescer {
     /// Whether this device can be handed over with QUIESCE: added with the
-    /// flag, and served per-tag (batch queues do not drain for it yet).
+    /// flag, and served per-tag (see [`quiescable`]).
     pub fn can_quiesce(&self) -> bool {
         quiescable(self.flags)
     }
@@ -103,6 +118,13 @@ impl Quiescer {
             }) => tracing::info!(
                 "device {id}: QUIESCE_DEV: {errno} (not every queue had an idle tag); draining anyway"
             ),
+            // The kernel may have marked the queues canceling before it
+            // stopped answering: they then hold every new request until a
+            // new daemon recovers the device, so serving on would hang
+            // them. Hand over instead.
+            Err(e @ Error::NoAnswer { .. }) => {
+                tracing::warn!("device {id}: {e}; draining anyway");
+            }
             Err(e) => return Err(e),
         }
         self.shared.done.store(true, Ordering::SeqCst);
