@@ -82,6 +82,11 @@ impl Shutdown {
             tracing::warn!("waking queue threads: {e}");
         }
     }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub(crate) fn draining(&self) -> bool {
+        self.drain.load(Ordering::SeqCst)
+    }
 }
 
 /// What a queue thread tells the device.
