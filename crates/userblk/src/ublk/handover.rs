@@ -110,7 +110,16 @@ impl Quiescer {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .ok_or_else(|| Error::invalid(format!("device {id} is not serving yet")))?;
-        match Control::open()?.quiesce(id, timeout) {
+        let mut ctrl = Control::open()?;
+        // Said before the command, not after: the kernel aborts the idle
+        // fetches while it runs, and a queue whose every tag is aborted
+        // leaves on its own, so `serve` can return (and its caller decide
+        // whether to keep the device's state) before QUIESCE_DEV does. Said
+        // after, the daemon removed the state the new daemon recovers from,
+        // and the device was left quiesced with no daemon, its I/O held
+        // (found by vm/suite/upgrade.sh's back-to-back upgrades on 7.3.4).
+        self.shared.done.store(true, Ordering::SeqCst);
+        match ctrl.quiesce(id, timeout) {
             Ok(()) => {}
             Err(Error::Control {
                 errno: errno @ (Errno::BUSY | Errno::INTR),
@@ -125,9 +134,12 @@ impl Quiescer {
             Err(e @ Error::NoAnswer { .. }) => {
                 tracing::warn!("device {id}: {e}; draining anyway");
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // Refused before it changed anything: still ours to serve.
+                self.shared.done.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
         }
-        self.shared.done.store(true, Ordering::SeqCst);
         tracing::info!("device {id}: quiesced for a new daemon; finishing the requests in hand");
         shutdown.drain();
         Ok(())
