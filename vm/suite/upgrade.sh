@@ -52,9 +52,16 @@ check_fio() {
     local rc=0
     wait "$FIO" || rc=$?
     [ "$rc" = 0 ] || { tail -n 30 "$WORK/fio.json"; die "fio failed (exit $rc) across the upgrades"; }
+    fio_report
+}
+
+# fio's JSON report: no error, writes done. fio writes its "terminating on
+# signal" line into the output file ahead of the JSON.
+fio_report() {
     python3 - "$WORK/fio.json" <<'EOF'
 import json, sys
-job = json.load(open(sys.argv[1]))["jobs"][0]
+text = open(sys.argv[1]).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
 assert job["error"] == 0, f"fio error {job['error']}"
 w = job["write"]
 assert w["total_ios"] > 0, "no writes"
@@ -121,16 +128,7 @@ upgrades_back_to_back() { # upgrades_back_to_back ROUNDS ADD-ARGS...
     rc=0
     wait "$FIO" || rc=$?
     case "$rc" in 0|128|130) ;; *) tail -n 30 "$WORK/fio.json"; die "fio failed (exit $rc) across the upgrades" ;; esac
-    # fio writes its "terminating on signal" line into the output file, before the JSON.
-    python3 - "$WORK/fio.json" <<'PY'
-import json, sys
-text = open(sys.argv[1]).read()
-job = json.loads(text[text.index("{"):])["jobs"][0]
-assert job["error"] == 0, f"fio error {job['error']}"
-w = job["write"]
-assert w["total_ios"] > 0, "no writes"
-print(f"note: fio: {w['total_ios']} writes, 0 errors, max write latency {w['clat_ns']['max'] / 1e6:.0f} ms")
-PY
+    fio_report
     echo "note: $rounds upgrades back to back under fio at depth 32"
     del_dev "$id"
 }

@@ -284,9 +284,12 @@ fn ask_to_quiesce(id: u32, pid: i32) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!(
-            "device {id}: asking its daemon (pid {pid}) to hand over; it still serves the device"
-        ))),
+        Err(e) => {
+            let what = format!("device {id}: asking its daemon (pid {pid}) to hand over");
+            return Err(
+                anyhow::Error::new(e).context(format!("{what}; it still serves the device"))
+            );
+        }
     };
     if !reply.ok {
         let why = reply.error.unwrap_or_else(|| "refused".into());

@@ -29,8 +29,9 @@ use crate::slots::{Event, Slots};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::ublk::desc::DescArray;
 use crate::ublk::queue::{
-    commit_result, exited, prepare, ready, request_from, uring_cmd, user_copy_in, user_copy_out,
-    watch_shutdown, DataMode, Prepared, QueueEvent, QueueSetup, Shutdown, FAILPOINT_ENV, WAKE_SLOT,
+    commit_result, exited, prepare, push_flush, ready, request_from, uring_cmd, user_copy_in,
+    user_copy_out, watch_shutdown, DataMode, Prepared, QueueEvent, QueueSetup, Shutdown,
+    FAILPOINT_ENV, WAKE_SLOT,
 };
 use crate::{Error, Result};
 
@@ -414,12 +415,7 @@ impl Batch {
             return Ok(true);
         }
         if !self.flush_armed {
-            let e = io_uring::opcode::Nop::new()
-                .build()
-                .user_data(UserData::Frontend { slot: FLUSH }.pack());
-            // SAFETY: a no-op points at no memory.
-            unsafe { self.slots.push(&e) }
-                .map_err(|e| self.err(format!("queueing a flush: {e}")))?;
+            push_flush(&mut self.slots, FLUSH, self.q)?;
             self.flush_armed = true;
         }
         Ok(false)

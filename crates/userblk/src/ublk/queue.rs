@@ -470,6 +470,19 @@ pub(crate) fn watch_shutdown(slots: &mut Slots, shutdown: &Shutdown, q: u16) -> 
     })
 }
 
+/// Queue the no-op a draining queue waits for; it completes as
+/// [`Event::Frontend`] with `token`.
+pub(crate) fn push_flush(slots: &mut Slots, token: u16, q: u16) -> Result<()> {
+    let e = opcode::Nop::new()
+        .build()
+        .user_data(UserData::Frontend { slot: token }.pack());
+    // SAFETY: a no-op points at no memory.
+    unsafe { slots.push(&e) }.map_err(|e| Error::Queue {
+        queue: q,
+        msg: format!("queueing a flush: {e}"),
+    })
+}
+
 /// A ublk I/O command `cmd_op` on `/dev/ublkcN`: the ring's fixed file 0
 /// if `fixed`, else `cdev`'s descriptor.
 pub(crate) fn uring_cmd(fixed: bool, cdev: &OwnedFd, cmd_op: u32) -> opcode::UringCmd16 {
@@ -662,14 +675,7 @@ impl Queue {
             return Ok(true);
         }
         if !self.flush_armed {
-            let e = opcode::Nop::new()
-                .build()
-                .user_data(UserData::Frontend { slot: FLUSH_SLOT }.pack());
-            // SAFETY: a no-op points at no memory.
-            unsafe { self.slots.push(&e) }.map_err(|e| Error::Queue {
-                queue: self.q,
-                msg: format!("queueing a flush: {e}"),
-            })?;
+            push_flush(&mut self.slots, FLUSH_SLOT, self.q)?;
             self.flush_armed = true;
         }
         Ok(false)
