@@ -38,13 +38,18 @@ upgrade_once() { # upgrade_once ID [ARGS...]
     echo $(((end - start) / 1000000))
 }
 
-# fio verify on a file of ext4 on the device, time based, in the background.
-start_fio() { # start_fio RUNTIME
-    fio --ioengine=io_uring --direct=1 --name=upgrade --filename="$MNT/fio.dat" --size=32M \
-        --rw=randwrite --bs=4k --iodepth=8 --time_based --runtime="$1" \
+# fio verify (random 4k writes, time based) in the background, as FIO.
+fio_verify_bg() { # fio_verify_bg FILE SIZE DEPTH RUNTIME
+    fio --ioengine=io_uring --direct=1 --name=upgrade --filename="$1" --size="$2" \
+        --rw=randwrite --bs=4k --iodepth="$3" --time_based --runtime="$4" \
         --verify=crc32c --verify_backlog=256 --verify_fatal=1 --verify_state_save=0 --randrepeat=0 \
         --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 &
     FIO=$!
+}
+
+# fio verify on a file of ext4 on the device.
+start_fio() { # start_fio RUNTIME
+    fio_verify_bg "$MNT/fio.dat" 32M 8 "$1"
 }
 
 # fio's exit status and its JSON: no error, writes done, verified.
@@ -101,11 +106,7 @@ upgrades_under_fio() { # upgrades_under_fio ROUNDS ADD-ARGS...
 upgrades_back_to_back() { # upgrades_back_to_back ROUNDS ADD-ARGS...
     local rounds=$1 id i old rc=0; shift
     id=$(add_dev "$@" mem --size 128M)
-    fio --ioengine=io_uring --direct=1 --name=b2b --filename="/dev/ublkb$id" --size=64M \
-        --rw=randwrite --bs=4k --iodepth=32 --time_based --runtime=900 \
-        --verify=crc32c --verify_backlog=512 --verify_fatal=1 --verify_state_save=0 --randrepeat=0 \
-        --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 &
-    FIO=$!
+    fio_verify_bg "/dev/ublkb$id" 64M 32 900
     sleep 2
     for i in $(seq 1 "$rounds"); do
         kill -0 "$FIO" 2>/dev/null || die "fio ended before upgrade $i"
@@ -297,11 +298,7 @@ PY
     wait_for 60 grep -q 'READY=1' "$log" || { cat "$WORK/unit.out"; die "no READY=1 from ExecStart"; }
     state_is "$USERBLK_ID" LIVE || die "device $USERBLK_ID not LIVE"
     [ "$(list_word "$USERBLK_ID" 7)" = "$main" ] || die "ExecStart's process is not the daemon"
-    fio --ioengine=io_uring --direct=1 --name=unit --filename="/dev/ublkb$USERBLK_ID" --size=32M \
-        --rw=randwrite --bs=4k --iodepth=8 --time_based --runtime=25 \
-        --verify=crc32c --verify_backlog=256 --verify_fatal=1 --verify_state_save=0 --randrepeat=0 \
-        --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 &
-    FIO=$!
+    fio_verify_bg "/dev/ublkb$USERBLK_ID" 32M 8 25
     sleep 3
     NOTIFY_SOCKET=$sock timeout 150 "${reload[@]}" || die "ExecReload failed"
     new=$(list_word "$USERBLK_ID" 7)

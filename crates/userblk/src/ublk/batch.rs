@@ -29,8 +29,8 @@ use crate::slots::{Event, Slots};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::ublk::desc::DescArray;
 use crate::ublk::queue::{
-    commit_result, exited, prepare, push_flush, ready, request_from, uring_cmd, user_copy_in,
-    user_copy_out, watch_shutdown, DataMode, Prepared, QueueEvent, QueueSetup, Shutdown,
+    commit_result, exited, prepare, ready, request_from, uring_cmd, user_copy_in, user_copy_out,
+    watch_shutdown, DataMode, DrainFlush, Prepared, QueueEvent, QueueSetup, Shutdown,
     FAILPOINT_ENV, WAKE_SLOT,
 };
 use crate::{Error, Result};
@@ -159,10 +159,8 @@ struct Batch {
     ended: bool,
     /// Handing over: leave once nothing is held (see [`Batch::drained`]).
     draining: bool,
-    /// The flush no-op is in the ring.
-    flush_armed: bool,
-    /// A flush completed and nothing was held since.
-    flushed: bool,
+    /// Handing over: the wait for a flush no-op (see [`Batch::drained`]).
+    flush: DrainFlush,
     /// Tags whose request we hold: delivered, not yet committed.
     held: Vec<bool>,
     held_count: usize,
@@ -207,8 +205,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         fetch_armed: false,
         ended: false,
         draining: false,
-        flush_armed: false,
-        flushed: false,
+        flush: DrainFlush::default(),
         held: vec![false; usize::from(setup.depth)],
         held_count: 0,
         pending: Vec::with_capacity(usize::from(setup.depth)),
@@ -371,10 +368,7 @@ impl Batch {
                         }
                         self.draining |= shutdown.draining();
                     }
-                    Event::Frontend { token: FLUSH, .. } => {
-                        self.flush_armed = false;
-                        self.flushed = true;
-                    }
+                    Event::Frontend { token: FLUSH, .. } => self.flush.completed(),
                     Event::Frontend { token: FETCH, res } => self.on_fetch(res)?,
                     Event::Frontend { token, res } if token >= COMMIT_BASE => {
                         self.on_commit(usize::from(token - COMMIT_BASE), res);
@@ -403,22 +397,10 @@ impl Batch {
     /// deliver arrive (and are served) before we leave. The fetch may stay
     /// in the kernel; closing the ring cancels it.
     fn drained(&mut self) -> Result<bool> {
-        if self.held_count > 0
+        let busy = self.held_count > 0
             || !self.pending.is_empty()
-            || self.commits.iter().any(Option::is_some)
-        {
-            self.flushed = false;
-            return Ok(false);
-        }
-        if self.flushed {
-            self.slots.submit()?;
-            return Ok(true);
-        }
-        if !self.flush_armed {
-            push_flush(&mut self.slots, FLUSH, self.q)?;
-            self.flush_armed = true;
-        }
-        Ok(false)
+            || self.commits.iter().any(Option::is_some);
+        self.flush.may_leave(busy, &mut self.slots, FLUSH, self.q)
     }
 
     fn on_fetch(&mut self, res: i32) -> Result<()> {
