@@ -38,13 +38,18 @@ upgrade_once() { # upgrade_once ID [ARGS...]
     echo $(((end - start) / 1000000))
 }
 
-# fio verify on a file of ext4 on the device, time based, in the background.
-start_fio() { # start_fio RUNTIME
-    fio --ioengine=io_uring --direct=1 --name=upgrade --filename="$MNT/fio.dat" --size=32M \
-        --rw=randwrite --bs=4k --iodepth=8 --time_based --runtime="$1" \
+# fio verify (random 4k writes, time based) in the background, as FIO.
+fio_verify_bg() { # fio_verify_bg FILE SIZE DEPTH RUNTIME
+    fio --ioengine=io_uring --direct=1 --name=upgrade --filename="$1" --size="$2" \
+        --rw=randwrite --bs=4k --iodepth="$3" --time_based --runtime="$4" \
         --verify=crc32c --verify_backlog=256 --verify_fatal=1 --verify_state_save=0 --randrepeat=0 \
         --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 &
     FIO=$!
+}
+
+# fio verify on a file of ext4 on the device.
+start_fio() { # start_fio RUNTIME
+    fio_verify_bg "$MNT/fio.dat" 32M 8 "$1"
 }
 
 # fio's exit status and its JSON: no error, writes done, verified.
@@ -52,9 +57,16 @@ check_fio() {
     local rc=0
     wait "$FIO" || rc=$?
     [ "$rc" = 0 ] || { tail -n 30 "$WORK/fio.json"; die "fio failed (exit $rc) across the upgrades"; }
+    fio_report
+}
+
+# fio's JSON report: no error, writes done. fio writes its "terminating on
+# signal" line into the output file ahead of the JSON.
+fio_report() {
     python3 - "$WORK/fio.json" <<'EOF'
 import json, sys
-job = json.load(open(sys.argv[1]))["jobs"][0]
+text = open(sys.argv[1]).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
 assert job["error"] == 0, f"fio error {job['error']}"
 w = job["write"]
 assert w["total_ios"] > 0, "no writes"
@@ -84,6 +96,41 @@ upgrades_under_fio() { # upgrades_under_fio ROUNDS ADD-ARGS...
     echo "note: $rounds upgrades took ${times[*]} ms"
     umount "$MNT"
     fsck.ext4 -n -f "/dev/ublkb$id"
+    del_dev "$id"
+}
+
+# The hang hunt: ROUNDS upgrades back to back (no pause) of a mem device
+# (ADD-ARGS) under fio verify at depth 32 on the raw device, each with a
+# deadline, so an upgrade that hangs fails the case and shows the device
+# instead of stalling the suite.
+upgrades_back_to_back() { # upgrades_back_to_back ROUNDS ADD-ARGS...
+    local rounds=$1 id i old rc=0; shift
+    id=$(add_dev "$@" mem --size 128M)
+    fio_verify_bg "/dev/ublkb$id" 64M 32 900
+    sleep 2
+    for i in $(seq 1 "$rounds"); do
+        kill -0 "$FIO" 2>/dev/null || die "fio ended before upgrade $i"
+        old=$(list_word "$id" 7)
+        rc=0
+        timeout 150 "$USERBLK" upgrade -n "$id" >"$WORK/upgrade.out" 2>&1 || rc=$?
+        if [ "$rc" != 0 ]; then
+            cat "$WORK/upgrade.out"
+            ub list -n "$id" || true
+            [ "$rc" != 124 ] || die "upgrade $i of $rounds hung (no end within 150 s)"
+            die "upgrade $i of $rounds failed (exit $rc)"
+        fi
+        state_is "$id" LIVE || die "device $id not LIVE after upgrade $i"
+        [ "$(list_word "$id" 7)" != "$old" ] || die "upgrade $i kept daemon $old"
+        exited "$old" || die "upgrade $i: old daemon $old still runs"
+    done
+    kill -0 "$FIO" 2>/dev/null || die "fio ended before the upgrades did"
+    # SIGINT ends a time-based fio with its report (exit 0, or 128 for the signal).
+    kill -INT "$FIO"
+    rc=0
+    wait "$FIO" || rc=$?
+    case "$rc" in 0|128|130) ;; *) tail -n 30 "$WORK/fio.json"; die "fio failed (exit $rc) across the upgrades" ;; esac
+    fio_report
+    echo "note: $rounds upgrades back to back under fio at depth 32"
     del_dev "$id"
 }
 
@@ -185,15 +232,110 @@ broken_new_binary() {
     del_dev "$id"
 }
 
+# --fail-io: I/O fails while no daemon runs, so no handover is hitless.
+fail_io_refused() {
+    ub features | grep -qw USER_RECOVERY_FAIL_IO || skip "this kernel lacks USER_RECOVERY_FAIL_IO (Linux 6.13+)"
+    local id pid
+    id=$(add_dev --fail-io mem --size 16M)
+    pid=$(list_word "$id" 7)
+    one_line_fail "added with --fail-io" ub upgrade -n "$id"
+    still_served_by "$id" "$pid"
+    del_dev "$id"
+}
+
+# Batch I/O devices: the kernel fails the requests that arrive while a
+# batch device is quiesced, so upgrade refuses a -r batch device with that
+# reason and hands a --reissue one over by kill + reissue.
+batch_devices() {
+    ub features | grep -qw BATCH_IO || skip "this kernel lacks BATCH_IO (Linux 7.0+)"
+    local id pid
+    id=$(add_dev -r --io-mode batch mem --size 16M)
+    pid=$(list_word "$id" 7)
+    one_line_fail "batch I/O" ub upgrade -n "$id"
+    still_served_by "$id" "$pid"
+    del_dev "$id"
+    upgrades_back_to_back 2 --reissue --io-mode batch
+}
+
+# contrib/systemd's unit, as systemd runs it: the guest has no systemd, so
+# its ExecStart= and ExecReload= lines run here as written (the binary
+# path and ${USERBLK_ID} / $USERBLK_ARGS substituted as systemd does), with
+# a Python datagram socket standing in for $NOTIFY_SOCKET. Checks what the
+# service manager would see: READY=1, MAINPID= moving to the new daemon on
+# reload (and the device living through it under fio), STOPPING=1 on the
+# SIGTERM of `systemctl stop`.
+unit_line() { sed -n "s/^$1=//p" contrib/systemd/userblk@.service; }
+unit_argv() { # unit_argv KEY: the line's words, one per line
+    local line
+    line=$(unit_line "$1")
+    [ -n "$line" ] || die "the unit has no $1="
+    line=${line//\/usr\/local\/bin\/userblk/$USERBLK}
+    # systemd: ${VAR} is one word, $VAR is split on white space (as bash does unquoted).
+    ( eval "set -- $line"; printf '%s\n' "$@" )
+}
+systemd_unit_reload() {
+    local sock=$WORK/notify.sock log=$WORK/notify.log listener main new want rc=0 start=() reload=()
+    export USERBLK_ID=60 USERBLK_ARGS="$UPG mem --size 64M"
+    mapfile -t start < <(unit_argv ExecStart)
+    mapfile -t reload < <(unit_argv ExecReload)
+    echo "ExecStart: ${start[*]}"
+    echo "ExecReload: ${reload[*]}"
+    [ "${start[0]}" = "$USERBLK" ] && [ "${reload[0]}" = "$USERBLK" ] || die "unexpected unit lines"
+    rm -f "$sock" "$log"
+    python3 - "$sock" "$log" <<'PY' &
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+with open(sys.argv[2], "a", buffering=1) as log:
+    while True:
+        msg = s.recv(4096).decode()
+        log.write(msg.replace("\n", " ").strip() + "\n")
+PY
+    listener=$!
+    wait_for 10 test -S "$sock" || die "no notify socket"
+    NOTIFY_SOCKET=$sock "${start[@]}" >"$WORK/unit.out" 2>&1 &
+    main=$!
+    wait_for 60 grep -q 'READY=1' "$log" || { cat "$WORK/unit.out"; die "no READY=1 from ExecStart"; }
+    state_is "$USERBLK_ID" LIVE || die "device $USERBLK_ID not LIVE"
+    [ "$(list_word "$USERBLK_ID" 7)" = "$main" ] || die "ExecStart's process is not the daemon"
+    fio_verify_bg "/dev/ublkb$USERBLK_ID" 32M 8 25
+    sleep 3
+    NOTIFY_SOCKET=$sock timeout 150 "${reload[@]}" || die "ExecReload failed"
+    new=$(list_word "$USERBLK_ID" 7)
+    [ "$new" != "$main" ] || die "reload kept daemon $main"
+    state_is "$USERBLK_ID" LIVE || die "device not LIVE after reload"
+    wait "$main" || rc=$?
+    # It leaves by itself after a QUIESCE handover; kill + reissue kills it.
+    if has_quiesce; then want=0; else want=137; fi
+    [ "$rc" = "$want" ] || die "the old main process exited $rc after the reload, not $want"
+    [ "$(grep -o 'MAINPID=[0-9]*' "$log" | tail -n 1)" = "MAINPID=$new" ] \
+        || { cat "$log"; die "the service manager was not told MAINPID=$new"; }
+    grep -q "READY=1.*MAINPID=$new" "$log" || { cat "$log"; die "no READY=1 from the new daemon"; }
+    check_fio
+    # systemctl stop: KillSignal=SIGTERM to the main process, which deletes its device.
+    kill -TERM "$new"
+    wait_for 60 exited "$new" || die "daemon $new did not stop on SIGTERM"
+    wait_for 10 test ! -e "/dev/ublkb$USERBLK_ID" || die "the device outlived the stop"
+    grep -q 'STOPPING=1' "$log" || die "no STOPPING=1"
+    kill "$listener" 2>/dev/null || true
+    echo "note: service manager saw: $(tr '\n' '|' <"$log")"
+}
+
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 ub features | grep -q USER_RECOVERY || { echo "SKIP all: kernel lacks USER_RECOVERY"; exit 1; }
 cleanup_devices
-plan 7
+ROUNDS=${UPGRADE_ROUNDS:-5}
+plan 11
 if has_quiesce; then
     case_run "ext4 + fio verify on mem -r: 10 upgrades (QUIESCE)" upgrades_under_fio 10 -r
+    case_run "raw fio QD32 on mem -r: $ROUNDS upgrades back to back" upgrades_back_to_back "$ROUNDS" -r
 else
     case_run "ext4 + fio verify on mem --reissue: 3 upgrades (kill + reissue)" upgrades_under_fio 3 --reissue
+    case_run "raw fio QD32 on mem --reissue: $ROUNDS upgrades back to back" upgrades_back_to_back "$ROUNDS" --reissue
 fi
+case_run "systemd unit: ExecStart, ExecReload under fio, stop" systemd_unit_reload
+case_run "batch I/O: -r refused with the reason, --reissue upgrades" batch_devices
+case_run "a --fail-io device: refused with the reason" fail_io_refused
 case_run "broken --binary: served again by this binary, said" broken_new_binary
 case_run "upgrade --binary a copy, and back" with_binary_copy
 case_run "bad input: one line, device still served" bad_input

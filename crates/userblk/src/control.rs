@@ -469,9 +469,20 @@ impl std::os::fd::AsFd for Endpoint {
     }
 }
 
+/// How long a closing endpoint waits for the answers to requests it
+/// accepted: a daemon that leaves because of one (`upgrade`'s handover)
+/// must not exit before that answer is written, or its client sees the
+/// connection close and cannot tell a handover from a crash.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
+
 impl Drop for Endpoint {
     fn drop(&mut self) {
+        // No new connections first, then the ones running may finish.
         let _ = std::fs::remove_file(&self.path);
+        let deadline = std::time::Instant::now() + ANSWER_GRACE;
+        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -754,6 +765,45 @@ mod tests {
         );
         let e = reg.run("powerup", &[]).unwrap_err();
         assert_eq!(e.to_string(), "flakey: powerup: already on");
+    }
+
+    #[test]
+    fn a_closing_endpoint_lets_running_requests_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let reg = Registry::new();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&finished);
+        let _slow = reg.register("slow", "test", "answer late", move |_| {
+            std::thread::sleep(Duration::from_millis(300));
+            done.store(true, Ordering::SeqCst);
+            Ok("late".into())
+        });
+        let endpoint = Endpoint::bind(reg, &path).unwrap();
+        let client = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let run = Request::Run {
+                    action: "slow".into(),
+                    args: Vec::new(),
+                };
+                request(&path, &run, Duration::from_secs(5))
+            })
+        };
+        // Accept it, then close while the action still runs.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while endpoint.in_flight.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never accepted");
+            endpoint.answer_ready();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(endpoint);
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "the endpoint closed before its request was answered"
+        );
+        let reply = client.join().unwrap().unwrap();
+        assert_eq!(reply.output, ["test: late"]);
     }
 
     #[test]

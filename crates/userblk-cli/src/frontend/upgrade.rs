@@ -15,14 +15,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use userblk::control::{self, Registration, Registry, Request};
+use userblk::control::{self, ControlError, Registration, Registry, Request};
 use userblk::state::DeviceState;
 use userblk::ublk::ctrl::state_name;
 use userblk::ublk::handover::Quiescer;
 use userblk::ublk::{Control, Features};
 use userblk_uapi::{
-    UBLK_F_BATCH_IO, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
-    UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED,
+    UBLK_F_BATCH_IO, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO,
+    UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED,
 };
 
 use crate::cli::UpgradeArgs;
@@ -38,6 +38,9 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the kernel has to mark the device QUIESCED once the old daemon is gone.
 const QUIESCED_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a daemon that closed its control connection without an
+/// answer has to exit before it counts as still serving.
+const GONE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `--binary PATH --version` may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,16 +78,23 @@ enum Plan {
 /// The plan for a device with `flags` on a kernel with `kernel`, or the
 /// reason (one line) it cannot be upgraded.
 fn plan(id: u32, flags: u64, kernel: Features) -> Result<Plan, String> {
-    // A batch-I/O queue does not drain for QUIESCE yet (a 7.3.4 run failed
-    // writes in flight): such a device is handed over by kill + reissue,
-    // or not at all.
+    // The kernel fails the requests that arrive during a QUIESCE handover
+    // of a batch-I/O device (see `handover::quiescable`): such a device is
+    // handed over by kill + reissue, or not at all.
     let batch = flags & UBLK_F_BATCH_IO != 0;
+    // While no daemon runs, such a device fails its I/O (FAIL_IO, not
+    // QUIESCED): no handover of it can be without errors.
+    if flags & UBLK_F_USER_RECOVERY_FAIL_IO != 0 {
+        return Err(format!(
+            "device {id} was added with --fail-io: its I/O fails while no daemon serves it, so handing it over would fail requests (add it with -r alone)"
+        ));
+    }
     if userblk::ublk::handover::quiescable(flags) {
         return Ok(Plan::Quiesce);
     }
     if batch && flags & UBLK_F_USER_RECOVERY_REISSUE == 0 {
         return Err(format!(
-            "device {id} uses batch I/O, whose queues cannot hand over a device without failing its requests yet (add it with --io-mode per-tag, or --reissue)"
+            "device {id} uses batch I/O, and the kernel fails the requests that arrive while such a device is quiesced for a new daemon (add it with --io-mode per-tag, or --reissue)"
         ));
     }
     if flags & UBLK_F_USER_RECOVERY_REISSUE != 0 {
@@ -156,6 +166,8 @@ pub fn run(args: &UpgradeArgs) -> anyhow::Result<()> {
         Plan::Quiesce => ask_to_quiesce(id, old)?,
         Plan::KillReissue => kill(id, old)?,
     }
+    // From here on the old daemon is leaving: every failure below leaves
+    // the device waiting for a daemon, and says so.
     wait_gone(id, old, &how)?;
     wait_quiesced(&mut ctrl, id)?;
     let current = std::env::current_exe().ok();
@@ -260,11 +272,25 @@ fn ask_to_quiesce(id: u32, pid: i32) -> anyhow::Result<()> {
         action: ACTION.into(),
         args: vec![QUIESCE_TIMEOUT.as_millis().to_string()],
     };
-    let reply = control::request(&path, &req, ASK_TIMEOUT).with_context(|| {
-        format!(
-            "device {id}: asking its daemon (pid {pid}) to hand over; it still serves the device"
-        )
-    })?;
+    let reply = match control::request(&path, &req, ASK_TIMEOUT) {
+        Ok(reply) => reply,
+        // The connection closed with no answer: the daemon went away while
+        // it ran the request (an older one exits before it has answered
+        // its handover). Whether it quiesced or crashed, the device now
+        // waits for a daemon, so the handover goes on; `wait_gone` tells.
+        Err(e @ (ControlError::Protocol(_) | ControlError::Io { .. })) if !daemon_serves(pid) => {
+            tracing::info!(
+                "device {id}: no answer from its daemon (pid {pid}), which is exiting: {e}"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            let what = format!("device {id}: asking its daemon (pid {pid}) to hand over");
+            return Err(
+                anyhow::Error::new(e).context(format!("{what}; it still serves the device"))
+            );
+        }
+    };
     if !reply.ok {
         let why = reply.error.unwrap_or_else(|| "refused".into());
         if reply.known.is_some() {
@@ -273,6 +299,20 @@ fn ask_to_quiesce(id: u32, pid: i32) -> anyhow::Result<()> {
         bail!("device {id}: its daemon (pid {pid}) did not quiesce ({why}): it still serves the device");
     }
     Ok(())
+}
+
+/// Whether daemon `pid`, which closed its control connection without an
+/// answer, still runs: it has [`GONE_TIMEOUT`] to exit (a crash or a
+/// handover closes the connection just before the process ends).
+fn daemon_serves(pid: i32) -> bool {
+    let deadline = Instant::now() + GONE_TIMEOUT;
+    while userblk::state::pid_is_userblk(pid) {
+        if Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 /// Kill daemon `pid` of device `id` (added with `--reissue`): the kernel
@@ -346,6 +386,8 @@ mod tests {
         let no_reissue = plan(1, r, k612).unwrap_err();
         assert!(no_reissue.contains("--reissue"), "{no_reissue}");
         assert!(!plan(1, r, k616).unwrap_err().contains('\n'));
+        let fail_io = plan(1, r | UBLK_F_QUIESCE | UBLK_F_USER_RECOVERY_FAIL_IO, k616);
+        assert!(fail_io.unwrap_err().contains("--fail-io"));
         let b = r | UBLK_F_QUIESCE | UBLK_F_BATCH_IO;
         assert!(plan(1, b, k616).unwrap_err().contains("batch I/O"));
         assert_eq!(

@@ -11,7 +11,9 @@
 //! of the request is left. The kernel makes a tag ready for its next
 //! request when it handles the tag's commit. The fetch ending with ABORT
 //! (STOP_DEV, or the device going away) means no more requests: the queue
-//! leaves once every request it holds is committed.
+//! leaves once every request it holds is committed. Asked to drain (a
+//! handover), it leaves as soon as it holds nothing, as the per-tag driver
+//! does: QUIESCE_DEV does not abort a fetch the kernel is delivering on.
 #![allow(unsafe_code)]
 
 use std::os::fd::OwnedFd;
@@ -28,13 +30,16 @@ use crate::target::{IoResult, Op, Request, Target};
 use crate::ublk::desc::DescArray;
 use crate::ublk::queue::{
     commit_result, exited, prepare, ready, request_from, uring_cmd, user_copy_in, user_copy_out,
-    watch_shutdown, DataMode, Prepared, QueueEvent, QueueSetup, Shutdown, FAILPOINT_ENV, WAKE_SLOT,
+    watch_shutdown, DataMode, DrainFlush, Prepared, QueueEvent, QueueSetup, Shutdown,
+    FAILPOINT_ENV, WAKE_SLOT,
 };
 use crate::{Error, Result};
 
 /// Frontend tokens (tags never appear as tokens here).
 const FETCH: u16 = u16::MAX - 1;
 const PREP: u16 = u16::MAX - 2;
+/// The no-op a draining queue waits for (see [`Batch::drained`]).
+const FLUSH: u16 = u16::MAX - 3;
 /// Commit `k` in flight completes with token `COMMIT_BASE + k`.
 const COMMIT_BASE: u16 = 0x8000;
 /// Commits in flight at once, at most (one per loop pass is the rule).
@@ -152,6 +157,10 @@ struct Batch {
     fetch_armed: bool,
     /// The kernel sends no more requests (the fetch was aborted or failed).
     ended: bool,
+    /// Handing over: leave once nothing is held (see [`Batch::drained`]).
+    draining: bool,
+    /// Handing over: the wait for a flush no-op (see [`Batch::drained`]).
+    flush: DrainFlush,
     /// Tags whose request we hold: delivered, not yet committed.
     held: Vec<bool>,
     held_count: usize,
@@ -195,6 +204,8 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         wake_armed: false,
         fetch_armed: false,
         ended: false,
+        draining: false,
+        flush: DrainFlush::default(),
         held: vec![false; usize::from(setup.depth)],
         held_count: 0,
         pending: Vec::with_capacity(usize::from(setup.depth)),
@@ -355,7 +366,9 @@ impl Batch {
                         if shutdown.requested() {
                             return Err(self.err("shut down".into()));
                         }
+                        self.draining |= shutdown.draining();
                     }
+                    Event::Frontend { token: FLUSH, .. } => self.flush.completed(),
                     Event::Frontend { token: FETCH, res } => self.on_fetch(res)?,
                     Event::Frontend { token, res } if token >= COMMIT_BASE => {
                         self.on_commit(usize::from(token - COMMIT_BASE), res);
@@ -367,7 +380,7 @@ impl Batch {
                 }
             }
             self.flush()?;
-            if self.finished() {
+            if self.finished() || (self.draining && self.drained()?) {
                 break;
             }
             self.slots.wait(&*self.target, true, &mut events)?;
@@ -376,6 +389,18 @@ impl Batch {
             Some(msg) => Err(self.err(msg)),
             None => Ok(()),
         }
+    }
+
+    /// Whether a draining queue may leave: nothing held, no result left to
+    /// commit, and a flush no-op completed since. Waiting for it runs the
+    /// kernel's pending work for this thread first, so tags it was about to
+    /// deliver arrive (and are served) before we leave. The fetch may stay
+    /// in the kernel; closing the ring cancels it.
+    fn drained(&mut self) -> Result<bool> {
+        let busy = self.held_count > 0
+            || !self.pending.is_empty()
+            || self.commits.iter().any(Option::is_some);
+        self.flush.may_leave(busy, &mut self.slots, FLUSH, self.q)
     }
 
     fn on_fetch(&mut self, res: i32) -> Result<()> {

@@ -43,11 +43,11 @@ pub const CAPABILITIES: &[(u64, &str)] = &[
     (UBLK_F_QUIESCE, "userblk upgrade without kill"),
     (
         UBLK_F_PER_IO_DAEMON,
-        "set by the kernel on every device; not used on its own",
+        "not used: one thread serves each queue (more threads: -q); the kernel sets it on every device",
     ),
     (
         UBLK_F_BUF_REG_OFF_DAEMON,
-        "set by the kernel on every device; not used on its own",
+        "not used: zero copy registers buffers on the queue's own ring; the kernel sets it on every device",
     ),
     (UBLK_F_BATCH_IO, "batch I/O"),
     (UBLK_F_INTEGRITY, "not used (T10 PI: later work)"),

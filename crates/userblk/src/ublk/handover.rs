@@ -60,16 +60,31 @@ pub struct Quiescer {
 }
 
 /// Whether a device with these granted `flags` can be handed over with
-/// QUIESCE: added with the flag, and served per-tag (batch queues do not
-/// drain for it yet). `userblk upgrade` plans with it; a serving daemon
-/// asks [`Quiescer::can_quiesce`].
+/// QUIESCE: added with the flag, and served per-tag. `userblk upgrade`
+/// plans with it; a serving daemon asks [`Quiescer::can_quiesce`].
+///
+/// Not a batch device: the kernel's QUIESCE_DEV on a `UBLK_F_BATCH_IO`
+/// queue (7.0 through at least 7.3) cancels its fetch commands through
+/// the path STOP_DEV uses, which also marks the queue force-abort, and a
+/// recoverable device fails every request that arrives on a force-abort
+/// queue (EIO) instead of holding it for the next daemon: whatever the
+/// daemon does, writes issued during the handover fail
+/// (docs/frontends/ublk.md#batch-io). [`BATCH_QUIESCE_ENV`] lifts this,
+/// to test a kernel.
 pub fn quiescable(flags: u64) -> bool {
-    flags & UBLK_F_QUIESCE != 0 && flags & userblk_uapi::UBLK_F_BATCH_IO == 0
+    flags & UBLK_F_QUIESCE != 0
+        && (flags & userblk_uapi::UBLK_F_BATCH_IO == 0
+            || std::env::var_os(BATCH_QUIESCE_ENV).is_some())
 }
+
+/// Environment variable: set (on `add` and `upgrade`), batch devices are
+/// handed over with QUIESCE too, to see whether a kernel still fails the
+/// requests of the handover (see [`quiescable`]). Not for production.
+pub const BATCH_QUIESCE_ENV: &str = "USERBLK_TEST_BATCH_QUIESCE";
 
 impl Quiescer {
     /// Whether this device can be handed over with QUIESCE: added with the
-    /// flag, and served per-tag (batch queues do not drain for it yet).
+    /// flag, and served per-tag (see [`quiescable`]).
     pub fn can_quiesce(&self) -> bool {
         quiescable(self.flags)
     }
@@ -95,7 +110,16 @@ impl Quiescer {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .ok_or_else(|| Error::invalid(format!("device {id} is not serving yet")))?;
-        match Control::open()?.quiesce(id, timeout) {
+        let mut ctrl = Control::open()?;
+        // Said before the command, not after: the kernel aborts the idle
+        // fetches while it runs, and a queue whose every tag is aborted
+        // leaves on its own, so `serve` can return (and its caller decide
+        // whether to keep the device's state) before QUIESCE_DEV does. Said
+        // after, the daemon removed the state the new daemon recovers from,
+        // and the device was left quiesced with no daemon, its I/O held
+        // (found by vm/suite/upgrade.sh's back-to-back upgrades on 7.3.4).
+        self.shared.done.store(true, Ordering::SeqCst);
+        match ctrl.quiesce(id, timeout) {
             Ok(()) => {}
             Err(Error::Control {
                 errno: errno @ (Errno::BUSY | Errno::INTR),
@@ -103,9 +127,19 @@ impl Quiescer {
             }) => tracing::info!(
                 "device {id}: QUIESCE_DEV: {errno} (not every queue had an idle tag); draining anyway"
             ),
-            Err(e) => return Err(e),
+            // The kernel may have marked the queues canceling before it
+            // stopped answering: they then hold every new request until a
+            // new daemon recovers the device, so serving on would hang
+            // them. Hand over instead.
+            Err(e @ Error::NoAnswer { .. }) => {
+                tracing::warn!("device {id}: {e}; draining anyway");
+            }
+            Err(e) => {
+                // Refused before it changed anything: still ours to serve.
+                self.shared.done.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
         }
-        self.shared.done.store(true, Ordering::SeqCst);
         tracing::info!("device {id}: quiesced for a new daemon; finishing the requests in hand");
         shutdown.drain();
         Ok(())

@@ -27,8 +27,9 @@ pub enum IoMode {
 /// served null 4k random reads at QD 64 1.16x and 128 KiB sequential reads
 /// at QD 8 1.29x faster (medians) side by side on Linux 7.3.4
 /// (`bench/io-mode.sh`), but on a loaded host with overlapping ranges, and
-/// its queues cannot yet be handed over by `upgrade` with QUIESCE
-/// (docs/frontends/ublk.md#batch-io).
+/// the kernel fails the requests of a batch device while it is quiesced,
+/// so `upgrade` cannot hand one over with QUIESCE
+/// (`handover::quiescable`, docs/frontends/ublk.md#batch-io).
 pub const AUTO_PREFERS_BATCH: bool = false;
 
 /// What a kernel lacking batch I/O lacks, for the one warning.

@@ -82,6 +82,11 @@ impl Shutdown {
             tracing::warn!("waking queue threads: {e}");
         }
     }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub(crate) fn draining(&self) -> bool {
+        self.drain.load(Ordering::SeqCst)
+    }
 }
 
 /// What a queue thread tells the device.
@@ -187,10 +192,8 @@ struct Queue {
     fixed_cdev: bool,
     /// Handing over: leave once no tag is serving (see [`Queue::drained`]).
     draining: bool,
-    /// The flush no-op is in the ring.
-    flush_armed: bool,
-    /// A flush completed since the last request arrived.
-    flushed: bool,
+    /// Handing over: the wait for a flush no-op (see [`Queue::drained`]).
+    flush: DrainFlush,
 }
 
 /// Run queue `setup.q` until every tag is aborted; reports through `events`.
@@ -302,8 +305,7 @@ fn serve(setup: QueueSetup, events: &Sender<QueueEvent>) -> Result<()> {
         buf_bytes: setup.buf_bytes,
         fixed_cdev,
         draining: false,
-        flush_armed: false,
-        flushed: false,
+        flush: DrainFlush::default(),
     };
     queue.watch_shutdown(&setup.shutdown)?;
     for tag in 0..setup.depth {
@@ -465,6 +467,62 @@ pub(crate) fn watch_shutdown(slots: &mut Slots, shutdown: &Shutdown, q: u16) -> 
     })
 }
 
+/// A draining queue's wait for a no-op before it leaves (the reason is at
+/// [`Queue::drained`]): both queue drivers use it.
+#[derive(Debug, Default)]
+pub(crate) struct DrainFlush {
+    /// The no-op is in the ring.
+    armed: bool,
+    /// It completed, and the queue has held nothing since.
+    done: bool,
+}
+
+impl DrainFlush {
+    /// The no-op completed.
+    pub(crate) fn completed(&mut self) {
+        self.armed = false;
+        self.done = true;
+    }
+
+    /// Whether the queue may leave now, `busy` saying whether it still
+    /// holds a request; queues the no-op (completing as token `token`)
+    /// when one is needed.
+    pub(crate) fn may_leave(
+        &mut self,
+        busy: bool,
+        slots: &mut Slots,
+        token: u16,
+        q: u16,
+    ) -> Result<bool> {
+        if busy {
+            self.done = false;
+            return Ok(false);
+        }
+        if self.done {
+            slots.submit()?;
+            return Ok(true);
+        }
+        if !self.armed {
+            push_flush(slots, token, q)?;
+            self.armed = true;
+        }
+        Ok(false)
+    }
+}
+
+/// Queue the no-op a draining queue waits for; it completes as
+/// [`Event::Frontend`] with `token`.
+fn push_flush(slots: &mut Slots, token: u16, q: u16) -> Result<()> {
+    let e = opcode::Nop::new()
+        .build()
+        .user_data(UserData::Frontend { slot: token }.pack());
+    // SAFETY: a no-op points at no memory.
+    unsafe { slots.push(&e) }.map_err(|e| Error::Queue {
+        queue: q,
+        msg: format!("queueing a flush: {e}"),
+    })
+}
+
 /// A ublk I/O command `cmd_op` on `/dev/ublkcN`: the ring's fixed file 0
 /// if `fixed`, else `cdev`'s descriptor.
 pub(crate) fn uring_cmd(fixed: bool, cdev: &OwnedFd, cmd_op: u32) -> opcode::UringCmd16 {
@@ -537,10 +595,7 @@ impl Queue {
                     }
                     Event::Frontend {
                         token: FLUSH_SLOT, ..
-                    } => {
-                        self.flush_armed = false;
-                        self.flushed = true;
-                    }
+                    } => self.flush.completed(),
                     Event::Frontend { token, res } => self.on_fetch(token, res)?,
                     Event::Done { slot, req, result } => self.commit(slot, req, result)?,
                 }
@@ -648,26 +703,9 @@ impl Queue {
     /// rather than after we left (it would then fail). Armed tags stay in
     /// the kernel; closing the ring cancels them.
     fn drained(&mut self) -> Result<bool> {
-        if self.tags.contains(&Tag::Serving) {
-            self.flushed = false;
-            return Ok(false);
-        }
-        if self.flushed {
-            self.slots.submit()?;
-            return Ok(true);
-        }
-        if !self.flush_armed {
-            let e = opcode::Nop::new()
-                .build()
-                .user_data(UserData::Frontend { slot: FLUSH_SLOT }.pack());
-            // SAFETY: a no-op points at no memory.
-            unsafe { self.slots.push(&e) }.map_err(|e| Error::Queue {
-                queue: self.q,
-                msg: format!("queueing a flush: {e}"),
-            })?;
-            self.flush_armed = true;
-        }
-        Ok(false)
+        let busy = self.tags.contains(&Tag::Serving);
+        self.flush
+            .may_leave(busy, &mut self.slots, FLUSH_SLOT, self.q)
     }
 
     fn retire(&mut self, tag: u16) {
