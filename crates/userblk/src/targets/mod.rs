@@ -9,8 +9,10 @@ pub mod qcow2;
 #[cfg(test)]
 mod resize_tests;
 pub mod s3;
+mod zero_source;
 
 pub use file::{FileOptions, FileTarget};
+pub(crate) use zero_source::zero_source;
 
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -33,12 +35,10 @@ fn seek_data(fd: BorrowedFd<'_>, at: u64) -> Result<Option<u64>, Errno> {
     }
 }
 
-/// Whether the file's `[base + offset, base + offset + len)` lies wholly in
-/// a hole: one `SEEK_DATA`, which skips holes quickly everywhere (unlike
-/// `SEEK_HOLE`, which on tmpfs visits every page of the data it crosses).
 /// The result of a ring read or write that must move all of `ctx`'s
-/// request: a short one (which tmpfs and /dev/zero never give inside the
-/// device) would leave part of the data undone, so it is an error.
+/// request: a short one (which regular files, tmpfs and the zero source
+/// never give inside the device) would leave part of the data undone, so it
+/// is an error.
 pub(crate) fn whole_transfer(ctx: &Ctx<'_>, res: i32) -> IoResult {
     match ring_result(res) {
         Ok(n) if n == ctx.done_bytes() => Ok(n),
@@ -47,6 +47,9 @@ pub(crate) fn whole_transfer(ctx: &Ctx<'_>, res: i32) -> IoResult {
     }
 }
 
+/// Whether the file's `[base + offset, base + offset + len)` lies wholly in
+/// a hole: one `SEEK_DATA`, which skips holes quickly everywhere (unlike
+/// `SEEK_HOLE`, which on tmpfs visits every page of the data it crosses).
 pub(crate) fn file_reads_zeroes(
     fd: impl AsFd,
     base: u64,

@@ -4,14 +4,13 @@
 //! other (everything reads as zero), so the device is consistent, just empty.
 //!
 //! Under ublk zero copy a write moves no data at all, and a read is one
-//! fixed-buffer read from `/dev/zero` into the request's own pages (the
-//! kernel zeroes them in place). Without zero fill ([`NullTarget::without_zero_fill`],
+//! fixed-buffer read from a sparse memfd (the zero source) into the
+//! request's own pages (the kernel zeroes them in place). Without zero fill ([`NullTarget::without_zero_fill`],
 //! null_blk's behaviour) reads leave the data as it is: for benchmarks only.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::fs::{Mode, OFlags};
 use serde_json::json;
 
 use crate::target::{Caps, Ctx, Extent, Op, Submit, Target};
@@ -33,16 +32,16 @@ pub const DEFAULT_SIZE: u64 = 250 << 30;
 pub struct NullTarget {
     size: AtomicU64,
     zero_fill: bool,
-    /// `/dev/zero`, where zero-copy reads get their zeroes; without it
-    /// (no such device here) a zero-filling null target cannot zero copy.
+    /// Where zero-copy reads get their zeroes ([`super::zero_source`]);
+    /// without it a zero-filling null target cannot zero copy.
     zeroes: Option<OwnedFd>,
 }
 
 impl NullTarget {
     /// A null device of `size` bytes.
     pub fn new(size: u64) -> Self {
-        let zeroes = rustix::fs::open("/dev/zero", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| tracing::debug!("null: /dev/zero: {e}; no zero copy"))
+        let zeroes = super::zero_source()
+            .map_err(|e| tracing::debug!("null: no zero source (memfd): {e}; no zero copy"))
             .ok();
         NullTarget {
             size: AtomicU64::new(size),
@@ -90,9 +89,9 @@ impl Target for NullTarget {
             ctx.zero_data();
             return Submit::Done(Ok(ctx.done_bytes()));
         }
-        // Zero copy: the kernel zeroes the request's pages from /dev/zero.
+        // Zero copy: the kernel zeroes the request's pages from the zero source.
         let Some(zeroes) = &self.zeroes else {
-            tracing::error!("null: a zero-copy read without /dev/zero");
+            tracing::error!("null: a zero-copy read without a zero source");
             return Submit::Done(Err(rustix::io::Errno::IO));
         };
         match ctx.read_at(zeroes.as_fd(), 0, 0) {

@@ -4,7 +4,7 @@
 //!
 //! Reads, piece by piece ([`Image::map_read`]): allocated data clusters go
 //! straight from the image file into the request's pages, zeroes come from
-//! `/dev/zero`; compressed and backing pieces are read into memory as
+//! the zero source (a sparse memfd); compressed and backing pieces are read into memory as
 //! [`Image::read`] does, written to a scratch memfd and read from there
 //! (they copy). Writes to clusters already allocated to the image go
 //! straight from the request's pages to the file
@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::fs::{MemfdFlags, Mode, OFlags};
+use rustix::fs::MemfdFlags;
 use rustix::io::{Errno, ReadWriteFlags};
 
 use super::image::Image;
@@ -49,7 +49,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub(super) struct ZeroCopy {
     id: u64,
-    /// `/dev/zero`, the source of zero pieces; without it they copy.
+    /// The zero source ([`crate::targets::zero_source`]) of zero pieces;
+    /// without it they copy.
     zeroes: Option<OwnedFd>,
 }
 
@@ -98,8 +99,8 @@ fn u32_of(n: u64) -> Result<u32, Errno> {
 
 impl ZeroCopy {
     pub(super) fn new() -> Self {
-        let zeroes = rustix::fs::open("/dev/zero", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| tracing::debug!("qcow2: /dev/zero: {e}; zero pieces copy"))
+        let zeroes = crate::targets::zero_source()
+            .map_err(|e| tracing::debug!("qcow2: no zero source (memfd): {e}; zero pieces copy"))
             .ok();
         ZeroCopy {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -159,8 +160,8 @@ impl ZeroCopy {
                     ctx.read_at_part(image.file.as_fd(), h, at, len, STEP_PART)?;
                 }
                 (Source::Zeroes, Some(z)) => ctx.read_at_part(z.as_fd(), 0, at, len, STEP_PART)?,
-                // Made in memory (compressed, backing; zeroes without
-                // /dev/zero) the image's own way: it copies.
+                // Made in memory (compressed, backing; zeroes without a
+                // zero source) the image's own way: it copies.
                 _ => {
                     let off = self.stage_copy(image, req.offset, p, ctx.slot(), local)?;
                     ctx.read_at_part(local.scratch()?, off, at, len, STEP_PART)?;
