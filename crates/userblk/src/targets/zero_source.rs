@@ -43,7 +43,7 @@ mod tests {
             rustix::fs::FileType::from_raw_mode(st.st_mode),
             rustix::fs::FileType::RegularFile
         );
-        assert_eq!(st.st_size, ZERO_SOURCE_BYTES as i64);
+        assert_eq!(st.st_size, ZERO_SOURCE_BYTES.cast_signed());
         // Nothing allocated: it is one hole.
         assert_eq!(st.st_blocks, 0);
         let mut buf = vec![7u8; 1 << 20];
