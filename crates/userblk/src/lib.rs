@@ -3,6 +3,7 @@
 //! Layers, lowest first; each only uses the ones above it in this list:
 //! - [`userblk_uapi`]: the kernel ABI (structs and constants only).
 //! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
+//! - [`waiter`]: how a device's one non-queue thread waits (woken by the frontend, with other work in the same wait).
 //! - [`target`]: the [`Target`] trait, requests, capabilities, the request context. The centre of the design.
 //! - [`metrics`]: always-on request counters in a shared file per device (`userblk metrics`).
 //! - [`slots`]: the one slot state machine every frontend drives (validate, submit, complete, buffer reuse).
@@ -47,6 +48,7 @@ pub mod sys;
 pub mod target;
 pub mod targets;
 pub mod ublk;
+pub mod waiter;
 
 pub use error::{Error, Result};
 pub use target::{Caps, Ctx, Extent, Flags, IoResult, Op, Request, Submit, Target};
