@@ -16,7 +16,7 @@
 //! - [`copy`]: copying one target onto another, skipping holes (`userblk copy`).
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
-//! - [`holders`]: who has a block device open or mounted (`del` refuses held devices).
+//! - [`open_files`], [`holders`]: every process's open files in one walk (shared by `del -a`); who has a block device open or mounted (`del` refuses held devices).
 //! - [`limits`]: the kernel's and the process's limits a new device must fit under.
 //! - [`nbd`]: the NBD protocol: a server frontend, and the client the nbd target uses.
 //!
@@ -35,6 +35,7 @@ pub mod loopdev;
 pub mod metrics;
 pub mod names;
 pub mod nbd;
+pub mod open_files;
 pub mod resize;
 pub mod size;
 pub mod spec;
