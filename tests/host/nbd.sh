@@ -11,6 +11,8 @@ cd "$(dirname "$0")/../.."
 need_userblk
 
 WORK=$(mktemp -d /var/tmp/userblk-nbd.XXXXXX)
+# Where this run's devices are recorded (USERBLK_STATE_DIR: beside other runs).
+STATE=${USERBLK_STATE_DIR:-/run/userblk}
 MNT=/mnt/ub-nbd
 mkdir -p "$MNT"
 FIO=(fio --output-format=terse --minimal --verify_state_save=0)
@@ -173,7 +175,7 @@ case_fio_nbd_verify_and_many_clients() {
         --iodepth=16 --size=64M --offset_increment=64M --io_size=16M --verify=crc32c --verify_fatal=1
     local n
     del_nbd "$id"
-    n=$(grep -o "served [0-9]* connections" /run/userblk/"$id".log | tail -n 1 | awk '{print $2}')
+    n=$(grep -o "served [0-9]* connections" "$STATE/$id.log" | tail -n 1 | awk '{print $2}')
     [ "${n:-0}" -ge 5 ] || die "expected at least 5 connections, the daemon served ${n:-none}"
     echo "note: the daemon served $n connections"
 }
@@ -207,7 +209,7 @@ case_dead_daemon_cleanup() {
     [ "$(list_word "$id" 11)" = DEAD ] || die "list should say DEAD"
     ub del -n "$id"
     [ ! -e "$WORK/e.sock" ] || die "socket left behind"
-    [ ! -e "/run/userblk/$id.json" ] || die "state left behind"
+    [ ! -e "$STATE/$id.json" ] || die "state left behind"
     # The same address can be used again.
     read -r id uri < <(add_nbd mem --size 32M --listen "unix:$WORK/e.sock")
     del_nbd "$id"
@@ -225,7 +227,7 @@ case_dead_daemon_socket_taken_over() {
     ub del -n "$id"
     [ -S "$WORK/t.sock" ] || die "del -n $id removed device $id2's socket"
     [ "$(nbdinfo --size "$uri2")" = 16777216 ] || die "device $id2 no longer serves"
-    [ ! -e "/run/userblk/$id.json" ] || die "state left behind"
+    [ ! -e "$STATE/$id.json" ] || die "state left behind"
     del_nbd "$id2"
 }
 
@@ -276,7 +278,7 @@ case_errors_are_clear() {
     expect_fail "another server" ub add mem --size 1M --listen "unix:$WORK/g.sock"
     del_nbd "$id"
     local before=$1
-    [ "$(ls /run/userblk/ | grep -c json)" = "$before" ] || die "a failed add left state: $(ls /run/userblk)"
+    [ "$(ls "$STATE"/ | grep -c json)" = "$before" ] || die "a failed add left state: $(ls "$STATE")"
 }
 
 # ---- cases: the nbd target -------------------------------------------------------
@@ -318,11 +320,11 @@ case_target_survives_server_restart() {
     sleep 1.5
     start_qemu_nbd "$WORK/q.sock" "$WORK/q.img"; qpid=$SERVER_PID
     wait "$fpid" || die "fio failed across the restart: $(cat "$WORK/fio.out")"
-    grep -q "reconnect" /run/userblk/"$id".log || die "the daemon did not log a reconnect"
+    grep -q "reconnect" "$STATE/$id.log" || die "the daemon did not log a reconnect"
     [ "$(list_word "$id" 11)" = LIVE ] || die "device not LIVE after the restart"
     sync; blockdev --flushbufs "$blk"
     cmp -n $((192 << 20)) "$blk" "$WORK/q.img" || die "device and image differ"
-    echo "note: $(grep -c -i reconnect /run/userblk/"$id".log) reconnect log lines"
+    echo "note: $(grep -c -i reconnect "$STATE/$id.log") reconnect log lines"
     ub del -n "$id"
     kill "$qpid"; wait "$qpid" 2>/dev/null || true
 }
@@ -350,7 +352,7 @@ case_target_refusals() {
     wait_for 10 nbdinfo --list "nbd+unix:///?socket=$WORK/r.sock" >/dev/null 2>&1
     expect_fail "NBD_REP_ERR_UNKNOWN" ub add nbd --uri "nbd+unix:///other?socket=$WORK/r.sock" --frontend fuse
     kill "$qpid"; wait "$qpid" 2>/dev/null || true
-    [ "$(ls /run/userblk/ | grep -c json)" = "$1" ] || die "a refused add left state: $(ls /run/userblk)"
+    [ "$(ls "$STATE"/ | grep -c json)" = "$1" ] || die "a refused add left state: $(ls "$STATE")"
 }
 
 # ---- run ----------------------------------------------------------------------
@@ -375,7 +377,7 @@ case_run "tcp export on a picked port" case_tcp_export
 case_run "dead daemon: list says DEAD, del cleans up" case_dead_daemon_cleanup
 case_run "dead daemon: del leaves a newer device's socket alone" case_dead_daemon_socket_taken_over
 case_run "del refuses an export with clients connected, naming them; --force" case_del_refuses_connected_clients
-states() { ls /run/userblk/ 2>/dev/null | grep -c json; }
+states() { ls "$STATE"/ 2>/dev/null | grep -c json; }
 case_run "bad addresses and options: clear errors" case_errors_are_clear "$(states)"
 case_run "nbd target over nbdkit: fio verify, ext4" case_target_over_nbdkit_ext4
 case_run "nbd target survives a qemu-nbd restart" case_target_survives_server_restart

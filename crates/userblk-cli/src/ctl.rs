@@ -22,7 +22,7 @@ pub fn socket_path(pid: i32) -> PathBuf {
 }
 
 /// This daemon's socket for `registry` (the state directory is made if
-/// needed), for the daemon's service thread to answer.
+/// needed), answered in the wait of the daemon's main thread (`frontend::service`).
 pub fn serve(registry: Registry) -> anyhow::Result<Endpoint> {
     state::ensure_dir()?;
     prune_stale();

@@ -24,7 +24,7 @@ pub struct Opened {
     /// A `mem` device's data file, for recovery; removed when the device is deleted.
     pub shared: Option<PathBuf>,
     /// The control socket serving the filters' actions (`userblk ctl`),
-    /// for the lifecycle's service thread to answer; removed when dropped.
+    /// answered in the daemon's wait for its device; removed when dropped.
     pub control: Option<userblk::control::Endpoint>,
     /// What the control socket serves: the frontend adds its own actions here
     /// (ublk's `handover`, every frontend's resize).

@@ -4,8 +4,10 @@
 //!
 //! Read from `/proc/self/mountinfo` (and `/proc/1/mountinfo`, the host's
 //! namespace), `/sys/dev/block/MAJ:MIN/{holders,*/partition}` and the
-//! `/proc/PID/fd` links. A mount in another namespace with no open file
-//! shows nowhere here: the kernel's own check (ublk's TRY_STOP_DEV) catches it.
+//! `/proc/PID/fd` links (the tables and links through one walk,
+//! `open_files`, which `del -a` shares between its devices). A mount in
+//! another namespace with no open file shows nowhere here: the kernel's
+//! own check (ublk's TRY_STOP_DEV) catches it.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::FileType;
 
 use crate::loopdev::parse_mount_points;
+use crate::open_files::{self, Snapshot};
 
 /// One reason a block device cannot be stopped safely.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,13 +84,10 @@ pub fn of_block_device(path: &Path, ignore: Option<i32>) -> Vec<Holder> {
     let mut nodes = vec![(Node { name, major, minor }, sys.clone())];
     nodes.extend(partitions(&sys));
     let mut out = Vec::new();
-    let tables: Vec<String> = ["/proc/self/mountinfo", "/proc/1/mountinfo"]
-        .iter()
-        .filter_map(|t| fs::read_to_string(t).ok())
-        .collect();
+    let walk = open_files::current();
     for (node, dir) in &nodes {
         let mut seen = BTreeSet::new();
-        for table in &tables {
+        for table in walk.mount_tables() {
             for at in parse_mount_points(table, node.major, node.minor) {
                 if seen.insert(at.clone()) {
                     out.push(Holder::Mount {
@@ -105,7 +105,7 @@ pub fn of_block_device(path: &Path, ignore: Option<i32>) -> Vec<Holder> {
         }
     }
     let numbers: Vec<&Node> = nodes.iter().map(|(n, _)| n).collect();
-    out.extend(openers(&numbers, ignore));
+    out.extend(openers(&walk, &numbers, ignore));
     out
 }
 
@@ -147,37 +147,28 @@ fn dir_names(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Processes with one of `nodes` open (once per process and node).
-fn openers(nodes: &[&Node], ignore: Option<i32>) -> Vec<Holder> {
+/// Processes in `walk` with one of `nodes` open (once per process and node).
+fn openers(walk: &Snapshot, nodes: &[&Node], ignore: Option<i32>) -> Vec<Holder> {
     let me = rustix::process::getpid().as_raw_nonzero().get();
     let mut out = Vec::new();
-    for_each_fd_link(|pid, fd, target| {
-        if pid == me || Some(pid) == ignore {
-            return;
+    for f in walk.files() {
+        if f.pid == me || Some(f.pid) == ignore {
+            continue;
         }
-        // Stat only device nodes: following a link into a FUSE file of a
-        // stuck daemon could block.
-        if !target.starts_with("/dev/") {
-            return;
-        }
-        let Ok(st) = rustix::fs::stat(fd) else {
-            return;
+        let Some((major, minor)) = f.block else {
+            continue;
         };
-        if FileType::from_raw_mode(st.st_mode) != FileType::BlockDevice {
-            return;
-        }
-        let (major, minor) = (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev));
         if let Some(node) = nodes.iter().find(|n| n.major == major && n.minor == minor) {
             let holder = Holder::Process {
                 dev: node.name.clone(),
-                pid,
-                comm: comm(pid),
+                pid: f.pid,
+                comm: comm(f.pid),
             };
             if !out.contains(&holder) {
                 out.push(holder);
             }
         }
-    });
+    }
     out
 }
 
@@ -185,41 +176,20 @@ fn openers(nodes: &[&Node], ignore: Option<i32>) -> Vec<Holder> {
 /// their fd links name it), as holders of `name`.
 pub fn of_file(path: &Path, name: &str, ignore: Option<i32>) -> Vec<Holder> {
     let mut out = Vec::new();
-    for_each_fd_link(|pid, _, target| {
-        if Some(pid) == ignore || target != path {
-            return;
+    for f in open_files::current().files() {
+        if Some(f.pid) == ignore || f.target != path {
+            continue;
         }
         let holder = Holder::Process {
             dev: name.to_string(),
-            pid,
-            comm: comm(pid),
+            pid: f.pid,
+            comm: comm(f.pid),
         };
         if !out.contains(&holder) {
             out.push(holder);
         }
-    });
-    out
-}
-
-/// Call `f(pid, link, target)` for every readable `/proc/PID/fd/N` link.
-fn for_each_fd_link(mut f: impl FnMut(i32, &Path, &Path)) {
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let link = fd.path();
-            if let Ok(target) = fs::read_link(&link) {
-                f(pid, &link, &target);
-            }
-        }
     }
+    out
 }
 
 /// A process's command name, `?` if it is gone.

@@ -3,6 +3,7 @@
 //! Layers, lowest first; each only uses the ones above it in this list:
 //! - [`userblk_uapi`]: the kernel ABI (structs and constants only).
 //! - [`sys`], [`io`]: the few syscalls and the io_uring plumbing every frontend shares.
+//! - [`waiter`]: how a device's one non-queue thread waits (woken by the frontend, with other work in the same wait).
 //! - [`target`]: the [`Target`] trait, requests, capabilities, the request context. The centre of the design.
 //! - [`metrics`]: always-on request counters in a shared file per device (`userblk metrics`).
 //! - [`slots`]: the one slot state machine every frontend drives (validate, submit, complete, buffer reuse).
@@ -15,7 +16,7 @@
 //! - [`copy`]: copying one target onto another, skipping holes (`userblk copy`).
 //! - [`ublk`]: the ublk frontend (control device, the one queue loop, device lifecycle).
 //! - [`fuse`], [`loopdev`]: the FUSE frontend (the target as one file) and loop devices on it.
-//! - [`holders`]: who has a block device open or mounted (`del` refuses held devices).
+//! - [`open_files`], [`holders`]: every process's open files in one walk (shared by `del -a`); who has a block device open or mounted (`del` refuses held devices).
 //! - [`limits`]: the kernel's and the process's limits a new device must fit under.
 //! - [`nbd`]: the NBD protocol: a server frontend, and the client the nbd target uses.
 //!
@@ -34,6 +35,7 @@ pub mod loopdev;
 pub mod metrics;
 pub mod names;
 pub mod nbd;
+pub mod open_files;
 pub mod resize;
 pub mod size;
 pub mod spec;
@@ -47,6 +49,7 @@ pub mod sys;
 pub mod target;
 pub mod targets;
 pub mod ublk;
+pub mod waiter;
 
 pub use error::{Error, Result};
 pub use target::{Caps, Ctx, Extent, Flags, IoResult, Op, Request, Submit, Target};

@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use userblk::fuse::{FuseDisk, FuseOptions, Unmounted};
 use userblk::loopdev::{LoopDevice, LoopOptions};
 use userblk::state::{self, DeviceState, FuseState};
+use userblk::waiter::Waiter;
 
 use super::lifecycle::{self, Frontend, Host, Stop};
 use crate::cli::DevArgs;
@@ -132,11 +133,13 @@ impl Frontend for Fuse {
             allow_other: self.dev.allow_other,
         };
         let ended = self.tx.clone();
+        let woken = host.waker();
         let disk = FuseDisk::mount(target.clone(), &opts, move |r| {
             if let Err(e) = r {
                 tracing::error!("FUSE session: {e}");
             }
             let _ = ended.send(Event::Ended);
+            woken();
         })?;
         cleanup.mount = Some(disk.mountpoint().to_path_buf());
         // The kernel learns a new size from the file's attributes; a loop
@@ -204,7 +207,9 @@ impl Frontend for Fuse {
         );
         tracing::info!("device {id} live at {}", st.block_device);
 
-        let result = run_until_stopped(&self.events, &disk, lo);
+        // This thread waits in `host`'s wait, which also hands on signals
+        // and answers `ctl`.
+        let result = run_until_stopped(&self.events, &disk, lo, host);
         // The session is over or detached: nothing is mounted any more.
         cleanup.mount = None;
         drop(cleanup);
@@ -334,15 +339,17 @@ pub fn run_attacher(spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serve until asked to stop, then take the device down in order.
+/// Serve until asked to stop, then take the device down in order; wait
+/// for `events` with `waiter` (their senders wake it).
 fn run_until_stopped(
     events: &mpsc::Receiver<Event>,
     disk: &FuseDisk,
     mut lo: Option<LoopDevice>,
+    waiter: &dyn Waiter,
 ) -> anyhow::Result<()> {
     let mut refused = false;
     loop {
-        match events.recv() {
+        match userblk::waiter::recv(events, waiter) {
             Ok(Event::Signal(sig)) => {
                 if let Some(l) = &lo {
                     let path = l.path();
@@ -399,7 +406,7 @@ fn run_until_stopped(
         } else {
             deadline.saturating_duration_since(Instant::now())
         };
-        match events.recv_timeout(wait) {
+        match userblk::waiter::recv_timeout(events, waiter, wait) {
             Ok(Event::Ended) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Ok(Event::Signal(_)) => {}
             Err(mpsc::RecvTimeoutError::Timeout) if lazy => {}

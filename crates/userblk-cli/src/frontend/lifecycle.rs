@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use userblk::spec::MemData;
 use userblk::state::{self, DeviceState};
+use userblk::waiter::{Park, Waiter, Waker};
 
 use crate::cli::AddArgs;
 use crate::targets::Opened;
@@ -40,7 +41,8 @@ const READY_DEADLINE: Duration = Duration::from_secs(300);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// What the lifecycle calls on a signal: ask the serving thread to stop.
-/// Runs on the daemon's service thread, from before the device exists.
+/// Runs in the frontend's wait for its device ([`Host`] is its `Waiter`);
+/// a signal that came earlier is handed on at the first wait.
 pub type Stop = Box<dyn Fn(i32) + Send>;
 
 /// A frontend: how a device is claimed, served and stopped. The lifecycle
@@ -106,6 +108,10 @@ pub struct Host {
     fallback: Option<Fallback>,
     /// `--name`: claimed in [`serve`] before anything else is made.
     name: std::sync::OnceLock<crate::names::DaemonName>,
+    /// Signals and the control socket, served in the frontend's wait.
+    service: std::sync::OnceLock<super::service::Service>,
+    /// The wait where there is no service.
+    park: Park,
 }
 
 impl Host {
@@ -116,6 +122,8 @@ impl Host {
             show,
             fallback,
             name: std::sync::OnceLock::new(),
+            service: std::sync::OnceLock::new(),
+            park: Park::default(),
         }
     }
 
@@ -188,6 +196,25 @@ impl Host {
     }
 }
 
+/// The frontend's wait for its device to stop is the daemon's one thread
+/// besides the serving ones: signals are handed on, and the control socket
+/// answered, inside it.
+impl Waiter for Host {
+    fn wait(&self, timeout: Option<Duration>) {
+        match self.service.get() {
+            Some(s) => s.wait(timeout),
+            None => self.park.wait(timeout),
+        }
+    }
+
+    fn waker(&self) -> Waker {
+        match self.service.get() {
+            Some(s) => s.waker(),
+            None => self.park.waker(),
+        }
+    }
+}
+
 /// Serve a device with `fe` in this process, through the whole lifecycle.
 pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, host: &Host) -> anyhow::Result<()> {
     let daemon = host.daemon;
@@ -195,8 +222,10 @@ pub fn serve(mut fe: Box<dyn Frontend>, args: &AddArgs, host: &Host) -> anyhow::
         // Leave the caller's session so its terminal's signals do not reach us.
         let _ = rustix::process::setsid();
     }
-    // One thread hands signals to the frontend's stopper and answers `ctl`.
-    let service = super::service::start(fe.stopper())?;
+    // Signals go to the frontend's stopper, and `ctl` is answered, in the
+    // frontend's wait (no thread of their own).
+    let started = super::service::start(fe.stopper())?;
+    let service = host.service.get_or_init(|| started);
     let result = (|| {
         if let Some(name) = &args.dev.name {
             // A recovering daemon takes its device's name over with it.

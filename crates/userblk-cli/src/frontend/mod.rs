@@ -208,6 +208,9 @@ pub fn del(args: &DelArgs) -> anyhow::Result<()> {
     let ids = one.map_or(all, |id| vec![id]);
     let ublk = ctrl.is_some();
     drop(ctrl);
+    // One walk of /proc serves the holder checks of many devices (one
+    // each made `del -a` quadratic); a walk a second keeps them fresh.
+    let _walks = userblk::open_files::share(std::time::Duration::from_secs(1));
     let results = del_all::run(
         &ids,
         del_all::WORKERS,

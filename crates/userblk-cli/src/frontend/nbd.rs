@@ -148,7 +148,8 @@ impl Frontend for Nbd {
         );
         tracing::info!("device {id} serving NBD at {}", st.block_device);
 
-        if let Ok(sig) = self.signals.recv() {
+        // Signals come through `host`'s wait, which also answers `ctl`.
+        if let Ok(sig) = userblk::waiter::recv(&self.signals, host) {
             tracing::info!("signal {sig}: stopping");
         }
         crate::notify::stopping();

@@ -1,44 +1,47 @@
-//! A daemon's one service thread: it hands SIGTERM, SIGINT and SIGHUP to
-//! the frontend's stopper (`lifecycle::Stop`) and answers the control socket (`userblk ctl`,
-//! `resize`), waiting on both in one `poll`. One thread for both, where
-//! there were two, keeps an idle device at its queues' threads and one
-//! more; and it sleeps until something happens (no tick), so hundreds of
-//! idle daemons cost no CPU.
+//! A daemon's service: SIGTERM, SIGINT and SIGHUP handed to the frontend's
+//! stopper (`lifecycle::Stop`), and the control socket (`userblk ctl`,
+//! `resize`) answered, both from inside the wait of the thread that waits
+//! for the device to stop ([`Service::wait`], one `poll`). No thread of its
+//! own: an idle device is its queues' threads and that one thread. It
+//! sleeps until something happens (no tick), so hundreds of idle daemons
+//! cost no CPU.
+//!
+//! The signals are caught from [`start`] on, before anything exists; one
+//! that comes while the daemon is still setting up is handed on at its
+//! first wait (each set-up step has a deadline of its own).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use anyhow::Context;
-use rustix::event::{poll, PollFd, PollFlags};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::SigId;
 use userblk::control::Endpoint;
+use userblk::waiter::{Waiter, Waker};
 
 const SIGNALS: [i32; 3] = [SIGTERM, SIGINT, SIGHUP];
 
-/// What the owner tells the thread (with a byte on the pipe to wake it).
-enum Order {
-    /// Answer this control socket from now on.
-    Answer(Endpoint),
-    /// End: the daemon is done.
-    Close,
-}
-
-/// The running service thread; [`Service::close`] ends it.
+/// The signals caught, the control socket, and the pipe that wakes a wait.
 pub struct Service {
-    orders: mpsc::Sender<Order>,
-    /// The pipe's write end: the signal handlers' and ours, to wake the thread.
-    wake: UnixStream,
-    ids: Vec<SigId>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The pipe's read end, polled by [`Service::wait`].
+    woken: UnixStream,
+    /// Its write end: the signal handlers' and the wakers'.
+    wake: Arc<UnixStream>,
+    /// Which signal came.
+    flags: Vec<(i32, Arc<AtomicBool>)>,
+    ids: Mutex<Vec<SigId>>,
+    stop: Mutex<Box<dyn Fn(i32) + Send>>,
+    endpoint: Mutex<Option<Endpoint>>,
 }
 
 /// Catch the signals (from now on, before anything exists, so none can kill
-/// the daemon half way) and start the thread that hands them to `stop`.
+/// the daemon half way); [`Service::wait`] hands them to `stop`.
 pub fn start(stop: Box<dyn Fn(i32) + Send>) -> anyhow::Result<Service> {
-    let (woken, wake) = UnixStream::pair().context("making the service thread's pipe")?;
+    let (woken, wake) = UnixStream::pair().context("making the service's pipe")?;
     woken.set_nonblocking(true)?;
     wake.set_nonblocking(true)?;
     let flags: Vec<(i32, Arc<AtomicBool>)> = SIGNALS
@@ -47,24 +50,19 @@ pub fn start(stop: Box<dyn Fn(i32) + Send>) -> anyhow::Result<Service> {
         .collect();
     let mut ids = Vec::new();
     for (sig, flag) in &flags {
-        // The flag says which signal came; the byte wakes the thread.
+        // The flag says which signal came; the byte wakes the wait.
         ids.push(signal_hook::flag::register(*sig, Arc::clone(flag)).context("catching signals")?);
         // The registration owns its copy of the write end (closed when unregistered).
         let end = wake.try_clone().context("catching signals")?;
         ids.push(signal_hook::low_level::pipe::register(*sig, end).context("catching signals")?);
     }
-    let (orders, inbox) = mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("service".into())
-        // It waits and dispatches: little stack.
-        .stack_size(512 << 10)
-        .spawn(move || run(&woken, &inbox, &flags, &*stop))
-        .context("starting the service thread")?;
     Ok(Service {
-        orders,
-        wake,
-        ids,
-        thread: Some(thread),
+        woken,
+        wake: Arc::new(wake),
+        flags,
+        ids: Mutex::new(ids),
+        stop: Mutex::new(stop),
+        endpoint: Mutex::new(None),
     })
 }
 
@@ -72,85 +70,97 @@ impl Service {
     /// Answer the control socket from now on (none: nothing to answer).
     pub fn answer(&self, endpoint: Option<Endpoint>) {
         if let Some(e) = endpoint {
-            self.order(Order::Answer(e));
+            *self.endpoint.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
         }
     }
 
-    /// End the thread and close the control socket; signals are no longer handed on.
-    pub fn close(mut self) {
-        for id in self.ids.drain(..) {
+    /// Stop handing signals on and close the control socket.
+    pub fn close(&self) {
+        for id in self
+            .ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
             signal_hook::low_level::unregister(id);
         }
-        self.order(Order::Close);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
-    fn order(&self, order: Order) {
-        let _ = self.orders.send(order);
-        // A full pipe is awake already.
-        let _ = (&self.wake).write(&[1]);
-    }
-}
-
-/// Wait for a signal, a control connection or an order, until told to close
-/// (the control socket goes with the thread's endpoint).
-fn run(
-    woken: &UnixStream,
-    inbox: &mpsc::Receiver<Order>,
-    flags: &[(i32, Arc<AtomicBool>)],
-    stop: &dyn Fn(i32),
-) {
-    let mut endpoint: Option<Endpoint> = None;
-    loop {
+    /// One `poll` on the wake pipe and the control socket, up to `timeout`;
+    /// then hand on the signals that came and answer a waiting connection
+    /// (on a thread of its own, see `Endpoint::answer_ready`).
+    fn wait_once(&self, timeout: Option<Duration>) {
+        let endpoint = self.endpoint.lock().unwrap_or_else(PoisonError::into_inner);
         let control_ready = {
-            let mut fds = vec![PollFd::new(woken, PollFlags::IN)];
-            if let Some(e) = &endpoint {
+            let mut fds = vec![PollFd::new(&self.woken, PollFlags::IN)];
+            if let Some(e) = endpoint.as_ref() {
                 fds.push(PollFd::new(e, PollFlags::IN));
             }
-            match poll(&mut fds, None) {
+            let ts = timeout.map(|t| {
+                Timespec::try_from(t).unwrap_or(Timespec {
+                    tv_sec: 3600,
+                    tv_nsec: 0,
+                })
+            });
+            match poll(&mut fds, ts.as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
-                    tracing::error!("service thread: poll: {e}");
-                    return;
+                    // Not a busy loop: the caller waits again.
+                    tracing::error!("service: poll: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
             fds.get(1).is_some_and(|f| !f.revents().is_empty())
         };
         // Drain the wake-ups, then act on what they were for.
         let mut buf = [0u8; 64];
-        while matches!((&*woken).read(&mut buf), Ok(n) if n > 0) {}
-        for (sig, flag) in flags {
-            if flag.swap(false, Ordering::SeqCst) {
-                stop(*sig);
-            }
-        }
-        while let Ok(order) = inbox.try_recv() {
-            match order {
-                Order::Answer(e) => endpoint = Some(e),
-                Order::Close => return,
-            }
-        }
+        while matches!((&self.woken).read(&mut buf), Ok(n) if n > 0) {}
         if control_ready {
-            if let Some(e) = &endpoint {
+            if let Some(e) = endpoint.as_ref() {
                 e.answer_ready();
             }
         }
+        drop(endpoint);
+        for (sig, flag) in &self.flags {
+            if flag.swap(false, Ordering::SeqCst) {
+                (self.stop.lock().unwrap_or_else(PoisonError::into_inner))(*sig);
+            }
+        }
+    }
+}
+
+impl Waiter for Service {
+    /// Wait on the calling thread until a waker or a signal wakes it, a
+    /// control connection comes (answered), or `timeout` passes.
+    fn wait(&self, timeout: Option<Duration>) {
+        self.wait_once(timeout);
+    }
+
+    fn waker(&self) -> Waker {
+        let wake = Arc::clone(&self.wake);
+        // A full pipe is awake already.
+        Arc::new(move || {
+            let _ = (&*wake).write(&[1]);
+        })
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::time::Duration;
+    use std::sync::mpsc;
+    use std::time::Instant;
 
     use userblk::control::{self, Registry, Request};
 
     use super::*;
 
     #[test]
-    fn one_thread_hands_on_signals_and_answers_the_socket() {
+    fn the_waiting_thread_hands_on_signals_and_answers_the_socket() {
         let (tx, signalled) = mpsc::channel();
         let service = start(Box::new(move |sig| {
             let _ = tx.send(sig);
@@ -165,14 +175,43 @@ mod tests {
             action: "ping".into(),
             args: Vec::new(),
         };
-        let reply = control::request(&path, &run, Duration::from_secs(5)).unwrap();
+        // The client on a thread; this one waits, as a daemon's main thread does.
+        let client = {
+            let (path, run) = (path.clone(), run.clone());
+            std::thread::spawn(move || control::request(&path, &run, Duration::from_secs(5)))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client.is_finished() && Instant::now() < deadline {
+            service.wait(Some(Duration::from_millis(100)));
+        }
+        let reply = client.join().unwrap().unwrap();
         assert_eq!(reply.output, ["test: pong"]);
         // SIGHUP: the test harness does not otherwise use it.
         signal_hook::low_level::raise(SIGHUP).unwrap();
-        assert_eq!(signalled.recv_timeout(Duration::from_secs(5)), Ok(SIGHUP));
-        // Still answering after a signal.
-        let reply = control::request(&path, &run, Duration::from_secs(5)).unwrap();
-        assert!(reply.ok);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while signalled.try_recv().is_err() {
+            assert!(Instant::now() < deadline, "the signal was not handed on");
+            service.wait(Some(Duration::from_millis(100)));
+        }
+        // A waker from another thread ends a wait with no timeout.
+        let wake = service.waker();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            wake();
+        });
+        let t0 = Instant::now();
+        service.wait(Some(Duration::from_secs(30)));
+        // Ended by the waker: not at once, not by the timeout.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the waker did not end the wait"
+        );
+        waker.join().unwrap();
         service.close();
         assert!(!path.exists(), "the socket outlived the service");
     }

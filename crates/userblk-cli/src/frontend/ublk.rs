@@ -194,9 +194,14 @@ impl Frontend for Ublk {
                 .can_quiesce()
                 .then(|| super::upgrade::offer_handover(&opened.registry, &quiescer));
             let describe = target.describe();
-            let served = dev.serve(Arc::clone(&target), |live| {
-                on_live(live, describe, saved, self.dev.scheduler.as_deref(), host);
-            });
+            // This thread waits for the queues in `host`'s wait, which also
+            // hands on signals and answers `ctl`: the queues' threads and
+            // this one are the daemon's.
+            let served = dev.serve_with(
+                Arc::clone(&target),
+                |live| on_live(live, describe, saved, self.dev.scheduler.as_deref(), host),
+                host,
+            );
             // A recoverable device left behind by a failure needs its state for `recover`.
             let waits_for_recovery = served.is_err()
                 && Control::open()

@@ -22,6 +22,7 @@ use crate::ublk::handover::{Handover, Quiescer};
 use crate::ublk::io_mode::IoMode;
 use crate::ublk::params;
 use crate::ublk::queue::{self, DataMode, QueueEvent, QueueSetup, Shutdown};
+use crate::waiter::{Park, Waiter, WakeOnDrop};
 use crate::{Error, Result};
 
 /// How long DEL_DEV may wait for the last holder of `/dev/ublkcN`.
@@ -515,7 +516,16 @@ impl Device {
         }
     }
 
-    /// Serve the device with `target` until it is stopped.
+    /// Serve the device with `target` until it is stopped: [`Device::serve_with`]
+    /// on a thread with nothing else to do.
+    pub fn serve(self, target: Arc<dyn Target>, on_live: impl FnOnce(&Live)) -> Result<()> {
+        self.serve_with(target, on_live, &Park::default())
+    }
+
+    /// Serve the device with `target` until it is stopped, waiting for the
+    /// queues with `waiter`: the calling thread does its other work (a
+    /// daemon's signals and control socket) in that wait, so a device costs
+    /// its queue threads and this one.
     ///
     /// Starts a thread per queue, waits until each fetches all its tags,
     /// sends START_DEV and calls `on_live` once `/dev/ublkbN` exists. Returns
@@ -527,7 +537,12 @@ impl Device {
     /// once, leaving the other queue threads running: the caller should then
     /// exit the process. Exiting is how the kernel learns the server is gone;
     /// it quiesces a recoverable device for a new daemon, or stops any other.
-    pub fn serve(mut self, target: Arc<dyn Target>, on_live: impl FnOnce(&Live)) -> Result<()> {
+    pub fn serve_with(
+        mut self,
+        target: Arc<dyn Target>,
+        on_live: impl FnOnce(&Live),
+        waiter: &dyn Waiter,
+    ) -> Result<()> {
         let id = self.info.dev_id;
         let queues = self.info.nr_hw_queues;
         let shutdown = Shutdown::new()?;
@@ -573,9 +588,16 @@ impl Device {
                 data: data_mode,
             };
             let tx = tx.clone();
+            let woken = waiter.waker();
             let spawned = std::thread::Builder::new()
                 .name(format!("ublk{id}-q{q}"))
-                .spawn(move || run(setup, &tx));
+                .spawn(move || {
+                    // Dropped after `tx`, also on a panic: the waiter then
+                    // finds the exit (or the channel closed).
+                    let _wake = WakeOnDrop(woken);
+                    let tx = tx;
+                    run(setup, &tx);
+                });
             match spawned {
                 Ok(h) => threads.push(h),
                 Err(e) => {
@@ -638,7 +660,8 @@ impl Device {
 
         let mut exited = 0;
         while exited < queues {
-            let (q, result) = match rx.recv() {
+            // A queue thread wakes the waiter as it exits.
+            let (q, result) = match crate::waiter::recv(&rx, waiter) {
                 Ok(QueueEvent::Exited { q, result }) => (q, result),
                 Ok(QueueEvent::Ready { .. }) => continue,
                 // Every thread has gone and dropped its sender.
