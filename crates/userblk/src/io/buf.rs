@@ -126,12 +126,27 @@ impl AlignedBuf {
     /// read (answering a read request), it would map the shared huge zero
     /// page, and the first write would then break it into 4 KiB pages: the
     /// huge page is only had by writing first.
+    ///
+    /// The fault must be a write from the start: reading the byte first (to
+    /// write it back) is itself such a first read. Its 4 KiB pages were
+    /// later collapsed into a huge page by khugepaged, so an idle daemon's
+    /// RSS grew by 2 MiB steps long after its device went live (seen on
+    /// 6.12). `MADV_POPULATE_WRITE` (5.14+) write-faults without touching
+    /// the contents; before it, the read and write back.
     pub fn fault_in_once(&mut self) {
         if self.faulted {
             return;
         }
         self.faulted = true;
         let p = self.ptr.as_ptr();
+        let page = rustix::param::page_size().min(self.len);
+        let advice = rustix::mm::Advice::LinuxPopulateWrite;
+        // SAFETY: the first page of the buffer is our mapping; populating
+        // it changes no contents.
+        let populated = unsafe { rustix::mm::madvise(p.cast(), page, advice) };
+        if populated.is_ok() {
+            return;
+        }
         // SAFETY: byte 0 is ours and nothing else reads or writes the
         // buffer now (the caller holds it mutably); it is rewritten with
         // its own value, volatile so that the write is not elided.
@@ -320,6 +335,64 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
             .is_empty());
         assert!(AlignedBuf::many(usize::MAX, 4096).is_err());
+    }
+
+    /// `AnonHugePages` of the mapping holding `addr`, from /proc/self/smaps.
+    fn huge_kib_at(addr: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|r| {
+                let (a, b) = r.split_once('-')?;
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            if let Some((start, end)) = range {
+                inside = (start..end).contains(&addr);
+            } else if let Some(v) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+                return v.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn first_use_is_a_write_fault_that_keeps_the_contents() {
+        let mut bufs = AlignedBuf::many(4, 512 << 10).unwrap_or_else(|e| panic!("{e}"));
+        // Written by "the kernel" before the daemon's first use (a write request).
+        // SAFETY: the pointer covers the buffer; nothing else borrows it.
+        unsafe { bufs[1].as_ptr().cast_mut().add(3).write(7) };
+        bufs[1].fault_in_once();
+        assert_eq!(bufs[1].as_slice()[3], 7);
+        assert_eq!(bufs[1].as_slice()[0], 0);
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !crate::skip::require(
+            !thp.is_empty() && !thp.contains("[never]"),
+            crate::skip::Prereq::Environment,
+            "no transparent huge pages on this host",
+        ) {
+            return;
+        }
+        // The write above may have made all of `bufs` huge already: measure
+        // a fresh mapping (before and after, should the kernel have merged
+        // it with a neighbour).
+        let mut fresh = AlignedBuf::many(4, 512 << 10).unwrap_or_else(|e| panic!("{e}"));
+        let addr = fresh[0].as_ptr() as usize;
+        let before = huge_kib_at(addr).unwrap_or(0);
+        fresh[0].fault_in_once();
+        // A read first would have mapped the huge zero page, and the write
+        // after it 4 KiB pages (the daemon's RSS then grew when khugepaged
+        // collapsed them).
+        let after = huge_kib_at(addr).unwrap_or(0);
+        assert_eq!(
+            after.saturating_sub(before),
+            2048,
+            "AnonHugePages {before} -> {after} kB"
+        );
+        assert!(fresh[0].as_slice().iter().all(|&x| x == 0));
     }
 
     #[test]
