@@ -106,17 +106,20 @@ start_dev_deadline() {
 
 same_objects() { [ "$(ublk_objects)" = "$1" ]; }
 
+KHUGEPAGED=/sys/kernel/mm/transparent_hugepage/khugepaged
+KHUGEPAGED_SLEEP=$(cat "$KHUGEPAGED/scan_sleep_millisecs" 2>/dev/null)
 cleanup() {
     ub del -a --force >/dev/null 2>&1 || true
     rm -rf "$WORK"
+    # The suites after this one in the same boot (vm/suite/several.sh) get the kernel's pace back.
+    [ -z "$KHUGEPAGED_SLEEP" ] || echo "$KHUGEPAGED_SLEEP" >"$KHUGEPAGED/scan_sleep_millisecs" 2>/dev/null || true
 }
 trap cleanup EXIT
 
 plan 7
 echo "ublk churn: $CYCLES cycles per case (CHURN_CYCLES), kernel $(uname -r)"
-# khugepaged every 0.1 s instead of 10 s (a throwaway VM): a collapse of
-# the long-lived daemon's memory into huge pages then shows within the suite.
-KHUGEPAGED=/sys/kernel/mm/transparent_hugepage/khugepaged
+# khugepaged every 0.1 s instead of 10 s (until cleanup): a collapse of the
+# long-lived daemon's memory into huge pages then shows within the suite.
 [ -w "$KHUGEPAGED/scan_sleep_millisecs" ] && echo 100 >"$KHUGEPAGED/scan_sleep_millisecs"
 [ -z "$(ublk_objects)" ] || echo "warning: ublk devices exist before the suite: $(ublk_objects)"
 # A device that lives through every cycle: its daemon must not change.

@@ -11,6 +11,7 @@
 #![allow(unsafe_code)]
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::mm::{MapFlags, ProtFlags};
 
@@ -49,6 +50,29 @@ pub struct AlignedBuf {
 struct Span {
     ptr: NonNull<u8>,
     len: usize,
+    /// How many of its buffers have been used (each counted once).
+    used: AtomicUsize,
+}
+
+/// Buffers of a span used before it asks for huge pages: more than an idle
+/// device's partition table read takes, few enough that a busy queue gets
+/// them at once.
+const BUSY_AFTER: usize = 8;
+
+impl Span {
+    /// One of the span's buffers is used for the first time. The use that
+    /// makes the span busy asks for huge pages for all of it.
+    fn first_use(&self) {
+        if self.used.fetch_add(1, Ordering::Relaxed) + 1 == BUSY_AFTER {
+            let advice = rustix::mm::Advice::LinuxHugepage;
+            // SAFETY: the range is the span's mapping; advice changes no contents.
+            let advised =
+                unsafe { rustix::mm::madvise(self.ptr.as_ptr().cast(), self.len, advice) };
+            if let Err(e) = advised {
+                tracing::debug!("no transparent huge pages for request buffers: {e}");
+            }
+        }
+    }
 }
 
 // SAFETY: the span is only an address range, unmapped once in Drop; no
@@ -86,7 +110,8 @@ impl AlignedBuf {
     }
 
     /// `count` buffers of `len` bytes (rounded up to the page) carved from
-    /// one mapping aligned to 2 MiB and marked for transparent huge pages.
+    /// one mapping aligned to 2 MiB, marked for transparent huge pages once
+    /// [`BUSY_AFTER`] of them have been used (and against them until then).
     ///
     /// The kernel copies request data to and from these buffers through
     /// page lookups; with huge pages it walks one entry per 2 MiB instead of
@@ -94,7 +119,11 @@ impl AlignedBuf {
     /// once the buffers had been written. Memory is still only used as it
     /// is touched, now in 2 MiB steps; call
     /// [`fault_in_once`](Self::fault_in_once) before a buffer's first use.
-    /// The mapping goes, in one piece, with the last of its buffers.
+    /// An idle device's few first uses (the kernel reads its partition
+    /// table on random tags) stay in 4 KiB pages: with huge pages each would
+    /// make 2 MiB resident, and khugepaged would collapse a range they had
+    /// touched into 2 MiB later (an idle daemon's RSS grew so by 2 MiB
+    /// steps). The mapping goes, in one piece, with the last of its buffers.
     pub fn many(count: usize, len: usize) -> crate::Result<Vec<Self>> {
         const HUGE: usize = 2 << 20;
         let len = page_multiple(len)?;
@@ -128,9 +157,16 @@ impl AlignedBuf {
         }
         // SAFETY: as above: `raw + head` starts `total` bytes of our mapping.
         let base = unsafe { raw.add(head) };
-        let span = NonNull::new(base).map(|ptr| std::sync::Arc::new(Span { ptr, len: total }));
-        // A hint: without THP (or with it disabled) the buffers still work.
-        let advice = rustix::mm::Advice::LinuxHugepage;
+        let span = NonNull::new(base).map(|ptr| {
+            std::sync::Arc::new(Span {
+                ptr,
+                len: total,
+                used: AtomicUsize::new(0),
+            })
+        });
+        // A hint, until the span is busy (THP "always" would give huge pages
+        // at once); without THP the buffers still work.
+        let advice = rustix::mm::Advice::LinuxNoHugepage;
         // SAFETY: the range is our mapping; advice changes no contents.
         let advised = unsafe { rustix::mm::madvise(base.cast(), total, advice) };
         if let Err(e) = advised {
@@ -158,16 +194,18 @@ impl AlignedBuf {
     /// huge page is only had by writing first.
     ///
     /// The fault must be a write from the start: reading the byte first (to
-    /// write it back) is itself such a first read. Its 4 KiB pages were
-    /// later collapsed into a huge page by khugepaged, so an idle daemon's
-    /// RSS grew by 2 MiB steps long after its device went live (seen on
-    /// 6.12). `MADV_POPULATE_WRITE` (5.14+) write-faults without touching
-    /// the contents; before it, the read and write back.
+    /// write it back) is itself such a first read (on 6.12).
+    /// `MADV_POPULATE_WRITE` (5.14+) write-faults without touching the
+    /// contents; before it, the read and write back. It also counts the
+    /// use towards the span's huge pages (see [`many`](Self::many)).
     pub fn fault_in_once(&mut self) {
         if self.faulted {
             return;
         }
         self.faulted = true;
+        if let Some(span) = &self.span {
+            span.first_use();
+        }
         let p = self.ptr.as_ptr();
         let page = rustix::param::page_size().min(self.len);
         let advice = rustix::mm::Advice::LinuxPopulateWrite;
@@ -435,23 +473,33 @@ mod tests {
         ) {
             return;
         }
-        // The write above may have made all of `bufs` huge already: measure
-        // a fresh mapping (before and after, should the kernel have merged
-        // it with a neighbour).
-        let mut fresh = AlignedBuf::many(4, 512 << 10).unwrap_or_else(|e| panic!("{e}"));
+        // 16 buffers, four to each 2 MiB (measured before and after, should
+        // the kernel have merged the mapping with a neighbour).
+        let mut fresh = AlignedBuf::many(16, 512 << 10).unwrap_or_else(|e| panic!("{e}"));
         let addr = fresh[0].as_ptr() as usize;
         let before = huge_kib_at(addr).unwrap_or(0);
-        fresh[0].fault_in_once();
-        // A read first would have mapped the huge zero page, and the write
-        // after it 4 KiB pages (the daemon's RSS then grew when khugepaged
-        // collapsed them).
-        let after = huge_kib_at(addr).unwrap_or(0);
+        // An idle queue's few first uses (buffers 0-6: two of the 2 MiB
+        // ranges) stay in 4 KiB pages.
+        for b in &mut fresh[..BUSY_AFTER - 1] {
+            b.fault_in_once();
+        }
+        let idle = huge_kib_at(addr).unwrap_or(0);
         assert_eq!(
-            after.saturating_sub(before),
-            2048,
-            "AnonHugePages {before} -> {after} kB"
+            idle.saturating_sub(before),
+            0,
+            "AnonHugePages {before} -> {idle} kB while idle"
         );
-        assert!(fresh[0].as_slice().iter().all(|&x| x == 0));
+        // The use that makes it busy (buffer 8, in the third range) is a
+        // huge page; a read before the write would have mapped the huge
+        // zero page, and the write after it 4 KiB pages.
+        fresh[BUSY_AFTER].fault_in_once();
+        let busy = huge_kib_at(addr).unwrap_or(0);
+        assert_eq!(
+            busy.saturating_sub(idle),
+            2048,
+            "AnonHugePages {idle} -> {busy} kB once busy"
+        );
+        assert!(fresh[BUSY_AFTER].as_slice().iter().all(|&x| x == 0));
     }
 
     #[test]
