@@ -5,7 +5,8 @@
 # FUSE mount or connection, state file, socket or userblk process of this
 # run may be left, every cycle's daemon must have had as many open fds and
 # threads as the first one's, and a device that lived through all cycles
-# must have as many fds and threads after them as before.
+# must have as many fds and threads after them as before, and its RSS
+# may not have grown (by more than IDLE_RSS_SLACK_KIB).
 # Usage, as root from the repository root (USERBLK overrides the binary):
 #   bash tests/host/churn.sh
 #   CHURN_CYCLES=1000 bash tests/host/churn.sh          # the long form
@@ -36,8 +37,6 @@ needs_fuse() {
     [ -e /dev/fuse ] || skip "no /dev/fuse"
 }
 
-
-rss_kib() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
 
 # The userblk processes of this run: the binary, with this state directory.
 our_processes() {
@@ -118,7 +117,8 @@ nothing_left() {
     [ -d "/proc/$WITNESS" ] || die "the long-lived device's daemon is gone (a failed case's clean-up deletes every device)"
     after=$(settled_counts "$WITNESS")
     [ "$after" = "$WITNESS_COUNTS" ] || die "the device that lived through the churn had fds/threads $WITNESS_COUNTS before, $after after"
-    echo "note: the long-lived daemon: fds/threads $after; RSS $WITNESS_RSS KiB before, $(rss_kib "$WITNESS") KiB after"
+    echo "note: the long-lived daemon: fds/threads $after; RSS $WITNESS_RSS KiB before, $(rss_kib "$WITNESS") KiB after (huge pages $(huge_kib "$WITNESS") KiB)"
+    idle_rss_kept "$WITNESS" "$WITNESS_RSS"
 }
 
 fuse_inherits_nothing() {

@@ -193,6 +193,23 @@ counts() {
     echo "$fds $threads"
 }
 
+# Resident memory of PID in KiB, and how much of it is transparent huge pages.
+rss_kib() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
+huge_kib() { awk '$1 == "AnonHugePages:" {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null; }
+
+# An idle daemon's RSS must stay where it was (BEFORE, KiB) while other
+# devices come and go; the slack covers the kernel's per-CPU counting of
+# RSS and a late udev probe, not a huge page. (Request buffers first
+# touched by a read once grew it by 2 MiB steps long after `add`, as
+# khugepaged collapsed their 4 KiB pages into huge pages.)
+IDLE_RSS_SLACK_KIB=1536
+idle_rss_kept() { # idle_rss_kept PID BEFORE
+    local now
+    now=$(rss_kib "$1")
+    [ -n "$now" ] && [ "$now" -le $(( $2 + IDLE_RSS_SLACK_KIB )) ] \
+        || die "idle daemon $1: RSS $2 KiB before, ${now:-?} KiB after (more than ${IDLE_RSS_SLACK_KIB} KiB over; huge pages now $(huge_kib "$1") KiB)"
+}
+
 # counts PID once two looks 0.3 s apart agree.
 settled_counts() {
     local a b i

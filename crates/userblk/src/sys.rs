@@ -103,3 +103,86 @@ pub(crate) fn parse_stat(stat: &str) -> Option<(String, char)> {
 pub fn process_runs(pid: i32) -> bool {
     proc_stat(pid).is_some_and(|(_, state)| !matches!(state, 'Z' | 'X'))
 }
+
+/// How often [`wait_while`] asks again without a pidfd to wake it.
+const EXIT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Wait while `runs()` says process `pid` still runs, until `deadline`;
+/// whether it stopped running in time. The wait sleeps on the process's
+/// pidfd (Linux 5.3+), which wakes it the moment the process exits, so
+/// `del` does not lose half a polling interval per device; `runs` is still
+/// asked at least every 20 ms, and only that where there is no pidfd.
+pub fn wait_while(pid: i32, deadline: std::time::Instant, runs: impl Fn() -> bool) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut pidfd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    loop {
+        if !runs() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let nap = left.min(EXIT_POLL);
+        let exited = match &pidfd {
+            Some(fd) => {
+                let ts = Timespec::try_from(nap).unwrap_or(Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 20_000_000,
+                });
+                let mut fds = [PollFd::new(fd, PollFlags::IN)];
+                matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
+            }
+            None => {
+                std::thread::sleep(nap);
+                false
+            }
+        };
+        // Readable once the process has exited; should `runs` still say
+        // yes, sleep from then on rather than wake at once again.
+        if exited {
+            pidfd = None;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn wait_while_wakes_when_the_process_exits_and_keeps_its_deadline() {
+        let mut quick = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(quick.id()).unwrap();
+        let start = Instant::now();
+        assert!(wait_while(pid, start + Duration::from_secs(10), || {
+            process_runs(pid)
+        }));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        quick.wait().unwrap();
+
+        let mut slow = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(slow.id()).unwrap();
+        let start = Instant::now();
+        assert!(!wait_while(pid, start + Duration::from_millis(100), || {
+            process_runs(pid)
+        }));
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        slow.kill().unwrap();
+        slow.wait().unwrap();
+    }
+}

@@ -449,18 +449,15 @@ pub fn stop(st: &DeviceState, timeout: Duration) -> anyhow::Result<()> {
     )
     .with_context(|| format!("device {id}: signalling daemon {}", st.pid))?;
     let deadline = Instant::now() + timeout;
-    while st.daemon_alive() {
-        if Instant::now() >= deadline {
-            bail!(
-                "device {id}: daemon {} did not stop within {}s; see {}",
-                st.pid,
-                timeout.as_secs(),
-                st.log
-                    .as_deref()
-                    .map_or("its log".into(), |l| l.display().to_string())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !userblk::sys::wait_while(st.pid, deadline, || st.daemon_alive()) {
+        bail!(
+            "device {id}: daemon {} did not stop within {}s; see {}",
+            st.pid,
+            timeout.as_secs(),
+            st.log
+                .as_deref()
+                .map_or("its log".into(), |l| l.display().to_string())
+        );
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 #![allow(unsafe_code)]
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::mm::{MapFlags, ProtFlags};
 
@@ -38,6 +39,56 @@ pub struct AlignedBuf {
     /// Whether the buffer has been faulted in for writing (see
     /// [`fault_in_once`](Self::fault_in_once)).
     faulted: bool,
+    /// The mapping a buffer from [`many`](Self::many) was carved from,
+    /// unmapped once with its last buffer; `None`: the buffer is its own.
+    span: Option<std::sync::Arc<Span>>,
+}
+
+/// One mapping shared by the buffers carved from it. Unmapped in one call
+/// when the last goes: a queue's 128 buffers unmapped one by one cost a
+/// daemon's exit (and so `del`) ~30 ms in the test VM.
+struct Span {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// How many of its buffers have been used (each counted once).
+    used: AtomicUsize,
+}
+
+/// Buffers of a span used before it asks for huge pages: more than an idle
+/// device's partition table read takes, few enough that a busy queue gets
+/// them at once.
+const BUSY_AFTER: usize = 8;
+
+impl Span {
+    /// One of the span's buffers is used for the first time. The use that
+    /// makes the span busy asks for huge pages for all of it.
+    fn first_use(&self) {
+        if self.used.fetch_add(1, Ordering::Relaxed) + 1 == BUSY_AFTER {
+            let advice = rustix::mm::Advice::LinuxHugepage;
+            // SAFETY: the range is the span's mapping; advice changes no contents.
+            let advised =
+                unsafe { rustix::mm::madvise(self.ptr.as_ptr().cast(), self.len, advice) };
+            if let Err(e) = advised {
+                tracing::debug!("no transparent huge pages for request buffers: {e}");
+            }
+        }
+    }
+}
+
+// SAFETY: the span is only an address range, unmapped once in Drop; no
+// bytes are accessed through it.
+unsafe impl Send for Span {}
+// SAFETY: as above.
+unsafe impl Sync for Span {}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        // SAFETY: ptr is the mapping of exactly `len` bytes the buffers were
+        // carved from; the last of them is gone, and it is unmapped once.
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+            tracing::error!("unmapping request buffers: {e}");
+        }
+    }
 }
 
 // SAFETY: the buffer is uniquely owned; moving it between threads moves that ownership.
@@ -54,11 +105,13 @@ impl AlignedBuf {
             len,
             dirty: (0, 0),
             faulted: true,
+            span: None,
         })
     }
 
     /// `count` buffers of `len` bytes (rounded up to the page) carved from
-    /// one mapping aligned to 2 MiB and marked for transparent huge pages.
+    /// one mapping aligned to 2 MiB, marked for transparent huge pages once
+    /// [`BUSY_AFTER`] of them have been used (and against them until then).
     ///
     /// The kernel copies request data to and from these buffers through
     /// page lookups; with huge pages it walks one entry per 2 MiB instead of
@@ -66,7 +119,11 @@ impl AlignedBuf {
     /// once the buffers had been written. Memory is still only used as it
     /// is touched, now in 2 MiB steps; call
     /// [`fault_in_once`](Self::fault_in_once) before a buffer's first use.
-    /// Each buffer unmaps its own range.
+    /// An idle device's few first uses (the kernel reads its partition
+    /// table on random tags) stay in 4 KiB pages: with huge pages each would
+    /// make 2 MiB resident, and khugepaged would collapse a range they had
+    /// touched into 2 MiB later (an idle daemon's RSS grew so by 2 MiB
+    /// steps). The mapping goes, in one piece, with the last of its buffers.
     pub fn many(count: usize, len: usize) -> crate::Result<Vec<Self>> {
         const HUGE: usize = 2 << 20;
         let len = page_multiple(len)?;
@@ -79,8 +136,8 @@ impl AlignedBuf {
         let span = total
             .checked_add(HUGE)
             .ok_or_else(|| crate::Error::invalid(format!("{count} buffers of {len} bytes")))?;
-        // Every byte of the mapping ends up either unmapped below or owned
-        // by exactly one returned buffer, which unmaps its range in Drop.
+        // Every byte of the mapping ends up either unmapped below or in the
+        // span, which the returned buffers share and the last one unmaps.
         let raw = map_anonymous(span, || {
             format!("allocating {count} buffers of {len} bytes")
         })?
@@ -100,8 +157,16 @@ impl AlignedBuf {
         }
         // SAFETY: as above: `raw + head` starts `total` bytes of our mapping.
         let base = unsafe { raw.add(head) };
-        // A hint: without THP (or with it disabled) the buffers still work.
-        let advice = rustix::mm::Advice::LinuxHugepage;
+        let span = NonNull::new(base).map(|ptr| {
+            std::sync::Arc::new(Span {
+                ptr,
+                len: total,
+                used: AtomicUsize::new(0),
+            })
+        });
+        // A hint, until the span is busy (THP "always" would give huge pages
+        // at once); without THP the buffers still work.
+        let advice = rustix::mm::Advice::LinuxNoHugepage;
         // SAFETY: the range is our mapping; advice changes no contents.
         let advised = unsafe { rustix::mm::madvise(base.cast(), total, advice) };
         if let Err(e) = advised {
@@ -116,6 +181,7 @@ impl AlignedBuf {
                     len,
                     dirty: (0, 0),
                     faulted: false,
+                    span: span.clone(),
                 })
             })
             .collect())
@@ -126,12 +192,29 @@ impl AlignedBuf {
     /// read (answering a read request), it would map the shared huge zero
     /// page, and the first write would then break it into 4 KiB pages: the
     /// huge page is only had by writing first.
+    ///
+    /// The fault must be a write from the start: reading the byte first (to
+    /// write it back) is itself such a first read (on 6.12).
+    /// `MADV_POPULATE_WRITE` (5.14+) write-faults without touching the
+    /// contents; before it, the read and write back. It also counts the
+    /// use towards the span's huge pages (see [`many`](Self::many)).
     pub fn fault_in_once(&mut self) {
         if self.faulted {
             return;
         }
         self.faulted = true;
+        if let Some(span) = &self.span {
+            span.first_use();
+        }
         let p = self.ptr.as_ptr();
+        let page = rustix::param::page_size().min(self.len);
+        let advice = rustix::mm::Advice::LinuxPopulateWrite;
+        // SAFETY: the first page of the buffer is our mapping; populating
+        // it changes no contents.
+        let populated = unsafe { rustix::mm::madvise(p.cast(), page, advice) };
+        if populated.is_ok() {
+            return;
+        }
         // SAFETY: byte 0 is ours and nothing else reads or writes the
         // buffer now (the caller holds it mutably); it is rewritten with
         // its own value, volatile so that the write is not elided.
@@ -236,6 +319,10 @@ fn map_anonymous(len: usize, what: impl FnOnce() -> String) -> crate::Result<Non
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.span.is_some() {
+            // Carved from a span: it goes with the last of its buffers.
+            return;
+        }
         // SAFETY: ptr is our mapping of exactly `len` bytes, unmapped once.
         if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
             tracing::error!("unmapping a request buffer: {e}");
@@ -312,14 +399,107 @@ mod tests {
         for (i, b) in bufs.iter().enumerate() {
             assert!(b.as_slice().iter().all(|&x| usize::from(x) == i + 1));
         }
-        // Dropping one unmaps only its own range.
+        // Dropping one leaves the others' memory alone.
         let third = bufs.remove(2);
         drop(third);
         assert!(bufs[2].as_slice().iter().all(|&x| x == 4));
+        // The last one takes the whole mapping (one munmap) with it.
+        let span = bufs.first().and_then(|b| b.span.clone());
+        let addr = bufs.first().map_or(0, |b| b.as_ptr() as usize);
+        assert!(span.is_some());
+        drop(bufs);
+        assert!(mapped(addr), "unmapped while a buffer's span was held");
+        drop(span);
+        assert!(!mapped(addr), "the buffers' mapping outlived them");
         assert!(AlignedBuf::many(0, 4096)
             .unwrap_or_else(|e| panic!("{e}"))
             .is_empty());
         assert!(AlignedBuf::many(usize::MAX, 4096).is_err());
+    }
+
+    /// Whether `addr` is inside a mapping of this process.
+    fn mapped(addr: usize) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        maps.lines().any(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(a, b)| {
+                    Some((
+                        usize::from_str_radix(a, 16).ok()?,
+                        usize::from_str_radix(b, 16).ok()?,
+                    ))
+                })
+                .is_some_and(|(a, b)| (a..b).contains(&addr))
+        })
+    }
+
+    /// `AnonHugePages` of the mapping holding `addr`, from /proc/self/smaps.
+    fn huge_kib_at(addr: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|r| {
+                let (a, b) = r.split_once('-')?;
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            if let Some((start, end)) = range {
+                inside = (start..end).contains(&addr);
+            } else if let Some(v) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+                return v.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn first_use_is_a_write_fault_that_keeps_the_contents() {
+        let mut bufs = AlignedBuf::many(4, 512 << 10).unwrap_or_else(|e| panic!("{e}"));
+        // Written by "the kernel" before the daemon's first use (a write request).
+        // SAFETY: the pointer covers the buffer; nothing else borrows it.
+        unsafe { bufs[1].as_ptr().cast_mut().add(3).write(7) };
+        bufs[1].fault_in_once();
+        assert_eq!(bufs[1].as_slice()[3], 7);
+        assert_eq!(bufs[1].as_slice()[0], 0);
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !crate::skip::require(
+            !thp.is_empty() && !thp.contains("[never]"),
+            crate::skip::Prereq::Environment,
+            "no transparent huge pages on this host",
+        ) {
+            return;
+        }
+        // 16 buffers, four to each 2 MiB (measured before and after, should
+        // the kernel have merged the mapping with a neighbour).
+        let mut fresh = AlignedBuf::many(16, 512 << 10).unwrap_or_else(|e| panic!("{e}"));
+        let addr = fresh[0].as_ptr() as usize;
+        let before = huge_kib_at(addr).unwrap_or(0);
+        // An idle queue's few first uses (buffers 0-6: two of the 2 MiB
+        // ranges) stay in 4 KiB pages.
+        for b in &mut fresh[..BUSY_AFTER - 1] {
+            b.fault_in_once();
+        }
+        let idle = huge_kib_at(addr).unwrap_or(0);
+        assert_eq!(
+            idle.saturating_sub(before),
+            0,
+            "AnonHugePages {before} -> {idle} kB while idle"
+        );
+        // The use that makes it busy (buffer 8, in the third range) is a
+        // huge page; a read before the write would have mapped the huge
+        // zero page, and the write after it 4 KiB pages.
+        fresh[BUSY_AFTER].fault_in_once();
+        let busy = huge_kib_at(addr).unwrap_or(0);
+        assert_eq!(
+            busy.saturating_sub(idle),
+            2048,
+            "AnonHugePages {idle} -> {busy} kB once busy"
+        );
+        assert!(fresh[BUSY_AFTER].as_slice().iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -788,12 +788,8 @@ pub fn delete(ctrl: &mut Control, id: u32, wait: Duration) -> Result<()> {
     ctrl.stop(id)?;
     if pid > 0 && pid != rustix::process::getpid().as_raw_nonzero().get() {
         let deadline = Instant::now() + wait;
-        while !process_gone(pid) {
-            if Instant::now() >= deadline {
-                tracing::warn!("server {pid} of device {id} has not exited; deleting anyway");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !crate::sys::wait_while(pid, deadline, || !process_gone(pid)) {
+            tracing::warn!("server {pid} of device {id} has not exited; deleting anyway");
         }
     }
     match ctrl.del(id, DEL_TIMEOUT) {

@@ -58,9 +58,8 @@ pub fn force_delete(ctrl: &mut Control, id: u32, wait: Duration) -> Result<()> {
         }) => return device::delete(ctrl, id, wait),
         Err(e) => return Err(e),
     }
-    let deadline = Instant::now() + wait;
-    while pid > 0 && !device::process_gone(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    if pid > 0 {
+        let _ = crate::sys::wait_while(pid, Instant::now() + wait, || !device::process_gone(pid));
     }
     Ok(())
 }
