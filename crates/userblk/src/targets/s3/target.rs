@@ -733,8 +733,11 @@ impl Target for S3Target {
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
         // Zero copy: the data is in the kernel's pages (`zc.rs`).
-        if req.op.has_data() && !ctx.has_data_buffer() {
-            return self.zc_submit(ctx, 0);
+        if !ctx.has_data_buffer() {
+            self.zc_new_request(ctx.slot());
+            if req.op.has_data() {
+                return self.zc_submit(ctx, 0);
+            }
         }
         match req.op {
             Op::Flush => {

@@ -108,16 +108,20 @@ fn swap_pinned(id: u64, slot: u16, req: Option<Request>) -> Option<Request> {
 }
 
 impl S3Target {
+    /// A request starts in `slot` under zero copy: let go of the pins of
+    /// the slot's last request, if a layer above answered it before its
+    /// ring operation came back here (the frontend has reaped it by now).
+    pub(super) fn zc_new_request(&self, slot: u16) {
+        if let Some(old) = swap_pinned(self.zc_id, slot, None) {
+            self.core.unpin(&mut lock(&self.core.state), &old);
+        }
+    }
+
     /// Start a read or write whose data is not in memory; workers
     /// prepared it `tries` times so far.
     pub(super) fn zc_submit(&self, ctx: &mut Ctx<'_>, tries: u16) -> Submit {
         let req = *ctx.req();
         let core = &self.core;
-        // Pins of the slot's last request, if a layer above answered it
-        // before its ring operation came back here.
-        if let Some(old) = swap_pinned(self.zc_id, ctx.slot(), None) {
-            core.unpin(&mut lock(&core.state), &old);
-        }
         // Once prepared, the worker waited for room: past the dirty limit
         // it goes ahead, as `serve` does.
         match core.begin(&req, tries > 0) {
