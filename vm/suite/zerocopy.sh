@@ -25,6 +25,8 @@ has_auto_buf_reg() { ub features | grep -q AUTO_BUF_REG; }
 # What `list` must say of a device that takes zero copy by default.
 if has_auto_buf_reg; then WANT="zero copy"; else WANT="copied"; fi
 
+state_is() { [ "$(list_word "$1" 11)" = "$2" ]; }
+
 # The data line of device $1 ("zero copy", "copied", "user copy").
 data_of() { ub list -n "$1" | sed -n 's/^\tdata //p'; }
 
@@ -269,6 +271,7 @@ s3_flush_kill9_recover() { # flushed data survives kill -9 + recover, and is in 
     pid=$(list_word "$id" 7)
     kill -9 "$pid"
     wait_for 10 exited "$pid" || die "daemon $pid did not die"
+    wait_for 30 state_is "$id" QUIESCED || die "device $id not QUIESCED after kill -9 (state $(list_word "$id" 11))"
     ub recover -n "$id" || die "recover failed"
     [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE after recover"
     says "$id" "$WANT"
