@@ -120,5 +120,8 @@ as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
 step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
 
+step "newer-kernel suite: s3 target with zero copy, s3s-fs in the VM (kill -9 and recover) (Debian trixie-backports in qemu/TCG)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/s3.sh
+
 step "newer-kernel suites: resize (UPDATE_SIZE), safe stop (TRY_STOP_DEV, --fail-io, --no-partitions), upgrade (QUIESCE), zero copy for null/mem/filters, batch I/O, many devices, names, add/del churn (Debian trixie-backports in qemu/TCG, one boot)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn apply

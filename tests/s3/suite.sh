@@ -143,6 +143,8 @@ add_s3() {
     echo "$id $dev"
 }
 
+state_is() { [ "$(list_word "$1" 11)" = "$2" ]; }
+
 daemon_pid() { ub list -n "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["pid"])'; }
 
 # Chunk objects of volume PREFIX in BUCKET.
@@ -261,7 +263,10 @@ case_kill9_dirty_chunks_upload_after_restart() {
     wait_for 10 exited "$pid"
     # Same cache, same boot: the dirty chunks are uploaded at once, no flush needed.
     if [ "$FRONTEND" = ublk ]; then
-        # The device stayed (QUIESCED); a new daemon takes over its queues.
+        # The device stayed; a new daemon takes over its queues once the
+        # kernel has let go of the dead one's (7.x may take a moment longer
+        # with requests in flight).
+        wait_for 30 state_is "$id" QUIESCED || die "device $id not QUIESCED after kill -9 (state $(list_word "$id" 11))"
         ub recover -n "$id" >"$WORK/add.out" 2>&1 || { cat "$WORK/add.out"; die "recover failed"; }
         [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE after recover"
     else

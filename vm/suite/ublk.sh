@@ -361,7 +361,7 @@ zero_copy_falls_back() {
     ! grep -qi "zero copy:.*lacks" <<<"$out" || die "a default file device warned about zero copy: $out"
     del_dev "$(dev_id_of "$out")"
     out=$(ub add early --size 64M --zero-copy 2>&1)
-    grep -q "zero copy: only the null, mem, file and qcow2 targets, alone or under filters that never touch data" <<<"$out" ||
+    grep -q "zero copy: only the null, mem, file, qcow2 and s3 targets, alone or under filters that never touch data" <<<"$out" ||
         die "no warning for zero copy on a target that touches data: $out"
     del_dev "$(dev_id_of "$out")"
     expect_fail "cannot be used with" ub add file -f "$img" --zero-copy --user-copy

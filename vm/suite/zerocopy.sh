@@ -2,7 +2,9 @@
 # Real-kernel suite for zero copy (UBLK_F_AUTO_BUF_REG, Linux 6.16+) on
 # every target that uses it: null, mem and a stack of pass-through filters,
 # with one and two queues; qcow2 (fresh, over a backing file, compressed),
-# checked against qemu-img (docs/frontends/ublk.md#zero-copy).
+# checked against qemu-img; s3 against s3s-fs on loopback (a cache smaller
+# than the data, a restart from the bucket alone, flush then kill -9 and
+# recover) (docs/frontends/ublk.md#zero-copy).
 # On a 7.x kernel each device must say "data zero copy" in `list`; on 6.12
 # the same devices copy, say so, and pass the same checks, and --zero-copy
 # prints exactly one warning. Runs inside the VM (vm/run.sh), as root.
@@ -22,6 +24,8 @@ has_auto_buf_reg() { ub features | grep -q AUTO_BUF_REG; }
 
 # What `list` must say of a device that takes zero copy by default.
 if has_auto_buf_reg; then WANT="zero copy"; else WANT="copied"; fi
+
+state_is() { [ "$(list_word "$1" 11)" = "$2" ]; }
 
 # The data line of device $1 ("zero copy", "copied", "user copy").
 data_of() { ub list -n "$1" | sed -n 's/^\tdata //p'; }
@@ -200,6 +204,85 @@ zero_copy_asked() { # --zero-copy: granted silently on 7.x; one warning, then co
     del_dev "$(dev_id_of "$out")"
 }
 
+# ---- s3 (tests/s3/server.sh serves a directory as a bucket) ----------------------
+
+S3SERVER=tests/s3/server.sh
+export AWS_ACCESS_KEY_ID=userblk-test-key AWS_SECRET_ACCESS_KEY=userblk-test-secret
+unset AWS_ENDPOINT_URL AWS_REGION AWS_SESSION_TOKEN AWS_PROFILE
+
+# Start s3s-fs for this case (stopped when the case ends), with the empty
+# bucket zcb; sets EP.
+s3_server() {
+    [ -x "$(bash "$S3SERVER" path)" ] || skip "s3s-fs is not installed (tests/s3/server.sh install)"
+    ip link set lo up 2>/dev/null || true
+    local port=$((20000 + RANDOM % 20000)) pid
+    rm -rf "$WORK/s3" "$WORK"/c-s3*
+    mkdir -p "$WORK/s3/zcb"
+    pid=$(S3S_LOG=$WORK/s3s.log bash "$S3SERVER" start "$WORK/s3" "$port") || die "s3s-fs did not start"
+    # shellcheck disable=SC2064 # the pid is known now
+    trap "bash '$S3SERVER' stop $pid" EXIT
+    EP=http://127.0.0.1:$port
+}
+
+# add_s3 PREFIX CACHE [OPTIONS...]: an s3 device of bucket zcb; prints its id.
+add_s3() {
+    local p=$1 c=$2; shift 2
+    add_dev s3 --endpoint "$EP" --bucket zcb --prefix "$p" --cache-dir "$c" "$@"
+}
+
+# Field FIELD of device $1's `ctl status` (counters.evicted, say).
+s3_status() { # s3_status ID FIELD
+    ub ctl -n "$1" status | sed -n 's/^s3: //p' |
+        python3 -c 'import json,sys; v=json.load(sys.stdin)
+for k in sys.argv[1].split("."): v=v[k]
+print(v)' "$2"
+}
+
+s3_evict_and_restart() { # fio verify through a small cache; the same data fetched again and from the bucket alone
+    local id
+    s3_server
+    id=$(add_s3 v "$WORK/c-s3v" --size 64M --chunk-size 1M --cache-size 8M --writeback-delay 0.2)
+    says "$id" "$WANT"
+    # 32 MiB through an 8 MiB cache: partial writes to evicted chunks fetch
+    # them first, the verify pass reads most chunks back from the bucket.
+    fio_verify "/dev/ublkb$id" 1
+    [ "$(s3_status "$id" counters.evicted)" -gt 0 ] || die "nothing was evicted"
+    [ "$(s3_status "$id" counters.fetched)" -gt 0 ] || die "nothing was fetched back"
+    dd if="/dev/ublkb$id" of="$WORK/s3v.raw" bs=1M count=32 iflag=direct status=none
+    echo "note: evicted $(s3_status "$id" counters.evicted), fetched $(s3_status "$id" counters.fetched) chunks"
+    del_dev "$id"
+    # A new daemon on a new cache: everything comes from the bucket.
+    id=$(add_s3 v "$WORK/c-s3v2")
+    says "$id" "$WANT"
+    cmp -n $((32 << 20)) "/dev/ublkb$id" "$WORK/s3v.raw" || die "the volume reads differently from the bucket alone"
+    del_dev "$id"
+    rm -f "$WORK/s3v.raw"
+}
+
+s3_flush_kill9_recover() { # flushed data survives kill -9 + recover, and is in the bucket
+    local id pid
+    s3_server
+    head -c $((3 << 20)) /dev/urandom >"$WORK/s3k.raw"
+    id=$(add_s3 k "$WORK/c-s3k" --size 64M --chunk-size 1M --writeback-delay 600 -r)
+    says "$id" "$WANT"
+    # 64 KiB writes from 1.5 MiB: partial chunks, then a flush.
+    dd if="$WORK/s3k.raw" of="/dev/ublkb$id" bs=64k seek=24 oflag=direct conv=fsync status=none
+    [ "$(find "$WORK/s3/zcb/k/chunks" -type f | wc -l)" -ge 4 ] || die "the flush did not upload the chunks"
+    pid=$(list_word "$id" 7)
+    kill -9 "$pid"
+    wait_for 10 exited "$pid" || die "daemon $pid did not die"
+    wait_for 30 state_is "$id" QUIESCED || die "device $id not QUIESCED after kill -9 (state $(list_word "$id" 11))"
+    ub recover -n "$id" || die "recover failed"
+    [ "$(list_word "$id" 11)" = LIVE ] || die "device $id not LIVE after recover"
+    says "$id" "$WANT"
+    cmp -n $((3 << 20)) "/dev/ublkb$id" "$WORK/s3k.raw" -i $((3 << 19)):0 || die "flushed data lost across kill -9"
+    del_dev "$id"
+    id=$(add_s3 k "$WORK/c-s3k2")
+    cmp -n $((3 << 20)) "/dev/ublkb$id" "$WORK/s3k.raw" -i $((3 << 19)):0 || die "flushed data not in the bucket"
+    del_dev "$id"
+    rm -f "$WORK/s3k.raw"
+}
+
 no_panics_logged() {
     ! grep -l panicked /run/userblk/*.log 2>/dev/null || die "a daemon panicked (see logs above)"
 }
@@ -208,7 +291,7 @@ no_panics_logged() {
 
 echo "kernel $(uname -r); userblk $("$USERBLK" --version); devices that take zero copy say: $WANT"
 cleanup_devices
-plan 16
+plan 18
 for q in 1 2; do
     case_run "null -q $q: $WANT, reads are zeroes (fio pattern verify)" null_zero_fill "$q"
     case_run "null --no-zero-fill -q $q: $WANT, fio" null_no_zero_fill "$q"
@@ -219,6 +302,8 @@ for q in 1 2; do
 done
 case_run "compressed qcow2: $WANT, reads as its source, fio verify" qcow2_compressed
 case_run "mem --no-zero-copy: copied, fio verify" mem_opted_out
+case_run "s3 small cache: $WANT, fio verify, evicted and re-added reads" s3_evict_and_restart
+case_run "s3 flush, kill -9, recover: $WANT, flushed data kept" s3_flush_kill9_recover
 case_run "--zero-copy: granted, or one warning and a copying device" zero_copy_asked
 case_run "no daemon panicked" no_panics_logged
 cleanup_devices

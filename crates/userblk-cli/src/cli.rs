@@ -393,10 +393,10 @@ pub struct DevArgs {
     ///
     /// The kernel registers each request's own pages in the queue's io_uring
     /// (automatic buffer registration) and the target reads and writes them
-    /// in place: no copy, no request buffers. For `null`, `mem`, `file` and
-    /// `qcow2`, alone or under filters that never touch data (such as stats),
+    /// in place: no copy, no request buffers. For `null`, `mem`, `file`,
+    /// `qcow2` and `s3`, alone or under filters that never touch data (such as stats),
     /// which use it by default where the kernel offers it; with this flag, a
-    /// warning says why where it cannot (nbd and s3 copy).
+    /// warning says why where it cannot (nbd copies).
     #[arg(long, global = true, help_heading = "ublk")]
     pub zero_copy: bool,
     /// Never zero copy; request data goes through the daemon's buffers.

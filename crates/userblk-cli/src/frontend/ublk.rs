@@ -79,7 +79,7 @@ impl Ublk {
         let zero_copy = if self.dev.zero_copy {
             if !on_ring {
                 tracing::warn!(
-                    "zero copy: only the null, mem, file and qcow2 targets, alone or under filters that never touch data (such as stats), \
+                    "zero copy: only the null, mem, file, qcow2 and s3 targets, alone or under filters that never touch data (such as stats), \
                      move data on the ring; request data is copied through the daemon's buffers instead"
                 );
             }

@@ -148,6 +148,11 @@ unsafe impl Send for Deferred {}
 impl Deferred {
     /// The request's data: a write's payload, or where a read's data goes.
     pub fn data(&self) -> &[u8] {
+        // Nothing lent (a flush, or data in a registered buffer): a null
+        // pointer must not make a slice, even an empty one.
+        if self.buf.is_null() {
+            return &[];
+        }
         // SAFETY: `buf` points to `len` bytes of the request's buffer, which
         // the frontend keeps allocated and untouched until completion.
         unsafe { std::slice::from_raw_parts(self.buf, self.len) }
@@ -155,6 +160,9 @@ impl Deferred {
 
     /// The request's data, to fill for a read.
     pub fn data_mut(&mut self) -> &mut [u8] {
+        if self.buf.is_null() {
+            return &mut [];
+        }
         // SAFETY: as in `data`, and `&mut self` makes this the only borrow.
         unsafe { std::slice::from_raw_parts_mut(self.buf, self.len) }
     }

@@ -406,9 +406,44 @@ pub(crate) mod tests {
             target: &dyn crate::Target,
             req: Request,
         ) -> crate::target::IoResult {
+            let outcome = self.start(target, req);
+            self.finish(target, req, outcome)
+        }
+
+        fn entry(&self) -> (u16, u64, u32) {
             let base = self.buf.as_ptr() as u64;
-            let len = u32::try_from(self.len).unwrap();
-            let r = run_fixed(target, &mut self.ring, req, (Self::INDEX, base, len));
+            (Self::INDEX, base, u32::try_from(self.len).unwrap())
+        }
+
+        /// Only submit `req` (data in the entry): what the target queued
+        /// stays in flight until [`finish`](Self::finish), so a test can
+        /// look at the target meanwhile.
+        pub(crate) fn start(&mut self, target: &dyn crate::Target, req: Request) -> crate::Submit {
+            let (index, base, len) = self.entry();
+            // SAFETY: the entry stays registered (`self.buf` lives as long
+            // as the ring) and `finish` reaps every operation.
+            target.submit(&mut unsafe { Ctx::new_fixed(req, 1, index, base, len, &mut self.ring) })
+        }
+
+        /// Reap every ring operation without showing the target: as the
+        /// slot machine does for a request a layer above already answered.
+        pub(crate) fn reap_unseen(&mut self) {
+            let mut out = Vec::new();
+            while self.ring.in_flight() > 0 {
+                self.ring.submit_and_wait(1).unwrap();
+                self.ring.reap(&mut out);
+            }
+        }
+
+        /// Drive `req`, which [`start`](Self::start) began with `outcome`, to its result.
+        pub(crate) fn finish(
+            &mut self,
+            target: &dyn crate::Target,
+            req: Request,
+            outcome: crate::Submit,
+        ) -> crate::target::IoResult {
+            let entry = self.entry();
+            let r = drive_fixed(target, &mut self.ring, req, entry, outcome);
             assert_eq!(self.ring.in_flight(), 0, "{req:?} left operations behind");
             r
         }
@@ -470,8 +505,20 @@ pub(crate) mod tests {
     ) -> crate::target::IoResult {
         // SAFETY: the entry stays registered (the caller's buffer outlives
         // this call) and every operation is reaped before returning.
-        let mut outcome =
-            target.submit(&mut unsafe { Ctx::new_fixed(req, 1, index, base, len, ring) });
+        let outcome = target.submit(&mut unsafe { Ctx::new_fixed(req, 1, index, base, len, ring) });
+        drive_fixed(target, ring, req, (index, base, len), outcome)
+    }
+
+    /// Carry on with `req`, submitted through a zero-copy context (see
+    /// `run_fixed`) and answered `outcome`, until it is done and all its
+    /// ring work reaped.
+    fn drive_fixed(
+        target: &dyn crate::Target,
+        ring: &mut Ring,
+        req: Request,
+        (index, base, len): (u16, u64, u32),
+        mut outcome: crate::Submit,
+    ) -> crate::target::IoResult {
         // Completions reaped but not yet handed to the target, in order.
         let mut out = std::collections::VecDeque::new();
         let mut reaped = Vec::new();

@@ -22,6 +22,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -236,6 +237,11 @@ impl CacheDir {
     /// Write bytes at device offset `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.data.write_all_at(data, offset)
+    }
+
+    /// The data file, for ring operations at device offsets (zero copy).
+    pub fn data_fd(&self) -> BorrowedFd<'_> {
+        self.data.as_fd()
     }
 
     /// Make `[offset, offset + len)` read as zeroes, giving the space back.

@@ -21,6 +21,10 @@
 //! stays dirty in the cache and the write-back keeps trying, so nothing is
 //! lost and service resumes when the server does. A read whose chunk
 //! cannot be fetched, or fails verification, fails with EIO.
+//!
+//! Under ublk zero copy the request's data stays in the kernel's pages and
+//! moves between them and the cache's data file on the ring; misses are
+//! fetched by a request worker first (`target/zc.rs`).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -47,6 +51,11 @@ use crate::target::{
 mod open;
 mod resize;
 mod writeback;
+mod zc;
+#[cfg(test)]
+mod zc_tests;
+
+use zc::Job;
 
 /// Default cache size.
 pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
@@ -67,6 +76,9 @@ const EVICT_MIN_IDLE_MS: u64 = 1000;
 const ROOM_WAIT: Duration = Duration::from_secs(30);
 /// Most extents one `extents` call reports.
 const MAX_EXTENTS: usize = 1024;
+/// Fetches a request that missed the cache tries before it fails: each
+/// time, eviction may have taken a chunk back before the request got to it.
+const MISS_TRIES: u16 = 8;
 
 /// How to open an s3 volume.
 #[derive(Debug, Clone)]
@@ -184,8 +196,11 @@ pub struct S3Target {
     actions: Mutex<Vec<Registration>>,
     /// One resize at a time.
     resizing: Mutex<()>,
-    jobs: Option<mpsc::Sender<(Deferred, Request)>>,
+    jobs: Option<mpsc::Sender<(Deferred, Request, Job)>>,
     threads: Vec<JoinHandle<()>>,
+    /// Tells this target's zero-copy requests apart from another's in
+    /// the per-thread records (`zc.rs`).
+    zc_id: u64,
 }
 
 impl std::fmt::Debug for S3Target {
@@ -203,13 +218,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl S3Target {
     fn defer(&self, ctx: &mut Ctx<'_>) -> Submit {
+        self.send(ctx, Job::Serve, zc::STEP_SERVED)
+    }
+
+    /// Hand `ctx`'s request to a request worker to do `job`; its result
+    /// comes back at `complete` with `step`.
+    fn send(&self, ctx: &mut Ctx<'_>, job: Job, step: u16) -> Submit {
         let Some(tx) = &self.jobs else {
             return Submit::Done(Err(Errno::IO));
         };
-        match ctx.defer(0) {
+        match ctx.defer(step) {
             Ok(d) => {
                 // A worker that is gone drops the job, which fails the request.
-                let _ = tx.send((d, *ctx.req()));
+                let _ = tx.send((d, *ctx.req(), job));
                 Submit::Pending
             }
             Err(e) => Submit::Done(Err(e)),
@@ -370,17 +391,25 @@ impl Core {
         }
     }
 
+    /// Pin the chunks of `req` if they are ready (see `pin`), and read
+    /// ahead of a reader; `None` if not ready. The caller unpins once
+    /// the request's bytes moved.
+    fn begin(&self, req: &Request, over: bool) -> Option<Result<(), Errno>> {
+        let mut st = lock(&self.state);
+        match self.pin(&mut st, req, over)? {
+            Ok(()) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        if req.op == Op::Read {
+            self.read_ahead(&mut st, req);
+        }
+        Some(Ok(()))
+    }
+
     /// Serve `req` from the cache if its chunks are ready; `None` if not.
     fn try_cached(&self, req: &Request, data: Data<'_>, over: bool) -> Option<Result<u32, Errno>> {
-        {
-            let mut st = lock(&self.state);
-            match self.pin(&mut st, req, over)? {
-                Ok(()) => {}
-                Err(e) => return Some(Err(e)),
-            }
-            if req.op == Op::Read {
-                self.read_ahead(&mut st, req);
-            }
+        if let Err(e) = self.begin(req, over)? {
+            return Some(Err(e));
         }
         let len = u64::from(req.len);
         let r = match (req.op, data) {
@@ -445,22 +474,12 @@ impl Core {
             return Err(past_end(&req));
         }
         let span = self.span(req.offset, u64::from(req.len));
-        if req.op == Op::Read {
-            // At the miss, not after it: the next chunks are fetched while
-            // this one is.
-            self.read_ahead(&mut lock(&self.state), &req);
-        } else {
-            self.wait_for_room();
-        }
+        self.before_miss(&req);
         let mut done = None;
         // Eviction may take a chunk back between the fetch and the access:
         // a few tries, each fetching what is missing.
-        for _ in 0..8 {
-            for i in span.clone() {
-                if req.op == Op::Read || !self.covers(&req, i) {
-                    self.ensure_cached(i)?;
-                }
-            }
+        for _ in 0..MISS_TRIES {
+            self.fetch_for(&req)?;
             let data = if req.op == Op::Read {
                 Data::Out(&mut *data)
             } else {
@@ -471,18 +490,34 @@ impl Core {
                 break;
             }
         }
-        let n = done.ok_or_else(|| {
-            tracing::error!(
-                "s3: chunks of {:?} at {} kept leaving the cache",
-                req.op,
-                req.offset
-            );
-            Errno::IO
-        })?;
+        let n = done.ok_or_else(|| kept_leaving(&req))?;
         if req.op == Op::Write && req.flags.contains(Flags::FUA) {
             self.flush(Some(span))?;
         }
         Ok(n)
+    }
+
+    /// What a request that missed the cache does first: a read starts
+    /// reading ahead (at the miss, not after it: the next chunks are
+    /// fetched while this one is), a write waits for room under the
+    /// dirty limit.
+    fn before_miss(&self, req: &Request) {
+        if req.op == Op::Read {
+            self.read_ahead(&mut lock(&self.state), req);
+        } else {
+            self.wait_for_room();
+        }
+    }
+
+    /// Fetch the chunks `req` needs in the cache: all it reads, and those
+    /// it writes only in part (whole ones it replaces).
+    fn fetch_for(&self, req: &Request) -> Result<(), Errno> {
+        for i in self.span(req.offset, u64::from(req.len)) {
+            if req.op == Op::Read || !self.covers(req, i) {
+                self.ensure_cached(i)?;
+            }
+        }
+        Ok(())
     }
 
     /// Wait until dirty chunks are under the limit, or `ROOM_WAIT` passed
@@ -640,6 +675,17 @@ fn past_end(req: &Request) -> Errno {
     Errno::IO
 }
 
+/// A request that missed the cache gave up: its chunks were evicted
+/// again after each fetch.
+fn kept_leaving(req: &Request) -> Errno {
+    tracing::error!(
+        "s3: chunks of {:?} at {} kept leaving the cache",
+        req.op,
+        req.offset
+    );
+    Errno::IO
+}
+
 /// A request's data, for the cache.
 enum Data<'a> {
     /// Where a read's bytes go.
@@ -684,11 +730,15 @@ impl Target for S3Target {
         }
     }
 
-    // No `data_on_ring_only` (so no ublk zero copy): cached chunks are read
-    // in memory and misses go to worker threads, which cannot reach a
-    // registered buffer (docs/frontends/ublk.md).
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
+        // Zero copy: the data is in the kernel's pages (`zc.rs`).
+        if !ctx.has_data_buffer() {
+            self.zc_new_request(ctx.slot());
+            if req.op.has_data() {
+                return self.zc_submit(ctx, 0);
+            }
+        }
         match req.op {
             Op::Flush => {
                 if lock(&self.core.state).table.dirty.is_empty() {
@@ -709,8 +759,17 @@ impl Target for S3Target {
         }
     }
 
-    fn complete(&self, ctx: &mut Ctx<'_>, _step: u16, res: i32) -> Submit {
+    fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
+        if step != zc::STEP_SERVED {
+            return self.zc_complete(ctx, step, res);
+        }
         Submit::Done(ring_result(res).map(|_| ctx.done_bytes()))
+    }
+
+    /// Reads and writes move between the request's pages and the cache's
+    /// data file on the ring when the data is not in memory (`zc.rs`).
+    fn data_on_ring_only(&self) -> bool {
+        true
     }
 
     fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{lock, Core, Counters, S3Options, S3Target, State, REQUEST_WORKERS};
+use super::{lock, zc, Core, Counters, Job, S3Options, S3Target, State, REQUEST_WORKERS};
 use crate::io::Deferred;
 use crate::target::Request;
 use crate::targets::s3::cache::{CacheDir, Opened};
@@ -141,13 +141,14 @@ impl S3Target {
             resizing: Mutex::new(()),
             jobs: None,
             threads: Vec::new(),
+            zc_id: zc::next_id(),
         };
         target.start(opts.upload_jobs)?;
         Ok(target)
     }
 
     fn start(&mut self, upload_jobs: usize) -> Result<(), S3Error> {
-        let (tx, rx) = mpsc::channel::<(Deferred, Request)>();
+        let (tx, rx) = mpsc::channel::<(Deferred, Request, Job)>();
         let rx = Arc::new(Mutex::new(rx));
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -161,8 +162,8 @@ impl S3Target {
                 format!("s3-request-{i}"),
                 Box::new(move || loop {
                     let job = lock(&rx).recv();
-                    let Ok((mut d, req)) = job else { break };
-                    let res = core.serve(req, d.data_mut());
+                    let Ok((mut d, req, job)) = job else { break };
+                    let res = core.work(job, req, &mut d);
                     d.complete(match res {
                         Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
                         Err(e) => -e.raw_os_error(),
