@@ -789,6 +789,20 @@ pub struct NbdArgs {
     pub filters: FilterArgs,
 }
 
+/// clap's error as one line: the message is what comes before the first
+/// blank line (the usage and tips follow it); lists of missing arguments
+/// go on one line.
+pub fn error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = lines.join(" ");
+    msg.strip_prefix("error: ").unwrap_or(&msg).to_string()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

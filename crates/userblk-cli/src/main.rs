@@ -129,17 +129,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
     }
-    // The message is what comes before the first blank line (the usage
-    // and tips follow it); lists of missing arguments go on one line.
-    let text = e.render().to_string();
-    let msg: Vec<&str> = text
-        .lines()
-        .take_while(|l| !l.trim().is_empty())
-        .map(str::trim)
-        .collect();
-    let msg = msg.join(" ");
-    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
-    eprintln!("userblk: {msg} (see --help)");
+    eprintln!("userblk: {} (see --help)", cli::error_line(e));
     ExitCode::from(exit::USAGE)
 }
 

@@ -160,7 +160,7 @@ fn device(t: &toml::Table) -> Result<Device, String> {
             ..
         }) => *a,
         Ok(_) => return Err("not an add command line (a bug)".into()),
-        Err(e) => return Err(clap_message(&e)),
+        Err(e) => return Err(crate::cli::error_line(&e)),
     };
     Ok(Device { name, argv, args })
 }
@@ -207,18 +207,6 @@ fn scalar(v: &toml::Value) -> Result<String, String> {
         toml::Value::Boolean(b) => Ok(b.to_string()),
         _ => Err("must be a string, a number or a boolean".into()),
     }
-}
-
-/// clap's error as one line: the message before its usage and tips.
-pub(super) fn clap_message(e: &clap::Error) -> String {
-    let text = e.render().to_string();
-    let lines: Vec<&str> = text
-        .lines()
-        .take_while(|l| !l.trim().is_empty())
-        .map(str::trim)
-        .collect();
-    let msg = lines.join(" ");
-    msg.strip_prefix("error: ").unwrap_or(&msg).to_string()
 }
 
 #[cfg(test)]

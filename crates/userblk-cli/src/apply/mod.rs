@@ -121,7 +121,7 @@ fn saved_canon(args: &[String]) -> Result<Canon, String> {
             ..
         }) => Ok(Canon::of(&a)),
         Ok(_) => Err(format!("not an add command line: {}", args.join(" "))),
-        Err(e) => Err(file::clap_message(&e)),
+        Err(e) => Err(crate::cli::error_line(&e)),
     }
 }
 
