@@ -12,16 +12,7 @@ cd "$(dirname "$0")/../.."
 . vm/suite/lib.sh
 
 LINKS=/dev/userblk
-if [ -z "${APPLY_PRIVATE:-}" ]; then
-    [ "$(id -u)" = 0 ] || { plan 1; case_run root_needed skip "needs root"; summary; exit; }
-    made=
-    [ -d "$LINKS" ] || { mkdir "$LINKS" && made=1; }
-    rc=0
-    APPLY_PRIVATE=1 unshare -m --propagation private bash "$0" "$@" || rc=$?
-    [ -z "$made" ] || rmdir "$LINKS" 2>/dev/null || true
-    exit "$rc"
-fi
-mount -t tmpfs -o mode=0755 userblk-apply "$LINKS" || { echo "cannot mount a tmpfs on $LINKS"; exit 2; }
+private_name_links APPLY_PRIVATE userblk-apply "$0" "$@"
 
 host_suite apply
 trap 'del_own_devices; rm -rf "$WORK"' EXIT

@@ -154,6 +154,26 @@ host_suite() { # host_suite NAME
     export USERBLK_STATE_DIR=$WORK/state
 }
 
+# Run the calling host suite again in a private mount namespace with a
+# tmpfs on /dev/userblk, so the name links it makes are its own; returns
+# (inside that namespace) only in the second run. MARK names the variable
+# that says "inside"; TAG names the tmpfs. Call at the top of the suite:
+#   private_name_links NAMES_PRIVATE userblk-names "$0" "$@"
+private_name_links() { # private_name_links MARK TAG SCRIPT [ARGS...]
+    local mark=$1 tag=$2 links=/dev/userblk made rc=0
+    shift 2
+    if [ -z "${!mark:-}" ]; then
+        [ "$(id -u)" = 0 ] || { plan 1; case_run root_needed skip "needs root"; summary; exit; }
+        made=
+        [ -d "$links" ] || { mkdir "$links" && made=1; }
+        env "$mark=1" unshare -m --propagation private bash "$@" || rc=$?
+        # The empty directory made only to mount on.
+        [ -z "$made" ] || rmdir "$links" 2>/dev/null || true
+        exit "$rc"
+    fi
+    mount -t tmpfs -o mode=0755 "$tag" "$links" || { echo "cannot mount a tmpfs on $links"; exit 2; }
+}
+
 # Skip the case unless every TOOL is installed.
 needs() { local t; for t in "$@"; do command -v "$t" >/dev/null || skip "$t is not installed"; done; }
 
