@@ -491,12 +491,13 @@ mod tests {
         );
         // The use that makes it busy (buffer 8, in the third range) is a
         // huge page; a read before the write would have mapped the huge
-        // zero page, and the write after it 4 KiB pages.
+        // zero page, and the write after it 4 KiB pages. (At least: once
+        // the mapping may have huge pages, khugepaged may also merge the
+        // ranges used while idle.)
         fresh[BUSY_AFTER].fault_in_once();
         let busy = huge_kib_at(addr).unwrap_or(0);
-        assert_eq!(
-            busy.saturating_sub(idle),
-            2048,
+        assert!(
+            busy.saturating_sub(idle) >= 2048,
             "AnonHugePages {idle} -> {busy} kB once busy"
         );
         assert!(fresh[BUSY_AFTER].as_slice().iter().all(|&x| x == 0));
