@@ -85,7 +85,9 @@ PY
 # Start `metrics --listen ADDR` in the background; wait until it answers.
 start_server() { # start_server ADDR PROBE_URL [CURL_ARGS...]
     local addr=$1 url=$2; shift 2
-    ub metrics --listen "$addr" 2>"$WORK/server.err" &
+    # The binary itself in the background, not `ub`: $! would be the
+    # subshell running the function, and killing it would leave the server.
+    "$USERBLK" metrics --listen "$addr" 2>"$WORK/server.err" &
     echo "$!" >>"$SERVERS"
     wait_for 10 curl -fsS -o /dev/null "$@" "$url" || { cat "$WORK/server.err"; die "metrics --listen $addr never answered"; }
 }

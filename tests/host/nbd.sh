@@ -66,10 +66,12 @@ start_nbdkit() { # start_nbdkit SOCK ARGS...: nbdkit in the background; sets SER
         || die "nbdkit did not start: $(cat "$WORK/nbdkit.log")"
 }
 
-start_qemu_nbd() { # start_qemu_nbd SOCK FILE: sets SERVER_PID (-t: serve every client, not just the first)
-    qemu-nbd -t -f raw -k "$1" --cache=writeback "$2" >>"$WORK/qemu-nbd.log" 2>&1 &
+# -t: serve every client, not just the first; -e 8: several at once, or a
+# probe that comes after a client reconnected would wait behind it forever.
+start_qemu_nbd() { # start_qemu_nbd SOCK FILE: sets SERVER_PID
+    qemu-nbd -t -e 8 -f raw -k "$1" --cache=writeback "$2" >>"$WORK/qemu-nbd.log" 2>&1 &
     SERVER_PID=$!
-    wait_for 10 nbdinfo --size "nbd+unix:///?socket=$1" >/dev/null 2>&1 \
+    wait_for 10 timeout 5 nbdinfo --size "nbd+unix:///?socket=$1" >/dev/null 2>&1 \
         || die "qemu-nbd did not start: $(cat "$WORK/qemu-nbd.log")"
 }
 
