@@ -321,11 +321,42 @@ PY
     echo "note: service manager saw: $(tr '\n' '|' <"$log")"
 }
 
+# Two upgrades of one device: the second is refused while the first runs
+# (its lock held by hand here, so the overlap is certain), then two started
+# at once end with the device LIVE under one new daemon and any loser
+# refused with the same line.
+concurrent_upgrades() {
+    local id pid a b ra=0 rb=0 holder
+    id=$(add_dev $UPG mem --size 16M)
+    pid=$(list_word "$id" 7)
+    flock -n "/run/userblk/$id.upgrade" sleep 30 &
+    holder=$!
+    sleep 0.5
+    one_line_fail "in progress" ub upgrade -n "$id"
+    kill "$holder"; wait "$holder" 2>/dev/null
+    still_served_by "$id" "$pid"
+    ub upgrade -n "$id" >"$WORK/up-a.out" 2>&1 & a=$!
+    ub upgrade -n "$id" >"$WORK/up-b.out" 2>&1 & b=$!
+    wait "$a" || ra=$?
+    wait "$b" || rb=$?
+    echo "upgrade A exit $ra: $(tr '\n' '|' <"$WORK/up-a.out")"
+    echo "upgrade B exit $rb: $(tr '\n' '|' <"$WORK/up-b.out")"
+    [ "$ra" = 0 ] || [ "$rb" = 0 ] || die "neither upgrade succeeded"
+    [ "$ra" = 0 ] || grep -q "in progress" "$WORK/up-a.out" || die "upgrade A failed for another reason"
+    [ "$rb" = 0 ] || grep -q "in progress" "$WORK/up-b.out" || die "upgrade B failed for another reason"
+    state_is "$id" LIVE || die "device $id not LIVE after two upgrades"
+    [ "$(list_word "$id" 7)" != "$pid" ] || die "device $id still has its first daemon"
+    exited "$pid" || die "old daemon $pid still runs"
+    dd if="/dev/ublkb$id" of=/dev/null bs=4k count=1 iflag=direct status=none || die "device $id does not serve I/O"
+    del_dev "$id"
+    [ ! -e "/run/userblk/$id.upgrade" ] || die "del left the upgrade lock file"
+}
+
 echo "kernel $(uname -r); userblk $("$USERBLK" --version)"
 ub features | grep -q USER_RECOVERY || { echo "SKIP all: kernel lacks USER_RECOVERY"; exit 1; }
 cleanup_devices
 ROUNDS=${UPGRADE_ROUNDS:-5}
-plan 11
+plan 12
 if has_quiesce; then
     case_run "ext4 + fio verify on mem -r: 10 upgrades (QUIESCE)" upgrades_under_fio 10 -r
     case_run "raw fio QD32 on mem -r: $ROUNDS upgrades back to back" upgrades_back_to_back "$ROUNDS" -r
@@ -339,6 +370,7 @@ case_run "a --fail-io device: refused with the reason" fail_io_refused
 case_run "broken --binary: served again by this binary, said" broken_new_binary
 case_run "upgrade --binary a copy, and back" with_binary_copy
 case_run "bad input: one line, device still served" bad_input
+case_run "two upgrades at once: one lock, the device LIVE" concurrent_upgrades
 case_run "a device without -r: refused with the reason" without_r_refused
 case_run "6.12: -r without --reissue: refused with the reason" r_without_reissue_refused
 if has_quiesce; then

@@ -335,6 +335,8 @@ impl DeviceState {
     pub fn remove(id: u32) {
         // Its request counters go with it (`userblk metrics` stops showing it).
         let _ = std::fs::remove_file(metrics_path(id));
+        // `upgrade`'s lock file (the lock itself dies with its holder).
+        let _ = std::fs::remove_file(state_dir().join(format!("{id}.upgrade")));
         if let Err(e) = std::fs::remove_file(Self::path(id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("removing state of device {id}: {e}");

@@ -16,6 +16,7 @@ mod resize;
 mod service;
 mod ublk;
 mod upgrade;
+mod upgrade_lock;
 
 pub use upgrade::run as upgrade;
 

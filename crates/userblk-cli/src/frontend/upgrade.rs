@@ -119,6 +119,7 @@ fn plan(id: u32, flags: u64, kernel: Features) -> Result<Plan, String> {
 /// `userblk upgrade`.
 pub fn run(args: &UpgradeArgs) -> anyhow::Result<()> {
     let id = args.device.id()?;
+    let _lock = super::upgrade_lock::UpgradeLock::take(id)?;
     let exe = match &args.binary {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("finding the userblk executable")?,
