@@ -5,10 +5,11 @@
 /// A usage error: a bad option or value (clap's own status too).
 pub const USAGE: u8 = 2;
 /// The device is in use (mounted, or open by a process): `del` refused to
-/// take it away. Retry once it is released, or use `--force`.
+/// take it away, or an rbd image is locked by another client. Retry once it
+/// is released, or use `--force` (`--break-lock`).
 pub const IN_USE: u8 = 3;
 /// This host lacks what the command needs: the ublk driver, access to
-/// `/dev/ublk-control`, FUSE, fusermount3 or loop devices. Retrying
+/// `/dev/ublk-control`, FUSE, fusermount3, loop devices or librbd. Retrying
 /// cannot help until the host is set up.
 pub const UNSUPPORTED: u8 = 4;
 /// Any other failure.
@@ -60,6 +61,13 @@ pub fn status_of(e: &anyhow::Error) -> u8 {
                 return UNSUPPORTED
             }
             _ => {}
+        }
+        if let Some(userblk::spec::OpenError::Rbd { err }) = cause.downcast_ref() {
+            match err {
+                userblk_rbd::RbdError::Locked { .. } => return IN_USE,
+                userblk_rbd::RbdError::NotInstalled { .. } => return UNSUPPORTED,
+                _ => {}
+            }
         }
     }
     FAILURE
