@@ -794,8 +794,9 @@ pub struct RbdArgs {
     #[arg(long, value_name = "FILE")]
     pub conf: Option<PathBuf>,
     /// The Ceph client id: `admin` for client.admin (its key from the keyring ceph.conf names).
-    #[arg(long, value_name = "NAME")]
-    pub id: Option<String>,
+    // (`id` is the device id's argument: this one is `ceph_id` inside clap.)
+    #[arg(long = "id", id = "ceph_id", value_name = "NAME")]
+    pub ceph_id: Option<String>,
     /// Seconds one request may wait for the cluster before it fails with EIO
     /// (also the limit on connecting).
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]

@@ -94,7 +94,7 @@ fn rbd_options(a: &RbdArgs) -> RbdOptions {
         .conf
         .as_ref()
         .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
-    c.id.clone_from(&a.id);
+    c.id.clone_from(&a.ceph_id);
     c.create_size = a.size;
     c.op_timeout = Duration::from_secs(a.op_timeout.max(1));
     c.connect_timeout = c.op_timeout;

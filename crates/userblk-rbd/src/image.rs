@@ -140,6 +140,12 @@ impl Image {
         let mut io = RadosIoctx::null();
         // SAFETY: a connected handle, a NUL-terminated name, an out-pointer.
         let r = unsafe { (api.rados_ioctx_create)(h, pool.as_ptr(), &mut io) };
+        if r == -ENOENT {
+            return Err(RbdError::NotFound(format!(
+                "pool {} does not exist",
+                opts.pool
+            )));
+        }
         check(r, || format!("opening pool {}", opts.pool))?;
         cluster.ioctx = Some(io);
         let img = cstring(&opts.image, "the image name")?;
@@ -159,6 +165,11 @@ impl Image {
                 // SAFETY: as for the first open.
                 r = unsafe { (api.rbd_open)(io, img.as_ptr(), &mut image, std::ptr::null()) };
             }
+        }
+        if r == -ENOENT {
+            return Err(RbdError::NotFound(format!(
+                "image {name} does not exist (--size creates it)"
+            )));
         }
         check(r, || format!("opening image {name}"))?;
         // The image now owns the handles.

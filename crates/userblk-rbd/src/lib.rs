@@ -41,6 +41,9 @@ pub enum RbdError {
         /// The positive errno.
         errno: i32,
     },
+    /// The pool or the image does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// An argument cannot be passed to C (an inner NUL).
     #[error("{0} contains a NUL byte")]
     Nul(&'static str),
