@@ -75,6 +75,7 @@ as_root bash tests/s3/suite.sh --frontend fuse
 
 step "host suite: s3 target against RADOS Gateway of a one-node Ceph cluster over FUSE + loop (the same cases)"
 as_root bash tests/s3/suite.sh --frontend fuse --server rgw
+step "host suite: rbd target on a one-node Ceph cluster over FUSE + loop (fio, ext4, kill -9, one writer, copy, refusals, OSD stopped)" && as_root bash tests/host/rbd.sh
 
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
 as_root bash tests/crash/crash.sh --frontend fuse --rounds 40
