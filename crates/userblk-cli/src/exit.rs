@@ -93,5 +93,22 @@ mod tests {
         assert_eq!(status_of(&with_status(Some(4), "x".into())), UNSUPPORTED);
         assert_eq!(status_of(&with_status(Some(101), "x".into())), FAILURE);
         assert_eq!(status_of(&with_status(None, "x".into())), FAILURE);
+        // An rbd image locked by another client is in use; no librbd is unsupported.
+        let rbd = |err| anyhow::Error::new(userblk::spec::OpenError::Rbd { err });
+        let locked = userblk_rbd::RbdError::Locked {
+            image: "p/i".into(),
+            owners: "client.1".into(),
+        };
+        assert_eq!(status_of(&rbd(locked)), IN_USE);
+        let missing = userblk_rbd::RbdError::NotInstalled {
+            lib: "librbd.so.1",
+            package: "librbd1",
+            detail: "x".into(),
+        };
+        assert_eq!(status_of(&rbd(missing)), UNSUPPORTED);
+        assert_eq!(
+            status_of(&rbd(userblk_rbd::RbdError::NotFound("x".into()))),
+            FAILURE
+        );
     }
 }
