@@ -65,7 +65,13 @@ ctype!(
     *mut RbdCompletion = "rbd_completion_t *",
     *mut RbdImageInfo = "rbd_image_info_t *",
     Callback = "rbd_callback_t",
+    u8 = "uint8_t",
+    DiffCallback = "int (*)(uint64_t, size_t, int, void *)",
 );
+
+/// `rbd_diff_iterate2`'s callback: an allocated (`exists`) or deallocated
+/// range; a non-zero return stops the walk.
+pub type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
 /// `rbd_callback_t`: called on a librbd thread when an operation completes.
 pub type Callback = unsafe extern "C" fn(RbdCompletion, *mut c_void);
@@ -239,6 +245,7 @@ api! {
     rbd rbd_aio_write(RbdImage, u64, usize, *const c_char, RbdCompletion) -> c_int;
     rbd rbd_aio_flush(RbdImage, RbdCompletion) -> c_int;
     rbd rbd_aio_discard(RbdImage, u64, u64, RbdCompletion) -> c_int;
+    rbd rbd_diff_iterate2(RbdImage, *const c_char, u64, u64, u8, u8, DiffCallback, *mut c_void) -> c_int;
 }
 
 /// `rbd_aio_write_zeroes` (librbd of Ceph 15 and later), looked up on its own.

@@ -1,7 +1,7 @@
 //! One open image with the cluster connection and pool context it came
 //! through, closed together when dropped.
 
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -330,6 +330,55 @@ impl Image {
         // SAFETY: an open image and NUL-terminated strings.
         let r = unsafe { (self.api.rbd_metadata_set)(self.image, k.as_ptr(), v.as_ptr()) };
         check(r, || format!("setting metadata {key} of {}", self.name)).map(drop)
+    }
+}
+
+/// Where `allocated` collects the walk's ranges.
+struct Walk {
+    from: u64,
+    end: u64,
+    out: Vec<(u64, u64)>,
+}
+
+/// `rbd_diff_iterate2`'s callback: keep the allocated ranges, clipped.
+unsafe extern "C" fn on_extent(off: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `Walk` `allocated` passed, alive for the call.
+    let w = unsafe { &mut *arg.cast::<Walk>() };
+    let start = off.max(w.from);
+    let end = off.saturating_add(len as u64).min(w.end);
+    if exists != 0 && end > start {
+        w.out.push((start, end - start));
+    }
+    0
+}
+
+impl Image {
+    /// The allocated ranges (offset, length) of `[off, off + len)`, in
+    /// order, by whole objects (cheap with the object map; an object that
+    /// exists counts as data throughout).
+    pub fn allocated(&self, off: u64, len: u64) -> Result<Vec<(u64, u64)>, RbdError> {
+        let mut w = Walk {
+            from: off,
+            end: off.saturating_add(len),
+            out: Vec::new(),
+        };
+        // SAFETY: an open image; no snapshot (NULL: since the image's
+        // creation); the callback gets `w`, which outlives the call.
+        let r = unsafe {
+            (self.api.rbd_diff_iterate2)(
+                self.image,
+                std::ptr::null(),
+                off,
+                len,
+                1,
+                1,
+                on_extent,
+                (&raw mut w).cast(),
+            )
+        };
+        check(r, || format!("allocation of {}", self.name))?;
+        w.out.sort_unstable();
+        Ok(w.out)
     }
 }
 

@@ -23,7 +23,9 @@ use std::time::Duration;
 use serde_json::json;
 use userblk_rbd::{ConnectOptions, Image, RbdError};
 
-use crate::target::{Caps, Ctx, RangeOpCaps, Submit, Target};
+use rustix::io::Errno;
+
+use crate::target::{Caps, Ctx, Extent, RangeOpCaps, Submit, Target};
 
 /// How long connecting to the monitors may take, by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,6 +141,38 @@ impl Target for RbdTarget {
 
     fn complete(&self, ctx: &mut Ctx<'_>, step: u16, res: i32) -> Submit {
         io::complete(&self.image, ctx, step, res)
+    }
+
+    /// From the object map (`rbd_diff_iterate2` by whole objects): objects
+    /// never written are holes; one that exists is data throughout.
+    fn extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), Errno> {
+        let Ok(ranges) = self.image.allocated(offset, len) else {
+            out.push(Extent::data(len));
+            return Ok(());
+        };
+        let first = out.len();
+        let mut pos = offset;
+        for (off, n) in ranges {
+            if off + n <= pos {
+                continue;
+            }
+            if off > pos {
+                Extent::hole(off - pos).push_merged(out, first);
+            }
+            let start = off.max(pos);
+            Extent::data(off + n - start).push_merged(out, first);
+            pos = pos.max(off + n);
+        }
+        let end = offset + len;
+        if end > pos {
+            Extent::hole(end - pos).push_merged(out, first);
+        }
+        Ok(())
+    }
+
+    /// A cluster round trip is too dear for the read path.
+    fn reads_zeroes(&self, _offset: u64, _len: u64) -> Result<bool, Errno> {
+        Ok(false)
     }
 
     fn describe(&self) -> serde_json::Value {
