@@ -10,7 +10,8 @@
 # unknown client id, an unreachable monitor: one line, exit != 0, nothing
 # left; the OSD stopped (SIGSTOP: its objects are in memstore, a kill would
 # lose them) under writes: EIO within the op timeout, then I/O works again
-# once it runs (SIGCONT).
+# once it runs (SIGCONT); without librbd (hidden), `add rbd` says what to
+# install and exits 4.
 #
 #   bash tests/host/rbd.sh [--frontend fuse|ublk]     (as root, from anywhere)
 # Beside other runs: USERBLK_STATE_DIR=$(mktemp -d) unshare -m --propagation private bash tests/host/rbd.sh
@@ -253,7 +254,23 @@ case_osd_stopped_under_writes_eio_then_resumes() {
     ub del -n "$id"
 }
 
-plan 7
+case_no_librbd_one_line_exit_4() {
+    have_frontend
+    local lib rc=0 out
+    lib=$(readlink -f /usr/lib/x86_64-linux-gnu/librbd.so.1 2>/dev/null) && [ -e "$lib" ] \
+        || skip "librbd1 is not installed here (the case hides it)"
+    : >"$WORK/empty"
+    # librbd hidden in a private mount namespace: the binary still runs.
+    out=$(unshare -m --propagation private sh -c 'mount --bind "$1" "$2" && shift 2 && exec "$@"' _ \
+        "$WORK/empty" "$lib" "$USERBLK" add rbd --pool rbd --image x "${FE[@]}" 2>&1) || rc=$?
+    [ "$rc" = 4 ] || die "exit $rc, not 4: $out"
+    [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
+    grep -q "librbd.so.1 not found: install Debian's librbd1" <<<"$out" || die "$out"
+    ub --version >/dev/null
+    nothing_left
+}
+
+plan 8
 case_run "fio randwrite + verify" case_fio_verify
 case_run "ext4 mkfs, mount, fsck, remount" case_ext4_mkfs_mount_fsck
 case_run "kill -9 under a writer, then recover" case_kill9_then_recover_under_a_writer
@@ -261,4 +278,5 @@ case_run "second writer refused naming the holder" case_second_writer_refused_na
 case_run "copy to and from rbd://" case_copy_to_and_from_rbd
 case_run "missing pool/image, bad id, no monitor" case_bad_pool_image_id_monitor_one_line_each
 case_run "OSD stopped under writes: EIO, then resumes" case_osd_stopped_under_writes_eio_then_resumes
+case_run "without librbd: one line, exit 4" case_no_librbd_one_line_exit_4
 summary
