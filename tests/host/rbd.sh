@@ -95,6 +95,16 @@ add_rbd() {
     echo "$id $dev"
 }
 
+# del_rbd ID: delete the device and wait for its daemon to end (a FUSE
+# daemon outlives `del` while something still has the loop device open,
+# udev's probe after a umount or fsck for one, and keeps the image's lock).
+del_rbd() {
+    local pid
+    pid=$(daemon_pid "$1")
+    ub del -n "$1"
+    wait_for 30 exited "$pid" || die "daemon $pid still running 30 s after del"
+}
+
 # Nothing of ours is left: no device in `list`, no daemon, no loop device on our files.
 nothing_left() {
     [ -z "$(ub list 2>/dev/null)" ] || die "a device was left: $(ub list)"
@@ -113,7 +123,7 @@ case_fio_verify() {
     "${FIO[@]}" --name=s --filename="$dev" --rw=write --bs=1M --size=32M --offset=32M --iodepth=4 \
         --ioengine=libaio --direct=1 --verify=md5 --do_verify=1 --end_fsync=1 >"$WORK/fio.out" \
         || { cat "$WORK/fio.out"; die "sequential fio verify failed"; }
-    ub del -n "$id"
+    del_rbd "$id"
     # The data is in the image: read back through rbd itself.
     rbd_ export rbd/fio "$WORK/fio.img" >/dev/null 2>&1 || die "rbd export failed"
     [ "$(stat -c %s "$WORK/fio.img")" = $((64 << 20)) ] || die "exported image has the wrong size"
@@ -132,13 +142,13 @@ case_ext4_mkfs_mount_fsck() {
     sync
     umount "$MNT"
     fsck.ext4 -fn "$dev" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out"; die "fsck found errors"; }
-    ub del -n "$id"
+    del_rbd "$id"
     # Again, on a new daemon: the files are in the image.
     read -r id dev < <(add_rbd ext4)
     mount "$dev" "$MNT"
     cmp "$WORK/f" "$MNT/f" || die "file differs after a new daemon"
     umount "$MNT"
-    ub del -n "$id"
+    del_rbd "$id"
 }
 
 case_kill9_then_recover_under_a_writer() {
@@ -169,7 +179,7 @@ case_kill9_then_recover_under_a_writer() {
     wait "$writer" || true
     python3 tests/s3/fsync_writer.py check "$dev" "$WORK/fsynced" || die "fsync'd blocks lost across kill -9"
     echo "note: $(wc -l <"$WORK/fsynced") fsync'd 64 KiB writes around the kill, all intact"
-    ub del -n "$id"
+    del_rbd "$id"
 }
 
 case_second_writer_refused_naming_the_holder() {
@@ -181,7 +191,7 @@ case_second_writer_refused_naming_the_holder() {
     [ "$rc" = 3 ] || die "second add: exit $rc, not 3: $out"
     [ "$(wc -l <<<"$out")" = 1 ] || die "not one line: $out"
     grep -q "is locked by .*userblk daemon pid $pid" <<<"$out" || die "holder not named: $out"
-    [ "$(ub list | grep -c '^dev id')" = 1 ] || die "the refused add left a device"
+    [ "$(ub list | grep -c '"image":"two"')" = 1 ] || die "the refused add left a device: $(ub list)"
     # --break-lock takes it from the live daemon (librbd blocklists that client).
     local id2 dev2
     read -r id2 dev2 < <(add_rbd two --break-lock)
@@ -251,7 +261,7 @@ case_osd_stopped_under_writes_eio_then_resumes() {
     head -c 1M /dev/urandom >"$WORK/after"
     dd if="$WORK/after" of="$dev" bs=1M seek=2 oflag=direct conv=fsync status=none
     cmp -n $((1 << 20)) -i 0:$((2 << 20)) "$WORK/after" "$dev" || die "data written after the OSD came back differs"
-    ub del -n "$id"
+    del_rbd "$id"
 }
 
 case_no_librbd_one_line_exit_4() {

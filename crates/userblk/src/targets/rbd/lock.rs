@@ -13,6 +13,10 @@
 //! - with `--break-lock` any holder is broken, with a warning;
 //! - else opening fails, naming the holder.
 //!
+//! The record stays when the daemon ends (clearing it would be one more
+//! wait on a cluster that may be gone): it names an owner address no later
+//! client has, so it never matches another lock.
+//!
 //! Breaking a lock makes librbd blocklist the old client first (while
 //! `rbd_blocklist_on_break_lock` is on, the default), so a holder that was
 //! only slow cannot write again.
@@ -141,19 +145,6 @@ fn describe_owners(owners: &[String], recorded: Option<&Holder>) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Forget our record, at close (the lock goes with the image).
-pub fn release(image: &Image, owner: &str) {
-    let ours = image
-        .metadata(HOLDER_KEY)
-        .ok()
-        .flatten()
-        .and_then(|s| Holder::parse(&s))
-        .is_some_and(|h| h.owner == owner);
-    if ours {
-        let _ = image.set_metadata(HOLDER_KEY, "");
-    }
 }
 
 #[cfg(test)]

@@ -189,10 +189,3 @@ impl Target for RbdTarget {
         })
     }
 }
-
-impl Drop for RbdTarget {
-    fn drop(&mut self) {
-        // Give the lock back at once (closing would too, after a flush).
-        lock::release(&self.image, &self.owner);
-    }
-}
