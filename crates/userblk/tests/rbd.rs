@@ -189,6 +189,15 @@ fn requests_lock_and_resize_against_a_cluster() {
         Err(e) => panic!("second open: {e}"),
         Ok(_) => panic!("a second writer was let in"),
     }
+    // What librbd 16.2 answers a second client's lock request (docs/targets/rbd.md).
+    let other = userblk_rbd::Image::open(&c.options("disk", None).connect).unwrap();
+    let err = other.lock_exclusive().unwrap_err();
+    assert_eq!(
+        err.errno(),
+        Some(rustix::io::Errno::ROFS.raw_os_error()),
+        "{err}"
+    );
+    drop(other);
 
     // Resize: the image follows, the new range reads as zeroes.
     assert_eq!(t.resize(32 * MIB).unwrap(), 32 * MIB);
