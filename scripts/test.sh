@@ -75,6 +75,7 @@ as_root bash tests/s3/suite.sh --frontend fuse
 
 step "host suite: s3 target against RADOS Gateway of a one-node Ceph cluster over FUSE + loop (the same cases)"
 as_root bash tests/s3/suite.sh --frontend fuse --server rgw
+step "host suite: rbd target on a one-node Ceph cluster over FUSE + loop (fio, ext4, kill -9, one writer, copy, refusals, OSD stopped)" && as_root bash tests/host/rbd.sh
 
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
 as_root bash tests/crash/crash.sh --frontend fuse --rounds 40
@@ -101,8 +102,8 @@ as_root vm/run.sh -- vm/suite/qcow2.sh
 step "real-kernel suite: crash-consistency bench on ublk devices (ext4 and xfs on flakey) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/crash.sh
 
-step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names, add/del churn (Debian 6.12 in qemu/TCG, one boot)"
-as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn apply
+step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names, add/del churn, the rbd target with a Ceph cluster in the VM (Debian 6.12 in qemu/TCG, one boot)"
+as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn apply rbd
 
 step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
 as_root vm/run.sh -- vm/suite/s3.sh

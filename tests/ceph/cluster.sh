@@ -23,7 +23,7 @@
 # machine); on failure the daemon's last log lines and one error line.
 set -euo pipefail
 
-PKGS=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common)
+PKGS=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common librbd-dev rbd-nbd)
 ACCESS_KEY=${S3S_ACCESS_KEY:-userblk-test-key}
 SECRET_KEY=${S3S_SECRET_KEY:-userblk-test-secret}
 TIMEOUT=${CEPH_TIMEOUT:-120}

@@ -273,6 +273,7 @@ impl AddArgs {
             TargetArgs::Nbd(a) => &a.filters,
             TargetArgs::Qcow2(a) => &a.filters,
             TargetArgs::S3(a) => &a.filters,
+            TargetArgs::Rbd(a) => &a.filters,
         };
         [&self.filters.filters[..], &after.filters[..]].concat()
     }
@@ -519,6 +520,8 @@ pub enum TargetArgs {
     Qcow2(Qcow2Args),
     /// A volume in an S3 bucket (AWS, MinIO, Ceph RGW, Garage, R2...), through a local cache.
     S3(S3Args),
+    /// A Ceph RBD image, through librbd (Debian: librbd1), with its exclusive lock.
+    Rbd(RbdArgs),
     /// A test target, not for data: a RAM disk that answers each write before a
     /// worker stores it, to check that frontends hold answers until then
     /// (docs/testing.md).
@@ -773,6 +776,38 @@ pub struct JsonArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `add rbd`.
+#[derive(Debug, Clone, Args)]
+pub struct RbdArgs {
+    /// The pool.
+    #[arg(long)]
+    pub pool: String,
+    /// The image.
+    #[arg(long)]
+    pub image: String,
+    /// Create the image with this size if it does not exist.
+    #[arg(short = 's', long, value_parser = size)]
+    pub size: Option<u64>,
+    /// The cluster's ceph.conf (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "FILE")]
+    pub conf: Option<PathBuf>,
+    /// The Ceph client id: `admin` for client.admin (its key from the keyring ceph.conf names).
+    // (`id` is the device id's argument: this one is `ceph_id` inside clap.)
+    #[arg(long = "id", id = "ceph_id", value_name = "NAME")]
+    pub ceph_id: Option<String>,
+    /// Seconds one request may wait for the cluster before it fails with EIO
+    /// (also the limit on connecting).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub op_timeout: u64,
+    /// Take the image even though another client holds its exclusive lock
+    /// (librbd blocklists that client).
+    #[arg(long)]
+    pub break_lock: bool,
+    /// Filters given after the target name.
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// `add nbd`.

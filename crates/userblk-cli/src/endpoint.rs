@@ -18,7 +18,7 @@ use userblk::Target;
 
 /// The forms an endpoint may take, for error messages and help.
 pub const FORMS: &str = "raw:PATH, file:PATH, qcow2:PATH, PATH, nbd://HOST[:PORT]/EXPORT, \
-                         nbd+unix:///EXPORT?socket=PATH or null:SIZE";
+                         nbd+unix:///EXPORT?socket=PATH, rbd://POOL/IMAGE or null:SIZE";
 
 /// What a qcow2 image starts with.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -49,6 +49,9 @@ pub enum Endpoint {
         /// The options after `?`, checked, in the order given.
         options: Vec<(String, String)>,
     },
+    /// An image of a Ceph cluster (the rbd target):
+    /// `rbd://POOL/IMAGE[?conf=FILE&id=NAME]`.
+    Rbd(crate::rbd::RbdUri),
 }
 
 /// Which end is being opened.
@@ -90,6 +93,7 @@ impl FromStr for Endpoint {
                 "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => NbdUri::parse(s)
                     .map(Endpoint::Nbd)
                     .map_err(|e| e.to_string()),
+                "rbd" => crate::rbd::RbdUri::parse(s).map(Endpoint::Rbd),
                 "s3" => {
                     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
                     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -144,6 +148,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Qcow2(p) => write!(f, "qcow2:{}", p.display()),
             Endpoint::Path(p) => write!(f, "{}", p.display()),
             Endpoint::Nbd(u) => write!(f, "{u}"),
+            Endpoint::Rbd(u) => write!(f, "{u}"),
             Endpoint::Null(size) => write!(f, "null:{}", userblk::size::format(*size)),
             Endpoint::S3 {
                 bucket,
@@ -165,7 +170,7 @@ impl Endpoint {
     pub fn path(&self) -> Option<&Path> {
         match self {
             Endpoint::Raw(p) | Endpoint::Qcow2(p) | Endpoint::Path(p) => Some(p),
-            Endpoint::Nbd(_) | Endpoint::Null(_) | Endpoint::S3 { .. } => None,
+            Endpoint::Nbd(_) | Endpoint::Null(_) | Endpoint::S3 { .. } | Endpoint::Rbd(_) => None,
         }
     }
 
@@ -194,6 +199,13 @@ pub fn open(ep: &Endpoint, role: Role) -> anyhow::Result<Opened> {
             return open_file(p, format, role);
         }
         Endpoint::Nbd(uri) => TargetSpec::Nbd(NbdOptions::new(uri.clone())),
+        Endpoint::Rbd(uri) => {
+            let size = match role {
+                Role::Source => None,
+                Role::Destination { size } => Some(size),
+            };
+            TargetSpec::Rbd(Box::new(uri.options(size)))
+        }
         Endpoint::Null(size) => TargetSpec::Null {
             size: *size,
             zero_fill: true,

@@ -5,10 +5,11 @@
 /// A usage error: a bad option or value (clap's own status too).
 pub const USAGE: u8 = 2;
 /// The device is in use (mounted, or open by a process): `del` refused to
-/// take it away. Retry once it is released, or use `--force`.
+/// take it away, or an rbd image is locked by another client. Retry once it
+/// is released, or use `--force` (`--break-lock`).
 pub const IN_USE: u8 = 3;
 /// This host lacks what the command needs: the ublk driver, access to
-/// `/dev/ublk-control`, FUSE, fusermount3 or loop devices. Retrying
+/// `/dev/ublk-control`, FUSE, fusermount3, loop devices or librbd. Retrying
 /// cannot help until the host is set up.
 pub const UNSUPPORTED: u8 = 4;
 /// Any other failure.
@@ -61,6 +62,13 @@ pub fn status_of(e: &anyhow::Error) -> u8 {
             }
             _ => {}
         }
+        if let Some(userblk::spec::OpenError::Rbd { err }) = cause.downcast_ref() {
+            match err {
+                userblk_rbd::RbdError::Locked { .. } => return IN_USE,
+                userblk_rbd::RbdError::NotInstalled { .. } => return UNSUPPORTED,
+                _ => {}
+            }
+        }
     }
     FAILURE
 }
@@ -85,5 +93,22 @@ mod tests {
         assert_eq!(status_of(&with_status(Some(4), "x".into())), UNSUPPORTED);
         assert_eq!(status_of(&with_status(Some(101), "x".into())), FAILURE);
         assert_eq!(status_of(&with_status(None, "x".into())), FAILURE);
+        // An rbd image locked by another client is in use; no librbd is unsupported.
+        let rbd = |err| anyhow::Error::new(userblk::spec::OpenError::Rbd { err });
+        let locked = userblk_rbd::RbdError::Locked {
+            image: "p/i".into(),
+            owners: "client.1".into(),
+        };
+        assert_eq!(status_of(&rbd(locked)), IN_USE);
+        let missing = userblk_rbd::RbdError::NotInstalled {
+            lib: "librbd.so.1",
+            package: "librbd1",
+            detail: "x".into(),
+        };
+        assert_eq!(status_of(&rbd(missing)), UNSUPPORTED);
+        assert_eq!(
+            status_of(&rbd(userblk_rbd::RbdError::NotFound("x".into()))),
+            FAILURE
+        );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Modules use only those before them in this order (no module uses one
 //! that uses it back):
-//! `progress`, `s3`, `stale_replies`, `exit`, `exposition`, `http` → `endpoint` → `cli` → `names` →
+//! `progress`, `s3`, `rbd`, `stale_replies`, `exit`, `exposition`, `http` → `endpoint` → `cli` → `names` →
 //! `checkpoint`, `ctl`, `stats`, `list`, `man`, `metrics`, `apply` → `targets` → `copy` → `notify` →
 //! `frontend::{service, del_all, limits}` → `frontend::lifecycle` → `frontend::{ublk, fuse, nbd}` →
 //! `frontend` → `main`.
@@ -27,6 +27,7 @@ mod names;
 mod notify;
 mod out;
 mod progress;
+mod rbd;
 mod resize;
 mod s3;
 mod stale_replies;

@@ -11,11 +11,12 @@ use userblk::filters::{self, Spec};
 use userblk::spec::{self, MemData, TargetSpec};
 use userblk::state::DeviceState;
 use userblk::targets::nbd::NbdOptions;
+use userblk::targets::rbd::RbdOptions;
 use userblk::targets::s3::{RetryPolicy, S3Config, S3Options};
 use userblk::targets::FileOptions;
 use userblk::Target;
 
-use crate::cli::{S3Args, TargetArgs};
+use crate::cli::{RbdArgs, S3Args, TargetArgs};
 
 /// An opened target, and the tmpfs file its data lives in if it must outlive the daemon.
 pub struct Opened {
@@ -81,7 +82,24 @@ pub fn spec(args: &TargetArgs, mem: MemData) -> anyhow::Result<TargetSpec> {
             reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
             ..NbdOptions::new(a.uri.clone())
         }),
+        TargetArgs::Rbd(a) => TargetSpec::Rbd(Box::new(rbd_options(a))),
     })
+}
+
+/// `add rbd`'s options.
+fn rbd_options(a: &RbdArgs) -> RbdOptions {
+    let mut o = RbdOptions::new(&a.pool, &a.image);
+    let c = &mut o.connect;
+    c.conf = a
+        .conf
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    c.id.clone_from(&a.ceph_id);
+    c.create_size = a.size;
+    c.op_timeout = Duration::from_secs(a.op_timeout.max(1));
+    c.connect_timeout = c.op_timeout;
+    o.break_lock = a.break_lock;
+    o
 }
 
 /// `add s3`'s options.

@@ -12,6 +12,7 @@ use crate::filters::{self, Env, FilterError, Spec};
 use crate::targets::early::EarlyTarget;
 use crate::targets::nbd::{NbdOptions, NbdTarget};
 use crate::targets::qcow2::{self, Qcow2Target};
+use crate::targets::rbd::{RbdOptions, RbdTarget};
 use crate::targets::s3::{S3Error, S3Options, S3Target};
 use crate::targets::{FileOptions, FileTarget, MemTarget, NullTarget};
 use crate::Target;
@@ -69,6 +70,8 @@ pub enum TargetSpec {
     Nbd(NbdOptions),
     /// [`S3Target`].
     S3(Box<S3Options>),
+    /// [`RbdTarget`].
+    Rbd(Box<RbdOptions>),
 }
 
 impl TargetSpec {
@@ -111,6 +114,7 @@ impl TargetSpec {
             TargetSpec::Qcow2 { .. } => "qcow2",
             TargetSpec::Nbd(_) => "nbd",
             TargetSpec::S3(_) => "s3",
+            TargetSpec::Rbd(_) => "rbd",
         }
     }
 }
@@ -140,6 +144,12 @@ pub enum OpenError {
         what: String,
         /// What went wrong (boxed: it is large).
         err: Box<S3Error>,
+    },
+    /// An rbd image could not be opened.
+    #[error("rbd: {err}")]
+    Rbd {
+        /// What went wrong.
+        err: userblk_rbd::RbdError,
     },
     /// A filter could not be built.
     #[error(transparent)]
@@ -234,6 +244,11 @@ fn open_bare(spec: TargetSpec, env: &Env) -> Result<(Arc<dyn Target>, bool), Ope
                     err: Box::new(err),
                 })?;
                 t.register_actions(&env.control);
+                let created = t.created();
+                return Ok((Arc::new(t), created));
+            }
+            TargetSpec::Rbd(opts) => {
+                let t = RbdTarget::open(*opts).map_err(|err| OpenError::Rbd { err })?;
                 let created = t.created();
                 return Ok((Arc::new(t), created));
             }

@@ -6,6 +6,7 @@ pub mod mem;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;
+pub mod rbd;
 #[cfg(test)]
 mod resize_tests;
 pub mod s3;
