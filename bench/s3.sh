@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # userblk's s3 target against s3backer (a FUSE single-file S3 disk), on the
-# host (no VM), each against its own s3s-fs server on loopback, the same fio
+# host (no VM), each against its own s3s-fs server on loopback (or, with
+# --server rgw, both against RADOS Gateway of one one-node Ceph cluster,
+# tests/ceph/cluster.sh, in a bucket each), the same fio
 # jobs on the FUSE file each exposes, with the same chunk (block) size and
 # cache size. Per repeat and side, on a fresh volume:
 #   1. 1 MiB sequential write of SIZE, then fsync; timed until the bucket
@@ -16,7 +18,7 @@
 #
 #   sudo bash bench/s3.sh [--quick] [--size MIB (256)] [--cache-size MIB (512)]
 #       [--chunk-size MIB (1)] [--runtime SECS (20)] [--repeat N (3)]
-#       [--results DIR (/tmp/userblk-bench)]
+#       [--server s3s-fs|rgw (s3s-fs)] [--results DIR (/tmp/userblk-bench)]
 #   USERBLK=path/to/userblk (default target/release/userblk), S3BACKER=s3backer,
 #   SEQ_QD=1 (queue depth of the 1 MiB jobs), S3B_WRITE_DELAY=0 (ms, s3backer's
 #   --blockCacheWriteDelay), UB_OPTS='...', S3B_OPTS='...' (extra options for
@@ -26,10 +28,11 @@ set -euo pipefail
 
 usage() {
     echo "usage: sudo bash bench/s3.sh [--quick] [--size MIB (256)] [--cache-size MIB (512)]" \
-        "[--chunk-size MIB (1)] [--runtime SECS (20)] [--repeat N (3)] [--results DIR (/tmp/userblk-bench)]" >&2
+        "[--chunk-size MIB (1)] [--runtime SECS (20)] [--repeat N (3)] [--server s3s-fs|rgw (s3s-fs)]" \
+        "[--results DIR (/tmp/userblk-bench)]" >&2
     exit 2
 }
-SIZE=256 CACHE=512 CHUNK=1 RUNTIME=20 REPEAT=3 RESULTS=/tmp/userblk-bench QUICK=''
+SIZE=256 CACHE=512 CHUNK=1 RUNTIME=20 REPEAT=3 RESULTS=/tmp/userblk-bench QUICK='' SERVER=s3s-fs
 while (( $# )); do
     case $1 in
         --quick) QUICK=1; SIZE=64 CACHE=128 RUNTIME=5 REPEAT=1; shift ;;
@@ -39,6 +42,7 @@ while (( $# )); do
         --runtime) (( $# >= 2 )) || usage; RUNTIME=$2; shift 2 ;;
         --repeat) (( $# >= 2 )) || usage; REPEAT=$2; shift 2 ;;
         --results) (( $# >= 2 )) || usage; RESULTS=$2; shift 2 ;;
+        --server) (( $# >= 2 )) || usage; SERVER=$2; shift 2 ;;
         -h|--help) usage ;;
         *) echo "bench: unknown argument $1" >&2; usage ;;
     esac
@@ -47,6 +51,7 @@ SEQ_QD=${SEQ_QD:-1} S3B_WRITE_DELAY=${S3B_WRITE_DELAY:-0} UB_OPTS=${UB_OPTS:-} S
 for v in SIZE CACHE CHUNK RUNTIME REPEAT SEQ_QD; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "${v} wants a positive integer, not '${!v}'"
 done
+[[ $SERVER == s3s-fs || $SERVER == rgw ]] || die "--server wants s3s-fs or rgw, not '$SERVER'"
 [[ $S3B_WRITE_DELAY =~ ^[0-9]+$ ]] || die "S3B_WRITE_DELAY wants milliseconds, not '$S3B_WRITE_DELAY'"
 (( (CHUNK & (CHUNK - 1)) == 0 && CHUNK <= 64 )) || die "--chunk-size is in MiB: 1, 2, 4 ... 64"
 (( SIZE % CHUNK == 0 )) || die "--size must be a multiple of --chunk-size"
@@ -61,8 +66,14 @@ for t in fio:fio python3:python3 fusermount:fuse findmnt:util-linux; do
     command -v "${t%%:*}" >/dev/null || missing+=("${t%%:*} (apt-get install ${t#*:})")
 done
 [[ -c /dev/fuse ]] || missing+=("/dev/fuse (modprobe fuse)")
-S3S=$(bash tests/s3/server.sh path)
-[[ -x $S3S ]] || missing+=("s3s-fs at $S3S (tests/s3/server.sh install)")
+if [[ $SERVER == s3s-fs ]]; then
+    S3S=$(bash tests/s3/server.sh path)
+    [[ -x $S3S ]] || missing+=("s3s-fs at $S3S (tests/s3/server.sh install)")
+    SERVER_VERSION=$("$S3S" --version 2>/dev/null | sed -n 1p)
+else
+    command -v radosgw >/dev/null || missing+=("radosgw (tests/ceph/cluster.sh install)")
+    SERVER_VERSION="radosgw $(dpkg-query -W -f='${Version}' radosgw 2>/dev/null)"
+fi
 (( ${#missing[@]} == 0 )) || die "missing: ${missing[*]}"
 HAVE_S3B=1 S3B_NOTE='' S3B_VERSION='no s3backer'
 if command -v "$S3BACKER" >/dev/null; then
@@ -119,7 +130,11 @@ cleanup() {
     mounted "$S3B_MNT" && { fusermount -u "$S3B_MNT" 2>/dev/null || umount -l "$S3B_MNT"; }
     [[ -n $S3B_PID ]] && stop_child "$S3B_PID"
     mounted "$S3B_MNT" && umount -l "$S3B_MNT"
-    for s in "${!SRV_PID[@]}"; do bash tests/s3/server.sh stop "${SRV_PID[$s]}"; done
+    if [[ $SERVER == rgw ]]; then
+        [[ -d $WORK/ceph ]] && bash tests/ceph/cluster.sh stop "$WORK/ceph"
+    else
+        for s in "${!SRV_PID[@]}"; do bash tests/s3/server.sh stop "${SRV_PID[$s]}"; done
+    fi
     cp "$USERBLK_STATE_DIR"/*.log "$RES/" 2>/dev/null
     rm -rf "$WORK"
     exit "$rc"
@@ -137,7 +152,23 @@ free_port() {
     done
 }
 # One s3s-fs per side, so neither side's objects slow the other's listings.
+# RGW: one cluster (started by the first call), a bucket per side; its
+# "server" CPU is the gateway's (the OSD's is not counted).
 start_server() {  # side bucket
+    if [[ $SERVER == rgw ]]; then
+        if [[ ! -d $WORK/ceph ]]; then
+            # Every repeat writes a new volume on each side, all kept in
+            # the OSD's memory.
+            CEPH_MEMSTORE_BYTES=$(( (2 * REPEAT * SIZE + 512) << 20 )) \
+                bash tests/ceph/cluster.sh start "$WORK/ceph" >"$WORK/ceph.env" 2>"$RES/ceph-start.txt" \
+                || { cat "$RES/ceph-start.txt" >&2; die "the Ceph cluster did not start"; }
+        fi
+        SRV_PORT[$1]=$(cat "$WORK/ceph/rgw.port")
+        SRV_PID[$1]=$(cat "$WORK/ceph/run/client.rgw.a.pid")
+        S3_ENDPOINT=http://127.0.0.1:${SRV_PORT[$1]} python3 tests/s3/s3req.py mb "$2" \
+            || die "creating bucket $2 on RGW failed"
+        return
+    fi
     local port; port=$(free_port)
     mkdir -p "$WORK/s3-$1/$2"
     SRV_PID[$1]=$(S3S_LOG=$RES/s3s-fs.$1.log bash tests/s3/server.sh start "$WORK/s3-$1" "$port") \
@@ -206,6 +237,12 @@ run_fio() {  # out-json file args...
     fio_json "$out" --filename="$file" "${FIO_COMMON[@]}" "$@"
 }
 objects() {  # side prefix: chunk objects in the bucket (s3s-fs: a file per object)
+    if [[ $SERVER == rgw ]]; then
+        local b=$UB_BUCKET p=$2/chunks/
+        [[ $1 == s3backer ]] && b=$S3B_BUCKET p=$2/
+        S3_ENDPOINT=http://127.0.0.1:${SRV_PORT[$1]} python3 tests/s3/s3req.py ls "$b" "$p" | { grep -cE '/[0-9a-f]+$' || true; }
+        return
+    fi
     case $1 in
         userblk) find "$WORK/s3-userblk/$UB_BUCKET/$2/chunks" -type f 2>/dev/null | wc -l ;;
         s3backer) find "$WORK/s3-s3backer/$S3B_BUCKET/$2" -type f -name '[0-9a-f]*[0-9a-f]' 2>/dev/null | wc -l ;;
@@ -213,7 +250,7 @@ objects() {  # side prefix: chunk objects in the bucket (s3s-fs: a file per obje
 }
 
 # One measured fio run: fio's JSON, then (side, job, repeat, extra seconds
-# before the data was safe, CPU ticks of daemon / s3s-fs / all CPUs, wall).
+# before the data was safe, CPU ticks of daemon / server / all CPUs, wall).
 measure() {  # side job repeat file fio-args...
     local side=$1 job=$2 r=$3 file=$4 dpid srv d0 s0 b0 w0 extra=0 t0 x; shift 4
     dpid=$([[ $side == userblk ]] && echo "$UB_PID" || echo "$S3B_PID") srv=${SRV_PID[$side]}
@@ -292,7 +329,7 @@ for ((r = 1; r <= REPEAT; r++)); do
         if ! run_side "$side" "$r"; then
             failed=1
             if [[ $side == s3backer && $r == 1 ]] && ! grep -q "^s3backer" "$RES/runs.tsv"; then
-                S3B_NOTE="s3backer failed against s3s-fs (see s3backer.log); userblk figures only"
+                S3B_NOTE="s3backer failed against $SERVER (see s3backer.log); userblk figures only"
                 echo "bench: $S3B_NOTE" >&2
                 SIDES=(userblk)
             fi
@@ -306,12 +343,13 @@ wall=$(( SECONDS - start_all ))
 find "$RES" -type f -empty -delete   # stderr files with nothing to say
 errors=$(grep -hE ' (ERROR|WARN) ' "$USERBLK_STATE_DIR"/*.log 2>/dev/null | sed -n 1,20p || true)
 {
-    echo "userblk s3 vs s3backer (FUSE file each, own s3s-fs on loopback), $(date '+%Y-%m-%d %H:%M') on" \
+    if [[ $SERVER == rgw ]]; then where="RADOS Gateway of one Ceph cluster"; else where="own s3s-fs"; fi
+    echo "userblk s3 vs s3backer (FUSE file each, $where on loopback), $(date '+%Y-%m-%d %H:%M') on" \
         "$(hostname) ($(nproc) cores, $(uname -r))"
     echo "commit $commit${stale:+ (binary older than $stale)}; binary $USERBLK" \
         "($(date -r "$USERBLK" '+%Y-%m-%d %H:%M'))"
     echo "$(fio --version); $S3B_VERSION;" \
-        "$("$S3S" --version 2>/dev/null | sed -n 1p); $(dpkg-query -W -f='libfuse2 ${Version}' libfuse2 2>/dev/null || true)"
+        "$SERVER_VERSION; $(dpkg-query -W -f='libfuse2 ${Version}' libfuse2 2>/dev/null || true)"
     echo "SIZE=${SIZE}MiB, chunk = block size ${CHUNK}MiB, cache ${CACHE}MiB, RUNTIME=${RUNTIME}s," \
         "REPEAT=$REPEAT${QUICK:+ (--quick)}, 1 MiB jobs at QD $SEQ_QD; wall ${wall}s;" \
         "loadavg $load0 at start, $(cut -d' ' -f1-3 /proc/loadavg) at end"
@@ -321,10 +359,11 @@ errors=$(grep -hE ' (ERROR|WARN) ' "$USERBLK_STATE_DIR"/*.log 2>/dev/null | sed 
     [[ ${#S3B_ARGS[@]} -gt 0 ]] && echo "  s3backer: $S3BACKER ${S3B_ARGS[*]}" | sed "s#$WORK#WORK#g"
     echo "  fio: ${FIO_COMMON[*]} on the FUSE file (userblk: disk, s3backer: file); commands.txt has every line"
     echo
-    RES=$RES CLK_TCK=$(getconf CLK_TCK) SIZE=$SIZE REPEAT=$REPEAT RUNTIME=$RUNTIME SEQ_QD=$SEQ_QD python3 - <<'EOF'
+    RES=$RES CLK_TCK=$(getconf CLK_TCK) SIZE=$SIZE REPEAT=$REPEAT RUNTIME=$RUNTIME SEQ_QD=$SEQ_QD SERVER=$SERVER python3 - <<'EOF'
 import json, os, statistics
 res, tck = os.environ["RES"], int(os.environ["CLK_TCK"])
 size_mib = int(os.environ["SIZE"])
+srv = "radosgw" if os.environ["SERVER"] == "rgw" else "s3s-fs"
 JOBS = [("seqwrite", "1M seq write + fsync", "MiB/s"),
         ("seqread-cold", "1M seq read, cold", "MiB/s"),
         ("seqread-cached", "1M seq read, cached", "MiB/s"),
@@ -397,7 +436,7 @@ if "s3backer" in sides:
     print(f"  s3backer as fio saw it (fsync a no-op): {fmt(fio_saw)} MiB/s; then"
           f" {med(waits):.2f} s (median) until nothing was dirty")
 print()
-print(f"{'CPU (median)':24} {'unit':6}" + "".join(f" {s + ' daemon + s3s-fs':>{w}}" for s in sides))
+print(f"{'CPU (median)':24} {'unit':6}" + "".join(f" {s + ' daemon + ' + srv:>{w}}" for s in sides))
 for job, title, unit in JOBS:
     cells = []
     for s in sides:
@@ -411,10 +450,10 @@ for job, title, unit in JOBS:
         cells.append(f"{med(d):.1f} + {med(v):.1f}" if d else "-")
     print(f"{title:24} {'ms/MiB' if unit == 'MiB/s' else 'us/IO':6}" + "".join(f" {c:>{w}}" for c in cells))
 print("daemon: utime+stime of the userblk daemon / the s3backer process (all threads), from /proc/PID/stat;"
-      " s3s-fs: its server's.")
+      f" {srv}: its server's.")
 others = [x["others"] for x in runs]
 if others:
-    print(f"CPU used by others during the runs (all CPUs' busy time - daemon - s3s-fs - fio):"
+    print(f"CPU used by others during the runs (all CPUs' busy time - daemon - {srv} - fio):"
           f" median {statistics.median(others):.2f} cores (max {max(others):.2f})")
 json.dump(summary, open(f"{res}/summary.json", "w"), indent=1)
 EOF

@@ -21,6 +21,12 @@
 # CEPH_MEMSTORE_BYTES (default 1 GiB) of objects. Every wait has a deadline
 # (CEPH_TIMEOUT seconds each, default 120; the VM is much slower than this
 # machine); on failure the daemon's last log lines and one error line.
+#
+# In the VM guest (vm/run.sh) it runs as it is: DIR under the guest's
+# writable /var/tmp, /tmp or /run (all in guest memory), loopback up
+# (`ip link set lo up`; start says so when it is down). About 1 minute to
+# start under TCG (docs/testing.md). The monitor speaks msgr2 only, so the
+# kernel's rbd client maps with `rbd device map -o ms_mode=prefer-crc`.
 set -euo pipefail
 
 PKGS=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common librbd-dev rbd-nbd)
@@ -181,6 +187,9 @@ cmd_start() {
     D=${1:?DIR missing}
     [[ ! -e $D ]] || die "$D exists (a cluster needs a new directory)"
     command -v ceph-mon >/dev/null || die "ceph is not installed (tests/ceph/cluster.sh install)"
+    # Every daemon listens on 127.0.0.1: with loopback down (a fresh VM
+    # guest or network namespace) nothing would answer until the deadline.
+    [[ $(cat /sys/class/net/lo/operstate 2>/dev/null) != down ]] || die "loopback is down (ip link set lo up)"
     local t0=$SECONDS mon_port rgw_port fsid osd_uuid
     mkdir -p "$D"/{run,log,mon,mgr,osd}
     D=$(cd "$D" && pwd)
