@@ -26,6 +26,8 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
 };
 
+mod conditional;
+
 /// Region used when none is configured (any region works for most
 /// S3-compatible servers; AWS needs the bucket's real one).
 pub const DEFAULT_REGION: &str = "us-east-1";
