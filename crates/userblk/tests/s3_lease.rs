@@ -163,3 +163,26 @@ fn a_stale_lease_of_this_host_is_taken_over_and_another_hosts_is_not() {
         .to_string();
     assert!(msg.contains("elsewhere pid"), "{msg}");
 }
+
+/// The probe of a server whose conditional writes are atomic: RADOS
+/// Gateway of tests/ceph/cluster.sh, named by `USERBLK_TEST_ATOMIC_S3`
+/// (`http://127.0.0.1:PORT/BUCKET`, the bucket existing, the test
+/// credentials); skipped without it.
+#[test]
+fn the_probe_finds_an_atomic_server_atomic() {
+    let url = std::env::var("USERBLK_TEST_ATOMIC_S3").unwrap_or_default();
+    let Some((endpoint, bucket)) = url.rsplit_once('/').filter(|_| !url.is_empty()) else {
+        skip::skip(
+            skip::Prereq::Environment,
+            "USERBLK_TEST_ATOMIC_S3 names no server (tests/ceph/cluster.sh start)",
+        );
+        return;
+    };
+    let store = S3Store::new(&servers::s3_config(endpoint, bucket, "probe")).unwrap();
+    for _ in 0..5 {
+        let p = probe::run(&store).unwrap();
+        eprintln!("{endpoint} probe: {:?} in {:?}", p.verdict, p.took);
+        assert!(matches!(p.verdict, Verdict::Atomic(_)), "{:?}", p.verdict);
+    }
+    assert_eq!(store.list("").unwrap(), [], "the probe left its object");
+}
