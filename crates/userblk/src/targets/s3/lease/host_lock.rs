@@ -1,9 +1,10 @@
 //! `--lease host`: one daemon per volume on this host, by an exclusive
 //! flock on `/run/lock/userblk-s3-<hash>.lock`, the hash (FNV-1a, stable
 //! across builds) of the volume's endpoint, bucket and prefix. The lock
-//! lives as long as the daemon's target; the kernel drops it when the
-//! process dies, however it dies, so `recover` and a new `add` need
-//! nothing to undo.
+//! lives as long as the daemon's target, and the file goes with it; the
+//! kernel drops the lock when the process dies, however it dies, so
+//! `recover` and a new `add` need nothing to undo (they find the file and
+//! lock it again).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -43,7 +44,11 @@ pub fn path_for(store: &S3Store) -> PathBuf {
     lock_dir().join(format!("userblk-s3-{:016x}.lock", fnv1a(origin.as_bytes())))
 }
 
-/// The held lock; dropping it (or dying) releases it.
+/// Attempts at taking the lock when its file keeps being replaced.
+const TRIES: usize = 10;
+
+/// The held lock; dropping it removes the file and releases the lock
+/// (dying releases it too, and leaves the file for the next daemon).
 #[derive(Debug)]
 pub struct HostLock {
     _file: File,
@@ -65,34 +70,64 @@ impl HostLock {
             path: path.clone(),
             err: e,
         };
-        // Read-only is enough to flock, so a file another user created
-        // (mode 0644 in the world-writable /run/lock) still works.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(false)
-            .create(false)
-            .open(&path)
-            .or_else(|_| {
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o644)
-                    .open(&path)
-            })
-            .map_err(err)?;
-        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Self { _file: file, path }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(S3Error::HostLockHeld(path)),
-            Err(e) => Err(err(e.into())),
+        // A holder removes the file as it lets go: a lock taken on a file
+        // that was removed meanwhile is on no path, so look again.
+        for _ in 0..TRIES {
+            let file = lock_file(&path)?;
+            let held = rustix::fs::fstat(&file).map_err(|e| err(e.into()))?;
+            if let Ok(now) = rustix::fs::stat(&path) {
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino) {
+                    return Ok(Self { _file: file, path });
+                }
+            }
         }
+        Err(err(std::io::Error::other(
+            "the lock file kept being replaced",
+        )))
     }
 
     /// The lock file.
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for HostLock {
+    fn drop(&mut self) {
+        // Removed while still locked: whoever opened it meanwhile finds it
+        // gone once it has the lock, and makes a new one.
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!("s3: removing the host lock {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// `path` opened (created if missing) and locked.
+fn lock_file(path: &Path) -> Result<File, S3Error> {
+    let err = |e: std::io::Error| S3Error::HostLock {
+        path: path.to_owned(),
+        err: e,
+    };
+    // Read-only is enough to flock, so a file another user created
+    // (mode 0644 in the world-writable /run/lock) still works.
+    let file = OpenOptions::new()
+        .read(true)
+        .open(path)
+        .or_else(|_| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(path)
+        })
+        .map_err(err)?;
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(S3Error::HostLockHeld(path.to_owned())),
+        Err(e) => Err(err(e.into())),
     }
 }
 
@@ -111,7 +146,11 @@ mod tests {
             Err(S3Error::HostLockHeld(_))
         ));
         drop(a);
-        assert!(HostLock::take_at(p).is_ok());
+        assert!(!p.exists(), "the lock file stays after the lock is let go");
+        // A daemon that died left its file, unlocked: the next one takes it.
+        std::fs::write(&p, b"").unwrap();
+        let b = HostLock::take_at(p.clone()).unwrap();
+        assert_eq!(b.path(), p);
     }
 
     #[test]
