@@ -476,7 +476,7 @@ case_two_daemons_race_for_a_volume() {
     if [ "$KIND" = s3s-fs ]; then
         # Without --lease host, s3s-fs is refused, racing or not: no round
         # may let a daemon in.
-        for ((r = 1; r <= 4; r++)); do
+        for ((r = 1; r <= 10; r++)); do
             FE=$auto race_round "n$r" "n$r"
             [ "$WON" = 0 ] || die "round n$r: $WON daemons took a volume of s3s-fs without --lease host"
             [ "$(grep -c "does not make conditional .* atomic.*add --lease host" <<<"$LOST")" = 2 ] \

@@ -66,7 +66,7 @@ impl S3Store {
     /// # Errors
     /// An answer other than success or "precondition failed".
     pub fn race_creates(&self, key: &str, n: usize) -> Result<usize, StoreError> {
-        self.race(key, n, &PutMode::Create)
+        self.race(key, n, &PutMode::Create, "create")
     }
 
     /// Sends `n` overwrites of `key` with `If-Match: etag` at once and
@@ -75,18 +75,22 @@ impl S3Store {
     /// # Errors
     /// As [`S3Store::race_creates`].
     pub fn race_if_match(&self, key: &str, etag: &str, n: usize) -> Result<usize, StoreError> {
-        self.race(key, n, &if_match(etag))
+        self.race(key, n, &if_match(etag), "overwrite")
     }
 
-    fn race(&self, key: &str, n: usize, mode: &PutMode) -> Result<usize, StoreError> {
+    /// The racers' bodies differ from each other and from those of a race
+    /// of another `kind`: an ETag is the body's MD5, and a body seen
+    /// before would bring back an ETag an `If-Match` racer may still hold
+    /// (one retried after a 500, say), which would then match again.
+    fn race(&self, key: &str, n: usize, mode: &PutMode, kind: &str) -> Result<usize, StoreError> {
         let path = self.object_path(key)?;
-        let s3 = &self.s3;
+        let s3 = &self.race;
         let results = self.run(async move {
             // Polled together: each request goes out on its own connection
             // as soon as it is made, none waits for another's answer.
             join_all((0..n).map(|i| {
                 let (path, opts) = (path.clone(), PutOptions::from(mode.clone()));
-                let body = PutPayload::from(format!("racer {i}").into_bytes());
+                let body = PutPayload::from(format!("{kind} racer {i}").into_bytes());
                 async move { s3.put_opts(&path, body, opts).await }
             }))
             .await
