@@ -180,10 +180,11 @@ start_server() {  # side bucket
 UB_ARGS=()
 ub_add() {  # prefix cache-dir [--size ...]: sets UB_ID, UB_PID; the file is $UB_MNT/disk
     local prefix=$1 cache=$2 out; shift 2
+    # s3s-fs's conditional writes are not atomic: the lease locks this host.
     # shellcheck disable=SC2206  # UB_OPTS is a list of options
     UB_ARGS=(add s3 --endpoint "http://127.0.0.1:${SRV_PORT[userblk]}" --bucket "$UB_BUCKET"
         --prefix "$prefix" --chunk-size "${CHUNK}M" --cache-size "${CACHE}M" --cache-dir "$cache"
-        --frontend fuse --no-loop --mountpoint "$UB_MNT" "$@" $UB_OPTS)
+        --frontend fuse --no-loop --mountpoint "$UB_MNT" --lease host "$@" $UB_OPTS)
     out=$("$UB" "${UB_ARGS[@]}" 2>&1) || { echo "bench: userblk add failed: $out" >&2; return 1; }
     echo "$out" >>"$RES/userblk-add.txt"
     UB_ID=$(sed -n 's/^dev id \([0-9]*\):.*/\1/p' <<<"$out")

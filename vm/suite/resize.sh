@@ -90,7 +90,8 @@ case_s3() {
     S3S_LOG=$WORK/s3s.log bash tests/s3/server.sh start "$WORK/s3" "$port" >"$WORK/s3s.pid" || die "s3s-fs did not start"
     export AWS_ACCESS_KEY_ID=userblk-test-key AWS_SECRET_ACCESS_KEY=userblk-test-secret
     ep=http://127.0.0.1:$port
-    id=$(add_dev -r s3 --endpoint "$ep" --bucket vol --prefix r --chunk-size 1M --cache-dir "$WORK/s3c" --size 64M)
+    # --lease host: s3s-fs's conditional writes are not atomic.
+    id=$(add_dev -r s3 --endpoint "$ep" --bucket vol --prefix r --chunk-size 1M --cache-dir "$WORK/s3c" --size 64M --lease host)
     grow_ext4 "$id" "/dev/ublkb$id" "$MNT"
     grep -q '"device_size": 201326592' "$WORK/s3/vol/r/manifest.json" || die "the manifest keeps the old size"
     kill_and_recover "$id"

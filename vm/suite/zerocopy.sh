@@ -227,7 +227,8 @@ s3_server() {
 # add_s3 PREFIX CACHE [OPTIONS...]: an s3 device of bucket zcb; prints its id.
 add_s3() {
     local p=$1 c=$2; shift 2
-    add_dev s3 --endpoint "$EP" --bucket zcb --prefix "$p" --cache-dir "$c" "$@"
+    # --lease host: s3s-fs's conditional writes are not atomic.
+    add_dev s3 --endpoint "$EP" --bucket zcb --prefix "$p" --cache-dir "$c" --lease host "$@"
 }
 
 # Field FIELD of device $1's `ctl status` (counters.evicted, say).

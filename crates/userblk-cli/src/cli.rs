@@ -529,6 +529,15 @@ pub enum TargetArgs {
     Early(EarlyArgs),
 }
 
+/// What keeps a second writer out of an s3 volume (`--lease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LeaseArg {
+    /// The server's conditional writes, once a probe found them atomic.
+    Auto,
+    /// A lock of this host (daemons of other hosts are not kept out).
+    Host,
+}
+
 /// `add s3`.
 #[derive(Debug, Clone, Args)]
 pub struct S3Args {
@@ -571,6 +580,11 @@ pub struct S3Args {
     /// Take the volume even though another daemon holds its lease.
     #[arg(long)]
     pub break_lease: bool,
+    /// What keeps a second writer out: auto (the server's conditional writes,
+    /// refused on a server that does not make them atomic) or host (a lock of
+    /// this host, for such servers).
+    #[arg(long, value_enum, default_value = "auto", value_name = "HOW")]
+    pub lease: LeaseArg,
     /// Filters given after the target name.
     #[command(flatten)]
     pub filters: FilterArgs,

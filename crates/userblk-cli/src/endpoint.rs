@@ -39,7 +39,7 @@ pub enum Endpoint {
     /// SIZE bytes that read as zeroes; writes are dropped (the null target).
     Null(u64),
     /// A volume of the s3 target: `s3://BUCKET/PREFIX[?endpoint=URL&region=R
-    /// &chunk-size=SIZE&cache-size=SIZE]` (endpoint and region default to
+    /// &chunk-size=SIZE&cache-size=SIZE&lease=auto|host]` (endpoint and region default to
     /// `$AWS_ENDPOINT_URL` and `$AWS_REGION`; chunk-size is for a new volume).
     S3 {
         /// The bucket.

@@ -46,7 +46,7 @@ pub fn default_cache_dir(store: &S3Config) -> anyhow::Result<PathBuf> {
 }
 
 /// Options an `s3://` copy endpoint takes after `?`.
-const COPY_OPTIONS: &[&str] = &["endpoint", "region", "chunk-size", "cache-size"];
+const COPY_OPTIONS: &[&str] = &["endpoint", "region", "chunk-size", "cache-size", "lease"];
 
 /// Check the `key=value&...` options of an `s3://` copy endpoint.
 pub fn copy_options(query: &str) -> Result<Vec<(String, String)>, String> {
@@ -60,6 +60,9 @@ pub fn copy_options(query: &str) -> Result<Vec<(String, String)>, String> {
                 "unknown option '{k}'; s3:// takes {}",
                 COPY_OPTIONS.join(", ")
             ));
+        }
+        if k == "lease" && !matches!(v, "auto" | "host") {
+            return Err(format!("lease={v}: auto or host"));
         }
         if k.ends_with("-size") {
             let n = userblk::size::parse(v).map_err(|e| format!("{k}={v}: {e}"))?;
@@ -112,6 +115,9 @@ pub fn copy_options_for(
     // Upload as soon as a chunk is written whole: a copy never comes back.
     opts.writeback_delay = Duration::ZERO;
     opts.ephemeral_cache = true;
+    if get("lease").as_deref() == Some("host") {
+        opts.lease = userblk::targets::s3::LeaseMode::Host;
+    }
     Ok(opts)
 }
 

@@ -12,7 +12,7 @@ use userblk::spec::{self, MemData, TargetSpec};
 use userblk::state::DeviceState;
 use userblk::targets::nbd::NbdOptions;
 use userblk::targets::rbd::RbdOptions;
-use userblk::targets::s3::{RetryPolicy, S3Config, S3Options};
+use userblk::targets::s3::{LeaseMode, RetryPolicy, S3Config, S3Options};
 use userblk::targets::FileOptions;
 use userblk::Target;
 
@@ -125,6 +125,10 @@ fn s3_options(a: &S3Args) -> anyhow::Result<S3Options> {
     opts.upload_jobs = a.upload_jobs;
     opts.writeback_delay = Duration::from_secs_f64(a.writeback_delay);
     opts.break_lease = a.break_lease;
+    opts.lease = match a.lease {
+        crate::cli::LeaseArg::Auto => LeaseMode::Auto,
+        crate::cli::LeaseArg::Host => LeaseMode::Host,
+    };
     Ok(opts)
 }
 

@@ -58,6 +58,8 @@ fn open(server: &Server, cache: &Path, size: Option<u64>) -> Result<S3Target, St
     o.chunk_size = Some(MIB);
     // Uploads only when asked: the bucket holds what flushes put there.
     o.writeback_delay = Duration::from_secs(600);
+    // s3s-fs: its conditional writes are not atomic (lease/probe.rs).
+    o.lease = userblk::targets::s3::LeaseMode::Host;
     S3Target::open(o).map_err(|e| e.to_string())
 }
 

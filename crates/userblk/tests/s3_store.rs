@@ -481,6 +481,8 @@ fn target_opts(server: &Server, cache: &std::path::Path) -> S3Options {
     o.chunk_size = Some(1 << 20);
     // Uploads only when asked: what the bucket holds is what flushes put there.
     o.writeback_delay = Duration::from_secs(600);
+    // s3s-fs: its conditional writes are not atomic (lease/probe.rs).
+    o.lease = userblk::targets::s3::LeaseMode::Host;
     o
 }
 

@@ -153,6 +153,8 @@ pub fn s3_sized(size: u64) -> Option<Fixture> {
     let mut o = S3Options::new(config, cache.path().join("cache"));
     o.size = Some(size);
     o.chunk_size = Some(64 << 10);
+    // s3s-fs: its conditional writes are not atomic (lease/probe.rs).
+    o.lease = userblk::targets::s3::LeaseMode::Host;
     let t = S3Target::open(o).expect("open the s3 volume");
     Some(other(
         Arc::new(t),

@@ -10,7 +10,9 @@
 //!                               checksum algorithm, creation time, volume id
 //! {prefix}/lease.json           who serves the volume (host, pid, volume id,
 //!                               time); created with If-None-Match so only
-//!                               one holder at a time
+//!                               one holder at a time ([`lease`])
+//! {prefix}/.lease-probe-{id}   for a moment while a daemon opens the volume:
+//!                               the probe of the server's conditional writes
 //! {prefix}/chunks/{i:016x}      chunk i: device bytes [i*cs, (i+1)*cs),
 //!                               a 40-byte header (magic, volume id, index,
 //!                               length, crc32c) then the payload
@@ -29,7 +31,8 @@
 //!   tokio runtime) with typed errors, timeouts and bounded retries.
 //! - [`cache`]: the local cache directory and when it can be trusted.
 //! - [`chunks`]: the in-memory table of chunks (cached, dirty, in use).
-//! - [`lease`]: one daemon per volume.
+//! - [`lease`]: one daemon per volume: the lease object, the probe of the
+//!   server's conditional writes, the host lock of `--lease host`.
 //! - [`target`]: [`S3Target`], the request path, uploads, read-ahead,
 //!   write-back and eviction.
 
@@ -46,6 +49,7 @@ pub use layout::{
     chunk_key, decode_chunk, encode_chunk, is_all_zero, parse_chunk_key, ChunkProblem, Geometry,
     LayoutError, Lease, Manifest, VolumeId, DEFAULT_CHUNK_SIZE, LEASE_KEY, MANIFEST_KEY,
 };
+pub use lease::LeaseMode;
 pub use store::{Credentials, RetryPolicy, S3Config, S3Store, StoreError};
 pub use target::{S3Options, S3Target};
 
@@ -84,6 +88,29 @@ pub enum S3Error {
         pid: u32,
         /// When it took the lease.
         since_unix: u64,
+    },
+    /// `--lease auto` on a server whose conditional writes the lease
+    /// cannot rely on.
+    #[error(
+        "{endpoint} {reason}: there the lease cannot keep a second writer out; \
+         add --lease host to lock the volume on this host only"
+    )]
+    NotAtomic {
+        /// The endpoint URL.
+        endpoint: String,
+        /// What the probe found.
+        reason: String,
+    },
+    /// Another daemon of this host holds the volume's host lock.
+    #[error("the volume is in use: another daemon of this host holds its lock {} (--lease host)", .0.display())]
+    HostLockHeld(PathBuf),
+    /// The host lock could not be taken.
+    #[error("s3 host lock {}: {err}", path.display())]
+    HostLock {
+        /// The lock file.
+        path: PathBuf,
+        /// What the OS said.
+        err: std::io::Error,
     },
     /// No manifest under the prefix and no size to create a volume with.
     #[error("no volume at bucket {bucket:?} prefix {prefix:?}: give --size to create one")]

@@ -26,6 +26,8 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
 };
 
+mod conditional;
+
 /// Region used when none is configured (any region works for most
 /// S3-compatible servers; AWS needs the bucket's real one).
 pub const DEFAULT_REGION: &str = "us-east-1";
@@ -297,6 +299,19 @@ impl RetryPolicy {
         }
     }
 
+    /// The policy of the lease probe's racing writes: a server that lost
+    /// the race for some of them may answer 500 (RADOS Gateway does), and
+    /// those are retried soon, not after backoffs of seconds.
+    #[must_use]
+    pub fn race() -> Self {
+        Self {
+            max_retries: 10,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            budget: Duration::from_secs(10),
+        }
+    }
+
     /// The equivalent `object_store` retry configuration.
     #[must_use]
     pub fn to_retry_config(&self) -> RetryConfig {
@@ -365,6 +380,8 @@ pub struct S3Store {
     s3: AmazonS3,
     /// Same as `s3` but with [`RetryPolicy::probe`], for [`S3Store::check`].
     probe: AmazonS3,
+    /// Same as `s3` but with [`RetryPolicy::race`], for the lease probe.
+    race: AmazonS3,
     prefix: String,
     bucket: String,
     endpoint: String,
@@ -407,6 +424,7 @@ impl S3Store {
 
         let s3 = build_client(config, &credentials, config.retry)?;
         let probe = build_client(config, &credentials, RetryPolicy::probe())?;
+        let race = build_client(config, &credentials, RetryPolicy::race())?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("userblk-s3")
@@ -421,6 +439,7 @@ impl S3Store {
             rt,
             s3,
             probe,
+            race,
             prefix,
             bucket: config.bucket.clone(),
             endpoint,

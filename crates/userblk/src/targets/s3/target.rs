@@ -102,6 +102,8 @@ pub struct S3Options {
     pub writeback_delay: Duration,
     /// Take the volume even if another daemon holds its lease.
     pub break_lease: bool,
+    /// What keeps a second writer out (`--lease`).
+    pub lease: lease::LeaseMode,
     /// Remove the cache directory when the target closes with nothing
     /// dirty left (a cache made for one job, as `userblk copy` does).
     pub ephemeral_cache: bool,
@@ -120,6 +122,7 @@ impl S3Options {
             upload_jobs: DEFAULT_UPLOAD_JOBS,
             writeback_delay: DEFAULT_WRITEBACK_DELAY,
             break_lease: false,
+            lease: lease::LeaseMode::Auto,
             ephemeral_cache: false,
         }
     }
@@ -190,6 +193,9 @@ struct Core {
 pub struct S3Target {
     core: Arc<Core>,
     lease: Lease,
+    /// What keeps a second writer out while the target lives (the host
+    /// lock is released when it drops, after the lease).
+    _guard: lease::Guard,
     created: bool,
     ephemeral_cache: bool,
     /// `userblk ctl` actions, offered until the target goes.

@@ -69,9 +69,10 @@ impl S3Target {
         }
         let store = S3Store::new(&opts.store)?;
         store.check()?;
+        let guard = lease::guard(&store, opts.lease)?;
         let (m, created) = manifest(&store, &opts)?;
         let geometry = m.geometry()?;
-        let lease = lease::acquire(&store, m.volume_id, opts.break_lease)?;
+        let lease = lease::acquire(&store, m.volume_id, opts.break_lease, &guard)?;
         let opened = (|| {
             let in_bucket: BTreeSet<u64> = store
                 .list(CHUNKS_DIR)?
@@ -135,6 +136,7 @@ impl S3Target {
         let mut target = S3Target {
             core,
             lease,
+            _guard: guard,
             created,
             ephemeral_cache: opts.ephemeral_cache,
             actions: Mutex::new(Vec::new()),

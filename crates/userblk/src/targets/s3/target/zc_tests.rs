@@ -106,6 +106,8 @@ fn open(server: &Server, cache: &Path) -> S3Target {
     o.size = Some(8 * MIB);
     o.chunk_size = Some(MIB);
     o.writeback_delay = Duration::from_secs(600);
+    // s3s-fs: its conditional writes are not atomic (lease/probe.rs).
+    o.lease = crate::targets::s3::LeaseMode::Host;
     S3Target::open(o).unwrap()
 }
 
