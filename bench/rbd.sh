@@ -10,7 +10,9 @@
 #   bench/rbd.sh [--quick] [--size MIB (512)] [--runtime SECS (20)] [--repeat N (3)]
 #       [--mem SIZE (4G)] [--results DIR (/tmp/userblk-bench)]
 # USERBLK=path (default target/release/userblk, built if missing);
-# USERBLK_VM_CACHE picks the VM kernel as for vm/run.sh.
+# USERBLK_VM_CACHE picks the VM kernel as for vm/run.sh. RBD_BENCH_UB_ARGS: more
+# `userblk add` options (e.g. "-q 2 --io-buf-size 4M"); CEPH_ARGS reaches every
+# Ceph client in the guest (librbd of userblk and rbd-nbd, e.g. "--rbd_cache=false").
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -66,7 +68,7 @@ TIMEOUT=$(( 12 * REPEAT * (RUNTIME + 40) + 900 + SIZE ))
 
 start=$SECONDS busy0=$(cpu_busy) ours0=$(children_cpu)
 rc=0
-USERBLK=$OUT/userblk USERBLK_VM_PASSENV="USERBLK CEPH_TIMEOUT" USERBLK_VM_LOG=$OUT/console.log \
+USERBLK=$OUT/userblk USERBLK_VM_PASSENV="USERBLK CEPH_TIMEOUT CEPH_ARGS RBD_BENCH_UB_ARGS" USERBLK_VM_LOG=$OUT/console.log \
     vm/run.sh --mem "$MEM" --timeout "$TIMEOUT" --out "$OUT" -- \
     bench/guest/rbd.sh "$OUT" "$RUNTIME" "$REPEAT" "$SIZE" || rc=$?
 wall=$(( SECONDS - start ))

@@ -89,7 +89,8 @@ map() {  # SIDE
     MAPPED_SIDE=$1
     case $1 in
         userblk)
-            out=$("$USERBLK" add rbd --pool "$POOL" --image "$IMAGE" --conf "$CEPH_CONF")
+            # shellcheck disable=SC2086  # RBD_BENCH_UB_ARGS holds several words on purpose
+            out=$("$USERBLK" add rbd --pool "$POOL" --image "$IMAGE" --conf "$CEPH_CONF" ${RBD_BENCH_UB_ARGS:-})
             echo "$out" >>"$OUT/userblk-add.txt"
             UB_ID=$(sed -n '1s/^dev id \([0-9]*\):.*/\1/p' <<<"$out")
             MAPPED=/dev/ublkb$UB_ID ;;
@@ -112,6 +113,7 @@ map() {  # SIDE
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "kernel: $(uname -r); cpus: $(nproc); mem: $(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo)"
     echo "userblk: $("$USERBLK" --version), sha256 $(sha256sum <"$USERBLK" | cut -c1-16); $(fio --version)"
+    echo "userblk add options: ${RBD_BENCH_UB_ARGS:-(none)}; CEPH_ARGS: ${CEPH_ARGS:-(none)}"
     echo "ceph: $(ceph --version | awk '{print $3}'); cluster start ${start_s}s; image $POOL/$IMAGE ${SIZE} MiB," \
         "features $(rbd info "$POOL/$IMAGE" | sed -n 's/.*features: //p')"
     echo "runtime: ${RUNTIME}s x $REPEAT repeats per job and device; sides: ${SIDES[*]}"
