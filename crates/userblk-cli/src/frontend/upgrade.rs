@@ -119,7 +119,6 @@ fn plan(id: u32, flags: u64, kernel: Features) -> Result<Plan, String> {
 /// `userblk upgrade`.
 pub fn run(args: &UpgradeArgs) -> anyhow::Result<()> {
     let id = args.device.id()?;
-    let _lock = super::upgrade_lock::UpgradeLock::take(id)?;
     let exe = match &args.binary {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("finding the userblk executable")?,
@@ -127,6 +126,12 @@ pub fn run(args: &UpgradeArgs) -> anyhow::Result<()> {
     let version = check_binary(&exe)?;
     let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
     let saved = DeviceState::load(id)?;
+    // Only a device with saved state gets a lock file (`del` removes it
+    // with the state); the kernel's view is read under the lock.
+    let _lock = match saved {
+        Some(_) => Some(super::upgrade_lock::UpgradeLock::take(id)?),
+        None => None,
+    };
     if let Some(st) = saved.as_ref().filter(|st| st.frontend != "ublk") {
         bail!(
             "device {id} is served through {}: only ublk devices outlive their daemon, so only they can be upgraded",
