@@ -333,7 +333,7 @@ concurrent_upgrades() {
     holder=$!
     sleep 0.5
     one_line_fail "in progress" ub upgrade -n "$id"
-    kill "$holder"; wait "$holder" 2>/dev/null
+    kill "$holder"; wait "$holder" 2>/dev/null || true
     still_served_by "$id" "$pid"
     ub upgrade -n "$id" >"$WORK/up-a.out" 2>&1 & a=$!
     ub upgrade -n "$id" >"$WORK/up-b.out" 2>&1 & b=$!
