@@ -48,14 +48,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-have_frontend() {
-    if [ "$FRONTEND" = fuse ]; then
-        [ -e /dev/fuse ] && [ -e /dev/loop-control ] || skip "no FUSE or no loop devices"
-    else
-        [ -e /dev/ublk-control ] || modprobe ublk_drv 2>/dev/null || true
-        [ -e /dev/ublk-control ] || skip "no ublk in this kernel"
-    fi
-}
 
 # The cluster, started by the first case that needs it, with a pool `rbd`.
 have_cluster() {

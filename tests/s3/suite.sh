@@ -120,15 +120,6 @@ if [ "$FRONTEND" = fuse ]; then FE="--frontend fuse --loop"; else FE="--frontend
 if [ "$KIND" = s3s-fs ]; then LEASE="--lease host"; COPYQ="&lease=host"; else LEASE=""; COPYQ=""; fi
 FE="$FE $LEASE"
 
-# Skip the case when this machine lacks the frontend.
-have_frontend() {
-    if [ "$FRONTEND" = fuse ]; then
-        [ -e /dev/fuse ] && [ -e /dev/loop-control ] || skip "no FUSE or no loop devices"
-    else
-        [ -e /dev/ublk-control ] || modprobe ublk_drv 2>/dev/null || true
-        [ -e /dev/ublk-control ] || skip "no ublk in this kernel"
-    fi
-}
 
 # add_s3 BUCKET PREFIX CACHE [OPTIONS...]: a device; prints "ID BLOCKDEV".
 add_s3() {

@@ -342,3 +342,14 @@ summary() {
     echo "$PASSED passed, $FAILED failed, $SKIPPED skipped"
     [ "$FAILED" -eq 0 ] && [ "$short" -eq 0 ]
 }
+
+# Skip the case when this machine lacks $FRONTEND (fuse: FUSE and loop
+# devices; ublk: ublk_drv), for suites that run on either (tests/s3, tests/host/rbd.sh).
+have_frontend() {
+    if [ "$FRONTEND" = fuse ]; then
+        [ -e /dev/fuse ] && [ -e /dev/loop-control ] || skip "no FUSE or no loop devices"
+    else
+        [ -e /dev/ublk-control ] || modprobe ublk_drv 2>/dev/null || true
+        [ -e /dev/ublk-control ] || skip "no ublk in this kernel"
+    fi
+}
