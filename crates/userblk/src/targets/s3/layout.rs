@@ -10,6 +10,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+mod snapshot;
+
+pub use snapshot::{
+    check_snapshot_name, parse_snapshot_key, snapshot_key, SnapshotRecord, MAX_SNAPSHOT_NAME,
+};
+
 /// Key of the manifest object, relative to the volume prefix.
 pub const MANIFEST_KEY: &str = "manifest.json";
 /// Key of the lease object, relative to the volume prefix.
@@ -17,8 +23,17 @@ pub const LEASE_KEY: &str = "lease.json";
 /// Directory (key prefix) that holds the chunk objects.
 pub const CHUNKS_DIR: &str = "chunks";
 
-/// The manifest format this code writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest format this code writes. Version 1 (no epochs, no
+/// parents) is read too, and stays version 1 until a snapshot bumps its
+/// epoch; a newer version is refused.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format: chunk keys without an epoch, no snapshots or parents.
+pub const FORMAT_V1: u32 = 1;
+/// Directory (key prefix) of the snapshot records.
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+/// Most ancestors a clone may have (clones of clones): each costs a listing
+/// at open and a lookup per missed chunk.
+pub const MAX_PARENTS: usize = 32;
 /// Chunk size used when the user names none.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 /// Smallest chunk size: below this, per-request cost dominates.
@@ -54,7 +69,7 @@ pub enum LayoutError {
     #[error("manifest is malformed: {0}")]
     ManifestMalformed(String),
     /// The manifest was written by a newer (or unknown) format.
-    #[error("manifest format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error("manifest format version {found} is not supported (this build reads versions {FORMAT_V1} to {FORMAT_VERSION}): use a newer userblk")]
     UnknownVersion {
         /// Version in the manifest.
         found: u64,
@@ -75,6 +90,14 @@ pub enum LayoutError {
         /// Chunk size the user asked for.
         requested: u64,
     },
+    /// A snapshot record is not valid.
+    #[error("snapshot record is malformed: {0}")]
+    SnapshotMalformed(String),
+    /// Not a snapshot name.
+    #[error(
+        "snapshot name {0:?} is invalid: 1 to 128 of A-Z a-z 0-9 . _ -, not starting with . or -"
+    )]
+    BadSnapshotName(String),
     /// The lease object is not valid.
     #[error("lease is malformed: {0}")]
     LeaseMalformed(String),
@@ -219,15 +242,42 @@ pub fn chunk_key(index: u64) -> String {
     format!("{CHUNKS_DIR}/{index:016x}")
 }
 
+/// Key of chunk `index` as written in epoch `epoch`: epoch 0 is the plain
+/// [`chunk_key`] (every object of a version 1 volume), a later one adds
+/// `.{epoch:016x}`, so one index's versions list together, oldest first.
+#[must_use]
+pub fn chunk_key_at(index: u64, epoch: u64) -> String {
+    if epoch == 0 {
+        chunk_key(index)
+    } else {
+        format!("{CHUNKS_DIR}/{index:016x}.{epoch:016x}")
+    }
+}
+
+fn hex16(s: &str) -> Option<u64> {
+    if s.len() != 16 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
 /// The chunk index of a key made by [`chunk_key`] (relative to the prefix);
 /// `None` for anything else.
 #[must_use]
 pub fn parse_chunk_key(key: &str) -> Option<u64> {
-    let hex = key.strip_prefix(CHUNKS_DIR)?.strip_prefix('/')?;
-    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
+    hex16(key.strip_prefix(CHUNKS_DIR)?.strip_prefix('/')?)
+}
+
+/// The (index, epoch) of a key made by [`chunk_key_at`] (relative to the
+/// prefix); `None` for anything else.
+#[must_use]
+pub fn parse_chunk_key_at(key: &str) -> Option<(u64, u64)> {
+    let name = key.strip_prefix(CHUNKS_DIR)?.strip_prefix('/')?;
+    match name.split_once('.') {
+        None => Some((hex16(name)?, 0)),
+        // Epoch 0 has only the plain form: one key per version.
+        Some((i, e)) => Some((hex16(i)?, hex16(e).filter(|&e| e > 0)?)),
     }
-    u64::from_str_radix(hex, 16).ok()
 }
 
 /// A volume's random identity, written in the manifest, every chunk header
@@ -330,6 +380,30 @@ pub struct Manifest {
     pub created_unix: u64,
     /// The volume's random id.
     pub volume_id: VolumeId,
+    /// The head epoch: chunks are written under [`chunk_key_at`] with it.
+    /// A snapshot freezes the epoch it names and moves the head to the next
+    /// one, so no object a snapshot reads is ever written again. 0 in
+    /// version 1.
+    #[serde(default)]
+    pub epoch: u64,
+    /// A clone's ancestors, nearest first: a chunk with no object of this
+    /// volume reads as the first of them that has one (version 2 only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<ParentRef>,
+}
+
+/// One ancestor of a clone: a volume of the same bucket, as it was at one
+/// snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The ancestor's key prefix in the bucket.
+    pub prefix: String,
+    /// The ancestor's id (its chunk headers carry it).
+    pub volume_id: VolumeId,
+    /// The ancestor's epoch the clone sees: objects up to it.
+    pub epoch: u64,
+    /// The snapshot the clone was made from (for people; the epoch is what counts).
+    pub snapshot: String,
 }
 
 /// Only the version, read first so a future format with other fields
@@ -350,6 +424,8 @@ impl Manifest {
             checksum: CHECKSUM_ALGORITHM.to_owned(),
             created_unix,
             volume_id,
+            epoch: 0,
+            parents: Vec::new(),
         }
     }
 
@@ -372,13 +448,24 @@ impl Manifest {
     pub fn decode(bytes: &[u8]) -> Result<Self, LayoutError> {
         let probe: VersionProbe = serde_json::from_slice(bytes)
             .map_err(|e| LayoutError::ManifestMalformed(e.to_string()))?;
-        if probe.format_version != u64::from(FORMAT_VERSION) {
+        if !(u64::from(FORMAT_V1)..=u64::from(FORMAT_VERSION)).contains(&probe.format_version) {
             return Err(LayoutError::UnknownVersion {
                 found: probe.format_version,
             });
         }
         let m: Self = serde_json::from_slice(bytes)
             .map_err(|e| LayoutError::ManifestMalformed(e.to_string()))?;
+        if m.format_version == FORMAT_V1 && (m.epoch != 0 || !m.parents.is_empty()) {
+            return Err(LayoutError::ManifestMalformed(
+                "a version 1 manifest with an epoch or parents".into(),
+            ));
+        }
+        if m.parents.len() > MAX_PARENTS {
+            return Err(LayoutError::ManifestMalformed(format!(
+                "{} ancestors, more than {MAX_PARENTS}",
+                m.parents.len()
+            )));
+        }
         if m.checksum != CHECKSUM_ALGORITHM {
             return Err(LayoutError::ManifestMalformed(format!(
                 "unknown checksum algorithm {:?}",
@@ -566,6 +653,19 @@ pub fn is_all_zero(buf: &[u8]) -> bool {
     blocks.remainder().iter().all(|&x| x == 0)
 }
 
+/// Size of a tombstone: a chunk object with no payload. It hides what an
+/// older epoch or a parent has for its chunk, which then reads as zeroes
+/// (a data chunk is never empty: all-zero chunks are not stored).
+pub const TOMBSTONE_LEN: u64 = CHUNK_HEADER_LEN as u64;
+
+/// The tombstone of chunk `index` of `volume`.
+///
+/// # Errors
+/// Never in practice ([`encode_chunk`]'s).
+pub fn encode_tombstone(volume: VolumeId, index: u64) -> Result<Vec<u8>, LayoutError> {
+    encode_chunk(volume, index, &[])
+}
+
 /// The lease object: who has the volume open. Taken with a conditional
 /// create so two hosts never serve one volume at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -681,6 +781,69 @@ mod tests {
     }
 
     #[test]
+    fn chunk_keys_with_epochs() {
+        assert_eq!(chunk_key_at(5, 0), chunk_key(5));
+        assert_eq!(
+            chunk_key_at(5, 2),
+            "chunks/0000000000000005.0000000000000002"
+        );
+        for (i, e) in [(0, 0), (5, 1), (u64::MAX, u64::MAX), (7, 0x1_0000_0000)] {
+            assert_eq!(parse_chunk_key_at(&chunk_key_at(i, e)), Some((i, e)));
+        }
+        // One index's versions list together, oldest first, before the next index.
+        let mut keys = vec![
+            chunk_key_at(2, 0),
+            chunk_key_at(1, 10),
+            chunk_key_at(1, 2),
+            chunk_key_at(1, 0),
+        ];
+        keys.sort();
+        let back: Vec<_> = keys.iter().filter_map(|k| parse_chunk_key_at(k)).collect();
+        assert_eq!(back, [(1, 0), (1, 2), (1, 10), (2, 0)]);
+        for bad in [
+            "chunks/0000000000000001.0000000000000000",
+            "chunks/0000000000000001.",
+            "chunks/0000000000000001.2",
+            "chunks/0000000000000001.000000000000000G",
+            "snapshots/a.json",
+        ] {
+            assert_eq!(parse_chunk_key_at(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn manifest_versions() {
+        let g = Geometry::new(1 << 20, MIN_CHUNK_SIZE).unwrap();
+        // A version 1 manifest as the first format wrote it.
+        let v1 = serde_json::json!({
+            "format_version": 1, "device_size": 1 << 20, "chunk_size": MIN_CHUNK_SIZE,
+            "checksum": "crc32c", "created_unix": 1, "volume_id": VOL.to_string(),
+        });
+        let m = Manifest::decode(&serde_json::to_vec(&v1).unwrap()).unwrap();
+        assert_eq!((m.format_version, m.epoch), (FORMAT_V1, 0));
+        assert!(m.parents.is_empty());
+        // Rewritten (a resize), it stays version 1 and has no new fields.
+        let again: serde_json::Value = serde_json::from_slice(&m.encode().unwrap()).unwrap();
+        assert!(again.get("parents").is_none());
+        // A clone's manifest round-trips its parents.
+        let mut c = Manifest::new(g, VolumeId([9; 16]), 2);
+        c.epoch = 3;
+        c.parents.push(ParentRef {
+            prefix: "golden".into(),
+            volume_id: VOL,
+            epoch: 1,
+            snapshot: "base".into(),
+        });
+        assert_eq!(c.format_version, FORMAT_VERSION);
+        assert_eq!(Manifest::decode(&c.encode().unwrap()).unwrap(), c);
+        c.parents = vec![c.parents[0].clone(); MAX_PARENTS + 1];
+        assert!(matches!(
+            Manifest::decode(&c.encode().unwrap()),
+            Err(LayoutError::ManifestMalformed(_))
+        ));
+    }
+
+    #[test]
     fn volume_id_roundtrip() {
         let id = VolumeId::random().unwrap();
         let s = id.to_string();
@@ -724,14 +887,21 @@ mod tests {
         let g = Geometry::new(1 << 20, MIN_CHUNK_SIZE).unwrap();
         let mut v: serde_json::Value =
             serde_json::from_slice(&Manifest::new(g, VOL, 1).encode().unwrap()).unwrap();
-        v["format_version"] = 2.into();
+        v["format_version"] = 3.into();
         // A future version with unknown fields still says "unknown version".
         v["new_field"] = "x".into();
         let err = Manifest::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert_eq!(err, LayoutError::UnknownVersion { found: 2 });
-        assert!(err.to_string().contains("version 2"));
+        assert_eq!(err, LayoutError::UnknownVersion { found: 3 });
+        assert!(err.to_string().contains("version 3"), "{err}");
 
+        // Version 1 has no epoch and no parents.
         v["format_version"] = 1.into();
+        v["epoch"] = 4.into();
+        assert!(matches!(
+            Manifest::decode(&serde_json::to_vec(&v).unwrap()),
+            Err(LayoutError::ManifestMalformed(_))
+        ));
+        v["epoch"] = 0.into();
         v["chunk_size"] = 1000.into();
         assert_eq!(
             Manifest::decode(&serde_json::to_vec(&v).unwrap()),

@@ -42,6 +42,7 @@ pub mod layout;
 pub mod lease;
 pub mod store;
 pub mod target;
+pub mod view;
 
 use std::path::PathBuf;
 

@@ -376,7 +376,8 @@ impl S3Config {
 /// worker threads, e.g. in an `Arc`.
 #[derive(Debug)]
 pub struct S3Store {
-    rt: tokio::runtime::Runtime,
+    /// Shared with the stores [`S3Store::at_prefix`] makes.
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
     s3: AmazonS3,
     /// Same as `s3` but with [`RetryPolicy::probe`], for [`S3Store::check`].
     probe: AmazonS3,
@@ -431,6 +432,7 @@ impl S3Store {
             .enable_all()
             .build()
             .map_err(StoreError::Runtime)?;
+        let rt = std::sync::Arc::new(rt);
         let endpoint = config
             .endpoint
             .clone()
@@ -443,6 +445,29 @@ impl S3Store {
             prefix,
             bucket: config.bucket.clone(),
             endpoint,
+        })
+    }
+
+    /// A store of the same bucket and client under another prefix (a
+    /// clone's parent, or the bucket's root for `gc`): no new connection
+    /// pool or runtime.
+    ///
+    /// # Errors
+    /// [`StoreError::Config`] for a prefix that is not a valid key.
+    pub fn at_prefix(&self, prefix: &str) -> Result<Self, StoreError> {
+        let prefix = prefix.trim_matches('/').to_owned();
+        if !prefix.is_empty() {
+            Path::parse(&prefix)
+                .map_err(|e| StoreError::Config(format!("prefix {prefix:?}: {e}")))?;
+        }
+        Ok(Self {
+            rt: std::sync::Arc::clone(&self.rt),
+            s3: self.s3.clone(),
+            probe: self.probe.clone(),
+            race: self.race.clone(),
+            prefix,
+            bucket: self.bucket.clone(),
+            endpoint: self.endpoint.clone(),
         })
     }
 
