@@ -75,6 +75,7 @@ as_root bash tests/s3/suite.sh --frontend fuse
 
 step "host suite: s3 target against RADOS Gateway of a one-node Ceph cluster over FUSE + loop (the same cases)"
 as_root bash tests/s3/suite.sh --frontend fuse --server rgw
+step "host suite: s3 snapshots, clones and gc against s3s-fs over FUSE + loop (golden image and 6 clones, live snapshot, kill -9, old format, refusals, gc)" && as_root bash tests/s3/clones.sh --frontend fuse
 step "host suite: rbd target on a one-node Ceph cluster over FUSE + loop (fio, ext4, kill -9, one writer, copy, refusals, OSD stopped)" && as_root bash tests/host/rbd.sh
 
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
@@ -105,8 +106,8 @@ as_root vm/run.sh -- vm/suite/crash.sh
 step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names, add/del churn, the rbd target with a Ceph cluster in the VM (Debian 6.12 in qemu/TCG, one boot)"
 as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn apply rbd
 
-step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
-as_root vm/run.sh -- vm/suite/s3.sh
+step "real-kernel suites: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover); its snapshots, clones and gc (Debian 6.12 in qemu/TCG, one boot)"
+as_root vm/run.sh -- vm/suite/several.sh s3 s3-clones
 
 # Zero copy, resize, QUIESCE, batch I/O and safe stop need 6.16+/7.0+: the
 # ublk, recovery and current-kernel suites run again on the newest kernel of
