@@ -378,8 +378,8 @@ case_bad_manifests_and_missing_parents() {
     good=$(s3 get "$b" v/manifest.json)
     fails_clearly "invalid" ub snapshot create "$(url "$b" v)" "../x"
     fails_clearly "snapshot|not found|no such" ub clone "$(url "$b" v@nosuch)" "$(url "$b" c2)"
-    fails_clearly "exist" ub clone "$(url "$b" v@s)" "$(url "$b" c)"
-    fails_clearly "exist" ub snapshot create "$(url "$b" v)" s
+    fails_clearly "exist|already" ub clone "$(url "$b" v@s)" "$(url "$b" c)"
+    fails_clearly "exist|already" ub snapshot create "$(url "$b" v)" s
     # A damaged manifest.
     echo "not json" | s3 put "$b" v/manifest.json
     fails_clearly "malformed" ub snapshot create "$(url "$b" v)" s2
