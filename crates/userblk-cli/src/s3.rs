@@ -200,6 +200,7 @@ pub fn copy_options_for(url: &S3Url, size: Option<u64>) -> anyhow::Result<S3Opti
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
