@@ -121,6 +121,18 @@ pub enum Command {
     Create(CreateArgs),
     /// Copy any target to any target, skipping holes (`userblk copy disk.raw disk.qcow2`).
     Copy(CopyArgs),
+    /// Snapshots of an s3 volume: create (also of a live one), list, delete.
+    ///
+    /// A snapshot is a crash-consistent point of the volume that never
+    /// changes; `clone` makes writable volumes of it, `copy s3://B/P@NAME`
+    /// exports it. See docs/snapshots.md.
+    Snapshot(SnapshotArgs),
+    /// Make a writable s3 volume of a snapshot, copying no data
+    /// (`userblk clone s3://B/golden@base s3://B/vm7`).
+    Clone(CloneArgs),
+    /// Delete the chunk objects of an s3 bucket that no volume and no
+    /// snapshot can read any more, safely while volumes are served.
+    Gc(GcArgs),
     /// Show the ublk features this kernel supports, and what each lets userblk do.
     Features(JsonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -605,6 +617,103 @@ pub struct Qcow2Args {
     /// Filters given after the target name.
     #[command(flatten)]
     pub filters: FilterArgs,
+}
+
+/// `snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: SnapshotAction,
+}
+
+/// What `snapshot` does.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotAction {
+    /// Take snapshot NAME of the volume now. A daemon of this host serving
+    /// it holds writes, uploads what is dirty and freezes the point;
+    /// with no daemon, this command takes the volume's lease and does it.
+    Create(SnapshotCreateArgs),
+    /// The volume's snapshots: name, time, size, and the bytes only each
+    /// one holds (what deleting it and `gc` would free).
+    List(SnapshotListArgs),
+    /// Delete snapshot NAME (its clones keep what they read; `gc` frees
+    /// the rest once --grace has passed).
+    Delete(SnapshotDeleteArgs),
+}
+
+/// `snapshot create`.
+#[derive(Debug, Args)]
+pub struct SnapshotCreateArgs {
+    /// The volume: s3://BUCKET/PREFIX[?endpoint=URL&region=R&lease=host].
+    #[arg(value_name = "VOLUME")]
+    pub volume: crate::s3::S3Url,
+    /// The snapshot's name (A-Z a-z 0-9 . _ -).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The cache directory, when no daemon serves the volume (as `add s3
+    /// --cache-dir`: dirty data a dead daemon left there goes up first).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Print the snapshot's record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `snapshot list`.
+#[derive(Debug, Args)]
+pub struct SnapshotListArgs {
+    /// The volume: s3://BUCKET/PREFIX.
+    #[arg(value_name = "VOLUME")]
+    pub volume: crate::s3::S3Url,
+    /// As JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `snapshot delete`.
+#[derive(Debug, Args)]
+pub struct SnapshotDeleteArgs {
+    /// The volume: s3://BUCKET/PREFIX.
+    #[arg(value_name = "VOLUME")]
+    pub volume: crate::s3::S3Url,
+    /// The snapshot.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// `clone`.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The snapshot to clone: s3://BUCKET/PREFIX@NAME.
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshot: crate::s3::S3Url,
+    /// The new volume, in the same bucket: s3://BUCKET/NEWPREFIX.
+    #[arg(value_name = "VOLUME")]
+    pub volume: crate::s3::S3Url,
+    /// Print the new volume's manifest as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The bucket, or the part of it to collect: s3://BUCKET[/PREFIX]
+    /// (every volume of the bucket is read either way: a clone elsewhere
+    /// may read a volume under PREFIX).
+    #[arg(value_name = "BUCKET")]
+    pub bucket: crate::s3::S3Url,
+    /// List what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds a deleted snapshot's data stays (a clone being made of it
+    /// meanwhile still sees it).
+    #[arg(long, default_value_t = 900, value_name = "SECONDS")]
+    pub grace: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `create`.

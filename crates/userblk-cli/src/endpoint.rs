@@ -38,17 +38,11 @@ pub enum Endpoint {
     Nbd(NbdUri),
     /// SIZE bytes that read as zeroes; writes are dropped (the null target).
     Null(u64),
-    /// A volume of the s3 target: `s3://BUCKET/PREFIX[?endpoint=URL&region=R
+    /// A volume of the s3 target, or one of its snapshots (read-only):
+    /// `s3://BUCKET/PREFIX[@SNAPSHOT][?endpoint=URL&region=R
     /// &chunk-size=SIZE&cache-size=SIZE&lease=auto|host]` (endpoint and region default to
     /// `$AWS_ENDPOINT_URL` and `$AWS_REGION`; chunk-size is for a new volume).
-    S3 {
-        /// The bucket.
-        bucket: String,
-        /// Where in the bucket the image's objects live.
-        prefix: String,
-        /// The options after `?`, checked, in the order given.
-        options: Vec<(String, String)>,
-    },
+    S3(crate::s3::S3Url),
     /// An image of a Ceph cluster (the rbd target):
     /// `rbd://POOL/IMAGE[?conf=FILE&id=NAME]`.
     Rbd(crate::rbd::RbdUri),
@@ -88,25 +82,13 @@ impl FromStr for Endpoint {
         if s.is_empty() {
             return Err(format!("an empty endpoint; use {FORMS}"));
         }
-        if let Some((scheme, rest)) = s.split_once("://") {
+        if let Some((scheme, _)) = s.split_once("://") {
             return match scheme {
                 "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => NbdUri::parse(s)
                     .map(Endpoint::Nbd)
                     .map_err(|e| e.to_string()),
                 "rbd" => crate::rbd::RbdUri::parse(s).map(Endpoint::Rbd),
-                "s3" => {
-                    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-                    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                    if bucket.is_empty() {
-                        return Err(format!("'{s}': no bucket; use s3://BUCKET/PREFIX"));
-                    }
-                    Ok(Endpoint::S3 {
-                        bucket: bucket.into(),
-                        prefix: prefix.into(),
-                        options: crate::s3::copy_options(query)
-                            .map_err(|e| format!("'{s}': {e}"))?,
-                    })
-                }
+                "s3" => s.parse().map(Endpoint::S3),
                 _ => Err(format!("'{s}': unknown scheme '{scheme}'; use {FORMS}")),
             };
         }
@@ -150,17 +132,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Nbd(u) => write!(f, "{u}"),
             Endpoint::Rbd(u) => write!(f, "{u}"),
             Endpoint::Null(size) => write!(f, "null:{}", userblk::size::format(*size)),
-            Endpoint::S3 {
-                bucket,
-                prefix,
-                options,
-            } => {
-                write!(f, "s3://{bucket}/{prefix}")?;
-                for (i, (k, v)) in options.iter().enumerate() {
-                    write!(f, "{}{k}={v}", if i == 0 { '?' } else { '&' })?;
-                }
-                Ok(())
-            }
+            Endpoint::S3(u) => write!(f, "{u}"),
         }
     }
 }
@@ -170,7 +142,7 @@ impl Endpoint {
     pub fn path(&self) -> Option<&Path> {
         match self {
             Endpoint::Raw(p) | Endpoint::Qcow2(p) | Endpoint::Path(p) => Some(p),
-            Endpoint::Nbd(_) | Endpoint::Null(_) | Endpoint::S3 { .. } | Endpoint::Rbd(_) => None,
+            Endpoint::Nbd(_) | Endpoint::Null(_) | Endpoint::S3(_) | Endpoint::Rbd(_) => None,
         }
     }
 
@@ -210,17 +182,12 @@ pub fn open(ep: &Endpoint, role: Role) -> anyhow::Result<Opened> {
             size: *size,
             zero_fill: true,
         },
-        Endpoint::S3 {
-            bucket,
-            prefix,
-            options,
-        } => {
+        Endpoint::S3(url) => {
             let size = match role {
                 Role::Source => None,
                 Role::Destination { size } => Some(size),
             };
-            let opts = crate::s3::copy_options_for(bucket, prefix, options, size)?;
-            TargetSpec::S3(Box::new(opts))
+            TargetSpec::S3(Box::new(crate::s3::copy_options_for(url, size)?))
         }
     };
     let o = spec::open(spec, &[], &Env::default())?;
@@ -367,11 +334,12 @@ mod tests {
         ));
         assert_eq!(
             parse("s3://bucket/images/vm1"),
-            Ok(Endpoint::S3 {
+            Ok(Endpoint::S3(crate::s3::S3Url {
                 bucket: "bucket".into(),
                 prefix: "images/vm1".into(),
+                snapshot: None,
                 options: Vec::new(),
-            })
+            }))
         );
         let with = "s3://b/p?endpoint=http://127.0.0.1:9000&chunk-size=1M";
         assert_eq!(parse(with).unwrap().to_string(), with);

@@ -19,6 +19,7 @@ mod endpoint;
 mod exit;
 mod exposition;
 mod frontend;
+mod gc;
 mod http;
 mod list;
 mod man;
@@ -30,6 +31,7 @@ mod progress;
 mod rbd;
 mod resize;
 mod s3;
+mod snapshot;
 mod stale_replies;
 mod stats;
 mod targets;
@@ -92,6 +94,9 @@ fn main() -> ExitCode {
         Command::Apply(args) => apply::run(&args),
         Command::Create(args) => create(&args),
         Command::Copy(args) => copy::run(&args),
+        Command::Snapshot(args) => snapshot::run(&args),
+        Command::Clone(args) => snapshot::clone(&args),
+        Command::Gc(args) => gc::run(&args),
         Command::Features(args) => features(&args),
         Command::Completions(args) => {
             // Into memory first: the generator panics on a failed write.

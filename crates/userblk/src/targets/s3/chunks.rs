@@ -9,9 +9,38 @@
 //! waits until `uploaded` reaches it, so writes that land during an upload
 //! are never mistaken for uploaded.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::cache::{ABSENT, CLEAN, DIRTY};
+
+/// An object below the head epoch that a chunk reads when the head has
+/// none: the volume's own of an older epoch (layer 0) or a parent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Below {
+    /// 0: the volume; then its parents, nearest first.
+    pub layer: u16,
+    /// The object's epoch.
+    pub epoch: u64,
+}
+
+/// What the bucket has for one chunk, as listed at open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// An object of the head epoch: `Some(true)` if it is a tombstone.
+    pub head: Option<bool>,
+    /// What it reads without the head's object.
+    pub below: Option<Below>,
+}
+
+impl Stored {
+    /// Whether the chunk reads as anything but zeroes.
+    pub fn has_data(&self) -> bool {
+        match self.head {
+            Some(tomb) => !tomb,
+            None => self.below.is_some(),
+        }
+    }
+}
 
 /// What a chunk is busy with, exclusively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +68,14 @@ pub struct Chunk {
     pub uploading: bool,
     /// A fetch or an eviction is under way.
     pub busy: Option<Busy>,
-    /// Whether the bucket has an object for it (else it reads as zeroes).
+    /// Whether the bucket has an object for it in the head epoch (else it
+    /// reads as `below`, or zeroes).
     pub in_bucket: bool,
+    /// That object is a tombstone: the chunk reads as zeroes.
+    pub tomb: bool,
+    /// What it reads when the head epoch has no object for it. An all-zero
+    /// upload then writes a tombstone rather than delete the head's object.
+    pub below: Option<Below>,
     /// When it was last used, in ms since the target started (for LRU eviction).
     pub last_use: u64,
     /// The last upload failed: flushes waiting for it fail too.
@@ -57,6 +92,34 @@ impl Chunk {
     /// Newer bytes in the cache than in the bucket.
     pub fn dirty(&self) -> bool {
         self.gen != self.uploaded
+    }
+
+    /// What the bucket has for it.
+    pub fn stored(&self) -> Stored {
+        Stored {
+            head: self.in_bucket.then_some(self.tomb),
+            below: self.below,
+        }
+    }
+
+    /// Take what the bucket has for it.
+    pub fn set_stored(&mut self, s: Stored) {
+        self.in_bucket = s.head.is_some();
+        self.tomb = s.head == Some(true);
+        self.below = s.below;
+    }
+
+    /// Where a fetch reads it: (layer, epoch) of its object, `None` for zeroes.
+    pub fn source(&self, head_epoch: u64) -> Option<(u16, u64)> {
+        if self.in_bucket {
+            return (!self.tomb).then_some((0, head_epoch));
+        }
+        self.below.map(|b| (b.layer, b.epoch))
+    }
+
+    /// Reads as zeroes and is not cached: a hole.
+    pub fn hole(&self) -> bool {
+        !self.resident && !self.stored().has_data()
     }
 
     /// The byte recorded in the cache's state file.
@@ -85,8 +148,8 @@ pub struct Table {
 }
 
 impl Table {
-    /// A table from the cache's state bytes and the set of chunks the bucket has.
-    pub fn new(states: &[u8], in_bucket: &BTreeSet<u64>) -> Self {
+    /// A table from the cache's state bytes and what the bucket has.
+    pub fn new(states: &[u8], stored: &BTreeMap<u64, Stored>) -> Self {
         let mut t = Table::default();
         t.chunks = states
             .iter()
@@ -95,9 +158,9 @@ impl Table {
                 let i = i as u64;
                 let mut c = Chunk {
                     resident: s != ABSENT,
-                    in_bucket: in_bucket.contains(&i),
                     ..Chunk::default()
                 };
+                c.set_stored(stored.get(&i).copied().unwrap_or_default());
                 if s == DIRTY {
                     // Dirty before a restart: one upload will do.
                     c.gen = 1;
@@ -150,6 +213,22 @@ impl Table {
         self.get(i).last_use = now_ms;
     }
 
+    /// A snapshot moved the head epoch from `old` on: the head's objects
+    /// are below now, and the new head has none.
+    pub fn next_epoch(&mut self, old: u64) {
+        for c in &mut self.chunks {
+            if c.in_bucket {
+                // A tombstone reads as zeroes from below too.
+                c.below = (!c.tomb).then_some(Below {
+                    layer: 0,
+                    epoch: old,
+                });
+                c.in_bucket = false;
+                c.tomb = false;
+            }
+        }
+    }
+
     /// A write went into chunk `i`: bump its generation.
     pub fn bump(&mut self, i: u64) {
         let c = self.get(i);
@@ -187,8 +266,12 @@ mod tests {
 
     #[test]
     fn states_from_the_cache_and_lru_order() {
-        let in_bucket: BTreeSet<u64> = [0, 2].into_iter().collect();
-        let mut t = Table::new(&[CLEAN, DIRTY, ABSENT, CLEAN], &in_bucket);
+        let head = Stored {
+            head: Some(false),
+            below: None,
+        };
+        let stored: BTreeMap<u64, Stored> = [(0, head), (2, head)].into_iter().collect();
+        let mut t = Table::new(&[CLEAN, DIRTY, ABSENT, CLEAN], &stored);
         assert_eq!(t.resident, 3);
         assert_eq!(t.dirty.iter().copied().collect::<Vec<_>>(), vec![1]);
         assert!(t.get(1).dirty() && !t.get(0).dirty());
@@ -206,5 +289,46 @@ mod tests {
         t.bump(0);
         assert!(t.get(0).dirty());
         assert!(t.eviction_candidates(10, 100).is_empty());
+    }
+
+    #[test]
+    fn epochs_move_the_head_below() {
+        let b = Below { layer: 1, epoch: 3 };
+        let stored: BTreeMap<u64, Stored> = [
+            (
+                0,
+                Stored {
+                    head: Some(false),
+                    below: Some(b),
+                },
+            ),
+            (
+                1,
+                Stored {
+                    head: Some(true),
+                    below: Some(b),
+                },
+            ),
+            (
+                2,
+                Stored {
+                    head: None,
+                    below: Some(b),
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let mut t = Table::new(&[ABSENT; 4], &stored);
+        assert_eq!(t.chunk(0).source(5), Some((0, 5)));
+        assert_eq!(t.chunk(1).source(5), None);
+        assert_eq!(t.chunk(2).source(5), Some((1, 3)));
+        assert!(t.chunk(1).hole() && t.chunk(3).hole() && !t.chunk(2).hole());
+        t.next_epoch(5);
+        assert_eq!(t.chunk(0).source(6), Some((0, 5)));
+        assert_eq!(t.chunk(0).below, Some(Below { layer: 0, epoch: 5 }));
+        // The tombstone of epoch 5 still hides the parent's chunk.
+        assert_eq!(t.chunk(1).stored(), Stored::default());
+        assert_eq!(t.chunk(2).source(6), Some((1, 3)));
     }
 }

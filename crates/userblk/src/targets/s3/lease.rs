@@ -185,6 +185,28 @@ fn confirm(store: &S3Store, ours: &Lease) -> Result<Lease, S3Error> {
     }
 }
 
+/// Who holds the volume's lease now: `None` when nobody does, or only a
+/// process of this host that no longer runs.
+///
+/// # Errors
+/// The bucket's errors; an unreadable lease.
+pub fn live_holder(store: &S3Store) -> Result<Option<Lease>, S3Error> {
+    let Some(b) = store.get(LEASE_KEY)? else {
+        return Ok(None);
+    };
+    let l = Lease::decode(&b)?;
+    if on_this_host(&l) && !alive(l.pid) {
+        return Ok(None);
+    }
+    Ok(Some(l))
+}
+
+/// Whether lease `l` was taken on this host.
+#[must_use]
+pub fn on_this_host(l: &Lease) -> bool {
+    l.host == rustix::system::uname().nodename().to_string_lossy()
+}
+
 /// Whether the lease is still `ours`: a change of the volume itself (a
 /// resize) is made only by its holder, and refused once another daemon
 /// took the lease over (`--break-lease` on another host).

@@ -40,6 +40,7 @@ pub mod cache;
 pub mod chunks;
 pub mod layout;
 pub mod lease;
+pub mod snapshots;
 pub mod store;
 pub mod target;
 pub mod view;
@@ -120,6 +121,30 @@ pub enum S3Error {
         bucket: String,
         /// The prefix.
         prefix: String,
+    },
+    /// A snapshot of that name exists already.
+    #[error("the volume has a snapshot named {0:?} already")]
+    SnapshotExists(String),
+    /// No snapshot of that name (or it was deleted).
+    #[error("no snapshot {name:?} of the volume at bucket {bucket:?} prefix {prefix:?}")]
+    NoSnapshot {
+        /// The snapshot asked for.
+        name: String,
+        /// The bucket.
+        bucket: String,
+        /// The volume's prefix.
+        prefix: String,
+    },
+    /// A clone's parent volume is gone or is another volume now.
+    #[error(
+        "the volume's parent at prefix {prefix:?} {what}: its data is gone, so this clone \
+         cannot be read (parents must stay until their clones are deleted)"
+    )]
+    ParentGone {
+        /// The parent's prefix.
+        prefix: String,
+        /// What is wrong with it.
+        what: String,
     },
     /// Bad options.
     #[error("{0}")]

@@ -13,7 +13,15 @@
 //! chunks when the cache passes its size.
 //!
 //! An upload of an all-zero chunk deletes its object instead: discarded and
-//! zeroed chunks cost nothing in the bucket.
+//! zeroed chunks cost nothing in the bucket. Where an older epoch or a
+//! parent has data for the chunk, a tombstone (an empty chunk object)
+//! hides it instead.
+//!
+//! Uploads go to the head epoch's keys. A snapshot (`target/snapshot.rs`)
+//! holds new writes, uploads everything dirty, and moves the head to the
+//! next epoch, so the snapshot's objects are never written again. A clone
+//! reads its parents' objects until it writes its own (`super::view`). A
+//! target opened at a snapshot (`S3Options::snapshot`) is read-only.
 //!
 //! Failure policy: each bucket request is retried with backoff for
 //! `retry.budget` (60 s by default: a server restart or throttling rides
@@ -26,7 +34,7 @@
 //! moves between them and the cache's data file on the ring; misses are
 //! fetched by a request worker first (`target/zc.rs`).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -38,9 +46,9 @@ use rustix::io::Errno;
 use serde_json::json;
 
 use super::cache::{CacheDir, CLEAN, DIRTY};
-use super::chunks::{Busy, Table};
-use super::layout::{chunk_key, decode_chunk, is_all_zero, Geometry, Lease, Manifest, VolumeId};
-use super::{lease, S3Config, S3Store};
+use super::chunks::{Busy, Stored, Table};
+use super::layout::{chunk_key_at, decode_chunk, is_all_zero, Geometry, Lease, Manifest, VolumeId};
+use super::{lease, S3Config, S3Error, S3Store};
 use crate::control::{Registration, Registry};
 use crate::io::Deferred;
 use crate::target::{
@@ -50,6 +58,7 @@ use crate::target::{
 
 mod open;
 mod resize;
+mod snapshot;
 mod writeback;
 mod zc;
 #[cfg(test)]
@@ -107,6 +116,9 @@ pub struct S3Options {
     /// Remove the cache directory when the target closes with nothing
     /// dirty left (a cache made for one job, as `userblk copy` does).
     pub ephemeral_cache: bool,
+    /// Open this snapshot of the volume, read-only, instead of its head
+    /// (no lease: nothing of a snapshot changes).
+    pub snapshot: Option<String>,
 }
 
 impl S3Options {
@@ -124,6 +136,7 @@ impl S3Options {
             break_lease: false,
             lease: lease::LeaseMode::Auto,
             ephemeral_cache: false,
+            snapshot: None,
         }
     }
 }
@@ -158,9 +171,21 @@ struct State {
     /// Chunks in a row a sequential reader has moved through: the
     /// read-ahead window grows with it.
     streak: u32,
-    /// Chunk objects the bucket has past the end (listed at open): a grow
-    /// deletes those it takes in, so they never read as data.
-    strays: BTreeSet<u64>,
+    /// What the bucket has for chunks past the end (listed at open, or
+    /// left by a shrink): a grow clears those it takes in, so they never
+    /// read as data.
+    strays: BTreeMap<u64, Stored>,
+    /// The head epoch: uploads go to its keys.
+    epoch: u64,
+    /// A snapshot is being taken: writes wait.
+    frozen: bool,
+}
+
+/// A volume the chunks may come from: the volume itself (layer 0) or one
+/// of a clone's parents.
+struct Layer {
+    store: S3Store,
+    volume: VolumeId,
 }
 
 /// What every thread of the target shares.
@@ -172,6 +197,10 @@ struct Core {
     /// The manifest as the bucket has it (a resize rewrites its size).
     manifest: Mutex<Manifest>,
     volume: VolumeId,
+    /// The parents' stores, nearest first (layers 1...).
+    parents: Vec<Layer>,
+    /// Opened at a snapshot: nothing is written.
+    read_only: bool,
     cache: CacheDir,
     state: Mutex<State>,
     /// Chunk state changed: a fetch, an upload or an eviction ended, the
@@ -192,16 +221,17 @@ struct Core {
 /// The s3 target. See the module docs.
 pub struct S3Target {
     core: Arc<Core>,
-    lease: Lease,
+    /// `None` at a snapshot (read-only).
+    lease: Option<Lease>,
     /// What keeps a second writer out while the target lives (the host
     /// lock is released when it drops, after the lease).
-    _guard: lease::Guard,
+    _guard: Option<lease::Guard>,
     created: bool,
     ephemeral_cache: bool,
     /// `userblk ctl` actions, offered until the target goes.
     actions: Mutex<Vec<Registration>>,
-    /// One resize at a time.
-    resizing: Mutex<()>,
+    /// One change of the volume (resize, snapshot) at a time.
+    resizing: Arc<Mutex<()>>,
     jobs: Option<mpsc::Sender<(Deferred, Request, Job)>>,
     threads: Vec<JoinHandle<()>>,
     /// Tells this target's zero-copy requests apart from another's in
@@ -277,6 +307,42 @@ impl S3Target {
             },
         );
         lock(&self.actions).extend([status, upload]);
+        if let Some(ours) = &self.lease {
+            let (core, ours, one) = (
+                Arc::clone(&self.core),
+                ours.clone(),
+                Arc::clone(&self.resizing),
+            );
+            let snapshot = control.register(
+                "snapshot",
+                "s3",
+                "snapshot NAME: hold writes, upload everything, freeze this point as NAME",
+                move |args| {
+                    let [name] = args else {
+                        return Err("give the snapshot's name: snapshot NAME".into());
+                    };
+                    let _one = lock(&one);
+                    core.snapshot(&ours, name)
+                        .map(|r| serde_json::json!(r).to_string())
+                        .map_err(|e| e.to_string())
+                },
+            );
+            lock(&self.actions).push(snapshot);
+        }
+    }
+
+    /// Take snapshot `name` of the volume now (see `target/snapshot.rs`).
+    ///
+    /// # Errors
+    /// A read-only target, a bad or taken name, or the bucket's errors.
+    pub fn snapshot(&self, name: &str) -> Result<super::layout::SnapshotRecord, S3Error> {
+        let Some(ours) = &self.lease else {
+            return Err(S3Error::Invalid(
+                "a snapshot opened read-only cannot be snapshotted".into(),
+            ));
+        };
+        let _one = lock(&self.resizing);
+        self.core.snapshot(ours, name)
     }
 }
 
@@ -328,6 +394,10 @@ impl Core {
         let write = req.op != Op::Read;
         if !self.within(req.offset, u64::from(req.len)) {
             return Some(Err(past_end(req)));
+        }
+        // A snapshot is being taken: writes wait on a worker (`before_miss`).
+        if write && st.frozen {
+            return None;
         }
         let span = self.span(req.offset, u64::from(req.len));
         let full = st.table.dirty.len() as u64 >= self.dirty_max;
@@ -485,6 +555,9 @@ impl Core {
         // Eviction may take a chunk back between the fetch and the access:
         // a few tries, each fetching what is missing.
         for _ in 0..MISS_TRIES {
+            if req.op != Op::Read {
+                self.wait_thawed();
+            }
             self.fetch_for(&req)?;
             let data = if req.op == Op::Read {
                 Data::Out(&mut *data)
@@ -511,7 +584,21 @@ impl Core {
         if req.op == Op::Read {
             self.read_ahead(&mut lock(&self.state), req);
         } else {
+            self.wait_thawed();
             self.wait_for_room();
+        }
+    }
+
+    /// Wait while a snapshot holds writes. Its flush bounds the wait (the
+    /// bucket's retry budget, then the snapshot fails and lets go).
+    fn wait_thawed(&self) {
+        let mut st = lock(&self.state);
+        while st.frozen && !st.table.closing {
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_secs(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -565,9 +652,11 @@ impl Core {
                 return Ok(());
             }
             c.busy = Some(Busy::Fetch);
-            let in_bucket = c.in_bucket;
+            // Under the lock: a snapshot moves the head epoch.
+            let epoch = st.epoch;
+            let source = st.table.chunk(i).source(epoch);
             drop(st);
-            let r = self.fetch(i, in_bucket);
+            let r = self.fetch(i, source);
             st = lock(&self.state);
             let c = st.table.get(i);
             c.busy = None;
@@ -581,8 +670,9 @@ impl Core {
         }
     }
 
-    /// Bring chunk `i` from the bucket into the cache (the caller holds it busy).
-    fn fetch(&self, i: u64, in_bucket: bool) -> Result<(), Errno> {
+    /// Bring chunk `i` from the bucket into the cache (the caller holds it
+    /// busy): the object of `source`'s (layer, epoch), or zeroes.
+    fn fetch(&self, i: u64, source: Option<(u16, u64)>) -> Result<(), Errno> {
         let at = i * self.cs();
         let len = self.geometry().chunk_len(i);
         // Whatever a crash left there goes: the chunk is absent.
@@ -590,12 +680,19 @@ impl Core {
             tracing::error!("s3: clearing chunk {i} in the cache: {e}");
             Errno::IO
         });
-        if r.is_ok() && in_bucket {
-            r = match self.store.get(&chunk_key(i)) {
+        if let (true, Some((layer, epoch))) = (r.is_ok(), source) {
+            let (store, volume) = match usize::from(layer).checked_sub(1) {
+                None => (&self.store, self.volume),
+                Some(p) => match self.parents.get(p) {
+                    Some(l) => (&l.store, l.volume),
+                    None => return Err(Errno::IO),
+                },
+            };
+            r = match store.get(&chunk_key_at(i, epoch)) {
                 // Up to a whole chunk, cut to the chunk's length now: during a
                 // shrink the last chunk's object is longer until it is
                 // uploaded again (see `resize.rs`).
-                Ok(Some(obj)) => match decode_chunk(&obj, self.volume, i, self.cs()) {
+                Ok(Some(obj)) => match decode_chunk(&obj, volume, i, self.cs()) {
                     Ok(mut payload) => {
                         payload.truncate(usize::try_from(len).unwrap_or(usize::MAX));
                         self.counters.fetched.fetch_add(1, Ordering::Relaxed);
@@ -616,8 +713,20 @@ impl Core {
                         Err(Errno::IO)
                     }
                 },
-                // Listed at open but gone: reads as zeroes, as any missing chunk.
-                Ok(None) => Ok(()),
+                // The head's object, listed at open but gone: reads as
+                // zeroes, as any missing chunk.
+                Ok(None) if layer == 0 && epoch == lock(&self.state).epoch => Ok(()),
+                // A snapshot's or a parent's object never goes while it is
+                // seen (gc keeps it): something else deleted it.
+                Ok(None) => {
+                    tracing::error!(
+                        "s3: chunk {i}'s object {}/{} is gone from the bucket (deleted by \
+                         something other than userblk gc?)",
+                        store.prefix(),
+                        chunk_key_at(i, epoch)
+                    );
+                    Err(Errno::IO)
+                }
                 Err(e) => {
                     tracing::error!("s3: fetching chunk {i}: {e}");
                     Err(Errno::IO)
@@ -717,8 +826,14 @@ impl Target for S3Target {
     /// Grow or shrink the volume; the manifest in the bucket has the new
     /// size before this returns (see `target/resize.rs`).
     fn resize(&self, new_size: u64) -> crate::Result<u64> {
+        let Some(ours) = &self.lease else {
+            return Err(crate::Error::cannot_resize(
+                "the s3 volume",
+                "a snapshot is read-only".to_owned(),
+            ));
+        };
         let _one = lock(&self.resizing);
-        self.core.resize(&self.lease, new_size)
+        self.core.resize(ours, new_size)
     }
 
     fn caps(&self) -> Caps {
@@ -732,12 +847,16 @@ impl Target for S3Target {
             fua: true,
             discard: Some(range),
             write_zeroes: Some(range),
+            read_only: self.core.read_only,
             ..Caps::new(self.core.geometry().size())
         }
     }
 
     fn submit(&self, ctx: &mut Ctx<'_>) -> Submit {
         let req = *ctx.req();
+        if self.core.read_only && !matches!(req.op, Op::Read | Op::Flush) {
+            return Submit::Done(Err(Errno::ROFS));
+        }
         // Zero copy: the data is in the kernel's pages (`zc.rs`).
         if !ctx.has_data_buffer() {
             self.zc_new_request(ctx.slot());
@@ -786,9 +905,7 @@ impl Target for S3Target {
         while at < end && out.len() - first < MAX_EXTENTS {
             let i = at / self.core.cs();
             let chunk_end = (i * self.core.cs() + self.core.geometry().chunk_len(i)).min(end);
-            let c = st.table.chunk(i);
-            let hole = !c.resident && !c.in_bucket;
-            let e = if hole {
+            let e = if st.table.chunk(i).hole() {
                 Extent::hole(chunk_end - at)
             } else {
                 Extent::data(chunk_end - at)
@@ -837,7 +954,9 @@ impl Drop for S3Target {
             tracing::warn!("s3: closing the cache: {e}");
         }
         if flushed.is_ok() && dirty == 0 {
-            lease::release(&self.core.store, &self.lease);
+            if let Some(ours) = &self.lease {
+                lease::release(&self.core.store, ours);
+            }
             if self.ephemeral_cache {
                 let dir = self.core.cache.path();
                 if let Err(e) = std::fs::remove_dir_all(dir) {

@@ -2,7 +2,8 @@
 //! `resize` answers only once it has the new size, and a later open
 //! (`recover`, a new `add`) follows it.
 //!
-//! A grow deletes any stray objects of the chunks it takes in, writes the
+//! A grow clears any stray objects of the chunks it takes in (deleted, or
+//! hidden by a tombstone where an older epoch or a parent has one), writes the
 //! manifest, then extends the cache and the table: the new chunks are holes
 //! (zeroes, nothing fetched) until written. The last chunk of the old size
 //! may be short; its object stays short, and the bytes past an object's
@@ -11,8 +12,8 @@
 //! A shrink first moves the end (requests past it fail from then on), waits
 //! for what was in flight on the chunks it cuts, drops the chunks wholly
 //! past the end from the cache, uploads the new last chunk again with
-//! zeroes past the new end (when it is cut mid-way), deletes the objects
-//! past the end, and only then writes the manifest. So no object ever holds
+//! zeroes past the new end (when it is cut mid-way), clears the chunks past
+//! the end the same way, and only then writes the manifest. So no object ever holds
 //! data past the manifest's size, and a later grow reads zeroes there, even
 //! after a crash half-way. If a step fails the device keeps its old size.
 
@@ -24,7 +25,8 @@ use bytes::Bytes;
 
 use super::{lock, Core, State, Task};
 use crate::targets::s3::cache::ABSENT;
-use crate::targets::s3::layout::{chunk_key, Geometry, Lease, MANIFEST_KEY};
+use crate::targets::s3::chunks::Stored;
+use crate::targets::s3::layout::{Geometry, Lease, MANIFEST_KEY};
 use crate::targets::s3::{lease, S3Error};
 
 /// Longest a shrink waits for requests and transfers on the chunks it cuts.
@@ -73,16 +75,20 @@ impl Core {
 
     fn grow(&self, ours: &Lease, new: Geometry) -> crate::Result<()> {
         let old_n = self.geometry().chunk_count();
-        let strays: Vec<u64> = lock(&self.state)
-            .strays
-            .range(old_n..new.chunk_count())
-            .copied()
-            .collect();
-        for i in strays {
-            self.store
-                .delete(&chunk_key(i))
-                .map_err(|e| failed(format!("deleting chunk {i}'s stale object: {e}")))?;
-            lock(&self.state).strays.remove(&i);
+        let (epoch, strays) = {
+            let st = lock(&self.state);
+            let strays: Vec<(u64, Stored)> = st
+                .strays
+                .range(old_n..new.chunk_count())
+                .map(|(&i, &s)| (i, s))
+                .collect();
+            (st.epoch, strays)
+        };
+        for (i, stored) in strays.into_iter().filter(|(_, s)| s.has_data()) {
+            let now = self
+                .clear(i, stored, epoch)
+                .map_err(|e| failed(format!("clearing chunk {i}'s stale object: {e}")))?;
+            lock(&self.state).strays.insert(i, now);
         }
         self.write_manifest(ours, new.size())
             .map_err(|e| failed(format!("writing the manifest: {e}")))?;
@@ -98,6 +104,14 @@ impl Core {
         }
         let n = usize::try_from(new.chunk_count()).map_err(|_| failed("too many chunks"))?;
         st.table.resize(n);
+        // What the bucket has for the chunks taken in (tombstones hiding
+        // older data) stays known, so a later zero upload keeps them.
+        let taken: Vec<u64> = st.strays.range(old_n..).map(|(&i, _)| i).collect();
+        for i in taken.into_iter().filter(|&i| i < new.chunk_count()) {
+            if let Some(stored) = st.strays.remove(&i) {
+                st.table.get(i).set_stored(stored);
+            }
+        }
         self.set_geometry(&st, new);
         Ok(())
     }
@@ -137,7 +151,7 @@ impl Core {
         let n = new.chunk_count();
         let tail = (!new.size().is_multiple_of(new.chunk_size())).then(|| n - 1);
         self.drain(tail.unwrap_or(n)..old.chunk_count())?;
-        let gone: Vec<u64> = {
+        let (epoch, gone) = {
             let mut st = lock(&self.state);
             let mut gone = Vec::new();
             for i in n..old.chunk_count() {
@@ -147,8 +161,9 @@ impl Core {
                 c.restored = false;
                 c.upload_failed = false;
                 let resident = std::mem::take(&mut c.resident);
-                if c.in_bucket {
-                    gone.push(i);
+                let stored = c.stored();
+                if stored != Stored::default() {
+                    gone.push((i, stored));
                 }
                 st.table.dirty.remove(&i);
                 if resident {
@@ -156,7 +171,7 @@ impl Core {
                     self.persist(i, ABSENT).map_err(|e| e.to_string())?;
                 }
             }
-            gone
+            (st.epoch, gone)
         };
         if let Some(t) = tail {
             self.zero_tail(t, old, new)?;
@@ -167,11 +182,14 @@ impl Core {
         self.cache
             .zero(at, old.size().saturating_sub(at))
             .map_err(|e| format!("clearing the cache past the new end: {e}"))?;
-        for i in gone {
-            self.store
-                .delete(&chunk_key(i))
-                .map_err(|e| format!("deleting chunk {i}: {e}"))?;
-            lock(&self.state).table.get(i).in_bucket = false;
+        for (i, stored) in gone {
+            let now = self
+                .clear(i, stored, epoch)
+                .map_err(|e| format!("clearing chunk {i}: {e}"))?;
+            let mut st = lock(&self.state);
+            st.table.get(i).set_stored(now);
+            // Kept past the end, for a later grow.
+            st.strays.insert(i, now);
         }
         self.write_manifest(ours, new.size())
             .map_err(|e| format!("writing the manifest: {e}"))
@@ -185,7 +203,7 @@ impl Core {
         loop {
             {
                 let c = lock(&self.state).table.chunk(t).clone();
-                if !c.in_bucket && !c.resident {
+                if c.hole() {
                     // A hole: its cached bytes were zeroed at eviction.
                     return Ok(());
                 }

@@ -13,7 +13,8 @@ use rustix::io::Errno;
 use super::{lock, queue, Core, Task, EVICT_MIN_IDLE_MS, WRITEBACK_TICK};
 use crate::targets::s3::cache::{ABSENT, CLEAN};
 use crate::targets::s3::chunks::Busy;
-use crate::targets::s3::layout::{chunk_key, encode_chunk, is_all_zero};
+use crate::targets::s3::chunks::Stored;
+use crate::targets::s3::layout::{chunk_key_at, encode_chunk, encode_tombstone, is_all_zero};
 
 impl Core {
     /// Upload the dirty chunks (all, or those in `only`) as they are now,
@@ -94,7 +95,7 @@ impl Core {
 
     /// Upload chunk `i` if it is dirty.
     pub(super) fn upload(&self, i: u64, buf: &mut Vec<u8>) {
-        let (gen, in_bucket) = {
+        let (gen, stored, epoch) = {
             let mut st = lock(&self.state);
             loop {
                 // Past the end after a shrink: the resize drops it.
@@ -114,7 +115,8 @@ impl Core {
                     continue;
                 }
                 c.uploading = true;
-                break (c.gen, c.in_bucket);
+                // A snapshot moves the epoch only with no upload under way.
+                break (c.gen, c.stored(), st.epoch);
             }
         };
         let len = usize::try_from(self.geometry().chunk_len(i)).unwrap_or(0);
@@ -125,33 +127,30 @@ impl Core {
             .map_err(|e| format!("reading it from the cache: {e}"))
             .and_then(|()| {
                 if is_all_zero(buf) {
-                    // Nothing stored for zeroes: drop the object, if any.
-                    if !in_bucket {
-                        return Ok(false);
-                    }
-                    self.store
-                        .delete(&chunk_key(i))
-                        .map(|()| false)
-                        .map_err(|e| e.to_string())
+                    self.clear(i, stored, epoch)
                 } else {
                     encode_chunk(self.volume, i, buf)
                         .map_err(|e| e.to_string())
                         .and_then(|obj| {
                             self.store
-                                .put(&chunk_key(i), Bytes::from(obj))
+                                .put(&chunk_key_at(i, epoch), Bytes::from(obj))
                                 .map_err(|e| e.to_string())
                         })
-                        .map(|()| true)
+                        .map(|()| Stored {
+                            head: Some(false),
+                            below: stored.below,
+                        })
                 }
             });
         let mut st = lock(&self.state);
         let c = st.table.get(i);
         c.uploading = false;
         match r {
-            Ok(stored) => {
+            Ok(now) => {
                 c.uploaded = c.uploaded.max(gen);
-                c.in_bucket = stored;
+                c.set_stored(now);
                 c.upload_failed = false;
+                let stored = now.has_data();
                 let clean = !c.dirty();
                 if clean {
                     st.table.dirty.remove(&i);
@@ -175,6 +174,29 @@ impl Core {
             }
         }
         self.cv.notify_all();
+    }
+
+    /// Make chunk `i`, stored as `stored`, read as zeroes in `epoch`
+    /// (the head): nothing stored for zeroes where nothing is below, else a
+    /// tombstone hides what is. What the bucket has for it then.
+    pub(super) fn clear(&self, i: u64, stored: Stored, epoch: u64) -> Result<Stored, String> {
+        let key = chunk_key_at(i, epoch);
+        if stored.below.is_some() {
+            if stored.head != Some(true) {
+                let tomb = encode_tombstone(self.volume, i).map_err(|e| e.to_string())?;
+                self.store
+                    .put(&key, Bytes::from(tomb))
+                    .map_err(|e| e.to_string())?;
+            }
+            return Ok(Stored {
+                head: Some(true),
+                below: stored.below,
+            });
+        }
+        if stored.head.is_some() {
+            self.store.delete(&key).map_err(|e| e.to_string())?;
+        }
+        Ok(Stored::default())
     }
 
     /// The write-back thread: queue uploads of idle dirty chunks, evict
