@@ -169,7 +169,7 @@ case_golden_and_clones() {
 
 # ---- a live volume ----------------------------------------------------------------
 
-FIO_LIVE=(--bs=4k --size=12M --ioengine=psync --verify=crc32c --rw=randwrite --randrepeat=1)
+FIO_LIVE=(--bs=4k --size=4M --ioengine=psync --verify=crc32c --rw=randwrite --randrepeat=1)
 
 case_snapshot_of_a_live_volume() {
     needs fio mkfs.ext4 e2fsck
@@ -186,13 +186,13 @@ case_snapshot_of_a_live_volume() {
     : >"$WORK/stop"; rm -f "$WORK/stop" "$WORK/fio.fail"
     ( n=0; while [ ! -e "$WORK/stop" ]; do
           n=$((n + 1))
-          fio --name=live --filename="$MNT/live" "${FIO_LIVE[@]}" --randseed=$n --fsync=4 \
+          fio --name=live --filename="$MNT/live" "${FIO_LIVE[@]}" --randseed=$n --fsync=16 \
               --do_verify=1 --output-format=terse >/dev/null 2>"$WORK/fio.err" \
               || { echo "round $n" >"$WORK/fio.fail"; break; }
       done; echo "$n" >"$WORK/fio.rounds" ) &
     fio_loop=$!
     : >"$WORK/fsynced"
-    python3 tests/s3/fsync_writer.py write "$dev" "$WORK/fsynced" $((160 << 20)) $((256 << 20)) 1000 \
+    python3 tests/s3/fsync_writer.py write "$dev" "$WORK/fsynced" $((160 << 20)) $((256 << 20)) 300 \
         >"$WORK/writer.out" 2>&1 &
     fw=$!
     wait_for 60 sh -c "[ \$(wc -l <'$WORK/fsynced') -ge 30 ]" || die "the fsync writer made no progress"
@@ -240,15 +240,41 @@ restart_daemon() {
     fi
 }
 
+# chunks_from SNAP BEFORE AFTER: every 1 MiB chunk of image SNAP is AFTER's,
+# or BEFORE's where the two differ (a write not flushed when the snapshot
+# began may be in it or not: a crash-consistent point); prints how many
+# chunks held the older data.
+chunks_from() {
+    python3 - "$@" <<'EOF'
+import sys
+snap, before, after = (open(f, "rb").read() for f in sys.argv[1:4])
+C = 1 << 20
+old = bad = 0
+for i in range(0, len(after), C):
+    s, b, a = snap[i:i + C], before[i:i + C], after[i:i + C]
+    if s == a:
+        continue
+    if s == b:
+        old += 1
+    else:
+        bad += 1
+print(old)
+sys.exit(1 if bad or len(snap) != len(after) else 0)
+EOF
+}
+
 case_kill9_during_snapshot_create() {
     have_server
-    local b=bkill id dev pid spid rc r want got delays=(0 0.05 0.3 1) ok=0 listed rec=()
+    local b=bkill id dev pid spid rc r got want delays=(0 0.05 0.3 1) ok=0 listed rec=() old olds=
     [ "$FRONTEND" = ublk ] && rec=(-r)
-    read -r id dev < <(add_s3 "$b" k "$WORK/ck" --size 64M --chunk-size 1M --writeback-delay 600 "${rec[@]}")
+    read -r id dev < <(add_s3 "$b" k "$WORK/ck" --size 128M --chunk-size 1M --writeback-delay 600 "${rec[@]}")
     for r in 1 2 3; do
-        # 48 dirty chunks: the snapshot's flush has work to do when the kill lands.
-        dd if=/dev/urandom of="$dev" bs=1M count=48 seek=$((r * 4)) oflag=direct status=none
-        want=$(sha <"$dev")
+        # 8 MiB flushed (in any snapshot taken later), then 48 MiB written
+        # and not flushed: the snapshot's flush has work to do when the kill lands.
+        dd if=/dev/urandom of="$dev" bs=1M count=8 seek=$((r * 8)) oflag=direct conv=fsync status=none
+        cat "$dev" >"$WORK/before.img"
+        dd if=/dev/urandom of="$dev" bs=1M count=48 seek=64 oflag=direct status=none
+        cat "$dev" >"$WORK/after.img"
         pid=$(daemon_pid "$id")
         rc=0
         timeout 120 "$USERBLK" snapshot create "$(url "$b" k)" "s$r" >"$WORK/snap.out" 2>&1 &
@@ -257,21 +283,27 @@ case_kill9_during_snapshot_create() {
         kill -9 "$pid"
         wait "$spid" || rc=$?
         [ "$rc" != 124 ] || die "round $r: snapshot create still waiting 120 s after the daemon died"
-        echo "round $r: kill after ${delays[r]} s: snapshot create exit $rc: $(cat "$WORK/snap.out")"
+        cat "$WORK/snap.out"
+        echo "note: round $r: daemon killed ${delays[r]} s into snapshot create: exit $rc, $(tail -n 1 "$WORK/snap.out" | cut -c1-150)"
         wait_for 10 exited "$pid" || die "daemon $pid survived kill -9"
         read -r id dev < <(restart_daemon "$id" k "$WORK/ck")
         got=$(sha <"$dev")
-        [ "$got" = "$want" ] || die "round $r: the volume lost data across the kill"
+        [ "$got" = "$(sha <"$WORK/after.img")" ] || die "round $r: the volume lost data across the kill"
         listed=$(snap_names "$(url "$b" k)")
         if [ "$rc" = 0 ]; then
             ok=$((ok + 1))
             grep -qx "s$r" <<<"$listed" || die "round $r: snapshot s$r reported success but is not listed"
         fi
-        # Every listed snapshot of a round holds the volume as it was then.
+        # A listed snapshot holds the flushed data, and each chunk written
+        # since the last flush as it was before or after that write.
         if grep -qx "s$r" <<<"$listed"; then
-            [ "$(sha_of "$(url "$b" "k@s$r")")" = "$want" ] || die "round $r: snapshot s$r does not hold the volume as it was"
+            ub copy "$(url "$b" "k@s$r")" "$WORK/snap.img" >/dev/null
+            old=$(chunks_from "$WORK/snap.img" "$WORK/before.img" "$WORK/after.img") \
+                || die "round $r: snapshot s$r is not the volume as it was (flushed data missing, or chunks of neither state)"
+            olds+="s$r: $old of 48 unflushed chunks without their last write; "
         fi
     done
+    echo "note: ${olds:-no snapshot listed}"
     # The CLI itself killed while it holds the lease of a volume nobody serves.
     ub del -n "$id"
     want=$(sha_of "$(url "$b" k)")
@@ -320,6 +352,7 @@ v = json.load(sys.stdin)
 v = v.get("snapshots", v) if isinstance(v, dict) else v
 s = [x for x in v if x["name"] == "s1"][0]
 print([s[k] for k in s if "exclusive" in k][0])')
+    [[ $ex =~ ^[0-9]+$ ]] || die "snapshot list gives no exclusive bytes for s1 ($ex)"
     [ "$ex" -ge $((64 << 20)) ] || die "snapshot list gives s1 $ex exclusive bytes, not 64 MiB"
     ub snapshot delete "$(url "$b" v)" s1
     ! snap_names "$(url "$b" v)" | grep -qx s1 || die "s1 still listed after delete"
@@ -353,7 +386,7 @@ sys.stdout.write(json.dumps(m))' | s3 put "$b" o/manifest.json
     ! s3 ls "$b" o/chunks/ | grep -q '\.' || die "a version 1 volume got chunk keys with an epoch before any snapshot"
     ub snapshot create "$(url "$b" o)" first
     m=$(s3 get "$b" o/manifest.json)
-    echo "note: manifest after the first snapshot: $m"
+    echo "note: manifest after the first snapshot: $(tr -d ' \n' <<<"$m")"
     python3 -c 'import json,sys; m=json.loads(sys.argv[1]); assert m["format_version"] == 2 and m["epoch"] >= 1, m' "$m" \
         || die "the snapshot did not upgrade the manifest"
     [ "$(sha_of "$(url "$b" o@first)")" = "$s2" ] || die "the first snapshot of an upgraded volume differs"
@@ -481,10 +514,10 @@ case_gc_removes_exactly_the_unreferenced() {
 case_kill9_during_gc() {
     have_server
     local b=bgck id dev gpid views before n0 n1 expect t
-    read -r id dev < <(add_s3 "$b" big "$WORK/cgck" --size 64M --chunk-size 64K)
-    dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct conv=fsync status=none
+    read -r id dev < <(add_s3 "$b" big "$WORK/cgck" --size 32M --chunk-size 64K)
+    dd if=/dev/urandom of="$dev" bs=1M count=32 oflag=direct conv=fsync status=none
     ub snapshot create "$(url "$b" big)" old
-    dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct conv=fsync status=none
+    dd if=/dev/urandom of="$dev" bs=1M count=32 oflag=direct conv=fsync status=none
     ub snapshot create "$(url "$b" big)" keep
     dd if=/dev/urandom of="$dev" bs=1M count=16 oflag=direct conv=fsync status=none
     ub del -n "$id"
