@@ -791,7 +791,7 @@ mod tests {
             assert_eq!(parse_chunk_key_at(&chunk_key_at(i, e)), Some((i, e)));
         }
         // One index's versions list together, oldest first, before the next index.
-        let mut keys = vec![
+        let mut keys = [
             chunk_key_at(2, 0),
             chunk_key_at(1, 10),
             chunk_key_at(1, 2),

@@ -27,6 +27,7 @@ use object_store::{
 };
 
 mod conditional;
+mod dated;
 
 /// Region used when none is configured (any region works for most
 /// S3-compatible servers; AWS needs the bucket's real one).
