@@ -483,6 +483,6 @@ fn a_fresh_head_keeps_the_epoch_below_it_until_its_record_or_the_grace_period() 
         },
     )
     .unwrap();
-    assert_eq!(r.deleted, [old.clone()]);
+    assert_eq!(r.deleted, std::slice::from_ref(&old));
     assert!(!listing(&root).contains_key(&old));
 }
