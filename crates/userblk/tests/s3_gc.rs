@@ -267,17 +267,36 @@ fn removed_records(model: &Model) -> Vec<String> {
     out
 }
 
+/// gc (not a dry run) under `under`, with a grace of an hour.
+fn run(root: &S3Store, under: &str) -> Result<gc::GcReport, S3Error> {
+    gc::collect(
+        root,
+        under,
+        &GcOptions {
+            dry_run: false,
+            grace: GRACE,
+        },
+    )
+}
+
 fn root(server: &Server) -> S3Store {
     S3Store::new(&servers::s3_config(&server.endpoint(), BUCKET, "")).unwrap()
+}
+
+/// The fleet written into the server's bucket: a store at its root, the
+/// model and the bucket's listing.
+fn fleet_in(server: &Server) -> (S3Store, Model, BTreeMap<String, u64>) {
+    let root = root(server);
+    let model = fleet();
+    write(&root, &model);
+    let before = listing(&root);
+    (root, model, before)
 }
 
 #[test]
 fn gc_of_20_clones_and_5_snapshots_removes_exactly_the_unreferenced_objects() {
     let server = server_or_skip!();
-    let root = root(&server);
-    let model = fleet();
-    write(&root, &model);
-    let before = listing(&root);
+    let (root, model, before) = fleet_in(&server);
     let expected = unreferenced(&model, None);
     assert!(
         expected.len() >= 10,
@@ -300,15 +319,7 @@ fn gc_of_20_clones_and_5_snapshots_removes_exactly_the_unreferenced_objects() {
     let objects: usize = model.values().map(|v| v.objects.len()).sum();
     assert_eq!(dry.counts.objects, u64::try_from(objects).unwrap());
 
-    let real = gc::collect(
-        &root,
-        "",
-        &GcOptions {
-            dry_run: false,
-            ..opts
-        },
-    )
-    .unwrap();
+    let real = run(&root, "").unwrap();
     assert_eq!(
         (&real.deleted, &real.removed_records),
         (&dry.deleted, &dry.removed_records)
@@ -325,15 +336,7 @@ fn gc_of_20_clones_and_5_snapshots_removes_exactly_the_unreferenced_objects() {
         real.deleted.len()
     );
 
-    let again = gc::collect(
-        &root,
-        "",
-        &GcOptions {
-            dry_run: false,
-            ..opts
-        },
-    )
-    .unwrap();
+    let again = run(&root, "").unwrap();
     assert!(again.deleted.is_empty() && again.removed_records.is_empty());
     assert_eq!(listing(&root), left, "a second run deletes nothing");
 }
@@ -341,20 +344,9 @@ fn gc_of_20_clones_and_5_snapshots_removes_exactly_the_unreferenced_objects() {
 #[test]
 fn under_limits_gc_to_one_volume_and_exclusive_bytes_match_the_model() {
     let server = server_or_skip!();
-    let root = root(&server);
-    let model = fleet();
-    write(&root, &model);
-    let before = listing(&root);
+    let (root, model, before) = fleet_in(&server);
     let in_c03 = |k: &String| k.starts_with("clones/c03/");
-    let r = gc::collect(
-        &root,
-        "clones/c03",
-        &GcOptions {
-            dry_run: false,
-            grace: GRACE,
-        },
-    )
-    .unwrap();
+    let r = run(&root, "clones/c03").unwrap();
     let expected: Vec<String> = unreferenced(&model, None)
         .into_keys()
         .filter(in_c03)
@@ -398,15 +390,7 @@ fn a_corrupt_manifest_stops_gc_before_it_deletes_anything() {
     )
     .unwrap();
     let before = listing(&root);
-    let e = gc::collect(
-        &root,
-        "",
-        &GcOptions {
-            dry_run: false,
-            grace: GRACE,
-        },
-    )
-    .unwrap_err();
+    let e = run(&root, "").unwrap_err();
     assert!(
         matches!(&e, S3Error::BadObject { key, .. } if key == "clones/c07/manifest.json"),
         "{e}"
@@ -424,15 +408,7 @@ fn a_corrupt_manifest_stops_gc_before_it_deletes_anything() {
     .unwrap();
     root.put("golden/snapshots/bad.json", Bytes::from_static(b"[]"))
         .unwrap();
-    let e = gc::collect(
-        &root,
-        "golden",
-        &GcOptions {
-            dry_run: false,
-            grace: GRACE,
-        },
-    )
-    .unwrap_err();
+    let e = run(&root, "golden").unwrap_err();
     assert!(e.to_string().contains("golden/snapshots/bad.json"), "{e}");
     let mut now = listing(&root);
     now.remove("golden/snapshots/bad.json");
@@ -461,15 +437,7 @@ fn a_fresh_head_keeps_the_epoch_below_it_until_its_record_or_the_grace_period() 
     v.objects.insert((0, 1), false);
     write(&root, &Model::from([("v".to_owned(), v)]));
     let old = key("v", &chunk_key_at(0, 0));
-    let r = gc::collect(
-        &root,
-        "",
-        &GcOptions {
-            dry_run: false,
-            grace: GRACE,
-        },
-    )
-    .unwrap();
+    let r = run(&root, "").unwrap();
     assert!(r.deleted.is_empty(), "{:?}", r.deleted);
     assert!(listing(&root).contains_key(&old));
     // The server's clock is this host's: a zero grace takes the manifest

@@ -22,14 +22,6 @@ impl S3Store {
             let written = u64::try_from(res.meta.last_modified.timestamp()).ok();
             Ok::<_, object_store::Error>((res.bytes().await?, written))
         })?;
-        match r {
-            Ok(x) => Ok(Some(x)),
-            Err(e) => match self.classify("get", key, e) {
-                StoreError::Other {
-                    status: Some(404), ..
-                } => Ok(None),
-                other => Err(other),
-            },
-        }
+        self.not_found_is_none("get", key, r)
     }
 }
