@@ -454,3 +454,44 @@ fn a_fresh_head_keeps_the_epoch_below_it_until_its_record_or_the_grace_period() 
     assert_eq!(r.deleted, std::slice::from_ref(&old));
     assert!(!listing(&root).contains_key(&old));
 }
+
+#[test]
+fn a_clone_whose_parent_was_deleted_keeps_the_parents_objects_and_is_reported() {
+    let server = server_or_skip!();
+    let root = root(&server);
+    // The parent's manifest is gone (deleted without gc); the clone still
+    // reads its epoch 1. A volume nobody names lost its manifest too.
+    let mut parent = Vol {
+        id: 7,
+        ..Vol::default()
+    };
+    let mut leftover = Vol {
+        id: 8,
+        ..Vol::default()
+    };
+    for e in 0..3 {
+        parent.objects.insert((0, e), false);
+        leftover.objects.insert((0, e), false);
+    }
+    let clone = Vol {
+        head: Some(0),
+        id: 9,
+        parents: vec![("base".into(), 1)],
+        ..Vol::default()
+    };
+    let model = Model::from([
+        ("base".to_owned(), parent),
+        ("leftover".to_owned(), leftover),
+        ("clone".to_owned(), clone),
+    ]);
+    write(&root, &model);
+    let r = run(&root, "").unwrap();
+    let expected: Vec<String> = unreferenced(&model, None).into_keys().collect();
+    assert_eq!(expected.len(), 3, "{expected:?}");
+    assert_eq!(r.deleted, expected, "the leftovers only");
+    assert!(listing(&root).contains_key("base/chunks/0000000000000000"));
+    assert_eq!(r.missing_parents.len(), 1);
+    let m = &r.missing_parents[0];
+    assert_eq!((m.parent.as_str(), m.clone.as_str()), ("base", "clone"));
+    assert!(m.to_string().contains("has no manifest"), "{m}");
+}
