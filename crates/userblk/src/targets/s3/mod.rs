@@ -35,9 +35,12 @@
 //!   server's conditional writes, the host lock of `--lease host`.
 //! - [`target`]: [`S3Target`], the request path, uploads, read-ahead,
 //!   write-back and eviction.
+//! - [`gc`]: deletes the chunk objects no head, snapshot or clone reads
+//!   (`gc/plan.rs` decides, without I/O).
 
 pub mod cache;
 pub mod chunks;
+pub mod gc;
 pub mod layout;
 pub mod lease;
 pub mod snapshots;
@@ -65,6 +68,15 @@ pub enum S3Error {
     /// match the volume.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// An object of the bucket (a manifest, a snapshot record) is not
+    /// what its key says.
+    #[error("s3 object {key:?}: {source}")]
+    BadObject {
+        /// Its key, from the bucket's root.
+        key: String,
+        /// What is wrong with it.
+        source: LayoutError,
+    },
     /// The cache directory failed.
     #[error("s3 cache: {what} {}: {err}", path.display())]
     Cache {
