@@ -719,8 +719,9 @@ pub struct GcArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Seconds a deleted snapshot's data stays (a clone being made of it
-    /// meanwhile still sees it).
-    #[arg(long, default_value_t = 900, value_name = "SECONDS")]
+    /// meanwhile still sees it), and a volume's newest epoch counts as a
+    /// snapshot being taken. 0 only on a bucket nothing else uses.
+    #[arg(long, default_value_t = userblk::targets::s3::gc::DEFAULT_GRACE.as_secs(), value_name = "SECONDS")]
     pub grace: u64,
     /// Print the report as JSON.
     #[arg(long)]
