@@ -21,6 +21,12 @@ fn filter_spec(s: &str) -> Result<userblk::filters::Spec, String> {
     Ok(spec)
 }
 
+/// A snapshot's name, refused here rather than after connecting.
+fn snapshot_name(s: &str) -> Result<String, String> {
+    userblk::targets::s3::layout::check_snapshot_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
 /// An S3 volume's chunk size, refused here rather than after connecting.
 fn chunk_size(s: &str) -> Result<u64, String> {
     let v = size(s)?;
@@ -597,6 +603,11 @@ pub struct S3Args {
     /// this host, for such servers).
     #[arg(long, value_enum, default_value = "auto", value_name = "HOW")]
     pub lease: LeaseArg,
+    /// Serve snapshot NAME of the volume, read-only (no lease: a snapshot
+    /// never changes), with a cache of its own.
+    #[arg(long, value_name = "NAME", value_parser = snapshot_name,
+          conflicts_with_all = ["size", "chunk_size", "break_lease"])]
+    pub snapshot: Option<String>,
     /// Filters given after the target name.
     #[command(flatten)]
     pub filters: FilterArgs,
@@ -708,8 +719,9 @@ pub struct GcArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Seconds a deleted snapshot's data stays (a clone being made of it
-    /// meanwhile still sees it).
-    #[arg(long, default_value_t = 900, value_name = "SECONDS")]
+    /// meanwhile still sees it), and a volume's newest epoch counts as a
+    /// snapshot being taken. 0 only on a bucket nothing else uses.
+    #[arg(long, default_value_t = userblk::targets::s3::gc::DEFAULT_GRACE.as_secs(), value_name = "SECONDS")]
     pub grace: u64,
     /// Print the report as JSON.
     #[arg(long)]

@@ -187,6 +187,26 @@ fn examples(name: &str) -> &'static [(&'static str, &'static str)] {
             "A raw image into a qcow2 one, skipping holes",
             "userblk copy disk.raw disk.qcow2",
         )],
+        "userblk-snapshot" | "userblk-snapshot-create" => &[(
+            "Snapshot a volume, also while a daemon serves it",
+            "userblk snapshot create s3://disks/golden base",
+        )],
+        "userblk-snapshot-list" => &[("A volume's snapshots", "userblk snapshot list s3://disks/golden")],
+        "userblk-snapshot-delete" => &[(
+            "Delete a snapshot (gc frees its data later)",
+            "userblk snapshot delete s3://disks/golden base",
+        )],
+        "userblk-clone" => &[(
+            "A writable volume of a snapshot, no data copied",
+            "userblk clone s3://disks/golden@base s3://disks/vm7\nsudo -E userblk add s3 --bucket disks --prefix vm7",
+        )],
+        "userblk-gc" => &[
+            (
+                "What gc would delete",
+                "userblk gc s3://disks --dry-run",
+            ),
+            ("Delete it", "userblk gc s3://disks"),
+        ],
         "userblk-metrics" => &[
             (
                 "Every device's counters, once (node_exporter's textfile collector)",

@@ -52,7 +52,7 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
                     r.name,
                     utc(r.created_unix),
                     userblk::size::format(r.device_size),
-                    h.map_or_else(|| "-".into(), userblk::size::format)
+                    crate::copy::human(*h as f64)
                 );
             }
             Ok(())

@@ -116,9 +116,17 @@ fn s3_options(a: &S3Args) -> anyhow::Result<S3Options> {
     };
     let cache_dir = match &a.cache_dir {
         Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.clone()),
-        None => crate::s3::default_cache_dir(&store)?,
+        None => {
+            // A snapshot's cache is its own: the head's holds newer bytes.
+            let mut named = store.clone();
+            if let Some(n) = &a.snapshot {
+                named.prefix = format!("{}@{n}", store.prefix.trim_matches('/'));
+            }
+            crate::s3::default_cache_dir(&named)?
+        }
     };
     let mut opts = S3Options::new(store, cache_dir);
+    opts.snapshot.clone_from(&a.snapshot);
     opts.size = a.size;
     opts.chunk_size = a.chunk_size;
     opts.cache_size = a.cache_size;

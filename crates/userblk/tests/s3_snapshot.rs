@@ -286,3 +286,60 @@ fn a_shrink_and_grow_after_a_snapshot_read_zeroes_and_the_snapshot_keeps_its_end
         [Some(0x10), Some(0x11), Some(0x12), Some(0x13)]
     );
 }
+
+#[test]
+fn a_snapshot_of_a_volume_being_written_is_one_point_of_its_writes() {
+    let server = server_or_skip!();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = options(&server, "live", &tmp.path().join("a"));
+    o.size = Some(8 * MIB);
+    // Uploads run all along, as on a busy volume.
+    o.writeback_delay = Duration::ZERO;
+    let t = S3Target::open(o).unwrap();
+    const WRITES: u64 = 1500;
+    let acked = std::sync::atomic::AtomicU64::new(0);
+    let (before, after) = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Write n into block n, one at a time: the n-th write is
+            // acknowledged before the (n+1)-th starts.
+            for n in 1..=WRITES {
+                let mut d: Vec<u8> = std::iter::repeat_n((n as u32).to_le_bytes(), 1024)
+                    .flatten()
+                    .collect();
+                assert_eq!(run(&t, Op::Write, n * 4096, &mut d), Ok(4096));
+                acked.store(n, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        while acked.load(std::sync::atomic::Ordering::SeqCst) < WRITES / 3 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = acked.load(std::sync::atomic::Ordering::SeqCst);
+        t.snapshot("mid").unwrap();
+        let after = acked.load(std::sync::atomic::Ordering::SeqCst);
+        (before, after)
+    });
+    drop(t);
+    let snap = open_snapshot(&server, "live", "mid", &tmp.path().join("s"));
+    let mut d = vec![0u8; 8 * MIB as usize];
+    for (i, part) in d.chunks_mut(MIB as usize).enumerate() {
+        assert_eq!(run(&snap, Op::Read, i as u64 * MIB, part), Ok(MIB as u32));
+    }
+    let block = |n: u64| {
+        let b = &d[n as usize * 4096..][..4096];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    };
+    // The snapshot holds writes 1..=k, in full, and none after k.
+    let k = (1..=WRITES).take_while(|&n| block(n) == n as u32).count() as u64;
+    assert!(
+        (1..=WRITES).skip(k as usize).all(|n| block(n) == 0),
+        "writes after {k} leaked in"
+    );
+    assert!(
+        before <= k && k <= after,
+        "snapshot at write {k}, taken between acknowledgements {before} and {after}"
+    );
+    assert!(
+        after < WRITES,
+        "the writer ended before the snapshot: nothing was tested"
+    );
+}

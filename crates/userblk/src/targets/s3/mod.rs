@@ -7,21 +7,30 @@
 //!
 //! ```text
 //! {prefix}/manifest.json        format version, device size, chunk size,
-//!                               checksum algorithm, creation time, volume id
+//!                               checksum algorithm, creation time, volume id,
+//!                               head epoch, a clone's parents
 //! {prefix}/lease.json           who serves the volume (host, pid, volume id,
 //!                               time); created with If-None-Match so only
 //!                               one holder at a time ([`lease`])
 //! {prefix}/.lease-probe-{id}   for a moment while a daemon opens the volume:
 //!                               the probe of the server's conditional writes
-//! {prefix}/chunks/{i:016x}      chunk i: device bytes [i*cs, (i+1)*cs),
-//!                               a 40-byte header (magic, volume id, index,
-//!                               length, crc32c) then the payload
+//! {prefix}/chunks/{i:016x}      chunk i written in epoch 0: device bytes
+//!                               [i*cs, (i+1)*cs), a 40-byte header (magic,
+//!                               volume id, index, length, crc32c) then the payload
+//! {prefix}/chunks/{i:016x}.{e:016x}   chunk i written in epoch e > 0
+//! {prefix}/snapshots/{name}.json      a snapshot: the epoch it froze
 //! ```
 //!
 //! The device is cut into fixed chunks (default 4 MiB, a power of two from
 //! 64 KiB to 64 MiB). Chunk keys are fixed-width hex so a listing comes
 //! back in offset order. An all-zero chunk is never stored: a missing
-//! chunk reads as zeros, so a new volume costs one object.
+//! chunk reads as zeros, so a new volume costs one object; where an older
+//! epoch or a parent has data, an empty chunk object (a tombstone) hides it.
+//!
+//! Writes go to the head epoch's keys; a snapshot moves the head on, so a
+//! snapshot's objects never change. A clone is a manifest naming its
+//! parents' (prefix, epoch): it reads their objects until it writes its
+//! own ([`view`]).
 //!
 //! # Files
 //!
@@ -34,10 +43,15 @@
 //! - [`lease`]: one daemon per volume: the lease object, the probe of the
 //!   server's conditional writes, the host lock of `--lease host`.
 //! - [`target`]: [`S3Target`], the request path, uploads, read-ahead,
-//!   write-back and eviction.
+//!   write-back, eviction, and snapshots of the served volume.
+//! - [`view`]: which object (epoch, parent) a chunk reads. Pure.
+//! - [`snapshots`]: snapshot records (list, delete) and clones.
+//! - [`gc`]: deletes the chunk objects no head, snapshot or clone reads
+//!   (`gc/plan.rs` decides, without I/O).
 
 pub mod cache;
 pub mod chunks;
+pub mod gc;
 pub mod layout;
 pub mod lease;
 pub mod snapshots;
@@ -65,6 +79,15 @@ pub enum S3Error {
     /// match the volume.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// An object of the bucket (a manifest, a snapshot record) is not
+    /// what its key says.
+    #[error("s3 object {key:?}: {source}")]
+    BadObject {
+        /// Its key, from the bucket's root.
+        key: String,
+        /// What is wrong with it.
+        source: LayoutError,
+    },
     /// The cache directory failed.
     #[error("s3 cache: {what} {}: {err}", path.display())]
     Cache {

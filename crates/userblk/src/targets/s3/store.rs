@@ -27,6 +27,7 @@ use object_store::{
 };
 
 mod conditional;
+mod dated;
 
 /// Region used when none is configured (any region works for most
 /// S3-compatible servers; AWS needs the bucket's real one).
@@ -685,12 +686,12 @@ impl S3Store {
             .to_owned()
     }
 
-    fn not_found_is_none(
+    fn not_found_is_none<T>(
         &self,
         op: &'static str,
         key: &str,
-        r: Result<Bytes, object_store::Error>,
-    ) -> Result<Option<Bytes>, StoreError> {
+        r: Result<T, object_store::Error>,
+    ) -> Result<Option<T>, StoreError> {
         match r {
             Ok(b) => Ok(Some(b)),
             Err(e) => match self.classify(op, key, e) {

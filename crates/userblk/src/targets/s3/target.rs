@@ -201,6 +201,8 @@ struct Core {
     parents: Vec<Layer>,
     /// Opened at a snapshot: nothing is written.
     read_only: bool,
+    /// That snapshot's name.
+    snapshot: Option<String>,
     cache: CacheDir,
     state: Mutex<State>,
     /// Chunk state changed: a fetch, an upload or an eviction ended, the
@@ -319,7 +321,10 @@ impl S3Target {
                 "snapshot NAME: hold writes, upload everything, freeze this point as NAME",
                 move |args| {
                     let [name] = args else {
-                        return Err("give the snapshot's name: snapshot NAME".into());
+                        return Err(
+                            "takes the snapshot's name: `userblk snapshot create s3://BUCKET/PREFIX NAME` asks this daemon"
+                                .into(),
+                        );
                     };
                     let _one = lock(&one);
                     core.snapshot(&ours, name)
@@ -927,6 +932,9 @@ impl Target for S3Target {
             "cache_dir": self.core.cache.path(),
             "cache_size": self.core.cache_size,
             "volume": self.core.volume.to_string(),
+            "snapshot": self.core.snapshot,
+            "epoch": lock(&self.core.state).epoch,
+            "parents": lock(&self.core.manifest).parents.iter().map(|p| &p.prefix).collect::<Vec<_>>(),
         })
     }
 }

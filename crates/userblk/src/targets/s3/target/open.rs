@@ -282,6 +282,7 @@ impl S3Target {
             manifest: Mutex::new(m.clone()),
             parents,
             read_only,
+            snapshot: opts.snapshot.clone().filter(|_| read_only),
             cache,
             state: Mutex::new(State {
                 table,

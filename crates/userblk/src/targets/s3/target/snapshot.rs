@@ -88,14 +88,17 @@ impl Core {
             ));
         }
         let old = st.epoch;
+        // Frozen, and resizes wait for the snapshot: nothing dirties a chunk
+        // until the table agrees with the manifest, so the lock can go
+        // while the manifest is written (reads go on meanwhile).
+        drop(st);
         let mut m = lock(&self.manifest).clone();
         m.format_version = FORMAT_VERSION;
         m.epoch = old + 1;
-        // Under the state lock: no upload starts until the table agrees.
         self.store.put(MANIFEST_KEY, Bytes::from(m.encode()?))?;
         let size = m.device_size;
         *lock(&self.manifest) = m;
-        let mut st = st;
+        let mut st = lock(&self.state);
         st.epoch = old + 1;
         st.table.next_epoch(old);
         // Stray objects past the end moved below too.
