@@ -51,6 +51,9 @@ cleanup() {
     del_own_devices
     if [ "$KIND" = s3s-fs ]; then server_down || true; else bash "$CEPH" stop "$CEPH_DIR" || true; fi
     rm -rf "$WORK"
+    # The default caches of commands given no --cache-dir (`snapshot create`
+    # of a volume no daemon serves): this server's port, so ours alone.
+    rm -rf "/var/cache/userblk/s3/127.0.0.1:$PORT"
 }
 trap cleanup EXIT
 
