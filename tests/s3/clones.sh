@@ -95,6 +95,8 @@ case_golden_and_clones() {
     needs mkfs.ext4 e2fsck
     have_server
     local b=bgold id dev i t0 took ids=() devs=() total=0 n
+    # A failure half-way leaves clones mounted: let go of them first.
+    trap 'umount "$WORK"/m[0-9]* 2>/dev/null || true' EXIT
     read -r id dev < <(add_s3 "$b" gold "$WORK/cg" --size 128M --chunk-size 1M)
     mkfs.ext4 -q -F -E nodiscard "$dev"
     mount "$dev" "$MNT"
