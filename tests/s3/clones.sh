@@ -65,6 +65,10 @@ fails_clearly() {
     grep -qiE -- "$re" <<<"$out" || die "the error does not say /$re/: $out"
 }
 
+# snap BUCKET PREFIX NAME: snapshot create; a cache of the suite's when no
+# daemon serves the volume (the default one, /var/cache, is read-only in the VM).
+snap() { ub snapshot create "$(url "$1" "$2")" "$3" --cache-dir "$WORK/snapcache-$2"; }
+
 # snap_names URL: the snapshot names `snapshot list --json` gives, one a line.
 snap_names() {
     ub snapshot list "$1" --json | python3 -c '
@@ -108,7 +112,7 @@ case_golden_and_clones() {
     file_sums "$MNT" >"$WORK/golden.sums"
     umount "$MNT"
     ub del -n "$id"
-    ub snapshot create "$(url "$b" gold)" base
+    snap "$b" gold base
     # Clones: timed one by one.
     for ((i = 1; i <= CLONES; i++)); do
         t0=$(now_us)
@@ -153,7 +157,7 @@ case_golden_and_clones() {
         ub del -n "$id"
     done
     # A clone of a clone: c1's files, its own writes apart from c1's.
-    ub snapshot create "$(url "$b" c1)" mine
+    snap "$b" c1 mine
     ub clone "$(url "$b" c1@mine)" "$(url "$b" c1-c)"
     read -r id dev < <(add_s3 "$b" c1-c "$WORK/cc1c")
     mount "$dev" "$MNT"
@@ -200,7 +204,7 @@ case_snapshot_of_a_live_volume() {
     wait_for 60 sh -c "[ \$(wc -l <'$WORK/fsynced') -ge 30 ]" || die "the fsync writer made no progress"
     cp "$WORK/fsynced" "$WORK/fsynced-before"
     t0=$(now_us)
-    ub snapshot create "$(url "$b" live)" hot
+    snap "$b" live hot
     took=$(ms_since "$t0")
     sleep 1
     touch "$WORK/stop"
@@ -279,7 +283,7 @@ case_kill9_during_snapshot_create() {
         cat "$dev" >"$WORK/after.img"
         pid=$(daemon_pid "$id")
         rc=0
-        timeout 120 "$USERBLK" snapshot create "$(url "$b" k)" "s$r" >"$WORK/snap.out" 2>&1 &
+        timeout 120 "$USERBLK" snapshot create "$(url "$b" k)" "s$r" --cache-dir "$WORK/ck" >"$WORK/snap.out" 2>&1 &
         spid=$!
         sleep "${delays[r]}"
         kill -9 "$pid"
@@ -309,12 +313,12 @@ case_kill9_during_snapshot_create() {
     # The CLI itself killed while it holds the lease of a volume nobody serves.
     ub del -n "$id"
     want=$(sha_of "$(url "$b" k)")
-    "$USERBLK" snapshot create "$(url "$b" k)" s4 >"$WORK/snap.out" 2>&1 &
+    "$USERBLK" snapshot create "$(url "$b" k)" s4 --cache-dir "$WORK/snapcache-k" >"$WORK/snap.out" 2>&1 &
     spid=$!
     sleep 0.05
     kill -9 "$spid"
     wait "$spid" 2>/dev/null || true
-    ub snapshot create "$(url "$b" k)" after
+    snap "$b" k after
     [ "$(sha_of "$(url "$b" k@after)")" = "$want" ] || die "the snapshot after the killed CLI differs from the volume"
     if snap_names "$(url "$b" k)" | grep -qx s4; then
         [ "$(sha_of "$(url "$b" k@s4)")" = "$want" ] || die "s4, listed after its CLI was killed, differs"
@@ -335,7 +339,7 @@ case_snapshot_keeps_content() {
     read -r id dev < <(add_s3 "$b" v "$WORK/ckeep" --size 64M --chunk-size 1M)
     dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct conv=fsync status=none
     s0=$(sha <"$dev")
-    ub snapshot create "$(url "$b" v)" s1
+    snap "$b" v s1
     [ "$(sha_of "$(url "$b" v@s1)")" = "$s0" ] || die "the snapshot does not hold the volume"
     dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct conv=fsync status=none
     blkdiscard -o $((8 << 20)) -l $((8 << 20)) "$dev"
@@ -386,7 +390,7 @@ sys.stdout.write(json.dumps(m))' | s3 put "$b" o/manifest.json
     python3 -c 'import json,sys; m=json.loads(sys.argv[1]); assert m["format_version"] == 1, m' "$m" \
         || die "a write alone changed the version 1 manifest: $m"
     ! s3 ls "$b" o/chunks/ | grep -q '\.' || die "a version 1 volume got chunk keys with an epoch before any snapshot"
-    ub snapshot create "$(url "$b" o)" first
+    snap "$b" o first
     m=$(s3 get "$b" o/manifest.json)
     echo "note: manifest after the first snapshot: $(tr -d ' \n' <<<"$m")"
     python3 -c 'import json,sys; m=json.loads(sys.argv[1]); assert m["format_version"] == 2 and m["epoch"] >= 1, m' "$m" \
@@ -408,16 +412,16 @@ case_bad_manifests_and_missing_parents() {
     mkbucket "$b"
     head -c $((4 << 20)) /dev/urandom >"$WORK/small.raw"
     ub copy "$WORK/small.raw" "s3://$b/v?endpoint=$EP&chunk-size=1M$COPYQ" >/dev/null
-    ub snapshot create "$(url "$b" v)" s
+    snap "$b" v s
     ub clone "$(url "$b" v@s)" "$(url "$b" c)"
     good=$(s3 get "$b" v/manifest.json)
-    fails_clearly "invalid" ub snapshot create "$(url "$b" v)" "../x"
+    fails_clearly "invalid" snap "$b" v "../x"
     fails_clearly "snapshot|not found|no such" ub clone "$(url "$b" v@nosuch)" "$(url "$b" c2)"
     fails_clearly "exist|already" ub clone "$(url "$b" v@s)" "$(url "$b" c)"
-    fails_clearly "exist|already" ub snapshot create "$(url "$b" v)" s
+    fails_clearly "exist|already" snap "$b" v s
     # A damaged manifest.
     echo "not json" | s3 put "$b" v/manifest.json
-    fails_clearly "malformed" ub snapshot create "$(url "$b" v)" s2
+    fails_clearly "malformed" snap "$b" v s2
     fails_clearly "malformed" ub snapshot list "$(url "$b" v)"
     fails_clearly "malformed" ub clone "$(url "$b" v@s)" "$(url "$b" c2)"
     fails_clearly "malformed" ub copy "$(url "$b" v@s)" "$WORK/out.raw"
@@ -425,11 +429,11 @@ case_bad_manifests_and_missing_parents() {
     # One of a newer format.
     python3 -c 'import json,sys; m=json.loads(sys.argv[1]); m["format_version"]=99; print(json.dumps(m))' "$good" \
         | s3 put "$b" v/manifest.json
-    fails_clearly "not supported" ub snapshot create "$(url "$b" v)" s2
+    fails_clearly "not supported" snap "$b" v s2
     fails_clearly "not supported" ub clone "$(url "$b" v@s)" "$(url "$b" c2)"
     # None at all (the chunks and snapshot records are still there).
     s3 rm "$b" v/manifest.json
-    fails_clearly "no volume|not found|does not exist|no manifest|missing" ub snapshot create "$(url "$b" v)" s2
+    fails_clearly "no volume|not found|does not exist|no manifest|missing" snap "$b" v s2
     fails_clearly "no volume|not found|does not exist|no manifest|missing" ub clone "$(url "$b" v@s)" "$(url "$b" c2)"
     [ -z "$(s3 ls "$b" c2/)" ] || die "a refused clone left objects: $(s3 ls "$b" c2/)"
     absent "$b" v/manifest.json || die "a refused command wrote a manifest"
@@ -439,7 +443,7 @@ case_bad_manifests_and_missing_parents() {
     # The parent deleted by hand, without gc: the clone cannot be read.
     s3 ls "$b" v/ | while read -r k; do s3 rm "$b" "$k"; done
     fails_clearly "parent|v@s|\bv\b" ub copy "$(url "$b" c)" "$WORK/out.raw"
-    fails_clearly "parent|v@s|\bv\b" ub snapshot create "$(url "$b" c)" cs
+    fails_clearly "parent|v@s|\bv\b" snap "$b" c cs
     expect_fail "parent" ub add s3 --endpoint "$EP" --bucket "$b" --prefix c --cache-dir "$WORK/cbad2" $FE
     [ ! -e "$WORK/out.raw" ] || [ ! -s "$WORK/out.raw" ] || die "a refused copy left a file"
     nothing_left "$b"
@@ -466,17 +470,17 @@ case_gc_removes_exactly_the_unreferenced() {
     local b=bgc id dev i views before after expect removed rerun
     read -r id dev < <(add_s3 "$b" g "$WORK/cgc" --size 16M --chunk-size 256K)
     dd if=/dev/urandom of="$dev" bs=1M count=16 oflag=direct conv=fsync status=none
-    ub snapshot create "$(url "$b" g)" s1
+    snap "$b" g s1
     dd if=/dev/urandom of="$dev" bs=1M count=8 oflag=direct conv=fsync status=none
-    ub snapshot create "$(url "$b" g)" s2
+    snap "$b" g s2
     dd if=/dev/urandom of="$dev" bs=1M count=4 seek=2 oflag=direct conv=fsync status=none
     blkdiscard -o $((12 << 20)) -l $((2 << 20)) "$dev"
     python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); os.fsync(fd)' "$dev"
-    ub snapshot create "$(url "$b" g)" s3
+    snap "$b" g s3
     dd if=/dev/urandom of="$dev" bs=256K count=5 seek=7 oflag=direct conv=fsync status=none
-    ub snapshot create "$(url "$b" g)" s4
+    snap "$b" g s4
     dd if=/dev/urandom of="$dev" bs=1M count=3 seek=1 oflag=direct conv=fsync status=none
-    ub snapshot create "$(url "$b" g)" s5
+    snap "$b" g s5
     dd if=/dev/urandom of="$dev" bs=1M count=16 oflag=direct conv=fsync status=none
     ub del -n "$id"
     # Clones of s2 and s4, each written somewhere else; a clone of a clone.
@@ -486,7 +490,7 @@ case_gc_removes_exactly_the_unreferenced() {
         dd if=/dev/urandom of="$dev" bs=1M count=2 seek=$((i * 2)) oflag=direct conv=fsync status=none
         ub del -n "$id"
     done
-    ub snapshot create "$(url "$b" k2)" t
+    snap "$b" k2 t
     ub clone "$(url "$b" k2@t)" "$(url "$b" k2k)"
     # s2 and s4 go (clones keep what they read of them); s1 and s3 too.
     for i in 1 2 3 4; do ub snapshot delete "$(url "$b" g)" s$i; done
@@ -522,9 +526,9 @@ case_kill9_during_gc() {
     local b=bgck id dev gpid views before n0 n1 expect t
     read -r id dev < <(add_s3 "$b" big "$WORK/cgck" --size 32M --chunk-size 64K)
     dd if=/dev/urandom of="$dev" bs=1M count=32 oflag=direct conv=fsync status=none
-    ub snapshot create "$(url "$b" big)" old
+    snap "$b" big old
     dd if=/dev/urandom of="$dev" bs=1M count=32 oflag=direct conv=fsync status=none
-    ub snapshot create "$(url "$b" big)" keep
+    snap "$b" big keep
     dd if=/dev/urandom of="$dev" bs=1M count=16 oflag=direct conv=fsync status=none
     ub del -n "$id"
     ub snapshot delete "$(url "$b" big)" old
