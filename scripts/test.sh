@@ -75,7 +75,7 @@ as_root bash tests/s3/suite.sh --frontend fuse
 
 step "host suite: s3 target against RADOS Gateway of a one-node Ceph cluster over FUSE + loop (the same cases)"
 as_root bash tests/s3/suite.sh --frontend fuse --server rgw
-step "host suite: s3 snapshots, clones and gc against s3s-fs over FUSE + loop (golden image and 6 clones, live snapshot, kill -9, old format, refusals, gc)" && as_root bash tests/s3/clones.sh --frontend fuse
+step "host suite: s3 snapshots, clones and gc against s3s-fs over FUSE + loop (golden image and 20 clones, live snapshot, kill -9, old format, refusals, gc)" && as_root env CLONES=20 bash tests/s3/clones.sh --frontend fuse
 step "host suite: rbd target on a one-node Ceph cluster over FUSE + loop (fio, ext4, kill -9, one writer, copy, refusals, OSD stopped)" && as_root bash tests/host/rbd.sh
 
 step "host suite: crash-consistency bench over FUSE + loop (ext4 and xfs on flakey, power cuts, fsck, fsync'd data)"
