@@ -153,7 +153,7 @@ for size in "$SMALL" "$BIG"; do
         t0=$SECONDS
         make_volume "$p" "$size" "$kind"
         n=$(objects "$p")
-        snap=$(ms "$UB" snapshot create "$(u "$p")" s)
+        snap=$(ms "$UB" snapshot create "$(u "$p")" s --cache-dir "$WORK/cache-snap-$p")
         for ((r = 1; r <= REPEAT; r++)); do
             printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$size" "$kind" "$n" "$snap" \
                 "$(ms "$UB" clone "$(u "$p@s")" "$(u "$p-c$r")")" "$((SECONDS - t0))" >>"$RES/clone.tsv"
