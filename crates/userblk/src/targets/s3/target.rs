@@ -933,7 +933,6 @@ impl Target for S3Target {
             "cache_size": self.core.cache_size,
             "volume": self.core.volume.to_string(),
             "snapshot": self.core.snapshot,
-            "epoch": lock(&self.core.state).epoch,
             "parents": lock(&self.core.manifest).parents.iter().map(|p| &p.prefix).collect::<Vec<_>>(),
         })
     }
