@@ -746,7 +746,7 @@ impl Core {
     }
 
     fn status(&self) -> serde_json::Value {
-        let (cached, dirty, uploading, queued) = {
+        let (cached, dirty, uploading, queued, epoch) = {
             let st = lock(&self.state);
             let uploading = st.table.chunks.iter().filter(|c| c.uploading).count();
             (
@@ -754,9 +754,11 @@ impl Core {
                 st.table.dirty.len(),
                 uploading,
                 st.queue.len(),
+                st.epoch,
             )
         };
         json!({
+            "epoch": epoch,
             "chunk_size": self.cs(),
             "chunks": self.geometry().chunk_count(),
             "cached_chunks": cached,
