@@ -185,11 +185,26 @@ fn live(url: &S3Url, pid: u32, name: &str) -> anyhow::Result<SnapshotRecord> {
 /// `add s3` does) and take the snapshot.
 fn offline(a: &SnapshotCreateArgs) -> anyhow::Result<SnapshotRecord> {
     let config = a.volume.config();
-    let cache = match &a.cache_dir {
-        Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.clone()),
-        None => crate::s3::default_cache_dir(&config)?,
+    let (cache, ephemeral) = match &a.cache_dir {
+        Some(d) => (std::path::absolute(d).unwrap_or_else(|_| d.clone()), false),
+        None => {
+            let d = crate::s3::default_cache_dir(&config)?;
+            if d.exists() {
+                // A daemon served the volume from here: what it left
+                // unuploaded goes up before the snapshot.
+                (d, false)
+            } else {
+                // Nothing to pick up: a cache for this command only, not
+                // one left behind for a volume this host may never serve.
+                let tmp = std::env::var_os("TMPDIR")
+                    .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
+                let dir = tmp.join(format!("userblk-snapshot-s3-{}", std::process::id()));
+                (dir, true)
+            }
+        }
     };
     let mut opts = S3Options::new(config, cache);
+    opts.ephemeral_cache = ephemeral;
     opts.lease = a.volume.lease();
     let target = S3Target::open(opts).with_context(|| a.volume.to_string())?;
     let r = target

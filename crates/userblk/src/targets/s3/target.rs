@@ -746,7 +746,7 @@ impl Core {
     }
 
     fn status(&self) -> serde_json::Value {
-        let (cached, dirty, uploading, queued) = {
+        let (cached, dirty, uploading, queued, epoch) = {
             let st = lock(&self.state);
             let uploading = st.table.chunks.iter().filter(|c| c.uploading).count();
             (
@@ -754,9 +754,11 @@ impl Core {
                 st.table.dirty.len(),
                 uploading,
                 st.queue.len(),
+                st.epoch,
             )
         };
         json!({
+            "epoch": epoch,
             "chunk_size": self.cs(),
             "chunks": self.geometry().chunk_count(),
             "cached_chunks": cached,
@@ -933,7 +935,6 @@ impl Target for S3Target {
             "cache_size": self.core.cache_size,
             "volume": self.core.volume.to_string(),
             "snapshot": self.core.snapshot,
-            "epoch": lock(&self.core.state).epoch,
             "parents": lock(&self.core.manifest).parents.iter().map(|p| &p.prefix).collect::<Vec<_>>(),
         })
     }
