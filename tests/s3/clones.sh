@@ -549,9 +549,9 @@ case_kill9_during_gc() {
     refs unreferenced "$b" >"$WORK/expect"
     chunk_keys "$b" >"$WORK/keys.before"
     n0=$(wc -l <"$WORK/keys.before")
-    # Killed while it plans (0.3 s in), then while it deletes (as soon as
-    # the first object is gone).
-    for t in 0.3 deleting; do
+    # Killed while it deletes (as soon as the first object is gone), then
+    # 0.3 s in (planning, or deleting what the first left; or done by then).
+    for t in deleting 0.3; do
         "$USERBLK" gc "s3://$b?endpoint=$EP$COPYQ" --grace 0 >"$WORK/gc.out" 2>&1 &
         gpid=$!
         if [ "$t" = deleting ]; then
@@ -562,7 +562,7 @@ case_kill9_during_gc() {
         kill -9 "$gpid" 2>/dev/null || true
         wait "$gpid" 2>/dev/null || true
         n1=$(chunk_keys "$b" | wc -l)
-        echo "note: gc killed ($t): $((n0 - n1)) of $(wc -l <"$WORK/expect") unreferenced objects deleted by then"
+        echo "note: gc killed ($t): $((n0 - n1)) of $(wc -l <"$WORK/expect") unreferenced objects deleted by that gc"
         n0=$n1
     done
     ub gc "s3://$b?endpoint=$EP$COPYQ" --grace 0 >"$WORK/gc.out"
