@@ -106,8 +106,8 @@ as_root vm/run.sh -- vm/suite/crash.sh
 step "real-kernel suites of the current-kernel features, their fallbacks on 6.12: resize, safe stop, upgrade (kill + reissue), zero copy, batch I/O, many devices, names, add/del churn, the rbd target with a Ceph cluster in the VM (Debian 6.12 in qemu/TCG, one boot)"
 as_root vm/run.sh -- vm/suite/several.sh resize stop upgrade zerocopy batch many names churn apply rbd
 
-step "real-kernel suites: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover); its snapshots, clones and gc (Debian 6.12 in qemu/TCG, one boot)"
-as_root vm/run.sh -- vm/suite/several.sh s3 s3-clones
+step "real-kernel suite: s3 target on ublk devices, s3s-fs in the VM (kill -9 and recover) (Debian 6.12 in qemu/TCG)"
+as_root vm/run.sh -- vm/suite/s3.sh
 
 # Zero copy, resize, QUIESCE, batch I/O and safe stop need 6.16+/7.0+: the
 # ublk, recovery and current-kernel suites run again on the newest kernel of
@@ -122,8 +122,8 @@ as_root "${NEWER[@]}" vm/run.sh -- vm/suite/ublk.sh
 step "newer-kernel suite: recovery, zero copy across kill -9 (Debian trixie-backports in qemu/TCG)"
 as_root "${NEWER[@]}" vm/run.sh -- vm/suite/recovery.sh
 
-step "newer-kernel suite: s3 target with zero copy, s3s-fs in the VM (kill -9 and recover) (Debian trixie-backports in qemu/TCG)"
-as_root "${NEWER[@]}" vm/run.sh -- vm/suite/s3.sh
+step "newer-kernel suites: s3 target with zero copy, s3s-fs in the VM (kill -9 and recover); snapshots and clones of served volumes, fast form (Debian trixie-backports in qemu/TCG, one boot)"
+as_root "${NEWER[@]}" vm/run.sh -- vm/suite/several.sh s3 s3-clones
 
 # RGW and rbd on the newer kernel only: a Ceph cluster in the guest takes a
 # minute to start under TCG and the RGW suite's cases take minutes more; on
