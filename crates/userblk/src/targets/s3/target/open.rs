@@ -220,13 +220,7 @@ impl S3Target {
 
     /// Open snapshot `name` of the volume read-only.
     fn open_snapshot(store: S3Store, opts: S3Options, name: &str) -> Result<Self, S3Error> {
-        let Some(b) = store.get(MANIFEST_KEY)? else {
-            return Err(S3Error::NoVolume {
-                bucket: store.bucket().to_owned(),
-                prefix: store.prefix().to_owned(),
-            });
-        };
-        let m = Manifest::decode(&b)?;
+        let m = snapshots::manifest(&store)?;
         let r = snapshots::record(&store, &m, name)?;
         let geometry = Geometry::new(r.device_size, m.chunk_size)?;
         let (stored, parents) = list_layers(&store, &m, None, Some(r.epoch))?;
